@@ -1,0 +1,163 @@
+"""The exception hierarchy and the exit codes the CLI maps it to.
+
+Every error amohook raises on purpose is an ``AmohookError``: it carries a one-line message that
+names the cause and the fix, and the exit code cron should see. The CLI prints the message; only
+``--traceback`` shows a stack.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, documented in the README so cron can tell failures apart."""
+
+    OK = 0
+    ERROR = 1  # a bug or an unexpected failure
+    USAGE = 2  # bad option, bad configuration, missing setup
+    REAUTH = 3  # tokens revoked/missing: run `amohook init-auth` again
+    TEMPORARY = 4  # network, amoCRM 5xx, rate limit, lock busy: retry later
+    BLOCKED = 5  # amoCRM blocked the account's API access (403 after rate-limit abuse)
+    INTERRUPTED = 130
+
+
+class AmohookError(Exception):
+    """Base of every expected failure; ``str()`` is the one-line message for the user."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(AmohookError):
+    """Bad option, environment or configuration; the message says which and how to fix it."""
+
+    exit_code = ExitCode.USAGE
+
+
+class StoreError(AmohookError):
+    """The database cannot be opened or used."""
+
+    exit_code = ExitCode.TEMPORARY
+
+
+class AccountNotFound(ConfigError):
+    def __init__(self, subdomain: str | None):
+        self.subdomain = subdomain
+        if subdomain:
+            msg = f"no account '{subdomain}' in the store — run `amohook init-auth --subdomain {subdomain}` first"
+        else:
+            msg = "no account in the store — run `amohook init-auth` first"
+        super().__init__(msg)
+
+
+class AmbiguousAccount(ConfigError):
+    def __init__(self, subdomains: list[str]):
+        self.subdomains = subdomains
+        super().__init__(
+            f"several accounts are stored ({', '.join(subdomains)}) — pick one with --subdomain"
+        )
+
+
+class ReauthRequired(AmohookError):
+    """The stored grant is gone (revoked, expired, never made): only a new authorization helps."""
+
+    exit_code = ExitCode.REAUTH
+
+
+class TokenMissing(ReauthRequired):
+    def __init__(self, subdomain: str):
+        self.subdomain = subdomain
+        super().__init__(
+            f"account '{subdomain}' has no tokens — run `amohook init-auth --subdomain {subdomain}`"
+        )
+
+
+class TokenRevoked(ReauthRequired):
+    def __init__(self, subdomain: str, detail: str = "Token has been revoked"):
+        self.subdomain = subdomain
+        super().__init__(
+            f"amoCRM says the refresh token of '{subdomain}' is no longer valid ({detail}) — "
+            f"run `amohook init-auth --subdomain {subdomain}` with a new authorization code"
+        )
+
+
+class TemporaryError(AmohookError):
+    """Network trouble, amoCRM 5xx, a rate limit or a busy lock: retrying later is the fix."""
+
+    exit_code = ExitCode.TEMPORARY
+
+
+class LockBusy(TemporaryError):
+    pass
+
+
+class AmoApiError(AmohookError):
+    """amoCRM answered with an error; carries its problem-JSON fields."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        title: str | None = None,
+        detail: str | None = None,
+        hint: str | None = None,
+        validation_errors: list | None = None,
+        url: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.hint = hint
+        self.validation_errors = validation_errors or []
+        self.url = url
+
+
+class AmoTemporaryError(AmoApiError):
+    """5xx, timeouts, dropped connections: the request may or may not have been processed."""
+
+    exit_code = ExitCode.TEMPORARY
+
+
+class RateLimited(AmoTemporaryError):
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class AccountBlocked(AmoApiError):
+    """403 with an HTML body: amoCRM blocked API access after repeated rate-limit violations."""
+
+    exit_code = ExitCode.BLOCKED
+
+
+class Unauthorized(AmoApiError):
+    """401 from the API even after one refresh."""
+
+    exit_code = ExitCode.REAUTH
+
+
+class Forbidden(AmoApiError):
+    """403 with a JSON body: the token's user lacks the right (e.g. /users needs an admin)."""
+
+
+class ValidationFailed(AmoApiError):
+    """400 with amoCRM's ``validation-errors``."""
+
+
+class OAuthError(AmoApiError):
+    """The token endpoint refused a grant; the message explains the fix."""
+
+    exit_code = ExitCode.USAGE
+
+
+class RefreshOutcomeUnknown(AmoTemporaryError):
+    """The token request was sent but no answer came back: the old refresh token may be spent.
+
+    Never re-sent automatically (refresh tokens are single-use); the message says what to do.
+    """
