@@ -1,0 +1,241 @@
+"""The amoCRM API v4 client every feature uses: tokens, paging, limits, retries, typed errors.
+
+One ``requests.Session`` per account. The access token is read from the store before each request,
+so a pair renewed by another process is picked up at once. On 401 the client refreshes through the
+same leased refresh as `amohook refresh-token` and repeats the request once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import requests
+
+from amohook.amocrm.http import DEFAULT_TIMEOUT, is_html, new_session, problem, short
+from amohook.amocrm.ratelimit import Limiter, NoLimit
+from amohook.errors import (
+    AccountBlocked,
+    AmoApiError,
+    AmoTemporaryError,
+    Forbidden,
+    RateLimited,
+    TokenMissing,
+    Unauthorized,
+    ValidationFailed,
+)
+from amohook.store.models import Account
+
+PAGE_LIMIT = 250  # amoCRM's maximum page size (FACTS.md §3)
+MAX_RETRY_AFTER = 60.0
+
+
+def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter; ``attempt`` counts from 1."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, min(float(value), MAX_RETRY_AFTER))
+    except ValueError:
+        return None
+
+
+class AmoClient:
+    """API v4 for one stored account. Reads retry on 429/5xx/timeouts; writes retry only on 429."""
+
+    def __init__(
+        self,
+        store,
+        subdomain: str,
+        *,
+        session: requests.Session | None = None,
+        limiter: Limiter | None = None,
+        timeout=DEFAULT_TIMEOUT,
+        max_attempts: int = 5,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.store = store
+        self.subdomain = subdomain
+        self.session = session or new_session()
+        self.limiter = limiter or NoLimit()
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self.sleep = sleep
+        self.requests_made = 0
+        self.rate_limited = 0
+
+    # -- account and token -------------------------------------------------------------------
+    def _account(self) -> Account:
+        account = Account.get_or_none(Account.subdomain == self.subdomain)
+        if account is None or not account.access_token:
+            raise TokenMissing(self.subdomain)
+        return account
+
+    def _url(self, base_url: str, path_or_url: str) -> str:
+        """Absolute HAL links are re-rooted on the stored base URL (proxies, tests)."""
+        if path_or_url.startswith(("http://", "https://")):
+            parts = urlsplit(path_or_url)
+            path_or_url = parts.path + (f"?{parts.query}" if parts.query else "")
+        return base_url.rstrip("/") + "/" + path_or_url.lstrip("/")
+
+    # -- the one request path ----------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        json: Any = None,
+    ) -> requests.Response:
+        """Send one API request with limits, token refresh and retries; returns a 2xx response."""
+        is_read = method.upper() in ("GET", "HEAD")
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            account = self._account()
+            url = self._url(account.base_url, path)
+            self.limiter.acquire(self.subdomain)
+            self.requests_made += 1
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=json,
+                    headers={"Authorization": f"Bearer {account.access_token}"},
+                    timeout=self.timeout,
+                )
+            except requests.RequestException as exc:
+                what = type(exc).__name__
+                if is_read and attempt < self.max_attempts:
+                    self.sleep(backoff(attempt))
+                    continue
+                hint = "" if is_read else " (a write is never re-sent automatically: it may have reached amoCRM)"
+                raise AmoTemporaryError(f"no answer from amoCRM for {method} {path}: {what}{hint}", url=url) from None
+
+            status = response.status_code
+            if status < 300:
+                return response
+            if status == 401 and not refreshed and not account.long_lived:
+                from amohook.tokens import refresh_tokens  # local: tokens imports this package
+
+                refreshed = True
+                refresh_tokens(self.store, self.subdomain, stale_access_token=account.access_token, clock=self.clock)
+                attempt -= 1  # the repeat after a refresh is not a retry
+                continue
+            if status == 429:
+                self.rate_limited += 1
+                wait = retry_after_seconds(response.headers.get("Retry-After"))
+                if attempt < self.max_attempts:
+                    self.sleep(wait if wait is not None else 1.0 + backoff(attempt))
+                    continue
+                raise RateLimited(
+                    f"amoCRM kept answering 429 (too many requests) to {method} {path}", retry_after=wait,
+                    status=429, url=url,
+                )
+            if status >= 500 and is_read and attempt < self.max_attempts:
+                self.sleep(backoff(attempt))
+                continue
+            raise self._error(response, method, path, account)
+
+    def _error(self, response: requests.Response, method: str, path: str, account: Account) -> AmoApiError:
+        status = response.status_code
+        fields = problem(response)
+        info = dict(
+            status=status,
+            title=fields.get("title"),
+            detail=fields.get("detail"),
+            hint=fields.get("hint"),
+            validation_errors=fields.get("validation-errors"),
+            url=response.url,
+        )
+        what = short(fields.get("detail") or fields.get("title") or response.text, 120)
+        if status == 403 and (is_html(response) or not fields):
+            # amoCRM's ban for repeated rate-limit violations: an HTML page, not problem JSON.
+            return AccountBlocked(
+                f"amoCRM blocked API access for '{self.subdomain}' (403 with an HTML page), usually after "
+                "repeated rate-limit violations — stop all amohook processes and ask amoCRM support to unblock it",
+                **info,
+            )
+        if status == 401:
+            if account.long_lived:
+                return Unauthorized(
+                    f"amoCRM rejected the long-lived token of '{self.subdomain}' (expired or revoked) — "
+                    "generate a new one and run `amohook init-auth --long-lived-token`",
+                    **info,
+                )
+            return Unauthorized(
+                f"amoCRM still answers 401 for '{self.subdomain}' after a token refresh (integration "
+                f"disabled?) — run `amohook init-auth --subdomain {self.subdomain}`",
+                **info,
+            )
+        if status == 403:
+            return Forbidden(f"amoCRM refused {method} {path} (403: {what}) — the token's user lacks this right", **info)
+        if status == 400 and fields.get("validation-errors") is not None:
+            return ValidationFailed(f"amoCRM rejected {method} {path}: {what}", **info)
+        if status == 402:
+            return AmoApiError(f"amoCRM answered 402 for {method} {path}: the account's subscription is not paid", **info)
+        if status >= 500:
+            return AmoTemporaryError(f"amoCRM answered {status} to {method} {path}: {what}", **info)
+        return AmoApiError(f"amoCRM answered {status} to {method} {path}: {what}", **info)
+
+    # -- conveniences ------------------------------------------------------------------------
+    def get(self, path: str, params: dict | None = None) -> dict | None:
+        """A JSON object, or None for amoCRM's 204 ("no such entity" / empty list)."""
+        response = self.request("GET", path, params=params)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def post(self, path: str, json: Any) -> dict | None:
+        response = self.request("POST", path, json=json)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def iter_pages(self, path: str, key: str, params: dict | None = None, limit: int = PAGE_LIMIT) -> Iterator[dict]:
+        """Every item of a HAL list, following ``_links.next`` until 204 or no next link."""
+        query = dict(params or {})
+        query.setdefault("limit", limit)
+        next_ref: str | None = path
+        seen: set[str] = set()
+        first = True
+        while next_ref:
+            page = self.get(next_ref, query if first else None)
+            first = False
+            if page is None:
+                return
+            yield from (page.get("_embedded") or {}).get(key) or []
+            href = ((page.get("_links") or {}).get("next") or {}).get("href")
+            if not href:
+                return
+            ref = self._url("", href)
+            if ref in seen:
+                raise AmoApiError(f"amoCRM's paging for {path} points back to a page already read ({ref}); stopped")
+            seen.add(ref)
+            next_ref = ref
+
+    def account_info(self, with_: tuple[str, ...] = ()) -> dict:
+        params = {"with": ",".join(with_)} if with_ else None
+        data = self.get("/api/v4/account", params)
+        if data is None:
+            raise AmoApiError("amoCRM answered /api/v4/account with no content")
+        return data
+
+
+def client_for(store, subdomain: str, *, shared_limit: bool = True, **kwargs) -> AmoClient:
+    """The usual client: rate-limited through the store so all processes share amoCRM's limit."""
+    if shared_limit and "limiter" not in kwargs:
+        from amohook.amocrm.ratelimit import SharedRateLimiter
+
+        kwargs["limiter"] = SharedRateLimiter(store)
+    return AmoClient(store, subdomain, **kwargs)

@@ -1,0 +1,134 @@
+"""The root command: global options, the command groups, and the one error funnel."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from amohook import __version__
+from amohook.cli import auth
+from amohook.cli.common import State
+from amohook.errors import AmohookError, ExitCode
+
+app = typer.Typer(
+    name="amohook",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Keep an amoCRM (Kommo) integration alive: tokens, reference data, webhooks, rules.",
+)
+
+_traceback_requested = False
+
+
+def _version(value: bool):
+    if value:
+        print(f"amohook {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    db_url: Annotated[
+        Optional[str],
+        typer.Option(
+            "--db-url",
+            envvar="AMOHOOK_DB_URL",
+            help="Database URL: sqlite:///PATH, mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB. "
+            "Default: an SQLite file in the per-user data directory.",
+            show_envvar=True,
+        ),
+    ] = None,
+    traceback: Annotated[bool, typer.Option("--traceback", help="Show the stack trace of an error.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+):
+    from amohook.settings import Settings, resolve_db_url
+
+    global _traceback_requested
+    _traceback_requested = traceback
+    ctx.obj = State(Settings(db_url=resolve_db_url(db_url), traceback=traceback))
+
+
+app.command("init-auth")(auth.init_auth)
+app.command("auth-url")(auth.auth_url)
+app.command("refresh-token")(auth.refresh_token)
+app.command("status")(auth.status)
+
+
+def _register_optional() -> None:
+    """Command groups that arrive with later features; each module joins itself to ``app``."""
+    import importlib
+
+    for name in ("amohook.cli.sync", "amohook.cli.serve", "amohook.cli.events", "amohook.cli.rules"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_optional()
+
+
+def _is_click_exception(exc: BaseException) -> bool:
+    return hasattr(exc, "show") and hasattr(exc, "exit_code")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure ends here as one line and an exit code from ``ExitCode``."""
+    code = run(argv)
+    sys.exit(int(code))
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="amohook")
+        return int(result or 0) if isinstance(result, int) else 0
+    except AmohookError as exc:
+        _report(exc, f"error: {exc.message}")
+        return int(exc.exit_code)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        return int(ExitCode.INTERRUPTED)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # the funnel: anything else is either Click's usage error or a bug
+        if _is_click_exception(exc):
+            exc.show()
+            return int(ExitCode.USAGE)
+        if type(exc).__name__ == "Abort":
+            sys.stderr.write("aborted\n")
+            return int(ExitCode.INTERRUPTED)
+        from amohook.errors import StoreError
+
+        try:
+            import peewee
+
+            if isinstance(exc, peewee.PeeweeException):
+                err = StoreError(f"database error: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__} — check --db-url / AMOHOOK_DB_URL and that the database server is up")
+                _report(exc, f"error: {err.message}")
+                return int(err.exit_code)
+        except ImportError:
+            pass
+        _report(exc, f"error: unexpected {type(exc).__name__} — run again with --traceback and report it")
+        return int(ExitCode.ERROR)
+
+
+def _report(exc: BaseException, line: str) -> None:
+    if _traceback_requested or os.environ.get("AMOHOOK_TRACEBACK"):
+        import traceback
+
+        # Frames only, never local variables: they would hold tokens and secrets.
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    sys.stderr.write(line + "\n")

@@ -1,0 +1,203 @@
+"""Commands of the token lifecycle: init-auth, auth-url, refresh-token, status."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, state, warn
+
+SubdomainOpt = Annotated[
+    Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
+]
+
+
+def _client_secret(flag: Optional[str], prompt: bool = True) -> str:
+    from amohook.errors import ConfigError
+    from amohook.settings import ENV_CLIENT_SECRET, secret_from
+
+    secret = secret_from(flag, ENV_CLIENT_SECRET)
+    if not secret and prompt:
+        import sys
+
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                "the client secret is missing — set AMOHOOK_CLIENT_SECRET (or run in a terminal to be asked for it)"
+            )
+        secret = typer.prompt("Client secret (Secret key from the integration's Keys tab)", hide_input=True)
+    if not secret:
+        raise ConfigError("the client secret is missing — set AMOHOOK_CLIENT_SECRET")
+    return secret.strip()
+
+
+def init_auth(
+    ctx: typer.Context,
+    subdomain: Annotated[str, typer.Option("--subdomain", "-s", help="Account subdomain, e.g. mycompany for mycompany.amocrm.ru.")],
+    code: Annotated[
+        Optional[str],
+        typer.Option("--code", envvar="AMOHOOK_AUTH_CODE", help="Authorization code from the integration's Keys tab (lives 20 minutes)."),
+    ] = None,
+    long_lived_token: Annotated[
+        Optional[str],
+        typer.Option(
+            "--long-lived-token",
+            envvar="AMOHOOK_LONG_LIVED_TOKEN",
+            show_envvar=True,
+            help="Store a long-lived token instead of exchanging a code. Prefer the environment variable: "
+            "command lines are visible in `ps`.",
+        ),
+    ] = None,
+    client_id: Annotated[Optional[str], typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")] = None,
+    client_secret: Annotated[
+        Optional[str],
+        typer.Option(
+            "--client-secret",
+            help="Secret key. Prefer AMOHOOK_CLIENT_SECRET or the hidden prompt: command lines are visible in `ps`.",
+        ),
+    ] = None,
+    redirect_uri: Annotated[
+        Optional[str],
+        typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI exactly as in the integration's settings."),
+    ] = None,
+    domain: Annotated[str, typer.Option("--domain", help="amocrm.ru, amocrm.com or kommo.com.")] = "amocrm.ru",
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
+):
+    """Exchange an authorization code for tokens (or store a long-lived token) and check they work."""
+    from amohook.auth import authorize_with_code, authorize_with_long_lived_token
+    from amohook.amocrm.oauth import Client
+    from amohook.errors import ConfigError
+    from amohook.settings import base_url_for, check_subdomain
+
+    sub = check_subdomain(subdomain)
+    url = base_url_for(sub, domain, base_url)
+    st = state(ctx)
+    if long_lived_token:
+        account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
+        expires = f", expires {fmt_time(account.expires_at)}" if account.expires_at else ""
+        say(f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); it is never refreshed")
+        return
+    missing = [name for name, value in (("--client-id", client_id), ("--redirect-uri", redirect_uri)) if not value]
+    if not code:
+        missing.insert(0, "--code")
+    if missing:
+        raise ConfigError(
+            f"init-auth needs {', '.join(missing)} (or --long-lived-token) — all are in the integration's Keys tab"
+        )
+    secret = _client_secret(client_secret)
+    client = Client(client_id.strip(), secret, redirect_uri.strip())
+    account = authorize_with_code(st.store(), subdomain=sub, base_url=url, client=client, code=code)
+    say(
+        f"authorized {sub} (amoCRM account {account.amo_account_id}); access token valid until "
+        f"{fmt_time(account.expires_at)}. Add `amohook refresh-token` to cron (see crontab.example)."
+    )
+
+
+def auth_url(
+    ctx: typer.Context,
+    client_id: Annotated[str, typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")],
+    redirect_uri: Annotated[
+        str, typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI; point it at `amohook serve`'s /oauth/callback.")
+    ],
+    client_secret: Annotated[Optional[str], typer.Option("--client-secret", help="Prefer AMOHOOK_CLIENT_SECRET.")] = None,
+    domain: Annotated[str, typer.Option("--domain", help="amocrm.ru, amocrm.com or kommo.com.")] = "amocrm.ru",
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
+):
+    """Print the URL that grants access; `amohook serve` completes it at /oauth/callback."""
+    from amohook.auth import start_authorization
+    from amohook.amocrm.oauth import Client
+
+    if base_url:
+        from amohook.settings import base_url_for
+
+        base_url = base_url_for("x", base_url=base_url)
+    client = Client(client_id.strip(), _client_secret(client_secret), redirect_uri.strip())
+    url, _state = start_authorization(state(ctx).store(), client=client, domain=domain.lower(), base_url=base_url)
+    say(url)
+
+
+def refresh_token(
+    ctx: typer.Context,
+    subdomain: SubdomainOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Refresh now, even if not due.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing when nothing was due (for cron).")] = False,
+):
+    """Renew the tokens once half of the access token's life has passed (run it from cron)."""
+    from amohook.tokens import all_accounts, refresh_tokens
+
+    st = state(ctx)
+    store = st.store()
+    accounts = all_accounts(subdomain)
+    if not accounts:
+        from amohook.errors import AccountNotFound
+
+        raise AccountNotFound(None)
+    for account in accounts:
+        result = refresh_tokens(store, account.subdomain, force=force)
+        acc = result.account
+        if result.outcome == "refreshed":
+            say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")
+        elif result.outcome == "long_lived":
+            if not quiet:
+                say(f"{acc.subdomain}: long-lived token, nothing to refresh")
+        elif result.outcome == "refreshed_by_other":
+            if not quiet:
+                say(f"{acc.subdomain}: another process has just refreshed; nothing to do")
+        elif not quiet:
+            from amohook.tokens import refresh_due_at
+
+            say(f"{acc.subdomain}: not due; next refresh after {fmt_time(refresh_due_at(acc))}")
+
+
+def status(
+    ctx: typer.Context,
+    subdomain: SubdomainOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+):
+    """Show each account's tokens: expiry, next refresh, refresh-token age, warnings."""
+    from amohook.tokens import all_accounts, token_status
+
+    now = time.time()
+    st = state(ctx)
+    st.store()
+    rows = [token_status(a, now) for a in all_accounts(subdomain)]
+    if as_json:
+        print_json(
+            [
+                {
+                    "subdomain": r.subdomain,
+                    "base_url": r.base_url,
+                    "account_id": r.amo_account_id,
+                    "has_tokens": r.has_tokens,
+                    "long_lived": r.long_lived,
+                    "expires_at": iso(r.expires_at),
+                    "refresh_due_at": iso(r.refresh_due_at),
+                    "refresh_token_age_days": None if r.refresh_token_age is None else round(r.refresh_token_age / 86400, 2),
+                    "warning": r.warning,
+                }
+                for r in rows
+            ]
+        )
+        return
+    if not rows:
+        from amohook.settings import redact_url
+
+        say(f"no accounts in {redact_url(st.settings.db_url)} — run `amohook init-auth` to add one")
+        return
+    from rich.table import Table
+
+    from amohook.cli.common import console
+
+    table = Table(title="amohook accounts")
+    for col in ("account", "tokens", "access token expires", "next refresh", "refresh token age", "warning"):
+        table.add_column(col)
+    for r in rows:
+        tokens = "long-lived" if r.long_lived else ("yes" if r.has_tokens else "no")
+        expires = fmt_time(r.expires_at) + (f" (in {fmt_duration(r.expires_at - now)})" if r.expires_at else "")
+        due = "never" if r.long_lived else fmt_time(r.refresh_due_at)
+        table.add_row(r.subdomain, tokens, expires, due, fmt_duration(r.refresh_token_age), r.warning or "")
+    console().print(table)
+    for r in rows:
+        if r.warning:
+            warn(f"warning: {r.subdomain}: {r.warning}")

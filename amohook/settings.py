@@ -1,0 +1,97 @@
+"""Where configuration is resolved: one place, one written-down lookup order.
+
+Lookup order for every setting: command-line flag, then the ``AMOHOOK_*`` environment variable,
+then the default. Only the CLI calls into this module; the library takes settings as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from amohook.errors import ConfigError
+
+ENV_DB_URL = "AMOHOOK_DB_URL"
+ENV_DATA_DIR = "AMOHOOK_DATA_DIR"
+ENV_CLIENT_SECRET = "AMOHOOK_CLIENT_SECRET"
+ENV_LONG_LIVED_TOKEN = "AMOHOOK_LONG_LIVED_TOKEN"
+ENV_WEBHOOK_SECRET = "AMOHOOK_WEBHOOK_SECRET"
+ENV_RULES = "AMOHOOK_RULES"
+
+DOMAINS = ("amocrm.ru", "amocrm.com", "kommo.com")
+
+
+def data_dir(environ: dict | None = None) -> Path:
+    """The per-user data directory: $AMOHOOK_DATA_DIR, else $XDG_DATA_HOME/amohook, else ~/.local/share/amohook."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_DATA_DIR):
+        return Path(env[ENV_DATA_DIR]).expanduser()
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "amohook"
+
+
+def default_db_url(environ: dict | None = None) -> str:
+    return f"sqlite:///{data_dir(environ) / 'amohook.db'}"
+
+
+def resolve_db_url(flag: str | None, environ: dict | None = None) -> str:
+    """--db-url, then $AMOHOOK_DB_URL, then an SQLite file in the per-user data directory."""
+    env = os.environ if environ is None else environ
+    url = flag or env.get(ENV_DB_URL) or default_db_url(env)
+    scheme = url.split(":", 1)[0].lower()
+    if "://" not in url or scheme.split("+")[0] not in ("sqlite", "mysql", "postgres", "postgresql"):
+        raise ConfigError(
+            f"unsupported database URL '{redact_url(url)}' — use sqlite:///PATH, "
+            "mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB"
+        )
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    if "://" not in url or "@" not in url.split("://", 1)[1]:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+def base_url_for(subdomain: str, domain: str | None = None, base_url: str | None = None) -> str:
+    """The account's API base URL: given explicitly (proxies, tests), else https://{subdomain}.{domain}."""
+    if base_url:
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--base-url must start with https:// (got '{base_url}')")
+        return base_url.rstrip("/")
+    domain = (domain or "amocrm.ru").lower().lstrip(".")
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown domain '{domain}' — use one of {', '.join(DOMAINS)}, or --base-url")
+    return f"https://{subdomain}.{domain}"
+
+
+def check_subdomain(subdomain: str) -> str:
+    sub = (subdomain or "").strip().lower()
+    # The user often pastes the whole host or URL; accept it and keep the first label.
+    for prefix in ("https://", "http://"):
+        if sub.startswith(prefix):
+            sub = sub[len(prefix):]
+    sub = sub.split("/", 1)[0]
+    for domain in DOMAINS:
+        if sub.endswith("." + domain):
+            sub = sub[: -len(domain) - 1]
+    if not sub or not all(c.isalnum() or c in "-_" for c in sub):
+        raise ConfigError(f"'{subdomain}' is not an amoCRM subdomain — give the part before .amocrm.ru")
+    return sub
+
+
+def secret_from(flag: str | None, env_name: str, environ: dict | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return flag or env.get(env_name) or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str
+    traceback: bool = False

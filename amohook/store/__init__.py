@@ -1,0 +1,5 @@
+"""The store: every piece of state amohook keeps, in one database reached by URL."""
+
+from amohook.store.db import Store, open_store
+
+__all__ = ["Store", "open_store"]

@@ -1,0 +1,140 @@
+"""Connect by URL, set per-backend options, and bring the schema up to date.
+
+One ``Store`` per process. Models are bound through a proxy, so the rest of the library imports
+models and uses them; ``Store`` only decides where they live.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from urllib.parse import parse_qsl, urlparse
+
+import peewee
+from playhouse.db_url import connect
+
+from amohook.errors import StoreError
+from amohook.store import models
+from amohook.store.migrations import migrate
+
+# WAL lets readers (healthz, status) run beside the writer; busy_timeout makes a writer wait for
+# the lock instead of failing at once. synchronous=FULL: a committed webhook survives power loss,
+# which is what a 200 to amoCRM promises; the listener's group commit pays one fsync per batch.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "busy_timeout": 10_000,
+    "synchronous": "full",
+    "foreign_keys": 1,
+}
+
+
+class Store:
+    """An open database plus the few backend differences the library has to know about."""
+
+    def __init__(self, db: peewee.Database, url: str):
+        self.db = db
+        self.url = url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return isinstance(self.db, peewee.SqliteDatabase)
+
+    @property
+    def is_mysql(self) -> bool:
+        return isinstance(self.db, peewee.MySQLDatabase)
+
+    @property
+    def is_postgres(self) -> bool:
+        return isinstance(self.db, peewee.PostgresqlDatabase)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return Path(self.db.database) if self.is_sqlite else None
+
+    def write(self):
+        """A transaction that takes the write lock up front where SQLite needs it (read decides write)."""
+        if self.is_sqlite:
+            return self.db.atomic("IMMEDIATE")
+        return self.db.atomic()
+
+    def for_update(self, query, skip_locked: bool = False):
+        """Lock the selected rows on MySQL/PostgreSQL; on SQLite ``write()`` already holds the lock."""
+        if self.is_sqlite:
+            return query
+        return query.for_update(skip_locked=skip_locked) if skip_locked else query.for_update()
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    def ping(self) -> None:
+        self.db.execute_sql("SELECT 1")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = urlparse(url)
+    path = parsed.path
+    if url.startswith("sqlite:////"):
+        path = "/" + url[len("sqlite:////"):].split("?", 1)[0]
+    elif url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser()
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Create the directory 0700 and the file 0600: the database holds the client secret and tokens."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+    elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+        # Tighten a file someone created with a loose umask; never loosen.
+        path.chmod(0o600)
+
+
+def connect_url(url: str) -> peewee.Database:
+    scheme = url.split(":", 1)[0].lower()
+    kwargs: dict = {}
+    if scheme.startswith("sqlite"):
+        path = _sqlite_file(url)
+        if path is not None:
+            _prepare_sqlite_file(path)
+            url = f"sqlite:///{path}"
+        kwargs["pragmas"] = SQLITE_PRAGMAS
+        kwargs["field_types"] = {"LONGTEXT": "TEXT"}
+        kwargs["timeout"] = 10
+    elif scheme.startswith("mysql"):
+        kwargs["field_types"] = {"LONGTEXT": "LONGTEXT"}
+        extra = dict(parse_qsl(urlparse(url).query))
+        kwargs.setdefault("charset", extra.get("charset", "utf8mb4"))
+        kwargs["connect_timeout"] = 10
+    else:
+        kwargs["field_types"] = {"LONGTEXT": "TEXT"}
+        kwargs["connect_timeout"] = 10
+    return connect(url, **kwargs)
+
+
+def open_store(url: str, *, migrate_schema: bool = True) -> Store:
+    """Open the database at ``url`` and make sure its schema is current (idempotent)."""
+    try:
+        db = connect_url(url)
+    except (OSError, peewee.PeeweeException, ImportError) as exc:
+        raise StoreError(f"cannot open the database: {_describe(exc)}") from None
+    models.database.initialize(db)
+    store = Store(db, url)
+    if migrate_schema:
+        try:
+            migrate(store)
+        except peewee.PeeweeException as exc:
+            raise StoreError(f"cannot open the database: {_describe(exc)}") from None
+    return store
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

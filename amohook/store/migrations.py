@@ -1,0 +1,71 @@
+"""Schema versions. Each migration runs in one transaction together with its version record,
+under a cross-process lock, so many processes starting at once upgrade the schema exactly once.
+
+MySQL commits DDL implicitly, so there a migration is not atomic; the advisory lock still keeps
+two processes from running it at the same time, and every step is written to be re-runnable.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable
+
+from amohook.store import models
+
+if TYPE_CHECKING:
+    from amohook.store.db import Store
+
+LOCK_NAME = "amohook_schema"
+PG_LOCK_KEY = 0x616D6F68  # "amoh"
+
+
+def _v1_initial(store: "Store") -> None:
+    store.db.create_tables([m for m in models.ALL_MODELS if m is not models.SchemaVersion], safe=True)
+
+
+MIGRATIONS: list[tuple[int, Callable[["Store"], None]]] = [
+    (1, _v1_initial),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(store: "Store") -> int:
+    if not store.db.table_exists(models.SchemaVersion._meta.table_name):
+        return 0
+    return models.SchemaVersion.select(models.SchemaVersion.version).order_by(
+        models.SchemaVersion.version.desc()
+    ).scalar() or 0
+
+
+@contextmanager
+def _schema_lock(store: "Store"):
+    if store.is_mysql:
+        store.db.execute_sql("SELECT GET_LOCK(%s, 60)", (LOCK_NAME,))
+        try:
+            yield
+        finally:
+            store.db.execute_sql("SELECT RELEASE_LOCK(%s)", (LOCK_NAME,))
+    elif store.is_postgres:
+        store.db.execute_sql("SELECT pg_advisory_lock(%s)", (PG_LOCK_KEY,))
+        try:
+            yield
+        finally:
+            store.db.execute_sql("SELECT pg_advisory_unlock(%s)", (PG_LOCK_KEY,))
+    else:
+        yield  # SQLite: BEGIN IMMEDIATE below is the lock
+
+
+def migrate(store: "Store") -> int:
+    """Apply every missing migration; returns the schema version. Cheap when already current."""
+    if current_version(store) >= LATEST:
+        return LATEST
+    with _schema_lock(store):
+        with store.write():
+            store.db.create_tables([models.SchemaVersion], safe=True)
+        for version, step in MIGRATIONS:
+            with store.write():
+                if models.SchemaVersion.get_or_none(models.SchemaVersion.version == version):
+                    continue
+                step(store)
+                models.SchemaVersion.create(version=version)
+    return current_version(store)

@@ -1,0 +1,238 @@
+"""Tables. Times are Unix seconds (float) so every backend stores and compares them alike."""
+
+from __future__ import annotations
+
+import time
+
+from peewee import (
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    DatabaseProxy,
+    DoubleField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+database = DatabaseProxy()
+
+
+class LongTextField(TextField):
+    """Up to the 1 MiB webhook body: MySQL's TEXT stops at 64 KiB, so it maps to LONGTEXT there."""
+
+    field_type = "LONGTEXT"
+
+
+def now() -> float:
+    return time.time()
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField(primary_key=True)
+    applied_at = DoubleField(default=now)
+
+
+class Account(BaseModel):
+    """One connected amoCRM account and its OAuth grant. Tokens are TEXT: they exceed 255 chars."""
+
+    subdomain = CharField(max_length=190, unique=True)
+    base_url = CharField(max_length=255)
+    client_id = CharField(max_length=255, null=True)
+    client_secret = TextField(null=True)
+    redirect_uri = TextField(null=True)
+    access_token = TextField(null=True)
+    refresh_token = TextField(null=True)
+    expires_at = DoubleField(null=True)
+    issued_at = DoubleField(null=True)  # when the current pair was issued (refresh token age)
+    long_lived = BooleanField(default=False)
+    amo_account_id = BigIntegerField(null=True)
+    timezone = CharField(max_length=64, null=True)
+    last_refresh_error = TextField(null=True)
+    created_at = DoubleField(default=now)
+    updated_at = DoubleField(default=now)
+
+
+class Lease(BaseModel):
+    """A named lock with an expiry, claimed by one atomic UPDATE; a dead holder's lease just runs out."""
+
+    name = CharField(max_length=190, primary_key=True)
+    owner = CharField(max_length=190, null=True)
+    expires_at = DoubleField(default=0)
+
+
+class OAuthState(BaseModel):
+    """An authorization started by `auth-url`, waiting for amoCRM's redirect with this state."""
+
+    state = CharField(max_length=64, primary_key=True)
+    client_id = CharField(max_length=255)
+    client_secret = TextField()
+    redirect_uri = TextField()
+    base_url = CharField(max_length=255, null=True)  # explicit override (proxies, tests)
+    domain = CharField(max_length=32, null=True)
+    created_at = DoubleField(default=now)
+    used_at = DoubleField(null=True)
+
+    class Meta:
+        table_name = "oauth_state"
+
+
+class RateWindow(BaseModel):
+    """Grant times of the last requests to one account, shared by every process (7 per second)."""
+
+    key = CharField(max_length=190, primary_key=True)
+    grants = TextField(default="[]")  # JSON list of Unix times, oldest first
+
+
+class Pipeline(BaseModel):
+    account = CharField(max_length=190)
+    amo_id = BigIntegerField()
+    name = CharField(max_length=255)
+    sort = IntegerField(default=0)
+    is_main = BooleanField(default=False)
+    is_archive = BooleanField(default=False)
+
+    class Meta:
+        indexes = ((("account", "amo_id"), True),)
+
+
+class Stage(BaseModel):
+    """A pipeline status. Keyed by pipeline *and* status id: 142/143 exist in every pipeline."""
+
+    account = CharField(max_length=190)
+    pipeline_id = BigIntegerField()
+    amo_id = BigIntegerField()
+    name = CharField(max_length=255)
+    sort = IntegerField(default=0)
+    type = IntegerField(default=0)
+    color = CharField(max_length=32, null=True)
+
+    class Meta:
+        indexes = ((("account", "pipeline_id", "amo_id"), True),)
+
+
+class TaskType(BaseModel):
+    account = CharField(max_length=190)
+    amo_id = BigIntegerField()
+    name = CharField(max_length=255)
+    code = CharField(max_length=64, null=True)
+    color = CharField(max_length=32, null=True)
+
+    class Meta:
+        indexes = ((("account", "amo_id"), True),)
+
+
+class User(BaseModel):
+    account = CharField(max_length=190)
+    amo_id = BigIntegerField()
+    name = CharField(max_length=255)
+    email = CharField(max_length=255, null=True)
+    is_admin = BooleanField(default=False)
+    is_active = BooleanField(default=True)
+
+    class Meta:
+        indexes = ((("account", "amo_id"), True),)
+
+
+class CustomField(BaseModel):
+    account = CharField(max_length=190)
+    entity_type = CharField(max_length=32, default="leads")
+    amo_id = BigIntegerField()
+    name = CharField(max_length=255)
+    code = CharField(max_length=64, null=True)
+    type = CharField(max_length=64, null=True)
+    sort = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("account", "entity_type", "amo_id"), True),)
+
+
+class Delivery(BaseModel):
+    """One webhook body as received; the same body again (amoCRM retries) is the same delivery."""
+
+    body_sha256 = CharField(max_length=64, unique=True)
+    body = LongTextField()
+    content_type = CharField(max_length=255, null=True)
+    headers = TextField(default="{}")  # JSON of the useful headers
+    remote_addr = CharField(max_length=64, null=True)
+    received_at = DoubleField(default=now)
+    times_received = IntegerField(default=1)
+
+
+class Event(BaseModel):
+    """One entity item of a delivery, queued for the worker."""
+
+    delivery_id = BigIntegerField(index=True)
+    idx = IntegerField()
+    entity = CharField(max_length=64, index=True)
+    action = CharField(max_length=64)
+    entity_id = CharField(max_length=64, null=True)
+    account = CharField(max_length=190, null=True)  # subdomain as sent
+    account_id = CharField(max_length=32, null=True)
+    data = LongTextField(default="{}")
+    status = CharField(max_length=16, default="pending")  # pending, running, done, dead
+    attempts = IntegerField(default=0)
+    next_attempt_at = DoubleField(default=0)
+    lease_owner = CharField(max_length=190, null=True)
+    lease_until = DoubleField(null=True)
+    last_error = TextField(null=True)
+    received_at = DoubleField(default=now)
+    updated_at = DoubleField(default=now)
+
+    class Meta:
+        indexes = (
+            (("delivery_id", "idx"), True),
+            (("status", "next_attempt_at"), False),
+        )
+
+
+class Attempt(BaseModel):
+    event_id = BigIntegerField(index=True)
+    worker = CharField(max_length=190)
+    started_at = DoubleField(default=now)
+    finished_at = DoubleField(null=True)
+    outcome = CharField(max_length=16)  # ok, retry, dead, released
+    error = TextField(null=True)
+
+
+class Action(BaseModel):
+    """An effect a rule asked for, keyed deterministically so it happens once (see rules/actions)."""
+
+    key = CharField(max_length=190, unique=True)
+    account = CharField(max_length=190)
+    rule = CharField(max_length=255)
+    event_id = BigIntegerField(null=True)
+    kind = CharField(max_length=32)  # create_task, add_note
+    payload = TextField(default="{}")
+    status = CharField(max_length=16, default="pending", index=True)  # pending, sending, done, failed
+    result_id = BigIntegerField(null=True)
+    attempts = IntegerField(default=0)
+    lease_owner = CharField(max_length=190, null=True)
+    lease_until = DoubleField(null=True)
+    last_error = TextField(null=True)
+    created_at = DoubleField(default=now)
+    updated_at = DoubleField(default=now)
+
+
+ALL_MODELS = [
+    SchemaVersion,
+    Account,
+    Lease,
+    OAuthState,
+    RateWindow,
+    Pipeline,
+    Stage,
+    TaskType,
+    User,
+    CustomField,
+    Delivery,
+    Event,
+    Attempt,
+    Action,
+]
