@@ -1,0 +1,158 @@
+"""Shared fixtures: a store on every backend, the fake amoCRM server, and running the real CLI.
+
+Backends: SQLite always; MariaDB/MySQL when AMOHOOK_TEST_MYSQL_URL is set and PostgreSQL when
+AMOHOOK_TEST_POSTGRES_URL is set (server URLs such as mysql://root@127.0.0.1:3306/ — each test
+gets a database of its own, created here and dropped after). CI sets both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MYSQL_URL = os.environ.get("AMOHOOK_TEST_MYSQL_URL")
+POSTGRES_URL = os.environ.get("AMOHOOK_TEST_POSTGRES_URL")
+BACKENDS = ["sqlite", "mysql", "postgres"]
+
+
+def _with_db(server_url: str, name: str) -> str:
+    parts = urlsplit(server_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+
+
+def _mysql_admin(server_url: str):
+    import pymysql
+
+    p = urlsplit(server_url)
+    return pymysql.connect(
+        host=p.hostname or "127.0.0.1", port=p.port or 3306, user=p.username or "root", password=p.password or "",
+        autocommit=True,
+    )
+
+
+def _pg_admin(server_url: str):
+    import psycopg2
+
+    p = urlsplit(server_url)
+    conn = psycopg2.connect(
+        host=p.hostname or "127.0.0.1", port=p.port or 5432, user=p.username or "postgres",
+        password=p.password or None, dbname="postgres",
+    )
+    conn.autocommit = True
+    return conn
+
+
+def make_database(backend: str, tmp_path: Path):
+    """Create a fresh database; returns (url, drop)."""
+    name = f"amohook_test_{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'amohook.db'}", lambda: None
+    if backend == "mysql":
+        if not MYSQL_URL:
+            pytest.skip("AMOHOOK_TEST_MYSQL_URL is not set (e.g. mysql://root@127.0.0.1:3306/)")
+        conn = _mysql_admin(MYSQL_URL)
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+        conn.close()
+
+        def drop():
+            c = _mysql_admin(MYSQL_URL)
+            with c.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            c.close()
+
+        return _with_db(MYSQL_URL, name), drop
+    if backend == "postgres":
+        if not POSTGRES_URL:
+            pytest.skip("AMOHOOK_TEST_POSTGRES_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/)")
+        conn = _pg_admin(POSTGRES_URL)
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+        conn.close()
+
+        def drop():
+            c = _pg_admin(POSTGRES_URL)
+            with c.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            c.close()
+
+        return _with_db(POSTGRES_URL, name), drop
+    raise ValueError(backend)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    """A fresh, empty database URL on each backend (the test is skipped where none is configured)."""
+    url, drop = make_database(request.param, tmp_path)
+    yield url
+    drop()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'amohook.db'}"
+
+
+@pytest.fixture
+def store(db_url):
+    from amohook.store import open_store
+
+    s = open_store(db_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fake():
+    from tests.fakes.amocrm import FakeAmo
+
+    server = FakeAmo().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def account(store, fake):
+    """An account authorized against the fake server, as `init-auth` leaves it."""
+    import time
+
+    from amohook.amocrm.oauth import Client, TokenPair
+    from amohook.tokens import save_authorization
+
+    access, refresh = fake.issue_tokens()
+    pair = TokenPair(access_token=access, refresh_token=refresh, expires_in=86400, issued_at=time.time())
+    return save_authorization(
+        store,
+        subdomain="example",
+        base_url=fake.base_url,
+        client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        pair=pair,
+    )
+
+
+def cli_env(db_url: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
+    env["AMOHOOK_DB_URL"] = db_url
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str | None = None, timeout: float = 60):
+    """Run the real `amohook` in a subprocess, as cron or an admin would."""
+    return subprocess.run(
+        [sys.executable, "-m", "amohook", *args],
+        env=env or cli_env(db_url),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+    )
