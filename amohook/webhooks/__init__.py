@@ -1,0 +1,1 @@
+"""amoCRM webhooks: parsing the POSTed body into events (``parse``)."""

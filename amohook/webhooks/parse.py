@@ -1,0 +1,403 @@
+"""Turn an amoCRM webhook body into events, without any I/O.
+
+amoCRM POSTs ``application/x-www-form-urlencoded`` bodies with PHP-style bracket keys
+(``leads[status][0][id]=...``) in the API v2 shape, every value a string (FACTS.md §5 "Transport",
+§7.1, §7.3). The body comes from the open internet, so every limit is checked before anything big is
+built, and every refusal is a ``BodyRejected`` with a short reason, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from amohook.errors import AmohookError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FIELDS",
+    "BodyRejected",
+    "ParsedWebhook",
+    "UnsupportedMediaType",
+    "WebhookEvent",
+    "extract_events",
+    "parse_body",
+    "parse_form",
+    "parse_json",
+    "parse_webhook",
+    "to_lists",
+]
+
+MAX_FIELDS = 10_000
+MAX_DEPTH = 32
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+JSON_TYPE = "application/json"
+
+
+class BodyRejected(AmohookError):
+    """The body cannot be read as a webhook; the HTTP layer answers ``status`` with ``reason``."""
+
+    status = 400
+
+    def __init__(self, reason: str):
+        super().__init__(f"webhook body rejected: {reason}")
+        self.reason = reason
+
+
+class UnsupportedMediaType(BodyRejected):
+    """The Content-Type is neither form nor JSON (amoCRM always sends form, FACTS.md §5)."""
+
+    status = 415
+
+
+# --- form bodies -------------------------------------------------------------------------------
+
+# A field is a maximal run without '&'; empty runs ("a=1&&b=2") are not fields.
+_FIELD = re.compile(r"[^&]+")
+# Longer digit strings are not list indexes (PHP keeps keys beyond PHP_INT_MAX as strings, and
+# int() refuses very long digit strings anyway).
+_MAX_INDEX_DIGITS = 18
+
+
+def parse_form(body: bytes, *, max_fields: int = MAX_FIELDS, max_depth: int = MAX_DEPTH) -> dict:
+    """Parse a form body with PHP bracket keys into nested dicts with string keys.
+
+    ``a[b][0][c]=x`` becomes ``{"a": {"b": {"0": {"c": "x"}}}}``; ``a[]`` appends like PHP (next
+    integer key); blank values are kept. A repeated key keeps the last value (PHP does the same). A
+    key used both as a value and as a container is rejected rather than guessed at.
+    """
+    text = _decode_utf8(body)
+    # Count before building: '&' count is a free upper bound; only when it is over the limit are
+    # the non-empty fields counted, and that count stops at the first field too many.
+    if text.count("&") >= max_fields:
+        for count, _ in enumerate(_FIELD.finditer(text), 1):
+            if count > max_fields:
+                raise BodyRejected(f"more than {max_fields} fields")
+    root: dict = {}
+    next_index: dict[int, int] = {}  # id(container) -> the index `[]` appends at
+    for field in text.split("&"):
+        if not field:
+            continue
+        raw_key, _, raw_value = field.partition("=")  # no '=': a blank value, like parse_qsl
+        key = _unquote(raw_key)
+        parts = _split_key(key, max_depth)
+        _insert(root, parts, _unquote(raw_value), key, next_index)
+    return root
+
+
+def _decode_utf8(body: bytes) -> str:
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise TypeError(f"body must be bytes, not {type(body).__name__}")
+    try:
+        return bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyRejected(f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _unquote(raw: str) -> str:
+    # Percent-decoded bytes must be UTF-8 as well: a lossy decode would silently change names/ids.
+    try:
+        return unquote(raw.replace("+", " "), encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise BodyRejected("invalid UTF-8 in a percent-encoded key or value") from None
+
+
+def _split_key(key: str, max_depth: int) -> list[str]:
+    """``a[b][][c]`` -> ``["a", "b", "", "c"]``; anything PHP would have to guess at is rejected."""
+    open_at = key.find("[")
+    if open_at == -1:
+        if not key or "]" in key:
+            raise _malformed(key)
+        return [key]
+    # Cheap depth check first, so a 1000-deep key costs one count().
+    if key.count("[") > max_depth:
+        raise BodyRejected(f"nesting deeper than {max_depth}")
+    base = key[:open_at]
+    if not base or "]" in base:
+        raise _malformed(key)
+    parts = [base]
+    pos, end = open_at, len(key)
+    while pos < end:
+        if key[pos] != "[":  # text after a closing bracket, e.g. a[b]c or a[b]]
+            raise _malformed(key)
+        close = key.find("]", pos + 1)
+        if close == -1:  # unbalanced, e.g. a[b
+            raise _malformed(key)
+        segment = key[pos + 1 : close]
+        if "[" in segment:  # a[b[c]]
+            raise _malformed(key)
+        parts.append(segment)
+        pos = close + 1
+    return parts
+
+
+def _insert(root: dict, parts: list[str], value: str, key: str, next_index: dict[int, int]) -> None:
+    node = root
+    last = len(parts) - 1
+    for depth, part in enumerate(parts):
+        if part == "":  # `[]`: append at the next integer key of this container
+            part = str(next_index.get(id(node), 0))
+        if _is_index(part):
+            following = int(part) + 1
+            if following > next_index.get(id(node), 0):
+                next_index[id(node)] = following
+        if depth == last:
+            if isinstance(node.get(part), dict):
+                raise _conflict(key, parts[: depth + 1])
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise _conflict(key, parts[: depth + 1])
+            node = child
+
+
+def _is_index(key: str) -> bool:
+    return (
+        0 < len(key) <= _MAX_INDEX_DIGITS
+        and key.isascii()
+        and key.isdigit()
+        and (key == "0" or key[0] != "0")
+    )
+
+
+def _malformed(key: str) -> BodyRejected:
+    return BodyRejected(f"malformed key {_short(key)}")
+
+
+def _conflict(key: str, prefix: list[str]) -> BodyRejected:
+    name = prefix[0] + "".join(f"[{p}]" for p in prefix[1:])
+    return BodyRejected(f"key {_short(key)} uses {_short(name)} both as a value and as a container")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """Quote client-supplied text for a reason, cut so a huge key cannot bloat logs/responses."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return repr(text)
+
+
+def to_lists(tree: object) -> object:
+    """Return a copy where every dict keyed exactly "0".."n-1" is a list in index order.
+
+    Form bodies cannot say "list", so ``custom_fields[0][values][0][value]`` arrives as dicts; this
+    restores the lists the sender meant. Recursive: meant for trees from ``parse_form`` and
+    ``parse_json``, whose depth is already limited.
+    """
+    if isinstance(tree, dict):
+        converted = {key: to_lists(value) for key, value in tree.items()}
+        size = len(converted)
+        # len == size and all of "0".."size-1" present  <=>  the keys are exactly those.
+        if size and all(str(i) in converted for i in range(size)):
+            return [converted[str(i)] for i in range(size)]
+        return converted
+    if isinstance(tree, list):
+        return [to_lists(value) for value in tree]
+    return tree
+
+
+# --- JSON bodies -------------------------------------------------------------------------------
+
+
+def parse_json(body: bytes, *, max_depth: int = MAX_DEPTH) -> dict:
+    """Parse a JSON object body (strict UTF-8, no NaN/Infinity) with the same depth limit as forms.
+
+    Depth counts containers below the top-level object, so ``{"a": {"b": 1}}`` has depth 1, like
+    the form key ``a[b]``.
+    """
+    text = _decode_utf8(body)
+    try:
+        tree = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # far deeper than any limit: the C decoder ran out of stack first
+        raise BodyRejected(f"nesting deeper than {max_depth}") from None
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise BodyRejected(f"invalid JSON: {exc.msg} at {where}") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
+        raise BodyRejected(f"invalid JSON: {_short(str(exc))}") from None
+    if not isinstance(tree, dict):
+        raise BodyRejected(f"JSON top level must be an object, not {_json_kind(tree)}")
+    _check_depth(tree, max_depth)
+    return tree
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _check_depth(tree: dict, max_depth: int) -> None:
+    stack: list[tuple[object, int]] = [(tree, 0)]
+    while stack:  # iterative: a tree just under the interpreter's limit must not overflow here
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > max_depth:
+                    raise BodyRejected(f"nesting deeper than {max_depth}")
+                stack.append((child, depth + 1))
+
+
+# --- dispatch ----------------------------------------------------------------------------------
+
+
+def parse_body(body: bytes, content_type: str | None) -> dict:
+    """Parse by media type; parameters such as ``charset`` are ignored (UTF-8 is enforced)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    # amoCRM always sends form (FACTS.md §5 "Transport"), so a missing type is read as form.
+    if media_type in ("", FORM_TYPE):
+        return parse_form(body)
+    if media_type == JSON_TYPE or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return parse_json(body)
+    raise UnsupportedMediaType(
+        f"unsupported content type {_short(media_type)}; expected {FORM_TYPE} or {JSON_TYPE}"
+    )
+
+
+# --- events ------------------------------------------------------------------------------------
+
+# Singular block names amoCRM uses (FACTS.md §5 "Body structure", §7.14: `task`, `message`, `talk`).
+_ENTITY_NAMES = {
+    "task": "tasks",
+    "message": "messages",
+    "talk": "talks",
+    "contact": "contacts",
+    "lead": "leads",
+    "company": "companies",
+}
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """One item of one action of one entity block, e.g. ``leads[status][0]``."""
+
+    entity: str  # normalised plural ("tasks" for the `task` block, "companies" for type=company)
+    action: str  # the key under the block, as sent ("add", "status", "note", ...)
+    entity_id: str | None
+    index: int  # position of the item in its action's list: the i of block[action][i]
+    block: str  # the raw top-level key ("task", "contacts", ...)
+    data: dict  # the item's fields; {"id": "<value>"} for a bare-id deletion
+
+
+@dataclass(frozen=True)
+class ParsedWebhook:
+    account_subdomain: str | None
+    account_id: str | None
+    events: list[WebhookEvent]
+    payload: dict  # the whole tree after to_lists
+
+
+def parse_webhook(body: bytes, content_type: str | None) -> ParsedWebhook:
+    """Body bytes and Content-Type in, events out; raises ``BodyRejected`` for unreadable bodies."""
+    return extract_events(parse_body(body, content_type))
+
+
+def extract_events(payload: dict) -> ParsedWebhook:
+    """Find the account and every entity item by structure, never by block name or position.
+
+    The account block moved from last to first between 2023 and 2025 (FACTS.md §5, §7.16), and
+    unknown blocks may appear, so every top-level dict except ``account`` is an entity block.
+    A payload without items gives no events; whether that is acceptable is the caller's decision.
+    """
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, not {type(payload).__name__}")
+    # The top level stays a dict even if keyed "0".."n-1": it is the body, not a list.
+    tree = {key: to_lists(value) for key, value in payload.items()}
+    events: list[WebhookEvent] = []
+    for block, actions in tree.items():
+        if block == "account" or not isinstance(actions, dict):
+            continue  # top-level scalars/lists are not blocks; they stay in the payload
+        entity = _ENTITY_NAMES.get(block, block)
+        for action, items in actions.items():
+            for index, item in enumerate(_items(items)):
+                if item is not None:
+                    events.append(_event(block, entity, str(action), index, item))
+
+    account = tree.get("account")
+    if isinstance(account, dict):
+        # 2016 bodies have only account[subdomain]; account[id] since 2020 (FACTS.md §5).
+        subdomain = _id_str(account.get("subdomain"))
+        account_id = _id_str(account.get("id"))
+    else:
+        subdomain = None
+        account_id = next(
+            (found for event in events if (found := _item_account_id(event.data)) is not None), None
+        )
+    return ParsedWebhook(subdomain, account_id, events, tree)
+
+
+def _items(value: object) -> list:
+    """The items under one action, in order of appearance."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        # A sparse index map ("0", "2") that to_lists could not turn into a list.
+        if value and all(isinstance(k, str) and k.isascii() and k.isdigit() for k in value):
+            return list(value.values())
+        return [value]  # one item sent without an index (JSON leniency; no capture shows it)
+    # {entity: {action: id}} is how the docs describe deletions (FACTS.md §5 "Transport").
+    return [value]
+
+
+def _event(block: str, entity: str, action: str, index: int, item: object) -> WebhookEvent:
+    if isinstance(item, dict):
+        data = item
+    elif isinstance(item, list):
+        data = {"value": item}  # nothing in the docs or captures; kept rather than dropped
+    else:
+        data = {"id": _scalar_str(item)}
+    # Companies arrive as contacts[...][type]=company (FACTS.md §5 "Body structure", §7.14).
+    if entity == "contacts" and data.get("type") == "company":
+        entity = "companies"
+    return WebhookEvent(entity, action, _entity_id(entity, data), index, block, data)
+
+
+def _entity_id(entity: str, data: dict) -> str | None:
+    found = _id_str(data.get("id"))
+    if found is None:
+        note = data.get("note")  # leads[note][i][note][id] (FACTS.md §5 "Body structure")
+        if isinstance(note, dict):
+            found = _id_str(note.get("id"))
+    if found is None and entity == "unsorted":
+        found = _id_str(data.get("uid"))
+    if found is None and entity == "talks":
+        found = _id_str(data.get("talk_id"))
+    return found
+
+
+def _item_account_id(data: dict) -> str | None:
+    found = _id_str(data.get("account_id"))
+    if found is None and isinstance(data.get("note"), dict):
+        found = _id_str(data["note"].get("account_id"))
+    return found
+
+
+def _scalar_str(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
+def _id_str(value: object) -> str | None:
+    """Ids as strings (v2 webhooks send strings, JSON may send ints); blank/non-scalar: None."""
+    if value is None or isinstance(value, (bool, dict, list)):
+        return None
+    return _scalar_str(value) or None
