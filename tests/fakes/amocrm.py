@@ -1,0 +1,802 @@
+"""A fake amoCRM (Kommo) account served over real HTTP, for amohook's tests.
+
+``FakeAmo`` runs a ``ThreadingHTTPServer`` on 127.0.0.1 (random port) in a daemon thread and
+answers the OAuth token endpoint and the few API v4 endpoints amohook uses, with the shapes,
+status codes and quirks documented in /work/shared/amocrm/FACTS.md (sections 2-4). Seed data is
+built from copies of the documented sample answers in tests/fixtures/api/ (provenance:
+/work/shared/fixtures/api/SOURCES.md). Standard library only.
+
+Choices where the real behaviour is undocumented:
+* A refresh rotates the pair: the old refresh token is spent, the old ACCESS token stays valid
+  until its own expiry. Any bad refresh token (unknown, spent, revoked, expired) answers
+  401 "Token has been revoked".
+* Rate limit: a request is refused with 429 when ``rate_limit`` requests were ADMITTED in the
+  preceding second (sliding window on ``rate_clock``, default ``time.monotonic``, NOT ``clock``
+  so that moving the wall clock for token expiry never causes 429s). Refused (429), blocked
+  (403) and fault-answered requests do not enter the window; all of them are still recorded.
+  ``max_in_window`` counts every recorded arrival, refused or not.
+* Token/code expiry, ``created_at`` and ``RecordedRequest.time`` use ``clock`` (default
+  ``time.time``); pass any zero-argument callable to control it.
+* POST /api/v4/tasks validates ``responsible_user_id`` against ``users`` and ``task_type_id``
+  against ``task_types``; it does NOT check that the linked entity exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.server
+import json
+import math
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "api"
+
+OAUTH_TYPE = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson"
+OAUTH_TITLE = "Некорректный запрос"
+OAUTH_DETAIL = "В запросе отсутствует ряд параметров или параметры невалидны"
+PROBLEM = "application/problem+json"
+HAL = "application/hal+json"
+BLOCKED_HTML = (b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+                b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
+                b"</body>\r\n</html>\r\n")
+ENTITY_TYPES = ("leads", "contacts", "companies", "customers")
+# `with=` values of GET /api/v4/account: top-level keys shown only on request, and _embedded ones.
+ACCOUNT_WITH_TOP = ("amojo_id", "uuid", "version", "entity_names", "drive_url", "is_api_filter_enabled")
+ACCOUNT_WITH_EMBEDDED = ("amojo_rights", "users_groups", "task_types", "datetime_settings")
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def _load(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _json(status: int, obj: Any, ctype: str = HAL) -> Response:
+    return status, {"Content-Type": ctype}, json.dumps(obj, ensure_ascii=False).encode()
+
+
+def problem(status: int, detail: str | None = None, title: str | None = None, **extra: Any) -> Response:
+    """An API v4 error answer: ``{"title","type","status","detail"}`` as application/problem+json."""
+    phrase = HTTPStatus(status).phrase
+    body = {**extra, "title": title or phrase, "type": f"https://httpstatus.es/{status}",
+            "status": status, "detail": detail or phrase}
+    return _json(status, body, PROBLEM)
+
+
+def oauth_error(status: int, hint: str | None) -> Response:
+    """The token endpoint's error envelope; ``hint=None`` leaves the key out (generic 400)."""
+    body = {"hint": hint} if hint is not None else {}
+    body.update(title=OAUTH_TITLE, type=OAUTH_TYPE, status=status, detail=OAUTH_DETAIL)
+    return _json(status, body, PROBLEM)
+
+
+class Headers(dict):
+    """A dict of request headers (original spelling kept) with case-insensitive lookups."""
+
+    def _key(self, key: str) -> str:
+        return next((k for k in self if k.lower() == key.lower()), key)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(self._key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(self._key(key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str                        # without the query string
+    query: dict[str, list[str]]
+    headers: Headers
+    body: bytes
+    json: Any                        # parsed JSON body or None
+    form: dict[str, str] | None      # form-urlencoded body (last value per key) or None
+    time: float                      # clock() at arrival
+    mono: float                      # rate_clock() at arrival (the rate limiter's time base)
+    ip: str
+    port: int                        # client port: same port = same keep-alive connection
+    status: int | None = None        # status answered; None while in flight, dropped or hung
+    fault: str | None = None         # "status" / "delay" / "drop" / "hang" if a fault applied
+
+
+@dataclass
+class Fault:
+    path: str
+    method: str | None
+    status: int | None
+    body: Any
+    times: int | None
+    delay: float
+    hang: bool
+    drop: bool
+    retry_after: Any
+    content_type: str
+    after_effect: bool | None
+    hits: int = 0
+
+    def matches(self, rec: RecordedRequest) -> bool:
+        return rec.path.startswith(self.path) and self.method in (None, rec.method)
+
+    def effect_first(self, rec: RecordedRequest) -> bool:
+        if self.after_effect is not None:
+            return self.after_effect
+        # Token endpoint default: the grant is committed, then the answer is late or lost.
+        return (rec.path == "/oauth2/access_token" and not self.status and not self.hang
+                and (self.drop or self.delay > 0))
+
+    def response(self) -> Response:
+        if self.body is None:
+            status, headers, body = problem(self.status)
+        elif isinstance(self.body, (bytes, str)):
+            body = self.body.encode() if isinstance(self.body, str) else self.body
+            status, headers = self.status, {"Content-Type": self.content_type}
+        else:
+            status, headers, body = _json(self.status, self.body, self.content_type)
+        if self.retry_after is not None:
+            headers = {**headers, "Retry-After": str(self.retry_after)}
+        return status, headers, body
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False          # stop() must not wait for keep-alive or hanging handlers
+    request_queue_size = 128
+    allow_reuse_address = True
+    fake: "FakeAmo"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # clients hanging up are not errors
+            super().handle_error(request, client_address)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive; every answer carries Content-Length
+    server_version = "nginx"
+    sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.fake._track(self.connection, add=False)
+
+    def do_GET(self) -> None:
+        self.server.fake._handle(self)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+# (method, path regex, handler method, needs a bearer token). A trailing slash is tolerated.
+ROUTES = [
+    ("POST", r"/oauth2/access_token", "_h_token", False),
+    ("GET", r"/oauth2/account/current/subdomain", "_h_subdomain", False),
+    ("GET", r"/api/v4/account", "_h_account", True),
+    ("GET", r"/api/v4/leads/pipelines", "_h_pipelines", True),
+    ("GET", r"/api/v4/leads/custom_fields", "_h_custom_fields", True),
+    ("GET", r"/api/v4/leads/(\d+)", "_h_lead", True),
+    ("GET", r"/api/v4/users", "_h_users", True),
+    ("GET", r"/api/v4/tasks", "_h_tasks", True),
+    ("POST", r"/api/v4/tasks", "_h_tasks_create", True),
+    ("GET", r"/api/v4/tasks/(\d+)", "_h_task", True),
+]
+ROUTES = [(m, re.compile(p + "/?"), h, a) for m, p, h, a in ROUTES]
+
+
+class FakeAmo:
+    max_batch = 50          # most tasks per POST /api/v4/tasks (UNCERTAIN in the real API)
+    max_limit = 250         # most items per page
+
+    def __init__(self, *, subdomain: str = "example", account_id: int = 1231414,
+                 client_id: str = "client-id-123", client_secret: str = "client-secret-456",
+                 redirect_uri: str = "https://hooks.example.com/oauth/callback",
+                 access_ttl: float = 86400, code_ttl: float = 1200, refresh_ttl: float = 90 * 86400,
+                 rate_limit: int | None = 7, timezone: str = "Europe/Moscow",
+                 clock: Callable[[], float] = time.time,
+                 rate_clock: Callable[[], float] = time.monotonic):
+        self.subdomain, self.account_id = subdomain, account_id
+        self.client_id, self.client_secret, self.redirect_uri = client_id, client_secret, redirect_uri
+        self.access_ttl, self.code_ttl, self.refresh_ttl = access_ttl, code_ttl, refresh_ttl
+        self.rate_limit, self.timezone = rate_limit, timezone
+        self._clock, self._rate_clock = clock, rate_clock
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self.base_url: str | None = None
+        # OAuth state
+        self._codes: dict[str, dict] = {}
+        self._access: dict[str, dict] = {}
+        self._refresh: dict[str, dict] = {}
+        self.refresh_calls = self.code_calls = 0
+        # traffic and faults
+        self.requests: list[RecordedRequest] = []
+        self.errors: list[str] = []      # tracebacks of bugs inside the fake (answered 500)
+        self.count_429 = 0
+        self._faults: list[Fault] = []
+        self._blocked = self._block_oauth = False
+        self._admitted: list[float] = []
+        self._seed()
+
+    # ---------------------------------------------------------------- seed data
+    def _seed(self) -> None:
+        acc = _load("account_with_task_types.json")
+        embedded = acc.pop("_embedded")
+        acc.pop("_links")
+        acc.update(id=self.account_id, subdomain=self.subdomain, name=self.subdomain)
+        self.account: dict = acc
+        self.account_embedded: dict = {k: embedded[k] for k in ("amojo_rights", "users_groups")}
+        self.task_types: list[dict] = embedded["task_types"]
+        self.users: list[dict] = []
+        self._rights_template = _load("users_list.json")["_embedded"]["users"][1]["rights"]
+        self.add_user("Администратор", "admin@example.com", user_id=acc["current_user_id"], is_admin=True)
+        self.add_user("Менеджер", "manager@example.com", user_id=123123)
+        self.pipelines: list[dict] = []
+        for p in _load("pipelines_list.json")["_embedded"]["pipelines"]:
+            p.pop("_links")
+            p["account_id"] = self.account_id
+            for s in p["_embedded"]["statuses"]:
+                s.pop("_links")
+                s["account_id"] = self.account_id
+            self.pipelines.append(p)
+        self.custom_fields: list[dict] = []
+        self.add_custom_field("Комментарий", "textarea")
+        self.leads: dict[int, dict] = {}
+        lead = _load("lead_get_by_id.json")
+        self.add_lead(lead["name"], 3177727, 32392159, acc["current_user_id"], lead_id=lead["id"],
+                      price=lead["price"], created_at=lead["created_at"], updated_at=lead["updated_at"],
+                      _embedded={"tags": lead["_embedded"]["tags"], "companies": []})
+        self.tasks: dict[int, dict] = {}
+
+    @staticmethod
+    def _new_id(taken: Any, floor: int) -> int:
+        return max([floor, *taken]) + 1
+
+    def add_pipeline(self, name: str, stages: list[str], pipeline_id: int | None = None) -> dict:
+        """A pipeline with the system statuses: unsorted (type 1) first, then ``stages``, then
+        142 and 143 (same ids in every pipeline). Appended to ``pipelines`` and returned."""
+        with self._lock:
+            pid = pipeline_id or self._new_id((p["id"] for p in self.pipelines), 3177727)
+            taken = [s["id"] for p in self.pipelines for s in p["_embedded"]["statuses"] if s["id"] > 143]
+            next_sid = self._new_id(taken, 32392165)
+
+            def status(sid: int, sname: str, sort: int, editable: bool, color: str, stype: int = 0) -> dict:
+                return {"id": sid, "name": sname, "sort": sort, "is_editable": editable, "pipeline_id": pid,
+                        "color": color, "type": stype, "account_id": self.account_id}
+
+            statuses = [status(next_sid, "Неразобранное", 10, False, "#c1c1c1", 1)]
+            statuses += [status(next_sid + i, s, 10 * (i + 1), True, "#99ccff") for i, s in enumerate(stages, 1)]
+            statuses += [status(142, "Успешно реализовано", 10000, False, "#CCFF66"),
+                         status(143, "Закрыто и не реализовано", 11000, False, "#D5D8DB")]
+            pipeline = {"id": pid, "name": name, "sort": len(self.pipelines) + 1, "is_main": not self.pipelines,
+                        "is_unsorted_on": True, "is_archive": False, "account_id": self.account_id,
+                        "_embedded": {"statuses": statuses}}
+            self.pipelines.append(pipeline)
+            return pipeline
+
+    def add_user(self, name: str, email: str | None = None, user_id: int | None = None,
+                 is_admin: bool = False) -> dict:
+        with self._lock:
+            uid = user_id or self._new_id((u["id"] for u in self.users), 600000)
+            rights = copy.deepcopy(self._rights_template)
+            rights.update(is_admin=is_admin, status_rights=None, group_id=None, role_id=None)
+            user = {"id": uid, "name": name, "email": email or f"user{uid}@example.com", "lang": "ru",
+                    "rights": rights}
+            self.users.append(user)
+            return user
+
+    def add_task_type(self, name: str, code: str | None = None, type_id: int | None = None) -> dict:
+        with self._lock:
+            tid = type_id or self._new_id((t["id"] for t in self.task_types), 2136270)
+            task_type = {"id": tid, "name": name, "color": None, "icon_id": None, "code": code}
+            self.task_types.append(task_type)
+            return task_type
+
+    def add_custom_field(self, name: str, field_type: str = "text", field_id: int | None = None) -> dict:
+        with self._lock:
+            fid = field_id or self._new_id((f["id"] for f in self.custom_fields), 1000000)
+            cf = {"id": fid, "name": name, "type": field_type, "account_id": self.account_id, "code": None,
+                  "sort": 500 + len(self.custom_fields), "is_api_only": False, "enums": None, "group_id": None,
+                  "required_statuses": [], "is_deletable": True, "is_predefined": False,
+                  "entity_type": "leads", "remind": None, "settings": None}
+            self.custom_fields.append(cf)
+            return cf
+
+    def add_lead(self, name: str, pipeline_id: int, status_id: int, responsible_user_id: int,
+                 lead_id: int | None = None, **fields: Any) -> dict:
+        """A lead in API v4 shape; ``fields`` override or add keys (e.g. custom_fields_values)."""
+        with self._lock:
+            lid = lead_id or self._new_id(self.leads, 3912171)
+            now = int(self._clock())
+            lead = {"id": lid, "name": name, "price": 0, "responsible_user_id": responsible_user_id,
+                    "group_id": 0, "status_id": status_id, "pipeline_id": pipeline_id, "loss_reason_id": None,
+                    "created_by": 0, "updated_by": 0, "created_at": now, "updated_at": now,
+                    "closed_at": None, "closest_task_at": None, "is_deleted": False,
+                    "custom_fields_values": None, "score": None, "account_id": self.account_id,
+                    "_embedded": {"tags": [], "companies": []}}
+            lead.update(fields)
+            self.leads[lid] = lead
+            return lead
+
+    # ---------------------------------------------------------------- OAuth helpers
+    def _mint(self, expires_in: float, admin: bool, user_id: int | None, refresh: bool) -> tuple[str, str | None]:
+        now = self._clock()
+        uid = user_id or self.account["current_user_id"]
+        jti = secrets.token_hex(20)
+        header = {"typ": "JWT", "alg": "RS256", "jti": jti}
+        claims = {"aud": self.client_id, "jti": jti, "iat": int(now), "nbf": int(now),
+                  "exp": int(now + expires_in), "sub": str(uid), "grant_type": "", "account_id": self.account_id,
+                  "base_domain": "amocrm.ru", "version": 2, "scopes": ["crm", "notifications"],
+                  "hash_uuid": str(uuid.uuid4()), "api_domain": urlsplit(self.base_url or "").netloc}
+        access = ".".join([_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()),
+                           _b64(secrets.token_bytes(256))])
+        self._access[access] = {"exp": now + expires_in, "admin": admin, "user_id": uid, "revoked": False}
+        if not refresh:
+            return access, None
+        token = "def50200" + secrets.token_hex(350)
+        self._refresh[token] = {"exp": now + self.refresh_ttl, "admin": admin, "user_id": uid,
+                                "used": False, "revoked": False}
+        return access, token
+
+    def issue_code(self, ttl: float | None = None, admin: bool = True, user_id: int | None = None) -> str:
+        """A single-use authorization code (as shown in the integration's "Ключи" tab)."""
+        with self._lock:
+            code = "def50200" + secrets.token_hex(200)
+            ttl = self.code_ttl if ttl is None else ttl
+            self._codes[code] = {"exp": self._clock() + ttl, "used": False, "admin": admin, "user_id": user_id}
+            return code
+
+    def issue_tokens(self, expires_in: float | None = None, admin: bool = True,
+                     user_id: int | None = None) -> tuple[str, str]:
+        """A valid (access, refresh) pair, as if init-auth had happened."""
+        with self._lock:
+            return self._mint(self.access_ttl if expires_in is None else expires_in, admin, user_id, True)
+
+    def issue_long_lived_token(self, expires_in: float = 5 * 365 * 86400, admin: bool = True) -> str:
+        with self._lock:
+            return self._mint(expires_in, admin, None, refresh=False)[0]
+
+    def revoke_all(self) -> None:
+        """The integration was disabled: every access and refresh token stops working."""
+        with self._lock:
+            for info in [*self._access.values(), *self._refresh.values()]:
+                info["revoked"] = True
+
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far is expired (tokens issued later are fine)."""
+        with self._lock:
+            now = self._clock()
+            for info in self._access.values():
+                info["exp"] = min(info["exp"], now - 1)
+
+    def token_state(self, token: str) -> str:
+        """'valid', 'expired', 'revoked', 'used' (spent refresh token) or 'unknown'."""
+        with self._lock:
+            info = self._access.get(token) or self._refresh.get(token)
+            if info is None:
+                return "unknown"
+            if info["revoked"]:
+                return "revoked"
+            if info.get("used"):
+                return "used"
+            return "expired" if info["exp"] <= self._clock() else "valid"
+
+    # ---------------------------------------------------------------- faults and inspection
+    def fail(self, path: str, status: int | None = None, body: Any = None, times: int | None = 1,
+             delay: float = 0.0, hang: bool = False, drop: bool = False, retry_after: Any = None,
+             content_type: str = PROBLEM, after_effect: bool | None = None, method: str | None = None) -> Fault:
+        """Program a fault for requests whose path starts with ``path`` (and of ``method``)."""
+        if status is None and not (delay or hang or drop):
+            status = 500                 # a bare fail(path) is a server error; `delay` alone only delays
+        fault = Fault(path, method, status, body, times, delay, hang, drop, retry_after, content_type, after_effect)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def block(self, on: bool = True, include_oauth: bool = False) -> None:
+        """amoCRM's ban: /api/ (and with include_oauth the token endpoint) answer 403 nginx HTML."""
+        with self._lock:
+            self._blocked, self._block_oauth = on, on and include_oauth
+
+    def requests_to(self, path_prefix: str, method: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path.startswith(path_prefix) and method in (None, r.method)]
+
+    def clear_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.count_429 = 0
+
+    def max_in_window(self, window: float = 1.0, path_prefix: str = "/api/") -> int:
+        """The most recorded arrivals (refused or not) within any ``window`` seconds of rate_clock."""
+        times = sorted(r.mono for r in self.requests_to(path_prefix))
+        best = start = 0
+        for end, t in enumerate(times):
+            while t - times[start] >= window:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "FakeAmo":
+        if self._server is None:
+            self._stopping.clear()
+            self._server = _Server(("127.0.0.1", 0), _Handler)
+            self._server.fake = self
+            self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                            name="FakeAmo", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; hanging/delayed handlers are released, open connections are cut."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=5)
+        self._server = None
+
+    def __enter__(self) -> "FakeAmo":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            (self._conns.add if add else self._conns.discard)(conn)
+
+    # ---------------------------------------------------------------- request pipeline
+    def _handle(self, h: _Handler) -> None:
+        rec = self._record(h)
+        with self._lock:
+            fault = next((f for f in self._faults if f.matches(rec)), None)
+            if fault is not None:
+                fault.hits += 1
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+        response = None
+        if fault is not None and fault.effect_first(rec):
+            response = self._respond(rec)
+        if fault is not None:
+            rec.fault = "delay"
+            if fault.delay and self._stopping.wait(fault.delay):
+                return self._cut(h)
+            if fault.drop or fault.hang:
+                rec.fault = "drop" if fault.drop else "hang"
+                if fault.hang:
+                    self._stopping.wait()
+                return self._cut(h)
+            if fault.status:
+                rec.fault = "status"
+                response = fault.response()
+        self._send(h, rec, response or self._respond(rec))
+
+    def _record(self, h: _Handler) -> RecordedRequest:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else b""
+        url = urlsplit(h.path)
+        headers = Headers(h.headers.items())
+        data = form = None
+        if "x-www-form-urlencoded" in headers.get("Content-Type", ""):
+            form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        elif body:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                pass
+        rec = RecordedRequest(h.command, url.path, parse_qs(url.query, keep_blank_values=True), headers, body,
+                              data, form, self._clock(), self._rate_clock(), *h.client_address[:2])
+        with self._lock:
+            self.requests.append(rec)
+            if rec.method == "POST" and rec.path == "/oauth2/access_token":
+                grant = self._params(rec).get("grant_type")
+                self.refresh_calls += grant == "refresh_token"
+                self.code_calls += grant == "authorization_code"
+        return rec
+
+    def _respond(self, rec: RecordedRequest) -> Response:
+        """Decide the answer and perform the effect (under the lock)."""
+        with self._lock:
+            try:
+                is_api = rec.path.startswith("/api/")
+                if self._blocked and (is_api or (self._block_oauth and rec.path.startswith("/oauth2/"))):
+                    return 403, {"Content-Type": "text/html"}, BLOCKED_HTML
+                if is_api and self.rate_limit is not None:
+                    self._admitted = [t for t in self._admitted if rec.mono - t < 1.0]
+                    if len(self._admitted) >= self.rate_limit:
+                        return problem(429, "Превышено допустимое количество запросов в секунду",
+                                       "Too Many Requests")
+                    self._admitted.append(rec.mono)
+                allowed = []
+                for method, pattern, name, needs_token in ROUTES:
+                    m = pattern.fullmatch(rec.path)
+                    if m and method != rec.method:
+                        allowed.append(method)
+                    elif m:
+                        token = None
+                        if needs_token and (token := self._bearer(rec)) is None:
+                            return problem(401, "Неверный логин или пароль", "Unauthorized")
+                        return getattr(self, name)(rec, *m.groups(), token=token)
+                if allowed:
+                    status, headers, body = problem(405)
+                    return status, {**headers, "Allow": ", ".join(allowed)}, body
+                return problem(404, f"No route for {rec.path}")
+            except Exception:  # a bug in the fake: make it visible, keep serving
+                import traceback
+                self.errors.append(traceback.format_exc())
+                return problem(500, self.errors[-1].splitlines()[-1])
+
+    def _send(self, h: _Handler, rec: RecordedRequest, response: Response) -> None:
+        status, headers, body = response
+        with self._lock:
+            rec.status = status          # set before writing: the client may look right after
+            self.count_429 += status == 429
+        try:
+            h.send_response(status)
+            for key, value in headers.items():
+                h.send_header(key, value)
+            if status == 204:
+                body = b""
+            else:
+                h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            if body and h.command != "HEAD":
+                h.wfile.write(body)
+        except OSError:
+            h.close_connection = True
+
+    @staticmethod
+    def _cut(h: _Handler) -> None:
+        """Close the connection without any answer."""
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _bearer(self, rec: RecordedRequest) -> dict | None:
+        scheme, _, token = rec.headers.get("Authorization", "").partition(" ")
+        info = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
+        if info is None or info["revoked"] or info["exp"] <= self._clock():
+            return None
+        return info
+
+    @staticmethod
+    def _params(rec: RecordedRequest) -> dict:
+        return rec.json if isinstance(rec.json, dict) else (rec.form or {})
+
+    @staticmethod
+    def _q(rec: RecordedRequest, name: str) -> list[str]:
+        """Query values of ``name`` and ``name[]``."""
+        return rec.query.get(name, []) + rec.query.get(name + "[]", [])
+
+    def _link(self, path: str) -> dict:
+        return {"self": {"href": f"{self.base_url}{path}"}}
+
+    def _page(self, rec: RecordedRequest, key: str, items: list[dict], totals: bool) -> Response:
+        """A HAL page of ``items`` by ``page``/``limit``; 204 when the page is empty."""
+        try:
+            page = int((self._q(rec, "page") or ["1"])[0])
+            limit = int((self._q(rec, "limit") or ["50"])[0])
+        except ValueError:
+            return problem(400, "page and limit must be integers")
+        if not (1 <= limit <= self.max_limit) or page < 1:
+            return problem(400, f"limit must be 1..{self.max_limit} and page >= 1")
+        chunk = items[(page - 1) * limit: page * limit]
+        if not chunk:
+            return 204, {}, b""
+        pages = math.ceil(len(items) / limit)
+        rest = [(k, v) for k, vs in rec.query.items() if k not in ("page", "limit") for v in vs]
+
+        def href(n: int) -> dict:
+            return {"href": f"{self.base_url}{rec.path}?" + urlencode(rest + [("limit", limit), ("page", n)])}
+
+        links = {"self": href(page)}
+        if page < pages:
+            links["next"] = href(page + 1)
+        if page > 1:
+            links.update(first=href(1), prev=href(page - 1))
+        body: dict = {"_page": page, "_links": links, "_embedded": {key: chunk}}
+        if totals:
+            body = {"_total_items": len(items), "_page_count": pages, **body}
+        return _json(200, body)
+
+    # ---------------------------------------------------------------- OAuth endpoints
+    def _h_token(self, rec: RecordedRequest, token: None) -> Response:
+        p = self._params(rec)
+        if p.get("client_id") != self.client_id or p.get("client_secret") != self.client_secret:
+            return oauth_error(401, "Client authentication failed")
+        grant = p.get("grant_type")
+        if grant not in ("authorization_code", "refresh_token"):
+            return oauth_error(400, "Check the `grant_type` parameter")
+        if p.get("redirect_uri") != self.redirect_uri:
+            return oauth_error(400, None)
+        now = self._clock()
+        if grant == "authorization_code":
+            code = self._codes.get(p.get("code") or "")
+            if code is None:
+                return oauth_error(400, "Cannot decrypt the authorization code")
+            if code["used"]:
+                return oauth_error(400, "Authorization code has been revoked")
+            if code["exp"] <= now:
+                return oauth_error(400, "Authorization code has expired")
+            code["used"] = True
+            admin, user_id = code["admin"], code["user_id"]
+        else:
+            old = self._refresh.get(p.get("refresh_token") or "")
+            if old is None or old["used"] or old["revoked"] or old["exp"] <= now:
+                return oauth_error(401, "Token has been revoked")
+            old["used"] = True           # single use; the old access token stays valid until expiry
+            admin, user_id = old["admin"], old["user_id"]
+        access, refresh = self._mint(self.access_ttl, admin, user_id, refresh=True)
+        return _json(200, {"token_type": "Bearer", "expires_in": int(self.access_ttl), "server_time": int(now),
+                           "access_token": access, "refresh_token": refresh}, "application/json")
+
+    def _h_subdomain(self, rec: RecordedRequest, token: None) -> Response:
+        info = self._refresh.get(rec.headers.get("X-Refresh-Token", ""))
+        if info is None or info["used"] or info["revoked"]:
+            return oauth_error(401, "Token has been revoked")
+        return _json(200, {"id": self.account_id, "subdomain": self.subdomain,
+                           "domain": f"{self.subdomain}.amocrm.ru", "top_level_domain": "ru"}, "application/json")
+
+    # ---------------------------------------------------------------- API v4 endpoints
+    def _h_account(self, rec: RecordedRequest, token: dict) -> Response:
+        wanted = {w.strip() for v in self._q(rec, "with") for w in v.split(",")}
+        body = {k: v for k, v in self.account.items() if k not in ACCOUNT_WITH_TOP or k in wanted}
+        body["current_user_id"] = token["user_id"]
+        body["_links"] = self._link("/api/v4/account")
+        embedded = {**self.account_embedded, "task_types": self.task_types,
+                    "datetime_settings": self._datetime_settings()}
+        if wanted & set(ACCOUNT_WITH_EMBEDDED):
+            body["_embedded"] = {k: embedded[k] for k in ACCOUNT_WITH_EMBEDDED if k in wanted}
+        return _json(200, body)
+
+    def _datetime_settings(self) -> dict:
+        try:
+            from zoneinfo import ZoneInfo
+            offset = datetime.now(ZoneInfo(self.timezone)).strftime("%z")
+            offset = f"{offset[:3]}:{offset[3:]}"
+        except Exception:
+            offset = "+00:00"
+        return {"date_pattern": "d.m.Y H:i", "short_date_pattern": "d.m.Y", "short_time_pattern": "H:i",
+                "date_formant": "d.m.Y", "time_format": "H:i:s", "timezone": self.timezone,
+                "timezone_offset": offset}
+
+    def _render_pipeline(self, p: dict) -> dict:
+        path = f"/api/v4/leads/pipelines/{p['id']}"
+        statuses = [{**s, "_links": self._link(f"{path}/statuses/{s['id']}")} for s in p["_embedded"]["statuses"]]
+        return {**p, "_links": self._link(path), "_embedded": {**p["_embedded"], "statuses": statuses}}
+
+    def _h_pipelines(self, rec: RecordedRequest, token: dict) -> Response:
+        return _json(200, {"_total_items": len(self.pipelines), "_links": self._link(rec.path),
+                           "_embedded": {"pipelines": [self._render_pipeline(p) for p in self.pipelines]}})
+
+    def _h_custom_fields(self, rec: RecordedRequest, token: dict) -> Response:
+        items = [{**f, "_links": self._link(f"/api/v4/leads/custom_fields/{f['id']}")} for f in self.custom_fields]
+        return self._page(rec, "custom_fields", items, totals=True)
+
+    def _h_lead(self, rec: RecordedRequest, lid: str, token: dict) -> Response:
+        lead = self.leads.get(int(lid))
+        if lead is None:
+            return 204, {}, b""
+        return _json(200, {**lead, "_links": self._link(f"/api/v4/leads/{lead['id']}")})
+
+    def _render_user(self, u: dict) -> dict:
+        return {**u, "_links": self._link(f"/api/v4/users/{u['id']}")}
+
+    def _h_users(self, rec: RecordedRequest, token: dict) -> Response:
+        if not token["admin"]:
+            return problem(403, "Метод доступен только с правами администратора аккаунта", "Forbidden")
+        return self._page(rec, "users", [self._render_user(u) for u in self.users], totals=True)
+
+    def _render_task(self, t: dict) -> dict:
+        body = {k: v for k, v in t.items() if k != "request_id"}
+        return {**body, "_links": self._link(f"/api/v4/tasks/{t['id']}")}
+
+    def _h_tasks(self, rec: RecordedRequest, token: dict) -> Response:
+        def wanted(name: str, key: str, conv: Callable = int) -> Callable[[dict], bool]:
+            values = {conv(v) for v in self._q(rec, f"filter[{name}]")}
+            return lambda t: not values or t.get(key) in values
+
+        checks = [wanted("entity_type", "entity_type", str), wanted("entity_id", "entity_id"),
+                  wanted("task_type", "task_type_id"), wanted("responsible_user_id", "responsible_user_id"),
+                  wanted("is_completed", "is_completed", lambda v: v in ("1", "true"))]
+        items = [self._render_task(t) for _, t in sorted(self.tasks.items()) if all(c(t) for c in checks)]
+        return self._page(rec, "tasks", items, totals=False)
+
+    def _h_task(self, rec: RecordedRequest, tid: str, token: dict) -> Response:
+        task = self.tasks.get(int(tid))
+        return _json(200, self._render_task(task)) if task else (204, {}, b"")
+
+    def _task_errors(self, item: Any) -> list[dict]:
+        def err(code: str, path: str, detail: str) -> dict:
+            return {"code": code, "path": path, "detail": detail}
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(item, dict):
+            return [err("InvalidType", "", "This value should be of type object.")]
+        errors = []
+        if not isinstance(item.get("text"), str) or not item["text"].strip():
+            errors.append(err("NotBlank", "text", "This value should not be blank."))
+        if not is_int(item.get("complete_till")):
+            errors.append(err("InvalidType", "complete_till", "This value should be of type int."))
+        choices = {"task_type_id": {t["id"] for t in self.task_types},
+                   "responsible_user_id": {u["id"] for u in self.users}}
+        for key, allowed in choices.items():
+            if key in item and item[key] not in allowed:
+                errors.append(err("NotSupportedChoice", key, "The value you selected is not a valid choice."))
+        if "entity_type" in item or "entity_id" in item:
+            if item.get("entity_type") not in ENTITY_TYPES:
+                errors.append(err("NotSupportedChoice", "entity_type", "The value you selected is not a valid choice."))
+            if not is_int(item.get("entity_id")):
+                errors.append(err("InvalidType", "entity_id", "This value should be of type int."))
+        return errors
+
+    def _h_tasks_create(self, rec: RecordedRequest, token: dict) -> Response:
+        items = rec.json
+        if not isinstance(items, list) or not items:
+            return problem(400, "The request body must be a non-empty JSON array")
+        if len(items) > self.max_batch:
+            return problem(400, f"At most {self.max_batch} tasks per request")
+        rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
+        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items)
+                   if (errs := self._task_errors(item))]
+        if invalid:  # the whole batch is refused, nothing is created
+            return problem(400, "Request validation failed", **{"validation-errors": invalid})
+        now, created = int(self._clock()), []
+        for rid, item in zip(rids, items):
+            tid = self._new_id(self.tasks, 4745250)
+            self.tasks[tid] = {
+                "id": tid, "created_by": token["user_id"], "updated_by": token["user_id"], "created_at": now,
+                "updated_at": now, "responsible_user_id": token["user_id"], "group_id": 0, "entity_id": None,
+                "entity_type": None, "duration": 0, "is_completed": False, "task_type_id": 1, "result": [],
+                "account_id": self.account_id, **item, "id": tid, "request_id": item.get("request_id")}
+            created.append({"id": tid, "request_id": rid, "_links": self._link(f"/api/v4/tasks/{tid}")})
+        return _json(200, {"_links": self._link("/api/v4/tasks"), "_embedded": {"tasks": created}})
