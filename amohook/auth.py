@@ -74,7 +74,9 @@ def verify_account(store, subdomain: str, *, session: requests.Session | None = 
 
     client = client_for(store, subdomain, session=session or new_session())
     info = client.account_info(("datetime_settings",))
-    timezone = (info.get("datetime_settings") or {}).get("timezone")
+    # The docs do not show where `datetime_settings` sits; accept it at the top or under _embedded.
+    settings = info.get("datetime_settings") or (info.get("_embedded") or {}).get("datetime_settings") or {}
+    timezone = settings.get("timezone") if isinstance(settings, dict) else None
     with store.write():
         Account.update(amo_account_id=info.get("id"), timezone=timezone).where(Account.subdomain == subdomain).execute()
     return Account.get(Account.subdomain == subdomain)

@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MYSQL_URL = os.environ.get("AMOHOOK_TEST_MYSQL_URL")
 POSTGRES_URL = os.environ.get("AMOHOOK_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite", "mysql", "postgres"]
+# CI sets this so a missing database URL fails loudly instead of silently skipping.
+REQUIRE_DB = bool(os.environ.get("AMOHOOK_REQUIRE_DB_TESTS"))
+
+
+def _skip(reason: str):
+    if REQUIRE_DB:
+        pytest.fail(f"{reason}, but AMOHOOK_REQUIRE_DB_TESTS is set")
+    pytest.skip(reason)
 
 
 def _with_db(server_url: str, name: str) -> str:
@@ -56,7 +64,7 @@ def make_database(backend: str, tmp_path: Path):
         return f"sqlite:///{tmp_path / 'amohook.db'}", lambda: None
     if backend == "mysql":
         if not MYSQL_URL:
-            pytest.skip("AMOHOOK_TEST_MYSQL_URL is not set (e.g. mysql://root@127.0.0.1:3306/)")
+            _skip("AMOHOOK_TEST_MYSQL_URL is not set (e.g. mysql://root@127.0.0.1:3306/)")
         conn = _mysql_admin(MYSQL_URL)
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
@@ -71,7 +79,7 @@ def make_database(backend: str, tmp_path: Path):
         return _with_db(MYSQL_URL, name), drop
     if backend == "postgres":
         if not POSTGRES_URL:
-            pytest.skip("AMOHOOK_TEST_POSTGRES_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/)")
+            _skip("AMOHOOK_TEST_POSTGRES_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/)")
         conn = _pg_admin(POSTGRES_URL)
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name}")
