@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""What cron pays every 30 minutes: `amohook refresh-token` when nothing is due, against the bare
+cost of importing amohook's four dependencies (`python -c "import typer, rich, requests, peewee"`).
+
+Both are measured in the same run, interleaved, on a store with one authorized account whose
+tokens are fresh. Prints medians and the ratio (aim: <= 1.3).
+
+    python bench/cli_startup.py [--rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def prepare(db_url: str) -> None:
+    from amohook.amocrm.oauth import Client, TokenPair
+    from amohook.store import open_store
+    from amohook.tokens import save_authorization
+
+    store = open_store(db_url)
+    pair = TokenPair("a" * 900, "r" * 700, 86400, time.time())
+    save_authorization(store, subdomain="bench", base_url="https://bench.amocrm.ru",
+                       client=Client("id", "secret", "https://x"), pair=pair)
+    store.close()
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        db_url = f"sqlite:///{tmp}/bench.db"
+        prepare(db_url)
+        env = dict(os.environ, AMOHOOK_DB_URL=db_url, PYTHONPATH=str(ROOT))
+        baseline_cmd = [sys.executable, "-c", "import typer, rich, requests, peewee"]
+        amohook_cmd = [sys.executable, "-m", "amohook", "refresh-token", "--quiet"]
+        for _ in range(3):  # warm the page cache for both
+            timed(baseline_cmd, env)
+            timed(amohook_cmd, env)
+        base, ours = [], []
+        for _ in range(args.rounds):
+            base.append(timed(baseline_cmd, env))
+            ours.append(timed(amohook_cmd, env))
+    b, o = statistics.median(base), statistics.median(ours)
+    print(f"rounds: {args.rounds} (interleaved)")
+    print(f"baseline  import typer, rich, requests, peewee : median {b * 1000:7.1f} ms")
+    print(f"amohook   refresh-token (nothing due)          : median {o * 1000:7.1f} ms")
+    print(f"ratio: {o / b:.2f}  (aim <= 1.30)")
+
+
+if __name__ == "__main__":
+    main()
