@@ -1,0 +1,231 @@
+"""Commands for amoCRM's reference data: sync-entities, and the listings pipelines, task-types, users."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Annotated, Optional
+
+import typer
+
+from amohook.cli.common import console, err_console, print_json, say, state, warn
+
+SubdomainOpt = Annotated[
+    Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+LABELS = {
+    "pipelines": "pipelines",
+    "stages": "stages",
+    "task_types": "task types",
+    "users": "users",
+    "custom_fields": "lead custom fields",
+}
+
+
+@contextmanager
+def _progress_display(enabled: bool):
+    """A rich progress display on stderr; yields the sync's progress callback (or None)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=err_console(),
+        transient=True,
+    ) as progress:
+        tasks: dict[tuple[str, str], int] = {}
+
+        def on_progress(event) -> None:
+            key = (event.account, event.kind)
+            if key not in tasks:
+                tasks[key] = progress.add_task(f"{event.account}: {LABELS[event.kind]}", total=None, state="")
+            task = tasks[key]
+            if event.phase == "fetch":
+                progress.update(task, state=f"fetched {event.fetched}" if event.fetched else "fetching…")
+            elif event.phase == "write":
+                progress.update(task, state=f"writing {event.fetched}")
+            else:
+                progress.update(task, state=event.phase, total=1, completed=1)
+
+        yield on_progress
+
+
+def _summary(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sync-entities: {report.account}")
+    table.add_column("kind")
+    for col in ("added", "changed", "removed", "unchanged", "total"):
+        table.add_column(col, justify="right")
+    table.add_column("note")
+    for r in report.results:
+        if r.status == "ok":
+            table.add_row(LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), "")
+        else:
+            note = f"skipped: {r.skipped}" if r.status == "skipped" else f"failed, old rows kept: {r.error.message}"
+            table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", note)
+    console().print(table)
+    limited = f", {report.rate_limited} answered 429" if report.rate_limited else ""
+    say(f"{report.requests} requests in {report.seconds:.1f} s{limited}")
+
+
+def sync_entities(
+    ctx: typer.Context,
+    subdomain: SubdomainOpt = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing unless it fails (for cron).")] = False,
+):
+    """Pull pipelines and stages, task types, users and lead custom fields into the store.
+
+    Without --subdomain every stored account is synced. Each kind is replaced in one transaction,
+    so a failure keeps the previous rows of that kind. Users need an admin's token; without one
+    they are skipped and the rest is synced.
+    """
+    from amohook.amocrm.client import client_for
+    from amohook.errors import AccountNotFound
+    from amohook.sync import sync_entities as run_sync
+    from amohook.tokens import all_accounts
+
+    store = state(ctx).store()
+    accounts = all_accounts(subdomain)
+    if not accounts:
+        raise AccountNotFound(None)
+    reports = []
+    show_progress = not (quiet or as_json) and err_console().is_terminal
+    with _progress_display(show_progress) as on_progress:
+        for account in accounts:
+            client = client_for(store, account.subdomain)
+            # Accounts are independent (own tokens, own rate limit): one failing does not stop the next.
+            reports.append(run_sync(store, client, on_progress=on_progress))
+    if as_json:
+        print_json([r.as_dict() for r in reports])
+    elif not quiet:
+        for report in reports:
+            _summary(report)
+            for r in report.results:
+                if r.status == "skipped" and r.kind == "users":
+                    warn(f"warning: {report.account}: users skipped: {r.skipped}")
+    for report in reports:
+        report.raise_for_error()
+
+
+def _account(ctx: typer.Context, subdomain: Optional[str]) -> str:
+    from amohook.tokens import get_account
+
+    state(ctx).store()
+    return get_account(subdomain).subdomain
+
+
+def _nothing_stored(sub: str, what: str) -> None:
+    warn(f"no {what} stored for '{sub}' — run `amohook sync-entities --subdomain {sub}`")
+
+
+def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
+    """List the stored pipelines with their stages (ids for rules and scripts)."""
+    from amohook.store.models import Pipeline, Stage
+
+    sub = _account(ctx, subdomain)
+    rows = list(Pipeline.select().where(Pipeline.account == sub).order_by(Pipeline.sort, Pipeline.amo_id))
+    stages: dict[int, list] = {}
+    for stage in Stage.select().where(Stage.account == sub).order_by(Stage.sort, Stage.amo_id):
+        stages.setdefault(stage.pipeline_id, []).append(stage)
+    if as_json:
+        print_json(
+            [
+                {
+                    "id": p.amo_id,
+                    "name": p.name,
+                    "sort": p.sort,
+                    "is_main": p.is_main,
+                    "is_archive": p.is_archive,
+                    "statuses": [
+                        {"id": s.amo_id, "name": s.name, "sort": s.sort, "type": s.type, "color": s.color}
+                        for s in stages.get(p.amo_id, [])
+                    ],
+                }
+                for p in rows
+            ]
+        )
+        return
+    if not rows:
+        return _nothing_stored(sub, "pipelines")
+    from rich.table import Table
+
+    table = Table(title=f"pipelines of {sub}")
+    for col, justify in (("pipeline id", "right"), ("pipeline", "left"), ("stage id", "right"), ("stage", "left")):
+        table.add_column(col, justify=justify)
+    for p in rows:
+        flags = [f for f, on in (("main", p.is_main), ("archived", p.is_archive)) if on]
+        label = p.name + (f" ({', '.join(flags)})" if flags else "")
+        members = stages.get(p.amo_id) or [None]
+        for i, s in enumerate(members):
+            table.add_row(
+                str(p.amo_id) if i == 0 else "",
+                label if i == 0 else "",
+                "" if s is None else str(s.amo_id),
+                "" if s is None else s.name,
+                end_section=i == len(members) - 1,
+            )
+    console().print(table)
+
+
+def task_types(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
+    """List the stored task types."""
+    from amohook.store.models import TaskType
+
+    sub = _account(ctx, subdomain)
+    rows = list(TaskType.select().where(TaskType.account == sub).order_by(TaskType.amo_id))
+    if as_json:
+        print_json([{"id": t.amo_id, "name": t.name, "code": t.code, "color": t.color} for t in rows])
+        return
+    if not rows:
+        return _nothing_stored(sub, "task types")
+    from rich.table import Table
+
+    table = Table(title=f"task types of {sub}")
+    table.add_column("id", justify="right")
+    for col in ("name", "code", "color"):
+        table.add_column(col)
+    for t in rows:
+        table.add_row(str(t.amo_id), t.name, t.code or "", t.color or "")
+    console().print(table)
+
+
+def users(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
+    """List the stored users (synced only with an admin's token)."""
+    from amohook.store.models import User
+
+    sub = _account(ctx, subdomain)
+    rows = list(User.select().where(User.account == sub).order_by(User.name, User.amo_id))
+    if as_json:
+        print_json(
+            [
+                {"id": u.amo_id, "name": u.name, "email": u.email, "is_admin": u.is_admin, "is_active": u.is_active}
+                for u in rows
+            ]
+        )
+        return
+    if not rows:
+        return _nothing_stored(sub, "users")
+    from rich.table import Table
+
+    table = Table(title=f"users of {sub}")
+    table.add_column("id", justify="right")
+    for col in ("name", "email", "admin", "active"):
+        table.add_column(col)
+    for u in rows:
+        table.add_row(str(u.amo_id), u.name, u.email or "", "yes" if u.is_admin else "", "yes" if u.is_active else "no")
+    console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sync-entities")(sync_entities)
+    app.command("pipelines")(pipelines)
+    app.command("task-types")(task_types)
+    app.command("users")(users)
