@@ -1,0 +1,302 @@
+"""Carrying out what rules planned: exactly once, and in batches.
+
+The protocol, per task:
+1. The rule's plan is recorded as an ``Action`` row under its deterministic key (insert-or-ignore),
+   in the same breath as the event is handled: duplicates, re-sends and replays of the same change
+   find the key taken and add nothing.
+2. A sender claims up to ``batch_size`` pending actions of one account and marks them ``sending``
+   — committed *before* the request — then sends them as one ``POST /api/v4/tasks`` with each
+   action's ``request_id``, and records each task id.
+3. An action found ``sending`` with an expired lease, or whose request got no clear answer
+   (timeout, dropped connection, 5xx), may already exist in amoCRM. Before sending it again, the
+   sender looks for it (``GET /api/v4/tasks`` by lead, matching text, due time, type and
+   responsible — all fixed when the action was recorded) and adopts the task it finds.
+
+amoCRM rejects a whole batch when one item is invalid (400 ``validation-errors``) and creates
+nothing; the invalid items are marked failed and the rest are sent again at once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from amohook.errors import (
+    AccountBlocked,
+    AmoApiError,
+    AmoTemporaryError,
+    AmohookError,
+    RateLimited,
+    ReauthRequired,
+    ValidationFailed,
+)
+from amohook.store.lease import new_owner
+from amohook.store.models import Action
+
+BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
+LEASE_SECONDS = 120.0
+MAX_ATTEMPTS = 8
+
+
+def record_planned(store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
+    """Record planned tasks under their keys; returns how many were new (the rest were duplicates)."""
+    rows = [
+        dict(
+            key=p.key,
+            account=p.account,
+            rule=p.rule[:255],
+            event_id=event_id,
+            kind="create_task",
+            payload=json.dumps(p.payload, ensure_ascii=False, sort_keys=True),
+            status="pending",
+            created_at=clock(),
+            updated_at=clock(),
+        )
+        for p in planned
+    ]
+    if not rows:
+        return 0
+    keys = [row["key"] for row in rows]
+    with store.write():
+        existing = {a.key for a in Action.select(Action.key).where(Action.key.in_(keys))}
+        fresh = [row for row in rows if row["key"] not in existing]
+        for row in fresh:
+            # A racing process may insert the same key between our read and this insert:
+            # the unique key and ON CONFLICT DO NOTHING keep it to one row either way.
+            Action.insert(**row).on_conflict_ignore().execute()
+    return len(fresh)
+
+
+def backoff(attempt: int, base: float = 2.0, cap: float = 600.0) -> float:
+    return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def same_task(found: dict, payload: dict) -> bool:
+    """Is a task amoCRM holds the one this action sent? Every compared field was fixed at record time."""
+    return (
+        int(found.get("entity_id") or 0) == int(payload["entity_id"])
+        and (found.get("text") or "") == payload["text"]
+        and int(found.get("complete_till") or 0) == int(payload["complete_till"])
+        and int(found.get("task_type_id") or 0) == int(payload["task_type_id"])
+        and int(found.get("responsible_user_id") or 0) == int(payload["responsible_user_id"])
+    )
+
+
+@dataclass
+class SendStats:
+    posts: int = 0
+    lookups: int = 0
+    created: int = 0
+    adopted: int = 0
+    failed: int = 0
+    retried: int = 0
+    errors: list = field(default_factory=list)
+
+
+class ActionSender:
+    """Claims pending actions and sends them in batches; safe to run in many threads and processes."""
+
+    def __init__(
+        self,
+        store,
+        client_for: Callable[[str], object],
+        *,
+        owner: str | None = None,
+        batch_size: int = BATCH_SIZE,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.store = store
+        self.client_for = client_for
+        self.owner = owner or new_owner()
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self.log = log or (lambda message: None)
+        self.stats = SendStats()
+
+    # -- claiming ------------------------------------------------------------------------------
+    def claim(self) -> tuple[list[Action], set[int]]:
+        """Up to one batch of due actions of one account, marked ``sending`` and leased to us.
+
+        Returns the actions and the ids of those that may already have reached amoCRM.
+        """
+        now = self.clock()
+        due = ((Action.status == "pending") & (Action.lease_until.is_null() | (Action.lease_until <= now))) | (
+            (Action.status == "sending") & (Action.lease_until < now)
+        )
+        with self.store.write():
+            first = self.store.for_update(
+                Action.select(Action.id, Action.account).where(due).order_by(Action.id).limit(1), skip_locked=True
+            ).first()
+            if first is None:
+                return [], set()
+            query = (
+                Action.select()
+                .where(due & (Action.account == first.account))
+                .order_by(Action.id)
+                .limit(self.batch_size)
+            )
+            actions = list(self.store.for_update(query, skip_locked=True))
+            if not actions:
+                return [], set()
+            maybe_sent = {a.id for a in actions if a.status == "sending"}
+            Action.update(
+                status="sending", lease_owner=self.owner, lease_until=now + self.lease_seconds, updated_at=now
+            ).where(Action.id.in_([a.id for a in actions])).execute()
+        return actions, maybe_sent
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def _mine(self, ids):
+        return Action.id.in_(list(ids)) & (Action.lease_owner == self.owner)
+
+    def _done(self, action_id: int, task_id: int | None) -> None:
+        Action.update(status="done", result_id=task_id, lease_owner=None, lease_until=None, last_error=None,
+                      updated_at=self.clock()).where(self._mine([action_id])).execute()
+
+    def _fail(self, ids, error: str) -> None:
+        Action.update(status="failed", lease_owner=None, lease_until=None, last_error=error[:2000],
+                      updated_at=self.clock()).where(self._mine(ids)).execute()
+
+    def _later(self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None) -> None:
+        """Back off; an action whose request may have landed stays ``sending`` so it is looked up first."""
+        now = self.clock()
+        for a in actions:
+            attempts = a.attempts + 1
+            if attempts >= self.max_attempts:
+                self._fail([a.id], f"gave up after {attempts} attempts: {error}")
+                continue
+            delay = wait if wait is not None else backoff(attempts)
+            Action.update(
+                status="sending" if maybe_sent else "pending",
+                attempts=attempts,
+                lease_owner=None if not maybe_sent else "retry",
+                lease_until=now + delay,
+                last_error=error[:2000],
+                updated_at=now,
+            ).where(self._mine([a.id])).execute()
+        self.stats.retried += len(actions)
+
+    # -- one batch -----------------------------------------------------------------------------
+    def flush_once(self) -> int:
+        """Claim and send one batch; returns how many actions it settled or rescheduled."""
+        actions, maybe_sent = self.claim()
+        if not actions:
+            return 0
+        account = actions[0].account
+        client = self.client_for(account)
+        payloads = {a.id: json.loads(a.payload) for a in actions}
+        try:
+            if maybe_sent:
+                adopted = self._adopt_existing(client, [a for a in actions if a.id in maybe_sent], payloads)
+                actions = [a for a in actions if a.id not in adopted]
+            self._send(client, actions, payloads)
+        except RateLimited as exc:
+            self._later(actions, exc.message, maybe_sent=False, wait=exc.retry_after or 5.0)
+        except AmoTemporaryError as exc:
+            self._later(actions, exc.message, maybe_sent=True)
+        except (AccountBlocked, ReauthRequired) as exc:
+            self._later(actions, exc.message, maybe_sent=False, wait=300.0)
+            self.stats.errors.append(exc.message)
+        except AmohookError as exc:
+            self._later(actions, exc.message, maybe_sent=False)
+            self.stats.errors.append(exc.message)
+        return len(actions)
+
+    def _adopt_existing(self, client, actions: list[Action], payloads: dict) -> set[int]:
+        """Find tasks earlier attempts may have created; mark those actions done."""
+        lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
+        found: list[dict] = []
+        for start in range(0, len(lead_ids), 50):
+            chunk = lead_ids[start:start + 50]
+            self.stats.lookups += 1
+            params = {"filter[entity_type]": "leads", "filter[entity_id][]": chunk}
+            found.extend(client.iter_pages("/api/v4/tasks", "tasks", params))
+        adopted: set[int] = set()
+        taken: set[int] = set()
+        for a in actions:
+            for task in found:
+                if task.get("id") not in taken and same_task(task, payloads[a.id]):
+                    taken.add(task["id"])
+                    adopted.add(a.id)
+                    self._done(a.id, task["id"])
+                    self.stats.adopted += 1
+                    self.log(f"action {a.id}: adopted task {task['id']} created by an earlier attempt")
+                    break
+        return adopted
+
+    def _send(self, client, actions: list[Action], payloads: dict) -> None:
+        pending = list(actions)
+        while pending:
+            by_request = {payloads[a.id]["request_id"]: a for a in pending}
+            self.stats.posts += 1
+            try:
+                answer = client.post("/api/v4/tasks", [payloads[a.id] for a in pending]) or {}
+            except ValidationFailed as exc:
+                bad = self._invalid(exc, pending, payloads)
+                if not bad:  # cannot tell which item: fail the batch rather than loop
+                    self._fail([a.id for a in pending], exc.message)
+                    self.stats.failed += len(pending)
+                    return
+                self._fail([a.id for a in bad], exc.message + _details(exc))
+                self.stats.failed += len(bad)
+                pending = [a for a in pending if a not in bad]
+                continue  # nothing was created: send the valid rest again
+            created = (answer.get("_embedded") or {}).get("tasks") or []
+            settled = set()
+            for item in created:
+                action = by_request.get(str(item.get("request_id")))
+                if action is not None and action.id not in settled:
+                    self._done(action.id, item.get("id"))
+                    settled.add(action.id)
+                    self.stats.created += 1
+            missing = [a for a in pending if a.id not in settled]
+            if missing:
+                self._later(missing, "amoCRM's answer did not list these tasks", maybe_sent=True)
+            return
+
+    @staticmethod
+    def _invalid(exc: ValidationFailed, pending: list[Action], payloads: dict) -> list[Action]:
+        by_request = {payloads[a.id]["request_id"]: a for a in pending}
+        by_index = {str(i): a for i, a in enumerate(pending)}
+        bad = []
+        for entry in exc.validation_errors or []:
+            rid = str((entry or {}).get("request_id"))
+            action = by_request.get(rid) or by_index.get(rid)
+            if action is not None and action not in bad:
+                bad.append(action)
+        return bad
+
+    # -- loop ----------------------------------------------------------------------------------
+    def drain(self, max_batches: int = 10_000) -> int:
+        total = 0
+        for _ in range(max_batches):
+            n = self.flush_once()
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def run(self, stop: threading.Event, idle: float = 0.5) -> None:
+        while not stop.is_set():
+            try:
+                if self.flush_once():
+                    continue
+            except Exception as exc:  # keep the loop alive; the store or a bug may recover
+                self.log(f"action sender: {type(exc).__name__}: {exc}")
+            stop.wait(idle)
+
+
+def _details(exc: AmoApiError) -> str:
+    parts = []
+    for entry in exc.validation_errors or []:
+        for err in (entry or {}).get("errors") or []:
+            parts.append(f"{err.get('path')}: {err.get('detail') or err.get('code')}")
+    return (" (" + "; ".join(parts[:5]) + ")") if parts else ""

@@ -1,0 +1,597 @@
+"""Rules: a small TOML file turned into checked, compiled rules, and pure matching of events.
+
+Everything here is pure except ``compile_rules``, which resolves names through the store
+(``amohook.lookup``). Matching an event and planning its actions does no I/O: the plan carries a
+deterministic key per (rule, lead, change), which is what makes effects happen once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from amohook.errors import ConfigError
+
+TRIGGERS = {
+    "lead.stage_changed": "a lead moved to another stage (leads[status], or leads[update] with a new status)",
+    "lead.added": "a lead was created (leads[add])",
+    "lead.responsible_changed": "a lead got another responsible user (leads[responsible], or leads[update] with old_responsible_user_id)",
+}
+RULE_KEYS = {"name", "when", "account", "pipeline", "to_stage", "from_stage", "condition", "create_task"}
+TASK_KEYS = {"type", "text", "due", "responsible", "duration"}
+CONDITION_OPS = ("equals", "not_equals", "contains", "is_set", "is_empty")
+# What a template may say. Unknown placeholders are errors at `rules check` time, not at 3 a.m.
+PLACEHOLDERS = {
+    "lead.id", "lead.name", "lead.price",
+    "pipeline.id", "pipeline.name",
+    "stage.id", "stage.name",
+    "from_stage.id", "from_stage.name",
+    "responsible.id", "responsible.name",
+    "account.subdomain",
+    "rule.name",
+}
+DUE_RE = re.compile(r"^\+(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
+END_OF_DAY_RE = re.compile(r"^end_of_day(?:\+(\d+)d)?$")
+AT_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?:\+(\d+)d)?$")
+
+
+class RulesError(ConfigError):
+    """The rules file is invalid; ``problems`` lists every problem, each naming its rule."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {path}"
+        super().__init__(f"{head}: " + "; ".join(problems) if len(problems) == 1 else head + ":\n  " + "\n  ".join(problems))
+
+
+# -- the file ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    field: str | int
+    op: str
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    type: str | int
+    text: str
+    due: str = "+1d"
+    responsible: str | int = "lead"
+    duration: int | None = None
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: str
+    when: str
+    pipeline: str | int | None = None
+    to_stage: str | int | None = None
+    from_stage: str | int | None = None
+    account: str | None = None
+    conditions: tuple[Condition, ...] = ()
+    create_task: TaskSpec | None = None
+
+
+def template_fields(text: str) -> list[str]:
+    """The placeholders of a template; raises ValueError on broken braces."""
+    return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+
+
+def check_template(text: str) -> list[str]:
+    """Problems of a template: broken braces or placeholders outside ``PLACEHOLDERS``."""
+    try:
+        names = template_fields(text)
+    except ValueError as exc:
+        return [f"broken braces ({exc}) — write {{{{ and }}}} for literal braces"]
+    problems = []
+    for name in names:
+        if name not in PLACEHOLDERS:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(PLACEHOLDERS), n=1)
+            hint = f" — did you mean {{{close[0]}}}?" if close else f" — use one of {', '.join(sorted(PLACEHOLDERS))}"
+            problems.append(f"unknown placeholder {{{name}}}{hint}")
+    return problems
+
+
+def parse_due(due: str) -> tuple[str, int, int, int]:
+    """``+1d2h``, ``+30m``, ``end_of_day``, ``end_of_day+1d``, ``10:00+1d`` → (kind, a, b, days)."""
+    text = (due or "").strip().replace(" ", "")
+    m = DUE_RE.match(text)
+    if m and any(m.groups()):
+        w, d, h, mins = (int(g or 0) for g in m.groups())
+        return ("relative", (w * 7 + d) * 86400 + h * 3600 + mins * 60, 0, 0)
+    m = END_OF_DAY_RE.match(text)
+    if m:
+        return ("end_of_day", 0, 0, int(m.group(1) or 0))
+    m = AT_TIME_RE.match(text)
+    if m and int(m.group(1)) < 24 and int(m.group(2)) < 60:
+        return ("at", int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+    raise ValueError(f"cannot read due '{due}' — use +30m, +2h, +1d, +1d4h, end_of_day, end_of_day+1d or 10:00+1d")
+
+
+def due_timestamp(due: str, base: float, tz: str | None) -> int:
+    """When a task is due, from ``base`` (Unix time) in the account's timezone."""
+    kind, a, b, days = parse_due(due)
+    if kind == "relative":
+        return int(base + a)
+    zone = _zone(tz)
+    local = datetime.fromtimestamp(base, zone)
+    if kind == "end_of_day":
+        day = local.date() + timedelta(days=days)
+        return int(datetime(day.year, day.month, day.day, 23, 59, tzinfo=zone).timestamp())
+    day = local.date() + timedelta(days=days)
+    at = datetime(day.year, day.month, day.day, a, b, tzinfo=zone)
+    if days == 0 and at.timestamp() <= base:
+        at += timedelta(days=1)  # "10:00" after 10:00 means tomorrow's
+    return int(at.timestamp())
+
+
+def _zone(tz: str | None):
+    try:
+        return ZoneInfo(tz) if tz else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
+    """Read the TOML text into rule specs, collecting every shape problem (names are checked later)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(path, [f"not valid TOML: {exc}"]) from None
+    unknown_top = set(data) - {"rule"}
+    problems: list[str] = [f"unknown top-level key '{k}' (rules are [[rule]] tables)" for k in sorted(unknown_top)]
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise RulesError(path, ["'rule' must be an array of tables: write [[rule]]"])
+    specs: list[RuleSpec] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_rules, 1):
+        label = f"rule #{i}"
+        if not isinstance(raw, dict):
+            problems.append(f"{label}: not a table")
+            continue
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{label}: needs a name")
+            name = label
+        label = f"rule '{name}'"
+        if name in seen:
+            problems.append(f"{label}: the name is used twice (names identify tasks already created)")
+        seen.add(name)
+        for key in sorted(set(raw) - RULE_KEYS):
+            problems.append(f"{label}: unknown key '{key}'")
+        when = raw.get("when")
+        if when not in TRIGGERS:
+            problems.append(f"{label}: when = '{when}' — use one of {', '.join(TRIGGERS)}")
+        for key in ("pipeline", "to_stage", "from_stage"):
+            if key in raw and not isinstance(raw[key], (str, int)):
+                problems.append(f"{label}: {key} must be a name or an id")
+        if ("to_stage" in raw or "from_stage" in raw) and "pipeline" not in raw:
+            problems.append(f"{label}: stages need their pipeline (stage ids like 142 exist in every pipeline)")
+        if "from_stage" in raw and when != "lead.stage_changed":
+            problems.append(f"{label}: from_stage only makes sense with when = 'lead.stage_changed'")
+        conditions = []
+        raw_conditions = raw.get("condition", [])
+        if isinstance(raw_conditions, dict):
+            raw_conditions = [raw_conditions]
+        for j, cond in enumerate(raw_conditions if isinstance(raw_conditions, list) else [], 1):
+            ops = [op for op in CONDITION_OPS if op in cond]
+            extra = set(cond) - {"field", *CONDITION_OPS}
+            if "field" not in cond or len(ops) != 1 or extra:
+                problems.append(
+                    f"{label}: condition #{j} needs field = \"name or id\" and one of "
+                    f"{', '.join(CONDITION_OPS)}" + (f" (unknown: {', '.join(sorted(extra))})" if extra else "")
+                )
+                continue
+            op = ops[0]
+            value = cond[op]
+            if op in ("is_set", "is_empty"):
+                if value is not True:
+                    problems.append(f"{label}: condition #{j}: write {op} = true")
+                value = None
+            else:
+                value = str(value)
+            conditions.append(Condition(cond["field"], op, value))
+        task = None
+        raw_task = raw.get("create_task")
+        if raw_task is None:
+            problems.append(f"{label}: needs an action: [rule.create_task]")
+        elif not isinstance(raw_task, dict):
+            problems.append(f"{label}: create_task must be a table")
+        else:
+            for key in sorted(set(raw_task) - TASK_KEYS):
+                problems.append(f"{label}: create_task has an unknown key '{key}'")
+            if "type" not in raw_task:
+                problems.append(f"{label}: create_task needs a type (task type name or id)")
+            text = raw_task.get("text")
+            if not isinstance(text, str) or not text.strip():
+                problems.append(f"{label}: create_task needs a text")
+                text = ""
+            for problem in check_template(text):
+                problems.append(f"{label}: text: {problem}")
+            due = str(raw_task.get("due", "+1d"))
+            try:
+                parse_due(due)
+            except ValueError as exc:
+                problems.append(f"{label}: {exc}")
+            duration = raw_task.get("duration")
+            if duration is not None and (not isinstance(duration, int) or duration < 0):
+                problems.append(f"{label}: duration is in seconds, a whole number")
+            task = TaskSpec(
+                type=raw_task.get("type", ""),
+                text=text,
+                due=due,
+                responsible=raw_task.get("responsible", "lead"),
+                duration=duration,
+            )
+        specs.append(
+            RuleSpec(
+                name=name,
+                when=when or "",
+                pipeline=raw.get("pipeline"),
+                to_stage=raw.get("to_stage"),
+                from_stage=raw.get("from_stage"),
+                account=raw.get("account"),
+                conditions=tuple(conditions),
+                create_task=task,
+            )
+        )
+    if problems:
+        raise RulesError(path, problems)
+    return specs
+
+
+def load_rules_file(path: str | Path) -> list[RuleSpec]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the rules file {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the rules file {p} is not UTF-8 text") from None
+    return parse_rules(text, str(p))
+
+
+# -- compiled against the store ---------------------------------------------------------------
+@dataclass(frozen=True)
+class CompiledRule:
+    spec: RuleSpec
+    account: str
+    pipeline_id: int | None
+    pipeline_name: str | None
+    to_stage_id: int | None
+    from_stage_id: int | None
+    task_type_id: int
+    responsible_user_id: int | None  # None: the lead's responsible user
+    stage_names: dict = field(default_factory=dict, compare=False)  # (pipeline_id, status_id) -> name
+    user_names: dict = field(default_factory=dict, compare=False)  # user id -> name
+    field_ids: dict = field(default_factory=dict, compare=False)  # condition field -> custom field id or None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def compile_rules(specs: list[RuleSpec], accounts: list[str], path: str = "rules") -> list[CompiledRule]:
+    """Resolve names to ids through the synced store; every miss is reported with suggestions."""
+    from amohook import lookup
+    from amohook.store.models import CustomField, Stage, User
+
+    problems: list[str] = []
+    compiled: list[CompiledRule] = []
+    for spec in specs:
+        label = f"rule '{spec.name}'"
+        if spec.account:
+            if spec.account not in accounts:
+                problems.append(f"{label}: no account '{spec.account}' in the store (have: {', '.join(accounts) or 'none'})")
+                continue
+            account = spec.account
+        elif len(accounts) == 1:
+            account = accounts[0]
+        else:
+            problems.append(
+                f"{label}: " + ("no account in the store — run `amohook init-auth`" if not accounts
+                                else f"several accounts are stored; add account = \"…\" ({', '.join(accounts)})")
+            )
+            continue
+        try:
+            pipeline = lookup.find_pipeline(account, spec.pipeline) if spec.pipeline is not None else None
+            to_stage = lookup.find_stage(account, pipeline, spec.to_stage) if spec.to_stage is not None else None
+            from_stage = lookup.find_stage(account, pipeline, spec.from_stage) if spec.from_stage is not None else None
+        except lookup.LookupFailed as exc:
+            problems.append(f"{label}: {exc.message}")
+            continue
+        task = spec.create_task
+        task_type_id = 0
+        responsible_id = None
+        try:
+            task_type_id = lookup.find_task_type(account, task.type).amo_id
+        except lookup.LookupFailed as exc:
+            problems.append(f"{label}: {exc.message}")
+        if str(task.responsible).strip().lower() != "lead":
+            try:
+                responsible_id = lookup.find_user(account, task.responsible).amo_id
+            except lookup.LookupFailed as exc:
+                problems.append(f"{label}: {exc.message}")
+        field_ids = {}
+        fields = list(CustomField.select().where(CustomField.account == account))
+        for cond in spec.conditions:
+            match = [f for f in fields if str(f.amo_id) == str(cond.field) or lookup.normalize(f.name) == lookup.normalize(str(cond.field))]
+            if fields and not match:
+                close = lookup.suggest(str(cond.field), [f.name for f in fields])
+                hint = f" — did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                problems.append(f"{label}: no lead custom field '{cond.field}'{hint}")
+            field_ids[cond.field] = match[0].amo_id if match else None
+        stage_names = {(s.pipeline_id, s.amo_id): s.name for s in Stage.select().where(Stage.account == account)}
+        user_names = {u.amo_id: u.name for u in User.select().where(User.account == account)}
+        compiled.append(
+            CompiledRule(
+                spec=spec,
+                account=account,
+                pipeline_id=pipeline.amo_id if pipeline else None,
+                pipeline_name=pipeline.name if pipeline else None,
+                to_stage_id=to_stage.amo_id if to_stage else None,
+                from_stage_id=from_stage.amo_id if from_stage else None,
+                task_type_id=task_type_id,
+                responsible_user_id=responsible_id,
+                stage_names=stage_names,
+                user_names=user_names,
+                field_ids=field_ids,
+            )
+        )
+    if problems:
+        raise RulesError(path, problems)
+    return compiled
+
+
+# -- events to lead changes -------------------------------------------------------------------
+@dataclass(frozen=True)
+class LeadChange:
+    """What happened to a lead, read from one webhook item (API v2 shape: every value a string)."""
+
+    kind: str  # stage_changed, added, responsible_changed
+    lead_id: int
+    pipeline_id: int | None
+    status_id: int | None
+    old_pipeline_id: int | None
+    old_status_id: int | None
+    responsible_user_id: int | None
+    old_responsible_user_id: int | None
+    name: str | None
+    price: str | None
+    changed_at: str | None  # last_modified / updated_at as sent: identifies the change
+    custom_fields: tuple = ()  # ((id, name, (values...)), ...)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def _custom_fields(data: dict) -> tuple:
+    out = []
+    raw = data.get("custom_fields") or []
+    items = raw.values() if isinstance(raw, dict) else raw
+    for cf in items:
+        if not isinstance(cf, dict):
+            continue
+        values = cf.get("values") or []
+        values = values.values() if isinstance(values, dict) else values
+        flat = []
+        for v in values:
+            # Text values come as values[i][value]; date-like ones as a bare values[i] (FACTS.md §5).
+            flat.append(str(v.get("value", v.get("enum", ""))) if isinstance(v, dict) else str(v))
+        out.append((_int(cf.get("id")), str(cf.get("name") or ""), tuple(x for x in flat if x != "")))
+    return tuple(out)
+
+
+def lead_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
+    """The lead changes one event item describes; pure, by structure."""
+    if entity != "leads" or not isinstance(data, dict):
+        return []
+    lead_id = _int(data.get("id"))
+    if lead_id is None:
+        return []
+    common = dict(
+        lead_id=lead_id,
+        pipeline_id=_int(data.get("pipeline_id")),
+        status_id=_int(data.get("status_id")),
+        old_pipeline_id=_int(data.get("old_pipeline_id")),
+        old_status_id=_int(data.get("old_status_id")),
+        responsible_user_id=_int(data.get("responsible_user_id")),
+        old_responsible_user_id=_int(data.get("old_responsible_user_id")),
+        name=data.get("name") if isinstance(data.get("name"), str) else None,
+        price=data.get("price") if isinstance(data.get("price"), str) else None,
+        changed_at=str(data.get("last_modified") or data.get("updated_at") or "") or None,
+        custom_fields=_custom_fields(data),
+    )
+    changes = []
+    old_pipeline = common["old_pipeline_id"] or common["pipeline_id"]
+    moved = common["old_status_id"] is not None and (
+        common["old_status_id"] != common["status_id"] or old_pipeline != common["pipeline_id"]
+    )
+    if action == "status" or (action == "update" and moved):
+        # leads[status] is a stage change by definition (Digital Pipeline hooks carry only ids);
+        # leads[update] is one only when it carries an old_status_id that differs.
+        if common["status_id"] is not None:
+            changes.append(LeadChange(kind="stage_changed", **common))
+    if action == "add":
+        changes.append(LeadChange(kind="added", **common))
+    responsible_moved = (
+        common["old_responsible_user_id"] is not None
+        and common["old_responsible_user_id"] != common["responsible_user_id"]
+    )
+    if action == "responsible" or (action == "update" and responsible_moved):
+        changes.append(LeadChange(kind="responsible_changed", **common))
+    return changes
+
+
+def matches(rule: CompiledRule, change: LeadChange) -> bool:
+    """Does this rule fire for this change? Stages compare as (pipeline, status) pairs."""
+    if f"lead.{change.kind}" != rule.spec.when:
+        return False
+    if rule.pipeline_id is not None and change.pipeline_id is not None and change.pipeline_id != rule.pipeline_id:
+        return False
+    if rule.pipeline_id is not None and change.pipeline_id is None and rule.to_stage_id is not None:
+        return False
+    if rule.to_stage_id is not None and change.status_id != rule.to_stage_id:
+        return False
+    if rule.from_stage_id is not None:
+        old_pipeline = change.old_pipeline_id or change.pipeline_id
+        if change.old_status_id != rule.from_stage_id or old_pipeline != rule.pipeline_id:
+            return False
+    return all(condition_holds(c, rule.field_ids.get(c.field), change) for c in rule.spec.conditions)
+
+
+def condition_holds(cond: Condition, field_id: int | None, change: LeadChange) -> bool:
+    values: tuple = ()
+    for cf_id, cf_name, cf_values in change.custom_fields:
+        if (field_id is not None and cf_id == field_id) or str(cf_id) == str(cond.field) or (
+            cf_name.strip().lower() == str(cond.field).strip().lower()
+        ):
+            values = cf_values
+            break
+    low = [v.strip().lower() for v in values]
+    if cond.op == "is_set":
+        return bool(low)
+    if cond.op == "is_empty":
+        return not low
+    target = (cond.value or "").strip().lower()
+    if cond.op == "equals":
+        return target in low
+    if cond.op == "not_equals":
+        return target not in low
+    return any(target in v for v in low)  # contains
+
+
+# -- planning ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedTask:
+    key: str
+    rule: str
+    account: str
+    lead_id: int
+    payload: dict  # the POST /api/v4/tasks item, complete_till already fixed
+
+
+def action_key(rule: CompiledRule, change: LeadChange, fallback: str) -> str:
+    """One key per (rule, lead, change): the same change delivered as leads[status] and as
+    leads[update], re-sent by amoCRM or replayed, gives the same key.
+
+    The change is identified by its target stage, its origin and amoCRM's modification time; a
+    hook without a time (Digital Pipeline: sent once, never retried) falls back to ``fallback``
+    (the delivery).
+    """
+    if change.kind == "stage_changed":
+        what = f"{change.pipeline_id}:{change.status_id}<{change.old_pipeline_id or change.pipeline_id}:{change.old_status_id}"
+    elif change.kind == "responsible_changed":
+        what = f"resp:{change.responsible_user_id}<{change.old_responsible_user_id}"
+    else:
+        what = "added"
+    when = change.changed_at or fallback
+    raw = f"{rule.account}|{rule.name}|lead:{change.lead_id}|{change.kind}|{what}|at:{when}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def render(template: str, values: dict[str, Any]) -> str:
+    ns: dict[str, SimpleNamespace] = {}
+    for dotted, value in values.items():
+        head, attr = dotted.split(".", 1)
+        ns.setdefault(head, SimpleNamespace())
+        setattr(ns[head], attr, "" if value is None else value)
+    return template.format_map(ns)
+
+
+def plan_task(
+    rule: CompiledRule,
+    change: LeadChange,
+    *,
+    base_time: float,
+    timezone: str | None,
+    fallback: str,
+    lead: dict | None = None,
+) -> PlannedTask | None:
+    """The task this rule creates for this change; None when the responsible user is unknown."""
+    task = rule.spec.create_task
+    lead = lead or {}
+    responsible = rule.responsible_user_id or change.responsible_user_id or _int(lead.get("responsible_user_id"))
+    if responsible is None:
+        return None
+    name = change.name if change.name is not None else lead.get("name")
+    price = change.price if change.price is not None else lead.get("price")
+    values = {
+        "lead.id": change.lead_id,
+        "lead.name": name or "",
+        "lead.price": price if price not in (None, "") else "",
+        "pipeline.id": change.pipeline_id or "",
+        "pipeline.name": rule.pipeline_name or "",
+        "stage.id": change.status_id or "",
+        "stage.name": rule.stage_names.get((change.pipeline_id, change.status_id), ""),
+        "from_stage.id": change.old_status_id or "",
+        "from_stage.name": rule.stage_names.get((change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""),
+        "responsible.id": responsible,
+        "responsible.name": rule.user_names.get(responsible, ""),
+        "account.subdomain": rule.account,
+        "rule.name": rule.name,
+    }
+    key = action_key(rule, change, fallback)
+    payload = {
+        "text": render(task.text, values).strip() or rule.name,
+        "complete_till": due_timestamp(task.due, base_time, timezone),
+        "entity_id": change.lead_id,
+        "entity_type": "leads",
+        "task_type_id": rule.task_type_id,
+        "responsible_user_id": responsible,
+        "request_id": key[:32],
+    }
+    if task.duration:
+        payload["duration"] = task.duration
+    return PlannedTask(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload)
+
+
+def needs_lead(rule: CompiledRule, change: LeadChange) -> bool:
+    """Digital Pipeline hooks carry only ids: fetch the lead when the task needs more."""
+    task = rule.spec.create_task
+    fields = set(template_fields(task.text))
+    missing_name = change.name is None and bool({"lead.name", "lead.price"} & fields)
+    missing_resp = rule.responsible_user_id is None and change.responsible_user_id is None
+    return missing_name or missing_resp
+
+
+def rule_summaries(rules: Iterable[CompiledRule]) -> list[dict]:
+    return [
+        {
+            "name": r.name,
+            "when": r.spec.when,
+            "account": r.account,
+            "pipeline_id": r.pipeline_id,
+            "to_stage_id": r.to_stage_id,
+            "from_stage_id": r.from_stage_id,
+            "task_type_id": r.task_type_id,
+            "responsible": r.responsible_user_id or "lead",
+        }
+        for r in rules
+    ]
+
+
+def load_and_compile(path: str | Path) -> list[CompiledRule]:
+    """Read, check and compile a rules file against the store; ``RulesError`` lists every problem."""
+    from amohook.store.models import Account
+
+    specs = load_rules_file(path)
+    accounts = [a.subdomain for a in Account.select(Account.subdomain).order_by(Account.subdomain)]
+    return compile_rules(specs, accounts, str(path))
