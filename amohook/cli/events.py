@@ -1,0 +1,192 @@
+"""`amohook events`: look at the queue and queue events again."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, List, Optional
+
+import typer
+
+from amohook.cli.common import fmt_time, iso, print_json, say, state, warn
+
+events_app = typer.Typer(no_args_is_help=True, help="Look at received webhook events and queue them again.")
+
+STATUSES = ("pending", "running", "done", "dead")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _row(event) -> dict:
+    return {
+        "id": event.id,
+        "delivery_id": event.delivery_id,
+        "entity": event.entity,
+        "action": event.action,
+        "entity_id": event.entity_id,
+        "account": event.account,
+        "account_id": event.account_id,
+        "status": event.status,
+        "attempts": event.attempts,
+        "received_at": iso(event.received_at),
+        "next_attempt_at": iso(event.next_attempt_at) if event.status == "pending" else None,
+        "updated_at": iso(event.updated_at),
+        "last_error": event.last_error,
+    }
+
+
+@events_app.command("list")
+def list_(
+    ctx: typer.Context,
+    status: Annotated[Optional[str], typer.Option("--status", help="pending, running, done or dead.")] = None,
+    entity: Annotated[Optional[str], typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 50,
+    as_json: JsonOpt = False,
+):
+    """List events, newest first."""
+    from amohook.errors import ConfigError
+    from amohook.inbox import list_events
+
+    if status is not None and status not in STATUSES:
+        raise ConfigError(f"unknown --status '{status}' — use one of {', '.join(STATUSES)}")
+    rows = list_events(state(ctx).store(), status=status, entity=entity, limit=limit)
+    if as_json:
+        print_json([_row(e) for e in rows])
+        return
+    if not rows:
+        say("no events" + (f" with status {status}" if status else "") + (f" for {entity}" if entity else ""))
+        return
+    from rich.table import Table
+
+    from amohook.cli.common import console
+
+    table = Table(title="events (newest first)")
+    for column in ("id", "received", "entity", "action", "entity id", "account", "status", "attempts", "last error"):
+        table.add_column(column)
+    for e in rows:
+        table.add_row(
+            str(e.id), fmt_time(e.received_at), e.entity, e.action, e.entity_id or "", e.account or "",
+            e.status, str(e.attempts), (e.last_error or "")[:80],
+        )
+    console().print(table)
+
+
+@events_app.command("show")
+def show(
+    ctx: typer.Context,
+    event_id: Annotated[int, typer.Argument(metavar="ID", help="Event id (see `amohook events list`).")],
+    as_json: JsonOpt = False,
+):
+    """Show one event: its parsed data, the raw body it came in, and every attempt."""
+    from amohook.errors import ConfigError
+    from amohook.inbox import event_detail
+
+    detail = event_detail(state(ctx).store(), event_id)
+    if detail is None:
+        raise ConfigError(f"no event {event_id} — `amohook events list` shows the ids")
+    event, delivery = detail.event, detail.delivery
+    try:
+        data = json.loads(event.data or "{}")
+    except ValueError:
+        data = event.data
+    attempts = [
+        {
+            "worker": a.worker,
+            "started_at": iso(a.started_at),
+            "finished_at": iso(a.finished_at),
+            "outcome": a.outcome,
+            "error": a.error,
+        }
+        for a in detail.attempts
+    ]
+    delivery_json = None
+    if delivery is not None:
+        try:
+            headers = json.loads(delivery.headers or "{}")
+        except ValueError:
+            headers = {}
+        delivery_json = {
+            "id": delivery.id,
+            "received_at": iso(delivery.received_at),
+            "times_received": delivery.times_received,
+            "content_type": delivery.content_type,
+            "remote_addr": delivery.remote_addr,
+            "headers": headers,
+            "body_sha256": delivery.body_sha256,
+            "body": delivery.body,
+        }
+    if as_json:
+        out = _row(event)
+        out["attempt_count"] = out.pop("attempts")
+        out.update(
+            {
+                "lease_owner": event.lease_owner,
+                "lease_until": iso(event.lease_until),
+                "data": data,
+                "delivery": delivery_json,
+                "attempts": attempts,
+            }
+        )
+        print_json(out)
+        return
+    say(f"event {event.id}: {event.entity} {event.action} {event.entity_id or ''} (account {event.account or '?'})")
+    say(f"  status: {event.status}, attempts: {event.attempts}")
+    say(f"  received: {fmt_time(event.received_at)}, updated: {fmt_time(event.updated_at)}")
+    if event.status == "pending":
+        say(f"  next attempt: {fmt_time(event.next_attempt_at)}")
+    if event.status == "running":
+        say(f"  held by {event.lease_owner} until {fmt_time(event.lease_until)}")
+    if event.last_error:
+        say(f"  last error: {event.last_error}")
+    say("data:")
+    say(json.dumps(data, ensure_ascii=False, indent=2))
+    if delivery_json is not None:
+        say(
+            f"delivery {delivery.id}: received {delivery_json['times_received']} time(s), first at "
+            f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, {delivery.content_type or 'no content type'}"
+        )
+        for name, value in sorted(delivery_json["headers"].items()):
+            say(f"  {name}: {value}")
+        say("body:")
+        say(delivery.body)
+    say(f"attempts ({len(attempts)}):")
+    for a in detail.attempts:
+        say(f"  {fmt_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
+
+
+@events_app.command("replay")
+def replay(
+    ctx: typer.Context,
+    event_ids: Annotated[Optional[List[int]], typer.Argument(metavar="[ID]...", help="Events to queue again.")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Queue every dead event again.")] = False,
+    as_json: JsonOpt = False,
+):
+    """Queue events again (attempts start from zero); handlers must be idempotent, as always."""
+    import time
+
+    from amohook.errors import ConfigError, ExitCode
+    from amohook.inbox import replay as replay_events
+
+    if not event_ids and not dead:
+        raise ConfigError("give event ids, or --dead to queue every dead event again")
+    if event_ids and dead:
+        raise ConfigError("give event ids or --dead, not both")
+    result = replay_events(state(ctx).store(), event_ids or [], dead=dead, now=time.time())
+    if as_json:
+        print_json({"queued": result.queued, "skipped": {str(k): v for k, v in result.skipped.items()}})
+    else:
+        if result.queued:
+            say(f"queued again: {len(result.queued)} event(s) ({_ids(result.queued)})")
+        elif dead:
+            say("no dead events")
+        for event_id, why in result.skipped.items():
+            warn(f"event {event_id}: {why}")
+    if result.skipped:
+        raise typer.Exit(int(ExitCode.ERROR))
+
+
+def _ids(ids: list[int], limit: int = 20) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", … {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(events_app, name="events")

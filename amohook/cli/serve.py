@@ -1,0 +1,202 @@
+"""`amohook serve` (the webhook listener, with worker threads) and `amohook worker` (workers alone)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, List, Optional
+
+import typer
+
+from amohook.cli.common import say, state, warn
+
+HandlerOpt = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--handler",
+        help="A handler to run for every event, as package.module:function (called as fn(event, ctx)); repeatable. "
+        "The current directory is importable.",
+    ),
+]
+LeaseOpt = Annotated[
+    float,
+    typer.Option("--lease", min=1.0, help="Seconds a claimed event stays reserved; renewed while its handler runs. "
+                 "A crashed worker's events are claimed again after it."),
+]
+MaxAttemptsOpt = Annotated[
+    int, typer.Option("--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`).")
+]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (to stderr).")]
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+    import sys
+
+    from amohook.errors import ConfigError
+
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ConfigError(f"unknown --log-level '{level}' — use debug, info, warning or error")
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def build_registry(handlers: Optional[List[str]]):
+    """The handler registry for these options. (The rules engine registers itself here.)"""
+    import os
+    import sys
+
+    from amohook.worker import Registry, load_handler
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: user handlers live beside the config
+    registry = Registry()
+    for spec in handlers or []:
+        registry.register(spec, load_handler(spec))
+    return registry
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT set the returned event; a second one exits at once."""
+    import os
+    import signal
+
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            os._exit(130)
+        warn(f"received {signal.Signals(signum).name}; stopping (send it again to exit at once)")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", envvar="AMOHOOK_HOST", help="Address to listen on (put a TLS proxy in front).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", envvar="AMOHOOK_PORT", min=0, max=65535, help="Port; 0 picks a free one.")] = 8080,
+    secret: Annotated[
+        Optional[str],
+        typer.Option(
+            "--secret",
+            help="The webhook secret (the URL is /webhook/SECRET), at least 16 characters. Prefer the "
+            "AMOHOOK_WEBHOOK_SECRET environment variable: command lines are visible in `ps`.",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")] = 1,
+    handler: HandlerOpt = None,
+    lease: LeaseOpt = 300.0,
+    max_attempts: MaxAttemptsOpt = 10,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")] = 1024 * 1024,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", min=0.1, help="Seconds of silence after which a request is dropped (408).")
+    ] = 10.0,
+    read_deadline: Annotated[
+        float, typer.Option("--read-deadline", min=0.1, help="Seconds in which a whole request must arrive (408).")
+    ] = 30.0,
+    log_level: LogLevelOpt = "info",
+):
+    """Receive amoCRM webhooks: store each one durably, then answer 200; workers process them after."""
+    from amohook.errors import ConfigError
+    from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
+    from amohook.webhooks.server import ServerConfig, WebhookService, check_secret
+    from amohook.worker import Worker, new_worker_id
+
+    config = ServerConfig(
+        secret=check_secret(secret_from(secret, ENV_WEBHOOK_SECRET)),
+        host=host,
+        port=port,
+        max_body=max_body,
+        socket_timeout=request_timeout,
+        read_deadline=read_deadline,
+    )
+    _setup_logging(log_level)
+    store = state(ctx).store()
+    registry = build_registry(handler)
+    worker_list = []
+    if workers and not len(registry):
+        warn("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
+             "(or `serve --handler …`) processes them")
+    elif workers:
+        worker_list = [
+            Worker(store, registry, new_worker_id(f"serve{i}"), lease_seconds=lease, max_attempts=max_attempts)
+            for i in range(workers)
+        ]
+    service = WebhookService(store, config, workers=worker_list)
+    try:
+        service.start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port") from None
+    stop = _stop_on_signals()
+    say(f"listening on {service.url}")
+    say(f"webhook URL: {service.url}/webhook/<secret>; health: {service.url}/healthz; "
+        f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s)")
+    while not stop.wait(1.0):
+        pass
+    service.stop(timeout=8.0)
+    say("stopped")
+
+
+def worker(
+    ctx: typer.Context,
+    handler: HandlerOpt = None,
+    lease: LeaseOpt = 300.0,
+    max_attempts: MaxAttemptsOpt = 10,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
+    threads: Annotated[int, typer.Option("--threads", min=1, max=64, help="Worker threads in this process.")] = 1,
+    poll: Annotated[float, typer.Option("--poll", min=0.05, help="Seconds between looks at an empty queue.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Process what is due now, then exit.")] = False,
+    log_level: LogLevelOpt = "info",
+):
+    """Process queued events with the given handlers; run several, on several machines, on one MySQL/PostgreSQL."""
+    from amohook.errors import ConfigError
+    from amohook.worker import Worker, new_worker_id
+
+    _setup_logging(log_level)
+    registry = build_registry(handler)
+    if not len(registry):
+        raise ConfigError("no handlers — give at least one --handler package.module:function")
+    store = state(ctx).store()
+    stop = _stop_on_signals()
+    pool = [
+        Worker(store, registry, new_worker_id(f"worker{i}"), lease_seconds=lease, max_attempts=max_attempts,
+               batch_size=batch, poll_interval=poll)
+        for i in range(threads)
+    ]
+    errors: list[BaseException] = []
+
+    def run(w: Worker) -> None:
+        try:
+            if once:
+                w.drain(stop)
+            else:
+                w.run(stop)
+        except BaseException as exc:  # surfaced by the main thread through the CLI's error funnel
+            errors.append(exc)
+            stop.set()
+
+    running = [threading.Thread(target=run, args=(w,), name=w.worker_id, daemon=True) for w in pool]
+    for thread in running:
+        thread.start()
+    if not once:
+        say(f"worker started: {threads} thread(s), handlers: {', '.join(registry.names())}")
+    while any(t.is_alive() for t in running) and not stop.wait(0.1):
+        pass
+    import time
+
+    deadline = time.monotonic() + 8.0
+    for thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if errors:
+        raise errors[0]
+    if once:
+        say(f"processed {sum(w.processed for w in pool)} event(s)")
+    else:
+        say("stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("worker")(worker)
