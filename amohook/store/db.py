@@ -119,19 +119,34 @@ def connect_url(url: str) -> peewee.Database:
     return connect(url, **kwargs)
 
 
+_current: Store | None = None
+
+
 def open_store(url: str, *, migrate_schema: bool = True) -> Store:
-    """Open the database at ``url`` and make sure its schema is current (idempotent)."""
+    """Open the database at ``url`` and make sure its schema is current (idempotent).
+
+    The models are bound process-wide, so a process works with one store: opening the same URL
+    again returns it (threads then get their own connections from peewee), and opening another
+    URL rebinds the models to it.
+    """
+    global _current
+    if _current is not None and _current.url == url:
+        return _current
     try:
         db = connect_url(url)
     except (OSError, peewee.PeeweeException, ImportError) as exc:
         raise StoreError(f"cannot open the database: {_describe(exc)}") from None
+    if _current is not None:
+        _current.close()
     models.database.initialize(db)
     store = Store(db, url)
+    _current = None
     if migrate_schema:
         try:
             migrate(store)
         except peewee.PeeweeException as exc:
             raise StoreError(f"cannot open the database: {_describe(exc)}") from None
+    _current = store
     return store
 
 

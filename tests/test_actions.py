@@ -1,0 +1,179 @@
+"""Exactly-once, batched task creation against the fake amoCRM, on every backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from amohook.actions import ActionSender, record_planned
+from amohook.amocrm.client import client_for
+from amohook.rules import PlannedTask
+from amohook.store.models import Action
+from tests.conftest import ROOT, cli_env
+
+RESPONSIBLE = 581651  # an existing user of the fake account
+TASK_TYPE = 1
+
+
+def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None) -> PlannedTask:
+    key = key or hashlib.sha256(f"{rule}|{lead_id}".encode()).hexdigest()
+    payload = {
+        "text": text or f"Call lead {lead_id}",
+        "complete_till": 1_900_000_000 + lead_id,
+        "entity_id": lead_id,
+        "entity_type": "leads",
+        "task_type_id": task_type,
+        "responsible_user_id": RESPONSIBLE,
+        "request_id": key[:32],
+    }
+    return PlannedTask(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload)
+
+
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def sender(store, clock=None, **kw) -> ActionSender:
+    return ActionSender(store, lambda sub: client_for(store, sub), clock=clock or time.time, **kw)
+
+
+def tasks_for(fake, lead_id):
+    return [t for t in fake.tasks.values() if t.get("entity_id") == lead_id]
+
+
+def test_recording_the_same_plan_twice_keeps_one_action(store, account):
+    assert record_planned(store, [planned(1), planned(2)], event_id=1) == 2
+    assert record_planned(store, [planned(1), planned(2), planned(3)], event_id=2) == 1
+    assert Action.select().count() == 3
+
+
+def test_pending_tasks_are_sent_in_batches_each_with_its_own_outcome(store, fake, account):
+    record_planned(store, [planned(i) for i in range(1, 121)], event_id=1)
+    s = sender(store)
+    assert s.drain() == 120
+    posts = fake.requests_to("/api/v4/tasks", "POST")
+    assert [len(r.json) for r in posts] == [50, 50, 20]
+    assert len(fake.tasks) == 120
+    done = list(Action.select().where(Action.status == "done"))
+    assert len(done) == 120
+    assert {a.result_id for a in done} == set(fake.tasks)
+    for a in done:
+        assert fake.tasks[a.result_id]["entity_id"] == json.loads(a.payload)["entity_id"]
+
+
+def test_one_invalid_task_does_not_lose_the_others(store, fake, account):
+    items = [planned(i) for i in range(1, 6)] + [planned(6, task_type=987654)]
+    record_planned(store, items, event_id=1)
+    sender(store).drain()
+    assert len(fake.tasks) == 5
+    assert not tasks_for(fake, 6)
+    failed = Action.get(Action.status == "failed")
+    assert json.loads(failed.payload)["entity_id"] == 6
+    assert "task_type_id" in failed.last_error
+    assert Action.select().where(Action.status == "done").count() == 5
+    assert len(fake.requests_to("/api/v4/tasks", "POST")) == 2  # rejected whole, then the valid rest
+
+
+def test_lost_answer_is_looked_up_not_resent(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(i) for i in range(1, 4)], event_id=1)
+    fake.fail("/api/v4/tasks", drop=True, after_effect=True, method="POST")
+    s = sender(store, clock)
+    s.flush_once()
+    assert len(fake.tasks) == 3  # amoCRM created them; we never heard
+    assert Action.select().where(Action.status == "done").count() == 0
+    clock.advance(3600)
+    s.drain()
+    assert len(fake.tasks) == 3
+    assert s.stats.adopted == 3 and s.stats.lookups == 1
+    assert len(fake.requests_to("/api/v4/tasks", "POST")) == 1
+    assert {a.result_id for a in Action.select()} == set(fake.tasks)
+
+
+def test_a_failed_write_that_created_nothing_is_sent_again_after_looking(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(1)], event_id=1)
+    fake.fail("/api/v4/tasks", status=502, method="POST")
+    s = sender(store, clock)
+    s.flush_once()
+    assert len(fake.tasks) == 0
+    clock.advance(3600)
+    s.drain()
+    assert len(fake.tasks) == 1 and s.stats.lookups == 1
+    assert Action.get().status == "done"
+
+
+def test_gives_up_after_max_attempts(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(1)], event_id=1)
+    fake.fail("/api/v4/tasks", status=500, method="POST", times=None)
+    s = sender(store, clock, max_attempts=3)
+    for _ in range(5):
+        s.flush_once()
+        clock.advance(3600)
+    action = Action.get()
+    assert action.status == "failed" and "gave up after 3 attempts" in action.last_error
+
+
+def test_two_senders_never_send_the_same_action(store, fake, account):
+    import threading
+
+    from amohook.store import open_store
+
+    record_planned(store, [planned(i) for i in range(1, 201)], event_id=1)
+
+    def run():
+        own = open_store(store.url)
+        ActionSender(own, lambda sub: client_for(own, sub), batch_size=10).drain()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    sent = [item["request_id"] for r in fake.requests_to("/api/v4/tasks", "POST") for item in r.json]
+    assert len(sent) == len(set(sent)) == 200
+    assert len(fake.tasks) == 200
+
+
+CRASHING_SENDER = """
+import sys
+from amohook.actions import ActionSender
+from amohook.amocrm.client import client_for
+from amohook.store import open_store
+store = open_store(sys.argv[1])
+ActionSender(store, lambda sub: client_for(store, sub), lease_seconds=2).drain()
+"""
+
+
+def test_crash_between_post_and_commit_creates_one_task(store, fake, account):
+    record_planned(store, [planned(i) for i in range(1, 4)], event_id=1)
+    # amoCRM creates the tasks, then the answer never comes: the sender is killed while waiting.
+    fake.fail("/api/v4/tasks", hang=True, after_effect=True, method="POST")
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_SENDER, store.url], env=cli_env(store.url), cwd=str(ROOT))
+    deadline = time.time() + 30
+    while len(fake.tasks) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(fake.tasks) == 3
+    proc.kill()
+    proc.wait()
+    fake.clear_faults()
+    assert Action.select().where(Action.status == "sending").count() == 3
+    time.sleep(2.2)  # the dead sender's lease runs out
+    s = sender(store)
+    s.drain()
+    assert len(fake.tasks) == 3
+    assert s.stats.adopted == 3
+    assert Action.select().where(Action.status == "done").count() == 3
