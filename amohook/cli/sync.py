@@ -68,11 +68,18 @@ def _summary(report) -> None:
         if r.status == "ok":
             table.add_row(LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), "")
         else:
-            note = f"skipped: {r.skipped}" if r.status == "skipped" else f"failed, old rows kept: {r.error.message}"
-            table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", note)
+            table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", r.status)
     console().print(table)
     limited = f", {report.rate_limited} answered 429" if report.rate_limited else ""
     say(f"{report.requests} requests in {report.seconds:.1f} s{limited}")
+    failed = [LABELS[r.kind] for r in report.results if r.status == "failed"]
+    if failed:
+        say(f"not updated ({', '.join(failed)}): the rows stored before are kept as they were")
+    for r in report.results:
+        if r.skipped:
+            warn(f"warning: {report.account}: {LABELS[r.kind]} skipped: {r.skipped}")
+        elif r.error is not None and r.error is not report.error:  # the first error ends the run, below
+            warn(f"warning: {report.account}: {LABELS[r.kind]} failed: {r.error.message}")
 
 
 def sync_entities(
@@ -108,9 +115,6 @@ def sync_entities(
     elif not quiet:
         for report in reports:
             _summary(report)
-            for r in report.results:
-                if r.status == "skipped" and r.kind == "users":
-                    warn(f"warning: {report.account}: users skipped: {r.skipped}")
     for report in reports:
         report.raise_for_error()
 
