@@ -45,7 +45,7 @@ class Ambiguous(LookupFailed):
     def __init__(self, kind: str, given: Any, matches: Sequence[tuple[int, str]], *, where: str = ""):
         self.kind = kind
         self.given = given
-        self.matches = list(matches)
+        self.matches = sorted(matches)
         place = f" {where}" if where else ""
         listed = ", ".join(f"{name} (id {amo_id})" for amo_id, name in self.matches)
         super().__init__(f"{len(self.matches)} {kind}s{place} match '{given}': {listed} — use the id")
