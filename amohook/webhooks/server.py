@@ -119,6 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
+            if self.command not in ("POST", "PUT", "PATCH"):
+                self.server.reading_done(self)  # no body to wait for: the deadline no longer applies
             method = getattr(self, "do_" + self.command, None)
             if method is None:
                 self._reply(405, "method not allowed\n", headers=(("Allow", "GET, HEAD, POST"),))
@@ -155,6 +157,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.responded = True
         self.close_connection = True
+        if self.expired:  # the reaper cut the read short: whatever was missing, the cause is time
+            status, text, content_type, headers = 408, "request not received in time\n", "text/plain; charset=utf-8", ()
         body = text.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", content_type)
