@@ -14,7 +14,7 @@ import re
 from typing import Any, Callable, Iterable, Sequence
 
 from amohook.errors import ConfigError
-from amohook.store.models import Account, Pipeline, Stage, TaskType, User
+from amohook.store.models import Account, CustomField, Pipeline, Stage, TaskType, User
 
 # amoCRM's system statuses have the same ids in every pipeline (FACTS.md §4) and localized,
 # renameable names, so rules may also call them by role.
@@ -178,4 +178,21 @@ def find_user(account: str | Account, name_email_or_id: Any) -> User:
         where=f"in account '{sub}'",
         empty_hint=_sync_hint(sub, "users") + " (with an admin's token: GET /api/v4/users needs admin rights)",
         miss_hint=f"`amohook users --subdomain {sub}` lists them",
+    )
+
+
+def find_custom_field(account: str | Account, name_or_id: Any, entity_type: str = "leads") -> CustomField:
+    """The custom field of ``entity_type`` (only lead fields are synced) by id, name or code."""
+    sub = _subdomain(account)
+    rows = list(
+        CustomField.select()
+        .where((CustomField.account == sub) & (CustomField.entity_type == entity_type))
+        .order_by(CustomField.sort, CustomField.amo_id)
+    )
+    return _resolve(
+        f"{entity_type[:-1] if entity_type.endswith('s') else entity_type} custom field", name_or_id, rows,
+        lambda r: (r.name, r.code),
+        where=f"in account '{sub}'",
+        empty_hint=_sync_hint(sub, "custom fields"),
+        miss_hint="check the field's name in amoCRM (run `amohook sync-entities` if it is new)",
     )

@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from amohook.errors import AmohookError, ExitCode
-from amohook.lookup import Ambiguous, NotFound, find_pipeline, find_stage, find_task_type, find_user, suggest
-from amohook.store.models import Account, Pipeline, Stage, TaskType, User
+from amohook.lookup import (
+    Ambiguous,
+    NotFound,
+    find_custom_field,
+    find_pipeline,
+    find_stage,
+    find_task_type,
+    find_user,
+    suggest,
+)
+from amohook.store.models import Account, CustomField, Pipeline, Stage, TaskType, User
 from amohook.sync import sync_entities
 
 
@@ -28,6 +37,8 @@ def rows(store):
         User.create(account="example", amo_id=123123, name="Иван Смирнов", email="ivan@example.com")
         User.create(account="example", amo_id=777, name="Пётр Ёлкин", email="petr@example.com", is_active=False)
         Pipeline.create(account="other", amo_id=30, name="Theirs")
+        CustomField.create(account="example", amo_id=501, name="Source", type="select")
+        CustomField.create(account="example", amo_id=502, name="Budget", type="numeric", code="BUDGET")
 
 
 # -- pipelines and stages ----------------------------------------------------------------------
@@ -145,6 +156,14 @@ def test_user_miss_suggests_names_and_emails(rows):
     with pytest.raises(NotFound) as err:
         find_user("example", "ana@example.com")
     assert err.value.suggestions[0] == "anna@example.com"
+
+
+def test_lead_custom_field_by_name_code_or_id(rows):
+    assert find_custom_field("example", "source").amo_id == 501
+    assert find_custom_field("example", "BUDGET").name == "Budget"
+    assert find_custom_field("example", 502).type == "numeric"
+    with pytest.raises(NotFound, match="no lead custom field 'Sourse' in account 'example' — did you mean 'Source'"):
+        find_custom_field("example", "Sourse")
 
 
 def test_suggestions_are_best_first_and_at_most_three():
