@@ -303,3 +303,9 @@ def test_an_unknown_path_is_a_plain_api_error_with_the_status(client, fake):
         client.get("/api/v4/nothing")
     assert type(err.value) is AmoApiError and err.value.status == 404
     assert len(fake.requests) == 1
+
+
+def test_a_success_answer_that_is_not_json_is_a_typed_error(client, fake):
+    fake.fail("/api/v4/account", status=200, body="<html>maintenance</html>", content_type="text/html")
+    with pytest.raises(AmoApiError, match="not JSON"):
+        client.get("/api/v4/account")

@@ -194,13 +194,13 @@ class AmoClient:
         response = self.request("GET", path, params=params)
         if response.status_code == 204 or not response.content:
             return None
-        return response.json()
+        return _json_body(response, "GET", path)
 
     def post(self, path: str, json: Any) -> dict | None:
         response = self.request("POST", path, json=json)
         if response.status_code == 204 or not response.content:
             return None
-        return response.json()
+        return _json_body(response, "POST", path)
 
     def iter_pages(self, path: str, key: str, params: dict | None = None, limit: int = PAGE_LIMIT) -> Iterator[dict]:
         """Every item of a HAL list, following ``_links.next`` until 204 or no next link."""
@@ -230,6 +230,19 @@ class AmoClient:
         if data is None:
             raise AmoApiError("amoCRM answered /api/v4/account with no content")
         return data
+
+
+def _json_body(response: requests.Response, method: str, path: str) -> Any:
+    """The JSON of a 2xx answer; a proxy's HTML page in its place is a typed error, not a crash."""
+    try:
+        return response.json()
+    except ValueError:
+        raise AmoApiError(
+            f"amoCRM answered {method} {path} with {response.status_code} but a body that is not JSON "
+            f"({short(response.headers.get('Content-Type') or 'no content type', 60)}: {short(response.text, 80)})",
+            status=response.status_code,
+            url=response.url,
+        ) from None
 
 
 def client_for(store, subdomain: str, *, shared_limit: bool = True, **kwargs) -> AmoClient:
