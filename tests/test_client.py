@@ -309,3 +309,14 @@ def test_a_success_answer_that_is_not_json_is_a_typed_error(client, fake):
     fake.fail("/api/v4/account", status=200, body="<html>maintenance</html>", content_type="text/html")
     with pytest.raises(AmoApiError, match="not JSON"):
         client.get("/api/v4/account")
+
+
+def test_a_long_lived_token_answered_401_is_not_refreshed_and_says_generate_a_new_one(client, fake, store):
+    with store.write():
+        Account.update(access_token=fake.issue_long_lived_token(), refresh_token=None, long_lived=True).where(
+            Account.subdomain == "example").execute()
+    fake.revoke_all()
+    with pytest.raises(Unauthorized, match="long-lived") as err:
+        client.get("/api/v4/account")
+    assert err.value.exit_code == ExitCode.REAUTH
+    assert fake.refresh_calls == 0 and statuses(fake, "/api/v4/account") == [401]

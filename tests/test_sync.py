@@ -131,6 +131,17 @@ def test_overlong_names_are_cut_to_the_column_not_refused(store, client, amo):
     assert User.get(User.email == "long@example.com").name == "Я" * 255
 
 
+def test_unusual_names_round_trip_so_a_second_sync_sees_no_change(store, client, amo):
+    amo.add_user("Ольга 🚀 O'Neil  ", "Olga@Example.COM")
+    amo.add_task_type("Звонок\tклиенту", code="call_back")
+    amo.pipelines[0]["_embedded"]["statuses"][1]["name"] = "Sales"  # a stage named like a pipeline
+    amo.pipelines[0]["_embedded"]["statuses"][2]["name"] = "sales"  # and one differing only in case
+    sync_entities(store, client)
+    again = sync_entities(store, client)
+    assert all(r.added == r.changed == r.removed == 0 for r in again.results), counts(again)
+    assert User.get(User.email == "Olga@Example.COM").name == "Ольга 🚀 O'Neil  "
+
+
 # -- partial failures --------------------------------------------------------------------------
 def test_users_without_admin_rights_are_skipped_and_the_rest_is_synced(store, client, amo):
     sync_entities(store, client)
