@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import _thread
 import logging
+import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -41,7 +43,8 @@ USEFUL_HEADERS = (
 )
 HEADER_MAX = 512
 ERROR_MAX = 2000
-INSERT_CHUNK = 50  # rows per multi-row INSERT: far below every backend's parameter limit
+INSERT_CHUNK = 200  # rows per multi-row INSERT: 2,600 parameters, far below every backend's limit
+STATEMENT_BYTES = 4 * 1024 * 1024  # below MariaDB's default max_allowed_packet (16 MiB)
 
 # Column sizes of models.Event: MySQL and PostgreSQL refuse longer values, so a body that would
 # not fit is refused with 400 up front instead of failing the whole batch with 503.
@@ -142,57 +145,117 @@ def write_txn(store):
 
 def store_deliveries(store, items: Sequence[Incoming]) -> list[Stored]:
     """Store deliveries and their events in ONE transaction; known bodies only count a resend."""
+    if not items:
+        return []
     with write_txn(store):
-        return _store_in_txn(items)
+        with _driver_errors_as_peewee():  # as the ORM's own queries raise them
+            return _store_in_txn(store, items)
 
 
-def _store_in_txn(items: Sequence[Incoming]) -> list[Stored]:
+def _driver_errors_as_peewee():
+    return peewee.__exception_wrapper__
+
+
+_DELIVERY_COLUMNS = ("body_sha256", "body", "content_type", "headers", "remote_addr", "received_at", "times_received")
+_EVENT_COLUMNS = (
+    "delivery_id", "idx", "entity", "action", "entity_id", "account", "account_id", "data",
+    "status", "attempts", "next_attempt_at", "received_at", "updated_at",
+)
+
+
+def _chunks(rows: list[tuple], size_of, max_rows: int = INSERT_CHUNK, max_bytes: int = STATEMENT_BYTES):
+    """Rows in groups small enough for one statement (parameter count, MySQL's max_allowed_packet)."""
+    group: list[tuple] = []
+    size = 0
+    for row in rows:
+        row_size = size_of(row)
+        if group and (len(group) >= max_rows or size + row_size > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(row)
+        size += row_size
+    if group:
+        yield group
+
+
+def _store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
+    # Plain multi-row SQL, a handful of statements per batch whatever its size: this is the
+    # listener's hot path. Each statement releases and re-takes the GIL, which under a burst means
+    # waiting behind the request threads; statement-per-row through the ORM cost more than the
+    # commit itself (bench/ack.py).
+    db = store.db
+    p = db.param
+    q = lambda name: name.join(db.quote)  # noqa: E731
+    delivery, event = q(Delivery._meta.table_name), q(Event._meta.table_name)
+    sha_col, id_col = q("body_sha256"), q("id")
+    cursor = db.cursor()
     shas = [item.sha256 for item in items]
-    known: dict[str, int] = {
-        row.body_sha256: row.id
-        for row in Delivery.select(Delivery.id, Delivery.body_sha256).where(Delivery.body_sha256.in_(sorted(set(shas))))
-    }
-    resent: Counter = Counter()
-    results: list[Stored] = []
+    distinct = sorted(set(shas))
+
+    def lookup(wanted: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for group in _chunks([(sha,) for sha in wanted], lambda row: 64):
+            cursor.execute(
+                f"SELECT {sha_col}, {id_col} FROM {delivery} WHERE {sha_col} IN ({', '.join([p] * len(group))})",
+                [row[0] for row in group],
+            )
+            found.update((sha, int(delivery_id)) for sha, delivery_id in cursor.fetchall())
+        return found
+
+    known = lookup(distinct)
+    new_rows: list[tuple] = []
+    fresh: dict[str, Incoming] = {}
     for item, sha in zip(items, shas):
-        if sha in known:
-            resent[sha] += 1
-            results.append(Stored(known[sha], False, 0))
+        if sha in known or sha in fresh:
             continue
-        delivery_id = Delivery.insert(
-            body_sha256=sha,
-            body=item.body.decode("utf-8"),  # the parser accepted it, so it is strict UTF-8
-            content_type=(item.content_type or None) and item.content_type[:255],
-            headers=json.dumps(item.headers, ensure_ascii=False, sort_keys=True),
-            remote_addr=(item.remote_addr or None) and item.remote_addr[:64],
-            received_at=item.received_at,
-            times_received=1,
-        ).execute()
-        known[sha] = delivery_id
-        rows = [
-            {
-                "delivery_id": delivery_id,
-                "idx": idx,
-                "entity": ev.entity,
-                "action": ev.action,
-                "entity_id": ev.entity_id,
-                "account": item.parsed.account_subdomain,
-                "account_id": item.parsed.account_id,
-                "data": json.dumps(ev.data, ensure_ascii=False, separators=(",", ":")),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": item.received_at,
-                "received_at": item.received_at,
-                "updated_at": item.received_at,
-            }
-            for idx, ev in enumerate(item.parsed.events)
-        ]
-        for start in range(0, len(rows), INSERT_CHUNK):
-            Event.insert_many(rows[start : start + INSERT_CHUNK]).execute()
-        results.append(Stored(delivery_id, True, len(rows)))
+        fresh[sha] = item
+        new_rows.append(
+            (
+                sha,
+                item.body.decode("utf-8"),  # the parser accepted it, so it is strict UTF-8
+                (item.content_type or None) and item.content_type[:255],
+                json.dumps(item.headers, ensure_ascii=False, sort_keys=True),
+                (item.remote_addr or None) and item.remote_addr[:64],
+                item.received_at,
+                1,
+            )
+        )
+    _insert_many(cursor, delivery, _DELIVERY_COLUMNS, new_rows, q, p, lambda row: len(row[1]) + 256)
+    ids = lookup(list(fresh)) if fresh else {}
+    event_rows: list[tuple] = []
+    for sha, item in fresh.items():
+        parsed = item.parsed
+        for idx, ev in enumerate(parsed.events):
+            event_rows.append(
+                (
+                    ids[sha], idx, ev.entity, ev.action, ev.entity_id, parsed.account_subdomain,
+                    parsed.account_id, json.dumps(ev.data, ensure_ascii=False, separators=(",", ":")),
+                    "pending", 0, item.received_at, item.received_at, item.received_at,
+                )
+            )
+    _insert_many(cursor, event, _EVENT_COLUMNS, event_rows, q, p, lambda row: len(row[7]) + 256)
+
+    results: list[Stored] = []
+    resent: Counter = Counter()
+    for item, sha in zip(items, shas):
+        if sha in fresh and fresh[sha] is item:
+            results.append(Stored(ids[sha], True, len(item.parsed.events)))
+        else:
+            resent[sha] += 1
+            results.append(Stored(known.get(sha) or ids[sha], False, 0))
     for sha, count in resent.items():
-        Delivery.update(times_received=Delivery.times_received + count).where(Delivery.body_sha256 == sha).execute()
+        cursor.execute(
+            f"UPDATE {delivery} SET {q('times_received')} = {q('times_received')} + {p} WHERE {sha_col} = {p}",
+            (count, sha),
+        )
     return results
+
+
+def _insert_many(cursor, table: str, columns: tuple, rows: list[tuple], q, p, size_of) -> None:
+    placeholders = "(" + ", ".join([p] * len(columns)) + ")"
+    head = f"INSERT INTO {table} ({', '.join(q(c) for c in columns)}) VALUES "
+    for group in _chunks(rows, size_of):
+        cursor.execute(head + ", ".join([placeholders] * len(group)), [value for row in group for value in row])
 
 
 _QUEUED, _TAKEN, _ABANDONED = "queued", "taken", "abandoned"
@@ -205,7 +268,10 @@ class _Ticket:
         self.item = item
         self.size = len(item.body)
         self.state = _QUEUED
-        self.done = threading.Event()
+        # A bare lock as a one-shot signal, held until the writer releases it: the cheapest
+        # hand-over CPython has (an Event adds a Condition and its lock to every wake-up).
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
         self.result: Stored | None = None
         self.error: BaseException | None = None
 
@@ -213,10 +279,10 @@ class _Ticket:
 class GroupCommitter:
     """One writer thread that commits what request threads hand it, many requests per transaction.
 
-    A request calls ``submit`` and waits on its own ``threading.Event``. The writer takes everything
-    queued (up to ``max_batch`` items / ``max_batch_bytes``), commits it in one transaction and
-    releases each waiter with its result or the failure. While one batch is being fsynced the next
-    one gathers, so the cost of durability is paid once per batch, not once per request.
+    A request calls ``submit`` and waits on its own ticket. The writer takes everything queued
+    (up to ``max_batch`` items / ``max_batch_bytes``), commits it in one transaction and releases
+    each waiter with its result or the failure. While one batch is being committed the next one
+    gathers, so the cost of durability is paid once per batch, not once per request.
 
     A request that gives up waiting (``timeout``) is withdrawn if the writer has not taken it yet,
     so a 503 then means "not stored". If the writer already took it, the commit may still land
@@ -239,9 +305,11 @@ class GroupCommitter:
         self.retries = retries
         self.on_commit = on_commit
         self.log = logger or log
-        self._queue: deque[_Ticket] = deque()
-        self._cond = threading.Condition()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards ticket states and the flags below
+        self._waiting = 0
         self._stopping = False
+        self._carry: _Ticket | None = None
         self._thread: threading.Thread | None = None
         # figures for tests and the benchmark
         self.batches = 0
@@ -256,17 +324,18 @@ class GroupCommitter:
     def submit(self, item: Incoming, timeout: float) -> Stored:
         """Store ``item`` durably or raise ``StoreUnavailable``; waits at most ``timeout`` seconds."""
         ticket = _Ticket(item)
-        with self._cond:
+        with self._lock:
             if self._stopping or self._thread is None:
                 raise StoreUnavailable("the listener is shutting down")
-            self._queue.append(ticket)
-            self._cond.notify()
-        if not ticket.done.wait(timeout):
-            with self._cond:
+            self._waiting += 1
+        self._queue.put(ticket)
+        if not ticket.done.acquire(timeout=timeout):
+            with self._lock:
                 if ticket.state == _QUEUED:
                     ticket.state = _ABANDONED
+                    self._waiting -= 1
                     raise StoreUnavailable(f"no commit within {timeout:.1f} s (withdrawn)", committed=False)
-            if not ticket.done.wait(0):
+            if not ticket.done.acquire(timeout=0):
                 raise StoreUnavailable(f"no commit within {timeout:.1f} s (commit in flight)", committed=None)
         if ticket.error is not None:
             raise StoreUnavailable(f"cannot store the delivery: {_describe(ticket.error)}") from None
@@ -274,44 +343,86 @@ class GroupCommitter:
         return ticket.result
 
     def queued(self) -> int:
-        with self._cond:
-            return len(self._queue)
+        """Requests handed over and not yet taken into a batch."""
+        with self._lock:
+            return self._waiting
 
     def stop(self, timeout: float = 5.0) -> None:
         """Commit what is queued, then stop the writer; later ``submit`` calls fail at once."""
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+        self._queue.put(None)  # wakes the writer; it drains what came before and ends
         if self._thread is not None:
             self._thread.join(timeout)
         # Whatever is still queued now will never be committed: release its waiters.
-        with self._cond:
-            left = list(self._queue)
-            self._queue.clear()
+        left = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while True:
+            try:
+                ticket = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is not None:
+                left.append(ticket)
+        with self._lock:
+            left = [t for t in left if t.state == _QUEUED]
+            for ticket in left:
+                ticket.state = _TAKEN
+                self._waiting -= 1
         for ticket in left:
             ticket.error = StoreUnavailable("the listener stopped before this delivery was stored")
-            ticket.done.set()
+            ticket.done.release()
 
     def _take(self) -> list[_Ticket] | None:
-        with self._cond:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._cond.wait(0.5)
-            batch: list[_Ticket] = []
-            size = 0
-            while self._queue and len(batch) < self.max_batch:
-                ticket = self._queue[0]
+        """The next batch: everything queued now; None: stop."""
+        taken: list[_Ticket] = []
+        stop = False
+        if self._carry is not None:
+            taken.append(self._carry)
+            self._carry = None
+        else:
+            first = self._queue.get()
+            if first is None:
+                stop = True
+            else:
+                taken.append(first)
+        while not stop and len(taken) < self.max_batch:
+            try:
+                ticket = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if ticket is None:
+                stop = True
+            else:
+                taken.append(ticket)
+        batch: list[_Ticket] = []
+        size = 0
+        with self._lock:
+            for ticket in taken:
                 if ticket.state == _ABANDONED:
-                    self._queue.popleft()
                     continue
-                if batch and size + ticket.size > self.max_batch_bytes:
-                    break
-                self._queue.popleft()
+                if batch and size + ticket.size > self.max_batch_bytes and self._carry is None:
+                    self._carry = ticket  # the next batch starts with it
+                    continue
+                if self._carry is ticket:
+                    continue
                 ticket.state = _TAKEN
+                self._waiting -= 1
                 batch.append(ticket)
                 size += ticket.size
-            return batch
+        if stop:
+            if batch:
+                self._commit(batch)
+            while self._carry is not None:  # drain what the byte limit held back
+                carried, self._carry = self._carry, None
+                with self._lock:
+                    if carried.state != _QUEUED:
+                        continue
+                    carried.state = _TAKEN
+                    self._waiting -= 1
+                self._commit([carried])
+            return None
+        return batch
 
     def _run(self) -> None:
         try:
@@ -347,14 +458,14 @@ class GroupCommitter:
             self.log.error("storing %d deliveries failed: %s", len(batch), _describe(error))
             for ticket in batch:
                 ticket.error = error
-                ticket.done.set()
+                ticket.done.release()
             return
         self.batches += 1
         self.committed += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         for ticket, result in zip(batch, results):
             ticket.result = result
-            ticket.done.set()
+            ticket.done.release()
         if self.on_commit is not None and any(r.events for r in results):
             try:
                 self.on_commit(sum(r.events for r in results))

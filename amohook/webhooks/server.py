@@ -414,7 +414,7 @@ class _Reaper(threading.Thread):
         self.deadline = deadline
         self._watch: dict[_Handler, float] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: Thread uses that name itself
 
     def watch(self, handler: _Handler) -> None:
         with self._lock:
@@ -425,7 +425,7 @@ class _Reaper(threading.Thread):
             self._watch.pop(handler, None)
 
     def run(self) -> None:
-        while not self._stop.wait(0.25):
+        while not self._halt.wait(0.25):
             now = time.monotonic()
             with self._lock:
                 late = [h for h, until in self._watch.items() if until < now]
@@ -439,7 +439,7 @@ class _Reaper(threading.Thread):
                     pass
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 class WebhookHTTPServer(ThreadingHTTPServer):
