@@ -452,3 +452,25 @@ def test_stop_answers_the_request_already_read_then_refuses_connections(sqlite_u
     assert answer == {"status": 200} and Event.select().count() == 1
     with pytest.raises(OSError):
         socket.create_connection(address, timeout=1).close()
+
+
+# -- `amohook serve` refuses to start without what it needs ------------------------------------
+def test_serve_refuses_to_start_without_a_long_enough_secret(sqlite_url):
+    from tests.conftest import cli_env, run_cli
+
+    none = run_cli(["serve", "--port", "0"], sqlite_url)
+    assert none.returncode == 2 and "AMOHOOK_WEBHOOK_SECRET" in none.stderr
+    short = run_cli(["serve", "--port", "0"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET="short"))
+    assert short.returncode == 2 and "at least 16" in short.stderr
+
+
+def test_serve_says_when_the_port_is_taken(sqlite_url):
+    from tests.conftest import cli_env, run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(["serve", "--port", str(port)], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET))
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
