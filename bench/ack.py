@@ -8,6 +8,7 @@ real webhook bodies (tests/fixtures/webhooks), each made unique so none is dedup
 
     .venv/bin/python bench/ack.py                 # 3 rounds of 4 s per side, 16 senders
     .venv/bin/python bench/ack.py --rounds 5 --seconds 6
+    .venv/bin/python bench/ack.py --with-naive    # also a listener committing per request
 
 Prints requests per second of both, their ratio, and p50/p99 answer times; medians over rounds.
 At the end it checks that amohook stored exactly as many deliveries as it answered 200.
@@ -66,6 +67,37 @@ def run_bare_server() -> None:
     server = _BareServer(("127.0.0.1", 0), _Bare)
     print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
+
+
+# -- the straightforward design, for comparison (--with-naive) --------------------------------
+def run_naive_server(db_url: str) -> None:
+    """amohook's listener, but each request thread commits its own transaction on its own
+    connection (BEGIN IMMEDIATE, synchronous=FULL): the design the group commit replaces."""
+    sys.path.insert(0, str(ROOT))
+    from amohook import inbox
+    from amohook.store import open_store
+    from amohook.webhooks.server import ServerConfig, WebhookService
+
+    store = open_store(db_url)
+
+    class PerRequestCommit:
+        def submit(self, item, timeout):
+            try:
+                with store.write():
+                    with inbox._driver_errors_as_peewee():
+                        return inbox._store_in_txn(store, [item])[0]
+            except Exception as exc:
+                raise inbox.StoreUnavailable(str(exc)) from None
+            finally:
+                store.close()  # a thread per request: its connection goes with it
+
+        def queued(self):
+            return 0
+
+    service = WebhookService(store, ServerConfig(secret=SECRET, port=0)).start()
+    service.httpd.committer = PerRequestCommit()
+    print(f"listening on {service.url}", flush=True)
+    threading.Event().wait()
 
 
 # -- senders -----------------------------------------------------------------------------------
@@ -202,10 +234,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="sending time per side per round")
     parser.add_argument("--senders", type=int, default=16, help="concurrent senders (threads)")
     parser.add_argument("--processes", type=int, default=2, help="sender processes the threads are spread over")
+    parser.add_argument("--with-naive", action="store_true",
+                        help="also measure a per-request-transaction listener (the design group commit replaces)")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-server", metavar="DB_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         run_bare_server()
+        return
+    if args.naive_server:
+        run_naive_server(args.naive_server)
         return
 
     tmp = tempfile.mkdtemp(prefix="amohook-bench-")
@@ -216,6 +254,9 @@ def main() -> None:
     amo, amo_addr = start(
         [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0", "--log-level", "error"], env
     )
+    naive = naive_addr = None
+    if args.with_naive:
+        naive, naive_addr = start([sys.executable, __file__, "--naive-server", f"sqlite:///{Path(tmp) / 'naive.db'}"], env)
     print(f"{os.cpu_count()} CPUs; {args.senders} senders in {args.processes} processes; new connection per request; "
           f"{args.rounds} rounds of {args.seconds:g} s per side")
     rows = []
@@ -223,11 +264,14 @@ def main() -> None:
     try:
         for round_no in range(1, args.rounds + 1):
             order = [("bare", bare_addr, "/webhook"), ("amohook", amo_addr, f"/webhook/{SECRET}")]
+            if naive_addr:
+                order.append(("naive", naive_addr, f"/webhook/{SECRET}"))
             if round_no % 2 == 0:
                 order.reverse()  # neither side always goes first
             result = {}
+            pids = {"bare": bare.pid, "amohook": amo.pid, "naive": naive.pid if naive else None}
             for name, addr, path in order:
-                pid = bare.pid if name == "bare" else amo.pid
+                pid = pids[name]
                 cpu0 = cpu_seconds(pid)
                 result[name] = measure(addr, path, args.seconds, args.senders, args.processes, next(ids) * 100_000_000)
                 result[name]["cpu_ms"] = (cpu_seconds(pid) - cpu0) * 1000 / max(1, result[name]["ok"])
@@ -241,14 +285,25 @@ def main() -> None:
                 + (f" | non-200: bare {len(result['bare']['errors'])}, amohook {len(result['amohook']['errors'])}"
                    if result["bare"]["errors"] or result["amohook"]["errors"] else "")
             )
+            if naive_addr:
+                n = result["naive"]
+                print(f"         per-request transactions (naive): {n['rps']:7.0f} req/s (p50 {n['p50']:5.1f} ms, "
+                      f"p99 {n['p99']:5.1f} ms), ratio {n['rps'] / result['bare']['rps']:.2f}, "
+                      f"server CPU per request {n['cpu_ms']:.2f} ms" + (f", non-200: {len(n['errors'])}" if n["errors"] else ""))
     finally:
-        amo.terminate()
-        bare.terminate()
-        amo.wait(15)
-        bare.wait(5)
+        for proc in (amo, bare, naive):
+            if proc is not None:
+                proc.terminate()
+        for proc in (amo, bare, naive):
+            if proc is not None:
+                proc.wait(15)
 
     med = lambda side, key: statistics.median(r[0][side][key] for r in rows)  # noqa: E731
     ratio = statistics.median(r[1] for r in rows)
+    if naive_addr:
+        print(f"median of the per-request-transaction listener: {med('naive', 'rps'):.0f} req/s, "
+              f"ratio {statistics.median(r[0]['naive']['rps'] / r[0]['bare']['rps'] for r in rows):.2f}, "
+              f"p50 {med('naive', 'p50'):.1f} ms, p99 {med('naive', 'p99'):.1f} ms")
     print(
         f"median: bare {med('bare', 'rps'):.0f} req/s, amohook {med('amohook', 'rps'):.0f} req/s, ratio {ratio:.2f}; "
         f"amohook p50 {med('amohook', 'p50'):.1f} ms, p99 {med('amohook', 'p99'):.1f} ms "
