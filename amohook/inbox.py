@@ -102,11 +102,17 @@ def useful_headers(headers: Iterable[tuple[str, str]]) -> dict:
 def check_storable(body: bytes, parsed: ParsedWebhook) -> None:
     """Refuse (``BodyRejected``, 400) what every backend could not store as sent.
 
-    PostgreSQL text cannot hold NUL, and the event columns have fixed sizes; amoCRM never sends
-    either, so such a body is a bad request, not a reason to fail the batch it would join.
+    PostgreSQL text cannot hold NUL, no backend takes a lone UTF-16 surrogate (JSON can write
+    one as ``"\\ud800"``), and the event columns have fixed sizes; amoCRM sends none of these, so
+    such a body is a bad request, not a reason to fail the batch it would join.
     """
     if b"\x00" in body:
         raise BodyRejected("NUL byte in body")
+    if b"\\u" in body and b"\\ud" in body.lower():  # cheap test first: only JSON escapes make surrogates
+        try:
+            json.dumps(parsed.payload, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BodyRejected("a lone UTF-16 surrogate in a JSON string") from None
     values = [("account", parsed.account_subdomain), ("account_id", parsed.account_id)]
     for event in parsed.events:
         values += [("entity", event.entity), ("action", event.action), ("entity_id", event.entity_id)]
@@ -213,9 +219,9 @@ def _store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
             (
                 sha,
                 item.body.decode("utf-8"),  # the parser accepted it, so it is strict UTF-8
-                (item.content_type or None) and item.content_type[:255],
+                _printable(item.content_type, 255),
                 json.dumps(item.headers, ensure_ascii=False, sort_keys=True),
-                (item.remote_addr or None) and item.remote_addr[:64],
+                _printable(item.remote_addr, 64),
                 item.received_at,
                 1,
             )
@@ -249,6 +255,14 @@ def _store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
             (count, sha),
         )
     return results
+
+
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+
+
+def _printable(text: str | None, limit: int) -> str | None:
+    """Header-borne text for a plain column: control characters (NUL breaks PostgreSQL) dropped."""
+    return (text.translate(_CONTROL)[:limit] or None) if text else None
 
 
 def _insert_many(cursor, table: str, columns: tuple, rows: list[tuple], q, p, size_of) -> None:
@@ -455,6 +469,13 @@ class GroupCommitter:
                 _close_quietly(self.store)
                 break
         if error is not None:
+            if len(batch) > 1 and not isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
+                # Something in one delivery that the checks did not foresee: do not let it fail the
+                # others. (A database that is down fails them all anyway, so that is not retried.)
+                self.log.warning("a batch of %d failed (%s); storing its deliveries one by one", len(batch), _describe(error))
+                for ticket in batch:
+                    self._commit([ticket])
+                return
             self.log.error("storing %d deliveries failed: %s", len(batch), _describe(error))
             for ticket in batch:
                 ticket.error = error

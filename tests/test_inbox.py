@@ -111,6 +111,21 @@ def test_what_no_backend_could_store_is_refused_as_a_bad_request(body, reason):
         inbox.check_storable(body, parse_webhook(body, FORM))
 
 
+def test_a_lone_surrogate_from_a_json_escape_is_refused_but_a_pair_is_fine():
+    lone = b'{"leads": {"add": [{"id": "1", "name": "\\ud800"}]}}'
+    with pytest.raises(BodyRejected, match="surrogate"):
+        inbox.check_storable(lone, parse_webhook(lone, "application/json"))
+    pair = b'{"leads": {"add": [{"id": "1", "name": "\\ud83d\\ude00"}]}}'
+    inbox.check_storable(pair, parse_webhook(pair, "application/json"))
+
+
+def test_control_characters_in_header_borne_columns_are_dropped(store):
+    body = lead_body(1)
+    item = Incoming(body=body, parsed=parse_webhook(body, FORM), content_type="application/x-www-form-urlencoded\x00\x01")
+    inbox.store_deliveries(store, [item])
+    assert Delivery.get().content_type == "application/x-www-form-urlencoded"
+
+
 def test_only_the_useful_headers_are_kept():
     kept = inbox.useful_headers(
         [("User-Agent", "amoCRM-Webhooks/3.0"), ("X-Amocrm-Requestid", "abc"), ("Cookie", "secret"), ("Accept", "*/*")]
@@ -204,6 +219,36 @@ def test_a_store_failure_is_reported_to_every_waiter_and_retried_first(store, mo
     committer.stop()
     assert info.value.committed is False
     assert calls == [1, 1, 1]
+
+
+def test_one_delivery_that_cannot_be_stored_does_not_fail_the_others_in_its_batch(store):
+    committer = GatedCommitter(store).start()
+    outcome = {}
+    poisoned = incoming(lead_body(3))
+    poisoned.body = b"\xff" + poisoned.body  # something the checks did not foresee
+
+    def send(name, item):
+        try:
+            committer.submit(item, timeout=10)
+            outcome[name] = "stored"
+        except StoreUnavailable:
+            outcome[name] = "503"
+
+    first = threading.Thread(target=send, args=("first", incoming(lead_body(1))))
+    first.start()
+    assert committer.took_first.wait(5)
+    rest = [threading.Thread(target=send, args=(name, item))
+            for name, item in (("good", incoming(lead_body(2))), ("poisoned", poisoned))]
+    for t in rest:
+        t.start()
+    while committer.queued() < 2:
+        time.sleep(0.01)
+    committer.gate.set()
+    for t in [first, *rest]:
+        t.join(10)
+    committer.stop()
+    assert outcome == {"first": "stored", "good": "stored", "poisoned": "503"}
+    assert sorted(e.entity_id for e in Event.select()) == ["1", "2"]
 
 
 def test_after_stop_nothing_is_accepted(store):

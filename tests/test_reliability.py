@@ -363,6 +363,7 @@ CORPUS = [
     ("JSON array at the top", _post(b"[1,2]", "application/json"), 400),
     ("1,000-deep JSON", _post(b'{"a":' * 1000 + b"1" + b"}" * 1000, "application/json"), 400),
     ("JSON NaN", _post(b'{"a": NaN}', "application/json"), 400),
+    ("JSON lone surrogate", _post(b'{"leads": {"add": [{"id": "\\ud800"}]}}', "application/json"), 400),
     ("NUL byte in the body", _post(b"leads%5Badd%5D%5B0%5D%5Bid%5D=1&x=\x00"), 400),
     ("entity name of 100 characters", _post(("e" * 100 + "%5Badd%5D%5B0%5D%5Bid%5D=1").encode()), 400),
     ("GET on the webhook", f"GET {HOOK} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 405),
