@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from amohook import inbox
@@ -209,9 +209,7 @@ class Worker:
         self.registry = registry
         self.worker_id = worker_id or new_worker_id()
         self.lease_seconds = lease_seconds
-        self.policy = policy or RetryPolicy(max_attempts=max_attempts)
-        if policy is not None and policy.max_attempts != max_attempts:
-            self.policy = RetryPolicy(**{**policy.__dict__, "max_attempts": max_attempts})
+        self.policy = replace(policy or RetryPolicy(), max_attempts=max_attempts)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_handler_seconds = max_handler_seconds
