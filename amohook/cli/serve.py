@@ -125,11 +125,12 @@ def serve(
             for i in range(workers)
         ]
     service = WebhookService(store, config, workers=worker_list)
+    stop = _stop_on_signals()  # before starting: a SIGTERM during start-up still stops cleanly
     try:
         service.start()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port") from None
-    stop = _stop_on_signals()
+    store.close()  # the main thread's connection; every thread of the service opens its own
     say(f"listening on {service.url}")
     say(f"webhook URL: {service.url}/webhook/<secret>; health: {service.url}/healthz; "
         f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s)")
