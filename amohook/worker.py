@@ -234,6 +234,7 @@ class Worker:
         if not len(self.registry):
             # Claiming with nothing to run would mark events done (or dead) unprocessed.
             raise ConfigError("no handlers are registered — give at least one --handler package.module:function")
+        self.store.relax_durability()
         events = inbox.claim(
             self.store,
             self.worker_id,

@@ -26,6 +26,11 @@ MaxAttemptsOpt = Annotated[
     int, typer.Option("--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`).")
 ]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (to stderr).")]
+RulesOpt = Annotated[
+    Optional[str],
+    typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
+                 help="Rules file (TOML) whose tasks the workers create; checked at start (see `amohook rules check`)."),
+]
 
 
 def _setup_logging(level: str) -> None:
@@ -40,8 +45,11 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def build_registry(handlers: Optional[List[str]]):
-    """The handler registry for these options. (The rules engine registers itself here.)"""
+def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, store=None):
+    """The handler registry for these options, and the task sender when there are rules.
+
+    Invalid rules raise here, so `serve` and `worker` refuse to start with them.
+    """
     import os
     import sys
 
@@ -50,9 +58,38 @@ def build_registry(handlers: Optional[List[str]]):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: user handlers live beside the config
     registry = Registry()
+    sender = None
+    if rules:
+        from amohook.actions import ActionSender
+        from amohook.amocrm.client import client_for
+        from amohook.rules import load_and_compile
+        from amohook.rules_handler import RulesHandler
+
+        compiled = load_and_compile(rules)
+        clients: dict = {}
+
+        def client(sub: str):
+            if sub not in clients:
+                clients[sub] = client_for(store, sub)
+            return clients[sub]
+
+        import logging
+
+        logger = logging.getLogger("amohook.actions")
+        sender = ActionSender(store, client, log=logger.warning)
+        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
     for spec in handlers or []:
         registry.register(spec, load_handler(spec))
-    return registry
+    return registry, sender
+
+
+def _start_sender(sender, stop: threading.Event):
+    """The thread that sends recorded tasks in batches (only with --rules)."""
+    if sender is None:
+        return None
+    thread = threading.Thread(target=sender.run, args=(stop,), name="amohook-actions", daemon=True)
+    thread.start()
+    return thread
 
 
 def _stop_on_signals() -> threading.Event:
@@ -87,6 +124,7 @@ def serve(
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")] = 1,
     handler: HandlerOpt = None,
+    rules: RulesOpt = None,
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")] = 1024 * 1024,
@@ -114,7 +152,7 @@ def serve(
     )
     _setup_logging(log_level)
     store = state(ctx).store()
-    registry = build_registry(handler)
+    registry, sender = build_registry(handler, rules, store)
     worker_list = []
     if workers and not len(registry):
         warn("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
@@ -131,18 +169,24 @@ def serve(
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port") from None
     store.close()  # the main thread's connection; every thread of the service opens its own
+    sender_stop = threading.Event()
+    sender_thread = _start_sender(sender, sender_stop) if worker_list else None
     say(f"listening on {service.url}")
     say(f"webhook URL: {service.url}/webhook/<secret>; health: {service.url}/healthz; "
         f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s)")
     while not stop.wait(1.0):
         pass
     service.stop(timeout=8.0)
+    if sender_thread is not None:
+        sender_stop.set()  # a batch in flight finishes and its outcome is recorded first
+        sender_thread.join(5.0)
     say("stopped")
 
 
 def worker(
     ctx: typer.Context,
     handler: HandlerOpt = None,
+    rules: RulesOpt = None,
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
@@ -156,11 +200,13 @@ def worker(
     from amohook.worker import Worker, new_worker_id
 
     _setup_logging(log_level)
-    registry = build_registry(handler)
-    if not len(registry):
-        raise ConfigError("no handlers — give at least one --handler package.module:function")
     store = state(ctx).store()
+    registry, sender = build_registry(handler, rules, store)
+    if not len(registry):
+        raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
     stop = _stop_on_signals()
+    sender_stop = threading.Event()
+    sender_thread = None if once else _start_sender(sender, sender_stop)
     pool = [
         Worker(store, registry, new_worker_id(f"worker{i}"), lease_seconds=lease, max_attempts=max_attempts,
                batch_size=batch, poll_interval=poll)
@@ -190,8 +236,13 @@ def worker(
     deadline = time.monotonic() + 8.0
     for thread in running:
         thread.join(max(0.0, deadline - time.monotonic()))
+    if sender_thread is not None:
+        sender_stop.set()
+        sender_thread.join(5.0)
     if errors:
         raise errors[0]
+    if once and sender is not None:
+        sender.drain()  # send the tasks the events just recorded
     if once:
         say(f"processed {sum(w.processed for w in pool)} event(s)")
     else:

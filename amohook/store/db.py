@@ -64,6 +64,18 @@ class Store:
             return query
         return query.for_update(skip_locked=skip_locked) if skip_locked else query.for_update()
 
+    def relax_durability(self) -> None:
+        """For worker threads: skip the fsync of their own commits on SQLite.
+
+        What workers write (attempts, statuses, recorded actions) can be derived again: events are
+        processed at least once and actions are keyed. With WAL, synchronous=NORMAL still survives a
+        crash of the process; only a power cut can roll back the last commits, and the next FULL
+        commit (the listener's, the task sender's) makes everything before it durable. The setting
+        is per connection, so the listener keeps synchronous=FULL for what it acknowledges.
+        """
+        if self.is_sqlite:
+            self.db.execute_sql("PRAGMA synchronous=NORMAL")
+
     def close(self) -> None:
         if not self.db.is_closed():
             self.db.close()
