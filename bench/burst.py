@@ -31,18 +31,7 @@ sys.path.insert(0, str(ROOT))
 from tests.fakes.amocrm import FakeAmo  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef"
-RULES = """
-[[rule]]
-name = "call qualified leads"
-when = "lead.stage_changed"
-pipeline = "Sales"
-to_stage = "Qualified"
-[rule.create_task]
-type = "Call"
-text = "Call {lead.name} about the offer"
-due = "+1d"
-responsible = "lead"
-"""
+RULES = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
 
 
 def prepare(tmp: Path, fake: FakeAmo) -> tuple[str, int, int, int]:

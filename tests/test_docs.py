@@ -41,3 +41,9 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q" in README
     assert "python -m pytest -q" in ci
+
+
+def test_the_readme_rules_example_is_the_tested_file():
+    example = (ROOT / "examples" / "rules.toml").read_text(encoding="utf-8")
+    body = example.split("\n", 1)[1]  # without the file's first comment line
+    assert body in README

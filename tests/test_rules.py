@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -20,18 +21,7 @@ from amohook.rules import (
 )
 from amohook.webhooks.parse import parse_webhook
 
-EXAMPLE = """
-[[rule]]
-name = "call qualified leads"
-when = "lead.stage_changed"
-pipeline = "Sales"
-to_stage = "Qualified"
-[rule.create_task]
-type = "Call"
-text = "Call {lead.name} about the offer"
-due = "+1d"
-responsible = "lead"
-"""
+EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
 
 
 def compiled(spec=None, **over) -> CompiledRule:

@@ -3,6 +3,8 @@ against the fake amoCRM, on every backend."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import subprocess
 import sys
 import time
@@ -19,18 +21,7 @@ from amohook.sync import sync_entities
 from tests.conftest import ROOT, cli_env, run_cli
 
 SECRET = "e2e-secret-0123456789abcdef"
-RULES = """
-[[rule]]
-name = "call qualified leads"
-when = "lead.stage_changed"
-pipeline = "Sales"
-to_stage = "Qualified"
-[rule.create_task]
-type = "Call"
-text = "Call {lead.name} about the offer"
-due = "+1d"
-responsible = "lead"
-"""
+RULES = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 

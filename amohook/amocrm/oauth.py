@@ -59,21 +59,25 @@ def exchange_code(
     clock=time.time,
 ) -> TokenPair:
     """Trade a 20-minute authorization code for the first token pair."""
-    body = {
-        "client_id": client.client_id,
-        "client_secret": client.client_secret,
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": client.redirect_uri,
-    }
     try:
-        response = session.post(f"{base_url}/oauth2/access_token", json=body, timeout=timeout)
+        response = _token_request(session, base_url, client, timeout, grant_type="authorization_code", code=code)
     except requests.RequestException as exc:
         raise AmoTemporaryError(
             f"no answer from {base_url} ({type(exc).__name__}) — check the address and the network; "
             "if the code was delivered it is now spent, so copy a fresh one before retrying"
         ) from None
     return _pair_or_raise(response, base_url, client, grant="authorization_code", clock=clock)
+
+
+def _token_request(session: requests.Session, base_url: str, client: Client, timeout, **grant) -> requests.Response:
+    """One POST to the token endpoint (JSON, as in every official example)."""
+    body = {
+        "client_id": client.client_id,
+        "client_secret": client.client_secret,
+        **grant,
+        "redirect_uri": client.redirect_uri,
+    }
+    return session.post(f"{base_url}/oauth2/access_token", json=body, timeout=timeout)
 
 
 def refresh_pair(
@@ -87,15 +91,10 @@ def refresh_pair(
     clock=time.time,
 ) -> TokenPair:
     """Spend ``refresh_token`` for a new pair. Sent exactly once, whatever happens."""
-    body = {
-        "client_id": client.client_id,
-        "client_secret": client.client_secret,
-        "grant_type": "refresh_token",
-        "refresh_token": refresh_token,
-        "redirect_uri": client.redirect_uri,
-    }
     try:
-        response = session.post(f"{base_url}/oauth2/access_token", json=body, timeout=timeout)
+        response = _token_request(
+            session, base_url, client, timeout, grant_type="refresh_token", refresh_token=refresh_token
+        )
     except requests.ConnectionError as exc:
         if _never_connected(exc):
             raise AmoTemporaryError(
