@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from binascii import a2b_qp
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -77,15 +78,59 @@ def parse_form(body: bytes, *, max_fields: int = MAX_FIELDS, max_depth: int = MA
             if count > max_fields:
                 raise BodyRejected(f"more than {max_fields} fields")
     root: dict = {}
-    next_index: dict[int, int] = {}  # id(container) -> the index `[]` appends at
-    for field in text.split("&"):
-        if not field:
-            continue
-        raw_key, _, raw_value = field.partition("=")  # no '=': a blank value, like parse_qsl
-        key = _unquote(raw_key)
+    appends: dict[int, int] = {}  # id(container) -> the index `[]` appends at next (once used there)
+    fields, decoded = _fields(body, text)
+    for raw_key, raw_value in fields:
+        key = raw_key if decoded else _unquote(raw_key)
         parts = _split_key(key, max_depth)
-        _insert(root, parts, _unquote(raw_value), key, next_index)
+        _insert(root, parts, raw_value if decoded else _unquote(raw_value), key, appends)
     return root
+
+
+# A '%' that does not start an escape, or the escape of NUL (the separator of the fast path).
+_ODD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
+
+
+def _fields(body: bytes, text: str) -> tuple[list[tuple[str, str]], bool]:
+    """The non-empty fields as (key, value), and whether they are already percent-decoded.
+
+    Percent-decoding key by key costs a Python loop per escape (``urllib.parse.unquote``), and a
+    body of bracket keys has dozens of escapes per field. Instead, the raw keys and values are
+    joined with NUL (when the body has neither a NUL nor "%00", so a NUL after decoding can only
+    be a separator) and decoded in one C call: ``binascii.a2b_qp`` with the body's own '=' written
+    "=3D" and every '%' turned into '=' — when every '%' starts an escape, every '=' is then
+    followed by two hex digits, and quoted-printable decoding is exactly percent-decoding. UTF-8
+    sequences never contain ASCII bytes, so the strict decoding of the whole accepts exactly what
+    the strict decoding of each key and value accepts. Any other body (or one whose decoded bytes
+    are not UTF-8, so that the error names the same field as before) is decoded field by field.
+    """
+    if "%" not in text:
+        return _split_fields(text.replace("+", " ") if "+" in text else text), True
+    raw = bytes(body)
+    if b"\x00" not in raw and _ODD_PERCENT.search(raw) is None:
+        parts = []
+        for field in raw.split(b"&"):
+            if field:  # empty runs ("a=1&&b=2") are not fields
+                key, _, value = field.partition(b"=")  # no '=': a blank value, like parse_qsl
+                parts += (key, value)
+        joined = b"\x00".join(parts).replace(b"+", b" ").replace(b"=", b"=3D").replace(b"%", b"=")
+        try:
+            decoded = a2b_qp(joined).decode("utf-8").split("\x00")
+        except UnicodeDecodeError:
+            pass
+        else:
+            pairs = iter(decoded)
+            return list(zip(pairs, pairs)), True
+    return _split_fields(text), False
+
+
+def _split_fields(text: str) -> list[tuple[str, str]]:
+    fields = []
+    for field in text.split("&"):
+        if field:  # empty runs ("a=1&&b=2") are not fields
+            key, _, value = field.partition("=")  # no '=': a blank value, like parse_qsl
+            fields.append((key, value))
+    return fields
 
 
 def _decode_utf8(body: bytes) -> str:
@@ -105,56 +150,59 @@ def _unquote(raw: str) -> str:
         raise BodyRejected("invalid UTF-8 in a percent-encoded key or value") from None
 
 
+# A base without brackets, then any number of [segment]s without brackets inside.
+_KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)")
+
+
 def _split_key(key: str, max_depth: int) -> list[str]:
     """``a[b][][c]`` -> ``["a", "b", "", "c"]``; anything PHP would have to guess at is rejected."""
-    open_at = key.find("[")
-    if open_at == -1:
+    if "[" not in key:
         if not key or "]" in key:
             raise _malformed(key)
         return [key]
     # Cheap depth check first, so a 1000-deep key costs one count().
     if key.count("[") > max_depth:
         raise BodyRejected(f"nesting deeper than {max_depth}")
-    base = key[:open_at]
-    if not base or "]" in base:
+    match = _KEY.fullmatch(key)
+    if match is None:  # a[b, a[b]c, a[b]], a[b[c]], [a], ...
         raise _malformed(key)
-    parts = [base]
-    pos, end = open_at, len(key)
-    while pos < end:
-        if key[pos] != "[":  # text after a closing bracket, e.g. a[b]c or a[b]]
-            raise _malformed(key)
-        close = key.find("]", pos + 1)
-        if close == -1:  # unbalanced, e.g. a[b
-            raise _malformed(key)
-        segment = key[pos + 1 : close]
-        if "[" in segment:  # a[b[c]]
-            raise _malformed(key)
-        parts.append(segment)
-        pos = close + 1
-    return parts
+    base, brackets = match.groups()
+    return [base, *brackets[1:-1].split("][")]
 
 
-def _insert(root: dict, parts: list[str], value: str, key: str, next_index: dict[int, int]) -> None:
+def _insert(root: dict, parts: list[str], value: str, key: str, appends: dict[int, int]) -> None:
     node = root
     last = len(parts) - 1
     for depth, part in enumerate(parts):
         if part == "":  # `[]`: append at the next integer key of this container
-            part = str(next_index.get(id(node), 0))
-        if _is_index(part):
-            following = int(part) + 1
-            if following > next_index.get(id(node), 0):
-                next_index[id(node)] = following
+            part = _append_index(node, appends)
+        elif appends and id(node) in appends and _is_index(part):
+            appends[id(node)] = max(appends[id(node)], int(part) + 1)
         if depth == last:
-            if isinstance(node.get(part), dict):
+            if type(node.get(part)) is dict:
                 raise _conflict(key, parts[: depth + 1])
             node[part] = value
         else:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            elif not isinstance(child, dict):
+            elif type(child) is not dict:
                 raise _conflict(key, parts[: depth + 1])
             node = child
+
+
+def _append_index(node: dict, appends: dict[int, int]) -> str:
+    """PHP's `[]`: one more than the largest integer key so far (0 if none), as a key.
+
+    Keys are only ever added to a container, so the largest is found by one scan of its keys the
+    first time `[]` is used on it, and kept up to date from then on (containers live as long as
+    the parse, so their id() is stable).
+    """
+    index = appends.get(id(node))
+    if index is None:
+        index = max((int(k) + 1 for k in node if _is_index(k)), default=0)
+    appends[id(node)] = index + 1
+    return str(index)
 
 
 def _is_index(key: str) -> bool:
