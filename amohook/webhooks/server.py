@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
@@ -67,6 +68,20 @@ def check_secret(secret: str | None) -> str:
     if not set(secret) <= _SECRET_CHARS:
         raise ConfigError("the webhook secret goes into the URL: use only letters, digits and - . _ ~")
     return secret
+
+
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header's value (RFC 9110 IMF-fixdate), formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    cached = _date_cache
+    if cached[0] != now:
+        cached = _date_cache = (now, formatdate(now, usegmt=True))
+    return cached[1]
 
 
 def _redact(path: str) -> str:
@@ -160,15 +175,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self.expired:  # the reaper cut the read short: whatever was missing, the cause is time
             status, text, content_type, headers = 408, "request not received in time\n", "text/plain; charset=utf-8", ()
         body = text.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.log_request(status)
+        # The status line, headers and body in one write (one send, one segment): what
+        # send_response/send_header/end_headers would produce, without their per-line work.
+        head = "".join(
+            [
+                f"{self.protocol_version} {status} {_PHRASES.get(status) or HTTPStatus(status).phrase}\r\n"
+                f"Server: amohook\r\nDate: {_http_date()}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n",
+                *[f"{name}: {value}\r\n" for name, value in headers],
+                "\r\n",
+            ]
+        ).encode("latin-1", "strict")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
         if not self.body_read and self.command in ("POST", "PUT", "PATCH"):
             self._linger()
 
