@@ -220,7 +220,7 @@ def _store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
                 sha,
                 item.body.decode("utf-8"),  # the parser accepted it, so it is strict UTF-8
                 _printable(item.content_type, 255),
-                json.dumps(item.headers, ensure_ascii=False, sort_keys=True),
+                _headers_json(item.headers),
                 _printable(item.remote_addr, 64),
                 item.received_at,
                 1,
@@ -235,7 +235,7 @@ def _store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
             event_rows.append(
                 (
                     ids[sha], idx, ev.entity, ev.action, ev.entity_id, parsed.account_subdomain,
-                    parsed.account_id, json.dumps(ev.data, ensure_ascii=False, separators=(",", ":")),
+                    parsed.account_id, _data_json(ev.data),
                     "pending", 0, item.received_at, item.received_at, item.received_at,
                 )
             )
@@ -256,6 +256,10 @@ def _store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
         )
     return results
 
+
+# Built once: json.dumps with options builds a new encoder on every call (the writer's hot loop).
+_headers_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+_data_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 _CONTROL = dict.fromkeys([*range(0x20), 0x7F])
 
