@@ -37,6 +37,7 @@ MIN_SECRET_LENGTH = 16
 _SECRET_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 LINGER_BYTES = 256 * 1024  # read at most this much of a refused body, so the client sees our answer
 LINGER_SECONDS = 0.5
+IDLE_THREAD_SECONDS = 5.0  # how long a connection thread waits for another connection before it ends
 
 
 @dataclass(frozen=True)
@@ -477,8 +478,51 @@ class WebhookHTTPServer(ThreadingHTTPServer):
         self._reaper = _Reaper(config.read_deadline)
         self._open = 0
         self._cond = threading.Condition()
+        self._idle: list[_Slot] = []  # connection threads waiting for their next connection
+        self._idle_lock = threading.Lock()
+        self._closing = False
         super().__init__((config.host, config.port), _Handler)
         self._reaper.start()
+
+    # -- a thread per connection, reused ----------------------------------------------------------
+    # As ThreadingMixIn, every connection gets a thread of its own at once (a slow client never
+    # makes another wait), but a thread that has finished its connection waits a while for the
+    # next one instead of exiting: starting a thread (clone, stack, the start handshake) was a
+    # good part of what each request cost (bench/ack.py).
+    def process_request(self, request, client_address) -> None:
+        with self._idle_lock:
+            slot = self._idle.pop() if self._idle else None
+        if slot is None:
+            thread = threading.Thread(
+                target=self._connection_thread, args=((request, client_address),), name="amohook-conn", daemon=True
+            )
+            thread.start()
+        else:
+            slot.job = (request, client_address)
+            slot.ready.release()
+
+    def _connection_thread(self, job) -> None:
+        slot = _Slot()
+        while job is not None:
+            request, client_address = job
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            job = None
+            with self._idle_lock:
+                if self._closing:
+                    return
+                self._idle.append(slot)
+            if not slot.ready.acquire(timeout=IDLE_THREAD_SECONDS):
+                with self._idle_lock:
+                    if slot in self._idle:  # nobody handed it a connection: end the thread
+                        self._idle.remove(slot)
+                        return
+                slot.ready.acquire()  # a connection was handed over just now; it is on its way
+            job, slot.job = slot.job, None
 
     def track(self, handler: _Handler) -> None:
         self._reaper.watch(handler)
@@ -515,6 +559,23 @@ class WebhookHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self._reaper.stop()
+        with self._idle_lock:
+            self._closing = True
+            idle, self._idle = self._idle, []
+        for slot in idle:
+            slot.job = None
+            slot.ready.release()
+
+
+class _Slot:
+    """An idle connection thread: ``ready`` is released when ``job`` is set (None: exit)."""
+
+    __slots__ = ("ready", "job")
+
+    def __init__(self):
+        self.ready = threading.Lock()
+        self.ready.acquire()
+        self.job = None
 
 
 class WebhookService:
