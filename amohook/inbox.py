@@ -44,6 +44,7 @@ USEFUL_HEADERS = (
 HEADER_MAX = 512
 ERROR_MAX = 2000
 INSERT_CHUNK = 200  # rows per multi-row INSERT: 2,600 parameters, far below every backend's limit
+CHECKPOINT_SECONDS = 0.5  # SQLite: how often the listener's WAL is copied into the database file
 STATEMENT_BYTES = 4 * 1024 * 1024  # below MariaDB's default max_allowed_packet (16 MiB)
 
 # Column sizes of models.Event: MySQL and PostgreSQL refuse longer values, so a body that would
@@ -329,6 +330,9 @@ class GroupCommitter:
         self._stopping = False
         self._carry: _Ticket | None = None
         self._thread: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._halt = threading.Event()
+        self._configured = None  # the writer connection that has had its autocheckpoint turned off
         # figures for tests and the benchmark
         self.batches = 0
         self.committed = 0
@@ -337,7 +341,35 @@ class GroupCommitter:
     def start(self) -> "GroupCommitter":
         self._thread = threading.Thread(target=self._run, name="amohook-writer", daemon=True)
         self._thread.start()
+        if self.store.is_sqlite:
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="amohook-checkpoint", daemon=True)
+            self._checkpointer.start()
         return self
+
+    def _checkpoint_loop(self) -> None:
+        """SQLite: copy the WAL into the database file beside the writer, not in its commits.
+
+        By default the connection whose commit takes the WAL past 1,000 pages checkpoints right
+        then, inside the commit that a batch of requests is waiting for. Here the writer's
+        connection does not (``wal_autocheckpoint=0``) and this thread runs a PASSIVE checkpoint
+        (it never blocks the writer) every ``CHECKPOINT_SECONDS``. Durability is unchanged: a
+        commit is durable once its WAL frames are synced (synchronous=FULL).
+        """
+        try:
+            while not self._halt.wait(CHECKPOINT_SECONDS):
+                try:
+                    self.store.db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)")
+                except Exception as exc:
+                    self.log.debug("checkpoint failed: %s", _describe(exc))
+                    _close_quietly(self.store)
+        finally:
+            _close_quietly(self.store)
+
+    def _no_autocheckpoint(self) -> None:
+        connection = self.store.db.connection()
+        if connection is not self._configured:
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+            self._configured = connection
 
     def submit(self, item: Incoming, timeout: float) -> Stored:
         """Store ``item`` durably or raise ``StoreUnavailable``; waits at most ``timeout`` seconds."""
@@ -372,6 +404,9 @@ class GroupCommitter:
         self._queue.put(None)  # wakes the writer; it drains what came before and ends
         if self._thread is not None:
             self._thread.join(timeout)
+        self._halt.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(1.0)
         # Whatever is still queued now will never be committed: release its waiters.
         left = [self._carry] if self._carry is not None else []
         self._carry = None
@@ -458,6 +493,8 @@ class GroupCommitter:
         results: list[Stored] = []
         for attempt in range(self.retries + 1):
             try:
+                if self._checkpointer is not None:
+                    self._no_autocheckpoint()
                 results = store_deliveries(self.store, [t.item for t in batch])
                 error = None
                 break
