@@ -12,8 +12,13 @@ The protocol, per task:
    sender looks for it (``GET /api/v4/tasks`` by lead, matching text, due time, type and
    responsible — all fixed when the action was recorded) and adopts the task it finds.
 
-amoCRM rejects a whole batch when one item is invalid (400 ``validation-errors``) and creates
-nothing; the invalid items are marked failed and the rest are sent again at once.
+When amoCRM rejects a batch because one item is invalid (400 ``validation-errors``), the
+invalid items are marked ``rejected``; the rest are looked up before they are sent again (the
+fake and, as far as we know, amoCRM create nothing then — but that is not documented).
+
+An action goes back from ``sending`` to ``pending`` only on a definite answer that nothing was
+created: a 4xx (including 429) to its POST, or a lookup that completed and did not find it. Any
+other failure keeps it ``sending``, so the next attempt looks first.
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ from amohook.store.lease import new_owner
 from amohook.store.models import Action
 
 BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
-LEASE_SECONDS = 120.0
-MAX_ATTEMPTS = 8
+# Longer than one send can take: a 401's refresh (lease wait 90 s + token request 25 s) and the
+# repeated POST (25 s). The lease is re-asserted right before each POST.
+LEASE_SECONDS = 300.0
+MAX_ATTEMPTS = 10  # with backoff from 5 s doubling to 1 h: about 1.5 h of amoCRM trouble
+HUMAN_WAIT = 900.0  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
 def record_planned(store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
@@ -63,6 +71,11 @@ def record_planned(store, planned: Iterable, event_id: int | None, clock: Callab
     keys = [row["key"] for row in rows]
     with store.write():
         existing = {a.key for a in Action.select(Action.key).where(Action.key.in_(keys))}
+        # An action that gave up (amoCRM down for long) comes back when its event is replayed; it
+        # may have reached amoCRM, so it returns as "sending" with an expired lease: looked up first.
+        Action.update(status="sending", attempts=0, lease_owner=None, lease_until=0, updated_at=clock()).where(
+            Action.key.in_(keys) & (Action.status == "failed")
+        ).execute()
         fresh = [row for row in rows if row["key"] not in existing]
         for row in fresh:
             # A racing process may insert the same key between our read and this insert:
@@ -71,8 +84,14 @@ def record_planned(store, planned: Iterable, event_id: int | None, clock: Callab
     return len(fresh)
 
 
-def backoff(attempt: int, base: float = 2.0, cap: float = 600.0) -> float:
+def backoff(attempt: int, base: float = 5.0, cap: float = 3600.0) -> float:
     return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def definitely_refused(exc: BaseException) -> bool:
+    """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
+    status = getattr(exc, "status", None)
+    return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
 
 
 def same_task(found: dict, payload: dict) -> bool:
@@ -164,17 +183,23 @@ class ActionSender:
         Action.update(status="done", result_id=task_id, lease_owner=None, lease_until=None, last_error=None,
                       updated_at=self.clock()).where(self._mine([action_id])).execute()
 
-    def _fail(self, ids, error: str) -> None:
-        Action.update(status="failed", lease_owner=None, lease_until=None, last_error=error[:2000],
-                      updated_at=self.clock()).where(self._mine(ids)).execute()
+    def _fail(self, ids, error: str, status: str = "failed", **fields) -> None:
+        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the task itself."""
+        Action.update(status=status, lease_owner=None, lease_until=None, last_error=error[:2000],
+                      updated_at=self.clock(), **fields).where(self._mine(ids)).execute()
 
-    def _later(self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None) -> None:
-        """Back off; an action whose request may have landed stays ``sending`` so it is looked up first."""
+    def _later(
+        self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
+    ) -> None:
+        """Back off; an action whose request may have landed stays ``sending`` so it is looked up first.
+
+        ``counts=False``: waiting for amoCRM's rate limit or for a person is not an attempt.
+        """
         now = self.clock()
         for a in actions:
-            attempts = a.attempts + 1
+            attempts = a.attempts + (1 if counts else 0)
             if attempts >= self.max_attempts:
-                self._fail([a.id], f"gave up after {attempts} attempts: {error}")
+                self._fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                 continue
             delay = wait if wait is not None else backoff(attempts)
             Action.update(
@@ -193,25 +218,48 @@ class ActionSender:
         actions, maybe_sent = self.claim()
         if not actions:
             return 0
-        account = actions[0].account
-        client = self.client_for(account)
+        claimed = len(actions)
+        client = self.client_for(actions[0].account)
         payloads = {a.id: json.loads(a.payload) for a in actions}
-        try:
-            if maybe_sent:
+        if maybe_sent:
+            try:
                 adopted = self._adopt_existing(client, [a for a in actions if a.id in maybe_sent], payloads)
-                actions = [a for a in actions if a.id not in adopted]
-            self._send(client, actions, payloads)
-        except RateLimited as exc:
-            self._later(actions, exc.message, maybe_sent=False, wait=exc.retry_after or 5.0)
-        except AmoTemporaryError as exc:
-            self._later(actions, exc.message, maybe_sent=True)
-        except (AccountBlocked, ReauthRequired) as exc:
-            self._later(actions, exc.message, maybe_sent=False, wait=300.0)
-            self.stats.errors.append(exc.message)
-        except AmohookError as exc:
-            self._later(actions, exc.message, maybe_sent=False)
-            self.stats.errors.append(exc.message)
-        return len(actions)
+            except Exception as exc:  # the lookup did not complete: nothing may be sent blind
+                self._reschedule([a for a in actions if a.id in maybe_sent], exc, maybe_sent=True)
+                self._reschedule([a for a in actions if a.id not in maybe_sent], exc, maybe_sent=False)
+                return claimed
+            actions = [a for a in actions if a.id not in adopted]
+        self._send(client, actions, payloads)
+        return claimed
+
+    def _reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool) -> None:
+        if not actions:
+            return
+        message = exc.message if isinstance(exc, AmohookError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, RateLimited):
+            self._later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
+        elif isinstance(exc, (AccountBlocked, ReauthRequired)):
+            self._later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
+            self.stats.errors.append(message)
+        else:
+            self._later(actions, message, maybe_sent=maybe_sent)
+            if not isinstance(exc, AmoTemporaryError):
+                self.stats.errors.append(message)
+
+    def _hold(self, actions: list[Action]) -> list[Action]:
+        """Re-assert our lease right before a POST; send only what is still ours."""
+        now = self.clock()
+        ids = [a.id for a in actions]
+        Action.update(lease_until=now + self.lease_seconds).where(
+            self._mine(ids) & (Action.status == "sending") & (Action.lease_until > now)
+        ).execute()
+        held = {
+            row.id
+            for row in Action.select(Action.id).where(
+                self._mine(ids) & (Action.status == "sending") & (Action.lease_until > now)
+            )
+        }
+        return [a for a in actions if a.id in held]
 
     def _adopt_existing(self, client, actions: list[Action], payloads: dict) -> set[int]:
         """Find tasks earlier attempts may have created; mark those actions done."""
@@ -236,34 +284,38 @@ class ActionSender:
         return adopted
 
     def _send(self, client, actions: list[Action], payloads: dict) -> None:
-        pending = list(actions)
-        while pending:
-            by_request = {payloads[a.id]["request_id"]: a for a in pending}
-            self.stats.posts += 1
-            try:
-                answer = client.post("/api/v4/tasks", [payloads[a.id] for a in pending]) or {}
-            except ValidationFailed as exc:
-                bad = self._invalid(exc, pending, payloads)
-                if not bad:  # cannot tell which item: fail the batch rather than loop
-                    self._fail([a.id for a in pending], exc.message)
-                    self.stats.failed += len(pending)
-                    return
-                self._fail([a.id for a in bad], exc.message + _details(exc))
-                self.stats.failed += len(bad)
-                pending = [a for a in pending if a not in bad]
-                continue  # nothing was created: send the valid rest again
-            created = (answer.get("_embedded") or {}).get("tasks") or []
-            settled = set()
-            for item in created:
-                action = by_request.get(str(item.get("request_id")))
-                if action is not None and action.id not in settled:
-                    self._done(action.id, item.get("id"))
-                    settled.add(action.id)
-                    self.stats.created += 1
-            missing = [a for a in pending if a.id not in settled]
-            if missing:
-                self._later(missing, "amoCRM's answer did not list these tasks", maybe_sent=True)
+        actions = self._hold(actions)
+        if not actions:
             return
+        by_request = {payloads[a.id]["request_id"]: a for a in actions}
+        self.stats.posts += 1
+        try:
+            answer = client.post("/api/v4/tasks", [payloads[a.id] for a in actions]) or {}
+        except ValidationFailed as exc:
+            bad = self._invalid(exc, actions, payloads)
+            if not bad:  # cannot tell which item: every one of them is refused
+                bad = actions
+            self._fail([a.id for a in bad], exc.message + _details(exc), status="rejected")
+            self.stats.failed += len(bad)
+            rest = [a for a in actions if a not in bad]
+            # Not documented that amoCRM created none of the rest: look before sending them again.
+            self._later(rest, "sent again after another task of its batch was rejected", maybe_sent=True,
+                        wait=0.0, counts=False)
+            return
+        except Exception as exc:
+            self._reschedule(actions, exc, maybe_sent=not definitely_refused(exc))
+            return
+        created = (answer.get("_embedded") or {}).get("tasks") or []
+        settled = set()
+        for item in created:
+            action = by_request.get(str(item.get("request_id")))
+            if action is not None and action.id not in settled:
+                self._done(action.id, item.get("id"))
+                settled.add(action.id)
+                self.stats.created += 1
+        missing = [a for a in actions if a.id not in settled]
+        if missing:
+            self._later(missing, "amoCRM's answer did not list these tasks", maybe_sent=True)
 
     @staticmethod
     def _invalid(exc: ValidationFailed, pending: list[Action], payloads: dict) -> list[Action]:

@@ -79,11 +79,12 @@ def test_one_invalid_task_does_not_lose_the_others(store, fake, account):
     sender(store).drain()
     assert len(fake.tasks) == 5
     assert not tasks_for(fake, 6)
-    failed = Action.get(Action.status == "failed")
+    failed = Action.get(Action.status == "rejected")
     assert json.loads(failed.payload)["entity_id"] == 6
     assert "task_type_id" in failed.last_error
     assert Action.select().where(Action.status == "done").count() == 5
     assert len(fake.requests_to("/api/v4/tasks", "POST")) == 2  # rejected whole, then the valid rest
+    assert len(fake.requests_to("/api/v4/tasks", "GET")) == 1  # looked for before being sent again
 
 
 def test_lost_answer_is_looked_up_not_resent(store, fake, account):
@@ -177,3 +178,84 @@ def test_crash_between_post_and_commit_creates_one_task(store, fake, account):
     assert len(fake.tasks) == 3
     assert s.stats.adopted == 3
     assert Action.select().where(Action.status == "done").count() == 3
+
+
+def quick_sender(store, clock) -> ActionSender:
+    """A sender whose client does not sleep through amoCRM's waits (the clock is fake)."""
+    return ActionSender(store, lambda sub: client_for(store, sub, sleep=lambda s: None, max_attempts=1), clock=clock)
+
+
+def test_a_failed_lookup_keeps_the_action_maybe_sent(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(1)], event_id=1)
+    fake.fail("/api/v4/tasks", drop=True, after_effect=True, method="POST")  # created, answer lost
+    s = quick_sender(store, clock)
+    s.flush_once()
+    clock.advance(3600)
+    fake.fail("/api/v4/tasks", status=429, method="GET", times=None)  # the lookup is refused
+    s.flush_once()
+    assert Action.get().status == "sending"
+    fake.clear_faults()
+    clock.advance(3600)
+    s.drain()
+    assert len(fake.tasks) == 1
+    assert Action.get().status == "done"
+
+
+def test_a_2xx_answer_that_is_not_json_counts_as_maybe_created(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(2)], event_id=1)
+    fake.fail("/api/v4/tasks", status=200, body="<html>proxy</html>", content_type="text/html",
+              after_effect=True, method="POST")
+    s = quick_sender(store, clock)
+    s.flush_once()
+    assert len(fake.tasks) == 1 and Action.get().status == "sending"
+    fake.clear_faults()
+    clock.advance(3600)
+    s.drain()
+    assert len(fake.tasks) == 1 and s.stats.adopted == 1
+
+
+def test_429_on_the_post_is_not_an_attempt_and_nothing_was_created(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(3)], event_id=1)
+    fake.fail("/api/v4/tasks", status=429, retry_after=7, method="POST")
+    s = quick_sender(store, clock)
+    s.flush_once()
+    action = Action.get()
+    assert action.status == "pending" and action.attempts == 0
+    assert action.lease_until == pytest.approx(clock.now + 7, abs=0.5)
+    clock.advance(8)
+    s.drain()
+    assert len(fake.tasks) == 1 and s.stats.lookups == 0
+
+
+def test_an_action_that_gave_up_comes_back_on_replay_and_is_looked_up_first(store, fake, account):
+    clock = Clock()
+    p = planned(4)
+    record_planned(store, [p], event_id=1)
+    fake.fail("/api/v4/tasks", status=503, method="POST", times=None)
+    s = quick_sender(store, clock)
+    for _ in range(30):
+        if Action.get().status == "failed":
+            break
+        s.flush_once()
+        clock.advance(4000)
+    action = Action.get()
+    assert action.status == "failed" and action.attempts == 10
+    fake.clear_faults()
+    assert record_planned(store, [p], event_id=1) == 0  # what `events replay` leads to
+    s.drain()
+    assert len(fake.tasks) == 1
+    assert Action.get().status == "done"
+    assert len(fake.requests_to("/api/v4/tasks", "GET")) >= 1  # it looked before sending
+
+
+def test_an_expired_lease_is_not_used_to_post(store, fake, account):
+    clock = Clock()
+    record_planned(store, [planned(5)], event_id=1)
+    s = quick_sender(store, clock)
+    actions, _ = s.claim()
+    clock.advance(s.lease_seconds + 1)  # e.g. the process stalled; another sender may own it now
+    s._send(client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions})
+    assert not fake.requests_to("/api/v4/tasks", "POST")

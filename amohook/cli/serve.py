@@ -70,7 +70,9 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
 
         def client(sub: str):
             if sub not in clients:
-                clients[sub] = client_for(store, sub)
+                # One attempt: a 429 or a failure comes back to the sender, which reschedules the
+                # batch instead of sleeping inside its lease.
+                clients[sub] = client_for(store, sub, max_attempts=1)
             return clients[sub]
 
         import logging
@@ -176,10 +178,13 @@ def serve(
         f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s)")
     while not stop.wait(1.0):
         pass
-    service.stop(timeout=8.0)
+    import time
+
+    deadline = time.monotonic() + 9.0
+    sender_stop.set()  # a batch in flight finishes and its outcome is recorded first
+    service.stop(timeout=7.5)
     if sender_thread is not None:
-        sender_stop.set()  # a batch in flight finishes and its outcome is recorded first
-        sender_thread.join(5.0)
+        sender_thread.join(max(0.1, deadline - time.monotonic()))
     say("stopped")
 
 
