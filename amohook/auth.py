@@ -95,6 +95,8 @@ def start_authorization(
         raise ConfigError(f"unknown domain '{domain}' — use one of {', '.join(AUTHORIZE_HOSTS)}")
     state = secrets.token_urlsafe(24)
     with store.write():
+        # Authorizations never completed keep a client secret: drop them once they are too old.
+        OAuthState.delete().where(OAuthState.created_at < clock() - STATE_MAX_AGE).execute()
         OAuthState.create(
             state=state,
             client_id=client.client_id,
@@ -126,12 +128,14 @@ def complete_authorization(
             raise ConfigError("this authorization was already completed — start again with `amohook auth-url`")
         if clock() - pending.created_at > STATE_MAX_AGE:
             raise ConfigError("this authorization link is more than an hour old — start again with `amohook auth-url`")
-        OAuthState.update(used_at=clock()).where(OAuthState.state == state).execute()
+        secret = pending.client_secret
+        # The row kept the client secret only for this exchange.
+        OAuthState.update(used_at=clock(), client_secret="").where(OAuthState.state == state).execute()
     if not referer:
         raise ConfigError("amoCRM's redirect carried no referer (the account's address) — start again with `amohook auth-url`")
     # referer is the account host without scheme, e.g. "example.amocrm.ru" (FACTS.md §1).
     host = referer.strip().split("/")[0]
     subdomain = check_subdomain(host)
     base_url = pending.base_url or base_url_for(subdomain, base_url=f"https://{host}")
-    client = Client(pending.client_id, pending.client_secret, pending.redirect_uri)
+    client = Client(pending.client_id, secret, pending.redirect_uri)
     return authorize_with_code(store, subdomain=subdomain, base_url=base_url, client=client, code=code, session=session, clock=clock)

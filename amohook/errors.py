@@ -136,8 +136,8 @@ class AccountBlocked(AmoApiError):
     exit_code = ExitCode.BLOCKED
 
 
-class Unauthorized(AmoApiError):
-    """401 from the API even after one refresh."""
+class Unauthorized(AmoApiError, ReauthRequired):
+    """401 from the API even after one refresh: only a new authorization helps."""
 
     exit_code = ExitCode.REAUTH
 

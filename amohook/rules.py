@@ -87,13 +87,25 @@ def template_fields(text: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
 
 
+def _template_specs(text: str) -> list[str]:
+    """Placeholders carrying a format spec or conversion ({x:d}, {x!r}): every value is text."""
+    return [
+        f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+        for _, name, spec, conv in string.Formatter().parse(text)
+        if name is not None and (spec or conv)
+    ]
+
+
 def check_template(text: str) -> list[str]:
     """Problems of a template: broken braces or placeholders outside ``PLACEHOLDERS``."""
     try:
         names = template_fields(text)
     except ValueError as exc:
         return [f"broken braces ({exc}) — write {{{{ and }}}} for literal braces"]
-    problems = []
+    problems = [
+        f"{field} has a format spec or conversion — write plain {{name}} placeholders"
+        for field in _template_specs(text)
+    ]
     for name in names:
         if name not in PLACEHOLDERS:
             import difflib
@@ -497,7 +509,9 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str) -> str:
     (the delivery).
     """
     if change.kind == "stage_changed":
-        what = f"{change.pipeline_id}:{change.status_id}<{change.old_pipeline_id or change.pipeline_id}:{change.old_status_id}"
+        # The old pipeline is left out: some blocks carry old_pipeline_id and some do not, and a
+        # lead cannot leave two stages with the same id at the same modification time.
+        what = f"{change.pipeline_id}:{change.status_id}<{change.old_status_id}"
     elif change.kind == "responsible_changed":
         what = f"resp:{change.responsible_user_id}<{change.old_responsible_user_id}"
     else:

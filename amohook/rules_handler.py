@@ -62,6 +62,11 @@ class RulesHandler:
                 )
                 if task is not None:
                     planned.append(task)
+                else:
+                    ctx.logger.warning(
+                        "rule %r: lead %s has no responsible user in the hook or in amoCRM; no task created",
+                        rule.name, change.lead_id,
+                    )
         new = record_planned(self.store, planned, event.id)
         if new and self.on_recorded:
             self.on_recorded(new)

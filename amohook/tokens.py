@@ -18,14 +18,15 @@ import requests
 
 from amohook.amocrm.http import DEFAULT_TIMEOUT, new_session
 from amohook.amocrm.oauth import Client, TokenPair, refresh_pair
-from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing
+from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease
 from amohook.store.models import Account
 
-# Longer than the token request can take (connect 5 s + read 20 s), so a live holder never loses
-# it; short enough that a holder killed mid-refresh blocks the next refresh for only this long.
-REFRESH_LEASE_TTL = 60.0
-REFRESH_LEASE_WAIT = 90.0
+# Far longer than the token request can take (connect 5 s + read 20 s per read, so a slow answer
+# trickling in could pass 25 s), so a live holder does not lose it; a holder killed mid-refresh
+# blocks the next refresh for at most this long (cron runs every 30 minutes).
+REFRESH_LEASE_TTL = 300.0
+REFRESH_LEASE_WAIT = 330.0
 # amoCRM revokes a refresh token unused for 3 months; warn a month ahead.
 REFRESH_TOKEN_LIFETIME = 90 * 86400
 REFRESH_TOKEN_WARN_AGE = 60 * 86400
@@ -166,7 +167,8 @@ def refresh_tokens(
                 timeout=timeout,
                 clock=clock,
             )
-        except RefreshOutcomeUnknown as exc:
+        except (RefreshOutcomeUnknown, TokenRevoked) as exc:
+            # `status` must show it at once, not when the access token runs out.
             _record_error(store, account, exc.message, clock)
             raise
         # Commit the new pair before anyone uses it and before the lease is released.

@@ -76,6 +76,8 @@ def test_the_readme_example_parses():
         ("[[rule]]\nname='a'\nwhen='lead.added'\ncolour='red'\n[rule.create_task]\ntype=1\ntext='x'", "unknown key 'colour'"),
         ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'\n[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'", "used twice"),
         ("[[rule]]\nname='a'\nwhen='lead.added'\n[[rule.condition]]\nfield='Source'\n[rule.create_task]\ntype=1\ntext='x'", "condition #1 needs"),
+        ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{lead.price:d}'", "format spec"),
+        ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{lead.name!z}'", "format spec"),
         ("rule = 3", "array of tables"),
         ("[[rule]\n", "not valid TOML"),
     ],

@@ -100,6 +100,11 @@ def test_the_readme_example_end_to_end(store, fake, crm):
     assert before + 86400 - 5 <= task["complete_till"] <= time.time() + 86400
     action = Action.get()
     assert action.status == "done" and action.result_id == task["id"]
+    import json
+
+    shown = json.loads(run_cli(["events", "show", str(Event.get().id), "--json"], store.url).stdout)
+    assert shown["actions"] == [{"rule": "call qualified leads", "kind": "create_task", "status": "done",
+                                 "task_id": task["id"], "attempts": 0, "last_error": None}]
 
 
 def test_duplicates_resends_and_replays_create_one_task(store, fake, crm):

@@ -8,7 +8,7 @@ tokens are single-use, and an answer lost on the way may already have spent the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import requests
 
@@ -27,8 +27,8 @@ KEYS_TAB = "the integration's Keys tab (amoCRM → Settings → Integrations →
 
 @dataclass(frozen=True)
 class TokenPair:
-    access_token: str
-    refresh_token: str | None
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
     expires_in: int
     issued_at: float
 

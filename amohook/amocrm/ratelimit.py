@@ -34,7 +34,7 @@ class NoLimit:
 
 def decide(grants: list[float], now: float, rate: int, window: float) -> tuple[bool, float, list[float]]:
     """Pure core: may a request go at ``now``? Returns (granted, wait seconds, grants to keep)."""
-    recent = [t for t in grants if t > now - window]
+    recent = sorted(t for t in grants if t > now - window)
     if len(recent) < rate:
         return True, 0.0, recent + [now]
     return False, recent[-rate] + window - now, recent
@@ -59,9 +59,12 @@ class SharedRateLimiter:
         self.clock = clock
         self.sleep = sleep
         self.waited = 0.0
+        self._known: set[str] = set()
 
     def acquire(self, key: str) -> None:
-        RateWindow.insert(key=key, grants="[]").on_conflict_ignore().execute()
+        if key not in self._known:
+            RateWindow.insert(key=key, grants="[]").on_conflict_ignore().execute()
+            self._known.add(key)
         while True:
             with self.store.write():
                 query = RateWindow.select().where(RateWindow.key == key)

@@ -72,7 +72,9 @@ def list_(
 @events_app.command("show")
 def show(
     ctx: typer.Context,
-    event_id: Annotated[int, typer.Argument(metavar="ID", help="Event id (see `amohook events list`).")],
+    event_id: Annotated[
+        int, typer.Argument(metavar="ID", min=1, max=2**63 - 1, help="Event id (see `amohook events list`).")
+    ],
     as_json: JsonOpt = False,
 ):
     """Show one event: its parsed data, the raw body it came in, and every attempt."""
@@ -113,9 +115,17 @@ def show(
             "body_sha256": delivery.body_sha256,
             "body": delivery.body,
         }
+    from amohook.store.models import Action
+
+    actions = [
+        {"rule": a.rule, "kind": a.kind, "status": a.status, "task_id": a.result_id, "attempts": a.attempts,
+         "last_error": a.last_error}
+        for a in Action.select().where(Action.event_id == event.id).order_by(Action.id)
+    ]
     if as_json:
         out = _row(event)
         out["attempt_count"] = out.pop("attempts")
+        out["actions"] = actions
         out.update(
             {
                 "lease_owner": event.lease_owner,
@@ -150,12 +160,19 @@ def show(
     say(f"attempts ({len(attempts)}):")
     for a in detail.attempts:
         say(f"  {fmt_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
+    if actions:
+        say(f"rule actions ({len(actions)}):")
+        for a in actions:
+            task = f" task {a['task_id']}" if a["task_id"] else ""
+            say(f"  {a['rule']}: {a['kind']} {a['status']}{task}" + (f"  {a['last_error']}" if a["last_error"] else ""))
 
 
 @events_app.command("replay")
 def replay(
     ctx: typer.Context,
-    event_ids: Annotated[Optional[List[int]], typer.Argument(metavar="[ID]...", help="Events to queue again.")] = None,
+    event_ids: Annotated[
+        Optional[List[int]], typer.Argument(metavar="[ID]...", min=1, max=2**63 - 1, help="Events to queue again.")
+    ] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Queue every dead event again.")] = False,
     as_json: JsonOpt = False,
 ):

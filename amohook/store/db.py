@@ -124,6 +124,10 @@ def connect_url(url: str) -> peewee.Database:
         kwargs["field_types"] = {"LONGTEXT": "LONGTEXT"}
         extra = dict(parse_qsl(urlparse(url).query))
         kwargs.setdefault("charset", extra.get("charset", "utf8mb4"))
+        # Under REPEATABLE READ, a claim's FOR UPDATE SKIP LOCKED over an index range takes gap
+        # locks that block the listener's inserts of new events; READ COMMITTED takes none.
+        # Nothing here relies on repeatable reads: every read that decides a write locks its rows.
+        kwargs["init_command"] = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
         kwargs["connect_timeout"] = 10
     else:
         kwargs["field_types"] = {"LONGTEXT": "TEXT"}
