@@ -197,3 +197,22 @@ def test_traceback_flag_shows_the_stack(sqlite_url):
     result = run_cli(["--traceback", "refresh-token"], sqlite_url)
     assert result.returncode == ExitCode.USAGE
     assert "Traceback" in result.stderr and "AccountNotFound" in result.stderr
+
+
+def test_completed_authorization_keeps_no_client_secret(sqlite_url, fake):
+    from amohook.amocrm.oauth import Client
+    from amohook.auth import complete_authorization, start_authorization
+    from amohook.store.models import OAuthState
+
+    store = open_store(sqlite_url)
+    client = Client(fake.client_id, fake.client_secret, fake.redirect_uri)
+    _, state = start_authorization(store, client=client, base_url=fake.base_url)
+    account = complete_authorization(store, state=state, code=fake.issue_code(), referer="example.amocrm.ru")
+    assert account.amo_account_id == fake.account_id
+    row = OAuthState.get_by_id(state)
+    assert row.used_at is not None and row.client_secret == ""
+    # Started long ago and never completed: removed (with its secret) when the next one starts.
+    OAuthState.create(state="stale", client_id="c", client_secret="s", redirect_uri="r", created_at=time.time() - 7200)
+    start_authorization(store, client=client)
+    assert OAuthState.get_or_none(OAuthState.state == "stale") is None
+    store.close()

@@ -234,3 +234,19 @@ def test_sqlite_file_and_directory_are_private(tmp_path):
     directory = tmp_path / "data"
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((directory / "amohook.db").stat().st_mode) == 0o600
+
+
+def test_a_revoked_grant_shows_in_status_at_once(store, fake, account):
+    import json as _json
+
+    fake.revoke_all()
+    assert run_cli(["refresh-token", "--force"], store.url).returncode == ExitCode.REAUTH
+    [row] = _json.loads(run_cli(["status", "--json"], store.url).stdout)
+    assert "init-auth" in row["warning"] and "no longer valid" in row["warning"]
+
+
+def test_token_pairs_do_not_show_their_tokens():
+    from amohook.amocrm.oauth import TokenPair
+
+    pair = TokenPair("access-secret-value", "refresh-secret-value", 86400, 0.0)
+    assert "secret-value" not in repr(pair)
