@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -126,28 +125,10 @@ def check_storable(body: bytes, parsed: ParsedWebhook) -> None:
             raise BodyRejected(f"NUL character in {name}")
 
 
-_sqlite_locks: dict[str, threading.Lock] = {}
-_sqlite_locks_guard = threading.Lock()
-
-
-@contextmanager
 def write_txn(store):
-    """``store.write()``, queued in-process first on SQLite.
-
-    SQLite has one write lock per file and its busy handler sleeps in growing steps, so threads of
-    one process that fight over it stall each other for tens of milliseconds; a plain mutex in
-    front hands the lock over at once. Other processes still meet at SQLite's own lock.
-    """
-    if not store.is_sqlite:
-        with store.write():
-            yield
-        return
-    key = str(store.db.database)
-    with _sqlite_locks_guard:
-        lock = _sqlite_locks.setdefault(key, threading.Lock())
-    with lock:
-        with store.write():
-            yield
+    """The inbox's write transaction: ``store.write()`` (which queues this process's threads on
+    SQLite before they meet at its lock)."""
+    return store.write()
 
 
 def store_deliveries(store, items: Sequence[Incoming]) -> list[Stored]:

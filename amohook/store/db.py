@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
@@ -35,6 +37,10 @@ class Store:
     def __init__(self, db: peewee.Database, url: str):
         self.db = db
         self.url = url
+        # SQLite has one write lock per file and its busy handler sleeps in growing steps, so
+        # threads of one process fighting over it stall each other for milliseconds; queueing them
+        # on a mutex first hands the lock over at once. Other processes still meet at SQLite's lock.
+        self._write_lock = threading.RLock()
 
     @property
     def is_sqlite(self) -> bool:
@@ -52,11 +58,16 @@ class Store:
     def sqlite_path(self) -> Path | None:
         return Path(self.db.database) if self.is_sqlite else None
 
+    @contextmanager
     def write(self):
         """A transaction that takes the write lock up front where SQLite needs it (read decides write)."""
-        if self.is_sqlite:
-            return self.db.atomic("IMMEDIATE")
-        return self.db.atomic()
+        if not self.is_sqlite:
+            with self.db.atomic():
+                yield
+            return
+        with self._write_lock:
+            with self.db.atomic("IMMEDIATE"):
+                yield
 
     def for_update(self, query, skip_locked: bool = False):
         """Lock the selected rows on MySQL/PostgreSQL; on SQLite ``write()`` already holds the lock."""
