@@ -47,3 +47,32 @@ def test_the_readme_rules_example_is_the_tested_file():
     example = (ROOT / "examples" / "rules.toml").read_text(encoding="utf-8")
     body = example.split("\n", 1)[1]  # without the file's first comment line
     assert body in README
+
+
+def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
+    """The second line of "Install and run", as written (the port moved to a free one)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import requests
+
+    block = README.split("## Install and run", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    [run_line] = [line for line in block.splitlines() if "amohook serve" in line]
+    command = run_line.replace(".venv/bin/amohook", f"{sys.executable} -m amohook")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
+    env.update(HOME=str(tmp_path), AMOHOOK_PORT="0", PYTHONPATH=str(ROOT))
+    env.pop("XDG_DATA_HOME", None)
+    proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (http://\S+)", line)
+        assert match, line + proc.stderr.read()
+        health = requests.get(match.group(1) + "/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["database"] == "ok"
+        assert (tmp_path / ".local" / "share" / "amohook" / "amohook.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(15)
