@@ -58,7 +58,7 @@ def record_planned(store, planned: Iterable, event_id: int | None, clock: Callab
             account=p.account,
             rule=p.rule[:255],
             event_id=event_id,
-            kind="create_task",
+            kind=p.kind,
             payload=json.dumps(p.payload, ensure_ascii=False, sort_keys=True),
             status="pending",
             created_at=clock(),
@@ -92,6 +92,21 @@ def definitely_refused(exc: BaseException) -> bool:
     """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
     status = getattr(exc, "status", None)
     return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
+
+
+# Where each kind of action is sent, and under which key amoCRM lists what it created.
+ENDPOINTS = {"create_task": ("/api/v4/tasks", "tasks"), "add_note": ("/api/v4/leads/notes", "notes")}
+
+
+def same_note(found: dict, payload: dict, recorded_at: float) -> bool:
+    """Is this note the one the action sent? Notes have no due time to tell two changes apart,
+    so only a note created after the action was recorded counts (a minute of clock skew allowed)."""
+    return (
+        int(found.get("entity_id") or 0) == int(payload["entity_id"])
+        and found.get("note_type") == payload["note_type"]
+        and ((found.get("params") or {}).get("text") or "") == payload["params"]["text"]
+        and int(found.get("created_at") or 0) >= int(recorded_at) - 60
+    )
 
 
 def same_task(found: dict, payload: dict) -> bool:
@@ -156,13 +171,14 @@ class ActionSender:
         )
         with self.store.write():
             first = self.store.for_update(
-                Action.select(Action.id, Action.account).where(due).order_by(Action.id).limit(1), skip_locked=True
+                Action.select(Action.id, Action.account, Action.kind).where(due).order_by(Action.id).limit(1),
+                skip_locked=True,
             ).first()
             if first is None:
                 return [], set()
             query = (
                 Action.select()
-                .where(due & (Action.account == first.account))
+                .where(due & (Action.account == first.account) & (Action.kind == first.kind))
                 .order_by(Action.id)
                 .limit(self.batch_size)
             )
@@ -263,18 +279,26 @@ class ActionSender:
 
     def _adopt_existing(self, client, actions: list[Action], payloads: dict) -> set[int]:
         """Find tasks earlier attempts may have created; mark those actions done."""
+        kind = actions[0].kind
+        path, key = ENDPOINTS[kind]
         lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
         found: list[dict] = []
         for start in range(0, len(lead_ids), 50):
             chunk = lead_ids[start:start + 50]
             self.stats.lookups += 1
-            params = {"filter[entity_type]": "leads", "filter[entity_id][]": chunk}
-            found.extend(client.iter_pages("/api/v4/tasks", "tasks", params))
+            params = {"filter[entity_id][]": chunk}
+            if kind == "create_task":
+                params["filter[entity_type]"] = "leads"
+            found.extend(client.iter_pages(path, key, params))
         adopted: set[int] = set()
         taken: set[int] = set()
         for a in actions:
             for task in found:
-                if task.get("id") not in taken and same_task(task, payloads[a.id]):
+                matched = (
+                    same_task(task, payloads[a.id]) if kind == "create_task"
+                    else same_note(task, payloads[a.id], a.created_at)
+                )
+                if task.get("id") not in taken and matched:
                     taken.add(task["id"])
                     adopted.add(a.id)
                     self._done(a.id, task["id"])
@@ -288,9 +312,10 @@ class ActionSender:
         if not actions:
             return
         by_request = {payloads[a.id]["request_id"]: a for a in actions}
+        path, key = ENDPOINTS[actions[0].kind]
         self.stats.posts += 1
         try:
-            answer = client.post("/api/v4/tasks", [payloads[a.id] for a in actions]) or {}
+            answer = client.post(path, [payloads[a.id] for a in actions]) or {}
         except ValidationFailed as exc:
             bad = self._invalid(exc, actions, payloads)
             if not bad:  # cannot tell which item: every one of them is refused
@@ -305,7 +330,7 @@ class ActionSender:
         except Exception as exc:
             self._reschedule(actions, exc, maybe_sent=not definitely_refused(exc))
             return
-        created = (answer.get("_embedded") or {}).get("tasks") or []
+        created = (answer.get("_embedded") or {}).get(key) or []
         settled = set()
         for item in created:
             action = by_request.get(str(item.get("request_id")))

@@ -25,8 +25,9 @@ TRIGGERS = {
     "lead.added": "a lead was created (leads[add])",
     "lead.responsible_changed": "a lead got another responsible user (leads[responsible], or leads[update] with old_responsible_user_id)",
 }
-RULE_KEYS = {"name", "when", "account", "pipeline", "to_stage", "from_stage", "condition", "create_task"}
+RULE_KEYS = {"name", "when", "account", "pipeline", "to_stage", "from_stage", "condition", "create_task", "add_note"}
 TASK_KEYS = {"type", "text", "due", "responsible", "duration"}
+NOTE_KEYS = {"text"}
 CONDITION_OPS = ("equals", "not_equals", "contains", "is_set", "is_empty")
 # What a template may say. Unknown placeholders are errors at `rules check` time, not at 3 a.m.
 PLACEHOLDERS = {
@@ -71,6 +72,11 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class NoteSpec:
+    text: str
+
+
+@dataclass(frozen=True)
 class RuleSpec:
     name: str
     when: str
@@ -80,6 +86,7 @@ class RuleSpec:
     account: str | None = None
     conditions: tuple[Condition, ...] = ()
     create_task: TaskSpec | None = None
+    add_note: NoteSpec | None = None
 
 
 def template_fields(text: str) -> list[str]:
@@ -218,8 +225,25 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
             conditions.append(Condition(cond["field"], op, value))
         task = None
         raw_task = raw.get("create_task")
+        raw_note = raw.get("add_note")
+        note = None
+        if raw_task is None and raw_note is None:
+            problems.append(f"{label}: needs an action: [rule.create_task] and/or [rule.add_note]")
+        if raw_note is not None:
+            if not isinstance(raw_note, dict):
+                problems.append(f"{label}: add_note must be a table")
+            else:
+                for key in sorted(set(raw_note) - NOTE_KEYS):
+                    problems.append(f"{label}: add_note has an unknown key '{key}'")
+                note_text = raw_note.get("text")
+                if not isinstance(note_text, str) or not note_text.strip():
+                    problems.append(f"{label}: add_note needs a text")
+                    note_text = ""
+                for problem in check_template(note_text):
+                    problems.append(f"{label}: add_note text: {problem}")
+                note = NoteSpec(text=note_text)
         if raw_task is None:
-            problems.append(f"{label}: needs an action: [rule.create_task]")
+            pass
         elif not isinstance(raw_task, dict):
             problems.append(f"{label}: create_task must be a table")
         else:
@@ -258,6 +282,7 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
                 account=raw.get("account"),
                 conditions=tuple(conditions),
                 create_task=task,
+                add_note=note,
             )
         )
     if problems:
@@ -328,11 +353,12 @@ def compile_rules(specs: list[RuleSpec], accounts: list[str], path: str = "rules
         task = spec.create_task
         task_type_id = 0
         responsible_id = None
-        try:
-            task_type_id = lookup.find_task_type(account, task.type).amo_id
-        except lookup.LookupFailed as exc:
-            problems.append(f"{label}: {exc.message}")
-        if str(task.responsible).strip().lower() != "lead":
+        if task is not None:
+            try:
+                task_type_id = lookup.find_task_type(account, task.type).amo_id
+            except lookup.LookupFailed as exc:
+                problems.append(f"{label}: {exc.message}")
+        if task is not None and str(task.responsible).strip().lower() != "lead":
             try:
                 responsible_id = lookup.find_user(account, task.responsible).amo_id
             except lookup.LookupFailed as exc:
@@ -493,14 +519,17 @@ def condition_holds(cond: Condition, field_id: int | None, change: LeadChange) -
 # -- planning ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlannedTask:
+    """One effect to carry out once: a task (``create_task``) or a note (``add_note``)."""
+
     key: str
     rule: str
     account: str
     lead_id: int
-    payload: dict  # the POST /api/v4/tasks item, complete_till already fixed
+    payload: dict  # the item to POST, every field (due time included) fixed now
+    kind: str = "create_task"
 
 
-def action_key(rule: CompiledRule, change: LeadChange, fallback: str) -> str:
+def action_key(rule: CompiledRule, change: LeadChange, fallback: str, kind: str = "create_task") -> str:
     """One key per (rule, lead, change): the same change delivered as leads[status] and as
     leads[update], re-sent by amoCRM or replayed, gives the same key.
 
@@ -518,6 +547,8 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str) -> str:
         what = "added"
     when = change.changed_at or fallback
     raw = f"{rule.account}|{rule.name}|lead:{change.lead_id}|{change.kind}|{what}|at:{when}"
+    if kind != "create_task":
+        raw += f"|{kind}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -543,25 +574,9 @@ def plan_task(
     task = rule.spec.create_task
     lead = lead or {}
     responsible = rule.responsible_user_id or change.responsible_user_id or _int(lead.get("responsible_user_id"))
-    if responsible is None:
+    if task is None or responsible is None:
         return None
-    name = change.name if change.name is not None else lead.get("name")
-    price = change.price if change.price is not None else lead.get("price")
-    values = {
-        "lead.id": change.lead_id,
-        "lead.name": name or "",
-        "lead.price": price if price not in (None, "") else "",
-        "pipeline.id": change.pipeline_id or "",
-        "pipeline.name": rule.pipeline_name or "",
-        "stage.id": change.status_id or "",
-        "stage.name": rule.stage_names.get((change.pipeline_id, change.status_id), ""),
-        "from_stage.id": change.old_status_id or "",
-        "from_stage.name": rule.stage_names.get((change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""),
-        "responsible.id": responsible,
-        "responsible.name": rule.user_names.get(responsible, ""),
-        "account.subdomain": rule.account,
-        "rule.name": rule.name,
-    }
+    values = template_values(rule, change, lead, responsible)
     key = action_key(rule, change, fallback)
     payload = {
         "text": render(task.text, values).strip() or rule.name,
@@ -577,12 +592,53 @@ def plan_task(
     return PlannedTask(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload)
 
 
+def plan_note(rule: CompiledRule, change: LeadChange, *, fallback: str, lead: dict | None = None) -> PlannedTask | None:
+    """The note this rule adds to the lead for this change (a "common" text note)."""
+    note = rule.spec.add_note
+    if note is None:
+        return None
+    lead = lead or {}
+    responsible = rule.responsible_user_id or change.responsible_user_id or _int(lead.get("responsible_user_id"))
+    key = action_key(rule, change, fallback, kind="add_note")
+    payload = {
+        "entity_id": change.lead_id,
+        "note_type": "common",
+        "params": {"text": render(note.text, template_values(rule, change, lead, responsible)).strip() or rule.name},
+        "request_id": key[:32],
+    }
+    return PlannedTask(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload,
+                       kind="add_note")
+
+
+def template_values(rule: CompiledRule, change: LeadChange, lead: dict, responsible: int | None) -> dict:
+    name = change.name if change.name is not None else lead.get("name")
+    price = change.price if change.price is not None else lead.get("price")
+    return {
+        "lead.id": change.lead_id,
+        "lead.name": name or "",
+        "lead.price": price if price not in (None, "") else "",
+        "pipeline.id": change.pipeline_id or "",
+        "pipeline.name": rule.pipeline_name or "",
+        "stage.id": change.status_id or "",
+        "stage.name": rule.stage_names.get((change.pipeline_id, change.status_id), ""),
+        "from_stage.id": change.old_status_id or "",
+        "from_stage.name": rule.stage_names.get((change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""),
+        "responsible.id": responsible or "",
+        "responsible.name": rule.user_names.get(responsible, "") if responsible else "",
+        "account.subdomain": rule.account,
+        "rule.name": rule.name,
+    }
+
+
 def needs_lead(rule: CompiledRule, change: LeadChange) -> bool:
-    """Digital Pipeline hooks carry only ids: fetch the lead when the task needs more."""
-    task = rule.spec.create_task
-    fields = set(template_fields(task.text))
+    """Digital Pipeline hooks carry only ids: fetch the lead when the task or note needs more."""
+    task, note = rule.spec.create_task, rule.spec.add_note
+    fields = set(template_fields(task.text)) if task else set()
+    if note:
+        fields |= set(template_fields(note.text))
     missing_name = change.name is None and bool({"lead.name", "lead.price"} & fields)
-    missing_resp = rule.responsible_user_id is None and change.responsible_user_id is None
+    wants_responsible = task is not None or bool({"responsible.id", "responsible.name"} & fields)
+    missing_resp = wants_responsible and rule.responsible_user_id is None and change.responsible_user_id is None
     return missing_name or missing_resp
 
 
@@ -595,8 +651,9 @@ def rule_summaries(rules: Iterable[CompiledRule]) -> list[dict]:
             "pipeline_id": r.pipeline_id,
             "to_stage_id": r.to_stage_id,
             "from_stage_id": r.from_stage_id,
-            "task_type_id": r.task_type_id,
+            "task_type_id": r.task_type_id if r.spec.create_task else None,
             "responsible": r.responsible_user_id or "lead",
+            "actions": [k for k in ("create_task", "add_note") if getattr(r.spec, k)],
         }
         for r in rules
     ]

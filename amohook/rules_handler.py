@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from amohook.actions import record_planned
-from amohook.rules import CompiledRule, lead_changes, matches, needs_lead, plan_task
+from amohook.rules import CompiledRule, lead_changes, matches, needs_lead, plan_note, plan_task
 from amohook.store.models import Account
 
 
@@ -52,12 +52,18 @@ class RulesHandler:
                     lead = ctx.client(rule.account).get(f"/api/v4/leads/{change.lead_id}")
                     if lead is None:  # 204: the lead is gone; nothing to remind anyone of
                         continue
+                fallback = f"delivery:{event.delivery_id}"
+                note = plan_note(rule, change, fallback=fallback, lead=lead)
+                if note is not None:
+                    planned.append(note)
+                if rule.spec.create_task is None:
+                    continue
                 task = plan_task(
                     rule,
                     change,
                     base_time=event.received_at,
                     timezone=self.timezone(rule.account),
-                    fallback=f"delivery:{event.delivery_id}",
+                    fallback=fallback,
                     lead=lead,
                 )
                 if task is not None:

@@ -259,3 +259,35 @@ def test_an_expired_lease_is_not_used_to_post(store, fake, account):
     clock.advance(s.lease_seconds + 1)  # e.g. the process stalled; another sender may own it now
     s._send(client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions})
     assert not fake.requests_to("/api/v4/tasks", "POST")
+
+
+def planned_note(lead_id: int, text: str = "Moved to Qualified") -> PlannedTask:
+    key = hashlib.sha256(f"note|{lead_id}".encode()).hexdigest()
+    payload = {"entity_id": lead_id, "note_type": "common", "params": {"text": text}, "request_id": key[:32]}
+    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
+
+
+def test_notes_and_tasks_go_in_batches_of_their_own_kind(store, fake, account):
+    record_planned(store, [planned(1), planned_note(1), planned(2), planned_note(2)], event_id=1)
+    sender(store).drain()
+    assert len(fake.tasks) == 2 and len(fake.notes) == 2
+    assert [len(r.json) for r in fake.requests_to("/api/v4/tasks", "POST")] == [2]
+    assert [len(r.json) for r in fake.requests_to("/api/v4/leads/notes", "POST")] == [2]
+    assert {n["params"]["text"] for n in fake.notes.values()} == {"Moved to Qualified"}
+    assert Action.select().where(Action.status == "done").count() == 4
+
+
+def test_a_note_whose_answer_was_lost_is_adopted_not_added_twice(store, fake, account):
+    clock = Clock()
+    # The same text on the lead from an earlier change must not be mistaken for this one.
+    fake.notes[1] = {"id": 1, "entity_id": 9, "note_type": "common", "params": {"text": "Moved to Qualified"},
+                     "created_at": int(time.time()) - 86400}
+    record_planned(store, [planned_note(9)], event_id=1)
+    fake.fail("/api/v4/leads/notes", drop=True, after_effect=True, method="POST")
+    s = sender(store, clock)
+    s.flush_once()
+    assert len(fake.notes) == 2
+    clock.advance(3600)
+    s.drain()
+    assert len(fake.notes) == 2 and s.stats.adopted == 1
+    assert Action.get().result_id != 1

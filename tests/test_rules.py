@@ -252,3 +252,34 @@ def test_a_named_responsible_overrides_the_lead():
     rule = compiled(responsible_user_id=42)
     task = plan_task(rule, change(), base_time=BASE, timezone=None, fallback="d")
     assert task.payload["responsible_user_id"] == 42
+
+
+# -- a second action: a note on the lead ------------------------------------------------------
+NOTE_RULE = EXAMPLE + """[rule.add_note]
+text = "Moved to {stage.name} from {from_stage.name}; call task for {responsible.name}"
+"""
+
+
+def test_a_rule_may_add_a_note_besides_or_instead_of_a_task():
+    [both] = parse_rules(NOTE_RULE)
+    assert both.create_task is not None and both.add_note.text.startswith("Moved to")
+    only_note = "[[rule]]\nname='n'\nwhen='lead.added'\n[rule.add_note]\ntext='New lead {lead.name}'"
+    [spec] = parse_rules(only_note)
+    assert spec.create_task is None and spec.add_note is not None
+    with pytest.raises(RulesError) as info:
+        parse_rules("[[rule]]\nname='n'\nwhen='lead.added'\n[rule.add_note]\ntext='{lead.phone}'")
+    assert "add_note text: unknown placeholder {lead.phone}" in info.value.message
+
+
+def test_the_note_is_planned_with_its_own_key():
+    from amohook.rules import plan_note
+
+    rule = compiled(parse_rules(NOTE_RULE)[0])
+    note = plan_note(rule, change(), fallback="d1")
+    task = plan_task(rule, change(), base_time=BASE, timezone=None, fallback="d1")
+    assert note.kind == "add_note" and task.kind == "create_task"
+    assert note.key != task.key
+    assert note.payload == {"entity_id": 5, "note_type": "common",
+                            "params": {"text": "Moved to Qualified from New; call task for Anna"},
+                            "request_id": note.key[:32]}
+    assert plan_note(rule, change(), fallback="d2").key == note.key  # the change, not the delivery

@@ -242,3 +242,23 @@ def test_serve_and_worker_refuse_to_start_with_invalid_rules(store, crm, tmp_pat
     assert worked.returncode == ExitCode.USAGE
     missing = run_cli(["worker", "--rules", str(tmp_path / "nope.toml"), "--once"], store.url)
     assert missing.returncode == ExitCode.USAGE and "cannot read the rules file" in missing.stderr
+
+
+def test_a_task_and_a_note_each_once(store, fake, crm, tmp_path):
+    rules = tmp_path / "with-note.toml"
+    rules.write_text(RULES + '[rule.add_note]\ntext = "Qualified by the rules; task for {responsible.name}"\n')
+    serve = Serve(store.url, "--workers", "1", "--rules", str(rules))
+    try:
+        assert serve.post(stage_body(crm, block="status")) == 200
+        assert serve.post(stage_body(crm, block="update")) == 200
+        settle(fake, 1)
+        deadline = time.time() + 10
+        while not fake.notes and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        serve.stop()
+    assert len(fake.tasks) == 1
+    [note] = fake.notes.values()
+    assert (note["entity_id"], note["note_type"]) == (5001, "common")
+    assert note["params"]["text"] == "Qualified by the rules; task for Anna"

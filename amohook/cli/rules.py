@@ -35,7 +35,12 @@ def check(
         return
     for r in compiled:
         where = f"pipeline {r.pipeline_name!r}" if r.pipeline_name else "any pipeline"
-        say(f"ok  {r.name}: {r.spec.when} in {where} → task type {r.task_type_id}")
+        effects = []
+        if r.spec.create_task:
+            effects.append(f"task type {r.task_type_id}")
+        if r.spec.add_note:
+            effects.append("a note")
+        say(f"ok  {r.name}: {r.spec.when} in {where} → {' and '.join(effects)}")
     say(f"{len(compiled)} rule{'s' if len(compiled) != 1 else ''} valid")
 
 

@@ -201,6 +201,8 @@ ROUTES = [
     ("GET", r"/api/v4/account", "_h_account", True),
     ("GET", r"/api/v4/leads/pipelines", "_h_pipelines", True),
     ("GET", r"/api/v4/leads/custom_fields", "_h_custom_fields", True),
+    ("GET", r"/api/v4/leads/notes", "_h_notes", True),
+    ("POST", r"/api/v4/leads/notes", "_h_notes_create", True),
     ("GET", r"/api/v4/leads/(\d+)", "_h_lead", True),
     ("GET", r"/api/v4/users", "_h_users", True),
     ("GET", r"/api/v4/tasks", "_h_tasks", True),
@@ -275,6 +277,7 @@ class FakeAmo:
                       price=lead["price"], created_at=lead["created_at"], updated_at=lead["updated_at"],
                       _embedded={"tags": lead["_embedded"]["tags"], "companies": []})
         self.tasks: dict[int, dict] = {}
+        self.notes: dict[int, dict] = {}  # lead notes (POST/GET /api/v4/leads/notes)
 
     @staticmethod
     def _new_id(taken: Any, floor: int) -> int:
@@ -800,3 +803,49 @@ class FakeAmo:
                 "account_id": self.account_id, **item, "id": tid, "request_id": item.get("request_id")}
             created.append({"id": tid, "request_id": rid, "_links": self._link(f"/api/v4/tasks/{tid}")})
         return _json(200, {"_links": self._link("/api/v4/tasks"), "_embedded": {"tasks": created}})
+
+    # ---------------------------------------------------------------- lead notes
+    NOTE_TYPES = ("common", "call_in", "call_out", "service_message", "extended_service_message", "sms_in", "sms_out")
+
+    def _h_notes(self, rec: RecordedRequest, token: dict) -> Response:
+        ids = {int(v) for v in self._q(rec, "filter[entity_id]")}
+        types = set(self._q(rec, "filter[note_type]"))
+        items = [
+            {**{k: v for k, v in n.items() if k != "request_id"}, "_links": self._link(f"/api/v4/leads/notes/{n['id']}")}
+            for _, n in sorted(self.notes.items())
+            if (not ids or n["entity_id"] in ids) and (not types or n["note_type"] in types)
+        ]
+        return self._page(rec, "notes", items, totals=False)
+
+    def _h_notes_create(self, rec: RecordedRequest, token: dict) -> Response:
+        """POST /api/v4/leads/notes: an array of notes; like tasks, one invalid item refuses all."""
+        items = rec.json
+        if not isinstance(items, list) or not items:
+            return problem(400, "The request body must be a non-empty JSON array")
+        if len(items) > self.max_batch:
+            return problem(400, f"At most {self.max_batch} notes per request")
+        rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
+        invalid = []
+        for rid, item in zip(rids, items):
+            errors = []
+            if not isinstance(item, dict) or not isinstance(item.get("entity_id"), int):
+                errors.append({"code": "NotSupportedChoice", "path": "entity_id", "detail": "entity_id must be an integer"})
+            elif item.get("note_type") not in self.NOTE_TYPES:
+                errors.append({"code": "NotSupportedChoice", "path": "note_type", "detail": "unknown note_type"})
+            elif item["note_type"] == "common" and not ((item.get("params") or {}).get("text") or "").strip():
+                errors.append({"code": "NotBlank", "path": "params.text", "detail": "This value should not be blank."})
+            if errors:
+                invalid.append({"request_id": rid, "errors": errors})
+        if invalid:
+            return problem(400, "Request validation failed", **{"validation-errors": invalid})
+        now, created = int(self._clock()), []
+        for rid, item in zip(rids, items):
+            nid = self._new_id(self.notes, 76610421)
+            self.notes[nid] = {"id": nid, "entity_id": item["entity_id"], "created_by": token["user_id"],
+                               "updated_by": token["user_id"], "created_at": now, "updated_at": now,
+                               "responsible_user_id": token["user_id"], "group_id": 0,
+                               "note_type": item["note_type"], "params": item.get("params") or {},
+                               "account_id": self.account_id, "request_id": item.get("request_id")}
+            created.append({"id": nid, "entity_id": item["entity_id"], "request_id": rid,
+                            "_links": self._link(f"/api/v4/leads/notes/{nid}")})
+        return _json(200, {"_links": self._link("/api/v4/leads/notes"), "_embedded": {"notes": created}})
