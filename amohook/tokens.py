@@ -12,15 +12,16 @@ import base64
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import requests
-
-from amohook.amocrm.http import DEFAULT_TIMEOUT, new_session
-from amohook.amocrm.oauth import Client, TokenPair, refresh_pair
 from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease
 from amohook.store.models import Account
+
+if TYPE_CHECKING:  # requests and the OAuth module load only when a refresh is really sent:
+    import requests  # cron's `refresh-token` with nothing due should cost little more than Python
+
+    from amohook.amocrm.oauth import Client, TokenPair
 
 # Far longer than the token request can take (connect 5 s + read 20 s per read, so a slow answer
 # trickling in could pass 25 s), so a live holder does not lose it; a holder killed mid-refresh
@@ -128,7 +129,7 @@ def refresh_tokens(
     stale_access_token: str | None = None,
     session: requests.Session | None = None,
     clock: Callable[[], float] = time.time,
-    timeout=DEFAULT_TIMEOUT,
+    timeout=None,
     lease_ttl: float = REFRESH_LEASE_TTL,
     lease_wait: float = REFRESH_LEASE_WAIT,
 ) -> RefreshResult:
@@ -156,6 +157,9 @@ def refresh_tokens(
         if stale_access_token is None and not force and not is_due(account, clock()):
             return RefreshResult("refreshed_by_other", account)
 
+        from amohook.amocrm.http import DEFAULT_TIMEOUT, new_session
+        from amohook.amocrm.oauth import Client, refresh_pair
+
         client = Client(account.client_id or "", account.client_secret or "", account.redirect_uri or "")
         try:
             pair = refresh_pair(
@@ -164,7 +168,7 @@ def refresh_tokens(
                 client,
                 account.refresh_token,
                 subdomain=account.subdomain,
-                timeout=timeout,
+                timeout=timeout or DEFAULT_TIMEOUT,
                 clock=clock,
             )
         except (RefreshOutcomeUnknown, TokenRevoked) as exc:
