@@ -37,16 +37,18 @@ from amohook.errors import (
     AmohookError,
     RateLimited,
     ReauthRequired,
+    RefusedBeforeRefresh,
     ValidationFailed,
 )
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
 
 BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
-# Longer than one send can take: a 401's refresh (lease wait 90 s + token request 25 s) and the
-# repeated POST (25 s). The lease is re-asserted right before each POST.
+# Longer than one POST can take (connect 5 s + read 20 s, plus the rate limiter). The lease is
+# re-asserted right before each POST, and a POST refused with 401 is not repeated inside it: the
+# refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 LEASE_SECONDS = 300.0
-MAX_ATTEMPTS = 10  # with backoff from 5 s doubling to 1 h: about 1.5 h of amoCRM trouble
+MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
 HUMAN_WAIT = 900.0  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
@@ -84,7 +86,7 @@ def record_planned(store, planned: Iterable, event_id: int | None, clock: Callab
     return len(fresh)
 
 
-def backoff(attempt: int, base: float = 5.0, cap: float = 3600.0) -> float:
+def backoff(attempt: int, base: float = 30.0, cap: float = 3600.0) -> float:
     return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
 
 
@@ -212,20 +214,21 @@ class ActionSender:
         ``counts=False``: waiting for amoCRM's rate limit or for a person is not an attempt.
         """
         now = self.clock()
-        for a in actions:
-            attempts = a.attempts + (1 if counts else 0)
-            if attempts >= self.max_attempts:
-                self._fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
-                continue
-            delay = wait if wait is not None else backoff(attempts)
-            Action.update(
-                status="sending" if maybe_sent else "pending",
-                attempts=attempts,
-                lease_owner=None if not maybe_sent else "retry",
-                lease_until=now + delay,
-                last_error=error[:2000],
-                updated_at=now,
-            ).where(self._mine([a.id])).execute()
+        with self.store.write():  # one commit for the batch, not one per action
+            for a in actions:
+                attempts = a.attempts + (1 if counts else 0)
+                if attempts >= self.max_attempts:
+                    self._fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
+                    continue
+                delay = wait if wait is not None else backoff(attempts)
+                Action.update(
+                    status="sending" if maybe_sent else "pending",
+                    attempts=attempts,
+                    lease_owner=None if not maybe_sent else "retry",
+                    lease_until=now + delay,
+                    last_error=error[:2000],
+                    updated_at=now,
+                ).where(self._mine([a.id])).execute()
         self.stats.retried += len(actions)
 
     # -- one batch -----------------------------------------------------------------------------
@@ -242,23 +245,25 @@ class ActionSender:
                 adopted = self._adopt_existing(client, [a for a in actions if a.id in maybe_sent], payloads)
             except Exception as exc:  # the lookup did not complete: nothing may be sent blind
                 self._reschedule([a for a in actions if a.id in maybe_sent], exc, maybe_sent=True)
-                self._reschedule([a for a in actions if a.id not in maybe_sent], exc, maybe_sent=False)
+                self._reschedule([a for a in actions if a.id not in maybe_sent], exc, maybe_sent=False, counts=False)
                 return claimed
             actions = [a for a in actions if a.id not in adopted]
         self._send(client, actions, payloads)
         return claimed
 
-    def _reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool) -> None:
+    def _reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool, counts: bool = True) -> None:
         if not actions:
             return
         message = exc.message if isinstance(exc, AmohookError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, RateLimited):
+        if isinstance(exc, RefusedBeforeRefresh):
+            self._later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
+        elif isinstance(exc, RateLimited):
             self._later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
         elif isinstance(exc, (AccountBlocked, ReauthRequired)):
             self._later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
             self.stats.errors.append(message)
         else:
-            self._later(actions, message, maybe_sent=maybe_sent)
+            self._later(actions, message, maybe_sent=maybe_sent, counts=counts)
             if not isinstance(exc, AmoTemporaryError):
                 self.stats.errors.append(message)
 
@@ -266,15 +271,16 @@ class ActionSender:
         """Re-assert our lease right before a POST; send only what is still ours."""
         now = self.clock()
         ids = [a.id for a in actions]
-        Action.update(lease_until=now + self.lease_seconds).where(
-            self._mine(ids) & (Action.status == "sending") & (Action.lease_until > now)
-        ).execute()
-        held = {
-            row.id
-            for row in Action.select(Action.id).where(
+        with self.store.write():
+            Action.update(lease_until=now + self.lease_seconds).where(
                 self._mine(ids) & (Action.status == "sending") & (Action.lease_until > now)
-            )
-        }
+            ).execute()
+            held = {
+                row.id
+                for row in Action.select(Action.id).where(
+                    self._mine(ids) & (Action.status == "sending") & (Action.lease_until > now)
+                )
+            }
         return [a for a in actions if a.id in held]
 
     def _adopt_existing(self, client, actions: list[Action], payloads: dict) -> set[int]:
@@ -289,22 +295,33 @@ class ActionSender:
             params = {"filter[entity_id][]": chunk}
             if kind == "create_task":
                 params["filter[entity_type]"] = "leads"
+            else:
+                params["filter[note_type]"] = "common"
             found.extend(client.iter_pages(path, key, params))
-        adopted: set[int] = set()
-        taken: set[int] = set()
-        for a in actions:
-            for task in found:
-                matched = (
-                    same_task(task, payloads[a.id]) if kind == "create_task"
-                    else same_note(task, payloads[a.id], a.created_at)
+        # A task or note already recorded as another action's result is that action's, even when
+        # it looks the same (a fixed text and an absolute due time repeat across changes).
+        with self.store.write():  # the check of what is taken and the adoption, together
+            found_ids = [f.get("id") for f in found if f.get("id") is not None]
+            taken: set[int] = {
+                row.result_id
+                for row in Action.select(Action.result_id).where(
+                    (Action.account == actions[0].account) & (Action.kind == kind) & Action.result_id.in_(found_ids or [0])
                 )
-                if task.get("id") not in taken and matched:
-                    taken.add(task["id"])
-                    adopted.add(a.id)
-                    self._done(a.id, task["id"])
-                    self.stats.adopted += 1
-                    self.log(f"action {a.id}: adopted task {task['id']} created by an earlier attempt")
-                    break
+            }
+            adopted: set[int] = set()
+            for a in actions:
+                for task in found:
+                    matched = (
+                        same_task(task, payloads[a.id]) if kind == "create_task"
+                        else same_note(task, payloads[a.id], a.created_at)
+                    )
+                    if task.get("id") not in taken and matched:
+                        taken.add(task["id"])
+                        adopted.add(a.id)
+                        self._done(a.id, task["id"])
+                        self.stats.adopted += 1
+                        self.log(f"action {a.id}: adopted task {task['id']} created by an earlier attempt")
+                        break
         return adopted
 
     def _send(self, client, actions: list[Action], payloads: dict) -> None:
@@ -315,11 +332,16 @@ class ActionSender:
         path, key = ENDPOINTS[actions[0].kind]
         self.stats.posts += 1
         try:
-            answer = client.post(path, [payloads[a.id] for a in actions]) or {}
+            answer = client.post(path, [payloads[a.id] for a in actions], repeat_after_refresh=False) or {}
         except ValidationFailed as exc:
             bad = self._invalid(exc, actions, payloads)
-            if not bad:  # cannot tell which item: every one of them is refused
-                bad = actions
+            if not bad:
+                # Cannot tell which item amoCRM refused: give the batch up as `failed` (an event
+                # replay brings it back) rather than `rejected` for good or retried blindly.
+                with self.store.write():
+                    self._fail([a.id for a in actions], exc.message + _details(exc))
+                self.stats.failed += len(actions)
+                return
             self._fail([a.id for a in bad], exc.message + _details(exc), status="rejected")
             self.stats.failed += len(bad)
             rest = [a for a in actions if a not in bad]
@@ -332,12 +354,13 @@ class ActionSender:
             return
         created = (answer.get("_embedded") or {}).get(key) or []
         settled = set()
-        for item in created:
-            action = by_request.get(str(item.get("request_id")))
-            if action is not None and action.id not in settled:
-                self._done(action.id, item.get("id"))
-                settled.add(action.id)
-                self.stats.created += 1
+        with self.store.write():
+            for item in created:
+                action = by_request.get(str(item.get("request_id")))
+                if action is not None and action.id not in settled:
+                    self._done(action.id, item.get("id"))
+                    settled.add(action.id)
+                    self.stats.created += 1
         missing = [a for a in actions if a.id not in settled]
         if missing:
             self._later(missing, "amoCRM's answer did not list these tasks", maybe_sent=True)

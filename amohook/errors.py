@@ -142,6 +142,11 @@ class Unauthorized(AmoApiError, ReauthRequired):
     exit_code = ExitCode.REAUTH
 
 
+class RefusedBeforeRefresh(AmoApiError):
+    """401 to a write whose caller asked not to repeat it: the token is now refreshed and nothing
+    was created, so the caller may send it again when it is sure it still owns the work."""
+
+
 class Forbidden(AmoApiError):
     """403 with a JSON body: the token's user lacks the right (e.g. /users needs an admin)."""
 

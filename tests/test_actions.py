@@ -291,3 +291,87 @@ def test_a_note_whose_answer_was_lost_is_adopted_not_added_twice(store, fake, ac
     s.drain()
     assert len(fake.notes) == 2 and s.stats.adopted == 1
     assert Action.get().result_id != 1
+
+
+# -- found by review: lookups must not take another change's task or note -------------------
+def change_note(lead_id: int, change: str, text: str = "Website deal moved to Negotiation") -> PlannedTask:
+    key = hashlib.sha256(f"note|{lead_id}|{change}".encode()).hexdigest()
+    payload = {"entity_id": lead_id, "note_type": "common", "params": {"text": text}, "request_id": key[:32]}
+    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
+
+
+def change_task(lead_id: int, change: str, complete_till: int = 1_900_000_000) -> PlannedTask:
+    # due = "end_of_day" (or "10:00"): two changes of one lead on one day share complete_till
+    key = hashlib.sha256(f"task|{lead_id}|{change}".encode()).hexdigest()
+    payload = {"text": "Call Acme about the offer", "complete_till": complete_till, "entity_id": lead_id,
+               "entity_type": "leads", "task_type_id": TASK_TYPE, "responsible_user_id": RESPONSIBLE,
+               "request_id": key[:32]}
+    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload)
+
+
+def test_a_note_of_a_later_change_is_not_adopted_by_an_earlier_action(store, fake, account):
+    """A1's POST got a 502 (nothing created); the lead bounces out and back, A2 is created; A1's
+    lookup must not take A2's note as its own: each change should end with its own note."""
+    clock = Clock()
+    record_planned(store, [change_note(9, "change-1")], event_id=1)
+    fake.fail("/api/v4/leads/notes", status=502, method="POST")
+    s = quick_sender(store, clock)
+    s.flush_once()
+    assert len(fake.notes) == 0 and Action.get().status == "sending"
+    record_planned(store, [change_note(9, "change-2")], event_id=2)
+    s.flush_once()  # A1 is still backing off; A2 goes alone
+    assert len(fake.notes) == 1
+    clock.advance(3600)
+    s.drain()
+    results = [a.result_id for a in Action.select().order_by(Action.id)]
+    assert all(a.status == "done" for a in Action.select())
+    assert len(set(results)) == 2, f"both actions claim note {results}: one note lost for good"
+    assert len(fake.notes) == 2
+
+
+def test_a_note_made_within_the_minute_before_is_not_adopted(store, fake, account):
+    """A1 done with N1; the lead bounces back within a minute (A2, same text); A2's POST gets a 502:
+    the 60-second skew window lets A2 adopt N1."""
+    clock = Clock()
+    record_planned(store, [change_note(9, "change-1")], event_id=1)
+    s = quick_sender(store, clock)
+    s.drain()
+    assert len(fake.notes) == 1
+    time.sleep(1.1)
+    record_planned(store, [change_note(9, "change-2")], event_id=2)
+    fake.fail("/api/v4/leads/notes", status=502, method="POST")
+    s.flush_once()
+    clock.advance(3600)
+    s.drain()
+    results = [a.result_id for a in Action.select().order_by(Action.id)]
+    assert len(set(results)) == 2, f"both actions claim note {results}: the second change has no note"
+
+
+def test_a_task_of_another_change_with_the_same_due_time_is_not_adopted(store, fake, account):
+    clock = Clock()
+    record_planned(store, [change_task(7, "change-1")], event_id=1)
+    fake.fail("/api/v4/tasks", status=502, method="POST")
+    s = quick_sender(store, clock)
+    s.flush_once()
+    record_planned(store, [change_task(7, "change-2")], event_id=2)
+    s.flush_once()
+    assert len(fake.tasks) == 1
+    clock.advance(3600)
+    s.drain()
+    results = [a.result_id for a in Action.select().order_by(Action.id)]
+    assert len(set(results)) == 2, f"both actions claim task {results}: one task lost for good"
+
+
+def test_a_post_refused_with_401_is_not_repeated_inside_the_lease(store, fake, account):
+    """The refresh may wait minutes for its own lease; the POST goes back to the queue instead."""
+    clock = Clock()
+    record_planned(store, [planned(11)], event_id=1)
+    fake.expire_access_tokens()
+    s = quick_sender(store, clock)
+    s.flush_once()
+    action = Action.get()
+    assert fake.refresh_calls == 1 and not fake.tasks
+    assert [r.status for r in fake.requests_to("/api/v4/tasks", "POST")] == [401]
+    assert action.status == "pending" and action.attempts == 1
+    s.drain()
+    assert len(fake.tasks) == 1 and Action.get().status == "done"

@@ -22,6 +22,7 @@ from amohook.errors import (
     AmoTemporaryError,
     Forbidden,
     RateLimited,
+    RefusedBeforeRefresh,
     TokenMissing,
     Unauthorized,
     ValidationFailed,
@@ -94,8 +95,14 @@ class AmoClient:
         *,
         params: dict | None = None,
         json: Any = None,
+        repeat_after_refresh: bool = True,
     ) -> requests.Response:
-        """Send one API request with limits, token refresh and retries; returns a 2xx response."""
+        """Send one API request with limits, token refresh and retries; returns a 2xx response.
+
+        ``repeat_after_refresh=False``: on a 401 the token is refreshed but the request is not sent
+        again (``RefusedBeforeRefresh``) — for callers whose right to send may lapse while a
+        refresh waits on its lease (the task sender).
+        """
         is_read = method.upper() in ("GET", "HEAD")
         refreshed = False
         attempt = 0
@@ -130,6 +137,11 @@ class AmoClient:
 
                 refreshed = True
                 refresh_tokens(self.store, self.subdomain, stale_access_token=account.access_token, clock=self.clock)
+                if not repeat_after_refresh:
+                    raise RefusedBeforeRefresh(
+                        f"amoCRM answered 401 to {method} {path}; the token is refreshed, send it again", status=401,
+                        url=url,
+                    )
                 attempt -= 1  # the repeat after a refresh is not a retry
                 continue
             if status == 429:
@@ -196,8 +208,8 @@ class AmoClient:
             return None
         return _json_body(response, "GET", path)
 
-    def post(self, path: str, json: Any) -> dict | None:
-        response = self.request("POST", path, json=json)
+    def post(self, path: str, json: Any, *, repeat_after_refresh: bool = True) -> dict | None:
+        response = self.request("POST", path, json=json, repeat_after_refresh=repeat_after_refresh)
         if response.status_code == 204 or not response.content:
             return None
         return _json_body(response, "POST", path)

@@ -163,7 +163,7 @@ def show(
     if actions:
         say(f"rule actions ({len(actions)}):")
         for a in actions:
-            task = f" task {a['task_id']}" if a["task_id"] else ""
+            task = f" → {'task' if a['kind'] == 'create_task' else 'note'} {a['task_id']}" if a["task_id"] else ""
             say(f"  {a['rule']}: {a['kind']} {a['status']}{task}" + (f"  {a['last_error']}" if a["last_error"] else ""))
 
 

@@ -181,7 +181,9 @@ def serve(
     import time
 
     deadline = time.monotonic() + 9.0
-    sender_stop.set()  # a batch in flight finishes and its outcome is recorded first
+    # A batch in flight usually finishes within the deadline; if not, its actions stay `sending`
+    # and the next sender looks them up before sending anything again.
+    sender_stop.set()
     service.stop(timeout=7.5)
     if sender_thread is not None:
         sender_thread.join(max(0.1, deadline - time.monotonic()))
