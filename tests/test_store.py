@@ -7,14 +7,25 @@ import time
 
 import pytest
 
+from amohook.store import open_store
 from amohook.store.models import Event
+from tests.conftest import make_database
 
 
-def test_an_open_claim_does_not_hold_up_new_events(store):
+@pytest.fixture(params=["mysql", "postgres"])
+def server_store(request, tmp_path):
+    """Row-locking backends only: on SQLite a claim holds the one write lock by design."""
+    url, drop = make_database(request.param, tmp_path)
+    store = open_store(url)
+    yield store
+    store.close()
+    drop()
+
+
+def test_an_open_claim_does_not_hold_up_new_events(server_store):
     """A worker's claim (FOR UPDATE SKIP LOCKED over pending events) must not block the listener's
     inserts — on MySQL/MariaDB's default REPEATABLE READ its gap locks would."""
-    if store.is_sqlite:
-        pytest.skip("SQLite claims under BEGIN IMMEDIATE; the listener serialises with it by design")
+    store = server_store
     rows = [dict(delivery_id=i, idx=0, entity="leads", action="status", status="done", data="{}") for i in range(300)]
     Event.insert_many(rows).execute()
     Event.insert(delivery_id=1000, idx=0, entity="leads", action="status", status="pending", data="{}").execute()
