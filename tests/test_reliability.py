@@ -189,6 +189,17 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def all_done(db_url: str) -> bool:
+    """Every queued event is done (read on a fresh connection, closed after)."""
+    from amohook.store.models import Event
+
+    open_db(db_url)
+    try:
+        return Event.select().where(Event.status != "done").count() == 0
+    finally:
+        Event._meta.database.close()
+
+
 def queue_events(db_url: str, count_: int, items: int = 1) -> None:
     from amohook import inbox
     from tests.test_inbox import incoming, lead_body
@@ -471,14 +482,7 @@ def test_a_worker_killed_while_holding_events_leaves_them_to_be_claimed_after_th
                     db_url, env=env, ready="worker started")
     procs.append(survivor)
 
-    def all_done():
-        open_db(db_url)
-        try:
-            return Event.select().where(Event.status != "done").count() == 0
-        finally:
-            Event._meta.database.close()
-
-    wait_until(all_done, 40, "every event to be done")
+    wait_until(lambda: all_done(db_url), 40, "every event to be done")
     survivor.signal(signal.SIGTERM)
     assert survivor.wait(10) == 0
     open_db(db_url)
@@ -499,14 +503,7 @@ def test_two_worker_processes_never_run_the_same_event_at_once(db_url, tmp_path,
     procs.extend(workers)
     queue_events(db_url, 40, items=5)  # 200 events, queued while both workers are looking
 
-    def all_done():
-        open_db(db_url)
-        try:
-            return Event.select().where(Event.status != "done").count() == 0
-        finally:
-            Event._meta.database.close()
-
-    wait_until(all_done, 60, "every event to be done")
+    wait_until(lambda: all_done(db_url), 60, "every event to be done")
     for w in workers:
         w.signal(signal.SIGTERM)
     for w in workers:
