@@ -6,6 +6,7 @@ models and uses them; ``Store`` only decides where they live.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
@@ -16,7 +17,7 @@ from urllib.parse import parse_qsl, urlparse
 import peewee
 from playhouse.db_url import connect
 
-from amohook.errors import StoreError
+from amohook.errors import ConfigError, StoreError
 from amohook.store import models
 from amohook.store.migrations import migrate
 
@@ -95,29 +96,90 @@ class Store:
         self.db.execute_sql("SELECT 1")
 
 
-def _sqlite_file(url: str) -> Path | None:
-    parsed = urlparse(url)
-    path = parsed.path
-    if url.startswith("sqlite:////"):
-        path = "/" + url[len("sqlite:////"):].split("?", 1)[0]
-    elif url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(path).expanduser()
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_file(url: str) -> Path:
+    """The file an ``sqlite://`` URL names; an in-memory or empty one is refused.
+
+    An in-memory store forgets every acknowledged webhook with the process and is private to one
+    connection, so `serve` would answer 503 for ever: there is no use for it here.
+    """
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    rest = rest.split("?", 1)[0]
+    if rest.startswith("/"):
+        rest = rest[1:]  # sqlite:///relative/path, sqlite:////absolute/path
+    if not rest or rest == ":memory:" or rest.startswith("file::memory:") or "mode=memory" in url:
+        raise ConfigError(
+            f"'{url}' names no database file — give a path: sqlite:///relative.db or sqlite:////absolute/path.db"
+        )
+    return Path(rest).expanduser()
+
+
+def _refuse(path: Path, what: str) -> ConfigError:
+    return ConfigError(
+        f"the database path '{path}' is {what}, not an amohook SQLite store — "
+        "fix --db-url / AMOHOOK_DB_URL to name a new or existing .db file (nothing was changed)"
+    )
 
 
 def _prepare_sqlite_file(path: Path) -> None:
-    """Create the directory 0700 and the file 0600: the database holds the client secret and tokens."""
-    directory = path.parent
-    if not directory.exists():
-        directory.mkdir(parents=True, mode=0o700)
-    if not path.exists():
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    """Make sure ``path`` is an SQLite store amohook may use, creating it (dir 0700, file 0600) if new.
+
+    Modes are set only on what this function creates: the store holds the client secret and the
+    tokens, but a typo in root's crontab must never chmod a system directory or someone's file.
+    An existing path that is not an SQLite database (a directory, a symlink, a text file, a
+    device) is refused before anything is touched; an existing store with loose permissions is
+    left as it is and reported by ``loose_permissions()``.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ConfigError(f"cannot inspect the database path '{path}': {exc.strerror}") from None
+    if st is None:
+        directory = path.parent
+        if os.path.lexists(directory) and not directory.is_dir():
+            raise _refuse(directory, "not a directory")
+        if not os.path.lexists(directory):
+            directory.mkdir(parents=True, mode=0o700)
+        try:
+            # O_EXCL | O_NOFOLLOW: if something appeared at the path meanwhile, it is not ours.
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return _prepare_sqlite_file(path)
         os.close(fd)
-    elif stat.S_IMODE(path.stat().st_mode) & 0o077:
-        # Tighten a file someone created with a loose umask; never loosen.
-        path.chmod(0o600)
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse(path, "a symbolic link")
+    if stat.S_ISDIR(st.st_mode):
+        raise _refuse(path, "a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(path, "a special file")
+    if st.st_size == 0:
+        return  # an empty file is an empty SQLite database (e.g. made with `install -m 600 /dev/null`)
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the database file '{path}': {exc.strerror}") from None
+    if header != SQLITE_HEADER:
+        raise _refuse(path, "a file that is not an SQLite database")
+
+
+def loose_permissions(path: Path) -> str | None:
+    """A warning when an existing store can be read by other users; amohook never changes it itself."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (
+            f"the database file '{path}' is readable or writable by other users (mode {mode:04o}); "
+            f"it holds tokens and the client secret — run: chmod 600 '{path}'"
+        )
+    return None
 
 
 def connect_url(url: str) -> peewee.Database:
@@ -125,9 +187,11 @@ def connect_url(url: str) -> peewee.Database:
     kwargs: dict = {}
     if scheme.startswith("sqlite"):
         path = _sqlite_file(url)
-        if path is not None:
-            _prepare_sqlite_file(path)
-            url = f"sqlite:///{path}"
+        _prepare_sqlite_file(path)
+        warning = loose_permissions(path)
+        if warning:
+            logging.getLogger("amohook.store").warning("%s", warning)
+        url = f"sqlite:///{path}"
         kwargs["pragmas"] = SQLITE_PRAGMAS
         kwargs["field_types"] = {"LONGTEXT": "TEXT"}
         kwargs["timeout"] = 10
