@@ -533,6 +533,7 @@ class InboxEvent:
     data: dict
     received_at: float
     attempts: int  # attempts made before this one (0 on the first run)
+    source: str = "webhook"  # "events_log": recovered by reconciliation from amoCRM's events log
 
 
 def _to_inbox_event(row: Event) -> InboxEvent:
@@ -551,6 +552,7 @@ def _to_inbox_event(row: Event) -> InboxEvent:
         data=data,
         received_at=row.received_at,
         attempts=row.attempts,
+        source=row.source or "webhook",
     )
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from dataclasses import replace
+
 from amohook.actions import record_planned
+from amohook.changes import identify, sighting_of
 from amohook.rules import CompiledRule, lead_changes, matches, needs_lead, plan_note, plan_task
 from amohook.store.models import Account
 
@@ -39,7 +42,16 @@ class RulesHandler:
             return 0
         planned = []
         single = len({r.account for r in self.rules}) == 1
+        account = event.account or (self.rules[0].account if single and self.rules else None)
         for change in changes:
+            if account:
+                # The same change seen as a webhook and in the events log is one change: its
+                # first sighting's time names it in every action key (amohook.changes).
+                identity = identify(
+                    self.store, sighting_of(account, change, source=getattr(event, "source", None),
+                                            received_at=event.received_at),
+                )
+                change = replace(change, changed_at=str(identity.key_at))
             for rule in self.rules:
                 if event.account and event.account != rule.account:
                     continue

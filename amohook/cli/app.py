@@ -65,7 +65,8 @@ def _register_optional() -> None:
     """Command groups that arrive with later features; each module joins itself to ``app``."""
     import importlib
 
-    for name in ("amohook.cli.sync", "amohook.cli.serve", "amohook.cli.events", "amohook.cli.rules"):
+    for name in ("amohook.cli.sync", "amohook.cli.serve", "amohook.cli.events", "amohook.cli.rules",
+                 "amohook.cli.reconcile"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

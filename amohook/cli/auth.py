@@ -162,6 +162,9 @@ def status(
     st = state(ctx)
     st.store()
     rows = [token_status(a, now) for a in all_accounts(subdomain)]
+    from amohook.cli.reconcile import describe_row, reconcile_rows
+
+    recon = {row["subdomain"]: row for row in reconcile_rows(now)}
     if as_json:
         print_json(
             [
@@ -175,6 +178,7 @@ def status(
                     "refresh_due_at": iso(r.refresh_due_at),
                     "refresh_token_age_days": None if r.refresh_token_age is None else round(r.refresh_token_age / 86400, 2),
                     "warning": r.warning,
+                    "reconciliation": recon.get(r.subdomain),
                 }
                 for r in rows
             ]
@@ -198,6 +202,9 @@ def status(
         due = "never" if r.long_lived else fmt_time(r.refresh_due_at)
         table.add_row(r.subdomain, tokens, expires, due, fmt_duration(r.refresh_token_age), r.warning or "")
     console().print(table)
+    for r in rows:
+        if r.subdomain in recon:
+            say(describe_row(recon[r.subdomain]))
     for r in rows:
         if r.warning:
             warn(f"warning: {r.subdomain}: {r.warning}")

@@ -26,6 +26,12 @@ MaxAttemptsOpt = Annotated[
     int, typer.Option("--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`).")
 ]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (to stderr).")]
+ReconcileOpt = Annotated[
+    Optional[str],
+    typer.Option("--reconcile", envvar="AMOHOOK_RECONCILE", show_envvar=True,
+                 help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h or off. "
+                 "Default: 5m when --rules or --handler is given, else off."),
+]
 RulesOpt = Annotated[
     Optional[str],
     typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
@@ -45,7 +51,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, store=None):
+def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, store=None, *, journal: bool = False):
     """The handler registry for these options, and the task sender when there are rules.
 
     Invalid rules raise here, so `serve` and `worker` refuse to start with them.
@@ -80,9 +86,32 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
         logger = logging.getLogger("amohook.actions")
         sender = ActionSender(store, client, log=logger.warning)
         registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
+    elif journal and handlers:
+        from amohook.changes import ChangeJournal
+
+        registry.register("amohook.changes", ChangeJournal(store))
     for spec in handlers or []:
         registry.register(spec, load_handler(spec))
     return registry, sender
+
+
+def reconcile_interval(option: Optional[str], has_work: bool) -> Optional[float]:
+    """Seconds between background reconciliation passes, or None (off)."""
+    from amohook.reconcile import parse_interval
+
+    if option is None:
+        return 300.0 if has_work else None
+    return parse_interval(option)
+
+
+def _start_reconciler(store, interval: Optional[float], stop: threading.Event, wake=None):
+    if interval is None:
+        return None
+    from amohook.reconcile import Reconciler
+
+    reconciler = Reconciler(store, interval, on_queued=wake)
+    reconciler.start(stop)
+    return reconciler
 
 
 def _start_sender(sender, stop: threading.Event):
@@ -127,6 +156,7 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")] = 1,
     handler: HandlerOpt = None,
     rules: RulesOpt = None,
+    reconcile: ReconcileOpt = None,
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")] = 1024 * 1024,
@@ -154,7 +184,8 @@ def serve(
     )
     _setup_logging(log_level)
     store = state(ctx).store()
-    registry, sender = build_registry(handler, rules, store)
+    interval = reconcile_interval(reconcile, bool(handler or rules))
+    registry, sender = build_registry(handler, rules, store, journal=interval is not None)
     worker_list = []
     if workers and not len(registry):
         warn("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
@@ -173,9 +204,11 @@ def serve(
     store.close()  # the main thread's connection; every thread of the service opens its own
     sender_stop = threading.Event()
     sender_thread = _start_sender(sender, sender_stop) if worker_list else None
+    _start_reconciler(store, interval if worker_list else None, sender_stop)
     say(f"listening on {service.url}")
     say(f"webhook URL: {service.url}/webhook/<secret>; health: {service.url}/healthz; "
-        f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s)")
+        f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s); "
+        f"reconciliation: {'every ' + _seconds(interval) if interval and worker_list else 'off'}")
     while not stop.wait(1.0):
         pass
     import time
@@ -194,6 +227,7 @@ def worker(
     ctx: typer.Context,
     handler: HandlerOpt = None,
     rules: RulesOpt = None,
+    reconcile: ReconcileOpt = None,
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
@@ -208,12 +242,18 @@ def worker(
 
     _setup_logging(log_level)
     store = state(ctx).store()
-    registry, sender = build_registry(handler, rules, store)
+    interval = reconcile_interval(reconcile, bool(handler or rules))
+    registry, sender = build_registry(handler, rules, store, journal=interval is not None)
     if not len(registry):
         raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
     stop = _stop_on_signals()
     sender_stop = threading.Event()
     sender_thread = None if once else _start_sender(sender, sender_stop)
+    if once and interval is not None and reconcile is not None:
+        from amohook.reconcile import Reconciler
+
+        Reconciler(store, interval).run_once()  # what the log has that no webhook brought, then drain
+    reconciler = None if once else _start_reconciler(store, interval, sender_stop)
     pool = [
         Worker(store, registry, new_worker_id(f"worker{i}"), lease_seconds=lease, max_attempts=max_attempts,
                batch_size=batch, poll_interval=poll)
@@ -235,7 +275,8 @@ def worker(
     for thread in running:
         thread.start()
     if not once:
-        say(f"worker started: {threads} thread(s), handlers: {', '.join(registry.names())}")
+        say(f"worker started: {threads} thread(s), handlers: {', '.join(registry.names())}; reconciliation: "
+            f"{'every ' + _seconds(interval) if reconciler else 'off'}")
     while any(t.is_alive() for t in running) and not stop.wait(0.1):
         pass
     import time
@@ -243,8 +284,8 @@ def worker(
     deadline = time.monotonic() + 8.0
     for thread in running:
         thread.join(max(0.0, deadline - time.monotonic()))
+    sender_stop.set()
     if sender_thread is not None:
-        sender_stop.set()
         sender_thread.join(5.0)
     if errors:
         raise errors[0]
@@ -254,6 +295,15 @@ def worker(
         say(f"processed {sum(w.processed for w in pool)} event(s)")
     else:
         say("stopped")
+
+
+def _seconds(interval: Optional[float]) -> str:
+    if not interval:
+        return "off"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if interval >= size and interval % size == 0:
+            return f"{int(interval // size)}{unit}"
+    return f"{interval:g}s"
 
 
 def register(app: typer.Typer) -> None:

@@ -19,12 +19,29 @@ LOCK_NAME = "amohook_schema"
 PG_LOCK_KEY = 0x616D6F68  # "amoh"
 
 
+V1_MODELS = ("account", "lease", "oauth_state", "rate_window", "pipeline", "stage", "task_type", "user",
+             "custom_field", "delivery", "event", "attempt", "action")
+
+
 def _v1_initial(store: "Store") -> None:
-    store.db.create_tables([m for m in models.ALL_MODELS if m is not models.SchemaVersion], safe=True)
+    tables = [m for m in models.ALL_MODELS if m._meta.table_name in V1_MODELS]
+    store.db.create_tables(tables, safe=True)  # a new store's event table has today's columns
+
+
+def _v2_reconciliation(store: "Store") -> None:
+    """Events from the log (event.source), the change registry, reconciliation state, subscriptions."""
+    from playhouse.migrate import SchemaMigrator, migrate as run
+
+    columns = {c.name for c in store.db.get_columns(models.Event._meta.table_name)}
+    if "source" not in columns:
+        run(SchemaMigrator.from_database(store.db).add_column(
+            models.Event._meta.table_name, "source", models.Event.source))
+    store.db.create_tables([models.ChangeSeen, models.ReconcileState, models.Subscription], safe=True)
 
 
 MIGRATIONS: list[tuple[int, Callable[["Store"], None]]] = [
     (1, _v1_initial),
+    (2, _v2_reconciliation),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -184,6 +184,8 @@ class Event(BaseModel):
     last_error = TextField(null=True)
     received_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
+    # None: a webhook; "events_log": recovered from amoCRM's events log by reconciliation.
+    source = CharField(max_length=16, null=True)
 
     class Meta:
         indexes = (
@@ -220,6 +222,63 @@ class Action(BaseModel):
     updated_at = DoubleField(default=now)
 
 
+class ChangeSeen(BaseModel):
+    """One lead change as amohook first saw it, whichever way it came (see ``amohook.changes``).
+
+    A change may arrive as a timed webhook (``hook_at`` = its last_modified), as a webhook without
+    a time (Digital Pipeline; ``untimed_at`` = when it was received) and as an events-log entry
+    (``log_at`` = its created_at). Sightings of one change from different sources are joined within
+    a tolerance; ``key_at`` is the time of the first sighting and names the change in action keys.
+    """
+
+    account = CharField(max_length=190)
+    lead_id = BigIntegerField()
+    kind = CharField(max_length=32)  # stage_changed, added, responsible_changed
+    target = CharField(max_length=64)  # "pipeline:status", "resp:user" or "added"
+    origin = CharField(max_length=64, null=True)  # the stage or user it left, when known
+    key_at = BigIntegerField()
+    hook_at = BigIntegerField(null=True)
+    untimed_at = BigIntegerField(null=True)
+    log_at = BigIntegerField(null=True)
+    first_source = CharField(max_length=16)  # webhook, untimed, events_log
+    created_at = DoubleField(default=now)
+
+    class Meta:
+        table_name = "change_seen"
+        indexes = ((("account", "lead_id", "kind"), False), (("first_source", "created_at"), False))
+
+
+class ReconcileState(BaseModel):
+    """Per account: how far the events log has been read, and what the watchdog last found."""
+
+    account = CharField(max_length=190, primary_key=True)
+    cursor = BigIntegerField(null=True)  # events up to this amoCRM time are queued or known
+    last_pass_at = DoubleField(null=True)
+    last_pass_summary = TextField(null=True)  # JSON of the last pass's figures
+    last_error = TextField(null=True)
+    subscription_state = CharField(max_length=16, default="unknown")  # ok, re-enabled, missing, disabled, unknown
+    subscription_checked_at = DoubleField(null=True)
+    subscription_note = TextField(null=True)
+    reenabled_count = IntegerField(default=0)
+
+    class Meta:
+        table_name = "reconcile_state"
+
+
+class Subscription(BaseModel):
+    """A webhook destination amohook subscribed, stored byte for byte (amoCRM matches it exactly)."""
+
+    account = CharField(max_length=190)
+    destination = TextField()
+    destination_sha256 = CharField(max_length=64)
+    events = TextField(default="[]")  # JSON list of amoCRM event codes
+    created_at = DoubleField(default=now)
+    updated_at = DoubleField(default=now)
+
+    class Meta:
+        indexes = ((("account", "destination_sha256"), True),)
+
+
 ALL_MODELS = [
     SchemaVersion,
     Account,
@@ -235,4 +294,7 @@ ALL_MODELS = [
     Event,
     Attempt,
     Action,
+    ChangeSeen,
+    ReconcileState,
+    Subscription,
 ]

@@ -1,0 +1,235 @@
+"""`amohook reconcile` (one pass over the events log) and `amohook webhooks` (subscriptions)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, state, warn
+
+SubdomainOpt = Annotated[Optional[str], typer.Option("--subdomain", help="The account (default: the only one stored).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+# amoCRM's webhook event codes (amoCRM docs: crm_platform/webhooks-api).
+WEBHOOK_EVENTS = (
+    "responsible_lead", "responsible_contact", "responsible_company", "responsible_customer", "responsible_task",
+    "restore_lead", "restore_contact", "restore_company", "add_lead", "add_contact", "add_company",
+    "add_customer", "add_talk", "add_task", "update_lead", "update_contact", "update_company",
+    "update_customer", "update_talk", "update_task", "delete_lead", "delete_contact", "delete_company",
+    "delete_customer", "delete_task", "status_lead", "note_lead", "note_contact", "note_company",
+    "note_customer", "add_chat_template_review",
+)
+# What each rule trigger needs amoCRM to send.
+TRIGGER_EVENTS = {
+    "lead.stage_changed": ("status_lead",),
+    "lead.added": ("add_lead",),
+    "lead.responsible_changed": ("responsible_lead",),
+}
+DEFAULT_EVENTS = ("status_lead", "add_lead", "responsible_lead")
+
+webhooks_app = typer.Typer(help="List, subscribe and unsubscribe amoCRM webhook destinations (admin token only).",
+                           no_args_is_help=True)
+
+
+def _account(subdomain: Optional[str]) -> str:
+    from amohook.tokens import get_account
+
+    return get_account(subdomain).subdomain
+
+
+def reconcile(
+    ctx: typer.Context,
+    subdomain: SubdomainOpt = None,
+    since: Annotated[str, typer.Option("--since", help="How far back the first pass looks (30m, 1h, 1d).")] = "1h",
+    max_lookback: Annotated[
+        str, typer.Option("--max-lookback", help="Never read further back than this, however old the cursor (7d).")
+    ] = "7d",
+    as_json: JsonOpt = False,
+):
+    """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
+    from amohook.amocrm.client import client_for
+    from amohook.reconcile import parse_interval, reconcilable_accounts, reconcile_account
+
+    since_s = parse_interval(since, option="--since") or 3600
+    lookback_s = parse_interval(max_lookback, option="--max-lookback") or 7 * 86400
+    store = state(ctx).store()
+    accounts = [_account(subdomain)] if subdomain else reconcilable_accounts()
+    if not accounts:
+        from amohook.errors import AccountNotFound
+
+        raise AccountNotFound(None)
+    results = []
+    for account in accounts:
+        results.append(reconcile_account(store, client_for(store, account), account, since=since_s,
+                                         max_lookback=lookback_s, watchdog=True))
+    if as_json:
+        print_json([r.as_dict() for r in results])
+        return
+    for r in results:
+        if r.busy:
+            say(f"{r.account}: another amohook process is running a pass right now; skipped")
+            continue
+        say(f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
+            f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))")
+        if r.left_out_from is not None:
+            warn(f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
+                 "left out (older than --max-lookback); raise it to read them")
+        if r.subscription:
+            say(f"{r.account}: webhook subscriptions: {r.subscription}" + (f" — {r.subscription_note}" if r.subscription_note else ""))
+
+
+def _rules_events(rules: Optional[str]) -> list[str]:
+    from amohook.rules import load_rules_file
+
+    wanted: list[str] = []
+    for spec in load_rules_file(rules):
+        for code in TRIGGER_EVENTS.get(spec.when, ()):
+            if code not in wanted:
+                wanted.append(code)
+    return wanted
+
+
+def _parse_events(text: str) -> list[str]:
+    from amohook.errors import ConfigError
+
+    codes = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in codes if c not in WEBHOOK_EVENTS]
+    if unknown or not codes:
+        import difflib
+
+        hints = [f"'{u}'" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, WEBHOOK_EVENTS, 1)) else "")
+                 for u in unknown]
+        raise ConfigError(f"unknown webhook event {', '.join(hints) or '(none given)'} — use amoCRM's codes, e.g. "
+                          "status_lead,add_lead,update_lead,responsible_lead")
+    return codes
+
+
+def _check_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    from amohook.errors import ConfigError
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c in url for c in " \t\r\n"):
+        raise ConfigError(f"--url must be a full http(s) URL such as https://hooks.example.com/webhook/SECRET")
+    if len(url) > 2000:
+        raise ConfigError("--url is longer than 2,000 characters")
+    return url
+
+
+def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
+    """The account's webhook destinations, their events and whether amoCRM switched them off."""
+    from amohook.amocrm.client import client_for
+    from amohook.amocrm.subscriptions import list_webhooks
+    from amohook.watchdog import destination_sha, redact_destination, watched
+
+    store = state(ctx).store()
+    account = _account(subdomain)
+    hooks = list_webhooks(client_for(store, account))
+    ours = {s.destination_sha256 for s in watched(account)}
+    rows = [
+        {"destination": redact_destination(h.destination), "events": list(h.events), "disabled": h.disabled,
+         "by_amohook": destination_sha(h.destination) in ours}
+        for h in hooks
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        say(f"{account}: no webhook subscriptions")
+        return
+    for row in rows:
+        flag = "OFF" if row["disabled"] else "on"
+        mine = " (amohook)" if row["by_amohook"] else ""
+        say(f"{flag:3}  {row['destination']}{mine}  {','.join(row['events'])}")
+
+
+def webhooks_subscribe(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", help="The destination amoCRM will POST to, exactly as it should be called.")],
+    events: Annotated[
+        Optional[str],
+        typer.Option("--events", help="Comma-separated amoCRM event codes (default: what --rules needs, "
+                     "else status_lead,add_lead,responsible_lead)."),
+    ] = None,
+    rules: Annotated[Optional[str], typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
+                                                 help="Rules file whose triggers pick the events.")] = None,
+    subdomain: SubdomainOpt = None,
+):
+    """Subscribe URL to amoCRM's webhooks (an existing destination is updated); the watchdog then looks after it."""
+    from amohook.amocrm.client import client_for
+    from amohook.amocrm.subscriptions import subscribe
+    from amohook.watchdog import redact_destination, remember
+
+    url = _check_url(url)
+    codes = _parse_events(events) if events else (_rules_events(rules) if rules else list(DEFAULT_EVENTS))
+    if not codes:
+        codes = list(DEFAULT_EVENTS)
+    if not url.startswith("https://"):
+        warn("warning: the URL is not https — amoCRM sends lead data in the clear; put a TLS proxy in front")
+    store = state(ctx).store()
+    account = _account(subdomain)
+    hook = subscribe(client_for(store, account), url, codes)
+    remember(store, account, url, codes)
+    say(f"{account}: subscribed {redact_destination(url)} to {', '.join(codes)}"
+        + (" (amoCRM reports it switched off)" if hook.disabled else ""))
+
+
+def webhooks_unsubscribe(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", help="The destination, exactly as subscribed.")],
+    subdomain: SubdomainOpt = None,
+):
+    """Remove a destination from amoCRM's webhooks (all its events)."""
+    from amohook.amocrm.client import client_for
+    from amohook.amocrm.subscriptions import unsubscribe
+    from amohook.errors import ConfigError
+    from amohook.watchdog import forget, redact_destination
+
+    store = state(ctx).store()
+    account = _account(subdomain)
+    removed = unsubscribe(client_for(store, account), url)
+    forget(store, account, url)
+    if not removed:
+        raise ConfigError(f"{account}: amoCRM has no subscription {redact_destination(url)} — "
+                          "`amohook webhooks list` shows what there is (the URL must match exactly)")
+    say(f"{account}: unsubscribed {redact_destination(url)}")
+
+
+def reconcile_rows(now: float) -> list[dict]:
+    """Per account, what `status` shows about reconciliation and the subscriptions."""
+    from amohook.reconcile import reconcile_status
+    from amohook.store.models import Account
+
+    rows = []
+    for account in Account.select(Account.subdomain).order_by(Account.subdomain):
+        st = reconcile_status(account.subdomain, now)
+        rows.append({
+            "subdomain": st.account,
+            "last_pass_at": iso(st.last_pass_at),
+            "cursor_lag_seconds": None if st.lag is None else round(st.lag),
+            "recovered_24h": st.recovered_24h,
+            "subscription": st.subscription,
+            "subscription_note": st.subscription_note,
+            "last_error": st.last_error,
+        })
+    return rows
+
+
+def describe_row(row: dict) -> str:
+    lag = "never run" if row["cursor_lag_seconds"] is None else f"lag {fmt_duration(row['cursor_lag_seconds'])}"
+    text = (f"{row['subdomain']}: reconciliation {lag}, {row['recovered_24h']} change(s) recovered in 24 h, "
+            f"subscriptions {row['subscription']}")
+    if row["last_error"]:
+        text += f"; last pass failed: {row['last_error']}"
+    return text
+
+
+def register(app: typer.Typer) -> None:
+    app.command("reconcile")(reconcile)
+    webhooks_app.command("list")(webhooks_list)
+    webhooks_app.command("subscribe")(webhooks_subscribe)
+    webhooks_app.command("unsubscribe")(webhooks_unsubscribe)
+    app.add_typer(webhooks_app, name="webhooks")
+

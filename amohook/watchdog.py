@@ -1,0 +1,151 @@
+"""The subscription watchdog: notice a webhook destination amoCRM switched off, and switch it on.
+
+amoCRM switches a destination off after more than 100 failed deliveries in two hours (amoCRM
+docs: crm_platform/webhooks-format) and only tells the account's admins in its notification
+centre. How to switch one back on through the API is not documented: re-subscribing the same
+destination "updates it with the passed settings" (crm_platform/webhooks-api); if it stays off,
+the watchdog removes and adds it. Changes made while it was off reach amohook through
+reconciliation. Only destinations amohook subscribed itself (``Subscription``) are watched.
+Only an admin's token may read subscriptions: without one the watchdog says so once and
+reconciliation goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Callable, Sequence
+
+from amohook.store.models import ReconcileState, Subscription
+
+log = logging.getLogger("amohook.watchdog")
+
+CHECK_EVERY = 900.0  # seconds between looks in the background: one cheap request per account
+_said_no_admin: set[str] = set()
+
+
+def destination_sha(destination: str) -> str:
+    return hashlib.sha256(destination.encode("utf-8")).hexdigest()
+
+
+def remember(store, account: str, destination: str, events: Sequence[str], clock: Callable[[], float] = time.time) -> None:
+    """Record (byte for byte) a destination amohook subscribed, so the watchdog looks after it."""
+    sha = destination_sha(destination)
+    with store.write():
+        updated = (
+            Subscription.update(events=json.dumps(list(events)), updated_at=clock())
+            .where((Subscription.account == account) & (Subscription.destination_sha256 == sha))
+            .execute()
+        )
+        if not updated:
+            Subscription.insert(account=account, destination=destination, destination_sha256=sha,
+                                events=json.dumps(list(events)), created_at=clock(),
+                                updated_at=clock()).on_conflict_ignore().execute()
+
+
+def forget(store, account: str, destination: str) -> None:
+    with store.write():
+        Subscription.delete().where(
+            (Subscription.account == account) & (Subscription.destination_sha256 == destination_sha(destination))
+        ).execute()
+
+
+def watched(account: str) -> list[Subscription]:
+    return list(Subscription.select().where(Subscription.account == account).order_by(Subscription.id))
+
+
+def check_subscriptions(store, client, account: str, *, force: bool = False,
+                        clock: Callable[[], float] = time.time) -> tuple[str, str | None] | None:
+    """Look at ``account``'s subscriptions when due (or ``force``); returns (state, note) or None.
+
+    States: ``ok``; ``re-enabled`` (one was off and is on again); ``disabled`` (still off after
+    both ways of switching it on); ``missing`` (amohook subscribed it and it is gone); ``unknown``
+    (no admin token, or nothing amohook subscribed).
+    """
+    from amohook.amocrm.subscriptions import AdminRequired, list_webhooks, subscribe, unsubscribe
+
+    row = ReconcileState.get_or_none(ReconcileState.account == account)
+    if not force and row is not None and row.subscription_checked_at and clock() - row.subscription_checked_at < CHECK_EVERY:
+        return None
+    ours = watched(account)
+    state, note, reenabled = "unknown", None, 0
+    if not ours:
+        note = "amohook subscribed no destination for this account (`amohook webhooks subscribe`)"
+    else:
+        try:
+            current = {hook.destination: hook for hook in list_webhooks(client)}
+        except AdminRequired as exc:
+            note = "cannot look at webhook subscriptions: the token's user is not an account admin"
+            if account not in _said_no_admin:
+                log.warning("watchdog for '%s': %s", account, exc.message)
+                _said_no_admin.add(account)
+            current = None
+        if current is not None:
+            problems: list[str] = []
+            state = "ok"
+            for sub in ours:
+                events = json.loads(sub.events or "[]")
+                hook = current.get(sub.destination)
+                if hook is None:
+                    problems.append(f"{_redact(sub.destination)} is missing (removed in amoCRM?)")
+                    state = "missing"
+                    log.warning("watchdog for '%s': the subscription %s is gone from amoCRM — run "
+                                "`amohook webhooks subscribe` again if it should exist", account, _redact(sub.destination))
+                    continue
+                if not hook.disabled:
+                    continue
+                log.warning("watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
+                            "deliveries); switching it back on", account, _redact(sub.destination))
+                on = _switch_on(client, sub.destination, events or list(hook.events), list_webhooks, subscribe, unsubscribe)
+                if on:
+                    reenabled += 1
+                    if state == "ok":
+                        state = "re-enabled"
+                    log.warning("watchdog for '%s': %s is on again; reconciliation brings what it missed",
+                                account, _redact(sub.destination))
+                else:
+                    state = "disabled"
+                    problems.append(f"{_redact(sub.destination)} stays switched off")
+                    log.error("watchdog for '%s': %s stays switched off after re-subscribing — check the "
+                              "listener and switch it on in amoCRM's settings", account, _redact(sub.destination))
+            note = "; ".join(problems) or None
+    with store.write():
+        ReconcileState.insert(account=account).on_conflict_ignore().execute()
+        fields = dict(subscription_state=state, subscription_note=note, subscription_checked_at=clock())
+        ReconcileState.update(
+            **fields, reenabled_count=ReconcileState.reenabled_count + reenabled
+        ).where(ReconcileState.account == account).execute()
+    return state, note
+
+
+def _switch_on(client, destination: str, events: list[str], list_webhooks, subscribe, unsubscribe) -> bool:
+    """Re-subscribe; if amoCRM keeps it off, remove it and add it again. True when it is on."""
+    subscribe(client, destination, events)
+    if _is_on(list_webhooks(client, destination), destination):
+        return True
+    unsubscribe(client, destination)
+    subscribe(client, destination, events)
+    return _is_on(list_webhooks(client, destination), destination)
+
+
+def _is_on(hooks, destination: str) -> bool:
+    return any(h.destination == destination and not h.disabled for h in hooks)
+
+
+def _redact(destination: str) -> str:
+    """A destination for logs and output: amohook's own carry the webhook secret after /webhook/,
+    and any query string may carry a token; both are cut."""
+    return redact_destination(destination)
+
+
+def redact_destination(destination: str) -> str:
+    base = destination.split("?", 1)[0].split("#", 1)[0]
+    parts = base.split("/")
+    for i, part in enumerate(parts):
+        if part.lower() in ("webhook", "webhooks") and i + 1 < len(parts) and i >= 3:
+            parts = parts[: i + 1] + ["***"]
+            break
+    shown = "/".join(parts)
+    return shown + ("?***" if "?" in destination else "")
