@@ -1,0 +1,364 @@
+"""Reconciliation from amoCRM's events log: every change gets its task once, whichever way it came.
+
+Webhooks arrive through the listener's own write path (parse + store_deliveries); the events log,
+the leads and the subscriptions live in the fake amoCRM; workers, `reconcile` and `webhooks` run
+as the real CLI. Every test runs on SQLite, MariaDB and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from amohook.amocrm.client import client_for
+from amohook.inbox import Incoming, store_deliveries
+from amohook.reconcile import OVERLAP, reconcile_account
+from amohook.store.models import Account, Action, ChangeSeen, Event, ReconcileState
+from amohook.sync import sync_entities
+from amohook.webhooks.parse import parse_webhook
+from tests.conftest import ROOT, cli_env, run_cli
+from tests.test_rules_e2e import RULES
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.fixture
+def crm(store, fake, account, tmp_path):
+    """A Sales pipeline (New → Qualified), a Call task type, Anna, synced; the README's rule."""
+    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
+    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
+    call = fake.add_task_type("Call")
+    anna = fake.add_user("Anna", "anna@example.com")
+    sync_entities(store, client_for(store, "example"))
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    fake.clear_requests()
+    return dict(pipeline=pipeline["id"], new=stages["New"], qualified=stages["Qualified"], call=call["id"],
+                anna=anna["id"], rules=str(rules))
+
+
+def new_leads(fake, crm, n: int, start: int = 7001) -> list[int]:
+    ids = []
+    for i in range(n):
+        lead = fake.add_lead(f"Lead {i}", crm["pipeline"], crm["new"], crm["anna"], lead_id=start + i)
+        ids.append(lead["id"])
+    return ids
+
+
+def deliver(store, fake, action: str, items: list[dict]) -> None:
+    """A webhook as the listener stores it (the body amoCRM would POST)."""
+    body = fake.webhook_body(action, items)
+    store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, FORM), content_type=FORM)])
+
+
+def work(store, crm, *extra: str) -> None:
+    result = run_cli(["worker", "--rules", crm["rules"], "--once", "--reconcile", "off", *extra], store.url)
+    assert result.returncode == 0, result.stderr
+
+
+def reconcile(store, *extra: str) -> dict:
+    result = run_cli(["reconcile", "--json", *extra], store.url)
+    assert result.returncode == 0, result.stderr
+    [summary] = json.loads(result.stdout)
+    return summary
+
+
+def tasks_per_lead(fake) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for task in fake.tasks.values():
+        counts[task["entity_id"]] = counts.get(task["entity_id"], 0) + 1
+    return counts
+
+
+def test_leads_moved_while_the_listener_was_down_each_get_one_task(store, fake, crm):
+    leads = new_leads(fake, crm, 50)
+    start = int(time.time()) - 1800
+    for i, lead in enumerate(leads):  # half an hour of moves; no webhook reached amohook
+        fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=start + i * 30)
+    summary = reconcile(store)
+    assert (summary["read"], summary["queued"], summary["known"]) == (50, 50, 0)
+    work(store, crm)
+    assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
+    assert {t["responsible_user_id"] for t in fake.tasks.values()} == {crm["anna"]}
+    assert all(t["text"].startswith("Call Lead ") for t in fake.tasks.values())
+    # Read again: everything is known now, nothing is queued or sent twice.
+    again = reconcile(store)
+    assert (again["queued"], again["known"]) == (0, 50)
+    work(store, crm)
+    assert len(fake.tasks) == 50
+    # The lead reads were batched, not one per lead.
+    assert len(fake.requests_to("/api/v4/leads", "GET")) == 1
+    assert Event.select().where(Event.source == "events_log").count() == 50
+
+
+def test_a_webhook_then_its_log_entry_make_one_task(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    at = int(time.time()) - 60
+    item = fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=at, log_offset=3)
+    deliver(store, fake, "status", [item])
+    work(store, crm)
+    assert len(fake.tasks) == 1
+    summary = reconcile(store)
+    assert (summary["read"], summary["known"], summary["queued"]) == (1, 1, 0)
+    work(store, crm)
+    assert len(fake.tasks) == 1
+    [seen] = ChangeSeen.select()
+    assert (seen.hook_at, seen.key_at, seen.first_source) == (at, at, "webhook")
+
+
+def test_a_log_entry_then_a_late_webhook_retry_make_one_task(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    at = int(time.time()) - 120
+    item = fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=at, log_offset=-4)
+    assert reconcile(store)["queued"] == 1
+    work(store, crm)
+    assert len(fake.tasks) == 1
+    deliver(store, fake, "status", [item])  # amoCRM's retry, minutes later
+    deliver(store, fake, "update", [{**item, "old_status_id": str(crm["new"])}])  # and the update hook
+    work(store, crm)
+    assert len(fake.tasks) == 1
+    [seen] = ChangeSeen.select()
+    assert seen.first_source == "events_log" and seen.log_at == at - 4 and seen.hook_at == at
+    # Replaying every event, log and webhook alike, still makes nothing new.
+    ids = [str(e.id) for e in Event.select()]
+    assert run_cli(["events", "replay", *ids], store.url).returncode == 0
+    work(store, crm)
+    assert len(fake.tasks) == 1
+    assert Action.select().count() == 1
+
+
+def test_a_lead_moved_back_and_forth_gets_a_task_per_entry(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    t = int(time.time()) - 300
+    first = fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=t, log_offset=1)
+    back = fake.move_lead(lead, crm["new"], crm["pipeline"], at=t + 60, log_offset=1)
+    second = fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=t + 120, log_offset=1)
+    deliver(store, fake, "status", [first])
+    deliver(store, fake, "status", [back])
+    work(store, crm)
+    reconcile(store)  # brings the second entry into Qualified, whose webhook was lost
+    deliver(store, fake, "status", [second])  # ... then it arrives after all
+    work(store, crm)
+    assert len(fake.tasks) == 2
+
+
+def test_handlers_see_where_an_event_came_from(store, fake, crm):
+    from amohook.changes import ChangeJournal
+    from amohook.worker import Registry, Worker
+
+    [a, b] = new_leads(fake, crm, 2)
+    deliver(store, fake, "status", [fake.move_lead(a, crm["qualified"], crm["pipeline"])])
+    fake.move_lead(b, crm["qualified"], crm["pipeline"])
+    seen: list[tuple[str, str]] = []
+    registry = Registry()
+    registry.register("amohook.changes", ChangeJournal(store))
+    registry.register("record", lambda event, ctx: seen.append((event.entity_id, event.source)))
+    worker = Worker(store, registry, "test-worker")
+    worker.drain()
+    reconcile_account(store, client_for(store, "example"), "example")
+    worker.drain()
+    assert sorted(seen) == sorted([(str(a), "webhook"), (str(b), "events_log")])
+
+
+def test_the_cursor_survives_a_restart_and_the_next_pass_overlaps_it(store, fake, crm):
+    first = reconcile(store, "--since", "2h")
+    assert first["window_to"] - first["window_from"] == 7200
+    cursor = ReconcileState.get(ReconcileState.account == "example").cursor
+    assert cursor == first["window_to"]
+    second = reconcile(store, "--since", "2h")  # a new process: reads from the stored cursor
+    assert second["window_from"] == cursor - OVERLAP
+
+
+def test_an_idle_account_costs_one_request_per_pass(store, fake, crm):
+    reconcile(store)
+    fake.clear_requests()
+    for _ in range(3):
+        reconcile(store)
+    api = [r for r in fake.requests if r.path.startswith("/api/")]
+    assert [r.path for r in api] == ["/api/v4/events"] * 3
+
+
+def test_an_outage_longer_than_the_look_back_is_capped_and_said(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    now = int(time.time())
+    with store.write():
+        ReconcileState.insert(account="example", cursor=now - 10 * 86400).execute()
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=now - 3 * 86400)  # outside a 1-day look-back
+    result = run_cli(["reconcile", "--max-lookback", "1d"], store.url)
+    assert result.returncode == 0, result.stderr
+    assert "left out" in result.stderr and "--max-lookback" in result.stderr
+    summary = reconcile(store, "--max-lookback", "7d")
+    assert summary["left_out_from"] is None
+
+
+def test_a_crash_mid_pass_is_finished_by_the_next_pass_without_repeats(store, fake, crm):
+    from amohook.amocrm.events import fetch_events
+    from amohook.reconcile import EVENT_ACTIONS, _queue, webhook_item
+
+    leads = new_leads(fake, crm, 30)
+    start = int(time.time()) - 600
+    for i, lead in enumerate(leads):
+        fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=start + i)
+    # A pass that committed its first chunk and died: 10 queued, the cursor never moved.
+    events = fetch_events(client_for(store, "example"), types=list(EVENT_ACTIONS), created_from=start - 10,
+                          created_to=int(time.time()))
+    first = [(e, *webhook_item(e, fake.leads[e["entity_id"]])) for e in events[:10]]
+    assert _queue(store, "example", first, time.time()) == 10
+    assert ReconcileState.get_or_none(ReconcileState.account == "example") is None
+    summary = reconcile(store)
+    assert (summary["queued"], summary["known"]) == (20, 10)
+    work(store, crm)
+    assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
+
+
+def test_a_failed_pass_keeps_the_cursor(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    fake.fail("/api/v4/leads", status=500, times=None, method="GET")
+    result = run_cli(["reconcile"], store.url)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    state = ReconcileState.get(ReconcileState.account == "example")
+    assert state.cursor is None and state.last_error
+    fake.clear_faults()
+    assert reconcile(store)["queued"] == 1
+
+
+def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
+    leads = new_leads(fake, crm, 3)
+    for lead in leads:
+        fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    fake.fail("/api/v4/events", delay=2.0, times=1)  # the first pass is slow to read the log
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "amohook", "reconcile", "--json"], env=cli_env(store.url),
+                         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    summaries = [json.loads(out)[0] for out, _ in outs]
+    assert sorted(s["busy"] for s in summaries) == [False, True]
+    assert sum(s["queued"] for s in summaries) == 3
+    assert Event.select().count() == 3
+
+
+def test_the_worker_alone_turns_log_entries_into_tasks(store, fake, crm):
+    leads = new_leads(fake, crm, 3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amohook", "worker", "--rules", crm["rules"], "--reconcile", "1s", "--poll", "0.1",
+         "--log-level", "warning"],
+        env=cli_env(store.url), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(0.5)
+        for lead in leads:
+            fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+        deadline = time.time() + 30
+        while time.time() < deadline and len(fake.tasks) < 3:
+            time.sleep(0.1)
+        time.sleep(1.5)  # another pass or two: nothing may be created twice
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert tasks_per_lead(fake) == {lead: 1 for lead in leads}, err
+    assert "reconciliation: every 1s" in out
+
+
+@pytest.mark.parametrize("reenable_on_repost", [True, False])
+def test_a_switched_off_subscription_is_switched_back_on(store, fake, crm, reenable_on_repost):
+    fake.reenable_on_repost = reenable_on_repost
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    result = run_cli(["webhooks", "subscribe", "--url", url, "--rules", crm["rules"]], store.url)
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    [hook] = fake.webhooks
+    assert hook["destination"] == url and hook["settings"] == ["status_lead"]
+    fake.disable_webhook(url)
+    summary = reconcile(store)
+    assert summary["subscription"] == "re-enabled"
+    [hook] = fake.webhooks
+    assert hook["destination"] == url and not hook["disabled"]
+    status = json.loads(run_cli(["status", "--json"], store.url).stdout)[0]["reconciliation"]
+    assert status["subscription"] == "re-enabled"
+    assert reconcile(store)["subscription"] == "ok"
+
+
+def test_a_removed_subscription_is_reported_missing(store, fake, crm):
+    url = "https://hooks.example.com/webhook/another-secret-value"
+    assert run_cli(["webhooks", "subscribe", "--url", url], store.url).returncode == 0
+    fake.webhooks.clear()
+    result = run_cli(["reconcile"], store.url)
+    assert result.returncode == 0
+    assert "missing" in result.stdout
+    assert "another-secret-value" not in result.stdout + result.stderr
+
+
+def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    access, refresh = fake.issue_tokens(admin=False)
+    with store.write():
+        Account.update(access_token=access, refresh_token=refresh).execute()
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    result = run_cli(["webhooks", "subscribe", "--url", url], store.url)
+    assert result.returncode != 0 and "admin" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    from amohook.watchdog import remember
+
+    remember(store, "example", url, ["status_lead"])  # as if an admin had subscribed it before
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    summary = reconcile(store)
+    assert summary["queued"] == 1
+    assert summary["subscription"] == "unknown" and "admin" in summary["subscription_note"]
+
+
+def test_webhooks_list_and_unsubscribe(store, fake, crm):
+    url = "https://hooks.example.com/webhook/list-secret-value-123"
+    assert run_cli(["webhooks", "subscribe", "--url", url, "--events", "status_lead,update_lead"], store.url).returncode == 0
+    listed = json.loads(run_cli(["webhooks", "list", "--json"], store.url).stdout)
+    assert listed == [{"destination": "https://hooks.example.com/webhook/***", "events": ["status_lead", "update_lead"],
+                       "disabled": False, "by_amohook": True}]
+    bad = run_cli(["webhooks", "subscribe", "--url", url, "--events", "status_leed"], store.url)
+    assert bad.returncode == 2 and "status_lead" in bad.stderr
+    plain = run_cli(["webhooks", "subscribe", "--url", "http://hooks.example.com/webhook/list-secret-value-123"], store.url)
+    assert plain.returncode == 0 and "not https" in plain.stderr
+    assert run_cli(["webhooks", "unsubscribe", "--url", url], store.url).returncode == 0
+    assert [h["destination"] for h in fake.webhooks] == ["http://hooks.example.com/webhook/list-secret-value-123"]
+    gone = run_cli(["webhooks", "unsubscribe", "--url", url], store.url)
+    assert gone.returncode == 2 and "webhooks list" in gone.stderr
+
+
+def test_status_shows_reconciliation_per_account(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    reconcile(store)
+    work(store, crm)
+    [row] = json.loads(run_cli(["status", "--json"], store.url).stdout)
+    info = row["reconciliation"]
+    assert info["recovered_24h"] == 1 and info["cursor_lag_seconds"] is not None and info["last_pass_at"]
+    text = run_cli(["status"], store.url).stdout
+    assert "1 change(s) recovered in 24 h" in text
+
+
+def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, fake, crm):
+    """Two workers take the webhook and the log entry of one change at the same moment."""
+    leads = new_leads(fake, crm, 20)
+    at = int(time.time()) - 100
+    items = [fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=at + i, log_offset=2)
+             for i, lead in enumerate(leads)]
+    deliver(store, fake, "status", items)
+    reconcile(store)  # nothing processed yet: all 20 log entries are queued beside the webhooks
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "amohook", "worker", "--rules", crm["rules"], "--once",
+                          "--reconcile", "off", "--batch", "1"],
+                         env=cli_env(store.url), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    work(store, crm)
+    assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
+
