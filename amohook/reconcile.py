@@ -393,23 +393,3 @@ class Reconciler:
         self._thread = threading.Thread(target=self.run, args=(stop,), name="amohook-reconcile", daemon=True)
         self._thread.start()
         return self._thread
-
-
-def parse_interval(text: str, *, option: str = "--reconcile") -> float | None:
-    """``30s``, ``5m``, ``2h``, ``1d`` or ``off`` (None)."""
-    from amohook.errors import ConfigError
-
-    value = (text or "").strip().lower()
-    if value in ("off", "no", "none", "0"):
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    number, unit = value[:-1], value[-1:]
-    if unit.isdigit():
-        number, unit = value, "s"
-    try:
-        seconds = float(number) * units[unit]
-    except (KeyError, ValueError):
-        raise ConfigError(f"{option} '{text}' is not a duration — write 30s, 5m, 2h, 1d (or off)") from None
-    if not 1 <= seconds <= 366 * 86400:
-        raise ConfigError(f"{option} '{text}' is out of range — between 1s and 366d")
-    return seconds

@@ -49,10 +49,11 @@ def reconcile(
 ):
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
     from amohook.amocrm.client import client_for
-    from amohook.reconcile import parse_interval, reconcilable_accounts, reconcile_account
+    from amohook.reconcile import reconcilable_accounts, reconcile_account
+    from amohook.settings import parse_duration
 
-    since_s = parse_interval(since, option="--since") or 3600
-    lookback_s = parse_interval(max_lookback, option="--max-lookback") or 7 * 86400
+    since_s = parse_duration(since, option="--since") or 3600
+    lookback_s = parse_duration(max_lookback, option="--max-lookback") or 7 * 86400
     store = state(ctx).store()
     accounts = [_account(subdomain)] if subdomain else reconcilable_accounts()
     if not accounts:

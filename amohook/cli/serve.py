@@ -32,6 +32,12 @@ ReconcileOpt = Annotated[
                  help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h or off. "
                  "Default: 5m when --rules or --handler is given, else off."),
 ]
+KeepOpt = Annotated[
+    str,
+    typer.Option("--keep", envvar="AMOHOOK_KEEP", show_envvar=True,
+                 help="Prune done events, deliveries, attempts and finished actions older than this, every hour "
+                 "(at least 1d; `off` keeps everything)."),
+]
 RulesOpt = Annotated[
     Optional[str],
     typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
@@ -97,11 +103,31 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
 
 def reconcile_interval(option: Optional[str], has_work: bool) -> Optional[float]:
     """Seconds between background reconciliation passes, or None (off)."""
-    from amohook.reconcile import parse_interval
+    from amohook.settings import parse_duration
 
     if option is None:
         return 300.0 if has_work else None
-    return parse_interval(option)
+    return parse_duration(option, option="--reconcile")
+
+
+def keep_seconds(keep: str) -> Optional[float]:
+    """--keep as seconds (None: off), checked before anything starts."""
+    from amohook.errors import ConfigError
+    from amohook.retention import MIN_KEEP
+    from amohook.settings import parse_duration
+
+    seconds = parse_duration(keep, option="--keep")
+    if seconds is not None and seconds < MIN_KEEP:
+        raise ConfigError(f"--keep '{keep}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)")
+    return seconds
+
+
+def _start_pruner(store, seconds: Optional[float], stop: threading.Event):
+    if seconds is None:
+        return None
+    from amohook.retention import Pruner
+
+    return Pruner(store, seconds).start(stop)
 
 
 def _start_reconciler(store, interval: Optional[float], stop: threading.Event, wake=None):
@@ -157,6 +183,7 @@ def serve(
     handler: HandlerOpt = None,
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
+    keep: KeepOpt = "30d",
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
     max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")] = 1024 * 1024,
@@ -185,6 +212,7 @@ def serve(
     _setup_logging(log_level)
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
+    keep_s = keep_seconds(keep)
     registry, sender = build_registry(handler, rules, store, journal=interval is not None)
     worker_list = []
     if workers and not len(registry):
@@ -205,6 +233,7 @@ def serve(
     sender_stop = threading.Event()
     sender_thread = _start_sender(sender, sender_stop) if worker_list else None
     _start_reconciler(store, interval if worker_list else None, sender_stop)
+    _start_pruner(store, keep_s, sender_stop)
     say(f"listening on {service.url}")
     say(f"webhook URL: {service.url}/webhook/<secret>; health: {service.url}/healthz; "
         f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s); "
@@ -228,6 +257,7 @@ def worker(
     handler: HandlerOpt = None,
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
+    keep: KeepOpt = "30d",
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
@@ -243,6 +273,7 @@ def worker(
     _setup_logging(log_level)
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
+    keep_s = keep_seconds(keep)
     registry, sender = build_registry(handler, rules, store, journal=interval is not None)
     if not len(registry):
         raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
@@ -254,6 +285,8 @@ def worker(
 
         Reconciler(store, interval).run_once()  # what the log has that no webhook brought, then drain
     reconciler = None if once else _start_reconciler(store, interval, sender_stop)
+    if not once:
+        _start_pruner(store, keep_s, sender_stop)
     pool = [
         Worker(store, registry, new_worker_id(f"worker{i}"), lease_seconds=lease, max_attempts=max_attempts,
                batch_size=batch, poll_interval=poll)

@@ -37,6 +37,16 @@ def _v2_reconciliation(store: "Store") -> None:
         run(SchemaMigrator.from_database(store.db).add_column(
             models.Event._meta.table_name, "source", models.Event.source))
     store.db.create_tables([models.ChangeSeen, models.ReconcileState, models.Subscription], safe=True)
+    _add_missing_indexes(store, models.Event, models.Action)
+
+
+def _add_missing_indexes(store: "Store", *tables) -> None:
+    """Create the indexes a model declares that an older store lacks (by peewee's index names)."""
+    for model in tables:
+        present = {index.name for index in store.db.get_indexes(model._meta.table_name)}
+        for index in model._meta.fields_to_index():
+            if index._name not in present:
+                store.db.execute(index)
 
 
 MIGRATIONS: list[tuple[int, Callable[["Store"], None]]] = [

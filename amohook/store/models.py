@@ -191,6 +191,7 @@ class Event(BaseModel):
         indexes = (
             (("delivery_id", "idx"), True),
             (("status", "next_attempt_at"), False),
+            (("status", "updated_at"), False),  # retention: the oldest finished events first
         )
 
 
@@ -221,6 +222,9 @@ class Action(BaseModel):
     created_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
 
+    class Meta:
+        indexes = ((("status", "updated_at"), False),)  # retention
+
 
 class ChangeSeen(BaseModel):
     """One lead change as amohook first saw it, whichever way it came (see ``amohook.changes``).
@@ -245,7 +249,11 @@ class ChangeSeen(BaseModel):
 
     class Meta:
         table_name = "change_seen"
-        indexes = ((("account", "lead_id", "kind"), False), (("first_source", "created_at"), False))
+        indexes = (
+            (("account", "lead_id", "kind"), False),
+            (("first_source", "created_at"), False),
+            (("created_at",), False),  # retention
+        )
 
 
 class ReconcileState(BaseModel):

@@ -1,0 +1,40 @@
+"""`amohook prune`: delete old finished work by hand (serve and worker also do it every hour)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from amohook.cli.common import print_json, say, state
+
+
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option("--older-than", envvar="AMOHOOK_KEEP", show_envvar=True,
+                          help="Delete done events, their deliveries and attempts, and finished actions older than "
+                          "this (at least 1d; dead events and failed actions: 90 days).")
+    ] = "30d",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+):
+    """Delete old done events, deliveries, attempts and finished actions; keys stay while duplicates can arrive."""
+    from amohook.errors import ConfigError
+    from amohook.retention import MIN_KEEP, prune as run_prune
+    from amohook.settings import parse_duration
+
+    keep = parse_duration(older_than, option="--older-than")
+    if keep is None or keep < MIN_KEEP:
+        raise ConfigError(f"--older-than '{older_than}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)")
+    result = run_prune(state(ctx).store(), keep=keep, dry_run=dry_run)
+    if as_json:
+        print_json(result.as_dict())
+        return
+    verb = "would delete" if dry_run else "deleted"
+    say(f"{verb}: {result.events} done event(s), {result.dead_events} dead event(s), {result.deliveries} "
+        f"deliveries, {result.attempts} attempt(s), {result.actions} action(s), {result.changes} change record(s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune)

@@ -1,0 +1,197 @@
+"""Retention: what amohook deletes, when, and what it keeps so that effects stay exactly once.
+
+Without it the store grows by about 2 KB per delivery for ever. Pruning deletes, in small
+batches (each its own short transaction, so the listener's commits are never held up long):
+
+- done events last changed more than ``keep`` ago, their attempts, and then deliveries that have
+  no event left;
+- dead events and their attempts after ``DEAD_KEEP`` (90 days), unless replayed before;
+- finished actions (done, rejected) and failed ones after ``DEAD_KEEP``, but never while their
+  event is still stored (a replay of it must find the key), and never inside ``EXACTLY_ONCE``;
+- the change registry (``change_seen``) after ``EXACTLY_ONCE``.
+
+``EXACTLY_ONCE`` (8 days) is how long a duplicate of a change can still arrive: amoCRM's webhook
+retries end after about 95 minutes, and reconciliation reads the events log at most
+``--max-lookback`` (7 days) back plus its 10-minute overlap. Keys and the registry are kept at
+least that long whatever ``keep`` says.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from peewee import fn
+
+from amohook.store import lease as leases
+from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
+
+log = logging.getLogger("amohook.retention")
+
+DEFAULT_KEEP = 30 * 86400.0
+DEAD_KEEP = 90 * 86400.0
+EXACTLY_ONCE = 8 * 86400.0
+MIN_KEEP = 86400.0  # a day: below that, amoCRM's own retries could outlive the delivery
+BATCH = 500
+PRUNE_EVERY = 3600.0
+LEASE = "prune"
+
+
+@dataclass
+class PruneResult:
+    events: int = 0
+    dead_events: int = 0
+    deliveries: int = 0
+    attempts: int = 0
+    actions: int = 0
+    changes: int = 0
+    busy: bool = False
+    dry_run: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def total(self) -> int:
+        return self.events + self.dead_events + self.deliveries + self.attempts + self.actions + self.changes
+
+
+def _ids(query, batch: int) -> list[int]:
+    return [row.id for row in query.limit(batch)]
+
+
+def prune(
+    store,
+    *,
+    keep: float = DEFAULT_KEEP,
+    dry_run: bool = False,
+    batch: int = BATCH,
+    pause: float = 0.0,
+    clock: Callable[[], float] = time.time,
+    stop: threading.Event | None = None,
+) -> PruneResult:
+    """Delete what is older than the retention periods; ``dry_run`` counts instead.
+
+    ``pause`` seconds between batches leave the database to the listener under load.
+    """
+    keep = max(float(keep), MIN_KEEP)
+    now = clock()
+    result = PruneResult(dry_run=dry_run)
+    done_before, dead_before = now - keep, now - DEAD_KEEP
+    keys_before = now - max(keep, EXACTLY_ONCE)
+    old_done = (Event.status == "done") & (Event.updated_at < done_before)
+    old_dead = (Event.status == "dead") & (Event.updated_at < dead_before)
+    finished = (Action.status.in_(["done", "rejected"]) & (Action.updated_at < min(keys_before, now - keep))) | (
+        (Action.status == "failed") & (Action.updated_at < min(dead_before, keys_before))
+    )
+    old_changes = ChangeSeen.created_at < keys_before
+    if dry_run:
+        result.events = Event.select().where(old_done).count()
+        result.dead_events = Event.select().where(old_dead).count()
+        result.attempts = (
+            Attempt.select().join(Event, on=(Attempt.event_id == Event.id)).where(old_done | old_dead).count()
+        )
+        result.deliveries = _prunable_deliveries_count(old_done | old_dead)
+        result.actions = Action.select().where(finished & _event_gone_or(old_done | old_dead)).count()
+        result.changes = ChangeSeen.select().where(old_changes).count()
+        return result
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
+    for condition, field in ((old_done, "events"), (old_dead, "dead_events")):
+        while not stopped():
+            with store.write():
+                ids = _ids(Event.select(Event.id).where(condition).order_by(Event.updated_at), batch)
+                if not ids:
+                    break
+                deliveries = {row.delivery_id for row in Event.select(Event.delivery_id).where(Event.id.in_(ids))}
+                result.attempts += Attempt.delete().where(Attempt.event_id.in_(ids)).execute()
+                setattr(result, field, getattr(result, field) + Event.delete().where(Event.id.in_(ids)).execute())
+                still_used = {row.delivery_id for row in
+                              Event.select(Event.delivery_id).where(Event.delivery_id.in_(list(deliveries)))}
+                gone = list(deliveries - still_used)
+                if gone:
+                    result.deliveries += Delivery.delete().where(Delivery.id.in_(gone)).execute()
+            if pause:
+                time.sleep(pause)
+    while not stopped():
+        with store.write():
+            candidates = _ids(Action.select(Action.id).where(finished).order_by(Action.updated_at), batch * 4)
+            if not candidates:
+                break
+            rows = list(Action.select(Action.id, Action.event_id).where(Action.id.in_(candidates)))
+            events = {r.event_id for r in rows if r.event_id is not None}
+            alive = {e.id for e in Event.select(Event.id).where(Event.id.in_(list(events)))} if events else set()
+            doomed = [r.id for r in rows if r.event_id not in alive][:batch]
+            if not doomed:
+                break  # the oldest finished actions still have their events: nothing more for now
+            result.actions += Action.delete().where(Action.id.in_(doomed)).execute()
+        if pause:
+            time.sleep(pause)
+    while not stopped():
+        with store.write():
+            ids = _ids(ChangeSeen.select(ChangeSeen.id).where(old_changes).order_by(ChangeSeen.id), batch)
+            if not ids:
+                break
+            result.changes += ChangeSeen.delete().where(ChangeSeen.id.in_(ids)).execute()
+        if pause:
+            time.sleep(pause)
+    return result
+
+
+def _event_gone_or(condition):
+    """Actions whose event is already gone, or will go with ``condition`` (for the dry run's count)."""
+    live = Event.select(Event.id).where(~condition)
+    return Action.event_id.is_null() | Action.event_id.not_in(live)
+
+
+def _prunable_deliveries_count(condition) -> int:
+    kept = Event.select(Event.delivery_id).where(~condition)
+    doomed = Event.select(Event.delivery_id).where(condition)
+    return Delivery.select(fn.COUNT(Delivery.id)).where(
+        Delivery.id.in_(doomed) & Delivery.id.not_in(kept)
+    ).scalar() or 0
+
+
+def prune_once(store, keep: float, *, stop: threading.Event | None = None, pause: float = 0.02) -> PruneResult:
+    """One pruning run under the cross-process lease; a busy lease means another process prunes."""
+    owner = leases.new_owner()
+    if not leases.try_acquire(LEASE, owner, 1800.0):
+        return PruneResult(busy=True)
+    try:
+        return prune(store, keep=keep, stop=stop, pause=pause)
+    finally:
+        leases.release(LEASE, owner)
+
+
+class Pruner:
+    """The background pruning of `serve` and `worker`: a minute after start, then every hour."""
+
+    def __init__(self, store, keep: float, every: float = PRUNE_EVERY, first_after: float = 60.0):
+        self.store, self.keep, self.every, self.first_after = store, keep, every, first_after
+
+    def run(self, stop: threading.Event) -> None:
+        wait = self.first_after
+        while not stop.wait(wait):
+            wait = self.every
+            try:
+                result = prune_once(self.store, self.keep, stop=stop)
+                if result.total:
+                    log.info("pruned %d event(s), %d dead event(s), %d deliveries, %d attempt(s), %d action(s), "
+                             "%d change record(s)", result.events, result.dead_events, result.deliveries,
+                             result.attempts, result.actions, result.changes)
+            except Exception as exc:
+                log.warning("pruning failed (tried again in an hour): %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            finally:
+                from amohook.inbox import _close_quietly
+
+                _close_quietly(self.store)
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="amohook-prune", daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,129 @@
+"""Retention: old finished work goes, pending and dead work stays, effects stay exactly once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from urllib.parse import urlencode
+
+import pytest
+import requests
+
+from amohook.inbox import Incoming, store_deliveries
+from amohook.retention import DEAD_KEEP, EXACTLY_ONCE, prune
+from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
+from amohook.webhooks.parse import parse_webhook
+from tests.conftest import run_cli
+
+FORM = "application/x-www-form-urlencoded"
+DAY = 86400
+
+
+def body(lead: int, stamp: int = 1_750_000_000) -> bytes:
+    return urlencode({"account[subdomain]": "example", "leads[status][0][id]": str(lead),
+                      "leads[status][0][status_id]": "2", "leads[status][0][old_status_id]": "1",
+                      "leads[status][0][pipeline_id]": "9", "leads[status][0][last_modified]": str(stamp)}).encode()
+
+
+def stored(store, n: int, *, start: int = 1, status: str = "done", age: float = 0.0) -> list[int]:
+    """n deliveries with one event each, finished ``age`` seconds ago, each with one attempt."""
+    items = [Incoming(body=body(start + i), parsed=parse_webhook(body(start + i), FORM), content_type=FORM)
+             for i in range(n)]
+    store_deliveries(store, items)
+    ids = [e.id for e in Event.select(Event.id).where(Event.entity_id.in_([str(start + i) for i in range(n)]))]
+    then = time.time() - age
+    with store.write():
+        Event.update(status=status, updated_at=then).where(Event.id.in_(ids)).execute()
+        for event_id in ids:
+            Attempt.create(event_id=event_id, worker="t", started_at=then, finished_at=then, outcome="ok")
+    return ids
+
+
+def test_old_done_events_go_with_their_deliveries_and_attempts(store):
+    old = stored(store, 30, start=1, age=40 * DAY)
+    young = stored(store, 5, start=100, age=2 * DAY)
+    pending = stored(store, 3, start=200, status="pending", age=40 * DAY)
+    dead = stored(store, 2, start=300, status="dead", age=40 * DAY)
+    very_dead = stored(store, 2, start=400, status="dead", age=DEAD_KEEP + DAY)
+    counted = prune(store, keep=30 * DAY, dry_run=True)
+    result = prune(store, keep=30 * DAY, batch=7)
+    assert (result.events, result.dead_events, result.deliveries, result.attempts) == (30, 2, 32, 32)
+    assert (counted.events, counted.dead_events, counted.deliveries, counted.attempts) == (30, 2, 32, 32)
+    left = {e.id for e in Event.select()}
+    assert left == set(young + pending + dead)
+    assert not left & set(old + very_dead)
+    assert Delivery.select().count() == len(left)
+    assert Attempt.select().count() == len(left)
+    assert prune(store, keep=30 * DAY).events == 0  # nothing more to do
+
+
+def test_action_keys_outlive_their_events_for_the_exactly_once_window(store):
+    ids = stored(store, 2, age=3 * DAY)
+    now = time.time()
+    with store.write():
+        for i, event_id in enumerate(ids):
+            Action.create(key=f"k{i}", account="example", rule="r", event_id=event_id, kind="create_task",
+                          status="done", created_at=now - 3 * DAY, updated_at=now - 3 * DAY)
+        ChangeSeen.create(account="example", lead_id=1, kind="stage_changed", target="9:2", key_at=1,
+                          hook_at=1, first_source="webhook", created_at=now - 3 * DAY)
+    result = prune(store, keep=DAY)
+    assert result.events == 2
+    assert Action.select().count() == 2 and ChangeSeen.select().count() == 1  # a duplicate may still come
+    later = prune(store, keep=DAY, clock=lambda: now + EXACTLY_ONCE)
+    assert (later.actions, later.changes) == (2, 1)
+
+
+def test_a_failed_action_waits_for_its_dead_event(store):
+    [event_id] = stored(store, 1, status="dead", age=40 * DAY)
+    old = time.time() - 40 * DAY
+    with store.write():
+        Action.create(key="f", account="example", rule="r", event_id=event_id, kind="create_task",
+                      status="failed", created_at=old, updated_at=old)
+    assert prune(store, keep=30 * DAY).actions == 0
+    assert Action.select().count() == 1
+
+
+def test_prune_by_hand(store):
+    stored(store, 4, age=40 * DAY)
+    dry = run_cli(["prune", "--dry-run", "--json"], store.url)
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["events"] == 4 and Event.select().count() == 4
+    done = run_cli(["prune"], store.url)
+    assert done.returncode == 0 and "deleted: 4 done event(s)" in done.stdout
+    assert Event.select().count() == 0
+    short = run_cli(["prune", "--older-than", "1h"], store.url)
+    assert short.returncode == 2 and "at least 1d" in short.stderr
+    bad = run_cli(["prune", "--older-than", "soon"], store.url)
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+@pytest.mark.slow
+def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path):
+    from tests.test_rules_e2e import SECRET, Serve
+
+    stored(store, 3000, start=10_000, age=40 * DAY)
+    serve = Serve(store.url, "--workers", "0", "--keep", "off")
+    posted: list[int] = []
+    errors: list[str] = []
+
+    def send() -> None:
+        for i in range(300):
+            lead = 900_000 + i
+            r = requests.post(f"{serve.url}/webhook/{SECRET}", data=body(lead), headers={"Content-Type": FORM}, timeout=5)
+            if r.status_code == 200:
+                posted.append(lead)
+            else:
+                errors.append(str(r.status_code))
+
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        result = prune(store, keep=30 * DAY, batch=200)
+        sender.join(60)
+    finally:
+        serve.stop()
+    assert result.events == 3000
+    assert not errors
+    kept = {int(e.entity_id) for e in Event.select(Event.entity_id).where(Event.status == "pending")}
+    assert set(posted) <= kept and len(posted) == 300
