@@ -14,7 +14,7 @@ HandlerOpt = Annotated[
     typer.Option(
         "--handler",
         help="A handler to run for every event, as package.module:function (called as fn(event, ctx)); repeatable. "
-        "The current directory is importable.",
+        "Looked up on PYTHONPATH, then in the current directory (only for this import).",
     ),
 ]
 LeaseOpt = Annotated[
@@ -51,12 +51,9 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
     Invalid rules raise here, so `serve` and `worker` refuse to start with them.
     """
     import os
-    import sys
 
     from amohook.worker import Registry, load_handler
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: user handlers live beside the config
     registry = Registry()
     sender = None
     if rules:
@@ -81,7 +78,9 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
         sender = ActionSender(store, client, log=logger.warning)
         registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
     for spec in handlers or []:
-        registry.register(spec, load_handler(spec))
+        # Handlers may live beside the config, but the working directory is searched only for
+        # them, only while importing them, and last: a stray tomllib.py there is never imported.
+        registry.register(spec, load_handler(spec, search_dir=os.getcwd()))
     return registry, sender
 
 
