@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -130,17 +131,33 @@ class Registry:
         return name in self._handlers
 
 
-def load_handler(spec: str) -> Handler:
-    """Import ``package.module:function`` (the function may be a dotted attribute path)."""
+def load_handler(spec: str, search_dir: str | None = None) -> Handler:
+    """Import ``package.module:function`` (the function may be a dotted attribute path).
+
+    ``search_dir`` (the CLI passes the working directory) is consulted for this import only, and
+    after every other entry of ``sys.path``: a file there can never shadow the standard library or
+    an installed package, and nothing is imported from it unless a handler was asked for.
+    Whatever the module does on import — even ``sys.exit()`` — becomes a ``ConfigError`` naming it.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"handler '{spec}' must look like package.module:function")
+    added = search_dir is not None and search_dir not in sys.path
+    if added:
+        sys.path.append(search_dir)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import handler module '{module_name}': {exc} — is it on PYTHONPATH?") from None
-    except Exception as exc:
-        raise ConfigError(f"importing handler module '{module_name}' failed: {type(exc).__name__}: {exc}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a module must not end amohook with its own exit code
+        raise ConfigError(
+            f"handler '{spec}': importing module '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    finally:
+        if added and search_dir in sys.path:
+            sys.path.remove(search_dir)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -149,6 +166,11 @@ def load_handler(spec: str) -> Handler:
     if not callable(obj):
         raise ConfigError(f"handler '{spec}' is not callable")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 class HandlerContext:

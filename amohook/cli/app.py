@@ -132,4 +132,6 @@ def _report(exc: BaseException, line: str) -> None:
 
         # Frames only, never local variables: they would hold tokens and secrets.
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    sys.stderr.write(line + "\n")
+    from amohook.redact import printable
+
+    sys.stderr.write(printable(line, multiline=True) + "\n")  # messages may quote amoCRM's answers

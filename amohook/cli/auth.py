@@ -191,7 +191,7 @@ def status(
         return
     from rich.table import Table
 
-    from amohook.cli.common import console
+    from amohook.cli.common import console, plain
 
     table = Table(title="amohook accounts")
     for col in ("account", "tokens", "access token expires", "next refresh", "refresh token age", "warning"):
@@ -200,7 +200,7 @@ def status(
         tokens = "long-lived" if r.long_lived else ("yes" if r.has_tokens else "no")
         expires = fmt_time(r.expires_at) + (f" (in {fmt_duration(r.expires_at - now)})" if r.expires_at else "")
         due = "never" if r.long_lived else fmt_time(r.refresh_due_at)
-        table.add_row(r.subdomain, tokens, expires, due, fmt_duration(r.refresh_token_age), r.warning or "")
+        table.add_row(plain(r.subdomain), tokens, expires, due, fmt_duration(r.refresh_token_age), plain(r.warning))
     console().print(table)
     for r in rows:
         if r.subdomain in recon:

@@ -7,6 +7,7 @@ starts `amohook refresh-token` every 30 minutes, and it should cost little more 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import typer
 
+from amohook.redact import printable
 from amohook.settings import Settings
 
 
@@ -58,18 +60,33 @@ def err_console():
 
 
 def say(message: str) -> None:
-    """A plain line on stdout (no markup interpretation: messages may contain brackets)."""
-    sys.stdout.write(message + "\n")
+    """A plain line on stdout: no markup interpretation (messages may contain brackets), and
+    control characters from outside data shown as escapes, never sent to the terminal."""
+    sys.stdout.write(printable(message, multiline=True) + "\n")
     sys.stdout.flush()
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(printable(message, multiline=True) + "\n")
     sys.stderr.flush()
 
 
+def plain(value: Any):
+    """Outside text (an amoCRM name, a subdomain, an error) as a rich ``Text``: shown literally,
+    never read as markup (``[/]`` would crash a table, ``[bold]`` would vanish)."""
+    from rich.text import Text
+
+    return Text(printable("" if value is None else value))
+
+
+# json.dumps escapes C0 controls but not DEL, C1 (\x9b is a CSI on some terminals) nor the
+# Unicode controls that reorder text; outside strings only, so \uXXXX keeps the JSON valid.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    text = json.dumps(data, ensure_ascii=False, indent=2, default=str)
+    sys.stdout.write(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
 def fmt_time(ts: float | None) -> str:

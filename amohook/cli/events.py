@@ -56,15 +56,16 @@ def list_(
         return
     from rich.table import Table
 
-    from amohook.cli.common import console
+    from amohook.cli.common import console, plain
 
     table = Table(title="events (newest first)")
     for column in ("id", "received", "entity", "action", "entity id", "account", "status", "attempts", "last error"):
         table.add_column(column)
     for e in rows:
+        # Everything but the numbers came from outside (the webhook, amoCRM's answers): plain text.
         table.add_row(
-            str(e.id), fmt_time(e.received_at), e.entity, e.action, e.entity_id or "", e.account or "",
-            e.status, str(e.attempts), (e.last_error or "")[:80],
+            str(e.id), fmt_time(e.received_at), plain(e.entity), plain(e.action), plain(e.entity_id), plain(e.account),
+            plain(e.status), str(e.attempts), plain((e.last_error or "")[:80]),
         )
     console().print(table)
 

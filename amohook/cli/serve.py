@@ -14,7 +14,7 @@ HandlerOpt = Annotated[
     typer.Option(
         "--handler",
         help="A handler to run for every event, as package.module:function (called as fn(event, ctx)); repeatable. "
-        "The current directory is importable.",
+        "Looked up on PYTHONPATH, then in the current directory (only for this import).",
     ),
 ]
 LeaseOpt = Annotated[
@@ -25,7 +25,12 @@ LeaseOpt = Annotated[
 MaxAttemptsOpt = Annotated[
     int, typer.Option("--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`).")
 ]
-LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error (to stderr).")]
+LogLevelOpt = Annotated[
+    str,
+    typer.Option("--log-level", envvar="AMOHOOK_LOG_LEVEL", show_envvar=True,
+                 help="debug, info, warning or error (to stderr), for amohook's own messages; libraries log "
+                 "warnings only, and no level shows a token or a secret."),
+]
 ReconcileOpt = Annotated[
     Optional[str],
     typer.Option("--reconcile", envvar="AMOHOOK_RECONCILE", show_envvar=True,
@@ -45,16 +50,27 @@ RulesOpt = Annotated[
 ]
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, secrets: tuple[str, ...] = ()) -> None:
+    """--log-level sets amohook's own loggers only. Libraries stay at WARNING whatever it says:
+    peewee's debug logger prints every statement with its parameters — the tokens a refresh
+    writes among them — and urllib3's prints request lines. The formatter is a second guard."""
     import logging
     import sys
 
     from amohook.errors import ConfigError
+    from amohook.redact import RedactingFormatter
 
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ConfigError(f"unknown --log-level '{level}' — use debug, info, warning or error")
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", secrets=secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("peewee", "urllib3", "requests", "pymysql", "psycopg2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("amohook").setLevel(numeric)
 
 
 def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, store=None, *, journal: bool = False):
@@ -63,12 +79,9 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
     Invalid rules raise here, so `serve` and `worker` refuse to start with them.
     """
     import os
-    import sys
 
     from amohook.worker import Registry, load_handler
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: user handlers live beside the config
     registry = Registry()
     sender = None
     if rules:
@@ -97,7 +110,9 @@ def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, s
 
         registry.register("amohook.changes", ChangeJournal(store))
     for spec in handlers or []:
-        registry.register(spec, load_handler(spec))
+        # Handlers may live beside the config, but the working directory is searched only for
+        # them, only while importing them, and last: a stray tomllib.py there is never imported.
+        registry.register(spec, load_handler(spec, search_dir=os.getcwd()))
     return registry, sender
 
 
@@ -209,7 +224,7 @@ def serve(
         socket_timeout=request_timeout,
         read_deadline=read_deadline,
     )
-    _setup_logging(log_level)
+    _setup_logging(log_level, secrets=(config.secret,))
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
     keep_s = keep_seconds(keep)
@@ -270,7 +285,9 @@ def worker(
     from amohook.errors import ConfigError
     from amohook.worker import Worker, new_worker_id
 
-    _setup_logging(log_level)
+    from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
+
+    _setup_logging(log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
     keep_s = keep_seconds(keep)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from amohook.cli.common import console, err_console, print_json, say, state, warn
+from amohook.cli.common import console, err_console, plain, print_json, say, state, warn
 
 SubdomainOpt = Annotated[
     Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
@@ -44,7 +44,12 @@ def _progress_display(enabled: bool):
         def on_progress(event) -> None:
             key = (event.account, event.kind)
             if key not in tasks:
-                tasks[key] = progress.add_task(f"{event.account}: {LABELS[event.kind]}", total=None, state="")
+                from rich.markup import escape
+
+                from amohook.redact import printable
+
+                tasks[key] = progress.add_task(escape(printable(f"{event.account}: {LABELS[event.kind]}")), total=None,
+                                               state="")
             task = tasks[key]
             if event.phase == "fetch":
                 progress.update(task, state=f"fetched {event.fetched}" if event.fetched else "fetching…")
@@ -59,7 +64,7 @@ def _progress_display(enabled: bool):
 def _summary(report) -> None:
     from rich.table import Table
 
-    table = Table(title=f"sync-entities: {report.account}")
+    table = Table(title=plain(f"sync-entities: {report.account}"))
     table.add_column("kind")
     for col in ("added", "changed", "removed", "unchanged", "total"):
         table.add_column(col, justify="right")
@@ -68,7 +73,7 @@ def _summary(report) -> None:
         if r.status == "ok":
             table.add_row(LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), "")
         else:
-            table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", r.status)
+            table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", plain(r.status))
     console().print(table)
     limited = f", {report.rate_limited} answered 429" if report.rate_limited else ""
     say(f"{report.requests} requests in {report.seconds:.1f} s{limited}")
@@ -161,7 +166,7 @@ def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonO
         return _nothing_stored(sub, "pipelines")
     from rich.table import Table
 
-    table = Table(title=f"pipelines of {sub}")
+    table = Table(title=plain(f"pipelines of {sub}"))
     for col, justify in (("pipeline id", "right"), ("pipeline", "left"), ("stage id", "right"), ("stage", "left")):
         table.add_column(col, justify=justify)
     for p in rows:
@@ -171,9 +176,9 @@ def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonO
         for i, s in enumerate(members):
             table.add_row(
                 str(p.amo_id) if i == 0 else "",
-                label if i == 0 else "",
+                plain(label if i == 0 else ""),
                 "" if s is None else str(s.amo_id),
-                "" if s is None else s.name,
+                plain("" if s is None else s.name),
                 end_section=i == len(members) - 1,
             )
     console().print(table)
@@ -192,12 +197,12 @@ def task_types(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: Json
         return _nothing_stored(sub, "task types")
     from rich.table import Table
 
-    table = Table(title=f"task types of {sub}")
+    table = Table(title=plain(f"task types of {sub}"))
     table.add_column("id", justify="right")
     for col in ("name", "code", "color"):
         table.add_column(col)
     for t in rows:
-        table.add_row(str(t.amo_id), t.name, t.code or "", t.color or "")
+        table.add_row(str(t.amo_id), plain(t.name), plain(t.code), plain(t.color))
     console().print(table)
 
 
@@ -219,12 +224,12 @@ def users(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt =
         return _nothing_stored(sub, "users")
     from rich.table import Table
 
-    table = Table(title=f"users of {sub}")
+    table = Table(title=plain(f"users of {sub}"))
     table.add_column("id", justify="right")
     for col in ("name", "email", "admin", "active"):
         table.add_column(col)
     for u in rows:
-        table.add_row(str(u.amo_id), u.name, u.email or "", "yes" if u.is_admin else "", "yes" if u.is_active else "no")
+        table.add_row(str(u.amo_id), plain(u.name), plain(u.email), "yes" if u.is_admin else "", "yes" if u.is_active else "no")
     console().print(table)
 
 

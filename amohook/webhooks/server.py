@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
+from amohook.redact import redact_target
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
 log = logging.getLogger("amohook.server")
@@ -85,8 +86,10 @@ def _http_date() -> str:
     return cached[1]
 
 
-def _redact(path: str) -> str:
-    return "/webhook/***" if path.startswith("/webhook/") else path.split("?", 1)[0][:200]
+def _redact(target: object, secret: str | None) -> str:
+    """The request target as the log may show it: never the secret, nor anything after a path
+    segment like ``webhook`` (a proxy prefix, a typo, %2F, absolute form), never the query."""
+    return redact_target(target, secret)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -219,10 +222,14 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(code, HTTPStatus):
             code = code.value
         level = logging.DEBUG if code in (100, 200) else logging.INFO
-        log.log(level, "%s %s %s %s", self.client_address[0], self.command, _redact(self.path), code)
+        if log.isEnabledFor(level):
+            secret = self.server.config.secret
+            command = redact_target(self.command or "-", secret, limit=24)
+            log.log(level, "%s %s %s %s", self.client_address[0], command, _redact(self.path, secret), code)
 
     def log_message(self, format: str, *args) -> None:
-        log.debug("%s " + format, self.client_address[0], *args)
+        if log.isEnabledFor(logging.DEBUG):  # the standard library's messages may quote the request line
+            log.debug("%s %s", self.client_address[0], _redact(format % args, self.server.config.secret))
 
     # -- routes -------------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -232,7 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         except Exception:
             # A bug: the stack goes to the log, never into the answer.
-            log.exception("unexpected error answering %s %s", self.command, _redact(self.path))
+            secret = self.server.config.secret
+            log.exception("unexpected error answering %s %s", redact_target(self.command, secret, limit=24),
+                          _redact(self.path, secret))
             self._reply_quietly(500, "internal error\n")
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET

@@ -1,0 +1,108 @@
+"""No log line at any level carries a secret (hardening #2): a full run at debug level — init-auth,
+sync, a refresh on 401 inside `worker` and inside `serve`, rules creating tasks, refresh-token —
+and every byte any of them wrote is searched for every token, code and secret."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from urllib.parse import urlencode
+
+import requests
+
+from amohook.store import open_store
+from amohook.store.models import Account
+from tests.conftest import ROOT, cli_env, run_cli
+from tests.test_rules_e2e import RULES, settle
+
+SECRET = "log-secret-0123456789abcdef"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def ids_only_hook(lead_id: int, pipeline: dict, stages: dict) -> bytes:
+    """A Digital Pipeline style hook: only ids, so the worker fetches the lead (a GET that meets the 401)."""
+    return urlencode({
+        "leads[status][0][id]": str(lead_id), "leads[status][0][status_id]": str(stages["Qualified"]),
+        "leads[status][0][pipeline_id]": str(pipeline["id"]), "leads[status][0][old_status_id]": str(stages["New"]),
+        "leads[status][0][old_pipeline_id]": str(pipeline["id"]),
+        "account[id]": "1231414", "account[subdomain]": "example",
+    }).encode()
+
+
+def serve_until(db_url: str, args: list[str], env: dict, work) -> str:
+    """Run `serve` with ``args``, call ``work(url)``, stop it; returns everything it wrote."""
+    proc = subprocess.Popen([sys.executable, "-m", "amohook", "serve", "--port", "0", *args], env=env, cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line + proc.stderr.read()
+        work(line.split("listening on ", 1)[1].strip())
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    return line + out + err
+
+
+def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
+    debug = {"AMOHOOK_LOG_LEVEL": "debug", "AMOHOOK_WEBHOOK_SECRET": SECRET, "AMOHOOK_CLIENT_SECRET": fake.client_secret}
+    env = cli_env(db_url, **debug)
+    written: list[str] = []
+
+    def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        result = run_cli(list(args), db_url, env=env, timeout=timeout)
+        written.append(result.stdout + result.stderr)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    code = fake.issue_code()
+    cli("init-auth", "--subdomain", "example", "--base-url", fake.base_url, "--client-id", fake.client_id,
+        "--redirect-uri", fake.redirect_uri, "--code", code)
+    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
+    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
+    fake.add_task_type("Call")
+    bob = fake.add_user("Bob", "bob@example.com")
+    for lead_id in (6001, 6002):
+        fake.add_lead(f"Lead {lead_id}", pipeline["id"], stages["Qualified"], bob["id"], lead_id=lead_id)
+    cli("sync-entities")
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    store = open_store(db_url)
+    try:
+        # 1. `serve` only stores; then a separate `worker` meets an expired token and refreshes.
+        written.append(serve_until(db_url, ["--workers", "0", "--log-level", "debug"], env, lambda url: requests.post(
+            f"{url}/webhook/{SECRET}", data=ids_only_hook(6001, pipeline, stages), headers=FORM, timeout=5)))
+        fake.expire_access_tokens()
+        cli("worker", "--rules", str(rules), "--once", "--log-level", "debug", timeout=120)
+        assert len(fake.tasks) == 1
+
+        # 2. `serve` with a worker thread meets the next expiry itself (level from the environment).
+        fake.expire_access_tokens()
+
+        def deliver(url: str) -> None:
+            assert requests.post(f"{url}/webhook/{SECRET}", data=ids_only_hook(6002, pipeline, stages), headers=FORM,
+                                 timeout=5).status_code == 200
+            requests.get(f"{url}/healthz", timeout=5)
+            settle(fake, 2)
+
+        written.append(serve_until(db_url, ["--workers", "1", "--rules", str(rules)], env, deliver))
+        cli("refresh-token", "--force")
+        cli("status")
+    finally:
+        store.close()
+
+    log = "\n".join(written)
+    assert " DEBUG amohook." in log  # the run really was at debug level
+    assert len(fake.requests_to("/oauth2/access_token")) >= 4  # init-auth, two refreshes on 401, refresh-token
+    secrets = {"client secret": fake.client_secret, "authorization code": code, "webhook secret": SECRET}
+    secrets.update({f"access token {i}": t for i, t in enumerate(fake._access)})
+    secrets.update({f"refresh token {i}": t for i, t in enumerate(fake._refresh)})
+    account = Account.get(Account.subdomain == "example")
+    assert account.access_token in fake._access and account.refresh_token in fake._refresh
+    for name, value in secrets.items():
+        assert value not in log, f"the {name} is in the log"
+        # Nor a recognisable piece of it (a line cut short): pieces of its second half, which is
+        # random in every one of them (a JWT's first part is the same for every token).
+        tail = value[len(value) // 2:]
+        for piece in {tail[i:i + 24] for i in range(0, max(1, len(tail) - 24), 97)}:
+            assert piece not in log, f"part of the {name} is in the log"
