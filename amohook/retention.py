@@ -35,7 +35,7 @@ DEFAULT_KEEP = 30 * 86400.0
 DEAD_KEEP = 90 * 86400.0
 EXACTLY_ONCE = 8 * 86400.0
 MIN_KEEP = 86400.0  # a day: below that, amoCRM's own retries could outlive the delivery
-BATCH = 500
+BATCH = 100
 PRUNE_EVERY = 3600.0
 LEASE = "prune"
 
@@ -69,15 +69,21 @@ def prune(
     keep: float = DEFAULT_KEEP,
     dry_run: bool = False,
     batch: int = BATCH,
-    pause: float = 0.0,
+    pause: float | None = None,
     clock: Callable[[], float] = time.time,
     stop: threading.Event | None = None,
 ) -> PruneResult:
     """Delete what is older than the retention periods; ``dry_run`` counts instead.
 
-    ``pause`` seconds between batches leave the database to the listener under load.
+    Between batches the pruner steps aside for at least ``pause`` seconds and twice as long as
+    the batch took, so it holds the database at most a third of the time: on SQLite the
+    listener's commit waits in SQLite's busy handler, which sleeps in steps of up to 100 ms and
+    would keep missing a pruner that takes the lock back at once. ``pause=None``: 0.1 s on SQLite,
+    0.01 s elsewhere (row locks there do not hold up new inserts).
     """
     keep = max(float(keep), MIN_KEEP)
+    if pause is None:
+        pause = 0.1 if store.is_sqlite else 0.01
     now = clock()
     result = PruneResult(dry_run=dry_run)
     done_before, dead_before = now - keep, now - DEAD_KEEP
@@ -102,8 +108,13 @@ def prune(
     def stopped() -> bool:
         return stop is not None and stop.is_set()
 
+    def step_aside(started: float) -> None:
+        if pause:
+            time.sleep(max(pause, 2 * (time.monotonic() - started)))
+
     for condition, field in ((old_done, "events"), (old_dead, "dead_events")):
         while not stopped():
+            started = time.monotonic()
             with store.write():
                 ids = _ids(Event.select(Event.id).where(condition).order_by(Event.updated_at), batch)
                 if not ids:
@@ -116,9 +127,9 @@ def prune(
                 gone = list(deliveries - still_used)
                 if gone:
                     result.deliveries += Delivery.delete().where(Delivery.id.in_(gone)).execute()
-            if pause:
-                time.sleep(pause)
+            step_aside(started)
     while not stopped():
+        started = time.monotonic()
         with store.write():
             candidates = _ids(Action.select(Action.id).where(finished).order_by(Action.updated_at), batch * 4)
             if not candidates:
@@ -130,16 +141,15 @@ def prune(
             if not doomed:
                 break  # the oldest finished actions still have their events: nothing more for now
             result.actions += Action.delete().where(Action.id.in_(doomed)).execute()
-        if pause:
-            time.sleep(pause)
+        step_aside(started)
     while not stopped():
+        started = time.monotonic()
         with store.write():
             ids = _ids(ChangeSeen.select(ChangeSeen.id).where(old_changes).order_by(ChangeSeen.id), batch)
             if not ids:
                 break
             result.changes += ChangeSeen.delete().where(ChangeSeen.id.in_(ids)).execute()
-        if pause:
-            time.sleep(pause)
+        step_aside(started)
     return result
 
 
@@ -157,7 +167,7 @@ def _prunable_deliveries_count(condition) -> int:
     ).scalar() or 0
 
 
-def prune_once(store, keep: float, *, stop: threading.Event | None = None, pause: float = 0.02) -> PruneResult:
+def prune_once(store, keep: float, *, stop: threading.Event | None = None, pause: float | None = None) -> PruneResult:
     """One pruning run under the cross-process lease; a busy lease means another process prunes."""
     owner = leases.new_owner()
     if not leases.try_acquire(LEASE, owner, 1800.0):
