@@ -300,6 +300,7 @@ class FakeAmo:
         self._event_ids: set[str] = set()
         self._note_id = 42743871
         self.webhooks: list[dict] = []
+        self._webhook_id = 839655
         self.reenable_on_repost = True    # does re-POSTing a destination clear `disabled`? (undocumented)
         self._seed()
 
@@ -522,7 +523,8 @@ class FakeAmo:
         """A subscription as if made in amoCRM's settings (no request)."""
         with self._lock:
             now = int(self._clock())
-            hook = {"id": self._new_id((h["id"] for h in self.webhooks), 839655), "destination": destination,
+            self._webhook_id = self._new_id((h["id"] for h in self.webhooks), self._webhook_id)  # never reused
+            hook = {"id": self._webhook_id, "destination": destination,
                     "created_at": now, "updated_at": now, "account_id": self.account_id,
                     "created_by": self.account["current_user_id"] if created_by is None else created_by,
                     "sort": len(self.webhooks) + 1 if sort is None else sort, "disabled": disabled,
