@@ -312,3 +312,19 @@ def test_an_unsubscribe_answered_500_is_not_resent(client, fake):
     with pytest.raises(AmoTemporaryError):
         unsubscribe(client, HOOK)
     assert len(fake.requests_to("/api/v4/webhooks", "DELETE")) == 1 and len(fake.webhooks) == 1
+
+
+def test_a_batch_refused_as_too_long_a_url_is_split_in_halves(client, fake):
+    made = [fake.add_lead(f"Lead {n}", 3177727, 32392159, 581651)["id"] for n in range(300)]
+    fake.max_target = 4000  # a stricter proxy than nginx's default 8 KB request line
+    leads = fetch_leads(client, made)
+    assert sorted(leads) == sorted(made)
+    assert [r.status for r in fake.requests_to("/api/v4/leads")] == [414, 200, 200, 200]
+    assert [len(r.query["filter[id][]"]) for r in fake.requests_to("/api/v4/leads")] == [250, 125, 125, 50]
+
+
+def test_250_lead_ids_fit_nginx_default_request_line(client, fake):
+    fake.max_target = 8 * 1024
+    fetch_leads(client, range(900_000_000, 900_000_250))
+    [rec] = fake.requests_to("/api/v4/leads")
+    assert rec.status == 204 and 7_000 < len(rec.target) < 8 * 1024

@@ -60,6 +60,9 @@ HAL = "application/hal+json"
 BLOCKED_HTML = (b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
                 b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
                 b"</body>\r\n</html>\r\n")
+URI_TOO_LONG_HTML = (b"<html>\r\n<head><title>414 Request-URI Too Large</title></head>\r\n<body>\r\n"
+                     b"<center><h1>414 Request-URI Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n"
+                     b"</body>\r\n</html>\r\n")
 ENTITY_TYPES = ("leads", "contacts", "companies", "customers")
 # The 31 event codes of POST /api/v4/webhooks (crm_platform/webhooks-api).
 WEBHOOK_EVENTS = frozenset("""
@@ -159,6 +162,7 @@ class RecordedRequest:
     port: int                        # client port: same port = same keep-alive connection
     status: int | None = None        # status answered; None while in flight, dropped or hung
     fault: str | None = None         # "status" / "delay" / "drop" / "hang" if a fault applied
+    target: str = ""                 # the request target as sent (path and raw query)
 
 
 @dataclass
@@ -263,6 +267,7 @@ class FakeAmo:
     max_batch = 50          # most tasks per POST /api/v4/tasks (UNCERTAIN in the real API)
     max_limit = 250         # most items per page
     max_webhooks = 100      # subscriptions per account (crm_platform/webhooks-api)
+    max_target: int | None = None   # longest request target served; longer ones get nginx's 414
 
     def __init__(self, *, subdomain: str = "example", account_id: int = 1231414,
                  client_id: str = "client-id-123", client_secret: str = "client-secret-456",
@@ -728,7 +733,7 @@ class FakeAmo:
             except ValueError:
                 pass
         rec = RecordedRequest(h.command, url.path, parse_qs(url.query, keep_blank_values=True), headers, body,
-                              data, form, self._clock(), self._rate_clock(), *h.client_address[:2])
+                              data, form, self._clock(), self._rate_clock(), *h.client_address[:2], target=h.path)
         with self._lock:
             self.requests.append(rec)
             if rec.method == "POST" and rec.path == "/oauth2/access_token":
@@ -744,6 +749,8 @@ class FakeAmo:
                 is_api = rec.path.startswith("/api/")
                 if self._blocked and (is_api or (self._block_oauth and rec.path.startswith("/oauth2/"))):
                     return 403, {"Content-Type": "text/html"}, BLOCKED_HTML
+                if self.max_target is not None and len(rec.target) > self.max_target:
+                    return 414, {"Content-Type": "text/html"}, URI_TOO_LONG_HTML
                 if is_api and self.rate_limit is not None:
                     self._admitted = [t for t in self._admitted if rec.mono - t < 1.0]
                     if len(self._admitted) >= self.rate_limit:
