@@ -487,7 +487,9 @@ def test_events_filters_in_both_forms(fake, clock):
 
     def got(**params):
         r = events_page(fake, access, limit=100, **params)
-        return sorted((e["type"], e["created_at"]) for e in r.json()["_embedded"]["events"]) if r.status_code == 200 else r.status_code
+        if r.status_code != 200:
+            return r.status_code
+        return sorted((e["type"], e["created_at"]) for e in r.json()["_embedded"]["events"])
 
     window = {"filter[created_at][from]": t + 10, "filter[created_at][to]": t + 20}
     both = [("entity_responsible_changed", t + 10), ("entity_responsible_changed", t + 20),
@@ -497,7 +499,7 @@ def test_events_filters_in_both_forms(fake, clock):
     assert got(**{"filter[type]": "task_added", "filter[entity]": "lead"}) == 204
     assert got(**{"filter[entity]": "task"}) == [("task_added", t + 10)]
     assert got(**{"filter[entity]": "lead", "filter[entity_id][]": [b]}) == [
-        ("entity_responsible_changed", t), ("entity_responsible_changed", t + 10), ("entity_responsible_changed", t + 20)]
+        ("entity_responsible_changed", at) for at in (t, t + 10, t + 20)]
     assert got(**{"filter[entity_id][]": [b]}) == 400  # needs exactly one entity (documented)
     assert got(**{"filter[created_at][from]": "x"}) == 400
 
@@ -540,7 +542,8 @@ def test_lead_changes_return_the_webhook_items_amocrm_would_send(fake, clock):
 def test_webhook_body_reproduces_a_real_capture_byte_for_byte():
     from urllib.parse import parse_qsl
 
-    raw = (Path(__file__).parent / "fixtures" / "webhooks" / "05_lead_add_2025.txt").read_text().strip().splitlines()[-1]
+    capture = Path(__file__).parent / "fixtures" / "webhooks" / "05_lead_add_2025.txt"
+    raw = capture.read_text().strip().splitlines()[-1]
     pairs = parse_qsl(raw)
     prefix = "leads[add][0]["
     item = {k[len(prefix):-1]: v for k, v in pairs if k.startswith(prefix)}

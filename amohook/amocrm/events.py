@@ -94,7 +94,9 @@ def fetch_events(
         if next_page is None:
             break
         if next_page in seen_pages:
-            raise AmoApiError(f"amoCRM's paging for {EVENTS_PATH} points back to page {next_page}, already read; stopped")
+            raise AmoApiError(
+                f"amoCRM's paging for {EVENTS_PATH} points back to page {next_page}, already read; stopped"
+            )
         page_no = next_page
     return sorted(found.values(), key=event_sort_key)
 
