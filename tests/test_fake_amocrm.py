@@ -441,8 +441,6 @@ def test_events_have_the_documented_shape_and_ulid_like_ids(fake, clock):
     assert status["value_after"] == [{"lead_status": {"id": 142, "pipeline_id": 3177727}}]
     assert events["entity_responsible_changed"]["value_after"] == [{"responsible_user": {"id": 123123}}]
     assert events["lead_added"]["entity_id"] == lead["id"] == int(add_item["id"])
-    # Fixture documents the fake's event fields; the fake's own fixtures folder has copies.
-    assert (FIXTURES / "events_list_lead_added.json").exists()
 
 
 def test_events_pages_of_100_and_a_larger_limit_gets_50_without_next(fake, clock):
