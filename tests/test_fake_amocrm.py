@@ -401,3 +401,193 @@ def test_keep_alive_and_concurrency(fake_amo):
     for t in threads:
         t.join()
     assert results == [200] * 80 and len(fake_amo.tasks) == 80
+
+
+# ------------------------------------------------------------------ events log, leads list, webhooks
+CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def events_page(fake, token, **params):
+    return api(fake, token, "/api/v4/events", params=params)
+
+
+def test_events_have_the_documented_shape_and_ulid_like_ids(fake, clock):
+    access, _ = fake.issue_tokens(admin=False)
+    lead_id = next(iter(fake.leads))
+    lead, add_item = fake.create_lead("Новая", 3177727, 32392159, 123123, at=clock.now - 30)
+    fake.move_lead(lead_id, 142, at=clock.now - 20)
+    fake.change_responsible(lead_id, 123123, at=clock.now - 10)
+    body = events_page(fake, access, limit=100).json()
+    events = {e["type"]: e for e in body["_embedded"]["events"]}
+    documented = fixture("events_list_status_responsible_reconstructed.json")["_embedded"]["events"]
+    added_doc = fixture("events_list_lead_added.json")["_embedded"]["events"][0]
+    for doc in [*documented, added_doc]:
+        ours = events[doc["type"]]
+        assert list(ours) == list(doc)  # same keys in the same order
+        assert [list(v) for v in ours["value_after"]] == [list(v) for v in doc["value_after"]]
+        assert [list(v) for v in ours["value_before"]] == [list(v) for v in doc["value_before"]]
+        assert list(ours["_embedded"]["entity"]) == ["id", "_links"]
+    for event in events.values():
+        eid = event["id"]
+        assert isinstance(eid, str) and len(eid) == 26 and set(eid) <= set(CROCKFORD)
+        ms = 0
+        for ch in eid[:10]:
+            ms = ms * 32 + CROCKFORD.index(ch)
+        assert ms == event["created_at"] * 1000
+        assert event["_links"]["self"]["href"] == f"{fake.base_url}/api/v4/events/{eid}"
+        assert api(fake, access, f"/api/v4/events/{eid}").json()["id"] == eid
+    status = events["lead_status_changed"]
+    assert status["value_before"] == [{"lead_status": {"id": 32392159, "pipeline_id": 3177727}}]
+    assert status["value_after"] == [{"lead_status": {"id": 142, "pipeline_id": 3177727}}]
+    assert events["entity_responsible_changed"]["value_after"] == [{"responsible_user": {"id": 123123}}]
+    assert events["lead_added"]["entity_id"] == lead["id"] == int(add_item["id"])
+
+
+def test_events_pages_of_100_and_a_larger_limit_gets_50_without_next(fake, clock):
+    access, _ = fake.issue_tokens()
+    lead_id = next(iter(fake.leads))
+    for n in range(230):
+        fake.add_event("lead_status_changed", lead_id, at=clock.now - 1000 + n)
+    first = events_page(fake, access, limit=100).json()
+    assert len(first["_embedded"]["events"]) == 100 and "next" in first["_links"]
+    assert "page=2" in first["_links"]["next"]["href"]
+    assert len(events_page(fake, access, limit=100, page=3).json()["_embedded"]["events"]) == 30
+    assert events_page(fake, access, limit=100, page=4).status_code == 204
+    over = events_page(fake, access, limit=250).json()
+    assert len(over["_embedded"]["events"]) == 50 and "next" not in over["_links"]
+    assert events_page(fake, access, limit=0).status_code == 400
+    assert api(fake, "nope", "/api/v4/events").status_code == 401
+
+
+def test_events_are_not_served_in_time_order_and_new_ones_shift_pages(fake, clock):
+    access, _ = fake.issue_tokens()
+    lead_id = next(iter(fake.leads))
+    for n in range(150):
+        fake.add_event("lead_status_changed", lead_id, at=clock.now - 1000 + n)
+    served = [e["id"] for e in events_page(fake, access, limit=100).json()["_embedded"]["events"]]
+    assert served != sorted(served)
+    page2 = [e["id"] for e in events_page(fake, access, limit=100, page=2).json()["_embedded"]["events"]]
+    for n in range(20):
+        fake.add_event("lead_status_changed", lead_id, at=clock.now + n)
+    shifted = [e["id"] for e in events_page(fake, access, limit=100, page=2).json()["_embedded"]["events"]]
+    assert shifted != page2  # offset paging over the live list
+
+
+def test_events_filters_in_both_forms(fake, clock):
+    access, _ = fake.issue_tokens()
+    a, b = next(iter(fake.leads)), fake.add_lead("B", 3177727, 32392159, 123123)["id"]
+    t = int(clock.now) - 100
+    for at in (t, t + 10, t + 20):
+        fake.add_event("lead_status_changed", a, at=at)
+        fake.add_event("entity_responsible_changed", b, at=at)
+        fake.add_event("lead_added", a, at=at)
+    fake.add_event("task_added", 5, at=t + 10, entity_type="task")
+
+    def got(**params):
+        r = events_page(fake, access, limit=100, **params)
+        if r.status_code != 200:
+            return r.status_code
+        return sorted((e["type"], e["created_at"]) for e in r.json()["_embedded"]["events"])
+
+    window = {"filter[created_at][from]": t + 10, "filter[created_at][to]": t + 20}
+    both = [("entity_responsible_changed", t + 10), ("entity_responsible_changed", t + 20),
+            ("lead_status_changed", t + 10), ("lead_status_changed", t + 20)]
+    assert got(**{"filter[type]": "lead_status_changed,entity_responsible_changed"}, **window) == both
+    assert got(**{"filter[type][]": ["lead_status_changed", "entity_responsible_changed"]}, **window) == both
+    assert got(**{"filter[type]": "task_added", "filter[entity]": "lead"}) == 204
+    assert got(**{"filter[entity]": "task"}) == [("task_added", t + 10)]
+    assert got(**{"filter[entity]": "lead", "filter[entity_id][]": [b]}) == [
+        ("entity_responsible_changed", at) for at in (t, t + 10, t + 20)]
+    assert got(**{"filter[entity_id][]": [b]}) == 400  # needs exactly one entity (documented)
+    assert got(**{"filter[created_at][from]": "x"}) == 400
+
+
+def test_log_delay_offset_and_changes_that_are_never_logged(fake, clock):
+    access, _ = fake.issue_tokens()
+    lead_id = next(iter(fake.leads))
+    item = fake.move_lead(lead_id, 142, log_delay=5, log_offset=-2)
+    fake.move_lead(lead_id, 143, log=False)
+    assert events_page(fake, access).status_code == 204
+    clock.advance(5)
+    [event] = events_page(fake, access).json()["_embedded"]["events"]
+    assert event["created_at"] == int(item["last_modified"]) - 2 and "visible_at" not in event
+    assert fake.leads[lead_id]["status_id"] == 143 and len(fake.events) == 1
+
+
+def test_lead_changes_return_the_webhook_items_amocrm_would_send(fake, clock):
+    from amohook.webhooks.parse import parse_webhook
+
+    lead_id = next(iter(fake.leads))
+    moved = fake.move_lead(lead_id, 142, user_id=123123, at=clock.now)
+    assert all(isinstance(v, str) for k, v in moved.items() if k != "tags")
+    assert moved["id"] == str(lead_id) and moved["old_status_id"] == "32392159" and moved["status_id"] == "142"
+    assert moved["last_modified"] == str(int(clock.now)) and moved["modified_user_id"] == "123123"
+    lead, added = fake.create_lead("Сделка №1 & co", 3177727, 32392159, 123123)
+    resp = fake.change_responsible(lead["id"], 581651)
+    assert resp["old_responsible_user_id"] == "123123" and resp["responsible_user_id"] == "581651"
+
+    body = fake.webhook_body("status", [moved])
+    assert body.startswith(b"account%5Bsubdomain%5D=example&account%5Bid%5D=1231414&")
+    assert b"leads%5Bstatus%5D%5B0%5D%5Bold_status_id%5D=32392159" in body
+    parsed = parse_webhook(body, "application/x-www-form-urlencoded")
+    assert parsed.account_subdomain == "example" and parsed.account_id == "1231414"
+    [ev] = parsed.events
+    assert (ev.entity, ev.action, ev.entity_id, ev.data["status_id"]) == ("leads", "status", str(lead_id), "142")
+    parsed = parse_webhook(fake.webhook_body("add", [added]), "application/x-www-form-urlencoded")
+    assert parsed.events[0].data["name"] == "Сделка №1 & co"
+
+
+def test_webhook_body_reproduces_a_real_capture_byte_for_byte():
+    from urllib.parse import parse_qsl
+
+    capture = Path(__file__).parent / "fixtures" / "webhooks" / "05_lead_add_2025.txt"
+    raw = capture.read_text().strip().splitlines()[-1]
+    pairs = parse_qsl(raw)
+    prefix = "leads[add][0]["
+    item = {k[len(prefix):-1]: v for k, v in pairs if k.startswith(prefix)}
+    assert len(item) == 13 and "][" not in "".join(item)
+    fake = FakeAmo(subdomain="unirock", account_id=16700680)
+    assert fake.webhook_body("add", [item]).decode() == raw
+
+
+def test_leads_list_by_ids(fake):
+    access, _ = fake.issue_tokens(admin=False)
+    made = [fake.add_lead(f"L{n}", 3177727, 32392159, 123123)["id"] for n in range(5)]
+    r = api(fake, access, "/api/v4/leads", params={"filter[id][]": made[:3] + [1], "limit": 250})
+    assert [lead["id"] for lead in r.json()["_embedded"]["leads"]] == made[:3]
+    r = api(fake, access, "/api/v4/leads", params={"filter[id]": f"{made[3]},{made[4]}"})
+    assert [lead["id"] for lead in r.json()["_embedded"]["leads"]] == made[3:]
+    assert api(fake, access, "/api/v4/leads", params={"filter[id][]": [1]}).status_code == 204
+    assert api(fake, access, "/api/v4/leads", params={"limit": 251}).status_code == 400
+
+
+def test_webhooks_admin_only_exact_match_update_limit_and_delete(fake):
+    fake.rate_limit = None
+    admin, _ = fake.issue_tokens()
+    user, _ = fake.issue_tokens(admin=False)
+    url = "https://h.example.com/x"
+    assert api(fake, admin, "/api/v4/webhooks").status_code == 204
+    for method, kwargs in (("GET", {}), ("POST", {"json": {"destination": url, "settings": ["add_lead"]}}),
+                           ("DELETE", {"json": {"destination": url}})):
+        r = api(fake, user, "/api/v4/webhooks", method, **kwargs)
+        assert r.status_code == 403 and r.headers["Content-Type"] == "application/problem+json"
+    created = api(fake, admin, "/api/v4/webhooks", "POST", json={"destination": url, "settings": ["add_lead"]})
+    assert created.status_code == 201
+    assert list(created.json()) == list(fixture("webhook_subscribe_response.json"))
+    listed = api(fake, admin, "/api/v4/webhooks").json()
+    assert list(listed) == list(fixture("webhooks_list.json"))
+    assert list(listed["_embedded"]["webhooks"][0]) == list(fixture("webhooks_list.json")["_embedded"]["webhooks"][0])
+    assert api(fake, admin, "/api/v4/webhooks", params={"filter[destination]": url + "/"}).status_code == 204
+    fake.disable_webhook(url)
+    fake.reenable_on_repost = False
+    updated = api(fake, admin, "/api/v4/webhooks", "POST", json={"destination": url, "settings": ["status_lead"]})
+    assert updated.status_code == 200 and updated.json()["settings"] == ["status_lead"]
+    assert updated.json()["disabled"] is True and updated.json()["id"] == created.json()["id"]
+    bad = api(fake, admin, "/api/v4/webhooks", "POST", json={"destination": url, "settings": ["no_such"]})
+    assert bad.status_code == 400 and "validation-errors" in bad.json()
+    for n in range(99):
+        fake.add_webhook(f"{url}/{n}", ["add_lead"])
+    full = api(fake, admin, "/api/v4/webhooks", "POST", json={"destination": url + "/new", "settings": ["add_lead"]})
+    assert full.status_code == 400 and len(fake.webhooks) == 100
+    assert api(fake, admin, "/api/v4/webhooks", "DELETE", json={"destination": url}).status_code == 204
+    assert api(fake, admin, "/api/v4/webhooks", "DELETE", json={"destination": url}).status_code == 404

@@ -19,6 +19,13 @@ Choices where the real behaviour is undocumented:
   ``time.time``); pass any zero-argument callable to control it.
 * POST /api/v4/tasks validates ``responsible_user_id`` against ``users`` and ``task_type_id``
   against ``task_types``; it does NOT check that the linked entity exists.
+* The events log (``events``) is kept in an unspecified order: each event is inserted at a random
+  position (``random.Random(events_seed)``), so code that trusts the served order fails, and an
+  event added while a client pages shifts the pages (offset paging over the live list). An event
+  is listed only once the fake's ``clock`` reaches its ``visible_at`` (``log_delay``).
+* ``limit`` above 100 on /api/v4/events answers 50 items and no ``next`` link, like the real API.
+* Webhook subscriptions: an empty list answers 204; a new subscription 201, an update of an existing
+  destination 200; ``reenable_on_repost`` decides whether that update clears ``disabled``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import copy
 import http.server
 import json
 import math
+import random
 import re
 import secrets
 import socket
@@ -52,7 +60,22 @@ HAL = "application/hal+json"
 BLOCKED_HTML = (b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
                 b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
                 b"</body>\r\n</html>\r\n")
+URI_TOO_LONG_HTML = (b"<html>\r\n<head><title>414 Request-URI Too Large</title></head>\r\n<body>\r\n"
+                     b"<center><h1>414 Request-URI Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n"
+                     b"</body>\r\n</html>\r\n")
 ENTITY_TYPES = ("leads", "contacts", "companies", "customers")
+# The 31 event codes of POST /api/v4/webhooks (crm_platform/webhooks-api).
+WEBHOOK_EVENTS = frozenset("""
+    responsible_lead responsible_contact responsible_company responsible_customer responsible_task
+    restore_lead restore_contact restore_company add_lead add_contact add_company add_customer add_talk
+    add_task update_lead update_contact update_company update_customer update_talk update_task delete_lead
+    delete_contact delete_company delete_customer delete_task status_lead note_lead note_contact
+    note_company note_customer add_chat_template_review""".split())
+ENTITY_PLURAL = {"lead": "leads", "contact": "contacts", "company": "companies", "customer": "customers",
+                 "task": "tasks"}
+CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"  # lowercase, as amoCRM's event ids
+EVENT_PAGE_MAX = 100          # documented maximum `limit` of /api/v4/events
+EVENT_PAGE_OVER = 50          # what a larger limit gets (Krukov/amocrm_api#76), with no next link
 # `with=` values of GET /api/v4/account: top-level keys shown only on request, and _embedded ones.
 ACCOUNT_WITH_TOP = ("amojo_id", "uuid", "version", "entity_names", "drive_url", "is_api_filter_enabled")
 ACCOUNT_WITH_EMBEDDED = ("amojo_rights", "users_groups", "task_types", "datetime_settings")
@@ -87,6 +110,27 @@ def oauth_error(status: int, hint: str | None) -> Response:
     return _json(status, body, PROBLEM)
 
 
+def _strings(value: Any) -> Any:
+    """Every scalar as a string, as API v2 webhook bodies carry them (None becomes "")."""
+    if isinstance(value, dict):
+        return {k: _strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strings(v) for v in value]
+    return "" if value is None else str(value)
+
+
+def _flatten(prefix: str, value: Any, pairs: list[tuple[str, str]]) -> None:
+    """PHP-style bracket keys: {"a": {"b": [1]}} under p gives p[a][b][0]=1."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}[{key}]", inner, pairs)
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            _flatten(f"{prefix}[{index}]", inner, pairs)
+    else:
+        pairs.append((prefix, "" if value is None else str(value)))
+
+
 class Headers(dict):
     """A dict of request headers (original spelling kept) with case-insensitive lookups."""
 
@@ -118,6 +162,7 @@ class RecordedRequest:
     port: int                        # client port: same port = same keep-alive connection
     status: int | None = None        # status answered; None while in flight, dropped or hung
     fault: str | None = None         # "status" / "delay" / "drop" / "hang" if a fault applied
+    target: str = ""                 # the request target as sent (path and raw query)
 
 
 @dataclass
@@ -204,6 +249,12 @@ ROUTES = [
     ("GET", r"/api/v4/leads/notes", "_h_notes", True),
     ("POST", r"/api/v4/leads/notes", "_h_notes_create", True),
     ("GET", r"/api/v4/leads/(\d+)", "_h_lead", True),
+    ("GET", r"/api/v4/leads", "_h_leads", True),
+    ("GET", r"/api/v4/events", "_h_events", True),
+    ("GET", r"/api/v4/events/([0-9a-z]+)", "_h_event", True),
+    ("GET", r"/api/v4/webhooks", "_h_webhooks", True),
+    ("POST", r"/api/v4/webhooks", "_h_webhooks_subscribe", True),
+    ("DELETE", r"/api/v4/webhooks", "_h_webhooks_delete", True),
     ("GET", r"/api/v4/users", "_h_users", True),
     ("GET", r"/api/v4/tasks", "_h_tasks", True),
     ("POST", r"/api/v4/tasks", "_h_tasks_create", True),
@@ -215,6 +266,8 @@ ROUTES = [(m, re.compile(p + "/?"), h, a) for m, p, h, a in ROUTES]
 class FakeAmo:
     max_batch = 50          # most tasks per POST /api/v4/tasks (UNCERTAIN in the real API)
     max_limit = 250         # most items per page
+    max_webhooks = 100      # subscriptions per account (crm_platform/webhooks-api)
+    max_target: int | None = None   # longest request target served; longer ones get nginx's 414
 
     def __init__(self, *, subdomain: str = "example", account_id: int = 1231414,
                  client_id: str = "client-id-123", client_secret: str = "client-secret-456",
@@ -222,7 +275,7 @@ class FakeAmo:
                  access_ttl: float = 86400, code_ttl: float = 1200, refresh_ttl: float = 90 * 86400,
                  rate_limit: int | None = 7, timezone: str = "Europe/Moscow",
                  clock: Callable[[], float] = time.time,
-                 rate_clock: Callable[[], float] = time.monotonic):
+                 rate_clock: Callable[[], float] = time.monotonic, events_seed: int = 0):
         self.subdomain, self.account_id = subdomain, account_id
         self.client_id, self.client_secret, self.redirect_uri = client_id, client_secret, redirect_uri
         self.access_ttl, self.code_ttl, self.refresh_ttl = access_ttl, code_ttl, refresh_ttl
@@ -246,6 +299,14 @@ class FakeAmo:
         self._faults: list[Fault] = []
         self._blocked = self._block_oauth = False
         self._admitted: list[float] = []
+        # events log and webhook subscriptions
+        self.events: list[dict] = []      # unspecified order; internal key "visible_at"
+        self._events_rng = random.Random(events_seed)
+        self._event_ids: set[str] = set()
+        self._note_id = 42743871
+        self.webhooks: list[dict] = []
+        self._webhook_id = 839655
+        self.reenable_on_repost = True    # does re-POSTing a destination clear `disabled`? (undocumented)
         self._seed()
 
     # ---------------------------------------------------------------- seed data
@@ -348,6 +409,145 @@ class FakeAmo:
             lead.update(fields)
             self.leads[lid] = lead
             return lead
+
+    # ---------------------------------------------------------------- events log and lead changes
+    def _base(self) -> str:
+        return self.base_url or f"https://{self.subdomain}.amocrm.ru"
+
+    def _event_id(self, created_at: int) -> str:
+        """A 26-char lowercase ULID-like id: 10 Crockford base32 chars of created_at*1000 ms (as the
+        documented id 01pz58t6p0… decodes), then 16 random ones."""
+        ms = int(created_at) * 1000
+        head = "".join(CROCKFORD[(ms >> (5 * (9 - i))) & 31] for i in range(10))
+        while True:
+            eid = head + "".join(self._events_rng.choice(CROCKFORD) for _ in range(16))
+            if eid not in self._event_ids:
+                self._event_ids.add(eid)
+                return eid
+
+    def add_event(self, event_type: str, entity_id: int, *, value_after: list | None = None,
+                  value_before: list | None = None, created_by: int | None = None, at: float | None = None,
+                  entity_type: str = "lead", log_delay: float = 0.0) -> dict:
+        """Write one event to the log at a random position; listed once ``clock() >= visible_at``."""
+        with self._lock:
+            created_at = int(self._clock() if at is None else at)
+            eid = self._event_id(created_at)
+            plural = ENTITY_PLURAL.get(entity_type, entity_type)
+            event = {"id": eid, "type": event_type, "entity_id": entity_id, "entity_type": entity_type,
+                     "created_by": self.account["current_user_id"] if created_by is None else created_by,
+                     "created_at": created_at, "value_after": value_after or [], "value_before": value_before or [],
+                     "account_id": self.account_id,
+                     "_links": {"self": {"href": f"{self._base()}/api/v4/events/{eid}"}},
+                     "_embedded": {"entity": {"id": entity_id, "_links": {
+                         "self": {"href": f"{self._base()}/api/v4/{plural}/{entity_id}"}}}},
+                     "visible_at": self._clock() + log_delay}
+            self.events.insert(self._events_rng.randint(0, len(self.events)), event)
+            return event
+
+    def _hook_item(self, lead: dict, modified_by: int, **old: Any) -> dict:
+        """A lead as a webhook block carries it: API v2 names, every value a string."""
+        item = {"id": lead["id"], "name": lead["name"], "status_id": lead["status_id"],
+                "price": lead.get("price") if lead.get("price") is not None else "",
+                "responsible_user_id": lead["responsible_user_id"], "last_modified": lead["updated_at"],
+                "modified_user_id": modified_by, "created_user_id": lead.get("created_by") or 0,
+                "date_create": lead["created_at"], "pipeline_id": lead["pipeline_id"],
+                "account_id": self.account_id}
+        tags = ((lead.get("_embedded") or {}).get("tags")) or []
+        if tags:
+            item["tags"] = [{"id": t.get("id"), "name": t.get("name")} for t in tags]
+        item.update(created_at=lead["created_at"], updated_at=lead["updated_at"], **old)
+        return _strings(item)
+
+    def move_lead(self, lead_id: int, status_id: int, pipeline_id: int | None = None, *,
+                  user_id: int | None = None, at: float | None = None, log: bool = True,
+                  log_delay: float = 0.0, log_offset: int = 0) -> dict:
+        """Move a lead to another stage; returns its ``leads[status][0]`` webhook item.
+
+        ``log``: write a lead_status_changed event (created_at = at + log_offset, listed after
+        ``log_delay`` seconds of ``clock``); ``log=False`` is a change the log never shows.
+        """
+        with self._lock:
+            lead = self.leads[lead_id]
+            at = int(self._clock() if at is None else at)
+            user = self.account["current_user_id"] if user_id is None else user_id
+            old_status, old_pipeline = lead["status_id"], lead["pipeline_id"]
+            new_pipeline = old_pipeline if pipeline_id is None else pipeline_id
+            lead.update(status_id=status_id, pipeline_id=new_pipeline, updated_at=at, updated_by=user)
+            if status_id in (142, 143):
+                lead["closed_at"] = at
+            if log:
+                self.add_event("lead_status_changed", lead_id, created_by=user, at=at + log_offset,
+                               log_delay=log_delay,
+                               value_before=[{"lead_status": {"id": old_status, "pipeline_id": old_pipeline}}],
+                               value_after=[{"lead_status": {"id": status_id, "pipeline_id": new_pipeline}}])
+            return self._hook_item(lead, user, old_status_id=old_status)
+
+    def create_lead(self, name: str, pipeline_id: int, status_id: int, responsible_user_id: int, *,
+                    at: float | None = None, log: bool = True, log_delay: float = 0.0,
+                    user_id: int | None = None) -> tuple[dict, dict]:
+        """Create a lead as a user would; returns (lead, its ``leads[add][0]`` webhook item). The
+        lead_added event carries only a note id, as documented."""
+        with self._lock:
+            at = int(self._clock() if at is None else at)
+            user = self.account["current_user_id"] if user_id is None else user_id
+            lead = self.add_lead(name, pipeline_id, status_id, responsible_user_id, created_at=at, updated_at=at,
+                                 created_by=user, updated_by=user)
+            if log:
+                self._note_id += 1
+                self.add_event("lead_added", lead["id"], created_by=user, at=at, log_delay=log_delay,
+                               value_after=[{"note": {"id": self._note_id}}], value_before=[])
+            return lead, self._hook_item(lead, user)
+
+    def change_responsible(self, lead_id: int, user_id: int, *, at: float | None = None, log: bool = True,
+                           log_delay: float = 0.0, by: int | None = None) -> dict:
+        """Give a lead another responsible user; returns its ``leads[responsible][0]`` webhook item."""
+        with self._lock:
+            lead = self.leads[lead_id]
+            at = int(self._clock() if at is None else at)
+            actor = self.account["current_user_id"] if by is None else by
+            old = lead["responsible_user_id"]
+            lead.update(responsible_user_id=user_id, updated_at=at, updated_by=actor)
+            if log:
+                self.add_event("entity_responsible_changed", lead_id, created_by=actor, at=at, log_delay=log_delay,
+                               value_before=[{"responsible_user": {"id": old}}],
+                               value_after=[{"responsible_user": {"id": user_id}}])
+            return self._hook_item(lead, actor, old_responsible_user_id=old)
+
+    def webhook_body(self, action: str, items: list[dict], entity: str = "leads") -> bytes:
+        """An application/x-www-form-urlencoded webhook body as amoCRM sends it today: the account
+        first (subdomain, id, link), then ``{entity}[{action}][i][field]=…`` with PHP bracket keys."""
+        pairs = [("account[subdomain]", self.subdomain), ("account[id]", str(self.account_id)),
+                 ("account[_links][self]", f"https://{self.subdomain}.amocrm.ru")]
+        for index, item in enumerate(items):
+            _flatten(f"{entity}[{action}][{index}]", item, pairs)
+        return urlencode(pairs).encode()
+
+    # ---------------------------------------------------------------- webhook subscriptions
+    def add_webhook(self, destination: str, settings: list[str], *, disabled: bool = False,
+                    sort: int | None = None, created_by: int | None = None) -> dict:
+        """A subscription as if made in amoCRM's settings (no request)."""
+        with self._lock:
+            now = int(self._clock())
+            self._webhook_id = self._new_id((h["id"] for h in self.webhooks), self._webhook_id)  # never reused
+            hook = {"id": self._webhook_id, "destination": destination,
+                    "created_at": now, "updated_at": now, "account_id": self.account_id,
+                    "created_by": self.account["current_user_id"] if created_by is None else created_by,
+                    "sort": len(self.webhooks) + 1 if sort is None else sort, "disabled": disabled,
+                    "settings": list(settings)}
+            self.webhooks.append(hook)
+            return hook
+
+    def disable_webhook(self, destination: str) -> dict:
+        """amoCRM switches the subscription of exactly ``destination`` off (after failed deliveries)."""
+        with self._lock:
+            hook = self._webhook(destination)
+            if hook is None:
+                raise KeyError(destination)
+            hook["disabled"] = True
+            return hook
+
+    def _webhook(self, destination: Any) -> dict | None:
+        return next((h for h in self.webhooks if h["destination"] == destination), None)
 
     # ---------------------------------------------------------------- OAuth helpers
     def _mint(self, expires_in: float, admin: bool, user_id: int | None, refresh: bool) -> tuple[str, str | None]:
@@ -533,7 +733,7 @@ class FakeAmo:
             except ValueError:
                 pass
         rec = RecordedRequest(h.command, url.path, parse_qs(url.query, keep_blank_values=True), headers, body,
-                              data, form, self._clock(), self._rate_clock(), *h.client_address[:2])
+                              data, form, self._clock(), self._rate_clock(), *h.client_address[:2], target=h.path)
         with self._lock:
             self.requests.append(rec)
             if rec.method == "POST" and rec.path == "/oauth2/access_token":
@@ -549,6 +749,8 @@ class FakeAmo:
                 is_api = rec.path.startswith("/api/")
                 if self._blocked and (is_api or (self._block_oauth and rec.path.startswith("/oauth2/"))):
                     return 403, {"Content-Type": "text/html"}, BLOCKED_HTML
+                if self.max_target is not None and len(rec.target) > self.max_target:
+                    return 414, {"Content-Type": "text/html"}, URI_TOO_LONG_HTML
                 if is_api and self.rate_limit is not None:
                     self._admitted = [t for t in self._admitted if rec.mono - t < 1.0]
                     if len(self._admitted) >= self.rate_limit:
@@ -621,26 +823,37 @@ class FakeAmo:
     def _link(self, path: str) -> dict:
         return {"self": {"href": f"{self.base_url}{path}"}}
 
-    def _page(self, rec: RecordedRequest, key: str, items: list[dict], totals: bool) -> Response:
-        """A HAL page of ``items`` by ``page``/``limit``; 204 when the page is empty."""
+    def _page(self, rec: RecordedRequest, key: str, items: list[dict], totals: bool,
+              max_limit: int | None = None, over_limit: int | None = None) -> Response:
+        """A HAL page of ``items`` by ``page``/``limit``; 204 when the page is empty.
+
+        ``over_limit``: a ``limit`` above ``max_limit`` is not refused but served as pages of
+        ``over_limit`` items without a ``next`` link (amoCRM's events list does this).
+        """
+        max_limit = max_limit or self.max_limit
         try:
             page = int((self._q(rec, "page") or ["1"])[0])
             limit = int((self._q(rec, "limit") or ["50"])[0])
         except ValueError:
             return problem(400, "page and limit must be integers")
-        if not (1 <= limit <= self.max_limit) or page < 1:
-            return problem(400, f"limit must be 1..{self.max_limit} and page >= 1")
-        chunk = items[(page - 1) * limit: page * limit]
+        size, no_next = limit, False
+        if over_limit and limit > max_limit:
+            size, no_next = over_limit, True
+        elif not (1 <= limit <= max_limit) or page < 1:
+            return problem(400, f"limit must be 1..{max_limit} and page >= 1")
+        if page < 1:
+            return problem(400, "page must be >= 1")
+        chunk = items[(page - 1) * size: page * size]
         if not chunk:
             return 204, {}, b""
-        pages = math.ceil(len(items) / limit)
+        pages = math.ceil(len(items) / size)
         rest = [(k, v) for k, vs in rec.query.items() if k not in ("page", "limit") for v in vs]
 
         def href(n: int) -> dict:
             return {"href": f"{self.base_url}{rec.path}?" + urlencode(rest + [("limit", limit), ("page", n)])}
 
         links = {"self": href(page)}
-        if page < pages:
+        if page < pages and not no_next:
             links["next"] = href(page + 1)
         if page > 1:
             links.update(first=href(1), prev=href(page - 1))
@@ -849,3 +1062,121 @@ class FakeAmo:
             created.append({"id": nid, "entity_id": item["entity_id"], "request_id": rid,
                             "_links": self._link(f"/api/v4/leads/notes/{nid}")})
         return _json(200, {"_links": self._link("/api/v4/leads/notes"), "_embedded": {"notes": created}})
+
+    # ---------------------------------------------------------------- leads list, events log, webhooks
+    @staticmethod
+    def _multi(rec: RecordedRequest, name: str) -> list[str]:
+        """Values of ``name``, ``name[]`` and ``name[0]``…, comma-separated ones split."""
+        pattern = re.compile(re.escape(name) + r"(\[\d*\])?")
+        return [part.strip() for key, values in rec.query.items() if pattern.fullmatch(key)
+                for value in values for part in value.split(",") if part.strip()]
+
+    def _h_leads(self, rec: RecordedRequest, token: dict) -> Response:
+        try:
+            ids = {int(v) for v in self._multi(rec, "filter[id]")}
+        except ValueError:
+            return problem(400, "filter[id] must be lead ids")
+        items = [{**lead, "_links": self._link(f"/api/v4/leads/{lid}")} for lid, lead in sorted(self.leads.items())
+                 if (not ids or lid in ids) and not lead.get("is_deleted")]
+        return self._page(rec, "leads", items, totals=False)
+
+    def _render_event(self, event: dict) -> dict:
+        body = {k: v for k, v in event.items() if k != "visible_at"}
+        body["_links"] = self._link(f"/api/v4/events/{event['id']}")
+        plural = ENTITY_PLURAL.get(event.get("entity_type"), event.get("entity_type"))
+        body["_embedded"] = {"entity": {"id": event.get("entity_id"),
+                                        "_links": self._link(f"/api/v4/{plural}/{event.get('entity_id')}")}}
+        return body
+
+    def _visible(self, event: dict) -> bool:
+        return event.get("visible_at", float("-inf")) <= self._clock()
+
+    def _h_events(self, rec: RecordedRequest, token: dict) -> Response:
+        """GET /api/v4/events: any user's token; filters type, created_at, entity, entity_id, id."""
+        types = set(self._multi(rec, "filter[type]"))
+        entities = set(self._multi(rec, "filter[entity]"))
+        ids = set(self._multi(rec, "filter[id]"))
+        try:
+            entity_ids = {int(v) for v in self._multi(rec, "filter[entity_id]")}
+            low = rec.query.get("filter[created_at][from]", [None])[0]
+            high = rec.query.get("filter[created_at][to]", [None])[0]
+            single = self._multi(rec, "filter[created_at]")
+            if single:  # one timestamp: created after it; two (old form "from,to"): a range
+                low, high = (single + [high])[:2] if len(single) == 1 else single[:2]
+            low = int(low) if low not in (None, "") else None
+            high = int(high) if high not in (None, "") else None
+        except ValueError:
+            return problem(400, "filter values must be integers where amoCRM expects ids or timestamps")
+        if entity_ids and len(entities) != 1:
+            return problem(400, "filter[entity_id] needs exactly one filter[entity]")
+        if len(entity_ids) > 10:
+            return problem(400, "filter[entity_id] takes at most 10 ids")
+
+        def wanted(e: dict) -> bool:
+            return (self._visible(e) and (not types or e["type"] in types)
+                    and (not entities or e["entity_type"] in entities)
+                    and (not entity_ids or e["entity_id"] in entity_ids) and (not ids or e["id"] in ids)
+                    and (low is None or e["created_at"] >= low) and (high is None or e["created_at"] <= high))
+
+        items = [self._render_event(e) for e in self.events if wanted(e)]
+        return self._page(rec, "events", items, totals=False, max_limit=EVENT_PAGE_MAX, over_limit=EVENT_PAGE_OVER)
+
+    def _h_event(self, rec: RecordedRequest, eid: str, token: dict) -> Response:
+        event = next((e for e in self.events if e["id"] == eid and self._visible(e)), None)
+        return _json(200, self._render_event(event)) if event else (204, {}, b"")
+
+    @staticmethod
+    def _not_admin() -> Response:
+        return problem(403, "Не хватает прав", "Forbidden")
+
+    def _h_webhooks(self, rec: RecordedRequest, token: dict) -> Response:
+        if not token["admin"]:
+            return self._not_admin()
+        wanted = rec.query.get("filter[destination]")
+        hooks = [h for h in self.webhooks if wanted is None or h["destination"] == wanted[0]]
+        if not hooks:
+            return 204, {}, b""
+        return _json(200, {"_total_items": len(hooks), "_embedded": {"webhooks": copy.deepcopy(hooks)}})
+
+    def _h_webhooks_subscribe(self, rec: RecordedRequest, token: dict) -> Response:
+        if not token["admin"]:
+            return self._not_admin()
+        body = rec.json
+        errors = []
+        if not isinstance(body, dict):
+            return problem(400, "The request body must be a JSON object")
+        destination, settings = body.get("destination"), body.get("settings")
+        if not isinstance(destination, str) or not destination.strip():
+            errors.append({"code": "NotBlank", "path": "destination", "detail": "This value should not be blank."})
+        if not isinstance(settings, list) or not settings:
+            errors.append({"code": "NotBlank", "path": "settings", "detail": "This value should not be blank."})
+        elif any(s not in WEBHOOK_EVENTS for s in settings):
+            errors.append({"code": "NotSupportedChoice", "path": "settings",
+                           "detail": "The value you selected is not a valid choice."})
+        if errors:
+            return problem(400, "Request validation failed", **{"validation-errors": [{"errors": errors}]})
+        hook = self._webhook(destination)
+        if hook is not None:  # documented: an existing destination is updated with the settings
+            hook.update(settings=list(settings), updated_at=int(self._clock()))
+            if isinstance(body.get("sort"), int):
+                hook["sort"] = body["sort"]
+            if self.reenable_on_repost:
+                hook["disabled"] = False
+            return _json(200, copy.deepcopy(hook))
+        if len(self.webhooks) >= self.max_webhooks:
+            return problem(400, f"At most {self.max_webhooks} webhooks per account")
+        hook = self.add_webhook(destination, settings, created_by=token["user_id"],
+                                sort=body["sort"] if isinstance(body.get("sort"), int) else None)
+        return _json(201, copy.deepcopy(hook))
+
+    def _h_webhooks_delete(self, rec: RecordedRequest, token: dict) -> Response:
+        if not token["admin"]:
+            return self._not_admin()
+        destination = rec.json.get("destination") if isinstance(rec.json, dict) else None
+        if not isinstance(destination, str) or not destination:
+            return problem(400, "destination is required")
+        hook = self._webhook(destination)
+        if hook is None:
+            return problem(404, "Webhook not found", "Not Found")
+        self.webhooks.remove(hook)
+        return 204, {}, b""
