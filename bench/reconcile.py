@@ -114,6 +114,7 @@ def idle_cost(passes: int = 5) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmpdir, FakeAmo() as fake:
         db_url, _ = prepare(Path(tmpdir), fake, 0)
         store = open_store(db_url)
+        fake.add_webhook("https://hooks.example.com/webhook/x", ["status_lead"])
         remember(store, fake.subdomain, "https://hooks.example.com/webhook/x", ["status_lead"])
         reconciler = Reconciler(store, 300)
         reconciler.run_once()  # the first pass looks at the subscriptions too
