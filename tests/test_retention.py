@@ -127,3 +127,22 @@ def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path
     assert not errors
     kept = {int(e.entity_id) for e in Event.select(Event.entity_id).where(Event.status == "pending")}
     assert set(posted) <= kept and len(posted) == 300
+
+
+def test_the_background_pruner_prunes_and_stops(store):
+    from amohook.retention import Pruner
+
+    stored(store, 5, age=40 * DAY)
+    stop = threading.Event()
+    thread = Pruner(store, 30 * DAY, every=0.1, first_after=0.1).start(stop)
+    deadline = time.time() + 10
+    while time.time() < deadline and Event.select().count():
+        time.sleep(0.05)
+    stop.set()
+    thread.join(5)
+    assert Event.select().count() == 0 and not thread.is_alive()
+
+
+def test_serve_refuses_a_keep_below_a_day(store):
+    result = run_cli(["worker", "--handler", "json:dumps", "--keep", "2h", "--once"], store.url)
+    assert result.returncode == 2 and "at least 1d" in result.stderr
