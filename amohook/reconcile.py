@@ -42,7 +42,8 @@ OVERLAP = 600  # seconds re-read before the cursor on every pass
 DEFAULT_SINCE = 3600  # the first pass's look-back
 DEFAULT_MAX_LOOKBACK = 7 * 86400
 PASS_LEASE_TTL = 900.0  # a dead holder blocks passes for this long at most
-CHUNK = 200  # queued events committed per transaction
+CHUNK = 250  # queued events committed per transaction
+LEAD_BATCH = 250  # leads per read (amoCRM's page maximum): entries are recovered in groups this size
 SOURCE = "events_log"
 
 
@@ -154,6 +155,43 @@ def _already_queued(account: str, events: list[dict]) -> set[str]:
     return found
 
 
+def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]:
+    """The entries of one page that amohook has neither queued nor seen; the rest count as known."""
+    from amohook.amocrm.events import event_sort_key
+
+    queued_before = _already_queued(account, events)
+    todo = []
+    for event in sorted(events, key=event_sort_key):
+        if str(event.get("id")) in queued_before:
+            result.known += 1
+            continue
+        shaped = webhook_item(event, None)
+        if shaped is None:
+            result.known += 1  # not a change the rules act on (e.g. another entity)
+            continue
+        sightings = _sightings(account, *shaped)
+        if sightings and all(is_known(s) for s in sightings):
+            result.known += 1
+            continue
+        todo.append(event)
+    return todo
+
+
+def _recover(store, client, account: str, events: list[dict], result: PassResult, clock: Callable[[], float]) -> int:
+    """Read the entries' leads in one request and queue the entries; returns how many were queued."""
+    from amohook.amocrm.leads import fetch_leads
+
+    leads = fetch_leads(client, {int(e["entity_id"]) for e in events})
+    entries = []
+    for event in events:
+        shaped = webhook_item(event, leads.get(int(event["entity_id"])))
+        if shaped is not None:
+            entries.append((event, shaped[0], shaped[1]))
+    queued = _queue(store, account, entries, clock())
+    result.known += len(events) - queued
+    return queued
+
+
 def _queue(store, account: str, entries: list[tuple[dict, str, dict]], now: float) -> int:
     """Store each log entry as a delivery of its own with one event; duplicates are skipped."""
     queued = 0
@@ -192,8 +230,7 @@ def reconcile_account(
     clock: Callable[[], float] = time.time,
 ) -> PassResult:
     """One pass over ``account``'s events log; ``watchdog`` None: check subscriptions when due."""
-    from amohook.amocrm.events import fetch_events
-    from amohook.amocrm.leads import fetch_leads
+    from amohook.amocrm.events import iter_event_pages
 
     result = PassResult(account=account)
     owner = leases.new_owner()
@@ -216,31 +253,18 @@ def reconcile_account(
                 "and were not read"
             )
         result.window_from, result.window_to = start, now
-        events = fetch_events(client, types=list(EVENT_ACTIONS), created_from=start, created_to=now, entity="lead")
-        result.read = len(events)
-        queued_before = _already_queued(account, events)
         todo: list[dict] = []
-        for event in events:
-            if str(event.get("id")) in queued_before:
-                result.known += 1
-                continue
-            shaped = webhook_item(event, None)
-            if shaped is None:
-                result.known += 1  # not a change the rules act on (e.g. another entity)
-                continue
-            sightings = _sightings(account, *shaped)
-            if sightings and all(is_known(s) for s in sightings):
-                result.known += 1
-                continue
-            todo.append(event)
-        leads = fetch_leads(client, {int(e["entity_id"]) for e in todo}) if todo else {}
-        entries = []
-        for event in todo:
-            shaped = webhook_item(event, leads.get(int(event["entity_id"])))
-            if shaped is not None:
-                entries.append((event, shaped[0], shaped[1]))
-        result.queued = _queue(store, account, entries, clock())
-        result.known += len(todo) - result.queued
+        for page in iter_event_pages(client, types=list(EVENT_ACTIONS), created_from=start, created_to=now,
+                                     entity="lead"):
+            result.read += len(page)
+            todo += _unknown(account, page, result)
+            # Queue as soon as a lead read's worth is waiting: workers and the task sender start on
+            # the first changes while the rest of the window is still being read.
+            while len(todo) >= LEAD_BATCH:
+                result.queued += _recover(store, client, account, todo[:LEAD_BATCH], result, clock)
+                todo = todo[LEAD_BATCH:]
+        if todo:
+            result.queued += _recover(store, client, account, todo, result, clock)
         if watchdog is not False:
             from amohook.watchdog import check_subscriptions
 

@@ -8,7 +8,7 @@ upper bound on every page, de-duplicated by event id and sorted here, never trus
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from amohook.errors import AmoApiError
@@ -38,12 +38,35 @@ def fetch_events(
 ) -> list[dict]:
     """Every event of ``types`` with ``created_from <= created_at <= created_to``, sorted by (created_at, id).
 
+    The whole window of ``iter_event_pages``, de-duplicated and sorted.
+    """
+    found = [
+        event
+        for page in iter_event_pages(client, types=types, created_from=created_from, created_to=created_to,
+                                     entity=entity, max_pages=max_pages)
+        for event in page
+    ]
+    return sorted(found, key=event_sort_key)
+
+
+def iter_event_pages(
+    client,
+    *,
+    types: Sequence[str],
+    created_from: int,
+    created_to: int,
+    entity: str | None = None,
+    max_pages: int = 1000,
+) -> Iterator[list[dict]]:
+    """The window page by page: each page's events not seen on an earlier page, in the order served.
+
     Sends ``filter[type]`` comma-joined (as amoCRM's official PHP SDK does), ``filter[created_at][from]``
     and ``[to]`` — the same ``to`` on every page, so events written meanwhile cannot shift the pages —
     and ``limit=100``. Pages are followed while amoCRM gives a ``next`` link; a 204 or an empty page
     ends the walk. Whether amoCRM's bounds are inclusive is undocumented: events outside the window are
     dropped here, so callers should overlap consecutive windows and rely on the id de-duplication.
-    Raises ``AmoApiError`` rather than return a truncated window when ``max_pages`` is reached.
+    Raises ``AmoApiError`` rather than end a window early when ``max_pages`` is reached. A caller
+    that acts page by page (reconciliation) can start on the first events while the rest is read.
     """
     if isinstance(types, str):
         types = [types]
@@ -64,7 +87,7 @@ def fetch_events(
     if entity:
         params["filter[entity]"] = entity
 
-    found: dict[str, dict] = {}
+    seen: set[str] = set()
     page_no, pages_read = 1, 0
     seen_pages: set[int] = set()
     while True:
@@ -77,6 +100,7 @@ def fetch_events(
         page = client.get(EVENTS_PATH, {**params, "limit": EVENT_PAGE_LIMIT, "page": page_no})
         pages_read += 1
         items = ((page or {}).get("_embedded") or {}).get("events") or []
+        fresh: list[dict] = []
         for event in items:
             if not isinstance(event, dict) or event.get("id") in (None, ""):
                 log.warning("skipped an event without an id in amoCRM's events log: %.200r", event)
@@ -86,8 +110,11 @@ def fetch_events(
             except (TypeError, ValueError):
                 log.warning("skipped event %s without a valid created_at", str(event["id"])[:40])
                 continue
-            if created_from <= created_at <= created_to:
-                found.setdefault(str(event["id"]), event)
+            if created_from <= created_at <= created_to and str(event["id"]) not in seen:
+                seen.add(str(event["id"]))
+                fresh.append(event)
+        if fresh:
+            yield fresh
         if not items:
             break
         next_page = _next_page(page, page_no)
@@ -98,7 +125,6 @@ def fetch_events(
                 f"amoCRM's paging for {EVENTS_PATH} points back to page {next_page}, already read; stopped"
             )
         page_no = next_page
-    return sorted(found.values(), key=event_sort_key)
 
 
 def _next_page(page: dict, current: int) -> int | None:
