@@ -160,6 +160,7 @@ class ActionSender:
         self.linger = linger
         self.stats = SendStats()
         self.wakeup = threading.Event()
+        self._last_flush = float("-inf")  # monotonic time of the last batch claimed
 
     # -- claiming ------------------------------------------------------------------------------
     def claim(self) -> tuple[list[Action], set[int]]:
@@ -237,6 +238,7 @@ class ActionSender:
         actions, maybe_sent = self.claim()
         if not actions:
             return 0
+        self._last_flush = time.monotonic()
         claimed = len(actions)
         client = self.client_for(actions[0].account)
         payloads = {a.id: json.loads(a.payload) for a in actions}
@@ -388,8 +390,13 @@ class ActionSender:
         return total
 
     def should_wait(self) -> bool:
-        """During a burst, wait briefly for a full batch: 500 moved leads should cost 10 requests."""
-        if self.linger <= 0:
+        """During a burst, wait briefly for a full batch: 500 moved leads should cost 10 requests.
+
+        A lone change goes at once: the sender waits only when it sent a batch within the last
+        ``linger`` seconds (a burst is under way), so the first action after a quiet spell costs
+        no wait and the ones behind it are gathered into full batches.
+        """
+        if self.linger <= 0 or time.monotonic() - self._last_flush > self.linger:
             return False
         now = self.clock()
         pending = Action.select(Action.id, Action.created_at).where(
