@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
+from amohook.webhooks import health
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
 log = logging.getLogger("amohook.server")
@@ -322,37 +323,10 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _healthz(self) -> None:
-        store = self.server.store
-        try:
-            stats = inbox.queue_stats(store, now=time.time())
-            status = 200
-            payload = {
-                "status": "ok",
-                "database": "ok",
-                "queue_depth": stats.pending + stats.running,
-                "pending": stats.pending,
-                "due": stats.due,
-                "running": stats.running,
-                "dead": stats.dead,
-                "oldest_pending_age": None if stats.oldest_pending_age is None else round(stats.oldest_pending_age, 3),
-                "writer_queue": self.server.committer.queued(),
-            }
-        except Exception as exc:
-            log.warning("healthz: the database is not usable: %s", inbox._describe(exc))
-            status = 503
-            payload = {
-                "status": "error",
-                "database": f"error: {inbox._describe(exc)}",
-                "queue_depth": None,
-                "pending": None,
-                "due": None,
-                "running": None,
-                "dead": None,
-                "oldest_pending_age": None,
-                "writer_queue": self.server.committer.queued(),
-            }
-        finally:
-            inbox._close_quietly(store)  # this thread's connection; request threads are short-lived
+        # From memory only (webhooks/health.py): no database connection per request.
+        status, payload = health.answer(
+            self.server.committer, self.server.queue_watch, connections=self.server.open_connections()
+        )
         self._reply(status, json.dumps(payload) + "\n", "application/json", headers=(("Cache-Control", "no-store"),))
 
     def _oauth_callback(self) -> None:
@@ -476,6 +450,7 @@ class WebhookHTTPServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         self._reaper = _Reaper(config.read_deadline)
+        self.queue_watch = health.QueueWatch(store)
         self._open = 0
         self._cond = threading.Condition()
         self._idle: list[_Slot] = []  # connection threads waiting for their next connection
@@ -483,6 +458,7 @@ class WebhookHTTPServer(ThreadingHTTPServer):
         self._closing = False
         super().__init__((config.host, config.port), _Handler)
         self._reaper.start()
+        self.queue_watch.start()
 
     # -- a thread per connection, reused ----------------------------------------------------------
     # As ThreadingMixIn, every connection gets a thread of its own at once (a slow client never
@@ -559,6 +535,7 @@ class WebhookHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self._reaper.stop()
+        self.queue_watch.stop()
         with self._idle_lock:
             self._closing = True
             idle, self._idle = self._idle, []
