@@ -61,7 +61,9 @@ class ServerConfig:
     commit_timeout: float = 1.5
     socket_timeout: float = 10.0  # the longest silence while reading a request
     read_deadline: float = 30.0  # the longest time to read one request, however it trickles in
-    backlog: int = 1024  # the default of 5 makes connections wait a second or more under a burst
+    # The default of 5 makes connections wait a second or more under a burst; with a full accept
+    # queue the kernel drops SYNs and the client retries only after 1 s. Linux caps it at somaxconn.
+    backlog: int = 4096
     stop_grace: float = 3.0  # on stop, how long requests already being handled may take
     # A connection takes a thread only once its request head has arrived (see WebhookHTTPServer):
     max_workers: int = 64  # threads handling requests whose head has arrived
