@@ -564,7 +564,9 @@ class WebhookHTTPServer(HTTPServer):
         self._wake_w.setblocking(False)
         self._paused_until = 0.0
         self._fd_logged_at = -FD_LOG_SECONDS
-        self._shed = 0
+        self._shed = 0  # connections closed to make room, or turned away (503)
+        self._refused = 0  # request heads refused by the loop (408, 414, 431, 503)
+        self._reported = (0, 0, time.monotonic())
         super().__init__((config.host, config.port), _Handler)
         self.socket.setblocking(False)
         self._reaper.start()
@@ -742,7 +744,9 @@ class WebhookHTTPServer(HTTPServer):
     def _refuse(self, conn: _Conn, status: int, text: str) -> None:
         """Answer from the loop without reading on, then drop (a bounded part of) what is still
         coming, so the client sees the answer instead of a reset."""
-        log.info("%s %s (request head refused: %s)", conn.addr[0] if conn.addr else "?", status, text.strip())
+        # DEBUG: a flood would otherwise write a line per connection; ``_sweep`` sums them up.
+        log.debug("%s %s (request head refused: %s)", conn.addr[0] if conn.addr else "?", status, text.strip())
+        self._refused += 1
         if not self._send_quietly(conn, _quick_answer(status, text)):
             self._close(conn)
             return
@@ -766,6 +770,16 @@ class WebhookHTTPServer(HTTPServer):
     def _sweep(self, now: float) -> None:
         """Deadlines of connections still in the loop: silence, the whole request, lingering."""
         silence, deadline = self.config.socket_timeout, self.config.read_deadline
+        shed, refused, since = self._reported
+        if now - since >= FD_LOG_SECONDS * 6 and (self._shed, self._refused) != (shed, refused):
+            log.warning(
+                "in the last %.0f s: %d connections closed or turned away to stay under %d open, %d request heads "
+                "refused (too slow, too large); %d connections open now",
+                now - since, self._shed - shed, self.max_connections, self._refused - refused, self.open_connections(),
+            )
+            self._reported = (self._shed, self._refused, now)
+        elif now - since >= FD_LOG_SECONDS * 6:
+            self._reported = (shed, refused, now)
         for conn in list(self._conns.values()):
             if conn.state == _LINGER:
                 if now >= conn.until:
