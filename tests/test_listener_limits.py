@@ -231,3 +231,42 @@ def test_huge_unfinished_heads_do_not_grow_the_listener(sqlite_url):
         assert timed_post(serve.address, 2)[0] == 200
     finally:
         serve.stop()
+
+
+EMFILE_SCRIPT = """
+import json, logging, resource, subprocess, sys, tempfile, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from amohook.store import open_store
+from amohook.webhooks.server import ServerConfig, WebhookService
+from tests.test_listener_limits import timed_post
+logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+svc = WebhookService(open_store(sys.argv[1]), ServerConfig(secret=sys.argv[2], port=0)).start()
+others = [open("/dev/null") for _ in range(120)]  # something else in the process holds files too
+clients = subprocess.Popen([sys.executable, "-c", f'''
+import resource, socket, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (2000, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+socks = [socket.create_connection(("127.0.0.1", {svc.address[1]})) for _ in range(300)]
+time.sleep(5)
+'''])
+time.sleep(1.5)
+cpu = time.process_time()
+time.sleep(2.0)
+cpu = time.process_time() - cpu
+answers = [timed_post(svc.address, n) for n in range(1, 5)]
+clients.kill()
+svc.stop(5)
+print(json.dumps({"cpu": cpu, "answers": answers}))
+"""
+
+
+def test_out_of_open_files_the_accept_loop_backs_off_and_makes_room(sqlite_url):
+    """EMFILE for real: the process's other files and 300 connections exceed its limit of 256."""
+    import json
+
+    result = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, sqlite_url, SECRET], capture_output=True, text=True,
+                            timeout=60, cwd=str(ROOT), env=cli_env(sqlite_url))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["cpu"] < 0.5, figures  # no busy loop on EMFILE
+    assert all(status == 200 and took < 1.0 for status, took in figures["answers"]), figures
+    assert "out of open files (EMFILE)" in result.stderr and "Traceback" not in result.stderr

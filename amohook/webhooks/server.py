@@ -641,14 +641,19 @@ class WebhookHTTPServer(HTTPServer):
         """EMFILE/ENFILE: make room by closing the oldest connections that sent no head; with none
         to close, stop accepting for ``ACCEPT_PAUSE`` instead of retrying in a tight loop."""
         now = time.monotonic()
+        held = self.open_connections()
+        # Something else holds files too: hold fewer connections from now on, so that the writer
+        # (which may need to reopen the database) and the log still find a free descriptor.
+        self.max_connections = max(16, min(self.max_connections, held - 32))
         if now - self._fd_logged_at >= FD_LOG_SECONDS:
             self._fd_logged_at = now
             log.warning(
-                "out of open files (%s) with %d connections open (limit %d): closing the oldest that sent no "
-                "request; raise the open-file limit (ulimit -n, or LimitNOFILE= in the systemd unit)",
-                errno.errorcode.get(exc.errno, exc.errno), len(self._conns) + self._busy, _nofile_limit(),
+                "out of open files (%s) with %d connections open (open-file limit %d): holding at most %d from now "
+                "on, closing the oldest that sent no request; raise the limit (ulimit -n, or LimitNOFILE= in the "
+                "systemd unit)",
+                errno.errorcode.get(exc.errno, exc.errno), held, _nofile_limit(), self.max_connections,
             )
-        if self._evict(8):
+        if self._evict(max(8, len(self._conns) - self.max_connections)):
             return True
         self._paused_until = now + ACCEPT_PAUSE
         return False
