@@ -51,6 +51,9 @@ STATEMENT_BYTES = 4 * 1024 * 1024  # below MariaDB's default max_allowed_packet 
 _LIMITS = {"entity": 64, "action": 64, "entity_id": 64, "account": 190, "account_id": 32}
 
 
+FAILURE_LOG_SECONDS = 60.0  # while commits keep failing, the cause is logged again at most this often
+
+
 class StoreUnavailable(StoreError):
     """The delivery could not be committed; the listener answers 503 and amoCRM retries.
 
@@ -135,9 +138,75 @@ def store_deliveries(store, items: Sequence[Incoming]) -> list[Stored]:
     """Store deliveries and their events in ONE transaction; known bodies only count a resend."""
     if not items:
         return []
-    with write_txn(store):
-        with _driver_errors_as_peewee():  # as the ORM's own queries raise them
-            return _store_in_txn(store, items)
+    try:
+        with write_txn(store):
+            with _driver_errors_as_peewee():  # as the ORM's own queries raise them
+                return _store_in_txn(store, items)
+    except peewee.PeeweeException as exc:
+        raise unmask(exc) from None
+
+
+def unmask(exc: BaseException) -> BaseException:
+    """The error that made a transaction fail, not the failed rollback that followed it.
+
+    SQLite ends the transaction itself on some errors (SQLITE_FULL: "database or disk is full",
+    https://www.sqlite.org/lang_transaction.html "Response To Errors Within A Transaction"); the
+    rollback on the way out then fails with "cannot rollback - no transaction is active", and that
+    would hide the cause.
+    """
+    seen = 0
+    while seen < 5 and "no transaction is active" in str(exc) and isinstance(exc.__context__, Exception):
+        exc = exc.__context__
+        seen += 1
+    return exc
+
+
+# What an operator can act on, by the database's own words (SQLite, MariaDB/MySQL, PostgreSQL).
+# Only the class goes to /healthz: a driver's message may name the host, port or user.
+_FAILURE_CLASSES = (
+    ("disk full", ("database or disk is full", "no space left", "disk full", "is full", "could not extend file",
+                   "errno 28", "(1114", "(1021")),
+    ("database read-only", ("readonly database", "read-only", "read only")),
+    ("database locked", ("database is locked", "lock wait timeout", "deadlock", "could not obtain lock")),
+    ("too many database connections", ("too many connections", "too many clients", "remaining connection slots")),
+    ("database unreachable", ("could not connect", "connection refused", "server closed the connection",
+                              "lost connection", "gone away", "can't connect", "connection to server",
+                              "terminating connection", "no route to host", "timed out", "(2003", "(2006", "(2013")),
+    ("database file unusable", ("disk i/o error", "malformed", "not a database", "unable to open")),
+)
+
+
+def failure_class(exc: BaseException) -> str:
+    """A short, secret-free name for why the store failed: "disk full", "database unreachable", …"""
+    text = f"{exc} {exc.args!r}".lower()
+    for name, needles in _FAILURE_CLASSES:
+        if any(needle in text for needle in needles):
+            return name
+    if isinstance(exc, peewee.InterfaceError):
+        return "database unreachable"
+    return f"database error ({type(exc).__name__})"
+
+
+_HINTS = {
+    "disk full": "free space on the disk holding the store (or raise the database's size quota)",
+    "database read-only": "the store or its directory is not writable by this user",
+    "database locked": "another process holds the database's write lock too long",
+    "too many database connections": "the database server is out of connection slots",
+    "database unreachable": "check that the database server is up and reachable",
+    "database file unusable": "check the disk and the store file",
+}
+
+
+@dataclass(frozen=True)
+class CommitHealth:
+    """What the writer knows about its own commits: kept in memory, read by /healthz for free."""
+
+    failing: bool  # the last commit attempt failed and none has succeeded since
+    failure: str | None  # the class of the last failure ("disk full", …), never the driver's text
+    failing_since: float | None  # Unix time of the first failure of the current run of failures
+    failed_batches: int  # batches failed since the last success
+    last_ok_at: float | None
+    last_failure_at: float | None
 
 
 def _driver_errors_as_peewee():
@@ -314,6 +383,13 @@ class GroupCommitter:
         self._checkpointer: threading.Thread | None = None
         self._halt = threading.Event()
         self._configured = None  # the writer connection that has had its autocheckpoint turned off
+        # How commits are going, for /healthz (read without touching the database) and the log.
+        self._failing_since: float | None = None
+        self._failed_batches = 0
+        self._failure: str | None = None
+        self._last_ok_at: float | None = None
+        self._last_failure_at: float | None = None
+        self._failure_logged_at = 0.0
         # figures for tests and the benchmark
         self.batches = 0
         self.committed = 0
@@ -377,6 +453,55 @@ class GroupCommitter:
         """Requests handed over and not yet taken into a batch."""
         with self._lock:
             return self._waiting
+
+    def health(self) -> CommitHealth:
+        """How the last commits went; no database access."""
+        with self._lock:
+            return CommitHealth(
+                failing=self._failing_since is not None,
+                failure=self._failure,
+                failing_since=self._failing_since,
+                failed_batches=self._failed_batches,
+                last_ok_at=self._last_ok_at,
+                last_failure_at=self._last_failure_at,
+            )
+
+    def _record_failure(self, error: BaseException, size: int) -> None:
+        """Remember the failure for /healthz; log its cause at once, then at most once a minute."""
+        now = time.time()
+        kind = failure_class(error)
+        with self._lock:
+            first = self._failing_since is None or kind != self._failure
+            if self._failing_since is None:
+                self._failing_since = now
+            self._failed_batches += 1
+            self._failure = kind
+            self._last_failure_at = now
+            due = first or time.monotonic() - self._failure_logged_at >= FAILURE_LOG_SECONDS
+            if due:
+                self._failure_logged_at = time.monotonic()
+            failed, since = self._failed_batches, self._failing_since
+        if not due:
+            return
+        hint = _HINTS.get(kind, "see the database's own log")
+        if first and failed == 1:
+            self.log.error("commits failing: %s (%s) storing %d deliveries — %s; webhooks are answered 503 "
+                           "and amoCRM retries them", kind, _describe(error), size, hint)
+        else:
+            self.log.error("commits still failing: %s (%s); %d batches failed in %.0f s — %s",
+                           kind, _describe(error), failed, now - since, hint)
+
+    def _record_success(self) -> None:
+        now = time.time()
+        with self._lock:
+            recovered = self._failing_since
+            failed = self._failed_batches
+            self._failing_since = None
+            self._failed_batches = 0
+            self._failure = None
+            self._last_ok_at = now
+        if recovered is not None:
+            self.log.warning("commits succeed again after %d failed batches in %.0f s", failed, now - recovered)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Commit what is queued, then stop the writer; later ``submit`` calls fail at once."""
@@ -498,11 +623,13 @@ class GroupCommitter:
                 for ticket in batch:
                     self._commit([ticket])
                 return
-            self.log.error("storing %d deliveries failed: %s", len(batch), _describe(error))
+            self._record_failure(error, len(batch))
             for ticket in batch:
                 ticket.error = error
                 ticket.done.release()
             return
+        if self._failing_since is not None or self._last_ok_at is None or time.time() - self._last_ok_at > 1.0:
+            self._record_success()
         self.batches += 1
         self.committed += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "webhooks"
 SECRET = "bench-secret-0123456789abcdef"
-BACKLOG = 1024  # the same as amohook's ServerConfig.backlog
+BACKLOG = 4096  # the same as amohook's ServerConfig.backlog
 
 
 # -- the bare server ---------------------------------------------------------------------------

@@ -335,7 +335,8 @@ def test_a_failing_store_answers_503_never_200_and_a_wrong_secret_stores_nothing
         statuses = [post(serve.address, unique_body(10 + i)) for i in range(5)]
         assert set(statuses) == {503}
         status, text = get(serve.address, "/healthz")
-        assert status == 503 and json.loads(text)["status"] == "error"
+        health = json.loads(text)
+        assert status == 503 and health["status"] == "degraded" and health["commits"].startswith("failing: ")
     assert "Traceback" not in "".join(serve.stderr)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import sqlite3
 import threading
@@ -341,12 +342,86 @@ def test_healthz_reads_while_another_process_holds_the_write_lock(sqlite_service
 
 def test_healthz_says_503_when_the_database_fails(service, monkeypatch):
     def broken(store, now):
-        raise peewee.OperationalError("could not connect to server")
+        raise peewee.OperationalError('could not connect to server: Connection refused. Is the server running on '
+                                      'host "db.internal" (10.0.0.7) and accepting TCP/IP connections on port 5432?')
 
     monkeypatch.setattr(inbox, "queue_stats", broken)
     status, _, text = request(service, "GET", "/healthz")
     health = json.loads(text)
-    assert status == 503 and health["status"] == "error" and "could not connect" in health["database"]
+    assert status == 503 and health["status"] == "error" and health["database"] == "error: database unreachable"
+    assert "db.internal" not in text and "10.0.0.7" not in text and "5432" not in text
+
+
+def test_a_full_disk_makes_healthz_degraded_and_the_log_names_it(sqlite_url, caplog):
+    """A real SQLITE_FULL: the store may not grow past a few pages (max_page_count, given to every
+    connection the writer opens), then it may again."""
+    from amohook.store import open_store
+
+    store = open_store(sqlite_url)
+    pages = store.db.execute_sql("PRAGMA page_count").fetchone()[0]
+    store.db.pragma("max_page_count", pages + 2, permanent=True)
+    store.close()
+    svc = start(store)
+    try:
+        caplog.set_level(logging.INFO)
+        answers = [post(svc, lead_body(n, items=20))[0] for n in range(1, 30)]
+        assert 503 in answers and 200 not in answers[answers.index(503):]
+        status, _, text = request(svc, "GET", "/healthz")
+        health = json.loads(text)
+        assert status == 503 and health["status"] == "degraded" and health["commits"] == "failing: disk full"
+        logged = [r.getMessage() for r in caplog.records if r.name == "amohook.inbox"]
+        assert any("disk full" in m and "database or disk is full" in m for m in logged), logged
+        assert not any("cannot rollback" in m for m in logged)
+        # Space again: the next commit works, and /healthz says so.
+        store.db.pragma("max_page_count", 1_000_000, permanent=True)
+        assert post(svc, lead_body(999))[0] == 200
+        status, _, text = request(svc, "GET", "/healthz")
+        assert status == 200 and json.loads(text)["status"] == "ok"
+        assert any("succeed again" in r.getMessage() for r in caplog.records)
+    finally:
+        svc.stop(5)
+
+
+def test_healthz_opens_no_database_connection_per_request(tmp_path):
+    """150 monitors at once against a PostgreSQL store: the server's connection count stays put."""
+    from amohook.store import open_store
+    from tests.conftest import POSTGRES_URL, _pg_admin, make_database
+
+    url, drop = make_database("postgres", tmp_path)
+    store = open_store(url)
+    svc = start(store)
+    name = url.rsplit("/", 1)[1]
+    admin = _pg_admin(POSTGRES_URL)
+
+    def connections() -> int:
+        with admin.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,))
+            return cur.fetchone()[0]
+
+    try:
+        assert request(svc, "GET", "/healthz")[0] == 200
+        before = connections()
+        barrier = threading.Barrier(150)
+        answers: list[int] = []
+        peak = [before]
+
+        def ask():
+            barrier.wait()
+            answers.append(request(svc, "GET", "/healthz")[0])
+
+        threads = [threading.Thread(target=ask) for _ in range(150)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            peak[0] = max(peak[0], connections())
+            time.sleep(0.01)
+        assert answers == [200] * 150
+        assert peak[0] <= before + 1, (before, peak[0])  # at most the one reading thread
+    finally:
+        svc.stop(5)
+        store.close()
+        admin.close()
+        drop()
 
 
 # -- the OAuth redirect ------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""What ``GET /healthz`` answers, from memory: the writer's own record of its commits and queue
+figures read by one thread of its own.
+
+A monitor polls /healthz, sometimes from many places at once; if each request read the database,
+150 of them would hold 150 connections (a PostgreSQL server has 100 by default). So no request
+touches the database here: the group-commit writer keeps how its last commits went
+(``GroupCommitter.health``), and ``QueueWatch`` reads the queue's counts on its own connection,
+at most once a second, when someone asks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from amohook import inbox
+
+log = logging.getLogger("amohook.server")
+
+FRESH_SECONDS = 1.0  # queue figures older than this are read again when /healthz is asked
+WAIT_SECONDS = 0.5  # how long a /healthz request waits for that read before answering with what it has
+LOG_SECONDS = 60.0  # a failing read is logged at most this often
+
+
+class QueueWatch:
+    """Queue counts for /healthz, read by one thread on one connection, shared by every request."""
+
+    def __init__(self, store):
+        self.store = store
+        self._cond = threading.Condition()
+        self._stats: inbox.QueueStats | None = None
+        self._read_at = 0.0  # monotonic time of the last attempt (ok or not)
+        self._error: str | None = None  # the failure class of the last read, None when it worked
+        self._wanted = False
+        self._halt = False
+        self._logged_at = -LOG_SECONDS
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "QueueWatch":
+        self._thread = threading.Thread(target=self._run, name="amohook-health", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._halt = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+    def snapshot(self) -> tuple[inbox.QueueStats | None, str | None, float]:
+        """(stats, error class, age in seconds); asks for a new read when they are stale."""
+        with self._cond:
+            if time.monotonic() - self._read_at > FRESH_SECONDS:
+                started = self._read_at
+                self._wanted = True
+                self._cond.notify_all()
+                deadline = time.monotonic() + WAIT_SECONDS
+                while self._read_at == started and not self._halt:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            return self._stats, self._error, time.monotonic() - self._read_at
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._wanted and not self._halt:
+                        self._cond.wait()
+                    if self._halt:
+                        return
+                    self._wanted = False
+                self._read()
+        finally:
+            inbox._close_quietly(self.store)
+
+    def _read(self) -> None:
+        stats, error = None, None
+        try:
+            stats = inbox.queue_stats(self.store, now=time.time())
+        except Exception as exc:
+            error = inbox.failure_class(exc)
+            inbox._close_quietly(self.store)
+            if time.monotonic() - self._logged_at >= LOG_SECONDS:
+                self._logged_at = time.monotonic()
+                log.warning("healthz: the database cannot be read: %s (%s)", error, inbox._describe(exc))
+        with self._cond:
+            self._stats = stats
+            self._error = error
+            self._read_at = time.monotonic()
+            self._cond.notify_all()
+
+
+def answer(committer: inbox.GroupCommitter, watch: QueueWatch, *, connections: int) -> tuple[int, dict]:
+    """(HTTP status, JSON payload): 503 "degraded" while commits fail, 503 "error" while the
+    database cannot be read, else 200 "ok". Only failure classes, never a driver's message."""
+    commits = committer.health()
+    stats, read_error, age = watch.snapshot()
+    status, code = "ok", 200
+    if commits.failing:
+        status, code = "degraded", 503
+    elif read_error is not None:
+        status, code = "error", 503
+    now = time.time()
+    payload = {
+        "status": status,
+        "commits": f"failing: {commits.failure}" if commits.failing else "ok",
+        "database": f"error: {read_error}" if read_error else "ok",
+        "failing_for": None if commits.failing_since is None else round(now - commits.failing_since, 1),
+        "failed_batches": commits.failed_batches,
+        "last_commit_age": None if commits.last_ok_at is None else round(now - commits.last_ok_at, 1),
+        "queue_depth": None if stats is None else stats.pending + stats.running,
+        "pending": None if stats is None else stats.pending,
+        "due": None if stats is None else stats.due,
+        "running": None if stats is None else stats.running,
+        "dead": None if stats is None else stats.dead,
+        "oldest_pending_age": None if stats is None or stats.oldest_pending_age is None
+        else round(stats.oldest_pending_age, 3),
+        "queue_read_age": round(age, 1),
+        "writer_queue": committer.queued(),
+        "connections": connections,
+    }
+    return code, payload
