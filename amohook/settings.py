@@ -18,6 +18,11 @@ ENV_CLIENT_SECRET = "AMOHOOK_CLIENT_SECRET"
 ENV_LONG_LIVED_TOKEN = "AMOHOOK_LONG_LIVED_TOKEN"
 ENV_WEBHOOK_SECRET = "AMOHOOK_WEBHOOK_SECRET"
 ENV_RULES = "AMOHOOK_RULES"
+ENV_DB_TIMEOUT = "AMOHOOK_DB_TIMEOUT"
+
+# The longest any one database wait may take (connecting, a query, a lock), so a hung server
+# makes cron's run fail with exit 4 instead of piling up processes.
+DEFAULT_DB_TIMEOUT = 30.0
 
 DOMAINS = ("amocrm.ru", "amocrm.com", "kommo.com")
 
@@ -45,18 +50,33 @@ def resolve_db_url(flag: str | None, environ: dict | None = None) -> str:
             f"unsupported database URL '{redact_url(url)}' — use sqlite:///PATH, "
             "mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB"
         )
+    if not scheme.startswith("sqlite"):
+        from amohook.dburl import check_server_url
+
+        check_server_url(url)
     return url
+
+
+def resolve_db_timeout(environ: dict | None = None) -> float:
+    """$AMOHOOK_DB_TIMEOUT seconds (1-3600), else ``DEFAULT_DB_TIMEOUT``."""
+    env = os.environ if environ is None else environ
+    raw = (env.get(ENV_DB_TIMEOUT) or "").strip()
+    if not raw:
+        return DEFAULT_DB_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 3600:
+        raise ConfigError(f"{ENV_DB_TIMEOUT} must be a number of seconds from 1 to 3600 (got '{raw[:20]}')")
+    return value
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for messages and logs."""
-    if "://" not in url or "@" not in url.split("://", 1)[1]:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    if ":" in creds:
-        creds = creds.split(":", 1)[0] + ":***"
-    return f"{scheme}://{creds}@{host}"
+    from amohook.dburl import redact
+
+    return redact(url)
 
 
 def base_url_for(subdomain: str, domain: str | None = None, base_url: str | None = None) -> str:
@@ -95,6 +115,7 @@ def secret_from(flag: str | None, env_name: str, environ: dict | None = None) ->
 class Settings:
     db_url: str
     traceback: bool = False
+    db_timeout: float = DEFAULT_DB_TIMEOUT
 
 
 def parse_duration(text: str, *, option: str) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 
 import requests
 
@@ -30,7 +31,8 @@ class TokenPair:
     access_token: str = field(repr=False)
     refresh_token: str | None = field(repr=False)
     expires_in: int
-    issued_at: float
+    issued_at: float  # amoCRM's time of the answer (server_time, else Date), else this host's
+    clock_skew: float | None = None  # this host's clock minus amoCRM's, when amoCRM's time was known
 
     @property
     def expires_at(self) -> float:
@@ -115,31 +117,87 @@ def _never_connected(exc: requests.ConnectionError) -> bool:
     return any(s in text for s in ("NewConnectionError", "NameResolutionError", "Connection refused", "ConnectTimeout"))
 
 
-def _outcome_unknown(base_url: str, subdomain: str, what: str) -> RefreshOutcomeUnknown:
-    return RefreshOutcomeUnknown(
-        f"the token refresh was sent to {base_url} but no answer came back ({what}); amoCRM may "
+def _outcome_unknown(base_url: str, subdomain: str, what: str, *, answered: bool = False) -> RefreshOutcomeUnknown:
+    if answered:
+        head = f"the token refresh sent to {base_url} got an answer that is not a token ({what})"
+    else:
+        head = f"the token refresh was sent to {base_url} but no answer came back ({what})"
+    exc = RefreshOutcomeUnknown(
+        f"{head}; amoCRM may "
         "already have spent the old refresh token, so amohook did not send it again — run "
         f"`amohook refresh-token --force --subdomain {subdomain}` once; if it reports the token "
         "revoked, run `amohook init-auth` with a new code"
     )
+    exc.what = what
+    return exc
+
+
+# A token lives a day; anything outside this is not an answer to trust.
+EXPIRES_IN_RANGE = (60, 10 * 366 * 86400)
+
+
+def amo_time(response, data) -> float | None:
+    """amoCRM's clock at the answer: the body's ``server_time`` (documented in the token
+    response, https://www.amocrm.ru/developers/content/oauth/step-by-step), else the ``Date`` header."""
+    st = data.get("server_time") if isinstance(data, dict) else None
+    if isinstance(st, (int, float)) and not isinstance(st, bool) and 1e9 < st < 1e11:
+        return float(st)
+    date = response.headers.get("Date")
+    if date:
+        try:
+            return parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return None
+
+
+def _token_fields(data) -> tuple[str, str | None, int] | None:
+    """(access, refresh, expires_in) when ``data`` is really a token answer, else None."""
+    if not isinstance(data, dict):
+        return None
+    access, refresh, expires_in = data.get("access_token"), data.get("refresh_token"), data.get("expires_in", 86400)
+    if not isinstance(access, str) or not access.strip():
+        return None
+    if refresh is not None and (not isinstance(refresh, str) or not refresh.strip()):
+        return None
+    try:
+        expires_in = int(expires_in)
+    except (TypeError, ValueError):
+        return None
+    if not EXPIRES_IN_RANGE[0] <= expires_in <= EXPIRES_IN_RANGE[1]:
+        return None
+    return access, refresh, expires_in
 
 
 def _pair_or_raise(response, base_url, client: Client, *, grant: str, clock, subdomain: str = "") -> TokenPair:
     if response.status_code == 200:
+        local = float(clock())
         try:
             data = response.json()
-            return TokenPair(
-                access_token=str(data["access_token"]),
-                refresh_token=data.get("refresh_token"),
-                expires_in=int(data.get("expires_in") or 86400),
-                issued_at=float(clock()),
-            )
-        except (ValueError, KeyError, TypeError):
-            raise AmoApiError(
-                f"{base_url} answered the token request with something that is not a token — "
-                "check --base-url points at the amoCRM account",
+        except ValueError:
+            data = None
+        fields = _token_fields(data)
+        if fields is None:
+            what = ("HTTP 200 with an HTML page" if is_html(response) else
+                    "HTTP 200 with JSON but no usable access_token" if isinstance(data, dict) else
+                    "HTTP 200 with something that is not JSON")
+            if grant == "refresh_token":
+                # The request reached amoCRM: like a lost answer, the old refresh token may be spent.
+                raise _outcome_unknown(base_url, subdomain, what, answered=True)
+            raise OAuthError(
+                f"{base_url} answered the token request with something that is not a token ({what}) — "
+                "check --base-url points at the amoCRM account, then copy a fresh code",
                 status=200,
-            ) from None
+            )
+        access, refresh, expires_in = fields
+        amo = amo_time(response, data)
+        return TokenPair(
+            access_token=access,
+            refresh_token=refresh,
+            expires_in=expires_in,
+            issued_at=amo if amo is not None else local,
+            clock_skew=None if amo is None else local - amo,
+        )
     raise _explain(response, base_url, client, grant=grant, subdomain=subdomain)
 
 

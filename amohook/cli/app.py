@@ -48,11 +48,11 @@ def root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ):
-    from amohook.settings import Settings, resolve_db_url
+    from amohook.settings import Settings, resolve_db_timeout, resolve_db_url
 
     global _traceback_requested
     _traceback_requested = traceback
-    ctx.obj = State(Settings(db_url=resolve_db_url(db_url), traceback=traceback))
+    ctx.obj = State(Settings(db_url=resolve_db_url(db_url), traceback=traceback, db_timeout=resolve_db_timeout()))
 
 
 app.command("init-auth")(auth.init_auth)

@@ -134,7 +134,7 @@ def refresh_token(
 
         raise AccountNotFound(None)
     for account in accounts:
-        result = refresh_tokens(store, account.subdomain, force=force)
+        result = refresh_tokens(store, account.subdomain, force=force, on_wait=lambda msg, s=account.subdomain: warn(f"{s}: {msg}"))
         acc = result.account
         if result.outcome == "refreshed":
             say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")
@@ -156,12 +156,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ):
     """Show each account's tokens: expiry, next refresh, refresh-token age, warnings."""
-    from amohook.tokens import all_accounts, token_status
+    from amohook.tokens import all_accounts, refresh_holder, token_status
 
     now = time.time()
     st = state(ctx)
     st.store()
-    rows = [token_status(a, now) for a in all_accounts(subdomain)]
+    rows = [token_status(a, now, refresh_holder(a)) for a in all_accounts(subdomain)]
     from amohook.cli.reconcile import describe_row, reconcile_rows
 
     recon = {row["subdomain"]: row for row in reconcile_rows(now)}

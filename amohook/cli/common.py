@@ -28,7 +28,7 @@ class State:
         if self._store is None:
             from amohook.store import open_store
 
-            self._store = open_store(self.settings.db_url)
+            self._store = open_store(self.settings.db_url, timeout=self.settings.db_timeout)
         return self._store
 
 

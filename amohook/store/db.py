@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
@@ -35,9 +36,10 @@ SQLITE_PRAGMAS = {
 class Store:
     """An open database plus the few backend differences the library has to know about."""
 
-    def __init__(self, db: peewee.Database, url: str):
+    def __init__(self, db: peewee.Database, url: str, timeout: float = 30.0):
         self.db = db
         self.url = url
+        self.timeout = timeout  # the bound on any one database wait (AMOHOOK_DB_TIMEOUT)
         # SQLite has one write lock per file and its busy handler sleeps in growing steps, so
         # threads of one process fighting over it stall each other for milliseconds; queueing them
         # on a mutex first hands the lock over at once. Other processes still meet at SQLite's lock.
@@ -182,7 +184,23 @@ def loose_permissions(path: Path) -> str | None:
     return None
 
 
-def connect_url(url: str) -> peewee.Database:
+DEFAULT_TIMEOUT = 30.0  # seconds; the CLI passes AMOHOOK_DB_TIMEOUT
+
+
+def _lock_wait(timeout: float) -> int:
+    """Server-side lock waits (whole seconds) end a little before the client stops listening,
+    so a busy lock is reported as such rather than as a lost connection."""
+    return max(1, int(timeout * 0.8))
+
+
+def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
+    """The database ``url`` names, with every wait on it bounded by ``timeout`` seconds.
+
+    MySQL: PyMySQL's connect/read/write timeouts (a server that accepts and then says nothing,
+    e.g. a stopped one, otherwise blocks a read for ever). PostgreSQL: libpq's connect_timeout,
+    server-side statement and lock timeouts, and a psycopg2 wait callback that gives up on a
+    server that stops answering mid-query (only the client can notice a stopped server).
+    """
     scheme = url.split(":", 1)[0].lower()
     kwargs: dict = {}
     if scheme.startswith("sqlite"):
@@ -195,7 +213,12 @@ def connect_url(url: str) -> peewee.Database:
         kwargs["pragmas"] = SQLITE_PRAGMAS
         kwargs["field_types"] = {"LONGTEXT": "TEXT"}
         kwargs["timeout"] = 10
-    elif scheme.startswith("mysql"):
+        return connect(url, **kwargs)
+    from amohook.dburl import check_server_url, redact
+
+    check_server_url(url)
+    lock_wait = _lock_wait(timeout)
+    if scheme.startswith("mysql"):
         kwargs["field_types"] = {"LONGTEXT": "LONGTEXT"}
         extra = dict(parse_qsl(urlparse(url).query))
         kwargs.setdefault("charset", extra.get("charset", "utf8mb4"))
@@ -203,42 +226,142 @@ def connect_url(url: str) -> peewee.Database:
         # locks that block the listener's inserts of new events; READ COMMITTED takes none.
         # Nothing here relies on repeatable reads: every read that decides a write locks its rows.
         kwargs["init_command"] = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
-        kwargs["connect_timeout"] = 10
+        kwargs["connect_timeout"] = timeout
+        kwargs["read_timeout"] = timeout
+        kwargs["write_timeout"] = timeout
     else:
         kwargs["field_types"] = {"LONGTEXT": "TEXT"}
-        kwargs["connect_timeout"] = 10
-    return connect(url, **kwargs)
+        kwargs["connect_timeout"] = max(2, int(round(timeout)))  # libpq: whole seconds, at least 2
+        kwargs["options"] = f"-c statement_timeout={int(timeout * 1000)} -c lock_timeout={lock_wait * 1000}"
+        kwargs["keepalives"] = 1
+        kwargs["keepalives_idle"] = max(1, int(timeout))
+        kwargs["keepalives_interval"] = 5
+        kwargs["keepalives_count"] = 3
+        _bound_psycopg2_waits(timeout)
+    try:
+        db = connect(url, unquote_password=True, unquote_user=True, **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        # The URL passed check_server_url, so this is rare; never show the driver's text: it may
+        # quote the URL, password included.
+        raise ConfigError(
+            f"the database URL '{redact(url)}' cannot be used ({type(exc).__name__}) — write it as "
+            "mysql://USER:PASS@HOST:PORT/DB or postgresql://USER:PASS@HOST:PORT/DB, password percent-encoded"
+        ) from None
+    if isinstance(db, peewee.MySQLDatabase):
+        _bound_mysql_lock_waits(db, lock_wait)
+    return db
+
+
+def _bound_mysql_lock_waits(db: peewee.MySQLDatabase, seconds: int) -> None:
+    """Row and metadata lock waits (50 s and a year by default) end before the read timeout.
+
+    Set on each new connection (peewee's hook): PyMySQL's init_command runs one statement only.
+    """
+
+    def initialize(conn, _base=db._initialize_connection):
+        _base(conn)
+        with conn.cursor() as cur:
+            cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(seconds)}, lock_wait_timeout = {int(seconds)}")
+
+    db._initialize_connection = initialize
+
+
+_pg_timeout = DEFAULT_TIMEOUT
+
+
+def _bound_psycopg2_waits(timeout: float) -> None:
+    """Make psycopg2 wait for the server through ``_pg_wait``, which gives up after ``timeout`` s.
+
+    The callback is process-wide (psycopg2 has one); a process has one store, hence one timeout.
+    """
+    global _pg_timeout
+    import psycopg2.extensions
+
+    _pg_timeout = timeout
+    psycopg2.extensions.set_wait_callback(_pg_wait)
+
+
+def _pg_wait(conn) -> None:
+    """psycopg2's wait loop (as psycopg2.extras.wait_select) with a deadline; poll(), not select():
+    a busy listener's descriptors may exceed select's limit of 1024."""
+    import select
+
+    import psycopg2
+    import psycopg2.extensions as ext
+
+    deadline = time.monotonic() + _pg_timeout
+    poller = select.poll()
+    registered = None
+    try:
+        while True:
+            state = conn.poll()
+            if state == ext.POLL_OK:
+                return
+            if state == ext.POLL_READ:
+                mask = select.POLLIN
+            elif state == ext.POLL_WRITE:
+                mask = select.POLLOUT
+            else:
+                raise psycopg2.OperationalError(f"unexpected state from the PostgreSQL driver: {state}")
+            if registered is None:
+                poller.register(conn.fileno(), mask)
+            else:
+                poller.modify(conn.fileno(), mask)
+            registered = mask
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise psycopg2.OperationalError(
+                    f"the database did not answer within {_pg_timeout:g} s (timed out)"
+                )
+    except KeyboardInterrupt:
+        conn.cancel()
+        raise
 
 
 _current: Store | None = None
 
 
-def open_store(url: str, *, migrate_schema: bool = True) -> Store:
+def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Store:
     """Open the database at ``url`` and make sure its schema is current (idempotent).
 
     The models are bound process-wide, so a process works with one store: opening the same URL
     again returns it (threads then get their own connections from peewee), and opening another
-    URL rebinds the models to it.
+    URL rebinds the models to it. Every database wait is bounded by ``timeout`` seconds.
     """
     global _current
     if _current is not None and _current.url == url:
         return _current
     try:
-        db = connect_url(url)
+        db = connect_url(url, timeout)
+        db.connect(reuse_if_open=True)
     except (OSError, peewee.PeeweeException, ImportError) as exc:
-        raise StoreError(f"cannot open the database: {_describe(exc)}") from None
+        raise _open_error(exc, url, timeout) from None
     if _current is not None:
         _current.close()
     models.database.initialize(db)
-    store = Store(db, url)
+    store = Store(db, url, timeout)
     _current = None
     if migrate_schema:
         try:
             migrate(store)
         except peewee.PeeweeException as exc:
-            raise StoreError(f"cannot open the database: {_describe(exc)}") from None
+            raise _open_error(exc, url, timeout) from None
     _current = store
     return store
+
+
+def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
+    from amohook.dburl import redact
+
+    text = _describe(exc)
+    if "invalid dsn" in text or "invalid connection option" in text:
+        return ConfigError(f"the database URL '{redact(url)}' is refused by the PostgreSQL driver: {text}")
+    if "timed out" in text.lower() or "timeout expired" in text.lower():
+        return StoreError(
+            f"the database at '{redact(url)}' did not answer within {timeout:g} s — check that the server "
+            "is up and reachable (the bound is AMOHOOK_DB_TIMEOUT)"
+        )
+    return StoreError(f"cannot open the database: {text}")
 
 
 def _describe(exc: BaseException) -> str:

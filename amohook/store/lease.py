@@ -3,6 +3,10 @@
 A lease is claimed by a single atomic UPDATE that succeeds only when the lease is free or expired,
 so no transaction is held while the holder works (on SQLite a held write transaction would stall
 the webhook listener). A holder that dies simply lets its lease run out.
+
+Expiry times are the database server's clock on MySQL/PostgreSQL, not the caller's: hosts whose
+clocks disagree by minutes share one store, and a host running ahead would otherwise see every
+other host's lease as expired and take it while it is still in use.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable
 
+import peewee
 from peewee import IntegrityError
 
 from amohook.errors import LockBusy
 from amohook.store.models import Lease
 
 _local_owner = f"{socket.gethostname()}:{os.getpid()}"
+# A normal wait (another process refreshing) takes well under a second; say why only past this.
+NOTICE_AFTER = 2.0
 
 
 def new_owner() -> str:
@@ -29,8 +36,19 @@ def new_owner() -> str:
     return f"{_local_owner}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
 
 
-def try_acquire(name: str, owner: str, ttl: float, clock: Callable[[], float] = time.time) -> bool:
-    now = clock()
+def db_time() -> float:
+    """The database server's clock (Unix seconds); this host's for SQLite, which is local anyway."""
+    db = Lease._meta.database
+    db = getattr(db, "obj", db)
+    if isinstance(db, peewee.MySQLDatabase):
+        return float(db.execute_sql("SELECT UNIX_TIMESTAMP(NOW(6))").fetchone()[0])
+    if isinstance(db, peewee.PostgresqlDatabase):
+        return float(db.execute_sql("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+    return time.time()
+
+
+def try_acquire(name: str, owner: str, ttl: float, clock: Callable[[], float] | None = None) -> bool:
+    now = (clock or db_time)()
     try:
         Lease.insert(name=name, owner=None, expires_at=0).on_conflict_ignore().execute()
     except IntegrityError:  # a racing insert on a backend without ON CONFLICT semantics
@@ -47,11 +65,41 @@ def release(name: str, owner: str) -> None:
     Lease.update(owner=None, expires_at=0).where((Lease.name == name) & (Lease.owner == owner)).execute()
 
 
-def holder(name: str, clock: Callable[[], float] = time.time) -> str | None:
+def holder(name: str, clock: Callable[[], float] | None = None) -> str | None:
+    info = holder_info(name, clock)
+    return info[0] if info else None
+
+
+def holder_info(name: str, clock: Callable[[], float] | None = None) -> tuple[str, float] | None:
+    """(owner, seconds until the lease runs out) of a live lease, or None when it is free or expired."""
     row = Lease.get_or_none(Lease.name == name)
-    if row is None or row.owner is None or row.expires_at < clock():
+    now = (clock or db_time)()
+    if row is None or row.owner is None or row.expires_at < now:
         return None
-    return row.owner
+    return row.owner, row.expires_at - now
+
+
+def owner_gone(owner: str) -> bool:
+    """True when ``owner`` names a process on this host that no longer runs (killed, crashed).
+
+    Only said of this host's processes, and only used to stop waiting, never to take a lease:
+    another machine (or a container with its own process numbers) may share the host name.
+    """
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def _until(seconds_left: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + seconds_left))
 
 
 @contextmanager
@@ -60,18 +108,43 @@ def lease(
     *,
     ttl: float,
     wait: float,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    on_wait: Callable[[str], None] | None = None,
 ):
-    """Hold lease ``name`` for the block; wait up to ``wait`` seconds for it, else ``LockBusy``."""
+    """Hold lease ``name`` for the block; wait up to ``wait`` seconds for it, else ``LockBusy``.
+
+    When the lease is taken, ``on_wait`` hears at once whom we wait for and until when. A holder
+    that is a dead process of this host cannot release it, so waiting is pointless: ``LockBusy``
+    at once, naming when the lease runs out.
+    """
     owner = new_owner()
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline = started + wait
     delay = 0.02
+    checked = told = False
     while not try_acquire(name, owner, ttl, clock):
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        expired = now >= deadline
+        tell = not told and now - started >= NOTICE_AFTER and on_wait is not None
+        info = holder_info(name, clock) if (not checked or tell or expired) else None
+        if info is not None and not checked:
+            checked = True
+            other, left = info
+            if owner_gone(other):
+                raise LockBusy(
+                    f"the '{name}' lease is held until {_until(left)} by process {other.split(':')[1]} "
+                    "of this host, which is no longer running — try again after that time"
+                )
+        if info is not None and tell:
+            told = True
+            on_wait(f"waiting up to {wait:.0f} s for the '{name}' lease, held by "
+                    f"{info[0].rsplit(':', 2)[0]} until {_until(info[1])}")
+        if expired:
+            until = f" until {_until(info[1])}" if info else ""
             raise LockBusy(
-                f"another amohook process holds the '{name}' lock (it expires within {ttl:.0f} s "
-                "if that process died) — try again shortly"
+                f"another amohook process holds the '{name}' lease{until} (if it died, the lease "
+                "runs out then) — try again later"
             )
         sleep(delay * random.uniform(0.5, 1.5))
         delay = min(delay * 1.5, 0.25)

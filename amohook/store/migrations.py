@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
+from peewee import DoubleField
+
 from amohook.store import models
 
 if TYPE_CHECKING:
@@ -28,7 +30,24 @@ def _v1_initial(store: "Store") -> None:
     store.db.create_tables(tables, safe=True)  # a new store's event table has today's columns
 
 
-def _v2_reconciliation(store: "Store") -> None:
+def _v2_refresh_marker(store: "Store") -> None:
+    """account.refresh_sent_at and account.clock_skew (a fresh v1 already has them: re-runnable)."""
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as run
+
+    table = models.Account._meta.table_name
+    have = {c.name for c in store.db.get_columns(table)}
+    migrator = SchemaMigrator.from_database(store.db)
+    ops = [
+        migrator.add_column(table, name, DoubleField(null=True))
+        for name in ("refresh_sent_at", "clock_skew")
+        if name not in have
+    ]
+    if ops:
+        run(*ops)
+
+
+def _v3_reconciliation(store: "Store") -> None:
     """Events from the log (event.source), the change registry, reconciliation state, subscriptions."""
     from playhouse.migrate import SchemaMigrator, migrate as run
 
@@ -51,7 +70,8 @@ def _add_missing_indexes(store: "Store", *tables) -> None:
 
 MIGRATIONS: list[tuple[int, Callable[["Store"], None]]] = [
     (1, _v1_initial),
-    (2, _v2_reconciliation),
+    (2, _v2_refresh_marker),
+    (3, _v3_reconciliation),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -67,7 +87,13 @@ def current_version(store: "Store") -> int:
 @contextmanager
 def _schema_lock(store: "Store"):
     if store.is_mysql:
-        store.db.execute_sql("SELECT GET_LOCK(%s, 60)", (LOCK_NAME,))
+        # Wait less than the connection's read timeout, and do not migrate without the lock.
+        wait = max(1, int(store.timeout * 0.8))
+        got = store.db.execute_sql("SELECT GET_LOCK(%s, %s)", (LOCK_NAME, wait)).fetchone()[0]
+        if got != 1:
+            from amohook.errors import StoreError
+
+            raise StoreError(f"another process has been upgrading the database schema for {wait} s — try again shortly")
         try:
             yield
         finally:

@@ -55,6 +55,12 @@ class Account(BaseModel):
     amo_account_id = BigIntegerField(null=True)
     timezone = CharField(max_length=64, null=True)
     last_refresh_error = TextField(null=True)
+    # When a refresh was sent and its answer not yet stored: set before the token request, cleared
+    # with the new pair or a definite refusal. Left set, it means the answer was lost (timeout,
+    # kill -9) and the old refresh token may be spent; `status` says so.
+    refresh_sent_at = DoubleField(null=True)
+    # This host's clock minus amoCRM's at the last token answer (seconds), for `status`'s warning.
+    clock_skew = DoubleField(null=True)
     created_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
 
