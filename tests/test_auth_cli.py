@@ -218,7 +218,7 @@ def test_completed_authorization_keeps_no_client_secret(sqlite_url, fake):
     store.close()
 
 
-def run_in_terminal(args: list[str], env: dict, answers: list[str], timeout: float = 60) -> tuple[int, str]:
+def run_in_terminal(args: list[str], env: dict, answers: list[str], timeout: float = 30) -> tuple[int, str]:
     """Run the real CLI on a pseudo-terminal (its controlling terminal, as in an ssh session),
     answering each prompt in turn; returns the exit code and everything the terminal showed."""
     import fcntl
@@ -252,6 +252,10 @@ def run_in_terminal(args: list[str], env: dict, answers: list[str], timeout: flo
                 break
             shown += chunk
             if pending and shown.rstrip().endswith(b":"):
+                # A hidden prompt turns echo off (and flushes input) after printing itself: answer
+                # only once it has, or the answer is echoed and then thrown away.
+                while termios.tcgetattr(leader)[3] & termios.ECHO and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 os.write(leader, pending.pop(0).encode() + b"\n")
         elif proc.poll() is not None:
             break
