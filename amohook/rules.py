@@ -46,7 +46,7 @@ PLACEHOLDERS = {
 MAX_RULES_BYTES = 1024 * 1024
 MAX_RULES = 1000
 MAX_CONDITIONS = 20  # per rule
-MAX_NESTING = 8  # tables and arrays inside one another; a rule needs 4
+MAX_NESTING = 8  # tables and arrays inside one another; a rule needs 5
 MAX_DUE_DAYS = 3650  # ten years ahead, whatever the units
 DUE_RE = re.compile(r"^\+(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
 END_OF_DAY_RE = re.compile(r"^end_of_day(?:\+(\d+)d)?$")
@@ -199,9 +199,9 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(path, [f"not valid TOML: {exc}"]) from None
     except RecursionError:  # arrays or inline tables nested thousands deep: the parser's stack ran out
-        raise RulesError(path, [f"arrays or tables nested more than {MAX_NESTING} deep — a rule needs 4"]) from None
+        raise RulesError(path, [f"arrays or tables nested more than {MAX_NESTING} deep — a rule needs 5"]) from None
     if _nesting(data) > MAX_NESTING:
-        raise RulesError(path, [f"arrays or tables nested more than {MAX_NESTING} deep — a rule needs 4"])
+        raise RulesError(path, [f"arrays or tables nested more than {MAX_NESTING} deep — a rule needs 5"])
     unknown_top = set(data) - {"rule"}
     problems: list[str] = [f"unknown top-level key '{k}' (rules are [[rule]] tables)" for k in sorted(unknown_top)]
     raw_rules = data.get("rule", [])
