@@ -119,7 +119,18 @@ def complete_authorization(
     session: requests.Session | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Account:
-    """Finish what `auth-url` started: the state must be known, unused and recent."""
+    """Finish what `auth-url` started: the state must be known, unused and recent.
+
+    Every parameter is checked before the state is spent, so a malformed redirect (or a stray
+    request to the address) cannot use up the admin's authorization.
+    """
+    if not code or not code.strip():
+        raise ConfigError("amoCRM's redirect carried no code — start again with `amohook auth-url`")
+    if not referer:
+        raise ConfigError("amoCRM's redirect carried no referer (the account's address) — start again with `amohook auth-url`")
+    # referer is the account host without scheme, e.g. "example.amocrm.ru" (FACTS.md §1).
+    host = referer.strip().split("/")[0]
+    subdomain = check_subdomain(host)
     with store.write():
         pending = OAuthState.get_or_none(OAuthState.state == state) if state else None
         if pending is None:
@@ -131,11 +142,6 @@ def complete_authorization(
         secret = pending.client_secret
         # The row kept the client secret only for this exchange.
         OAuthState.update(used_at=clock(), client_secret="").where(OAuthState.state == state).execute()
-    if not referer:
-        raise ConfigError("amoCRM's redirect carried no referer (the account's address) — start again with `amohook auth-url`")
-    # referer is the account host without scheme, e.g. "example.amocrm.ru" (FACTS.md §1).
-    host = referer.strip().split("/")[0]
-    subdomain = check_subdomain(host)
     base_url = pending.base_url or base_url_for(subdomain, base_url=f"https://{host}")
     client = Client(pending.client_id, secret, pending.redirect_uri)
     return authorize_with_code(store, subdomain=subdomain, base_url=base_url, client=client, code=code, session=session, clock=clock)

@@ -8,7 +8,9 @@ deterministic key per (rule, lead, change), which is what makes effects happen o
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import string
 import tomllib
 from dataclasses import dataclass, field
@@ -39,6 +41,13 @@ PLACEHOLDERS = {
     "account.subdomain",
     "rule.name",
 }
+# What a rules file may ask for. Beyond these a file is refused by `rules check` (and by serve and
+# worker at start), never accepted and then failing at run time.
+MAX_RULES_BYTES = 1024 * 1024
+MAX_RULES = 1000
+MAX_CONDITIONS = 20  # per rule
+MAX_NESTING = 8  # tables and arrays inside one another; a rule needs 5
+MAX_DUE_DAYS = 3650  # ten years ahead, whatever the units
 DUE_RE = re.compile(r"^\+(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
 END_OF_DAY_RE = re.compile(r"^end_of_day(?:\+(\d+)d)?$")
 AT_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?:\+(\d+)d)?$")
@@ -124,19 +133,39 @@ def check_template(text: str) -> list[str]:
 
 
 def parse_due(due: str) -> tuple[str, int, int, int]:
-    """``+1d2h``, ``+30m``, ``end_of_day``, ``end_of_day+1d``, ``10:00+1d`` → (kind, a, b, days)."""
+    """``+1d2h``, ``+30m``, ``end_of_day``, ``end_of_day+1d``, ``10:00+1d`` → (kind, a, b, days).
+
+    At most ``MAX_DUE_DAYS`` ahead: a bigger offset would overflow the date arithmetic at run time.
+    """
     text = (due or "").strip().replace(" ", "")
     m = DUE_RE.match(text)
     if m and any(m.groups()):
-        w, d, h, mins = (int(g or 0) for g in m.groups())
-        return ("relative", (w * 7 + d) * 86400 + h * 3600 + mins * 60, 0, 0)
+        w, d, h, mins = (_due_number(g, due) for g in m.groups())
+        seconds = (w * 7 + d) * 86400 + h * 3600 + mins * 60
+        _check_due_days(seconds / 86400, due)
+        return ("relative", seconds, 0, 0)
     m = END_OF_DAY_RE.match(text)
     if m:
-        return ("end_of_day", 0, 0, int(m.group(1) or 0))
+        days = _due_number(m.group(1), due)
+        _check_due_days(days, due)
+        return ("end_of_day", 0, 0, days)
     m = AT_TIME_RE.match(text)
     if m and int(m.group(1)) < 24 and int(m.group(2)) < 60:
-        return ("at", int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+        days = _due_number(m.group(3), due)
+        _check_due_days(days, due)
+        return ("at", int(m.group(1)), int(m.group(2)), days)
     raise ValueError(f"cannot read due '{due}' — use +30m, +2h, +1d, +1d4h, end_of_day, end_of_day+1d or 10:00+1d")
+
+
+def _due_number(digits: str | None, due: str) -> int:
+    if digits and len(digits) > 9:  # more than ten years in any unit; int() of it could be slow
+        _check_due_days(MAX_DUE_DAYS + 1, due)
+    return int(digits or 0)
+
+
+def _check_due_days(days: float, due: str) -> None:
+    if days > MAX_DUE_DAYS:
+        raise ValueError(f"due '{due}' is more than {MAX_DUE_DAYS} days ahead — use a shorter offset")
 
 
 def due_timestamp(due: str, base: float, tz: str | None) -> int:
@@ -169,11 +198,17 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(path, [f"not valid TOML: {exc}"]) from None
+    except RecursionError:  # arrays or inline tables nested thousands deep: the parser's stack ran out
+        raise RulesError(path, [f"arrays or tables nested more than {MAX_NESTING} deep — a rule needs 5"]) from None
+    if _nesting(data) > MAX_NESTING:
+        raise RulesError(path, [f"arrays or tables nested more than {MAX_NESTING} deep — a rule needs 5"])
     unknown_top = set(data) - {"rule"}
     problems: list[str] = [f"unknown top-level key '{k}' (rules are [[rule]] tables)" for k in sorted(unknown_top)]
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
         raise RulesError(path, ["'rule' must be an array of tables: write [[rule]]"])
+    if len(raw_rules) > MAX_RULES:
+        raise RulesError(path, [f"{len(raw_rules)} rules — at most {MAX_RULES} in one file"])
     specs: list[RuleSpec] = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_rules, 1):
@@ -205,6 +240,9 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
         raw_conditions = raw.get("condition", [])
         if isinstance(raw_conditions, dict):
             raw_conditions = [raw_conditions]
+        if isinstance(raw_conditions, list) and len(raw_conditions) > MAX_CONDITIONS:
+            problems.append(f"{label}: {len(raw_conditions)} conditions — at most {MAX_CONDITIONS} in one rule")
+            raw_conditions = []
         for j, cond in enumerate(raw_conditions if isinstance(raw_conditions, list) else [], 1):
             ops = [op for op in CONDITION_OPS if op in cond]
             extra = set(cond) - {"field", *CONDITION_OPS}
@@ -290,15 +328,48 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
     return specs
 
 
-def load_rules_file(path: str | Path) -> list[RuleSpec]:
+def _nesting(data: Any) -> int:
+    """How deeply tables and arrays sit inside one another (the top-level table is 1)."""
+    deepest = 0
+    stack = [(data, 1)]
+    while stack:  # iterative: a deep value must not exhaust the stack here either
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+def read_rules_text(path: str | Path) -> str:
+    """The file's text, if it is a regular file of at most ``MAX_RULES_BYTES`` of UTF-8.
+
+    Opened without blocking and checked before reading, so `--rules /dev/zero` or a FIFO is refused
+    at once instead of being read until memory runs out (or waiting for a writer).
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"cannot read the rules file {p}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise RulesError(str(p), ["not a regular file — give the path of a TOML file"])
+            data = f.read(MAX_RULES_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the rules file {p}: {exc.strerror or exc}") from None
+    if len(data) > MAX_RULES_BYTES:
+        raise RulesError(str(p), [f"larger than {MAX_RULES_BYTES // 2**20} MiB — split it or remove unused rules"])
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"the rules file {p} is not UTF-8 text") from None
-    return parse_rules(text, str(p))
+
+
+def load_rules_file(path: str | Path) -> list[RuleSpec]:
+    return parse_rules(read_rules_text(path), str(path))
 
 
 # -- compiled against the store ---------------------------------------------------------------
@@ -328,6 +399,9 @@ def compile_rules(specs: list[RuleSpec], accounts: list[str], path: str = "rules
 
     problems: list[str] = []
     compiled: list[CompiledRule] = []
+    # Per account, read once: the catalog of names, and the maps every compiled rule shares.
+    catalogs: dict[str, lookup.Catalog] = {}
+    shared: dict[str, tuple] = {}
     for spec in specs:
         label = f"rule '{spec.name}'"
         if spec.account:
@@ -343,10 +417,25 @@ def compile_rules(specs: list[RuleSpec], accounts: list[str], path: str = "rules
                                 else f"several accounts are stored; add account = \"…\" ({', '.join(accounts)})")
             )
             continue
+        catalog = catalogs.setdefault(account, lookup.Catalog(account))
+        if account not in shared:
+            fields = list(CustomField.select().where(CustomField.account == account))
+            by_id: dict[str, Any] = {}
+            by_name: dict[str, Any] = {}
+            for f in fields:  # the first row wins, as a scan in order would find it
+                by_id.setdefault(str(f.amo_id), f)
+                by_name.setdefault(lookup.normalize(f.name), f)
+            shared[account] = (
+                {(s.pipeline_id, s.amo_id): s.name for s in Stage.select().where(Stage.account == account)},
+                {u.amo_id: u.name for u in User.select().where(User.account == account)},
+                (by_id, by_name),
+                [f.name for f in fields],
+            )
+        stage_names, user_names, (field_by_id, field_by_name), field_names = shared[account]
         try:
-            pipeline = lookup.find_pipeline(account, spec.pipeline) if spec.pipeline is not None else None
-            to_stage = lookup.find_stage(account, pipeline, spec.to_stage) if spec.to_stage is not None else None
-            from_stage = lookup.find_stage(account, pipeline, spec.from_stage) if spec.from_stage is not None else None
+            pipeline = catalog.pipeline(spec.pipeline) if spec.pipeline is not None else None
+            to_stage = catalog.stage(pipeline, spec.to_stage) if spec.to_stage is not None else None
+            from_stage = catalog.stage(pipeline, spec.from_stage) if spec.from_stage is not None else None
         except lookup.LookupFailed as exc:
             problems.append(f"{label}: {exc.message}")
             continue
@@ -355,25 +444,22 @@ def compile_rules(specs: list[RuleSpec], accounts: list[str], path: str = "rules
         responsible_id = None
         if task is not None:
             try:
-                task_type_id = lookup.find_task_type(account, task.type).amo_id
+                task_type_id = catalog.task_type(task.type).amo_id
             except lookup.LookupFailed as exc:
                 problems.append(f"{label}: {exc.message}")
         if task is not None and str(task.responsible).strip().lower() != "lead":
             try:
-                responsible_id = lookup.find_user(account, task.responsible).amo_id
+                responsible_id = catalog.user(task.responsible).amo_id
             except lookup.LookupFailed as exc:
                 problems.append(f"{label}: {exc.message}")
         field_ids = {}
-        fields = list(CustomField.select().where(CustomField.account == account))
         for cond in spec.conditions:
-            match = [f for f in fields if str(f.amo_id) == str(cond.field) or lookup.normalize(f.name) == lookup.normalize(str(cond.field))]
-            if fields and not match:
-                close = lookup.suggest(str(cond.field), [f.name for f in fields])
+            match = field_by_id.get(str(cond.field)) or field_by_name.get(lookup.normalize(str(cond.field)))
+            if field_names and match is None:
+                close = lookup.suggest(str(cond.field), field_names)
                 hint = f" — did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 problems.append(f"{label}: no lead custom field '{cond.field}'{hint}")
-            field_ids[cond.field] = match[0].amo_id if match else None
-        stage_names = {(s.pipeline_id, s.amo_id): s.name for s in Stage.select().where(Stage.account == account)}
-        user_names = {u.amo_id: u.name for u in User.select().where(User.account == account)}
+            field_ids[cond.field] = match.amo_id if match else None
         compiled.append(
             CompiledRule(
                 spec=spec,

@@ -216,3 +216,71 @@ def test_completed_authorization_keeps_no_client_secret(sqlite_url, fake):
     start_authorization(store, client=client)
     assert OAuthState.get_or_none(OAuthState.state == "stale") is None
     store.close()
+
+
+def run_in_terminal(args: list[str], env: dict, answers: list[str], timeout: float = 30) -> tuple[int, str]:
+    """Run the real CLI on a pseudo-terminal (its controlling terminal, as in an ssh session),
+    answering each prompt in turn; returns the exit code and everything the terminal showed."""
+    import fcntl
+    import os
+    import select
+    import subprocess
+    import sys
+    import termios
+
+    from tests.conftest import ROOT
+
+    leader, follower = os.openpty()
+
+    def become_terminal_owner():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "amohook", *args], env=env, cwd=str(ROOT), stdin=follower,
+                            stdout=follower, stderr=follower, preexec_fn=become_terminal_owner)
+    os.close(follower)
+    shown, pending = b"", list(answers)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if pending and shown.rstrip().endswith(b":"):
+                # A hidden prompt turns echo off (and flushes input) after printing itself: answer
+                # only once it has, or the answer is echoed and then thrown away.
+                while termios.tcgetattr(leader)[3] & termios.ECHO and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.write(leader, pending.pop(0).encode() + b"\n")
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    return proc.wait(timeout=10), shown.decode(errors="replace")
+
+
+def test_init_auth_asks_for_the_code_at_a_hidden_prompt_in_a_terminal(sqlite_url, fake):
+    code = fake.issue_code()
+    args = [a for a in init_args(fake, code) if a not in ("--code", code)]
+    status, shown = run_in_terminal(args, init_env(sqlite_url, fake), [code])
+    assert status == 0, shown
+    assert "Authorization code" in shown and "authorized example" in shown
+    assert code not in shown  # not echoed
+    store = open_store(sqlite_url)
+    assert fake.token_state(Account.get(Account.subdomain == "example").access_token) == "valid"
+    store.close()
+
+
+def test_init_auth_takes_the_code_from_the_environment_without_a_terminal(sqlite_url, fake):
+    code = fake.issue_code()
+    args = [a for a in init_args(fake, code) if a not in ("--code", code)]
+    result = run_cli(args, sqlite_url, env=init_env(sqlite_url, fake, AMOHOOK_AUTH_CODE=code))
+    assert result.returncode == 0, result.stderr
+    assert_no_secrets(result, fake, code)
+    without = run_cli(args, sqlite_url, env=init_env(sqlite_url, fake))
+    assert without.returncode == ExitCode.USAGE
+    assert_one_line_error(without, "--code (or AMOHOOK_AUTH_CODE)")

@@ -76,3 +76,36 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_the_readme_keeps_secrets_off_command_lines_and_out_of_the_unit():
+    """An authorization code on a command line is in `ps` for its 20 minutes; a secret in the
+    unit's Environment= is readable by every user (and printed by `systemctl show`)."""
+    import re
+
+    assert not re.search(r"--code\s+['\"]?[\w…]", README), "the README passes a literal code with --code"
+    assert "Environment=AMOHOOK_WEBHOOK_SECRET" not in README
+    assert "AMOHOOK_AUTH_CODE" in README and "hidden prompt" in README
+    unit = README.split("# /etc/systemd/system/amohook.service", 1)[1].split("```", 1)[0]
+    assert "EnvironmentFile=/etc/amohook/amohook.env" in unit
+
+
+def test_the_readme_env_file_commands_make_a_private_file_with_a_usable_secret(tmp_path):
+    """The commands that create /etc/amohook/amohook.env, run as written (into a temporary
+    directory, without sudo, chown or systemctl)."""
+    import os
+    import stat
+    import subprocess
+
+    from amohook.webhooks.server import check_secret
+
+    block = README.split("sudo install -d -m 0755 /etc/amohook", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("sudo ") and "systemctl" not in line]
+    script = "\n".join(lines).replace("sudo ", "").replace("-o root -g root ", "")
+    script = script.replace("/etc/amohook", str(tmp_path))
+    subprocess.run(["sh", "-ec", script], check=True, timeout=30)
+    env_file = tmp_path / "amohook.env"
+    assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
+    [line] = env_file.read_text().splitlines()
+    name, _, value = line.partition("=")
+    assert name == "AMOHOOK_WEBHOOK_SECRET" and check_secret(value) == value

@@ -32,12 +32,24 @@ def _client_secret(flag: Optional[str], prompt: bool = True) -> str:
     return secret.strip()
 
 
+def _interactive() -> bool:
+    import sys
+
+    return sys.stdin.isatty()
+
+
 def init_auth(
     ctx: typer.Context,
     subdomain: Annotated[str, typer.Option("--subdomain", "-s", help="Account subdomain, e.g. mycompany for mycompany.amocrm.ru.")],
     code: Annotated[
         Optional[str],
-        typer.Option("--code", envvar="AMOHOOK_AUTH_CODE", help="Authorization code from the integration's Keys tab (lives 20 minutes)."),
+        typer.Option(
+            "--code",
+            envvar="AMOHOOK_AUTH_CODE",
+            show_envvar=True,
+            help="Authorization code from the integration's Keys tab (lives 20 minutes). Prefer the environment "
+            "variable or the hidden prompt: command lines are visible in `ps`.",
+        ),
     ] = None,
     long_lived_token: Annotated[
         Optional[str],
@@ -79,13 +91,17 @@ def init_auth(
         say(f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); it is never refreshed")
         return
     missing = [name for name, value in (("--client-id", client_id), ("--redirect-uri", redirect_uri)) if not value]
-    if not code:
-        missing.insert(0, "--code")
+    if not code and (missing or not _interactive()):
+        missing.insert(0, "--code (or AMOHOOK_AUTH_CODE)")
     if missing:
         raise ConfigError(
             f"init-auth needs {', '.join(missing)} (or --long-lived-token) — all are in the integration's Keys tab"
         )
     secret = _client_secret(client_secret)
+    if not code:
+        code = typer.prompt("Authorization code (Keys tab; it lives 20 minutes)", hide_input=True)
+    if not code.strip():
+        raise ConfigError("the authorization code is empty — copy it from the integration's Keys tab")
     client = Client(client_id.strip(), secret, redirect_uri.strip())
     account = authorize_with_code(st.store(), subdomain=sub, base_url=url, client=client, code=code)
     say(

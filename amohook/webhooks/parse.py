@@ -2,8 +2,11 @@
 
 amoCRM POSTs ``application/x-www-form-urlencoded`` bodies with PHP-style bracket keys
 (``leads[status][0][id]=...``) in the API v2 shape, every value a string (FACTS.md §5 "Transport",
-§7.1, §7.3). The body comes from the open internet, so every limit is checked before anything big is
-built, and every refusal is a ``BodyRejected`` with a short reason, never a traceback.
+§7.1, §7.3). That encoding is PHP's own, so a form body is read exactly as PHP reads ``$_POST``
+(https://www.php.net/manual/en/language.variables.external.php): a body PHP accepts is never
+refused for its shape. The body comes from the open internet, so every limit is checked before
+anything big is built, and every refusal is a ``BodyRejected`` with a short reason, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from amohook.errors import AmohookError
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_FORM_DEPTH",
     "MAX_FIELDS",
     "BodyRejected",
     "ParsedWebhook",
@@ -32,7 +36,10 @@ __all__ = [
 ]
 
 MAX_FIELDS = 10_000
-MAX_DEPTH = 32
+MAX_DEPTH = 32  # JSON bodies
+# PHP's max_input_nesting_level (default 64): a form key with more bracket groups is dropped, with
+# everything already stored under its name, as PHP drops it.
+MAX_FORM_DEPTH = 64
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
@@ -58,17 +65,18 @@ class UnsupportedMediaType(BodyRejected):
 
 # A field is a maximal run without '&'; empty runs ("a=1&&b=2") are not fields.
 _FIELD = re.compile(r"[^&]+")
-# Longer digit strings are not list indexes (PHP keeps keys beyond PHP_INT_MAX as strings, and
-# int() refuses very long digit strings anyway).
-_MAX_INDEX_DIGITS = 18
+# PHP's integer array keys: the decimal form of a signed 64-bit integer, without leading zeros or
+# '+' ("-0" and "01" stay strings). `[]` appends after the largest of them.
+_PHP_INT = re.compile(r"-?(?:0|[1-9][0-9]{0,18})")
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 
-def parse_form(body: bytes, *, max_fields: int = MAX_FIELDS, max_depth: int = MAX_DEPTH) -> dict:
-    """Parse a form body with PHP bracket keys into nested dicts with string keys.
+def parse_form(body: bytes, *, max_fields: int = MAX_FIELDS, max_depth: int = MAX_FORM_DEPTH) -> dict:
+    """Parse a form body with PHP bracket keys into nested dicts with string keys, as PHP would.
 
-    ``a[b][0][c]=x`` becomes ``{"a": {"b": {"0": {"c": "x"}}}}``; ``a[]`` appends like PHP (next
-    integer key); blank values are kept. A repeated key keeps the last value (PHP does the same). A
-    key used both as a value and as a container is rejected rather than guessed at.
+    ``a[b][0][c]=x`` becomes ``{"a": {"b": {"0": {"c": "x"}}}}``; ``a[]`` appends at the next
+    integer key; blank values are kept; the last write wins, also where a name was a value before
+    and is a container now, or the other way round. ``_php_name`` says how names are read.
     """
     text = _decode_utf8(body)
     # Count before building: '&' count is a free upper bound; only when it is over the limit are
@@ -78,13 +86,145 @@ def parse_form(body: bytes, *, max_fields: int = MAX_FIELDS, max_depth: int = MA
             if count > max_fields:
                 raise BodyRejected(f"more than {max_fields} fields")
     root: dict = {}
-    appends: dict[int, int] = {}  # id(container) -> the index `[]` appends at next (once used there)
+    # id(container) -> (container, the key `[]` appends at next), once `[]` was used there; the
+    # container is held so that its id is not reused by another while the parse runs.
+    appends: dict[int, tuple[dict, int]] = {}
     fields, decoded = _fields(body, text)
     for raw_key, raw_value in fields:
         key = raw_key if decoded else _unquote(raw_key)
-        parts = _split_key(key, max_depth)
-        _insert(root, parts, raw_value if decoded else _unquote(raw_value), key, appends)
+        value = raw_value if decoded else _unquote(raw_value)
+        plain = _PLAIN.fullmatch(key)
+        if plain is not None and "__" not in key and key.count("[") <= max_depth:
+            # The usual name (leads[status][0][id]), which PHP reads as written: no need for the
+            # rules below.
+            base, brackets = plain.groups()
+            if not brackets:
+                parts = [base]
+            else:
+                parts = [base, *brackets[1:-1].split("][")]
+                if "" in parts:
+                    parts = [p if p else None for p in parts]
+            _insert(root, parts, value, appends)
+            continue
+        name = _php_name(key, max_depth)
+        if name is not None:
+            _insert(root, name.parts, value, appends, too_deep=name.too_deep, guarded=name.guarded)
     return root
+
+
+# A name PHP reads as written: a base of letters, digits, '_' and '-', then `[index]` groups whose
+# index neither starts with whitespace nor holds a bracket or NUL.
+_PLAIN = re.compile(r"([0-9A-Za-z_\-]+)((?:\[(?:[^\[\]\s\x00][^\[\]\x00]*)?\])*)")
+
+
+@dataclass(frozen=True)
+class _Name:
+    parts: list  # the base name, then each index (None for `[]`)
+    too_deep: bool  # more than max_depth bracket groups: PHP drops the variable after walking them
+    guarded: tuple  # prefixes a part may not start with (see _GUARDED_PREFIXES)
+
+
+# PHP 8 drops a variable at a part that starts with one of these when the name as sent did not
+# (CVE-2022-31629: mangling must not make a cookie-like "__Host-" name).
+_GUARDED_PREFIXES = ("__Host-", "__Secure-")
+
+
+def _php_name(key: str, max_depth: int) -> _Name | None:
+    """How PHP 8 reads a variable name (main/php_variables.c, php_register_variable_ex).
+
+    None when PHP ignores the variable. The rules: the name ends at a NUL; leading spaces are
+    dropped; in the base name (before the first '['), spaces and dots become '_'; an empty base
+    name is ignored; an index runs from '[' to the next ']' (so it may hold '['), and ``[]`` or
+    '[' + one whitespace character + ']' appends; after a ']' anything but '[' ends the name
+    (``a[b]c`` is ``a[b]``); a first '[' without a ']' is no index but a '_' in a plain name (and
+    the rest of it is mangled like the base: ``a[b.c`` is ``a_b_c``); a later one ends the name
+    (``a[b][c`` is ``a[b]``). PHP counts the groups before reading each, so the group after the
+    ``max_depth``-th makes the variable too deep even when it is unterminated.
+    """
+    if "\x00" in key:
+        key = key[: key.index("\x00")]
+    key = key.lstrip(" ")
+    # Only a name holding '_' (or what mangling turns into one) can give a guarded part.
+    mangled = "_" in key or "." in key or " " in key or "[" in key
+    guarded = tuple(p for p in _GUARDED_PREFIXES if not key.startswith(p)) if mangled else ()
+    open_at = key.find("[")
+    base = (key if open_at < 0 else key[:open_at]).replace(" ", "_").replace(".", "_")
+    if not base:
+        return None
+    if open_at < 0:
+        return _Name([base], False, guarded)
+    parts: list[str | None] = [base]
+    while True:
+        if len(parts) > max_depth:  # checked before each group is read, like PHP's nesting level
+            return _Name(parts[:-1], True, guarded)
+        start = open_at + 1
+        # One whitespace character right after '[' is skipped when looking for `[]`: `[ ]` appends.
+        skip = 1 if key[start:start + 1] in _BLANKS else 0
+        close = key.find("]", start + skip)
+        if close < 0:
+            if len(parts) > 1:
+                return _Name(parts, False, guarded)
+            rest = key[start:].replace(" ", "_").replace(".", "_").replace("[", "_")
+            return _Name([base + "_" + rest], False, guarded)
+        parts.append(None if close == start + skip else key[start:close])
+        if not key.startswith("[", close + 1):
+            return _Name(parts, False, guarded)
+        open_at = close + 1
+
+
+_BLANKS = frozenset(" \t\n\v\f\r")  # C's isspace()
+
+
+def _insert(
+    root: dict, parts: list, value: str, appends: dict, *, too_deep: bool = False, guarded: tuple = ()
+) -> None:
+    """Store ``value`` at ``parts`` as PHP does: what is in the way is replaced in its place (a
+    value by a new container, a container by the value); a ``[]`` with no key left (the largest
+    is PHP_INT_MAX) or a guarded part drops the variable from there on, keeping the containers
+    made on the way; a name too deep is walked, then its base removed with all it holds."""
+    node = root
+    last = -1 if too_deep else len(parts) - 1
+    for depth, part in enumerate(parts):
+        if part is None:  # `[]`: append at the next integer key of this container
+            part = _append_key(node, appends)
+            if part is None:
+                return
+        else:
+            if guarded and part.startswith(guarded):
+                return
+            if appends and id(node) in appends and _is_int(part):
+                container, after = appends[id(node)]
+                appends[id(node)] = (container, max(after, int(part) + 1))
+        if depth == last:
+            node[part] = value
+            return
+        child = node.get(part)
+        if type(child) is not dict:
+            child = node[part] = {}
+        node = child
+    root.pop(parts[0], None)  # too deep
+
+
+def _append_key(node: dict, appends: dict) -> str | None:
+    """PHP's `[]`: one more than the largest integer key so far (0 if none), as a key; None when
+    the largest is PHP_INT_MAX.
+
+    Keys are never removed from a container, so the largest is found by one scan of its keys the
+    first time `[]` is used on it, and kept up to date from then on.
+    """
+    if id(node) in appends:
+        _, index = appends[id(node)]
+    else:
+        index = max((int(k) + 1 for k in node if _is_int(k)), default=0)
+    if index > _INT_MAX:
+        appends[id(node)] = (node, index)
+        return None
+    appends[id(node)] = (node, index + 1)
+    return str(index)
+
+
+def _is_int(key: str) -> bool:
+    return _PHP_INT.fullmatch(key) is not None and key != "-0" and _INT_MIN <= int(key) <= _INT_MAX
 
 
 # A '%' that does not start an escape, or the escape of NUL (the separator of the fast path).
@@ -148,79 +288,6 @@ def _unquote(raw: str) -> str:
         return unquote(raw.replace("+", " "), encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
         raise BodyRejected("invalid UTF-8 in a percent-encoded key or value") from None
-
-
-# A base without brackets, then any number of [segment]s without brackets inside.
-_KEY = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)")
-
-
-def _split_key(key: str, max_depth: int) -> list[str]:
-    """``a[b][][c]`` -> ``["a", "b", "", "c"]``; anything PHP would have to guess at is rejected."""
-    if "[" not in key:
-        if not key or "]" in key:
-            raise _malformed(key)
-        return [key]
-    # Cheap depth check first, so a 1000-deep key costs one count().
-    if key.count("[") > max_depth:
-        raise BodyRejected(f"nesting deeper than {max_depth}")
-    match = _KEY.fullmatch(key)
-    if match is None:  # a[b, a[b]c, a[b]], a[b[c]], [a], ...
-        raise _malformed(key)
-    base, brackets = match.groups()
-    return [base, *brackets[1:-1].split("][")]
-
-
-def _insert(root: dict, parts: list[str], value: str, key: str, appends: dict[int, int]) -> None:
-    node = root
-    last = len(parts) - 1
-    for depth, part in enumerate(parts):
-        if part == "":  # `[]`: append at the next integer key of this container
-            part = _append_index(node, appends)
-        elif appends and id(node) in appends and _is_index(part):
-            appends[id(node)] = max(appends[id(node)], int(part) + 1)
-        if depth == last:
-            if type(node.get(part)) is dict:
-                raise _conflict(key, parts[: depth + 1])
-            node[part] = value
-        else:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif type(child) is not dict:
-                raise _conflict(key, parts[: depth + 1])
-            node = child
-
-
-def _append_index(node: dict, appends: dict[int, int]) -> str:
-    """PHP's `[]`: one more than the largest integer key so far (0 if none), as a key.
-
-    Keys are only ever added to a container, so the largest is found by one scan of its keys the
-    first time `[]` is used on it, and kept up to date from then on (containers live as long as
-    the parse, so their id() is stable).
-    """
-    index = appends.get(id(node))
-    if index is None:
-        index = max((int(k) + 1 for k in node if _is_index(k)), default=0)
-    appends[id(node)] = index + 1
-    return str(index)
-
-
-def _is_index(key: str) -> bool:
-    return (
-        0 < len(key) <= _MAX_INDEX_DIGITS
-        and key.isascii()
-        and key.isdigit()
-        and (key == "0" or key[0] != "0")
-    )
-
-
-def _malformed(key: str) -> BodyRejected:
-    return BodyRejected(f"malformed key {_short(key)}")
-
-
-def _conflict(key: str, prefix: list[str]) -> BodyRejected:
-    name = prefix[0] + "".join(f"[{p}]" for p in prefix[1:])
-    return BodyRejected(f"key {_short(key)} uses {_short(name)} both as a value and as a container")
 
 
 def _short(text: str, limit: int = 60) -> str:

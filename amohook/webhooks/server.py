@@ -109,6 +109,19 @@ def _redact(target: object, secret: str | None) -> str:
     return redact_target(target, secret)
 
 
+# The OAuth page: the address carries a one-time code, so keep it out of caches and other sites'
+# logs (Cache-Control, Referrer-Policy); the page loads nothing, runs nothing and is never framed
+# (its one inline style attribute is all the CSP allows).
+_PAGE_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+                                "base-uri 'none'; form-action 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+)
+
+
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 so that "Expect: 100-continue" (PHP's curl sends it for bodies over 1 KiB) is
     # answered at once instead of the client waiting a second for it; every answer closes the
@@ -359,6 +372,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, json.dumps(payload) + "\n", "application/json", headers=(("Cache-Control", "no-store"),))
 
     def _oauth_callback(self) -> None:
+        if self.command == "HEAD":
+            # Link previews and prefetchers send HEAD: answer with the headers of a page and
+            # change nothing, so the admin's own GET still completes the authorization.
+            return self._page(200, "amohook authorization", "Open this address to complete the authorization.")
         query = self.path.split("?", 1)[1] if "?" in self.path else ""
         try:
             params = parse_qs(query, keep_blank_values=True, max_num_fields=50)
@@ -419,8 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
             status,
             page,
             "text/html; charset=utf-8",
-            # The address carries a one-time code: keep it out of caches and other sites' logs.
-            headers=(("Cache-Control", "no-store"), ("Referrer-Policy", "no-referrer")),
+            headers=_PAGE_HEADERS,
         )
 
 
