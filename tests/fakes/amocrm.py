@@ -193,6 +193,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def date_time_string(self, timestamp: Any = None) -> str:  # the Date header, off by ``date_offset``
+        if timestamp is None:
+            timestamp = time.time() + self.server.fake.date_offset
+        return super().date_time_string(timestamp)
+
 
 # (method, path regex, handler method, needs a bearer token). A trailing slash is tolerated.
 ROUTES = [
@@ -246,6 +251,7 @@ class FakeAmo:
         self._faults: list[Fault] = []
         self._blocked = self._block_oauth = False
         self._admitted: list[float] = []
+        self.date_offset = 0.0  # seconds added to the Date header: a server clock that is off
         self._seed()
 
     # ---------------------------------------------------------------- seed data
