@@ -108,6 +108,13 @@ def test_a_revoked_grant_is_one_failing_check(store, fake, healthy):
         assert secret not in result.stdout + result.stderr
 
 
+def test_amocrm_failing_is_the_token_check_alone(store, fake, healthy):
+    fake.fail("/api/v4/account", status=503, times=None)
+    code, bad, checks = doctor(store, healthy)
+    assert (code, bad) == (ExitCode.UNHEALTHY, {("token", "error")})
+    assert "503" in checks["token"]["detail"] and "clock" not in checks
+
+
 def test_a_skewed_clock_warns(store, fake, healthy):
     fake.date_offset = 300  # amoCRM's clock five minutes ahead of ours
     code, bad, checks = doctor(store, healthy)
