@@ -19,6 +19,8 @@ class ExitCode(IntEnum):
     REAUTH = 3  # tokens revoked/missing: run `amohook init-auth` again
     TEMPORARY = 4  # network, amoCRM 5xx, rate limit, lock busy: retry later
     BLOCKED = 5  # amoCRM blocked the account's API access (403 after rate-limit abuse)
+    UNHEALTHY = 6  # `doctor`: at least one check failed (✗); a person must act
+    DEGRADED = 7  # `doctor`: no check failed, but one warns (!): look soon
     INTERRUPTED = 130
 
 

@@ -66,7 +66,7 @@ def _register_optional() -> None:
     import importlib
 
     for name in ("amohook.cli.sync", "amohook.cli.serve", "amohook.cli.events", "amohook.cli.rules",
-                 "amohook.cli.reconcile", "amohook.cli.prune"):
+                 "amohook.cli.reconcile", "amohook.cli.prune", "amohook.cli.doctor"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

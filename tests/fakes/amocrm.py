@@ -238,6 +238,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def date_time_string(self, timestamp: Any = None) -> str:  # the Date header, off by ``date_offset``
+        if timestamp is None:
+            timestamp = time.time() + self.server.fake.date_offset
+        return super().date_time_string(timestamp)
+
 
 # (method, path regex, handler method, needs a bearer token). A trailing slash is tolerated.
 ROUTES = [
@@ -307,6 +312,7 @@ class FakeAmo:
         self.webhooks: list[dict] = []
         self._webhook_id = 839655
         self.reenable_on_repost = True    # does re-POSTing a destination clear `disabled`? (undocumented)
+        self.date_offset = 0.0  # seconds added to the Date header: a server clock that is off
         self._seed()
 
     # ---------------------------------------------------------------- seed data
