@@ -67,7 +67,10 @@ def say(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(printable(message, multiline=True) + "\n")
+    """A warning of a one-shot command on stderr (under systemd, with the journal's warning priority)."""
+    from amohook.cli.logs import stderr_line
+
+    sys.stderr.write(stderr_line(printable(message, multiline=True), 30) + "\n")  # 30: logging.WARNING
     sys.stderr.flush()
 
 
