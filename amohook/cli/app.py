@@ -10,13 +10,14 @@ import typer
 
 from amohook import __version__
 from amohook.cli import auth
-from amohook.cli.common import State
+from amohook.cli.common import CONTEXT_SETTINGS, State
 from amohook.errors import AmohookError, ExitCode
 
 app = typer.Typer(
     name="amohook",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings=CONTEXT_SETTINGS,
     pretty_exceptions_enable=False,
     help="Keep an amoCRM (Kommo) integration alive: tokens, reference data, webhooks, rules.",
 )

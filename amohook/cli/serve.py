@@ -197,8 +197,10 @@ def serve(
         Optional[str],
         typer.Option(
             "--secret",
+            envvar="AMOHOOK_WEBHOOK_SECRET",
+            show_envvar=True,
             help="The webhook secret (the URL is /webhook/SECRET), at least 16 characters. Prefer the "
-            "AMOHOOK_WEBHOOK_SECRET environment variable: command lines are visible in `ps`.",
+            "environment variable: command lines are visible in `ps`.",
         ),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")] = 1,
