@@ -136,3 +136,25 @@ def test_library_debug_output_only_when_asked_for_and_still_redacted(sqlite_url,
     assert " DEBUG peewee: " in theirs, theirs  # the library's statements…
     assert " INFO amohook" not in theirs and " DEBUG amohook" not in theirs, theirs  # …not ours at warning
     assert SECRET not in theirs
+
+
+def test_worker_logs_its_start_sigterm_and_stop_with_priorities(sqlite_url, tmp_path):
+    (tmp_path / "okhook.py").write_text("def handle(event, ctx):\n    pass\n")
+    path = tmp_path / "stderr"
+    with open(path, "wb") as err:
+        env = journal_env(sqlite_url, err, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+        proc = subprocess.Popen([sys.executable, "-m", "amohook", "worker", "--handler", "okhook:handle"], env=env,
+                                cwd=str(ROOT), stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert "worker started" in proc.stdout.readline(), path.read_text()  # stdout keeps it for scripts
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    lines = path.read_text().splitlines()
+    assert any(line.startswith("<6>") and "worker started" in line for line in lines), lines
+    assert any(line.startswith("<6>") and "received SIGTERM; stopping" in line for line in lines), lines
+    assert lines and lines[-1].startswith("<6>") and lines[-1].endswith("stopped"), lines
+    assert all(PRIORITY.match(line) for line in lines if line) and not TIMESTAMP.search("\n".join(lines))
