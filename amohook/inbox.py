@@ -842,23 +842,27 @@ def renew(store, event_ids: Sequence[int], owner: str, *, lease_seconds: float, 
 class ReplayResult:
     queued: list[int]
     skipped: dict[int, str]  # id -> why not
+    missing: list[int] = field(default_factory=list)  # ids of no event: then nothing is queued
 
 
 def replay(store, event_ids: Sequence[int] = (), *, dead: bool = False, now: float) -> ReplayResult:
-    """Queue events again (pending, due now, attempts reset); running ones are left to their worker."""
+    """Queue events again (pending, due now, attempts reset); running ones are left to their worker.
+
+    An id of no event queues nothing at all: it is a typo, and the rest of the list may be one too."""
     with write_txn(store):
         if dead:
             ids = [row.id for row in Event.select(Event.id).where(Event.status == "dead").order_by(Event.id)]
         else:
             ids = list(dict.fromkeys(int(i) for i in event_ids))
         found = {row.id: row.status for row in Event.select(Event.id, Event.status).where(Event.id.in_(ids))} if ids else {}
+        missing = [event_id for event_id in ids if event_id not in found]
+        if missing:
+            return ReplayResult([], {}, missing)
         skipped: dict[int, str] = {}
         queued: list[int] = []
         for event_id in ids:
-            status = found.get(event_id)
-            if status is None:
-                skipped[event_id] = "no such event"
-            elif status == "running":
+            status = found[event_id]
+            if status == "running":
                 skipped[event_id] = "running now (a worker holds it); replay it after it finishes"
             else:
                 queued.append(event_id)

@@ -348,9 +348,12 @@ def test_replay_queues_again_and_says_why_not(store):
     claim(store, "a", limit=3)
     inbox.complete(store, 1, "a", started_at=NOW, now=NOW)
     inbox.fail(store, 2, "a", error="boom", retry_at=None, started_at=NOW, now=NOW)
-    result = inbox.replay(store, [1, 2, 3, 99], now=NOW + 5)
+    refused = inbox.replay(store, [1, 2, 3, 99], now=NOW + 5)
+    assert (refused.queued, refused.skipped, refused.missing) == ([], {}, [99])  # an unknown id queues nothing
+    assert Event.get_by_id(2).status == "dead"
+    result = inbox.replay(store, [1, 2, 3], now=NOW + 5)
     assert result.queued == [1, 2]
-    assert set(result.skipped) == {3, 99} and "running" in result.skipped[3] and "no such" in result.skipped[99]
+    assert set(result.skipped) == {3} and "running" in result.skipped[3] and result.missing == []
     for row in Event.select().where(Event.id.in_([1, 2])):
         assert (row.status, row.attempts, row.next_attempt_at) == ("pending", 0, NOW + 5)
 
@@ -411,7 +414,7 @@ def test_events_list_filters_by_status_and_entity(filled):
     contacts = json.loads(run_cli(["events", "list", "--json", "--entity", "contacts", "--limit", "1"], filled).stdout)
     assert [r["id"] for r in dead] == [1] and [r["entity"] for r in contacts] == ["contacts"]
     bad = run_cli(["events", "list", "--status", "nope"], filled)
-    assert bad.returncode == 2 and "pending, running, done, dead" in bad.stderr
+    assert bad.returncode == 2 and "'pending', 'running', 'done', 'dead'" in bad.stderr
 
 
 def test_events_show_gives_body_data_and_attempts(filled):
@@ -432,5 +435,5 @@ def test_events_replay_by_id_and_dead(filled):
     result = run_cli(["events", "replay", "--dead", "--json"], filled)
     assert json.loads(result.stdout) == {"queued": [1], "skipped": {}}
     result = run_cli(["events", "replay", "2", "77"], filled)
-    assert result.returncode == 1 and "event 77: no such event" in result.stderr and "queued again: 1" in result.stdout
+    assert result.returncode == 2 and "no event 77" in result.stderr and "nothing was queued" in result.stderr
     assert run_cli(["events", "replay"], filled).returncode == 2

@@ -10,13 +10,14 @@ import typer
 
 from amohook import __version__
 from amohook.cli import auth
-from amohook.cli.common import State
+from amohook.cli.common import CONTEXT_SETTINGS, State
 from amohook.errors import AmohookError, ExitCode
 
 app = typer.Typer(
     name="amohook",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings=CONTEXT_SETTINGS,
     pretty_exceptions_enable=False,
     help="Keep an amoCRM (Kommo) integration alive: tokens, reference data, webhooks, rules.",
 )
@@ -127,11 +128,17 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _report(exc: BaseException, line: str) -> None:
+    import logging
+
+    from amohook.cli.logs import stderr_line
+
     if _traceback_requested or os.environ.get("AMOHOOK_TRACEBACK"):
         import traceback
 
         # Frames only, never local variables: they would hold tokens and secrets.
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+        sys.stderr.write(stderr_line(text, logging.ERROR) + "\n")
     from amohook.redact import printable
 
-    sys.stderr.write(printable(line, multiline=True) + "\n")  # messages may quote amoCRM's answers
+    # Messages may quote amoCRM's answers; under systemd the line carries the journal's error priority.
+    sys.stderr.write(stderr_line(printable(line, multiline=True), logging.ERROR) + "\n")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.settings import DOMAINS, ENV_CLIENT_SECRET
+
+# The domains amoCRM and Kommo serve accounts under, as a choice `--help` lists and Click checks.
+Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)
+DomainOpt = Annotated[Domain, typer.Option("--domain", case_sensitive=False, help="The account's domain.")]
 
 SubdomainOpt = Annotated[
     Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
@@ -66,14 +72,16 @@ def init_auth(
         Optional[str],
         typer.Option(
             "--client-secret",
-            help="Secret key. Prefer AMOHOOK_CLIENT_SECRET or the hidden prompt: command lines are visible in `ps`.",
+            envvar=ENV_CLIENT_SECRET,
+            show_envvar=True,
+            help="Secret key. Prefer the environment variable or the hidden prompt: command lines are visible in `ps`.",
         ),
     ] = None,
     redirect_uri: Annotated[
         Optional[str],
         typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI exactly as in the integration's settings."),
     ] = None,
-    domain: Annotated[str, typer.Option("--domain", help="amocrm.ru, amocrm.com or kommo.com.")] = "amocrm.ru",
+    domain: DomainOpt = Domain["amocrm.ru"],
     base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
 ):
     """Exchange an authorization code for tokens (or store a long-lived token) and check they work."""
@@ -83,7 +91,7 @@ def init_auth(
     from amohook.settings import base_url_for, check_subdomain
 
     sub = check_subdomain(subdomain)
-    url = base_url_for(sub, domain, base_url)
+    url = base_url_for(sub, domain.value, base_url)
     st = state(ctx)
     if long_lived_token:
         account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
@@ -116,8 +124,12 @@ def auth_url(
     redirect_uri: Annotated[
         str, typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI; point it at `amohook serve`'s /oauth/callback.")
     ],
-    client_secret: Annotated[Optional[str], typer.Option("--client-secret", help="Prefer AMOHOOK_CLIENT_SECRET.")] = None,
-    domain: Annotated[str, typer.Option("--domain", help="amocrm.ru, amocrm.com or kommo.com.")] = "amocrm.ru",
+    client_secret: Annotated[
+        Optional[str],
+        typer.Option("--client-secret", envvar=ENV_CLIENT_SECRET, show_envvar=True,
+                     help="Secret key. Prefer the environment variable: command lines are visible in `ps`."),
+    ] = None,
+    domain: DomainOpt = Domain["amocrm.ru"],
     base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
 ):
     """Print the URL that grants access; `amohook serve` completes it at /oauth/callback."""
@@ -129,7 +141,7 @@ def auth_url(
 
         base_url = base_url_for("x", base_url=base_url)
     client = Client(client_id.strip(), _client_secret(client_secret), redirect_uri.strip())
-    url, _state = start_authorization(state(ctx).store(), client=client, domain=domain.lower(), base_url=base_url)
+    url, _state = start_authorization(state(ctx).store(), client=client, domain=domain.value, base_url=base_url)
     say(url)
 
 

@@ -19,6 +19,10 @@ from amohook.redact import printable
 from amohook.settings import Settings
 
 
+# Every Typer app and sub-app: `-h` as well as `--help`.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
 @dataclass
 class State:
     settings: Settings
@@ -67,7 +71,10 @@ def say(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(printable(message, multiline=True) + "\n")
+    """A warning of a one-shot command on stderr (under systemd, with the journal's warning priority)."""
+    from amohook.cli.logs import stderr_line
+
+    sys.stderr.write(stderr_line(printable(message, multiline=True), 30) + "\n")  # 30: logging.WARNING
     sys.stderr.flush()
 
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Annotated, List, Optional
 
 import typer
 
-from amohook.cli.common import fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, fmt_time, iso, print_json, say, state, warn
 
-events_app = typer.Typer(no_args_is_help=True, help="Look at received webhook events and queue them again.")
+events_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS,
+                         help="Look at received webhook events and queue them again.")
 
 STATUSES = ("pending", "running", "done", "dead")
+Status = Enum("Status", {name: name for name in STATUSES}, type=str)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def _row(event) -> dict:
+    """An event in JSON, as `events list` prints it; `events show` adds the heavy parts to the same
+    keys ("data", "delivery", "attempts", "actions"), so a script reads both alike."""
     return {
         "id": event.id,
         "delivery_id": event.delivery_id,
@@ -25,10 +30,12 @@ def _row(event) -> dict:
         "account": event.account,
         "account_id": event.account_id,
         "status": event.status,
-        "attempts": event.attempts,
+        "attempt_count": event.attempts,
         "received_at": iso(event.received_at),
         "next_attempt_at": iso(event.next_attempt_at) if event.status == "pending" else None,
         "updated_at": iso(event.updated_at),
+        "lease_owner": event.lease_owner if event.status == "running" else None,
+        "lease_until": iso(event.lease_until) if event.status == "running" else None,
         "last_error": event.last_error,
     }
 
@@ -36,17 +43,15 @@ def _row(event) -> dict:
 @events_app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Annotated[Optional[str], typer.Option("--status", help="pending, running, done or dead.")] = None,
+    status: Annotated[Optional[Status], typer.Option("--status", case_sensitive=False, help="Only events in this state.")] = None,
     entity: Annotated[Optional[str], typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 50,
     as_json: JsonOpt = False,
 ):
     """List events, newest first."""
-    from amohook.errors import ConfigError
     from amohook.inbox import list_events
 
-    if status is not None and status not in STATUSES:
-        raise ConfigError(f"unknown --status '{status}' — use one of {', '.join(STATUSES)}")
+    status = status.value if status is not None else None
     rows = list_events(state(ctx).store(), status=status, entity=entity, limit=limit)
     if as_json:
         print_json([_row(e) for e in rows])
@@ -124,19 +129,7 @@ def show(
         for a in Action.select().where(Action.event_id == event.id).order_by(Action.id)
     ]
     if as_json:
-        out = _row(event)
-        out["attempt_count"] = out.pop("attempts")
-        out["actions"] = actions
-        out.update(
-            {
-                "lease_owner": event.lease_owner,
-                "lease_until": iso(event.lease_until),
-                "data": data,
-                "delivery": delivery_json,
-                "attempts": attempts,
-            }
-        )
-        print_json(out)
+        print_json({**_row(event), "data": data, "delivery": delivery_json, "attempts": attempts, "actions": actions})
         return
     say(f"event {event.id}: {event.entity} {event.action} {event.entity_id or ''} (account {event.account or '?'})")
     say(f"  status: {event.status}, attempts: {event.attempts}")
@@ -188,6 +181,8 @@ def replay(
     if event_ids and dead:
         raise ConfigError("give event ids or --dead, not both")
     result = replay_events(state(ctx).store(), event_ids or [], dead=dead, now=time.time())
+    if result.missing:
+        raise ConfigError(f"no event {_ids(result.missing)} — `amohook events list` shows the ids; nothing was queued")
     if as_json:
         print_json({"queued": result.queued, "skipped": {str(k): v for k, v in result.skipped.items()}})
     else:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, fmt_duration, fmt_time, iso, print_json, say, state, warn
 
 SubdomainOpt = Annotated[Optional[str], typer.Option("--subdomain", help="The account (default: the only one stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -29,7 +29,7 @@ TRIGGER_EVENTS = {
 DEFAULT_EVENTS = ("status_lead", "add_lead", "responsible_lead")
 
 webhooks_app = typer.Typer(help="List, subscribe and unsubscribe amoCRM webhook destinations (admin token only).",
-                           no_args_is_help=True)
+                           no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
 
 
 def _account(subdomain: Optional[str]) -> str:

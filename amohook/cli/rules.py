@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from amohook.cli.common import print_json, say, state
+from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state
 
-rules_app = typer.Typer(no_args_is_help=True, help="Rules that create tasks when leads change.")
+rules_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS, help="Rules that create tasks when leads change.")
 
 RulesOpt = Annotated[
     Optional[str],

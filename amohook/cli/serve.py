@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Annotated, List, Optional
 
 import typer
 
-from amohook.cli.common import say, state, warn
+from amohook.cli.common import say, state
+from amohook.cli.logs import Level
 
 HandlerOpt = Annotated[
     Optional[List[str]],
@@ -26,10 +28,16 @@ MaxAttemptsOpt = Annotated[
     int, typer.Option("--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`).")
 ]
 LogLevelOpt = Annotated[
-    str,
-    typer.Option("--log-level", envvar="AMOHOOK_LOG_LEVEL", show_envvar=True,
-                 help="debug, info, warning or error (to stderr), for amohook's own messages; libraries log "
-                 "warnings only, and no level shows a token or a secret."),
+    Level,
+    typer.Option("--log-level", envvar="AMOHOOK_LOG_LEVEL", show_envvar=True, case_sensitive=False,
+                 help="Level of amohook's own messages (to stderr; the journal under systemd). No level shows a "
+                 "token or a secret."),
+]
+LibraryLogLevelOpt = Annotated[
+    Level,
+    typer.Option("--library-log-level", envvar="AMOHOOK_LIBRARY_LOG_LEVEL", show_envvar=True, case_sensitive=False,
+                 help="Level of the libraries' own messages (peewee, urllib3, …). Their debug output shows every SQL "
+                 "statement and request; token-shaped strings and the secrets are still masked."),
 ]
 ReconcileOpt = Annotated[
     Optional[str],
@@ -50,27 +58,14 @@ RulesOpt = Annotated[
 ]
 
 
-def _setup_logging(level: str, secrets: tuple[str, ...] = ()) -> None:
-    """--log-level sets amohook's own loggers only. Libraries stay at WARNING whatever it says:
-    peewee's debug logger prints every statement with its parameters — the tokens a refresh
-    writes among them — and urllib3's prints request lines. The formatter is a second guard."""
-    import logging
-    import sys
+def _setup_logging(level: Level, library_level: Level, secrets: tuple[str, ...] = ()) -> None:
+    """--log-level sets amohook's own loggers only. Libraries stay at WARNING unless
+    --library-log-level says otherwise: peewee's debug logger prints every statement with its
+    parameters — the tokens a refresh writes among them — and urllib3's prints request lines. The
+    formatter is a second guard either way."""
+    from amohook.cli.logs import setup_logging
 
-    from amohook.errors import ConfigError
-    from amohook.redact import RedactingFormatter
-
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ConfigError(f"unknown --log-level '{level}' — use debug, info, warning or error")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", secrets=secrets))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    for name in ("peewee", "urllib3", "requests", "pymysql", "psycopg2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("amohook").setLevel(numeric)
+    setup_logging(level.value, library_level.value, secrets)
 
 
 def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, store=None, *, journal: bool = False):
@@ -164,17 +159,29 @@ def _start_sender(sender, stop: threading.Event):
     return thread
 
 
-def _stop_on_signals() -> threading.Event:
+class _Stop(threading.Event):
+    """Set by SIGTERM/SIGINT (``signal`` names which) or by a failing worker thread."""
+
+    signal: Optional[str] = None
+
+    def log_signal(self, log: logging.Logger) -> None:
+        # Logged by the main loop, not in the handler: a handler that writes to stderr while the
+        # main thread is writing there raises "reentrant call" inside the io buffer.
+        if self.signal:
+            log.info("received %s; stopping (send it again to exit at once)", self.signal)
+
+
+def _stop_on_signals() -> _Stop:
     """SIGTERM/SIGINT set the returned event; a second one exits at once."""
     import os
     import signal
 
-    stop = threading.Event()
+    stop = _Stop()
 
     def handler(signum, frame):
         if stop.is_set():
             os._exit(130)
-        warn(f"received {signal.Signals(signum).name}; stopping (send it again to exit at once)")
+        stop.signal = signal.Signals(signum).name
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)
@@ -190,8 +197,10 @@ def serve(
         Optional[str],
         typer.Option(
             "--secret",
+            envvar="AMOHOOK_WEBHOOK_SECRET",
+            show_envvar=True,
             help="The webhook secret (the URL is /webhook/SECRET), at least 16 characters. Prefer the "
-            "AMOHOOK_WEBHOOK_SECRET environment variable: command lines are visible in `ps`.",
+            "environment variable: command lines are visible in `ps`.",
         ),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")] = 1,
@@ -208,7 +217,8 @@ def serve(
     read_deadline: Annotated[
         float, typer.Option("--read-deadline", min=0.1, help="Seconds in which a whole request must arrive (408).")
     ] = 30.0,
-    log_level: LogLevelOpt = "info",
+    log_level: LogLevelOpt = Level.info,
+    library_log_level: LibraryLogLevelOpt = Level.warning,
 ):
     """Receive amoCRM webhooks: store each one durably, then answer 200; workers process them after."""
     from amohook.errors import ConfigError
@@ -224,15 +234,16 @@ def serve(
         socket_timeout=request_timeout,
         read_deadline=read_deadline,
     )
-    _setup_logging(log_level, secrets=(config.secret,))
+    _setup_logging(log_level, library_log_level, secrets=(config.secret,))
+    log = logging.getLogger("amohook.serve")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
     keep_s = keep_seconds(keep)
     registry, sender = build_registry(handler, rules, store, journal=interval is not None)
     worker_list = []
     if workers and not len(registry):
-        warn("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
-             "(or `serve --handler …`) processes them")
+        log.warning("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
+                    "(or `serve --handler …`) processes them")
     elif workers:
         worker_list = [
             Worker(store, registry, new_worker_id(f"serve{i}"), lease_seconds=lease, max_attempts=max_attempts)
@@ -249,12 +260,14 @@ def serve(
     sender_thread = _start_sender(sender, sender_stop) if worker_list else None
     _start_reconciler(store, interval if worker_list else None, sender_stop)
     _start_pruner(store, keep_s, sender_stop)
-    say(f"listening on {service.url}")
-    say(f"webhook URL: {service.url}/webhook/<secret>; health: {service.url}/healthz; "
-        f"OAuth redirect: {service.url}/oauth/callback; {len(worker_list)} worker thread(s); "
-        f"reconciliation: {'every ' + _seconds(interval) if interval and worker_list else 'off'}")
+    say(f"listening on {service.url}")  # on stdout as well: scripts and tests wait for this line
+    log.info("listening on %s", service.url)
+    log.info("webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
+             "%d worker thread(s); reconciliation: %s", service.url, service.url, service.url, len(worker_list),
+             "every " + _seconds(interval) if interval and worker_list else "off")
     while not stop.wait(1.0):
         pass
+    stop.log_signal(log)
     import time
 
     deadline = time.monotonic() + 9.0
@@ -264,7 +277,7 @@ def serve(
     service.stop(timeout=7.5)
     if sender_thread is not None:
         sender_thread.join(max(0.1, deadline - time.monotonic()))
-    say("stopped")
+    log.info("stopped")
 
 
 def worker(
@@ -279,7 +292,8 @@ def worker(
     threads: Annotated[int, typer.Option("--threads", min=1, max=64, help="Worker threads in this process.")] = 1,
     poll: Annotated[float, typer.Option("--poll", min=0.05, help="Seconds between looks at an empty queue.")] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="Process what is due now, then exit.")] = False,
-    log_level: LogLevelOpt = "info",
+    log_level: LogLevelOpt = Level.info,
+    library_log_level: LibraryLogLevelOpt = Level.warning,
 ):
     """Process queued events with the given handlers; run several, on several machines, on one MySQL/PostgreSQL."""
     from amohook.errors import ConfigError
@@ -287,7 +301,8 @@ def worker(
 
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
-    _setup_logging(log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
+    _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
+    log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
     keep_s = keep_seconds(keep)
@@ -325,10 +340,13 @@ def worker(
     for thread in running:
         thread.start()
     if not once:
-        say(f"worker started: {threads} thread(s), handlers: {', '.join(registry.names())}; reconciliation: "
-            f"{'every ' + _seconds(interval) if reconciler else 'off'}")
+        started = (f"worker started: {threads} thread(s), handlers: {', '.join(registry.names())}; reconciliation: "
+                   f"{'every ' + _seconds(interval) if reconciler else 'off'}")
+        say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
+        log.info("%s", started)
     while any(t.is_alive() for t in running) and not stop.wait(0.1):
         pass
+    stop.log_signal(log)
     import time
 
     deadline = time.monotonic() + 8.0
@@ -344,7 +362,7 @@ def worker(
     if once:
         say(f"processed {sum(w.processed for w in pool)} event(s)")
     else:
-        say("stopped")
+        log.info("stopped")
 
 
 def _seconds(interval: Optional[float]) -> str:

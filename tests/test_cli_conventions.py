@@ -1,0 +1,106 @@
+"""Conventions every command keeps (issue 11 #6): `-h` as well as `--help`, shell completion, the
+secrets' environment variables named in help (never their values), fixed choices refused with
+the list, an unknown event id is a usage error, one JSON shape for an event."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import cli_env, run_cli
+from tests.test_docs import all_commands
+from tests.test_inbox import filled  # noqa: F401  (a store with a dead and a pending event)
+
+SECRETS = {
+    "AMOHOOK_CLIENT_SECRET": "VALUE-OF-CLIENT-SECRET-4711",
+    "AMOHOOK_WEBHOOK_SECRET": "VALUE-OF-WEBHOOK-SECRET-4711",
+    "AMOHOOK_LONG_LIVED_TOKEN": "VALUE-OF-LONG-LIVED-TOKEN-4711",
+    "AMOHOOK_AUTH_CODE": "VALUE-OF-AUTH-CODE-4711",
+}
+WIDE = {"COLUMNS": "200"}  # help wraps at the terminal's width; keep each option on one line
+
+
+def test_every_command_takes_h_as_well_as_help(sqlite_url):
+    names = [""] + [name for name, _ in all_commands()] + ["events", "rules", "webhooks"]
+    for name in names:
+        args = name.split()
+        short = run_cli([*args, "-h"], sqlite_url, env=cli_env(sqlite_url, **WIDE))
+        long = run_cli([*args, "--help"], sqlite_url, env=cli_env(sqlite_url, **WIDE))
+        assert short.returncode == 0 and long.returncode == 0, (name, short.stderr)
+        assert short.stdout == long.stdout and "Usage:" in short.stdout, name
+        assert any("--help" in line and " -h " in line for line in short.stdout.splitlines()), name
+
+
+def test_shell_completion_is_on_and_completes_commands(sqlite_url):
+    shown = run_cli(["--show-completion", "bash"], sqlite_url)
+    assert shown.returncode == 0 and "_AMOHOOK_COMPLETE" in shown.stdout, shown.stderr
+    env = cli_env(sqlite_url, _AMOHOOK_COMPLETE="complete_bash", COMP_WORDS="amohook eve", COMP_CWORD="1")
+    completed = run_cli([], sqlite_url, env=env)
+    assert completed.stdout.split() == ["events"], completed.stdout + completed.stderr
+    env.update(COMP_WORDS="amohook events list --status d", COMP_CWORD="4")
+    assert sorted(run_cli([], sqlite_url, env=env).stdout.split()) == ["dead", "done"]
+
+
+@pytest.mark.parametrize("command, variables", [
+    ("init-auth", ["AMOHOOK_CLIENT_SECRET", "AMOHOOK_LONG_LIVED_TOKEN"]),
+    ("auth-url", ["AMOHOOK_CLIENT_SECRET"]),
+    ("serve", ["AMOHOOK_WEBHOOK_SECRET"]),
+])
+def test_help_names_the_secrets_variables_but_never_shows_their_values(sqlite_url, command, variables):
+    result = run_cli([command, "--help"], sqlite_url, env=cli_env(sqlite_url, **SECRETS, **WIDE))
+    assert result.returncode == 0, result.stderr
+    for name in variables:
+        assert f"env var: {name}" in result.stdout, (name, result.stdout)
+    for value in SECRETS.values():
+        assert value not in result.stdout + result.stderr
+        assert "4711" not in result.stdout
+
+
+@pytest.mark.parametrize("args, choices", [
+    (["events", "list", "--status", "nope"], ["pending", "running", "done", "dead"]),
+    (["init-auth", "-s", "x", "--domain", "amocrm.org"], ["amocrm.ru", "amocrm.com", "kommo.com"]),
+    (["auth-url", "--client-id", "i", "--redirect-uri", "https://x", "--domain", "amocrm.org"],
+     ["amocrm.ru", "amocrm.com", "kommo.com"]),
+    (["serve", "--log-level", "verbose"], ["debug", "info", "warning", "error"]),
+    (["worker", "--library-log-level", "loud"], ["debug", "info", "warning", "error"]),
+])
+def test_a_value_outside_a_fixed_choice_is_refused_with_the_choices(sqlite_url, args, choices):
+    result = run_cli(args, sqlite_url, env=cli_env(sqlite_url, **WIDE))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for choice in choices:
+        assert f"'{choice}'" in result.stderr, (choice, result.stderr)
+    help_text = run_cli([*args[: 2 if args[0] == "events" else 1], "--help"], sqlite_url,
+                        env=cli_env(sqlite_url, **WIDE)).stdout
+    assert "|".join(choices) in help_text.replace(" ", "")
+
+
+def test_log_level_from_the_environment_is_checked_and_any_case_is_accepted(sqlite_url):
+    bad = run_cli(["worker"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_LOG_LEVEL="verbose"))
+    assert bad.returncode == 2 and "AMOHOOK_LOG_LEVEL" in bad.stderr and "'warning'" in bad.stderr, bad.stderr
+    upper = run_cli(["worker"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_LOG_LEVEL="DEBUG"))
+    assert upper.returncode == 2 and "nothing to run" in upper.stderr, upper.stderr  # DEBUG passed the choice
+
+
+def test_events_replay_of_an_unknown_id_exits_2_and_queues_nothing(filled):  # noqa: F811
+    result = run_cli(["events", "replay", "1", "77"], filled)
+    assert result.returncode == 2, result.stderr
+    assert "no event 77" in result.stderr and "events list" in result.stderr
+    dead = json.loads(run_cli(["events", "list", "--json", "--status", "dead"], filled).stdout)
+    assert [e["id"] for e in dead] == [1]  # event 1 was not queued again either
+    assert run_cli(["events", "replay", "1"], filled).returncode == 0
+
+
+HEAVY = {"data", "delivery", "attempts", "actions"}
+
+
+def test_events_list_and_show_json_share_one_shape(filled):  # noqa: F811
+    listed = {e["id"]: e for e in json.loads(run_cli(["events", "list", "--json"], filled).stdout)}
+    assert set(listed) == {1, 2}
+    for event_id, item in listed.items():
+        shown = json.loads(run_cli(["events", "show", str(event_id), "--json"], filled).stdout)
+        assert HEAVY <= set(shown)
+        assert set(item) == set(shown) - HEAVY
+        assert {key: shown[key] for key in item} == item
+    assert listed[1]["attempt_count"] == 1 and isinstance(shown["attempts"], list)
