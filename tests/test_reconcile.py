@@ -362,3 +362,22 @@ def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, 
     work(store, crm)
     assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
 
+
+
+def test_healthz_shows_reconciliation_per_account(store, fake, crm):
+    import requests
+
+    from tests.test_rules_e2e import Serve
+
+    [lead] = new_leads(fake, crm, 1)
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    reconcile(store)
+    work(store, crm)
+    serve = Serve(store.url, "--workers", "0", "--reconcile", "off")
+    try:
+        health = requests.get(f"{serve.url}/healthz", timeout=5).json()
+    finally:
+        serve.stop()
+    [row] = health["reconciliation"]
+    assert row["account"] == "example" and row["recovered_24h"] == 1
+    assert row["cursor_lag"] is not None and row["subscription"] == "unknown" and row["last_error"] is False

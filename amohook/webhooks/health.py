@@ -30,6 +30,7 @@ class QueueWatch:
         self.store = store
         self._cond = threading.Condition()
         self._stats: inbox.QueueStats | None = None
+        self._reconciliation: list[dict] = []
         self._read_at = 0.0  # monotonic time of the last attempt (ok or not)
         self._error: str | None = None  # the failure class of the last read, None when it worked
         self._wanted = False
@@ -48,6 +49,13 @@ class QueueWatch:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(2.0)
+
+    @property
+    def reconciliation(self) -> list[dict]:
+        """Per account: the last reconciliation pass, the cursor's lag, changes recovered in 24 h,
+        the subscription state — as of the last read."""
+        with self._cond:
+            return list(self._reconciliation)
 
     def snapshot(self) -> tuple[inbox.QueueStats | None, str | None, float]:
         """(stats, error class, age in seconds); asks for a new read when they are stale."""
@@ -78,9 +86,10 @@ class QueueWatch:
             inbox._close_quietly(self.store)
 
     def _read(self) -> None:
-        stats, error = None, None
+        stats, error, reconciliation = None, None, self._reconciliation
         try:
             stats = inbox.queue_stats(self.store, now=time.time())
+            reconciliation = _reconciliation(time.time())
         except Exception as exc:
             error = inbox.failure_class(exc)
             inbox._close_quietly(self.store)
@@ -89,9 +98,28 @@ class QueueWatch:
                 log.warning("healthz: the database cannot be read: %s (%s)", error, inbox._describe(exc))
         with self._cond:
             self._stats = stats
+            self._reconciliation = reconciliation
             self._error = error
             self._read_at = time.monotonic()
             self._cond.notify_all()
+
+
+def _reconciliation(now: float) -> list[dict]:
+    from amohook.reconcile import reconcile_status
+    from amohook.store.models import Account
+
+    rows = []
+    for account in Account.select(Account.subdomain).order_by(Account.subdomain).limit(50):
+        st = reconcile_status(account.subdomain, now)
+        rows.append({
+            "account": st.account,
+            "last_pass_age": None if st.last_pass_at is None else round(now - st.last_pass_at, 1),
+            "cursor_lag": None if st.lag is None else round(st.lag),
+            "recovered_24h": st.recovered_24h,
+            "subscription": st.subscription,
+            "last_error": bool(st.last_error),
+        })
+    return rows
 
 
 def answer(committer: inbox.GroupCommitter, watch: QueueWatch, *, connections: int) -> tuple[int, dict]:
@@ -122,5 +150,6 @@ def answer(committer: inbox.GroupCommitter, watch: QueueWatch, *, connections: i
         "queue_read_age": round(age, 1),
         "writer_queue": committer.queued(),
         "connections": connections,
+        "reconciliation": watch.reconciliation,
     }
     return code, payload
