@@ -166,8 +166,8 @@ def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]
             result.known += 1
             continue
         shaped = webhook_item(event, None)
-        if shaped is None:
-            result.known += 1  # not a change the rules act on (e.g. another entity)
+        if shaped is None or not str(event.get("entity_id")).isdigit():
+            result.known += 1  # not a change the rules act on (another entity, or not a lead id)
             continue
         sightings = _sightings(account, *shaped)
         if sightings and all(is_known(s) for s in sightings):

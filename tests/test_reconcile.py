@@ -381,3 +381,14 @@ def test_healthz_shows_reconciliation_per_account(store, fake, crm):
     [row] = health["reconciliation"]
     assert row["account"] == "example" and row["recovered_24h"] == 1
     assert row["cursor_lag"] is not None and row["subscription"] == "unknown" and row["last_error"] is False
+
+
+def test_odd_log_entries_are_passed_over_not_fatal(store, fake, crm):
+    [lead] = new_leads(fake, crm, 1)
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    now = int(time.time())
+    fake.add_event("lead_status_changed", "not-a-number", value_after=[{"lead_status": {"id": 1}}], at=now)
+    fake.add_event("lead_status_changed", lead, value_after=[{"nothing": 1}], at=now)
+    fake.add_event("entity_responsible_changed", lead, value_after="junk", at=now)
+    summary = reconcile(store)
+    assert summary["queued"] == 1 and summary["read"] == 4
