@@ -218,13 +218,13 @@ def test_reconciliation_far_behind_warns(store, fake, healthy):
 
 def test_an_unmigrated_database_fails_alone(store, fake, healthy):
     with store.write():
-        SchemaVersion.delete().where(SchemaVersion.version == 2).execute()
+        SchemaVersion.delete().where(SchemaVersion.version > 1).execute()
     result = run_cli(["doctor", "--rules", healthy["rules"]], store.url)
     assert result.returncode == ExitCode.UNHEALTHY
     assert result.stdout.startswith("✗ database: ")
     assert "schema version 1" in result.stdout and "amohook status" in result.stdout
     assert [line[0] for line in result.stdout.splitlines() if line[:1] in "✓✗!"] == ["✗"]
-    assert SchemaVersion.get_or_none(SchemaVersion.version == 2) is None  # doctor changed nothing
+    assert SchemaVersion.select().where(SchemaVersion.version > 1).count() == 0  # doctor changed nothing
 
 
 @pytest.mark.parametrize("url", ["postgresql://amohook:pa55word@127.0.0.1:1/amohook",
