@@ -33,6 +33,8 @@ class State:
             from amohook.store import open_store
 
             self._store = open_store(self.settings.db_url, timeout=self.settings.db_timeout)
+            for note in self._store.notes:
+                warn(f"warning: {note}")
         return self._store
 
 

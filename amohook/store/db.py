@@ -44,6 +44,7 @@ class Store:
         # threads of one process fighting over it stall each other for milliseconds; queueing them
         # on a mutex first hands the lock over at once. Other processes still meet at SQLite's lock.
         self._write_lock = threading.RLock()
+        self.notes: list[str] = []  # things the admin should hear about at start (loose file modes)
 
     @property
     def is_sqlite(self) -> bool:
@@ -206,9 +207,6 @@ def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
     if scheme.startswith("sqlite"):
         path = _sqlite_file(url)
         _prepare_sqlite_file(path)
-        warning = loose_permissions(path)
-        if warning:
-            logging.getLogger("amohook.store").warning("%s", warning)
         url = f"sqlite:///{path}"
         kwargs["pragmas"] = SQLITE_PRAGMAS
         kwargs["field_types"] = {"LONGTEXT": "TEXT"}
@@ -321,6 +319,15 @@ def _pg_wait(conn) -> None:
 _current: Store | None = None
 
 
+def _note_loose_permissions(store: Store) -> None:
+    """Tell (never fix) that the store file can be read by other users: it holds the tokens."""
+    path = store.sqlite_path
+    warning = loose_permissions(path) if path is not None else None
+    store.notes = [warning] if warning else []
+    if warning:
+        logging.getLogger("amohook.store").warning("%s", warning)
+
+
 def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Store:
     """Open the database at ``url`` and make sure its schema is current (idempotent).
 
@@ -330,6 +337,7 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
     """
     global _current
     if _current is not None and _current.url == url:
+        _note_loose_permissions(_current)
         return _current
     try:
         db = connect_url(url, timeout)
@@ -340,6 +348,7 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
         _current.close()
     models.database.initialize(db)
     store = Store(db, url, timeout)
+    _note_loose_permissions(store)
     _current = None
     if migrate_schema:
         try:
