@@ -128,7 +128,7 @@ def complete_authorization(
         raise ConfigError("amoCRM's redirect carried no code — start again with `amohook auth-url`")
     if not referer:
         raise ConfigError("amoCRM's redirect carried no referer (the account's address) — start again with `amohook auth-url`")
-    # referer is the account host without scheme, e.g. "example.amocrm.ru" (FACTS.md §1).
+    # referer is the account host without scheme, e.g. "example.amocrm.ru" (docs/amocrm.md §1).
     host = referer.strip().split("/")[0]
     subdomain = check_subdomain(host)
     with store.write():

@@ -29,7 +29,7 @@ from amohook.webhooks.parse import BodyRejected, ParsedWebhook
 
 log = logging.getLogger("amohook.inbox")
 
-# Headers worth keeping with a delivery (FACTS.md §5 "Transport": amoCRM's agent and request id);
+# Headers worth keeping with a delivery (docs/amocrm.md §5 "Transport": amoCRM's agent and request id);
 # the proxy ones say who really sent it when the listener sits behind nginx.
 USEFUL_HEADERS = (
     "user-agent",

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 from amohook.errors import ConfigError
 from amohook.store.models import Account, CustomField, Pipeline, Stage, TaskType, User
 
-# amoCRM's system statuses have the same ids in every pipeline (FACTS.md §4) and localized,
+# amoCRM's system statuses have the same ids in every pipeline (docs/amocrm.md §4) and localized,
 # renameable names, so rules may also call them by role.
 STAGE_ALIASES = {"won": 142, "lost": 143}
 MAX_SUGGESTIONS = 3

@@ -517,7 +517,7 @@ def _custom_fields(data: dict) -> tuple:
         values = values.values() if isinstance(values, dict) else values
         flat = []
         for v in values:
-            # Text values come as values[i][value]; date-like ones as a bare values[i] (FACTS.md §5).
+            # Text values come as values[i][value]; date-like ones as a bare values[i] (docs/amocrm.md §5).
             flat.append(str(v.get("value", v.get("enum", ""))) if isinstance(v, dict) else str(v))
         out.append((_int(cf.get("id")), str(cf.get("name") or ""), tuple(x for x in flat if x != "")))
     return tuple(out)

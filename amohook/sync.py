@@ -313,7 +313,7 @@ class _Run:
         try:
             items = self.fetch_all("users", "/api/v4/users", "users")
         except Forbidden:
-            # "Метод доступен только с правами администратора аккаунта" (DOCS users-api, FACTS.md §4).
+            # "Метод доступен только с правами администратора аккаунта" (DOCS users-api, docs/amocrm.md §4).
             results["users"].skipped = USERS_NOT_ADMIN
             return
         rows = user_rows(items)

@@ -1,6 +1,6 @@
 """Load, save and refresh an account's tokens, with refreshes serialised across processes.
 
-Refresh tokens are single-use (FACTS.md §2): two processes refreshing the same pair at once burn
+Refresh tokens are single-use (docs/amocrm.md §2): two processes refreshing the same pair at once burn
 it. So a refresh takes the account's lease, re-reads the pair under it, refreshes only if still
 needed, and commits the new pair before releasing the lease. The lease is a row claimed by one
 atomic UPDATE (``store.lease``), so no database transaction stays open during the HTTP call.

@@ -1,4 +1,4 @@
-"""The fake amoCRM behaves like the real one (as far as FACTS.md knows it), over real HTTP."""
+"""The fake amoCRM behaves like the real one (as far as docs/amocrm.md knows it), over real HTTP."""
 
 from __future__ import annotations
 

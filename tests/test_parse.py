@@ -130,7 +130,7 @@ def test_fixture_length_matches_captured_content_length(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_fixture_reencodes_byte_for_byte(name):
-    # FACTS.md §5: urlencode reproduces real bodies exactly, so parsing lost nothing.
+    # docs/amocrm.md §5: urlencode reproduces real bodies exactly, so parsing lost nothing.
     body = fixture_body(name)
     assert form(parse_form(body)) == body
 
@@ -221,7 +221,7 @@ def test_several_items_in_one_block():
 
 
 def test_several_actions_in_one_body():
-    # A stage move can arrive as both update and status in one POST (FACTS.md §5).
+    # A stage move can arrive as both update and status in one POST (docs/amocrm.md §5).
     body = form(
         {
             "leads": {
@@ -262,7 +262,7 @@ def test_unbracketed_encoding_is_read_too():
 
 
 def test_delete_as_scalar():
-    # {entity:{action:id}} for deletions (FACTS.md §5, quoting DOCS webhooks-format).
+    # {entity:{action:id}} for deletions (docs/amocrm.md §5, quoting DOCS webhooks-format).
     body = urlencode({"leads[delete]": "123", "account[subdomain]": "acme"}).encode()
     parsed = parse_webhook(body, FORM)
     assert summary(parsed) == [("leads", "delete", "123", 0, "leads")]
@@ -281,7 +281,7 @@ def test_delete_as_list_of_scalars(append):
 
 
 def test_date_custom_field_without_value_key():
-    # Date fields come as custom_fields[k][values][0]=<ts>, no [value] (FACTS.md §5, §7.3).
+    # Date fields come as custom_fields[k][values][0]=<ts>, no [value] (docs/amocrm.md §5, §7.3).
     pairs = [
         ("leads[update][0][id]", "8"),
         ("leads[update][0][custom_fields][0][id]", "555"),
@@ -622,7 +622,7 @@ def test_json_content_types(content_type):
 
 
 def test_form_sent_as_json_is_rejected_not_a_traceback():
-    # FACTS.md §7.1: the classic mistake, seen the other way round.
+    # docs/amocrm.md §7.1: the classic mistake, seen the other way round.
     body = fixture_body("05_lead_add_2025.txt")
     assert "invalid JSON" in rejected(parse_body, body, "application/json").reason
 

@@ -29,7 +29,7 @@ from amohook.errors import (
 )
 from amohook.store.models import Account
 
-PAGE_LIMIT = 250  # amoCRM's maximum page size (FACTS.md §3)
+PAGE_LIMIT = 250  # amoCRM's maximum page size (docs/amocrm.md §3)
 MAX_RETRY_AFTER = 60.0
 
 

@@ -1,7 +1,7 @@
 """The token endpoint: exchanging a code, refreshing a pair, and explaining amoCRM's refusals.
 
 amoCRM's errors are problem JSON with a ``hint`` rather than RFC 6749 ``error`` codes
-(FACTS.md §2), so the hint decides the message. A refresh is never re-sent automatically: refresh
+(docs/amocrm.md §2), so the hint decides the message. A refresh is never re-sent automatically: refresh
 tokens are single-use, and an answer lost on the way may already have spent the old one.
 """
 
@@ -245,7 +245,7 @@ def _explain(response, base_url, client: Client, *, grant: str, subdomain: str) 
         )
     if status == 400:
         # A redirect URI that differs even by a trailing slash gives only this generic answer
-        # (FACTS.md §2, amocrm-api-php issue #114).
+        # (docs/amocrm.md §2, amocrm-api-php issue #114).
         return OAuthError(
             f"amoCRM refused the request ({short(fields.get('title') or detail or response.text, 80)}): "
             f"usually the redirect URI differs from the integration's — amohook sent "

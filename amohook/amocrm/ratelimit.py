@@ -4,7 +4,7 @@ Each process asks the store for a slot before each request: the grant times of t
 sit in one row per account, read and written under a row lock (``BEGIN IMMEDIATE`` on SQLite,
 ``SELECT … FOR UPDATE`` elsewhere) in a transaction that lasts microseconds, never across HTTP.
 Over the limit amoCRM answers 429, and repeated violations get the account's API blocked
-(FACTS.md §3), so this is coordination, not a courtesy.
+(docs/amocrm.md §3), so this is coordination, not a courtesy.
 """
 
 from __future__ import annotations

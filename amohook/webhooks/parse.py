@@ -1,7 +1,7 @@
 """Turn an amoCRM webhook body into events, without any I/O.
 
 amoCRM POSTs ``application/x-www-form-urlencoded`` bodies with PHP-style bracket keys
-(``leads[status][0][id]=...``) in the API v2 shape, every value a string (FACTS.md §5 "Transport",
+(``leads[status][0][id]=...``) in the API v2 shape, every value a string (docs/amocrm.md §5 "Transport",
 §7.1, §7.3). That encoding is PHP's own, so a form body is read exactly as PHP reads ``$_POST``
 (https://www.php.net/manual/en/language.variables.external.php): a body PHP accepts is never
 refused for its shape. The body comes from the open internet, so every limit is checked before
@@ -56,7 +56,7 @@ class BodyRejected(AmohookError):
 
 
 class UnsupportedMediaType(BodyRejected):
-    """The Content-Type is neither form nor JSON (amoCRM always sends form, FACTS.md §5)."""
+    """The Content-Type is neither form nor JSON (amoCRM always sends form, docs/amocrm.md §5)."""
 
     status = 415
 
@@ -375,7 +375,7 @@ def _check_depth(tree: dict, max_depth: int) -> None:
 def parse_body(body: bytes, content_type: str | None) -> dict:
     """Parse by media type; parameters such as ``charset`` are ignored (UTF-8 is enforced)."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    # amoCRM always sends form (FACTS.md §5 "Transport"), so a missing type is read as form.
+    # amoCRM always sends form (docs/amocrm.md §5 "Transport"), so a missing type is read as form.
     if media_type in ("", FORM_TYPE):
         return parse_form(body)
     if media_type == JSON_TYPE or (
@@ -389,7 +389,7 @@ def parse_body(body: bytes, content_type: str | None) -> dict:
 
 # --- events ------------------------------------------------------------------------------------
 
-# Singular block names amoCRM uses (FACTS.md §5 "Body structure", §7.14: `task`, `message`, `talk`).
+# Singular block names amoCRM uses (docs/amocrm.md §5 "Body structure", §7.14: `task`, `message`, `talk`).
 _ENTITY_NAMES = {
     "task": "tasks",
     "message": "messages",
@@ -428,7 +428,7 @@ def parse_webhook(body: bytes, content_type: str | None) -> ParsedWebhook:
 def extract_events(payload: dict) -> ParsedWebhook:
     """Find the account and every entity item by structure, never by block name or position.
 
-    The account block moved from last to first between 2023 and 2025 (FACTS.md §5, §7.16), and
+    The account block moved from last to first between 2023 and 2025 (docs/amocrm.md §5, §7.16), and
     unknown blocks may appear, so every top-level dict except ``account`` is an entity block.
     A payload without items gives no events; whether that is acceptable is the caller's decision.
     """
@@ -448,7 +448,7 @@ def extract_events(payload: dict) -> ParsedWebhook:
 
     account = tree.get("account")
     if isinstance(account, dict):
-        # 2016 bodies have only account[subdomain]; account[id] since 2020 (FACTS.md §5).
+        # 2016 bodies have only account[subdomain]; account[id] since 2020 (docs/amocrm.md §5).
         subdomain = _id_str(account.get("subdomain"))
         account_id = _id_str(account.get("id"))
     else:
@@ -468,7 +468,7 @@ def _items(value: object) -> list:
         if value and all(isinstance(k, str) and k.isascii() and k.isdigit() for k in value):
             return list(value.values())
         return [value]  # one item sent without an index (JSON leniency; no capture shows it)
-    # {entity: {action: id}} is how the docs describe deletions (FACTS.md §5 "Transport").
+    # {entity: {action: id}} is how the docs describe deletions (docs/amocrm.md §5 "Transport").
     return [value]
 
 
@@ -479,7 +479,7 @@ def _event(block: str, entity: str, action: str, index: int, item: object) -> We
         data = {"value": item}  # nothing in the docs or captures; kept rather than dropped
     else:
         data = {"id": _scalar_str(item)}
-    # Companies arrive as contacts[...][type]=company (FACTS.md §5 "Body structure", §7.14).
+    # Companies arrive as contacts[...][type]=company (docs/amocrm.md §5 "Body structure", §7.14).
     if entity == "contacts" and data.get("type") == "company":
         entity = "companies"
     return WebhookEvent(entity, action, _entity_id(entity, data), index, block, data)
@@ -488,7 +488,7 @@ def _event(block: str, entity: str, action: str, index: int, item: object) -> We
 def _entity_id(entity: str, data: dict) -> str | None:
     found = _id_str(data.get("id"))
     if found is None:
-        note = data.get("note")  # leads[note][i][note][id] (FACTS.md §5 "Body structure")
+        note = data.get("note")  # leads[note][i][note][id] (docs/amocrm.md §5 "Body structure")
         if isinstance(note, dict):
             found = _id_str(note.get("id"))
     if found is None and entity == "unsorted":

@@ -1,7 +1,7 @@
 """The webhook listener: receive, store durably, acknowledge — and nothing else.
 
 amoCRM waits at most 2 seconds for a 2xx and switches a webhook off after more than 100 failed
-answers in 2 hours (FACTS.md §5 "Response, retries, disabling"), so every request is answered
+answers in 2 hours (docs/amocrm.md §5 "Response, retries, disabling"), so every request is answered
 quickly and never with a traceback: a body that cannot be read gets its 4xx, a store that cannot
 commit gets 503 (amoCRM retries), and 200 is sent only after the delivery and its events are
 committed. Storing is handed to one writer thread that commits many requests per transaction
@@ -125,7 +125,7 @@ _PAGE_HEADERS = (
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 so that "Expect: 100-continue" (PHP's curl sends it for bodies over 1 KiB) is
     # answered at once instead of the client waiting a second for it; every answer closes the
-    # connection, as amoCRM's requests do (FACTS.md §5).
+    # connection, as amoCRM's requests do (docs/amocrm.md §5).
     protocol_version = "HTTP/1.1"
     server: "WebhookHTTPServer"
 

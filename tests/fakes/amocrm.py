@@ -2,7 +2,7 @@
 
 ``FakeAmo`` runs a ``ThreadingHTTPServer`` on 127.0.0.1 (random port) in a daemon thread and
 answers the OAuth token endpoint and the few API v4 endpoints amohook uses, with the shapes,
-status codes and quirks documented in /work/shared/amocrm/FACTS.md (sections 2-4). Seed data is
+status codes and quirks documented in /work/shared/amocrm/docs/amocrm.md (sections 2-4). Seed data is
 built from copies of the documented sample answers in tests/fixtures/api/ (provenance:
 /work/shared/fixtures/api/SOURCES.md). Standard library only.
 
