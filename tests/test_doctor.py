@@ -233,7 +233,7 @@ def test_an_unreachable_database_is_one_line(url):
     result = run_cli(["doctor"], url)
     assert result.returncode == ExitCode.UNHEALTHY, result.stdout + result.stderr
     first, fix = result.stdout.splitlines()[:2]
-    assert first.startswith("✗ database: cannot reach the database ") and "***" in first
+    assert first.startswith("✗ database: cannot ") and "***" in first
     assert fix.startswith("    fix: check --db-url")
     assert "pa55word" not in result.stdout + result.stderr
     assert result.stderr == ""

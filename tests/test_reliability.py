@@ -362,14 +362,14 @@ CORPUS = [
     ("invalid UTF-8 percent-encoded", _post(b"leads%5Badd%5D%5B0%5D%5Bname%5D=%FF"), 400),
     ("invalid UTF-8 in a key", _post(b"leads%5B%C3%5D=1"), 400),
     ("overlong UTF-8", _post(b"a=%C0%AF"), 400),
-    ("unclosed inner bracket", _post(b"leads[status[0]=1"), 400),
-    ("unbalanced bracket", _post(b"leads[status][0=1"), 400),
-    ("text after a bracket", _post(b"leads[a]b=1"), 400),
-    ("key without a name", _post(b"[a]=1"), 400),
-    ("1,000-deep brackets", _post(DEEP.encode()), 400),
-    ("33-deep brackets", _post(("a" + "[b]" * 33 + "=1").encode()), 400),
+    ("unclosed inner bracket", _post(b"leads[status[0]=1"), 200),  # PHP reads it (hardening #17)
+    ("unbalanced bracket", _post(b"leads[status][0=1"), 200),  # PHP reads it (hardening #17)
+    ("text after a bracket", _post(b"leads[a]b=1"), 200),  # PHP reads it (hardening #17)
+    ("key without a name", _post(b"[a]=1"), 200),  # PHP reads it (hardening #17)
+    ("1,000-deep brackets", _post(DEEP.encode()), 200),  # PHP reads it (hardening #17)
+    ("33-deep brackets", _post(("a" + "[b]" * 33 + "=1").encode()), 200),  # PHP reads it (hardening #17)
     ("20,000 fields", _post("&".join(f"f{i}=1" for i in range(20_000)).encode()), 400),
-    ("value and container at once", _post(b"a[b]=1&a[b][c]=2"), 400),
+    ("value and container at once", _post(b"a[b]=1&a[b][c]=2"), 200),  # PHP reads it (hardening #17)
     ("invalid JSON", _post(b'{"leads":', "application/json"), 400),
     ("JSON array at the top", _post(b"[1,2]", "application/json"), 400),
     ("1,000-deep JSON", _post(b'{"a":' * 1000 + b"1" + b"}" * 1000, "application/json"), 400),
