@@ -130,7 +130,7 @@ def test_other_methods_get_405_and_head_gets_headers_only(svc):
 def test_a_short_password_stops_serve_with_one_line_that_does_not_show_it(sqlite_url):
     env = cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET, AMOHOOK_STATUS_PASSWORD="tooshort99")
     result = run_cli(["serve", "--port", "0"], sqlite_url, env=env, timeout=30)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "AMOHOOK_STATUS_PASSWORD is 10 characters; use at least 12" in result.stderr
     assert "tooshort99" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
