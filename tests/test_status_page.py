@@ -340,3 +340,31 @@ def test_chromium_without_credentials_gets_no_page(svc, tmp_path):
     host, port = svc.address
     dom = browse(binary, f"http://{host}:{port}/status", tmp_path / "profile", "--dump-dom")
     assert "amohook status" not in dom  # headless Chromium gets the 401 and shows no page
+
+
+def test_serve_with_the_password_serves_both_and_never_logs_it(sqlite_url):
+    import requests
+
+    from tests.test_log_secrets import serve_until
+
+    env = cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET, AMOHOOK_STATUS_PASSWORD=PASSWORD,
+                  AMOHOOK_LOG_LEVEL="debug")
+    seen = {}
+
+    def work(url: str) -> None:
+        hook = requests.post(f"{url}{HOOK}", data=named_lead(7, HOSTILE),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=5)
+        assert hook.status_code == 200
+        seen["denied"] = requests.get(f"{url}/status", auth=("admin", "not-the-password"), timeout=10)
+        seen["page"] = requests.get(f"{url}/status", auth=("admin", PASSWORD), timeout=10)
+        seen["metrics"] = requests.get(f"{url}/metrics", auth=("admin", PASSWORD), timeout=10)
+
+    written = serve_until(sqlite_url, ["--workers", "0"], env, work)
+    assert seen["denied"].status_code == 401
+    page = seen["page"]
+    assert page.status_code == 200 and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    assert HOSTILE not in page.text
+    assert value(families(seen["metrics"].text)["amohook_webhooks"], code="200") == 1
+    assert "/status and" in written and "(HTTP Basic auth)" in written
+    assert PASSWORD not in written
+    assert base64.b64encode(f"admin:{PASSWORD}".encode()).decode() not in written
