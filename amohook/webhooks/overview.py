@@ -15,11 +15,12 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import peewee
 
 from amohook import doctor, inbox
+from amohook.store.models import Account, Action, Event
 
 log = logging.getLogger("amohook.server")
 
@@ -88,13 +89,15 @@ class Snapshot:
     today: list[ActionRow]
     today_total: int
     today_since: float
-    problems: list[str] = field(default_factory=list)  # parts that could not be read
+
+
+class _Unreadable(Exception):
+    """The database answered but is not one this amohook can read (schema version)."""
 
 
 def read_snapshot(store, now: float) -> Snapshot:
     """Read everything once (a few dozen bounded queries; one more per account)."""
     from amohook.reconcile import reconcile_status
-    from amohook.store.models import Account
     from amohook.tokens import refresh_holder, token_status
 
     database = doctor.check_database(store)
@@ -122,30 +125,14 @@ def read_snapshot(store, now: float) -> Snapshot:
         accounts=accounts,
         accounts_total=accounts_total,
         queue=inbox.queue_stats(store, now=now),
-        events_by_status=_counts_by_status(_event_model(), EVENT_STATUSES),
-        actions_by_status=_counts_by_status(_action_model(), ACTION_STATUSES),
+        events_by_status=_counts_by_status(Event, EVENT_STATUSES),
+        actions_by_status=_counts_by_status(Action, ACTION_STATUSES),
         recent=_events(None, RECENT_EVENTS),
         dead=_events("dead", DEAD_EVENTS),
         today=_today(since, TODAY_ACTIONS),
         today_total=_today_query(since).count(),
         today_since=since,
     )
-
-
-class _Unreadable(Exception):
-    """The database answered but is not one this amohook can read (schema version)."""
-
-
-def _event_model():
-    from amohook.store.models import Event
-
-    return Event
-
-
-def _action_model():
-    from amohook.store.models import Action
-
-    return Action
 
 
 def _counts_by_status(model, statuses: tuple[str, ...]) -> dict[str, int]:
@@ -164,7 +151,6 @@ def _local_midnight(now: float) -> float:
 
 
 def _events(status: str | None, limit: int) -> list[EventRow]:
-    Event = _event_model()
     # Not the whole data (up to a webhook body's 1 MiB): its beginning, where amoCRM puts the name.
     prefix = peewee.fn.SUBSTR(Event.data, 1, DATA_PREFIX).alias("prefix")
     query = Event.select(
@@ -195,14 +181,12 @@ def _name(data: str | None) -> str | None:
 
 
 def _today_query(since: float):
-    Action = _action_model()
     return Action.select().where(
         (Action.status == "done") & (Action.kind.in_(["create_task", "add_note"])) & (Action.updated_at >= since)
     )
 
 
 def _today(since: float, limit: int) -> list[ActionRow]:
-    Action = _action_model()
     rows = []
     for a in _today_query(since).order_by(Action.updated_at.desc()).limit(limit):
         try:
