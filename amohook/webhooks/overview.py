@@ -232,7 +232,7 @@ class OverviewReader:
             self._halt = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(WAIT_SECONDS)
+            self._thread.join(1.0)  # a read stuck on a hung database must not hold up stopping (daemon thread)
 
     def get(self) -> tuple[Snapshot | None, str | None]:
         """(the latest snapshot or None, why the last read failed or None); reads anew when stale."""
