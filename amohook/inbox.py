@@ -366,6 +366,7 @@ class GroupCommitter:
         max_batch_bytes: int = 16 * 1024 * 1024,
         retries: int = 2,
         on_commit: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
         logger: logging.Logger | None = None,
     ):
         self.store = store
@@ -373,6 +374,7 @@ class GroupCommitter:
         self.max_batch_bytes = max_batch_bytes
         self.retries = retries
         self.on_commit = on_commit
+        self.on_batch = on_batch  # (deliveries, seconds) after each commit: /metrics' latency
         self.log = logger or log
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards ticket states and the flags below
@@ -597,6 +599,7 @@ class GroupCommitter:
     def _commit(self, batch: list[_Ticket]) -> None:
         error: BaseException | None = None
         results: list[Stored] = []
+        started = time.perf_counter()
         for attempt in range(self.retries + 1):
             try:
                 if self._checkpointer is not None:
@@ -633,6 +636,11 @@ class GroupCommitter:
         self.batches += 1
         self.committed += len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(batch), time.perf_counter() - started)
+            except Exception:  # an observer must never break the write path
+                self.log.exception("on_batch hook failed")
         for ticket, result in zip(batch, results):
             ticket.result = result
             ticket.done.release()

@@ -198,6 +198,21 @@ def new_worker_id(label: str = "w") -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{label}:{uuid.uuid4().hex[:6]}"
 
 
+_outcomes: dict[str, int] = {}
+_outcomes_lock = threading.Lock()
+
+
+def _count_outcome(outcome: str) -> None:
+    with _outcomes_lock:
+        _outcomes[outcome] = _outcomes.get(outcome, 0) + 1
+
+
+def outcome_counts() -> dict[str, int]:
+    """Event attempts run by the workers of this process since it started, by outcome (for /metrics)."""
+    with _outcomes_lock:
+        return dict(_outcomes)
+
+
 class Worker:
     """Claims batches of due events and runs them through the registry.
 
@@ -278,7 +293,7 @@ class Worker:
                     released = inbox.release(self.store, left, self.worker_id, now=self.clock())
                     self.log.info("stopping: released %d claimed events that had not started", released)
                     break
-                self._process(event)
+                _count_outcome(self._process(event))
                 ran += 1
                 with self._held_lock:
                     self._held = [e.id for e in events[position + 1 :]]

@@ -220,10 +220,15 @@ def serve(
     log_level: LogLevelOpt = Level.info,
     library_log_level: LibraryLogLevelOpt = Level.warning,
 ):
-    """Receive amoCRM webhooks: store each one durably, then answer 200; workers process them after."""
+    """Receive amoCRM webhooks: store each one durably, then answer 200; workers process them after.
+
+    With AMOHOOK_STATUS_PASSWORD set (12 characters or more), GET /status (a page) and GET /metrics
+    (Prometheus) answer with HTTP Basic auth, any user name; without it they are off (404).
+    """
     from amohook.errors import ConfigError
-    from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
+    from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
     from amohook.webhooks.server import ServerConfig, WebhookService, check_secret
+    from amohook.webhooks.status_page import check_status_password
     from amohook.worker import Worker, new_worker_id
 
     config = ServerConfig(
@@ -233,8 +238,9 @@ def serve(
         max_body=max_body,
         socket_timeout=request_timeout,
         read_deadline=read_deadline,
+        status_password=check_status_password(secret_from(None, ENV_STATUS_PASSWORD)),
     )
-    _setup_logging(log_level, library_log_level, secrets=(config.secret,))
+    _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (config.secret, config.status_password))))
     log = logging.getLogger("amohook.serve")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
@@ -265,6 +271,8 @@ def serve(
     log.info("webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
              "%d worker thread(s); reconciliation: %s", service.url, service.url, service.url, len(worker_list),
              "every " + _seconds(interval) if interval and worker_list else "off")
+    log.info("status page and metrics: %s", f"{service.url}/status and {service.url}/metrics (HTTP Basic auth)"
+             if config.status_password else f"off (set {ENV_STATUS_PASSWORD} to turn them on)")
     while not stop.wait(1.0):
         pass
     stop.log_signal(log)

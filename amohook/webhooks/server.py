@@ -7,7 +7,8 @@ commit gets 503 (amoCRM retries), and 200 is sent only after the delivery and it
 committed. Storing is handed to one writer thread that commits many requests per transaction
 (``inbox.GroupCommitter``); processing happens later, in the worker.
 
-Routes: ``POST /webhook/<secret>``, ``GET /healthz``, ``GET /oauth/callback``; anything else 404/405.
+Routes: ``POST /webhook/<secret>``, ``GET /healthz``, ``GET /oauth/callback``, and with a password
+``GET /status`` and ``GET /metrics`` (webhooks/status_page.py); anything else 404/405.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from amohook import inbox
 from amohook.errors import AmohookError, ConfigError
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
 from amohook.redact import redact_target
-from amohook.webhooks import health
+from amohook.webhooks import health, metrics, status_page
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
 log = logging.getLogger("amohook.server")
@@ -70,6 +71,7 @@ class ServerConfig:
     max_workers: int = 64  # threads handling requests whose head has arrived
     max_connections: int = 1024  # connections held open; also kept below the open-file limit
     max_queued: int = 512  # complete request heads waiting for a thread; more: 503 at once
+    status_password: str | None = None  # /status and /metrics answer 404 without it
 
 
 def check_secret(secret: str | None) -> str:
@@ -212,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if self.expired:  # the reaper cut the read short: whatever was missing, the cause is time
             status, text, content_type, headers = 408, "request not received in time\n", "text/plain; charset=utf-8", ()
+        self.status_sent = status
         body = text.encode("utf-8")
         self.log_request(status)
         # The status line, headers and body in one write (one send, one segment): what
@@ -285,7 +288,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/webhook" or path.startswith("/webhook/"):
             if self.command != "POST":
                 return self._reply(405, "use POST\n", headers=(("Allow", "POST"),))
-            return self._webhook(path)
+            try:
+                self._webhook(path)
+            except Exception:
+                self.server.metrics.webhook_answered(None)
+                raise
+            return self.server.metrics.webhook_answered(getattr(self, "status_sent", None))
         if path == "/healthz":
             if self.command not in ("GET", "HEAD"):
                 return self._reply(405, "use GET\n", headers=(("Allow", "GET, HEAD"),))
@@ -294,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command not in ("GET", "HEAD"):
                 return self._reply(405, "use GET\n", headers=(("Allow", "GET, HEAD"),))
             return self._oauth_callback()
+        if path in status_page.ROUTES:
+            return self._reply(*self.server.admin.answer(self.command, path, self.headers))
         self._reply(404, "not found\n")
 
     def _secret_ok(self, path: str) -> bool:
@@ -576,6 +586,9 @@ class WebhookHTTPServer(HTTPServer):
         self.max_connections = max(16, min(config.max_connections, _nofile_limit() - FD_RESERVE))
         self._reaper = _Reaper()
         self.queue_watch = health.QueueWatch(store)
+        self.metrics = metrics.ListenerMetrics()
+        committer.on_batch = self.metrics.observe_commit
+        self.admin = status_page.AdminPages(config.status_password, store, self, self.metrics)
         self._conns: dict[int, _Conn] = {}  # fd -> connection, oldest first (event loop only)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
@@ -909,6 +922,7 @@ class WebhookHTTPServer(HTTPServer):
         super().server_close()
         self._reaper.stop()
         self.queue_watch.stop()
+        self.admin.stop()
         for _ in self._workers:
             self._jobs.put(None)
         for sock in (self._wake_r, self._wake_w):
