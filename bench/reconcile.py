@@ -27,40 +27,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import burst  # noqa: E402
 from tests.fakes.amocrm import FakeAmo  # noqa: E402
-
-RULES = (ROOT / "examples" / "rules.toml").read_text(encoding="utf-8")
 
 
 def prepare(tmp: Path, fake: FakeAmo, moves: int) -> tuple[str, list[int]]:
-    from amohook.amocrm.client import client_for
-    from amohook.amocrm.oauth import Client, TokenPair
+    """The burst benchmark's account, the cursor of a pass from a day ago, and ``moves`` leads moved
+    into Qualified over the day since (in the events log only: their webhooks were lost)."""
     from amohook.store import open_store
     from amohook.store.models import ReconcileState
-    from amohook.sync import sync_entities
-    from amohook.tokens import save_authorization
 
-    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
-    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
-    fake.add_task_type("Call")
-    user = fake.add_user("Anna", "anna@example.com")
-    db_url = f"sqlite:///{tmp / 'amohook.db'}"
-    store = open_store(db_url)
-    access, refresh = fake.issue_tokens()
-    save_authorization(store, subdomain=fake.subdomain, base_url=fake.base_url,
-                       client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                       pair=TokenPair(access, refresh, 86400, time.time()))
-    sync_entities(store, client_for(store, fake.subdomain))
+    db_url, pipeline, new, qualified, user = burst.prepare(tmp, fake)
     now = int(time.time())
-    with store.write():  # the last pass before the outage, a day ago
+    store = open_store(db_url)
+    with store.write():
         ReconcileState.insert(account=fake.subdomain, cursor=now - 86400 - 60).execute()
     store.close()
     leads = []
     for i in range(moves):
-        lead = fake.add_lead(f"Lead {i}", pipeline["id"], stages["New"], user["id"], lead_id=200000 + i)
-        fake.move_lead(lead["id"], stages["Qualified"], pipeline["id"], at=now - 86400 + i * 86400 // moves)
+        lead = fake.add_lead(f"Lead {i}", pipeline, new, user, lead_id=200000 + i)
+        fake.move_lead(lead["id"], qualified, pipeline, at=now - 86400 + i * 86400 // moves)
         leads.append(lead["id"])
-    (tmp / "rules.toml").write_text(RULES)
     return db_url, leads
 
 

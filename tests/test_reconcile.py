@@ -18,27 +18,11 @@ from amohook.amocrm.client import client_for
 from amohook.inbox import Incoming, store_deliveries
 from amohook.reconcile import OVERLAP, reconcile_account
 from amohook.store.models import Account, Action, ChangeSeen, Event, ReconcileState
-from amohook.sync import sync_entities
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import ROOT, cli_env, run_cli
-from tests.test_rules_e2e import RULES
+from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
 
 FORM = "application/x-www-form-urlencoded"
-
-
-@pytest.fixture
-def crm(store, fake, account, tmp_path):
-    """A Sales pipeline (New → Qualified), a Call task type, Anna, synced; the README's rule."""
-    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
-    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
-    call = fake.add_task_type("Call")
-    anna = fake.add_user("Anna", "anna@example.com")
-    sync_entities(store, client_for(store, "example"))
-    rules = tmp_path / "rules.toml"
-    rules.write_text(RULES)
-    fake.clear_requests()
-    return dict(pipeline=pipeline["id"], new=stages["New"], qualified=stages["Qualified"], call=call["id"],
-                anna=anna["id"], rules=str(rules))
 
 
 def new_leads(fake, crm, n: int, start: int = 7001) -> list[int]:
