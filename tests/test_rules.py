@@ -16,23 +16,42 @@ from amohook.rules import (
     due_timestamp,
     lead_changes,
     matches,
+    PlanContext,
     parse_rules,
-    plan_task,
 )
+from amohook.actions import kinds
+from amohook.actions.task import CompiledTask
 from amohook.webhooks.parse import parse_webhook
 
 EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
 
 
-def compiled(spec=None, **over) -> CompiledRule:
+def compiled(spec=None, *, task_type_id=1, responsible_user_id=None, **over) -> CompiledRule:
+    """A rule as compile_rules would make it, without a store: the task's ids given here."""
     spec = spec or parse_rules(EXAMPLE)[0]
+    actions = tuple(
+        (kind, CompiledTask(s, task_type_id, responsible_user_id) if kind == "create_task" else s)
+        for kind, s in spec.actions
+    )
     fields = dict(
         spec=spec, account="example", pipeline_id=100, pipeline_name="Sales", to_stage_id=201, from_stage_id=None,
-        task_type_id=1, responsible_user_id=None, stage_names={(100, 201): "Qualified", (100, 200): "New"},
-        user_names={938348: "Anna"}, field_ids={},
+        stage_names={(100, 201): "Qualified", (100, 200): "New"}, user_names={938348: "Anna"}, field_ids={},
+        actions=actions,
     )
     fields.update(over)
     return CompiledRule(**fields)
+
+
+def plan_kind(kind, rule, change, *, base_time=0.0, timezone=None, fallback="d", lead=None):
+    return kinds()[kind].plan(rule, rule.action(kind), change, PlanContext(base_time, timezone, fallback, lead))
+
+
+def plan_task(rule, change, **kw):
+    return plan_kind("create_task", rule, change, **kw)
+
+
+def plan_note(rule, change, **kw):
+    return plan_kind("add_note", rule, change, **kw)
 
 
 def form(**items) -> bytes:
@@ -272,8 +291,6 @@ def test_a_rule_may_add_a_note_besides_or_instead_of_a_task():
 
 
 def test_the_note_is_planned_with_its_own_key():
-    from amohook.rules import plan_note
-
     rule = compiled(parse_rules(NOTE_RULE)[0])
     note = plan_note(rule, change(), fallback="d1")
     task = plan_task(rule, change(), base_time=BASE, timezone=None, fallback="d1")
