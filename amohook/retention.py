@@ -90,7 +90,7 @@ def prune(
     keys_before = now - max(keep, EXACTLY_ONCE)
     old_done = (Event.status == "done") & (Event.updated_at < done_before)
     old_dead = (Event.status == "dead") & (Event.updated_at < dead_before)
-    finished = (Action.status.in_(["done", "rejected"]) & (Action.updated_at < min(keys_before, now - keep))) | (
+    finished = (Action.status.in_(["done", "rejected", "skipped"]) & (Action.updated_at < min(keys_before, now - keep))) | (
         (Action.status == "failed") & (Action.updated_at < min(dead_before, keys_before))
     )
     old_changes = ChangeSeen.created_at < keys_before

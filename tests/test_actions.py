@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from amohook.actions import ActionSender, record_planned
+from amohook.actions import ActionSender, kinds, record_planned
 from amohook.amocrm.client import client_for
 from amohook.rules import PlannedTask
 from amohook.store.models import Action
@@ -31,7 +31,7 @@ def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None)
         "responsible_user_id": RESPONSIBLE,
         "request_id": key[:32],
     }
-    return PlannedTask(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload)
+    return PlannedTask(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload, kind="create_task")
 
 
 class Clock:
@@ -257,7 +257,7 @@ def test_an_expired_lease_is_not_used_to_post(store, fake, account):
     s = quick_sender(store, clock)
     actions, _ = s.claim()
     clock.advance(s.lease_seconds + 1)  # e.g. the process stalled; another sender may own it now
-    s._send(client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions})
+    kinds()["create_task"].send(s, client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions})
     assert not fake.requests_to("/api/v4/tasks", "POST")
 
 
@@ -306,7 +306,7 @@ def change_task(lead_id: int, change: str, complete_till: int = 1_900_000_000) -
     payload = {"text": "Call Acme about the offer", "complete_till": complete_till, "entity_id": lead_id,
                "entity_type": "leads", "task_type_id": TASK_TYPE, "responsible_user_id": RESPONSIBLE,
                "request_id": key[:32]}
-    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload)
+    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="create_task")
 
 
 def test_a_note_of_a_later_change_is_not_adopted_by_an_earlier_action(store, fake, account):

@@ -16,23 +16,42 @@ from amohook.rules import (
     due_timestamp,
     lead_changes,
     matches,
+    PlanContext,
     parse_rules,
-    plan_task,
 )
+from amohook.actions import kinds
+from amohook.actions.task import CompiledTask
 from amohook.webhooks.parse import parse_webhook
 
 EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
 
 
-def compiled(spec=None, **over) -> CompiledRule:
+def compiled(spec=None, *, task_type_id=1, responsible_user_id=None, **over) -> CompiledRule:
+    """A rule as compile_rules would make it, without a store: the task's ids given here."""
     spec = spec or parse_rules(EXAMPLE)[0]
+    actions = tuple(
+        (kind, CompiledTask(s, task_type_id, responsible_user_id) if kind == "create_task" else s)
+        for kind, s in spec.actions
+    )
     fields = dict(
         spec=spec, account="example", pipeline_id=100, pipeline_name="Sales", to_stage_id=201, from_stage_id=None,
-        task_type_id=1, responsible_user_id=None, stage_names={(100, 201): "Qualified", (100, 200): "New"},
-        user_names={938348: "Anna"}, field_ids={},
+        stage_names={(100, 201): "Qualified", (100, 200): "New"}, user_names={938348: "Anna"}, field_ids={},
+        actions=actions,
     )
     fields.update(over)
     return CompiledRule(**fields)
+
+
+def plan_kind(kind, rule, change, *, base_time=0.0, timezone=None, fallback="d", lead=None):
+    return kinds()[kind].plan(rule, rule.action(kind), change, PlanContext(base_time, timezone, fallback, lead))
+
+
+def plan_task(rule, change, **kw):
+    return plan_kind("create_task", rule, change, **kw)
+
+
+def plan_note(rule, change, **kw):
+    return plan_kind("add_note", rule, change, **kw)
 
 
 def form(**items) -> bytes:
@@ -272,8 +291,6 @@ def test_a_rule_may_add_a_note_besides_or_instead_of_a_task():
 
 
 def test_the_note_is_planned_with_its_own_key():
-    from amohook.rules import plan_note
-
     rule = compiled(parse_rules(NOTE_RULE)[0])
     note = plan_note(rule, change(), fallback="d1")
     task = plan_task(rule, change(), base_time=BASE, timezone=None, fallback="d1")
@@ -283,3 +300,92 @@ def test_the_note_is_planned_with_its_own_key():
                             "params": {"text": "Moved to Qualified from New; call task for Anna"},
                             "request_id": note.key[:32]}
     assert plan_note(rule, change(), fallback="d2").key == note.key  # the change, not the delivery
+
+
+# -- the task.completed trigger ------------------------------------------------------------------
+def fixture_body(name: str) -> bytes:
+    text = (Path(__file__).resolve().parent / "fixtures" / "webhooks" / name).read_text(encoding="utf-8")
+    return "".join(line for line in text.splitlines() if line and not line.startswith("#")).encode()
+
+
+def test_the_documented_task_update_is_a_completed_task_on_its_lead():
+    from amohook.rules import rule_changes
+
+    parsed = parse_webhook(fixture_body("20_task_update_docs.txt"), "application/x-www-form-urlencoded")
+    [event] = parsed.events
+    [change] = rule_changes(event.entity, event.action, event.data)
+    assert (change.kind, change.lead_id, change.task_id, change.task_type_id) == ("task_completed", 33322211, 11122233, 1)
+    assert change.pipeline_id is None and change.task_text == "Follow-up"
+
+
+@pytest.mark.parametrize("override", [{"action_close": "0"}, {"element_type": "1"}, {"element_id": "0"}])
+def test_a_task_update_that_did_not_close_a_lead_task_is_no_change(override):
+    from amohook.rules import task_changes
+
+    data = {"id": "5", "element_id": "7", "element_type": "2", "task_type": "1", "status": "1", "action_close": "1"}
+    assert task_changes("tasks", "update", data)
+    assert task_changes("tasks", "update", {**data, **override}) == []
+
+
+def test_a_completed_task_is_keyed_by_the_task_alone():
+    from amohook.rules import task_changes
+
+    data = {"id": "5", "element_id": "7", "element_type": "2", "task_type": "1", "action_close": "1",
+            "last_modified": "2017-07-21 19:00:00"}
+    rule = compiled()
+    [first] = task_changes("tasks", "update", data)
+    [again] = task_changes("tasks", "update", {**data, "last_modified": "2017-07-21 19:00:05"})
+    assert action_key(rule, first, "d1") == action_key(rule, again, "d2")
+
+
+def test_task_rules_need_the_lead_where_the_rule_says():
+    from amohook.rules import task_changes
+    from dataclasses import replace
+
+    text = ("[[rule]]\nname='t'\nwhen='task.completed'\ntask_type='Call'\npipeline='Sales'\nstage='Qualified'\n"
+            "[rule.add_note]\ntext='done: {task.text}'\n")
+    rule = replace(compiled(parse_rules(text)[0], to_stage_id=None, stage_id=201), task_type_id=1)  # the trigger's
+    [change] = task_changes("tasks", "update", {"id": "5", "element_id": "7", "element_type": "2",
+                                                "task_type": "1", "action_close": "1", "text": "Call"})
+    assert not matches(rule, change)  # where the lead is must be read first
+    assert matches(rule, replace(change, pipeline_id=100, status_id=201))
+    assert not matches(rule, replace(change, pipeline_id=100, status_id=200))
+    assert not matches(rule, replace(change, pipeline_id=100, status_id=201, task_type_id=2))
+    note = plan_note(rule, replace(change, pipeline_id=100, status_id=201))
+    assert note.payload["params"]["text"] == "done: Call"
+
+
+def test_parsing_refuses_task_keys_on_other_triggers():
+    with pytest.raises(RulesError) as info:
+        parse_rules("[[rule]]\nname='a'\nwhen='lead.added'\ntask_type='Call'\n[rule.add_note]\ntext='x'")
+    assert "task_type only makes sense with when = 'task.completed'" in info.value.message
+
+
+# -- cycles ------------------------------------------------------------------------------------
+def mover(name, to_stage_id, target, *, from_stage_id=None):
+    from amohook.actions.move import CompiledMove
+
+    text = f"[[rule]]\nname='{name}'\nwhen='lead.stage_changed'\n[rule.move_lead]\nto_stage='x'\n"
+    return compiled(parse_rules(text)[0], to_stage_id=to_stage_id, from_stage_id=from_stage_id,
+                    actions=(("move_lead", CompiledMove(100, target, "x")),))
+
+
+def test_rules_that_move_leads_in_a_circle_are_found():
+    from amohook.rules.cycles import cycle_problems
+
+    assert cycle_problems([mover("a", 201, 202), mover("b", 202, 203)]) == []
+    [problem] = cycle_problems([mover("a", 201, 202), mover("b", 202, 203), mover("c", 203, 201)])
+    assert "move leads in a circle" in problem and "'a'" in problem and "'c'" in problem
+    # b fires only when the lead came from 200; a's move comes from 201: no cycle.
+    assert cycle_problems([mover("a", 201, 202), mover("b", 202, 201, from_stage_id=200)]) == []
+    # A rule for any stage that moves leads on ends where its own move lands.
+    assert cycle_problems([mover("any", None, 202)]) == []
+
+
+def test_the_readme_actions_example_parses():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("Completing a call moves the lead on", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    call, chat = parse_rules(block)
+    assert (call.when, call.task_type, call.stage) == ("task.completed", "Call", "Qualified")
+    assert [k for k, _ in call.actions] == ["move_lead", "set_field"] and call.set_field.tag == "called"
+    assert chat.notify.url_env == "SALES_CHAT_URL" and chat.notify.json["lead"] == {"id": "{lead.id}"}

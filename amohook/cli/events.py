@@ -8,6 +8,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from amohook.actions.registry import noun
 from amohook.cli.common import CONTEXT_SETTINGS, fmt_time, iso, print_json, say, state, warn
 
 events_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS,
@@ -157,7 +158,7 @@ def show(
     if actions:
         say(f"rule actions ({len(actions)}):")
         for a in actions:
-            task = f" → {'task' if a['kind'] == 'create_task' else 'note'} {a['task_id']}" if a["task_id"] else ""
+            task = f" → {noun(a['kind'])} {a['task_id']}" if a["task_id"] else ""
             say(f"  {a['rule']}: {a['kind']} {a['status']}{task}" + (f"  {a['last_error']}" if a["last_error"] else ""))
 
 

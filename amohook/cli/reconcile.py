@@ -25,6 +25,7 @@ TRIGGER_EVENTS = {
     "lead.stage_changed": ("status_lead",),
     "lead.added": ("add_lead",),
     "lead.responsible_changed": ("responsible_lead",),
+    "task.completed": ("update_task",),
 }
 DEFAULT_EVENTS = ("status_lead", "add_lead", "responsible_lead")
 

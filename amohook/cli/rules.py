@@ -8,7 +8,7 @@ import typer
 
 from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state
 
-rules_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS, help="Rules that create tasks when leads change.")
+rules_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS, help="Rules that act when leads change or tasks are completed.")
 
 RulesOpt = Annotated[
     Optional[str],
@@ -24,7 +24,7 @@ def check(
 ):
     """Check a rules file: names resolve in the synced store, templates and due dates are valid."""
     from amohook.errors import ConfigError
-    from amohook.rules import load_and_compile, rule_summaries
+    from amohook.rules import describe_actions, load_and_compile, rule_summaries
 
     if not rules:
         raise ConfigError("no rules file — give --rules FILE or set AMOHOOK_RULES")
@@ -35,12 +35,7 @@ def check(
         return
     for r in compiled:
         where = f"pipeline {r.pipeline_name!r}" if r.pipeline_name else "any pipeline"
-        effects = []
-        if r.spec.create_task:
-            effects.append(f"task type {r.task_type_id}")
-        if r.spec.add_note:
-            effects.append("a note")
-        say(f"ok  {r.name}: {r.spec.when} in {where} → {' and '.join(effects)}")
+        say(f"ok  {r.name}: {r.spec.when} in {where} → {describe_actions(r)}")
     say(f"{len(compiled)} rule{'s' if len(compiled) != 1 else ''} valid")
 
 

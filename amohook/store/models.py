@@ -217,10 +217,11 @@ class Action(BaseModel):
     account = CharField(max_length=190)
     rule = CharField(max_length=255)
     event_id = BigIntegerField(null=True)
-    kind = CharField(max_length=32)  # create_task, add_note
+    kind = CharField(max_length=32)  # an action kind: amohook.actions.kinds()
     payload = TextField(default="{}")
-    status = CharField(max_length=16, default="pending", index=True)  # pending, sending, done, failed
-    result_id = BigIntegerField(null=True)
+    # pending, sending, done, failed (gave up), rejected (refused by amoCRM), skipped (on purpose)
+    status = CharField(max_length=16, default="pending", index=True)
+    result_id = BigIntegerField(null=True)  # what it created (task, note), or the lead it changes
     attempts = IntegerField(default=0)
     lease_owner = CharField(max_length=190, null=True)
     lease_until = DoubleField(null=True)

@@ -255,6 +255,7 @@ ROUTES = [
     ("POST", r"/api/v4/leads/notes", "_h_notes_create", True),
     ("GET", r"/api/v4/leads/(\d+)", "_h_lead", True),
     ("GET", r"/api/v4/leads", "_h_leads", True),
+    ("PATCH", r"/api/v4/leads", "_h_leads_patch", True),
     ("GET", r"/api/v4/events", "_h_events", True),
     ("GET", r"/api/v4/events/([0-9a-z]+)", "_h_event", True),
     ("GET", r"/api/v4/webhooks", "_h_webhooks", True),
@@ -344,6 +345,7 @@ class FakeAmo:
                       price=lead["price"], created_at=lead["created_at"], updated_at=lead["updated_at"],
                       _embedded={"tags": lead["_embedded"]["tags"], "companies": []})
         self.tasks: dict[int, dict] = {}
+        self.patched_hooks: list[tuple[str, dict]] = []  # (leads action, hook item) per PATCHed change
         self.notes: dict[int, dict] = {}  # lead notes (POST/GET /api/v4/leads/notes)
 
     @staticmethod
@@ -390,11 +392,13 @@ class FakeAmo:
             self.task_types.append(task_type)
             return task_type
 
-    def add_custom_field(self, name: str, field_type: str = "text", field_id: int | None = None) -> dict:
+    def add_custom_field(self, name: str, field_type: str = "text", field_id: int | None = None,
+                         enums: list[str] | None = None) -> dict:
         with self._lock:
             fid = field_id or self._new_id((f["id"] for f in self.custom_fields), 1000000)
+            options = [{"id": fid * 10 + i, "value": v, "sort": i} for i, v in enumerate(enums)] if enums else None
             cf = {"id": fid, "name": name, "type": field_type, "account_id": self.account_id, "code": None,
-                  "sort": 500 + len(self.custom_fields), "is_api_only": False, "enums": None, "group_id": None,
+                  "sort": 500 + len(self.custom_fields), "is_api_only": False, "enums": options, "group_id": None,
                   "required_statuses": [], "is_deletable": True, "is_predefined": False,
                   "entity_type": "leads", "remind": None, "settings": None}
             self.custom_fields.append(cf)
@@ -518,6 +522,27 @@ class FakeAmo:
                                value_before=[{"responsible_user": {"id": old}}],
                                value_after=[{"responsible_user": {"id": user_id}}])
             return self._hook_item(lead, actor, old_responsible_user_id=old)
+
+    def complete_task(self, task_id: int, *, at: float | None = None, result: str | None = None,
+                      log: bool = True) -> dict:
+        """Complete a task as a user would; returns its ``task[update][0]`` webhook item (with
+        ``action_close=1``, crm_platform/webhooks-format) and logs task_completed."""
+        with self._lock:
+            task = self.tasks[task_id]
+            at = int(self._clock() if at is None else at)
+            task.update(is_completed=True, updated_at=at, result={"text": result} if result else [])
+            if log:
+                self.add_event("task_completed", task_id, entity_type="task", at=at)
+            element_type = {"leads": 2, "contacts": 1, "companies": 3, "customers": 12}.get(task.get("entity_type"), 0)
+            item = {"id": task_id, "element_id": task.get("entity_id") or 0, "element_type": element_type,
+                    "task_type": task.get("task_type_id"), "date_create": task["created_at"],
+                    "text": task.get("text") or "", "status": 1, "account_id": self.account_id,
+                    "created_user_id": task.get("created_by"), "last_modified": at,
+                    "responsible_user_id": task.get("responsible_user_id"),
+                    "complete_till": task.get("complete_till"), "action_close": 1}
+            if result:
+                item["result"] = {"text": result}
+            return _strings(item)
 
     def webhook_body(self, action: str, items: list[dict], entity: str = "leads") -> bytes:
         """An application/x-www-form-urlencoded webhook body as amoCRM sends it today: the account
@@ -1085,6 +1110,75 @@ class FakeAmo:
         items = [{**lead, "_links": self._link(f"/api/v4/leads/{lid}")} for lid, lead in sorted(self.leads.items())
                  if (not ids or lid in ids) and not lead.get("is_deleted")]
         return self._page(rec, "leads", items, totals=False)
+
+    def _lead_patch_errors(self, item: Any) -> list[dict]:
+        def err(code: str, path: str, detail: str) -> dict:
+            return {"code": code, "path": path, "detail": detail}
+
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or item["id"] not in self.leads:
+            return [err("NotSupportedChoice", "id", "The value you selected is not a valid choice.")]
+        errors = []
+        if "status_id" in item or "pipeline_id" in item:
+            pipeline = next((p for p in self.pipelines if p["id"] == item.get("pipeline_id",
+                                                                             self.leads[item["id"]]["pipeline_id"])), None)
+            statuses = {st["id"]: st for st in (pipeline or {}).get("_embedded", {}).get("statuses", [])}
+            status = statuses.get(item.get("status_id"))
+            if pipeline is None:
+                errors.append(err("NotSupportedChoice", "pipeline_id", "The value you selected is not a valid choice."))
+            elif status is None or status.get("type") == 1:  # unknown, or the unsorted stage (amocrm-api-php#156)
+                errors.append(err("NotSupportedChoice", "status_id", "The value you selected is not a valid choice."))
+        fields = {f["id"]: f for f in self.custom_fields}
+        for n, cf in enumerate(item.get("custom_fields_values") or []):
+            field = fields.get(cf.get("field_id")) if isinstance(cf, dict) else None
+            if field is None:
+                errors.append(err("NotSupportedChoice", f"custom_fields_values.{n}.field_id",
+                                  "The value you selected is not a valid choice."))
+                continue
+            for m, value in enumerate(cf.get("values") or []):
+                if field["enums"] and value.get("value") not in {e["value"] for e in field["enums"]}:
+                    errors.append(err("NotSupportedChoice", f"custom_fields_values.{n}.values.{m}.value",
+                                      "The value you selected is not a valid choice."))
+        if "_embedded" in item and ("tags_to_add" in item or "tags_to_delete" in item):
+            pass  # amoCRM lets _embedded.tags win silently (amocrm-api-php MutateTagsTrait); so does the fake
+        return errors
+
+    def _h_leads_patch(self, rec: RecordedRequest, token: dict) -> Response:
+        """PATCH /api/v4/leads: an array of {id, …}; like tasks, one invalid item refuses all. A move
+        goes through ``move_lead`` (its lead_status_changed event is logged); the hook item each
+        change would send is kept in ``patched_hooks`` as (action, item)."""
+        items = rec.json
+        if not isinstance(items, list) or not items:
+            return problem(400, "Request data can not be empty")
+        if len(items) > self.max_batch:
+            return problem(400, f"At most {self.max_batch} leads per request")
+        rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
+        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items)
+                   if (errs := self._lead_patch_errors(item))]
+        if invalid:
+            return problem(400, "Request validation failed", **{"validation-errors": invalid})
+        now, changed = int(self._clock()), []
+        for item in items:
+            lead = self.leads[item["id"]]
+            if "status_id" in item and (item["status_id"], item.get("pipeline_id", lead["pipeline_id"])) != (
+                    lead["status_id"], lead["pipeline_id"]):
+                self.patched_hooks.append(("status", self.move_lead(lead["id"], item["status_id"], item.get("pipeline_id"),
+                                                                    user_id=token["user_id"], at=now)))
+            values = {cf["field_id"]: cf for cf in lead.get("custom_fields_values") or []}
+            for cf in item.get("custom_fields_values") or []:
+                field = next(f for f in self.custom_fields if f["id"] == cf["field_id"])
+                values[cf["field_id"]] = {"field_id": cf["field_id"], "field_name": field["name"], "field_code": None,
+                                          "field_type": field["type"], "values": cf.get("values")}
+            if item.get("custom_fields_values"):
+                lead["custom_fields_values"] = [v for v in values.values() if v["values"]] or None
+            tags = lead.setdefault("_embedded", {}).setdefault("tags", [])
+            for tag in item.get("tags_to_add") or []:
+                if tag.get("name") and all(t["name"] != tag["name"] for t in tags):
+                    tags.append({"id": self._new_id((t["id"] for t in tags), 500000), "name": tag["name"], "color": None})
+            lead.update(updated_at=now, updated_by=token["user_id"])
+            if "status_id" not in item:
+                self.patched_hooks.append(("update", self._hook_item(lead, token["user_id"])))
+            changed.append({"id": lead["id"], "updated_at": now, "_links": self._link(f"/api/v4/leads/{lead['id']}")})
+        return _json(200, {"_links": self._link("/api/v4/leads"), "_embedded": {"leads": changed}})
 
     def _render_event(self, event: dict) -> dict:
         body = {k: v for k, v in event.items() if k != "visible_at"}

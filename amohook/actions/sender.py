@@ -1,6 +1,8 @@
-"""Carrying out what rules planned: exactly once, and in batches.
+"""Carrying out what rules planned: exactly once, and in batches — whatever the kind of action.
 
-The protocol, per task:
+The sender owns the protocol's bookkeeping (claims, leases, outcomes, backoff); each kind
+(``amohook.actions.kinds()``) says how its batch is sent and how an action that may already have
+happened is recognised. For the kinds that create something (tasks, notes) the protocol is:
 1. The rule's plan is recorded as an ``Action`` row under its deterministic key (insert-or-ignore),
    in the same breath as the event is handled: duplicates, re-sends and replays of the same change
    find the key taken and add nothing.
@@ -24,11 +26,14 @@ other failure keeps it ``sending``, so the next attempt looks first.
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
+
+import requests
 
 from amohook.errors import (
     AccountBlocked,
@@ -38,10 +43,10 @@ from amohook.errors import (
     RateLimited,
     ReauthRequired,
     RefusedBeforeRefresh,
-    ValidationFailed,
 )
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
+from amohook.actions.registry import kinds
 
 BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
 # Longer than one POST can take (connect 5 s + read 20 s, plus the rate limiter). The lease is
@@ -53,7 +58,11 @@ HUMAN_WAIT = 900.0  # a revoked grant or a blocked account waits for a person; n
 
 
 def record_planned(store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
-    """Record planned tasks under their keys; returns how many were new (the rest were duplicates)."""
+    """Record planned actions under their keys; returns how many were new (the rest were duplicates).
+
+    An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
+    The lead an action changes is kept in ``result_id`` from the start (the guard counts them).
+    """
     rows = [
         dict(
             key=p.key,
@@ -62,7 +71,9 @@ def record_planned(store, planned: Iterable, event_id: int | None, clock: Callab
             event_id=event_id,
             kind=p.kind,
             payload=json.dumps(p.payload, ensure_ascii=False, sort_keys=True),
-            status="pending",
+            status="skipped" if getattr(p, "skip_reason", None) else "pending",
+            last_error=getattr(p, "skip_reason", None),
+            result_id=getattr(p, "target_id", None),
             created_at=clock(),
             updated_at=clock(),
         )
@@ -96,32 +107,6 @@ def definitely_refused(exc: BaseException) -> bool:
     return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
 
 
-# Where each kind of action is sent, and under which key amoCRM lists what it created.
-ENDPOINTS = {"create_task": ("/api/v4/tasks", "tasks"), "add_note": ("/api/v4/leads/notes", "notes")}
-
-
-def same_note(found: dict, payload: dict, recorded_at: float) -> bool:
-    """Is this note the one the action sent? Notes have no due time to tell two changes apart,
-    so only a note created after the action was recorded counts (a minute of clock skew allowed)."""
-    return (
-        int(found.get("entity_id") or 0) == int(payload["entity_id"])
-        and found.get("note_type") == payload["note_type"]
-        and ((found.get("params") or {}).get("text") or "") == payload["params"]["text"]
-        and int(found.get("created_at") or 0) >= int(recorded_at) - 60
-    )
-
-
-def same_task(found: dict, payload: dict) -> bool:
-    """Is a task amoCRM holds the one this action sent? Every compared field was fixed at record time."""
-    return (
-        int(found.get("entity_id") or 0) == int(payload["entity_id"])
-        and (found.get("text") or "") == payload["text"]
-        and int(found.get("complete_till") or 0) == int(payload["complete_till"])
-        and int(found.get("task_type_id") or 0) == int(payload["task_type_id"])
-        and int(found.get("responsible_user_id") or 0) == int(payload["responsible_user_id"])
-    )
-
-
 @dataclass
 class SendStats:
     posts: int = 0
@@ -130,6 +115,7 @@ class SendStats:
     adopted: int = 0
     failed: int = 0
     retried: int = 0
+    skipped: int = 0
     errors: list = field(default_factory=list)
 
 
@@ -148,7 +134,11 @@ class ActionSender:
         clock: Callable[[], float] = time.time,
         log: Callable[[str], None] | None = None,
         linger: float = 0.3,
+        env: Mapping[str, str] | None = None,
+        http=None,
     ):
+        """``env``: where ``notify`` reads its URLs (default: this process's environment);
+        ``http``: the ``requests.Session`` it posts them with."""
         self.store = store
         self.client_for = client_for
         self.owner = owner or new_owner()
@@ -159,6 +149,8 @@ class ActionSender:
         self.log = log or (lambda message: None)
         self.linger = linger
         self.stats = SendStats()
+        self.env = env if env is not None else os.environ
+        self.http = http or requests.Session()
         self.wakeup = threading.Event()
         self._last_flush = float("-inf")  # monotonic time of the last batch claimed
 
@@ -179,11 +171,13 @@ class ActionSender:
             ).first()
             if first is None:
                 return [], set()
+            kind = kinds().get(first.kind)
+            limit = min(self.batch_size, kind.batch_size) if kind else 1
             query = (
                 Action.select()
                 .where(due & (Action.account == first.account) & (Action.kind == first.kind))
                 .order_by(Action.id)
-                .limit(self.batch_size)
+                .limit(limit)
             )
             actions = list(self.store.for_update(query, skip_locked=True))
             if not actions:
@@ -198,16 +192,21 @@ class ActionSender:
     def _mine(self, ids):
         return Action.id.in_(list(ids)) & (Action.lease_owner == self.owner)
 
-    def _done(self, action_id: int, task_id: int | None) -> None:
-        Action.update(status="done", result_id=task_id, lease_owner=None, lease_until=None, last_error=None,
+    def done(self, action_id: int, result_id: int | None, note: str | None = None) -> None:
+        """Settled: ``result_id`` is what it created (or the lead it changed); ``note`` says how."""
+        Action.update(status="done", result_id=result_id, lease_owner=None, lease_until=None, last_error=note,
                       updated_at=self.clock()).where(self._mine([action_id])).execute()
 
-    def _fail(self, ids, error: str, status: str = "failed", **fields) -> None:
-        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the task itself."""
+    def skip(self, ids, note: str) -> None:
+        """Settled without an effect, on purpose (the lead moved on; the loop guard); ``note`` says why."""
+        self.fail(ids, note, status="skipped")
+
+    def fail(self, ids, error: str, status: str = "failed", **fields) -> None:
+        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself."""
         Action.update(status=status, lease_owner=None, lease_until=None, last_error=error[:2000],
                       updated_at=self.clock(), **fields).where(self._mine(ids)).execute()
 
-    def _later(
+    def later(
         self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
     ) -> None:
         """Back off; an action whose request may have landed stays ``sending`` so it is looked up first.
@@ -219,7 +218,7 @@ class ActionSender:
             for a in actions:
                 attempts = a.attempts + (1 if counts else 0)
                 if attempts >= self.max_attempts:
-                    self._fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
+                    self.fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                     continue
                 delay = wait if wait is not None else backoff(attempts)
                 Action.update(
@@ -240,36 +239,42 @@ class ActionSender:
             return 0
         self._last_flush = time.monotonic()
         claimed = len(actions)
+        kind = kinds().get(actions[0].kind)
+        if kind is None:  # written by a newer version, or the kind was removed: say so, keep the row
+            with self.store.write():
+                self.fail([a.id for a in actions], f"unknown action kind '{actions[0].kind}' — upgrade amohook")
+            return claimed
         client = self.client_for(actions[0].account)
         payloads = {a.id: json.loads(a.payload) for a in actions}
         if maybe_sent:
             try:
-                adopted = self._adopt_existing(client, [a for a in actions if a.id in maybe_sent], payloads)
+                settled = kind.recognise(self, client, [a for a in actions if a.id in maybe_sent], payloads)
             except Exception as exc:  # the lookup did not complete: nothing may be sent blind
-                self._reschedule([a for a in actions if a.id in maybe_sent], exc, maybe_sent=True)
-                self._reschedule([a for a in actions if a.id not in maybe_sent], exc, maybe_sent=False, counts=False)
+                self.reschedule([a for a in actions if a.id in maybe_sent], exc, maybe_sent=True)
+                self.reschedule([a for a in actions if a.id not in maybe_sent], exc, maybe_sent=False, counts=False)
                 return claimed
-            actions = [a for a in actions if a.id not in adopted]
-        self._send(client, actions, payloads)
+            actions = [a for a in actions if a.id not in settled]
+        if actions:
+            kind.send(self, client, actions, payloads)
         return claimed
 
-    def _reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool, counts: bool = True) -> None:
+    def reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool, counts: bool = True) -> None:
         if not actions:
             return
         message = exc.message if isinstance(exc, AmohookError) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, RefusedBeforeRefresh):
-            self._later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
+            self.later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
         elif isinstance(exc, RateLimited):
-            self._later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
+            self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
         elif isinstance(exc, (AccountBlocked, ReauthRequired)):
-            self._later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
+            self.later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
             self.stats.errors.append(message)
         else:
-            self._later(actions, message, maybe_sent=maybe_sent, counts=counts)
+            self.later(actions, message, maybe_sent=maybe_sent, counts=counts)
             if not isinstance(exc, AmoTemporaryError):
                 self.stats.errors.append(message)
 
-    def _hold(self, actions: list[Action]) -> list[Action]:
+    def hold(self, actions: list[Action]) -> list[Action]:
         """Re-assert our lease right before a POST; send only what is still ours."""
         now = self.clock()
         ids = [a.id for a in actions]
@@ -284,100 +289,6 @@ class ActionSender:
                 )
             }
         return [a for a in actions if a.id in held]
-
-    def _adopt_existing(self, client, actions: list[Action], payloads: dict) -> set[int]:
-        """Find tasks earlier attempts may have created; mark those actions done."""
-        kind = actions[0].kind
-        path, key = ENDPOINTS[kind]
-        lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
-        found: list[dict] = []
-        for start in range(0, len(lead_ids), 50):
-            chunk = lead_ids[start:start + 50]
-            self.stats.lookups += 1
-            params = {"filter[entity_id][]": chunk}
-            if kind == "create_task":
-                params["filter[entity_type]"] = "leads"
-            else:
-                params["filter[note_type]"] = "common"
-            found.extend(client.iter_pages(path, key, params))
-        # A task or note already recorded as another action's result is that action's, even when
-        # it looks the same (a fixed text and an absolute due time repeat across changes).
-        with self.store.write():  # the check of what is taken and the adoption, together
-            found_ids = [f.get("id") for f in found if f.get("id") is not None]
-            taken: set[int] = {
-                row.result_id
-                for row in Action.select(Action.result_id).where(
-                    (Action.account == actions[0].account) & (Action.kind == kind) & Action.result_id.in_(found_ids or [0])
-                )
-            }
-            adopted: set[int] = set()
-            for a in actions:
-                for task in found:
-                    matched = (
-                        same_task(task, payloads[a.id]) if kind == "create_task"
-                        else same_note(task, payloads[a.id], a.created_at)
-                    )
-                    if task.get("id") not in taken and matched:
-                        taken.add(task["id"])
-                        adopted.add(a.id)
-                        self._done(a.id, task["id"])
-                        self.stats.adopted += 1
-                        self.log(f"action {a.id}: adopted task {task['id']} created by an earlier attempt")
-                        break
-        return adopted
-
-    def _send(self, client, actions: list[Action], payloads: dict) -> None:
-        actions = self._hold(actions)
-        if not actions:
-            return
-        by_request = {payloads[a.id]["request_id"]: a for a in actions}
-        path, key = ENDPOINTS[actions[0].kind]
-        self.stats.posts += 1
-        try:
-            answer = client.post(path, [payloads[a.id] for a in actions], repeat_after_refresh=False) or {}
-        except ValidationFailed as exc:
-            bad = self._invalid(exc, actions, payloads)
-            if not bad:
-                # Cannot tell which item amoCRM refused: give the batch up as `failed` (an event
-                # replay brings it back) rather than `rejected` for good or retried blindly.
-                with self.store.write():
-                    self._fail([a.id for a in actions], exc.message + _details(exc))
-                self.stats.failed += len(actions)
-                return
-            self._fail([a.id for a in bad], exc.message + _details(exc), status="rejected")
-            self.stats.failed += len(bad)
-            rest = [a for a in actions if a not in bad]
-            # Not documented that amoCRM created none of the rest: look before sending them again.
-            self._later(rest, "sent again after another task of its batch was rejected", maybe_sent=True,
-                        wait=0.0, counts=False)
-            return
-        except Exception as exc:
-            self._reschedule(actions, exc, maybe_sent=not definitely_refused(exc))
-            return
-        created = (answer.get("_embedded") or {}).get(key) or []
-        settled = set()
-        with self.store.write():
-            for item in created:
-                action = by_request.get(str(item.get("request_id")))
-                if action is not None and action.id not in settled:
-                    self._done(action.id, item.get("id"))
-                    settled.add(action.id)
-                    self.stats.created += 1
-        missing = [a for a in actions if a.id not in settled]
-        if missing:
-            self._later(missing, "amoCRM's answer did not list these tasks", maybe_sent=True)
-
-    @staticmethod
-    def _invalid(exc: ValidationFailed, pending: list[Action], payloads: dict) -> list[Action]:
-        by_request = {payloads[a.id]["request_id"]: a for a in pending}
-        by_index = {str(i): a for i, a in enumerate(pending)}
-        bad = []
-        for entry in exc.validation_errors or []:
-            rid = str((entry or {}).get("request_id"))
-            action = by_request.get(rid) or by_index.get(rid)
-            if action is not None and action not in bad:
-                bad.append(action)
-        return bad
 
     # -- loop ----------------------------------------------------------------------------------
     def drain(self, max_batches: int = 10_000) -> int:
@@ -419,10 +330,3 @@ class ActionSender:
             self.wakeup.wait(idle)
             self.wakeup.clear()
 
-
-def _details(exc: AmoApiError) -> str:
-    parts = []
-    for entry in exc.validation_errors or []:
-        for err in (entry or {}).get("errors") or []:
-            parts.append(f"{err.get('path')}: {err.get('detail') or err.get('code')}")
-    return (" (" + "; ".join(parts[:5]) + ")") if parts else ""

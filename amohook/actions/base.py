@@ -1,0 +1,271 @@
+"""What every kind of action implements, and the two protocols the built-in kinds share.
+
+A kind reads and checks its table of the rules file (``parse``), resolves names against the
+store (``compile``), plans one action from a change with a deterministic key (``plan``), sends a
+claimed batch (``send``) and recognises an action that may already have happened before it is
+sent again (``recognise``). The sender (``amohook.actions.sender``) passes itself as ``out``: the
+outcomes are its public methods (``done``, ``skip``, ``fail``, ``later``, ``reschedule``, ``hold``).
+
+``CreateKind``: something amoCRM creates (a task, a note) — POSTed in batches with a
+``request_id`` per item; recognised by looking it up and adopting what an earlier attempt made.
+``LeadPatchKind``: a change of the lead itself (stage, field, tag) — PATCHed in batches;
+idempotent by state: recognised by reading the lead (``amohook.amocrm.leads.fetch_leads``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from amohook.actions.sender import definitely_refused
+from amohook.amocrm.leads import fetch_leads
+from amohook.errors import AmoApiError, ValidationFailed
+from amohook.store.models import Action
+
+BATCH = 50  # amoCRM's documented batch cap for complex adds; PATCH /api/v4/leads documents none
+
+
+class ActionKind:
+    """One kind of action. Subclasses set the class attributes and override what they need."""
+
+    name = ""  # the [rule.<name>] table and Action.kind
+    noun = ""  # what it makes, in a word
+    keys: frozenset = frozenset()  # the keys its table may have
+    key_suffix = ""  # appended to the change's key text: tells kinds apart (tasks: none, for old keys)
+    batch_size = BATCH
+    changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
+
+    # -- the rules file -----------------------------------------------------------------------
+    def parse(self, raw: dict, label: str, problems: list[str]) -> Any:
+        """The table's spec; every shape problem appended to ``problems`` as ``label: …``."""
+        raise NotImplementedError
+
+    def unknown_keys(self, raw: dict, label: str, problems: list[str]) -> None:
+        for key in sorted(set(raw) - self.keys):
+            problems.append(f"{label} has an unknown key '{key}'")
+
+    def compile(self, spec: Any, ctx, label: str, problems: list[str]) -> Any:
+        """The spec with names resolved to ids (``ctx``: ``amohook.rules.CompileContext``)."""
+        return spec
+
+    def describe(self, compiled: Any, rule) -> str:
+        return self.noun
+
+    def summary(self, compiled: Any) -> dict:
+        return {}
+
+    def moves_to(self, compiled: Any, rule) -> tuple[int | None, int] | None:
+        """The (pipeline, stage) this action moves a lead to, if it does (cycle check)."""
+        return None
+
+    # -- planning -----------------------------------------------------------------------------
+    def needs_lead(self, rule, compiled: Any, change) -> bool:
+        """Must the lead be read from amoCRM to plan this action (the hook lacks what it needs)?"""
+        return False
+
+    def plan(self, rule, compiled: Any, change, ctx):
+        """A ``PlannedAction``, None, or a string saying why none is planned (logged)."""
+        raise NotImplementedError
+
+    # -- sending ------------------------------------------------------------------------------
+    def recognise(self, out, client, actions: list[Action], payloads: dict) -> set[int]:
+        """Settle the actions that already happened; returns their ids. Raise if unsure."""
+        return set()
+
+    def send(self, out, client, actions: list[Action], payloads: dict) -> None:
+        raise NotImplementedError
+
+
+def details(exc: AmoApiError) -> str:
+    """amoCRM's validation errors, in short (path: detail)."""
+    parts = []
+    for entry in exc.validation_errors or []:
+        for err in (entry or {}).get("errors") or []:
+            parts.append(f"{err.get('path')}: {err.get('detail') or err.get('code')}")
+    return (" (" + "; ".join(parts[:5]) + ")") if parts else ""
+
+
+def invalid_items(exc: ValidationFailed, pending: list[Action], request_ids: dict) -> list[Action]:
+    """The actions amoCRM's 400 names, by ``request_id`` or by position in the batch."""
+    by_request = {request_ids[a.id]: a for a in pending}
+    by_index = {str(i): a for i, a in enumerate(pending)}
+    bad = []
+    for entry in exc.validation_errors or []:
+        rid = str((entry or {}).get("request_id"))
+        action = by_request.get(rid) or by_index.get(rid)
+        if action is not None and action not in bad:
+            bad.append(action)
+    return bad
+
+
+def send_batch(out, actions: list[Action], request_ids: dict, call, noun: str):
+    """POST/PATCH one batch; on a 400 naming items, reject those and retry the rest after a look.
+
+    Returns amoCRM's answer, or None when the batch's outcome was already recorded.
+    """
+    out.stats.posts += 1
+    try:
+        return call() or {}
+    except ValidationFailed as exc:
+        bad = invalid_items(exc, actions, request_ids)
+        if not bad:
+            # Cannot tell which item amoCRM refused: give the batch up as `failed` (an event
+            # replay brings it back) rather than `rejected` for good or retried blindly.
+            with out.store.write():
+                out.fail([a.id for a in actions], exc.message + details(exc))
+            out.stats.failed += len(actions)
+            return None
+        out.fail([a.id for a in bad], exc.message + details(exc), status="rejected")
+        out.stats.failed += len(bad)
+        rest = [a for a in actions if a not in bad]
+        # Not documented that amoCRM applied none of the rest: look before sending them again.
+        out.later(rest, f"sent again after another {noun} of its batch was rejected", maybe_sent=True,
+                  wait=0.0, counts=False)
+        return None
+    except Exception as exc:
+        out.reschedule(actions, exc, maybe_sent=not definitely_refused(exc))
+        return None
+
+
+class CreateKind(ActionKind):
+    """Something amoCRM creates: POST a batch with request ids; look up before a repeat."""
+
+    path = ""  # where it is POSTed and listed
+    list_key = ""  # under which key amoCRM lists it
+
+    def lookup_params(self) -> dict:
+        return {}
+
+    def same(self, found: dict, payload: dict, recorded_at: float) -> bool:
+        raise NotImplementedError
+
+    def recognise(self, out, client, actions, payloads) -> set[int]:
+        """Find what earlier attempts may have created; mark those actions done."""
+        lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
+        found: list[dict] = []
+        for start in range(0, len(lead_ids), 50):
+            out.stats.lookups += 1
+            params = {"filter[entity_id][]": lead_ids[start:start + 50], **self.lookup_params()}
+            found.extend(client.iter_pages(self.path, self.list_key, params))
+        # What is already recorded as another action's result is that action's, even when it
+        # looks the same (a fixed text and an absolute due time repeat across changes).
+        with out.store.write():  # the check of what is taken and the adoption, together
+            found_ids = [f.get("id") for f in found if f.get("id") is not None]
+            taken: set[int] = {
+                row.result_id
+                for row in Action.select(Action.result_id).where(
+                    (Action.account == actions[0].account) & (Action.kind == self.name)
+                    & Action.result_id.in_(found_ids or [0])
+                )
+            }
+            adopted: set[int] = set()
+            for a in actions:
+                for item in found:
+                    if item.get("id") not in taken and self.same(item, payloads[a.id], a.created_at):
+                        taken.add(item["id"])
+                        adopted.add(a.id)
+                        out.done(a.id, item["id"])
+                        out.stats.adopted += 1
+                        out.log(f"action {a.id}: adopted {self.noun} {item['id']} created by an earlier attempt")
+                        break
+        return adopted
+
+    def send(self, out, client, actions, payloads) -> None:
+        actions = out.hold(actions)
+        if not actions:
+            return
+        request_ids = {a.id: payloads[a.id]["request_id"] for a in actions}
+        answer = send_batch(
+            out, actions, request_ids,
+            lambda: client.post(self.path, [payloads[a.id] for a in actions], repeat_after_refresh=False),
+            self.noun,
+        )
+        if answer is None:
+            return
+        by_request = {request_ids[a.id]: a for a in actions}
+        created = (answer.get("_embedded") or {}).get(self.list_key) or []
+        settled = set()
+        with out.store.write():
+            for item in created:
+                action = by_request.get(str(item.get("request_id")))
+                if action is not None and action.id not in settled:
+                    out.done(action.id, item.get("id"))
+                    settled.add(action.id)
+                    out.stats.created += 1
+        missing = [a for a in actions if a.id not in settled]
+        if missing:
+            out.later(missing, f"amoCRM's answer did not list these {self.noun}s", maybe_sent=True)
+
+
+LEADS_PATH = "/api/v4/leads"
+
+
+class LeadPatchKind(ActionKind):
+    """A change of the lead: PATCH /api/v4/leads in batches; recognised by reading the lead.
+
+    The payload is ``{"patch": {id, request_id, …}, "from": [pipeline, stage] | None}``: the item
+    to PATCH, and where the lead was when the change that planned it happened.
+    """
+
+    changes_lead = True
+
+    def state(self, lead: dict, payload: dict) -> tuple[str, str | None]:
+        """Before a repeat: ``("done", note)`` already so, ``("skip", note)`` leave it, ``("send", None)``."""
+        raise NotImplementedError
+
+    def recognise(self, out, client, actions, payloads) -> set[int]:
+        out.stats.lookups += 1
+        leads = fetch_leads(client, [payloads[a.id]["patch"]["id"] for a in actions])
+        settled: set[int] = set()
+        with out.store.write():
+            for a in actions:
+                lead_id = payloads[a.id]["patch"]["id"]
+                lead = leads.get(int(lead_id))
+                if lead is None:
+                    out.skip([a.id], f"lead {lead_id} is gone (deleted, or no right to read it): nothing changed")
+                    out.stats.skipped += 1
+                    settled.add(a.id)
+                    continue
+                verdict, note = self.state(lead, payloads[a.id])
+                if verdict == "done":
+                    out.done(a.id, lead_id, note)
+                    out.stats.adopted += 1
+                    settled.add(a.id)
+                elif verdict == "skip":
+                    out.skip([a.id], note or "skipped")
+                    out.stats.skipped += 1
+                    settled.add(a.id)
+                if note:
+                    out.log(f"action {a.id}: {note}")
+        return settled
+
+    def send(self, out, client, actions, payloads) -> None:
+        # Two actions on one lead in one batch could not be told apart in the answer (matched by
+        # id): the second waits for the next batch.
+        first: dict[int, Action] = {}
+        for a in actions:
+            first.setdefault(payloads[a.id]["patch"]["id"], a)
+        later = [a for a in actions if first[payloads[a.id]["patch"]["id"]] is not a]
+        if later:
+            out.later(later, "another action on this lead went first", maybe_sent=False, wait=0.0, counts=False)
+        actions = out.hold(list(first.values()))
+        if not actions:
+            return
+        request_ids = {a.id: str(payloads[a.id]["patch"]["request_id"]) for a in actions}
+        answer = send_batch(
+            out, actions, request_ids,
+            lambda: client.patch(LEADS_PATH, [payloads[a.id]["patch"] for a in actions], repeat_after_refresh=False),
+            self.noun,
+        )
+        if answer is None:
+            return
+        # Matched by id: the leads answer is not documented to echo request_id (crm_platform/leads-api).
+        changed = {int(item["id"]) for item in (answer.get("_embedded") or {}).get("leads") or [] if item.get("id")}
+        with out.store.write():
+            for a in actions:
+                lead_id = int(payloads[a.id]["patch"]["id"])
+                if lead_id in changed:
+                    out.done(a.id, lead_id)
+                    out.stats.created += 1
+        missing = [a for a in actions if int(payloads[a.id]["patch"]["id"]) not in changed]
+        if missing:
+            out.later(missing, "amoCRM's answer did not list these leads", maybe_sent=True)
