@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import peewee
 
-from amohook.errors import StoreError
+from amohook.errors import StoreError, describe
 from amohook.store.models import Attempt, Delivery, Event
 from amohook.webhooks.parse import BodyRejected, ParsedWebhook
 
@@ -417,10 +417,10 @@ class GroupCommitter:
                 try:
                     self.store.db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)")
                 except Exception as exc:
-                    self.log.debug("checkpoint failed: %s", _describe(exc))
-                    _close_quietly(self.store)
+                    self.log.debug("checkpoint failed: %s", describe(exc))
+                    self.store.close_quietly()
         finally:
-            _close_quietly(self.store)
+            self.store.close_quietly()
 
     def _no_autocheckpoint(self) -> None:
         connection = self.store.db.connection()
@@ -445,7 +445,7 @@ class GroupCommitter:
             if not ticket.done.acquire(timeout=0):
                 raise StoreUnavailable(f"no commit within {timeout:.1f} s (commit in flight)", committed=None)
         if ticket.error is not None:
-            raise StoreUnavailable(f"cannot store the delivery: {_describe(ticket.error)}") from None
+            raise StoreUnavailable(f"cannot store the delivery: {describe(ticket.error)}") from None
         assert ticket.result is not None
         return ticket.result
 
@@ -486,10 +486,10 @@ class GroupCommitter:
         hint = _HINTS.get(kind, "see the database's own log")
         if first and failed == 1:
             self.log.error("commits failing: %s (%s) storing %d deliveries — %s; webhooks are answered 503 "
-                           "and amoCRM retries them", kind, _describe(error), size, hint)
+                           "and amoCRM retries them", kind, describe(error), size, hint)
         else:
             self.log.error("commits still failing: %s (%s); %d batches failed in %.0f s — %s",
-                           kind, _describe(error), failed, now - since, hint)
+                           kind, describe(error), failed, now - since, hint)
 
     def _record_success(self) -> None:
         now = time.time()
@@ -592,7 +592,7 @@ class GroupCommitter:
                 if batch:
                     self._commit(batch)
         finally:
-            _close_quietly(self.store)
+            self.store.close_quietly()
 
     def _commit(self, batch: list[_Ticket]) -> None:
         error: BaseException | None = None
@@ -608,18 +608,18 @@ class GroupCommitter:
                 # A deadlock, a lost connection, or another process inserting the same body first:
                 # drop this thread's connection and try the whole batch again.
                 error = exc
-                _close_quietly(self.store)
+                self.store.close_quietly()
                 if attempt < self.retries:
                     time.sleep(0.02 * (attempt + 1))
             except Exception as exc:  # anything else is not going to get better by retrying
                 error = exc
-                _close_quietly(self.store)
+                self.store.close_quietly()
                 break
         if error is not None:
             if len(batch) > 1 and not isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
                 # Something in one delivery that the checks did not foresee: do not let it fail the
                 # others. (A database that is down fails them all anyway, so that is not retried.)
-                self.log.warning("a batch of %d failed (%s); storing its deliveries one by one", len(batch), _describe(error))
+                self.log.warning("a batch of %d failed (%s); storing its deliveries one by one", len(batch), describe(error))
                 for ticket in batch:
                     self._commit([ticket])
                 return
@@ -927,18 +927,3 @@ def event_detail(store, event_id: int) -> EventDetail | None:
     return EventDetail(event, delivery, attempts)
 
 
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _close_quietly(store) -> None:
-    """Drop this thread's connection (after an error, or when the thread ends)."""
-    try:
-        store.close()
-    except Exception:
-        pass
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__

@@ -7,7 +7,6 @@ same leased refresh as `amohook refresh-token` and repeats the request once.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
@@ -27,15 +26,11 @@ from amohook.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from amohook.retry import CLIENT_READ
 from amohook.store.models import Account
 
 PAGE_LIMIT = 250  # amoCRM's maximum page size (FACTS.md §3)
 MAX_RETRY_AFTER = 60.0
-
-
-def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential backoff with full jitter; ``attempt`` counts from 1."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -124,7 +119,7 @@ class AmoClient:
             except requests.RequestException as exc:
                 what = type(exc).__name__
                 if is_read and attempt < self.max_attempts:
-                    self.sleep(backoff(attempt))
+                    self.sleep(CLIENT_READ.delay(attempt))
                     continue
                 hint = "" if is_read else " (a write is never re-sent automatically: it may have reached amoCRM)"
                 raise AmoTemporaryError(f"no answer from amoCRM for {method} {path}: {what}{hint}", url=url) from None
@@ -148,14 +143,14 @@ class AmoClient:
                 self.rate_limited += 1
                 wait = retry_after_seconds(response.headers.get("Retry-After"))
                 if attempt < self.max_attempts:
-                    self.sleep(wait if wait is not None else 1.0 + backoff(attempt))
+                    self.sleep(wait if wait is not None else 1.0 + CLIENT_READ.delay(attempt))
                     continue
                 raise RateLimited(
                     f"amoCRM kept answering 429 (too many requests) to {method} {path}", retry_after=wait,
                     status=429, url=url,
                 )
             if status >= 500 and is_read and attempt < self.max_attempts:
-                self.sleep(backoff(attempt))
+                self.sleep(CLIENT_READ.delay(attempt))
                 continue
             raise self._error(response, method, path, account)
 

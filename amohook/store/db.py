@@ -90,6 +90,13 @@ class Store:
         if self.is_sqlite:
             self.db.execute_sql("PRAGMA synchronous=NORMAL")
 
+    def close_quietly(self) -> None:
+        """Drop this thread's connection, ignoring errors (after a failure, or when a thread ends)."""
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def close(self) -> None:
         if not self.db.is_closed():
             self.db.close()

@@ -33,7 +33,7 @@ from typing import Sequence
 from urllib.parse import parse_qs
 
 from amohook import inbox
-from amohook.errors import AmohookError, ConfigError
+from amohook.errors import AmohookError, ConfigError, describe
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
 from amohook.redact import redact_target
 from amohook.webhooks import health
@@ -412,13 +412,13 @@ class _Handler(BaseHTTPRequestHandler):
             import peewee
 
             if isinstance(exc, peewee.PeeweeException):
-                log.warning("oauth callback: the database is not usable: %s", inbox._describe(exc))
+                log.warning("oauth callback: the database is not usable: %s", describe(exc))
                 return self._page(503, "Authorization failed", "The database is not available right now; "
                                   "nothing was stored. Run `amohook auth-url` again once it is back.")
             log.exception("oauth callback failed")
             return self._page(500, "Authorization failed", "An unexpected error; the amohook log has the details.")
         finally:
-            inbox._close_quietly(store)
+            store.close_quietly()
         self._page(
             200,
             "amohook is connected",
