@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import peewee
 
 from amohook.inbox.queue import due_condition
-from amohook.store.models import Attempt, Delivery, Event
+from amohook.store.models import Action, Attempt, Delivery, Event
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,15 @@ class EventDetail:
     event: Event
     delivery: Delivery | None
     attempts: list[Attempt]
+    actions: list[Action] = field(default_factory=list)  # what the rules recorded for it
 
 
 def event_detail(store, event_id: int) -> EventDetail | None:
+    """One event with its delivery, its attempts and its actions; None when there is no such event."""
     event = Event.get_or_none(Event.id == event_id)
     if event is None:
         return None
     delivery = Delivery.get_or_none(Delivery.id == event.delivery_id)
     attempts = list(Attempt.select().where(Attempt.event_id == event_id).order_by(Attempt.started_at, Attempt.id))
-    return EventDetail(event, delivery, attempts)
+    actions = list(Action.select().where(Action.event_id == event_id).order_by(Action.id))
+    return EventDetail(event, delivery, attempts, actions)
