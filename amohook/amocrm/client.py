@@ -201,13 +201,13 @@ class AmoClient:
         response = self.request("GET", path, params=params)
         if response.status_code == 204 or not response.content:
             return None
-        return _json_body(response, "GET", path)
+        return json_body(response, "GET", path)
 
     def post(self, path: str, json: Any, *, repeat_after_refresh: bool = True) -> dict | None:
         response = self.request("POST", path, json=json, repeat_after_refresh=repeat_after_refresh)
         if response.status_code == 204 or not response.content:
             return None
-        return _json_body(response, "POST", path)
+        return json_body(response, "POST", path)
 
     def iter_pages(self, path: str, key: str, params: dict | None = None, limit: int = PAGE_LIMIT) -> Iterator[dict]:
         """Every item of a HAL list, following ``_links.next`` until 204 or no next link."""
@@ -239,7 +239,7 @@ class AmoClient:
         return data
 
 
-def _json_body(response: requests.Response, method: str, path: str) -> Any:
+def json_body(response: requests.Response, method: str, path: str) -> Any:
     """The JSON of a 2xx answer; a proxy's HTML page in its place is a typed error, not a crash."""
     try:
         return response.json()

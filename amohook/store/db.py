@@ -108,7 +108,7 @@ class Store:
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def _sqlite_file(url: str) -> Path:
+def sqlite_file(url: str) -> Path:
     """The file an ``sqlite://`` URL names; an in-memory or empty one is refused.
 
     An in-memory store forgets every acknowledged webhook with the process and is private to one
@@ -211,7 +211,7 @@ def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
     scheme = url.split(":", 1)[0].lower()
     kwargs: dict = {}
     if scheme.startswith("sqlite"):
-        path = _sqlite_file(url)
+        path = sqlite_file(url)
         _prepare_sqlite_file(path)
         warning = loose_permissions(path)
         if warning:
