@@ -112,7 +112,7 @@ def test_the_readme_env_file_commands_make_a_private_file_with_a_usable_secret(t
     assert name == "AMOHOOK_WEBHOOK_SECRET" and check_secret(value) == value
 
 
-def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):
+def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):  # noqa: F811 (crm is a fixture)
     """The "Use it from Python" block, as written (the port moved to a free one), in its own
     process: a webhook in, the rule's task and the handler's call out, and SIGTERM stops it."""
     import os
