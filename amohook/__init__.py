@@ -1,3 +1,47 @@
-"""amohook keeps an amoCRM (Kommo) integration alive: tokens, reference data and webhooks."""
+"""amohook keeps an amoCRM (Kommo) integration alive: tokens, reference data and webhooks.
+
+The names below are imported on first use (PEP 562), so ``import amohook`` — and every CLI
+command that needs none of them, like the `refresh-token` cron runs — stays cheap::
+
+    from amohook import Runner, open_store, stop_on_signals
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Runner": "amohook.runner",
+    "StopEvent": "amohook.runner",
+    "build_registry": "amohook.runner",
+    "stop_on_signals": "amohook.runner",
+    "Store": "amohook.store",
+    "open_store": "amohook.store",
+    "ServerConfig": "amohook.webhooks.server",
+    "InboxEvent": "amohook.inbox",
+    "HandlerContext": "amohook.worker",
+    "PermanentError": "amohook.worker",
+    "AmohookError": "amohook.errors",
+    "ConfigError": "amohook.errors",
+    "ExitCode": "amohook.errors",
+    "needs_person": "amohook.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'amohook' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

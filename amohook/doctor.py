@@ -116,10 +116,10 @@ def open_store_checked(url: str):
     from amohook.store import open_store
 
     if url.split(":", 1)[0].lower().startswith("sqlite"):
-        from amohook.store.db import _sqlite_file
+        from amohook.store.db import sqlite_file
 
         try:
-            path = _sqlite_file(url)
+            path = sqlite_file(url)
         except ConfigError as exc:
             return None, _error("database", *_split_fix(exc.message, DB_FIX))
         if not path.exists():

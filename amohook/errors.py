@@ -168,3 +168,18 @@ class RefreshOutcomeUnknown(AmoTemporaryError):
 
     Never re-sent automatically (refresh tokens are single-use); the message says what to do.
     """
+
+
+def needs_person(exc: BaseException) -> bool:
+    """True when only a person can make the next try succeed: the grant is revoked, expired or
+    missing (a new `amohook init-auth`), or amoCRM blocked the account's API access. Retrying
+    sooner cannot help, so callers wait long and say so once instead of hammering amoCRM."""
+    return isinstance(exc, (ReauthRequired, AccountBlocked))
+
+
+def describe(exc: BaseException) -> str:
+    """The exception's type and the first line of its message, at most 200 characters: enough
+    for a log line, never a multi-line driver dump."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__

@@ -408,9 +408,7 @@ class Reconciler:
             except Exception as exc:  # the store is down: try again next interval
                 log.warning("reconciliation pass failed: %s", _one_line(exc))
             finally:
-                from amohook.inbox import _close_quietly
-
-                _close_quietly(self.store)
+                self.store.close_quietly()
             stop.wait(self.interval)
 
     def start(self, stop: threading.Event) -> threading.Thread:

@@ -197,9 +197,7 @@ class Pruner:
             except Exception as exc:
                 log.warning("pruning failed (tried again in an hour): %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
             finally:
-                from amohook.inbox import _close_quietly
-
-                _close_quietly(self.store)
+                self.store.close_quietly()
 
     def start(self, stop: threading.Event) -> threading.Thread:
         thread = threading.Thread(target=self.run, args=(stop,), name="amohook-prune", daemon=True)

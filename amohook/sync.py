@@ -17,15 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from amohook.errors import (
-    AccountBlocked,
     AmoApiError,
     AmohookError,
     AmoTemporaryError,
     Forbidden,
     RateLimited,
-    ReauthRequired,
     RefreshOutcomeUnknown,
-    Unauthorized,
+    needs_person,
 )
 from amohook.store.lease import lease
 from amohook.store.models import Account, CustomField, Pipeline, Stage, TaskType, User
@@ -137,7 +135,7 @@ def _fatal(exc: AmohookError) -> bool:
     """Errors after which trying the next kind only makes things worse or cannot work: a blocked
     account, a revoked grant, persistent 429s, no answer at all. An error of one endpoint (a 5xx,
     a 403 JSON, an odd answer) does not stop the other kinds."""
-    if isinstance(exc, (AccountBlocked, RateLimited, ReauthRequired, Unauthorized, RefreshOutcomeUnknown)):
+    if needs_person(exc) or isinstance(exc, (RateLimited, RefreshOutcomeUnknown)):
         return True
     if isinstance(exc, AmoTemporaryError):
         return exc.status is None  # no HTTP answer: amoCRM (or the network) is down for every kind

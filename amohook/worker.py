@@ -27,8 +27,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from amohook import inbox
-from amohook.errors import AccountBlocked, AmohookError, ConfigError, RateLimited, ReauthRequired
+from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
 from amohook.inbox import InboxEvent
+from amohook.retry import PERSON_WAIT, Backoff
 
 __all__ = [
     "HandlerContext",
@@ -62,14 +63,17 @@ class RetryPolicy:
     cap: float = 3600.0
     jitter: float = 0.5  # the delay is drawn from [d * (1 - jitter), d]
     # Waiting for a human (new authorization, amoCRM unblocking the account): no point hurrying.
-    reauth_delay: float = 900.0
+    reauth_delay: float = PERSON_WAIT
     rate_limit_floor: float = 1.0
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(base=self.base, cap=self.cap, factor=self.factor, jitter=self.jitter)
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: float) -> float:
     """Delay after failed attempt number ``attempt`` (1-based); ``rand`` in [0, 1) gives the jitter."""
-    full = min(policy.cap, policy.base * policy.factor ** max(0, attempt - 1))
-    return full * (1.0 - policy.jitter * rand)
+    return policy.backoff.delay(attempt, rand)
 
 
 def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: float) -> float | None:
@@ -80,7 +84,7 @@ def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: f
         # amoCRM's Retry-After is the wait it asks for; a little jitter spreads the workers out.
         wait = error.retry_after if error.retry_after is not None else policy.rate_limit_floor
         return max(wait, policy.rate_limit_floor) + rand
-    if isinstance(error, (ReauthRequired, AccountBlocked)):
+    if needs_person(error):
         return max(policy.reauth_delay, backoff_delay(attempt, policy, rand))
     return backoff_delay(attempt, policy, rand)
 
@@ -306,20 +310,24 @@ class Worker:
     def run(self, stop_event: threading.Event) -> None:
         """Work until ``stop_event`` is set; the event being run finishes, the rest is released."""
         self._stop = stop_event
-        backoff = self.poll_interval
+        # The store is down: look again from the poll interval up to 30 s, without jitter (the
+        # waits are logged as they are).
+        store_down = Backoff(base=self.poll_interval, cap=max(30.0, self.poll_interval), jitter=0.0)
+        failures = 0
         try:
             while not stop_event.is_set():
                 try:
                     ran = self.run_once()
-                    backoff = self.poll_interval
+                    failures = 0
                 except ConfigError:
                     raise
                 except Exception as exc:  # the store is down: keep trying, do not die
-                    self.log.error("worker %s: %s; retrying in %.0f s", self.worker_id, inbox._describe(exc), backoff)
-                    inbox._close_quietly(self.store)
+                    failures += 1
+                    wait = store_down.delay(failures)
+                    self.log.error("worker %s: %s; retrying in %.0f s", self.worker_id, describe(exc), wait)
+                    self.store.close_quietly()
                     ran = 0
-                    stop_event.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    stop_event.wait(wait)
                     continue
                 if ran == 0:
                     self._wake.wait(self.poll_interval)
@@ -355,7 +363,7 @@ class Worker:
 
     def close(self) -> None:
         self._closing.set()
-        inbox._close_quietly(self.store)
+        self.store.close_quietly()
 
     def client(self, subdomain: str):
         client = self._clients.get(subdomain)
@@ -433,7 +441,7 @@ class Worker:
                 try:
                     inbox.renew(self.store, held, self.worker_id, lease_seconds=self.lease_seconds, now=self.clock())
                 except Exception as exc:
-                    self.log.warning("renewing leases failed: %s", inbox._describe(exc))
-                    inbox._close_quietly(self.store)
+                    self.log.warning("renewing leases failed: %s", describe(exc))
+                    self.store.close_quietly()
         finally:
-            inbox._close_quietly(self.store)
+            self.store.close_quietly()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amohook.errors import ExitCode
+from tests.test_rules_e2e import crm  # noqa: F401 (the fake account with a Sales pipeline, as a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -109,3 +110,62 @@ def test_the_readme_env_file_commands_make_a_private_file_with_a_usable_secret(t
     [line] = env_file.read_text().splitlines()
     name, _, value = line.partition("=")
     assert name == "AMOHOOK_WEBHOOK_SECRET" and check_secret(value) == value
+
+
+def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):  # noqa: F811 (crm is a fixture)
+    """The "Use it from Python" block, as written (the port moved to a free one), in its own
+    process: a webhook in, the rule's task and the handler's call out, and SIGTERM stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from tests.test_rules_e2e import FORM, stage_body
+
+    block = README.split("## Use it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "port=8080" in block
+    prelude = f"""
+import threading, time
+DATABASE_URL = {store.url!r}
+WEBHOOK_SECRET = "python-snippet-secret-0123456789"
+
+def my_handler(event, ctx):
+    print("handled", event.entity, event.action, event.entity_id, flush=True)
+
+def announce():  # the test needs the listener's address
+    while True:
+        runner = globals().get("runner")
+        if runner is not None and runner.service is not None and runner.service.httpd is not None:
+            print("url", runner.url, flush=True)
+            return
+        time.sleep(0.02)
+
+threading.Thread(target=announce, daemon=True).start()
+"""
+    script = tmp_path / "snippet.py"
+    script.write_text(prelude + block.replace("port=8080", "port=0"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("url "), line + proc.stderr.read()
+        url = line.split()[1]
+        answer = requests.post(f"{url}/webhook/python-snippet-secret-0123456789", data=stage_body(crm),
+                               headers=FORM, timeout=5)
+        assert answer.status_code == 200
+        assert proc.stdout.readline().split() == ["handled", "leads", "status", "5001"]
+        deadline = time.time() + 20
+        while not fake.tasks and time.time() < deadline:
+            time.sleep(0.05)
+        [task] = fake.tasks.values()
+        assert task["text"] == "Call Acme about the offer" and task["entity_id"] == 5001
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

@@ -213,7 +213,7 @@ def test_a_store_failure_is_reported_to_every_waiter_and_retried_first(store, mo
         calls.append(len(items))
         raise peewee.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(inbox, "store_deliveries", broken)
+    monkeypatch.setattr(inbox.receive, "store_deliveries", broken)  # what the writer calls
     committer = GroupCommitter(store, retries=2).start()
     with pytest.raises(StoreUnavailable, match="disk I/O error") as info:
         committer.submit(incoming(lead_body(1)), timeout=5)

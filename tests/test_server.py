@@ -272,7 +272,7 @@ def test_a_store_that_fails_answers_503_never_200(any_service, monkeypatch):
     def broken(store, items):
         raise peewee.OperationalError("database is locked")
 
-    monkeypatch.setattr(inbox, "store_deliveries", broken)
+    monkeypatch.setattr(inbox.receive, "store_deliveries", broken)  # what the writer calls
     status, _, text = post(any_service, lead_body(1))
     assert status == 503 and "retry later" in text and "locked" not in text
 

@@ -7,7 +7,6 @@ same leased refresh as `amohook refresh-token` and repeats the request once.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -28,15 +27,11 @@ from amohook.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from amohook.retry import CLIENT_READ
 from amohook.store.models import Account
 
 PAGE_LIMIT = 250  # amoCRM's maximum page size (docs/amocrm.md §3)
 MAX_RETRY_AFTER = 60.0
-
-
-def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential backoff with full jitter; ``attempt`` counts from 1."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -142,7 +137,7 @@ class AmoClient:
             except requests.RequestException as exc:
                 what = type(exc).__name__
                 if is_read and attempt < self.max_attempts:
-                    self.sleep(backoff(attempt))
+                    self.sleep(CLIENT_READ.delay(attempt))
                     continue
                 hint = "" if is_read else " (a write is never re-sent automatically: it may have reached amoCRM)"
                 raise AmoTemporaryError(f"no answer from amoCRM for {method} {path}: {what}{hint}", url=url) from None
@@ -167,14 +162,14 @@ class AmoClient:
                 _count(self.subdomain, 1)
                 wait = retry_after_seconds(response.headers.get("Retry-After"))
                 if attempt < self.max_attempts:
-                    self.sleep(wait if wait is not None else 1.0 + backoff(attempt))
+                    self.sleep(wait if wait is not None else 1.0 + CLIENT_READ.delay(attempt))
                     continue
                 raise RateLimited(
                     f"amoCRM kept answering 429 (too many requests) to {method} {path}", retry_after=wait,
                     status=429, url=url,
                 )
             if status >= 500 and is_read and attempt < self.max_attempts:
-                self.sleep(backoff(attempt))
+                self.sleep(CLIENT_READ.delay(attempt))
                 continue
             raise self._error(response, method, path, account)
 
@@ -225,13 +220,13 @@ class AmoClient:
         response = self.request("GET", path, params=params)
         if response.status_code == 204 or not response.content:
             return None
-        return _json_body(response, "GET", path)
+        return json_body(response, "GET", path)
 
     def post(self, path: str, json: Any, *, repeat_after_refresh: bool = True) -> dict | None:
         response = self.request("POST", path, json=json, repeat_after_refresh=repeat_after_refresh)
         if response.status_code == 204 or not response.content:
             return None
-        return _json_body(response, "POST", path)
+        return json_body(response, "POST", path)
 
     def patch(self, path: str, json: Any, *, repeat_after_refresh: bool = True) -> dict | None:
         response = self.request("PATCH", path, json=json, repeat_after_refresh=repeat_after_refresh)
@@ -269,7 +264,7 @@ class AmoClient:
         return data
 
 
-def _json_body(response: requests.Response, method: str, path: str) -> Any:
+def json_body(response: requests.Response, method: str, path: str) -> Any:
     """The JSON of a 2xx answer; a proxy's HTML page in its place is a typed error, not a crash."""
     try:
         return response.json()

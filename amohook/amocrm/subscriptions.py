@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from amohook.amocrm.client import _json_body
+from amohook.amocrm.client import json_body
 from amohook.errors import AmoApiError, ExitCode, Forbidden
 
 WEBHOOKS_PATH = "/api/v4/webhooks"
@@ -88,7 +88,7 @@ def list_webhooks(client, destination: str | None = None) -> list[Webhook]:
     response = _call(client, "GET", params=params)
     if response.status_code == 204 or not response.content:
         return []
-    body = _json_body(response, "GET", WEBHOOKS_PATH)
+    body = json_body(response, "GET", WEBHOOKS_PATH)
     items = ((body or {}).get("_embedded") or {}).get("webhooks") or []
     hooks = [Webhook.from_api(item) for item in items if isinstance(item, dict)]
     if destination is not None:  # amoCRM filters exactly; never accept a looser match
@@ -110,7 +110,7 @@ def subscribe(client, destination: str, events: Sequence[str]) -> Webhook:
     if not settings or not all(isinstance(e, str) for e in settings):
         raise ValueError("subscribe needs at least one webhook event code, e.g. status_lead")
     response = _call(client, "POST", json={"destination": destination, "settings": settings})
-    body = _json_body(response, "POST", WEBHOOKS_PATH) if response.status_code != 204 and response.content else None
+    body = json_body(response, "POST", WEBHOOKS_PATH) if response.status_code != 204 and response.content else None
     if isinstance(body, dict) and isinstance((body.get("_embedded") or {}).get("webhooks"), list):
         body = (body["_embedded"]["webhooks"] or [None])[0]
     if isinstance(body, dict) and body.get("destination"):

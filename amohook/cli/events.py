@@ -122,12 +122,10 @@ def show(
             "body_sha256": delivery.body_sha256,
             "body": delivery.body,
         }
-    from amohook.store.models import Action
-
     actions = [
         {"rule": a.rule, "kind": a.kind, "status": a.status, "task_id": a.result_id, "attempts": a.attempts,
          "last_error": a.last_error}
-        for a in Action.select().where(Action.event_id == event.id).order_by(Action.id)
+        for a in detail.actions
     ]
     if as_json:
         print_json({**_row(event), "data": data, "delivery": delivery_json, "attempts": attempts, "actions": actions})

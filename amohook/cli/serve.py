@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Annotated, List, Optional
 
 import typer
@@ -68,49 +67,6 @@ def _setup_logging(level: Level, library_level: Level, secrets: tuple[str, ...] 
     setup_logging(level.value, library_level.value, secrets)
 
 
-def build_registry(handlers: Optional[List[str]], rules: Optional[str] = None, store=None, *, journal: bool = False):
-    """The handler registry for these options, and the task sender when there are rules.
-
-    Invalid rules raise here, so `serve` and `worker` refuse to start with them.
-    """
-    import os
-
-    from amohook.worker import Registry, load_handler
-
-    registry = Registry()
-    sender = None
-    if rules:
-        from amohook.actions import ActionSender
-        from amohook.amocrm.client import client_for
-        from amohook.rules import load_and_compile
-        from amohook.rules_handler import RulesHandler
-
-        compiled = load_and_compile(rules)
-        clients: dict = {}
-
-        def client(sub: str):
-            if sub not in clients:
-                # One attempt: a 429 or a failure comes back to the sender, which reschedules the
-                # batch instead of sleeping inside its lease.
-                clients[sub] = client_for(store, sub, max_attempts=1)
-            return clients[sub]
-
-        import logging
-
-        logger = logging.getLogger("amohook.actions")
-        sender = ActionSender(store, client, log=logger.warning)
-        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
-    elif journal and handlers:
-        from amohook.changes import ChangeJournal
-
-        registry.register("amohook.changes", ChangeJournal(store))
-    for spec in handlers or []:
-        # Handlers may live beside the config, but the working directory is searched only for
-        # them, only while importing them, and last: a stray tomllib.py there is never imported.
-        registry.register(spec, load_handler(spec, search_dir=os.getcwd()))
-    return registry, sender
-
-
 def reconcile_interval(option: Optional[str], has_work: bool) -> Optional[float]:
     """Seconds between background reconciliation passes, or None (off)."""
     from amohook.settings import parse_duration
@@ -130,63 +86,6 @@ def keep_seconds(keep: str) -> Optional[float]:
     if seconds is not None and seconds < MIN_KEEP:
         raise ConfigError(f"--keep '{keep}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)")
     return seconds
-
-
-def _start_pruner(store, seconds: Optional[float], stop: threading.Event):
-    if seconds is None:
-        return None
-    from amohook.retention import Pruner
-
-    return Pruner(store, seconds).start(stop)
-
-
-def _start_reconciler(store, interval: Optional[float], stop: threading.Event, wake=None):
-    if interval is None:
-        return None
-    from amohook.reconcile import Reconciler
-
-    reconciler = Reconciler(store, interval, on_queued=wake)
-    reconciler.start(stop)
-    return reconciler
-
-
-def _start_sender(sender, stop: threading.Event):
-    """The thread that sends recorded tasks in batches (only with --rules)."""
-    if sender is None:
-        return None
-    thread = threading.Thread(target=sender.run, args=(stop,), name="amohook-actions", daemon=True)
-    thread.start()
-    return thread
-
-
-class _Stop(threading.Event):
-    """Set by SIGTERM/SIGINT (``signal`` names which) or by a failing worker thread."""
-
-    signal: Optional[str] = None
-
-    def log_signal(self, log: logging.Logger) -> None:
-        # Logged by the main loop, not in the handler: a handler that writes to stderr while the
-        # main thread is writing there raises "reentrant call" inside the io buffer.
-        if self.signal:
-            log.info("received %s; stopping (send it again to exit at once)", self.signal)
-
-
-def _stop_on_signals() -> _Stop:
-    """SIGTERM/SIGINT set the returned event; a second one exits at once."""
-    import os
-    import signal
-
-    stop = _Stop()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            os._exit(130)
-        stop.signal = signal.Signals(signum).name
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 def serve(
@@ -225,11 +124,13 @@ def serve(
     With AMOHOOK_STATUS_PASSWORD set (12 characters or more), GET /status (a page) and GET /metrics
     (Prometheus) answer with HTTP Basic auth, any user name; without it they are off (404).
     """
+    import os
+
     from amohook.errors import ConfigError
+    from amohook.runner import Runner, stop_on_signals
     from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
-    from amohook.webhooks.server import ServerConfig, WebhookService, check_secret
+    from amohook.webhooks.server import ServerConfig, check_secret
     from amohook.webhooks.status_page import check_status_password
-    from amohook.worker import Worker, new_worker_id
 
     config = ServerConfig(
         secret=check_secret(secret_from(secret, ENV_WEBHOOK_SECRET)),
@@ -244,47 +145,28 @@ def serve(
     log = logging.getLogger("amohook.serve")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    keep_s = keep_seconds(keep)
-    registry, sender = build_registry(handler, rules, store, journal=interval is not None)
-    worker_list = []
-    if workers and not len(registry):
+    runner = Runner(store, rules=rules, handlers=handler or [], threads=workers, listen=config,
+                    reconcile_every=interval, keep=keep_seconds(keep), lease_seconds=lease,
+                    max_attempts=max_attempts, search_dir=os.getcwd())
+    if workers and not len(runner.registry):
         log.warning("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
                     "(or `serve --handler …`) processes them")
-    elif workers:
-        worker_list = [
-            Worker(store, registry, new_worker_id(f"serve{i}"), lease_seconds=lease, max_attempts=max_attempts)
-            for i in range(workers)
-        ]
-    service = WebhookService(store, config, workers=worker_list)
-    stop = _stop_on_signals()  # before starting: a SIGTERM during start-up still stops cleanly
+    stop = stop_on_signals()  # before starting: a SIGTERM during start-up still stops cleanly
     try:
-        service.start()
+        runner.start()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port") from None
-    store.close()  # the main thread's connection; every thread of the service opens its own
-    sender_stop = threading.Event()
-    sender_thread = _start_sender(sender, sender_stop) if worker_list else None
-    _start_reconciler(store, interval if worker_list else None, sender_stop)
-    _start_pruner(store, keep_s, sender_stop)
-    say(f"listening on {service.url}")  # on stdout as well: scripts and tests wait for this line
-    log.info("listening on %s", service.url)
+    url = runner.url
+    say(f"listening on {url}")  # on stdout as well: scripts and tests wait for this line
+    log.info("listening on %s", url)
     log.info("webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
-             "%d worker thread(s); reconciliation: %s", service.url, service.url, service.url, len(worker_list),
-             "every " + _seconds(interval) if interval and worker_list else "off")
-    log.info("status page and metrics: %s", f"{service.url}/status and {service.url}/metrics (HTTP Basic auth)"
+             "%d worker thread(s); reconciliation: %s", url, url, url, len(runner.workers),
+             "every " + _seconds(interval) if runner.reconciling else "off")
+    log.info("status page and metrics: %s", f"{url}/status and {url}/metrics (HTTP Basic auth)"
              if config.status_password else f"off (set {ENV_STATUS_PASSWORD} to turn them on)")
-    while not stop.wait(1.0):
-        pass
+    runner.wait(stop)
     stop.log_signal(log)
-    import time
-
-    deadline = time.monotonic() + 9.0
-    # A batch in flight usually finishes within the deadline; if not, its actions stay `sending`
-    # and the next sender looks them up before sending anything again.
-    sender_stop.set()
-    service.stop(timeout=7.5)
-    if sender_thread is not None:
-        sender_thread.join(max(0.1, deadline - time.monotonic()))
+    runner.stop()
     log.info("stopped")
 
 
@@ -304,73 +186,36 @@ def worker(
     library_log_level: LibraryLogLevelOpt = Level.warning,
 ):
     """Process queued events with the given handlers; run several, on several machines, on one MySQL/PostgreSQL."""
-    from amohook.errors import ConfigError
-    from amohook.worker import Worker, new_worker_id
+    import os
 
+    from amohook.errors import ConfigError
+    from amohook.runner import Runner, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    keep_s = keep_seconds(keep)
-    registry, sender = build_registry(handler, rules, store, journal=interval is not None)
-    if not len(registry):
+    runner = Runner(store, rules=rules, handlers=handler or [], threads=threads, reconcile_every=interval,
+                    keep=keep_seconds(keep), lease_seconds=lease, max_attempts=max_attempts, batch_size=batch,
+                    poll_interval=poll, search_dir=os.getcwd())
+    if not len(runner.registry):
         raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
-    stop = _stop_on_signals()
-    sender_stop = threading.Event()
-    sender_thread = None if once else _start_sender(sender, sender_stop)
-    if once and interval is not None and reconcile is not None:
-        from amohook.reconcile import Reconciler
-
-        Reconciler(store, interval).run_once()  # what the log has that no webhook brought, then drain
-    reconciler = None if once else _start_reconciler(store, interval, sender_stop)
-    if not once:
-        _start_pruner(store, keep_s, sender_stop)
-    pool = [
-        Worker(store, registry, new_worker_id(f"worker{i}"), lease_seconds=lease, max_attempts=max_attempts,
-               batch_size=batch, poll_interval=poll)
-        for i in range(threads)
-    ]
-    errors: list[BaseException] = []
-
-    def run(w: Worker) -> None:
-        try:
-            if once:
-                w.drain(stop)
-            else:
-                w.run(stop)
-        except BaseException as exc:  # surfaced by the main thread through the CLI's error funnel
-            errors.append(exc)
-            stop.set()
-
-    running = [threading.Thread(target=run, args=(w,), name=w.worker_id, daemon=True) for w in pool]
-    for thread in running:
-        thread.start()
-    if not once:
-        started = (f"worker started: {threads} thread(s), handlers: {', '.join(registry.names())}; reconciliation: "
-                   f"{'every ' + _seconds(interval) if reconciler else 'off'}")
-        say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
-        log.info("%s", started)
-    while any(t.is_alive() for t in running) and not stop.wait(0.1):
-        pass
-    stop.log_signal(log)
-    import time
-
-    deadline = time.monotonic() + 8.0
-    for thread in running:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    sender_stop.set()
-    if sender_thread is not None:
-        sender_thread.join(5.0)
-    if errors:
-        raise errors[0]
-    if once and sender is not None:
-        sender.drain()  # send the tasks the events just recorded
+    stop = stop_on_signals()
     if once:
-        say(f"processed {sum(w.processed for w in pool)} event(s)")
-    else:
-        log.info("stopped")
+        processed = runner.run_once(stop, reconcile=interval is not None and reconcile is not None)
+        stop.log_signal(log)
+        say(f"processed {processed} event(s)")
+        return
+    runner.start()
+    started = (f"worker started: {threads} thread(s), handlers: {', '.join(runner.registry.names())}; "
+               f"reconciliation: {'every ' + _seconds(interval) if runner.reconciling else 'off'}")
+    say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
+    log.info("%s", started)
+    runner.wait(stop)
+    stop.log_signal(log)
+    runner.stop()
+    log.info("stopped")
 
 
 def _seconds(interval: Optional[float]) -> str:

@@ -124,11 +124,12 @@ def sync_entities(
         report.raise_for_error()
 
 
-def _account(ctx: typer.Context, subdomain: Optional[str]) -> str:
+def _account(ctx: typer.Context, subdomain: Optional[str]):
+    """The store and the account's subdomain the listings read."""
     from amohook.tokens import get_account
 
-    state(ctx).store()
-    return get_account(subdomain).subdomain
+    store = state(ctx).store()
+    return store, get_account(subdomain).subdomain
 
 
 def _nothing_stored(sub: str, what: str) -> None:
@@ -137,13 +138,12 @@ def _nothing_stored(sub: str, what: str) -> None:
 
 def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
     """List the stored pipelines with their stages (ids for rules and scripts)."""
-    from amohook.store.models import Pipeline, Stage
+    from amohook import listings
 
-    sub = _account(ctx, subdomain)
-    rows = list(Pipeline.select().where(Pipeline.account == sub).order_by(Pipeline.sort, Pipeline.amo_id))
-    stages: dict[int, list] = {}
-    for stage in Stage.select().where(Stage.account == sub).order_by(Stage.sort, Stage.amo_id):
-        stages.setdefault(stage.pipeline_id, []).append(stage)
+    store, sub = _account(ctx, subdomain)
+    found = listings.pipelines(store, sub)
+    rows = [entry.pipeline for entry in found]
+    stages = {entry.pipeline.amo_id: entry.stages for entry in found}
     if as_json:
         print_json(
             [
@@ -186,10 +186,10 @@ def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonO
 
 def task_types(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
     """List the stored task types."""
-    from amohook.store.models import TaskType
+    from amohook import listings
 
-    sub = _account(ctx, subdomain)
-    rows = list(TaskType.select().where(TaskType.account == sub).order_by(TaskType.amo_id))
+    store, sub = _account(ctx, subdomain)
+    rows = listings.task_types(store, sub)
     if as_json:
         print_json([{"id": t.amo_id, "name": t.name, "code": t.code, "color": t.color} for t in rows])
         return
@@ -208,10 +208,10 @@ def task_types(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: Json
 
 def users(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
     """List the stored users (synced only with an admin's token)."""
-    from amohook.store.models import User
+    from amohook import listings
 
-    sub = _account(ctx, subdomain)
-    rows = list(User.select().where(User.account == sub).order_by(User.name, User.amo_id))
+    store, sub = _account(ctx, subdomain)
+    rows = listings.users(store, sub)
     if as_json:
         print_json(
             [

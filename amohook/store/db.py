@@ -91,6 +91,13 @@ class Store:
         if self.is_sqlite:
             self.db.execute_sql("PRAGMA synchronous=NORMAL")
 
+    def close_quietly(self) -> None:
+        """Drop this thread's connection, ignoring errors (after a failure, or when a thread ends)."""
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def close(self) -> None:
         if not self.db.is_closed():
             self.db.close()
@@ -102,7 +109,7 @@ class Store:
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def _sqlite_file(url: str) -> Path:
+def sqlite_file(url: str) -> Path:
     """The file an ``sqlite://`` URL names; an in-memory or empty one is refused.
 
     An in-memory store forgets every acknowledged webhook with the process and is private to one
@@ -205,7 +212,7 @@ def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
     scheme = url.split(":", 1)[0].lower()
     kwargs: dict = {}
     if scheme.startswith("sqlite"):
-        path = _sqlite_file(url)
+        path = sqlite_file(url)
         _prepare_sqlite_file(path)
         url = f"sqlite:///{path}"
         kwargs["pragmas"] = SQLITE_PRAGMAS

@@ -15,6 +15,7 @@ import threading
 import time
 
 from amohook import inbox
+from amohook.errors import describe
 
 log = logging.getLogger("amohook.server")
 
@@ -83,7 +84,7 @@ class QueueWatch:
                     self._wanted = False
                 self._read()
         finally:
-            inbox._close_quietly(self.store)
+            self.store.close_quietly()
 
     def _read(self) -> None:
         stats, error, reconciliation = None, None, self._reconciliation
@@ -92,10 +93,10 @@ class QueueWatch:
             reconciliation = _reconciliation(time.time())
         except Exception as exc:
             error = inbox.failure_class(exc)
-            inbox._close_quietly(self.store)
+            self.store.close_quietly()
             if time.monotonic() - self._logged_at >= LOG_SECONDS:
                 self._logged_at = time.monotonic()
-                log.warning("healthz: the database cannot be read: %s (%s)", error, inbox._describe(exc))
+                log.warning("healthz: the database cannot be read: %s (%s)", error, describe(exc))
         with self._cond:
             self._stats = stats
             self._reconciliation = reconciliation
