@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,14 +35,14 @@ from typing import Callable, Iterable, Mapping
 import requests
 
 from amohook.errors import (
-    AccountBlocked,
     AmoApiError,
     AmoTemporaryError,
     AmohookError,
     RateLimited,
-    ReauthRequired,
     RefusedBeforeRefresh,
+    needs_person,
 )
+from amohook.retry import ACTIONS, PERSON_WAIT
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
 from amohook.actions.registry import kinds
@@ -54,7 +53,7 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 LEASE_SECONDS = 300.0
 MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
-HUMAN_WAIT = 900.0  # a revoked grant or a blocked account waits for a person; not an attempt
+HUMAN_WAIT = PERSON_WAIT  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
 def record_planned(store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
@@ -97,8 +96,9 @@ def record_planned(store, planned: Iterable, event_id: int | None, clock: Callab
     return len(fresh)
 
 
-def backoff(attempt: int, base: float = 30.0, cap: float = 3600.0) -> float:
-    return min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
+def backoff(attempt: int) -> float:
+    """The sender's retry delay: the project's one policy (``amohook.retry.ACTIONS``)."""
+    return ACTIONS.delay(attempt)
 
 
 def definitely_refused(exc: BaseException) -> bool:
@@ -266,7 +266,7 @@ class ActionSender:
             self.later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
         elif isinstance(exc, RateLimited):
             self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
-        elif isinstance(exc, (AccountBlocked, ReauthRequired)):
+        elif needs_person(exc):
             self.later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
             self.stats.errors.append(message)
         else:
