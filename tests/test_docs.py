@@ -51,7 +51,7 @@ def test_the_readme_rules_example_is_the_tested_file():
 
 
 def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
-    """The second line of "Install and run", as written (the port moved to a free one)."""
+    """The quick start's listener line, as written (the port moved to a free one)."""
     import os
     import re
     import subprocess
@@ -59,8 +59,9 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
 
     import requests
 
-    block = README.split("## Install and run", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
-    [run_line] = [line for line in block.splitlines() if "amohook serve" in line]
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in quick.split("```sh")[1:]]
+    [run_line] = [line for b in blocks for line in b.splitlines() if "amohook serve" in line]
     command = run_line.replace(".venv/bin/amohook", f"{sys.executable} -m amohook")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
     env.update(HOME=str(tmp_path), AMOHOOK_PORT="0", PYTHONPATH=str(ROOT))
