@@ -11,98 +11,59 @@ at most once a second, when someone asks.
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from dataclasses import dataclass
 
 from amohook import inbox
-from amohook.errors import describe
+from amohook.webhooks.reader import OnDemandReader
 
 log = logging.getLogger("amohook.server")
 
 FRESH_SECONDS = 1.0  # queue figures older than this are read again when /healthz is asked
 WAIT_SECONDS = 0.5  # how long a /healthz request waits for that read before answering with what it has
-LOG_SECONDS = 60.0  # a failing read is logged at most this often
+
+
+@dataclass(frozen=True)
+class HealthFigures:
+    stats: inbox.QueueStats
+    reconciliation: list[dict]
 
 
 class QueueWatch:
-    """Queue counts for /healthz, read by one thread on one connection, shared by every request."""
+    """Queue counts (and reconciliation per account) for /healthz, read by one thread on one
+    connection, at most once a second, shared by every request (``reader.OnDemandReader``)."""
 
     def __init__(self, store):
         self.store = store
-        self._cond = threading.Condition()
-        self._stats: inbox.QueueStats | None = None
+        self.reader: OnDemandReader[HealthFigures] = OnDemandReader(
+            store, self._figures, name="amohook-health", what="healthz", fresh=FRESH_SECONDS, wait=WAIT_SECONDS,
+            logger=log, keep_last=False,
+        )
         self._reconciliation: list[dict] = []
-        self._read_at = 0.0  # monotonic time of the last attempt (ok or not)
-        self._error: str | None = None  # the failure class of the last read, None when it worked
-        self._wanted = False
-        self._halt = False
-        self._logged_at = -LOG_SECONDS
-        self._thread: threading.Thread | None = None
 
     def start(self) -> "QueueWatch":
-        self._thread = threading.Thread(target=self._run, name="amohook-health", daemon=True)
-        self._thread.start()
+        self.reader.start()
         return self
 
     def stop(self) -> None:
-        with self._cond:
-            self._halt = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(2.0)
+        self.reader.stop(2.0)
 
     @property
     def reconciliation(self) -> list[dict]:
         """Per account: the last reconciliation pass, the cursor's lag, changes recovered in 24 h,
-        the subscription state — as of the last read."""
-        with self._cond:
-            return list(self._reconciliation)
+        the subscription state — as of the last good read."""
+        return list(self._reconciliation)
 
     def snapshot(self) -> tuple[inbox.QueueStats | None, str | None, float]:
         """(stats, error class, age in seconds); asks for a new read when they are stale."""
-        with self._cond:
-            if time.monotonic() - self._read_at > FRESH_SECONDS:
-                started = self._read_at
-                self._wanted = True
-                self._cond.notify_all()
-                deadline = time.monotonic() + WAIT_SECONDS
-                while self._read_at == started and not self._halt:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            return self._stats, self._error, time.monotonic() - self._read_at
+        figures, error, age = self.reader.get()
+        if figures is not None:
+            self._reconciliation = figures.reconciliation
+        return (figures.stats if figures else None), error, age
 
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._wanted and not self._halt:
-                        self._cond.wait()
-                    if self._halt:
-                        return
-                    self._wanted = False
-                self._read()
-        finally:
-            self.store.close_quietly()
-
-    def _read(self) -> None:
-        stats, error, reconciliation = None, None, self._reconciliation
-        try:
-            stats = inbox.queue_stats(self.store, now=time.time())
-            reconciliation = _reconciliation(time.time())
-        except Exception as exc:
-            error = inbox.failure_class(exc)
-            self.store.close_quietly()
-            if time.monotonic() - self._logged_at >= LOG_SECONDS:
-                self._logged_at = time.monotonic()
-                log.warning("healthz: the database cannot be read: %s (%s)", error, describe(exc))
-        with self._cond:
-            self._stats = stats
-            self._reconciliation = reconciliation
-            self._error = error
-            self._read_at = time.monotonic()
-            self._cond.notify_all()
+    def _figures(self) -> HealthFigures:
+        now = time.time()
+        return HealthFigures(inbox.queue_stats(self.store, now=now), _reconciliation(now))
 
 
 def _reconciliation(now: float) -> list[dict]:

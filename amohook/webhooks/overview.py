@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
@@ -21,12 +20,12 @@ import peewee
 
 from amohook import doctor, inbox
 from amohook.store.models import Account, Action, Event
+from amohook.webhooks.reader import OnDemandReader, Unreadable
 
 log = logging.getLogger("amohook.server")
 
 FRESH_SECONDS = 3.0  # a snapshot younger than this is shown as it is
 WAIT_SECONDS = 5.0  # how long a request waits for a new read before answering with what there is
-LOG_SECONDS = 60.0  # a failing read is logged at most this often
 MAX_ACCOUNTS = 50
 RECENT_EVENTS = 50
 DEAD_EVENTS = 50
@@ -91,10 +90,6 @@ class Snapshot:
     today_since: float
 
 
-class _Unreadable(Exception):
-    """The database answered but is not one this amohook can read (schema version)."""
-
-
 def read_snapshot(store, now: float) -> Snapshot:
     """Read everything once (a few dozen bounded queries; one more per account)."""
     from amohook.reconcile import reconcile_status
@@ -102,7 +97,7 @@ def read_snapshot(store, now: float) -> Snapshot:
 
     database = doctor.check_database(store)
     if not database.ok:
-        raise _Unreadable(database.detail)
+        raise Unreadable(database.detail)  # answered, but not a store this amohook can read
     checks = [database]
     accounts_total = Account.select().count()
     accounts = []
@@ -205,86 +200,38 @@ def _today(since: float, limit: int) -> list[ActionRow]:
 
 
 class OverviewReader:
-    """Reads ``Snapshot``s on one thread and one connection; shared by every request."""
+    """Reads ``Snapshot``s on one thread and one connection; shared by every request
+    (``reader.OnDemandReader``: at most once per ``fresh`` seconds, only when asked)."""
 
     def __init__(self, store, *, fresh: float = FRESH_SECONDS, wait: float = WAIT_SECONDS, clock=time.time):
         self.store = store
-        self.fresh = fresh
-        self.wait = wait
         self.clock = clock
-        self.reads = 0  # how many times the store was read (tests check the caching with it)
-        self._cond = threading.Condition()
-        self._snapshot: Snapshot | None = None
-        self._error: str | None = None
-        self._read_at = -1e18  # monotonic time of the last attempt
-        self._wanted = False
-        self._halt = False
-        self._logged_at = -LOG_SECONDS
-        self._thread: threading.Thread | None = None
+        self.reader: OnDemandReader[Snapshot] = OnDemandReader(
+            store, lambda: read_snapshot(self.store, self.clock()), name="amohook-overview", what="status page",
+            fresh=fresh, wait=wait, logger=log,
+        )
+
+    @property
+    def reads(self) -> int:
+        return self.reader.reads  # tests check the caching with it
+
+    @property
+    def fresh(self) -> float:
+        return self.reader.fresh
+
+    @fresh.setter
+    def fresh(self, seconds: float) -> None:
+        self.reader.fresh = seconds
 
     def start(self) -> "OverviewReader":
-        self._thread = threading.Thread(target=self._run, name="amohook-overview", daemon=True)
-        self._thread.start()
+        self.reader.start()
         return self
 
     def stop(self) -> None:
-        with self._cond:
-            self._halt = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(1.0)  # a read stuck on a hung database must not hold up stopping (daemon thread)
+        self.reader.stop(1.0)
 
     def get(self) -> tuple[Snapshot | None, str | None]:
         """(the latest snapshot or None, why the last read failed or None); reads anew when stale."""
-        with self._cond:
-            if time.monotonic() - self._read_at > self.fresh:
-                started = self._read_at
-                self._wanted = True
-                self._cond.notify_all()
-                deadline = time.monotonic() + self.wait
-                while self._read_at == started and not self._halt:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            return self._snapshot, self._error
+        snapshot, error, _ = self.reader.get()
+        return snapshot, error
 
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._wanted and not self._halt:
-                        self._cond.wait()
-                    if self._halt:
-                        return
-                    self._wanted = False
-                self._read()
-        finally:
-            self._close()
-
-    def _read(self) -> None:
-        snapshot, error = self._snapshot, None
-        try:
-            snapshot = read_snapshot(self.store, self.clock())
-        except _Unreadable as exc:
-            error = str(exc)
-        except Exception as exc:  # the database is down or slow: say so, keep the last snapshot
-            error = inbox.failure_class(exc)
-            self._close()
-            if time.monotonic() - self._logged_at >= LOG_SECONDS:
-                self._logged_at = time.monotonic()
-                first = (str(exc).strip().splitlines() or [""])[0][:200]
-                log.warning("status page: the database cannot be read: %s (%s: %s)", error, type(exc).__name__, first)
-        with self._cond:
-            self.reads += 1
-            self._snapshot = snapshot
-            self._error = error
-            self._read_at = time.monotonic()
-            self._cond.notify_all()
-
-    def _close(self) -> None:
-        """Drop this thread's connection (after an error, or when the thread ends)."""
-        try:
-            self.store.close()
-        except Exception:
-            pass
