@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable
 
 from amohook.errors import AccountBlocked, AmohookError, ConfigError, ReauthRequired, StoreError
 

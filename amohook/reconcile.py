@@ -22,8 +22,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from amohook.changes import Sighting, describe, is_known
 from amohook.rules import lead_changes

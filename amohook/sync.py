@@ -13,8 +13,9 @@ Only the library lives here: no typer, no rich. Progress goes to an optional cal
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from amohook.errors import (
     AmoApiError,

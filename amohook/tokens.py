@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease

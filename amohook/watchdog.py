@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from amohook.store.models import ReconcileState, Subscription
 

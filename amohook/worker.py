@@ -23,8 +23,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
@@ -180,7 +181,7 @@ def _first_line(exc: BaseException) -> str:
 class HandlerContext:
     """What a handler may use besides the event: the store, a logger, and the amoCRM client."""
 
-    def __init__(self, worker: "Worker", event: InboxEvent):
+    def __init__(self, worker: Worker, event: InboxEvent):
         self._worker = worker
         self.event = event
         self.store = worker.store

@@ -29,15 +29,16 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import requests
 
+from amohook.actions.registry import kinds
 from amohook.errors import (
     AmoApiError,
-    AmoTemporaryError,
     AmohookError,
+    AmoTemporaryError,
     RateLimited,
     RefusedBeforeRefresh,
     needs_person,
@@ -45,7 +46,6 @@ from amohook.errors import (
 from amohook.retry import ACTIONS, PERSON_WAIT
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
-from amohook.actions.registry import kinds
 
 BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
 # Longer than one POST can take (connect 5 s + read 20 s, plus the rate limiter). The lease is

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -232,7 +233,7 @@ class AmoClient:
         response = self.request("PATCH", path, json=json, repeat_after_refresh=repeat_after_refresh)
         if response.status_code == 204 or not response.content:
             return None
-        return _json_body(response, "PATCH", path)
+        return json_body(response, "PATCH", path)
 
     def iter_pages(self, path: str, key: str, params: dict | None = None, limit: int = PAGE_LIMIT) -> Iterator[dict]:
         """Every item of a HAL list, following ``_links.next`` until 204 or no next link."""

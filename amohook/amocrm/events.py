@@ -8,7 +8,7 @@ upper bound on every page, de-duplicated by event id and sorted here, never trus
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from amohook.errors import AmoApiError

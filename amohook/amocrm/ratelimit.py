@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from amohook.store.models import RateWindow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,11 +16,11 @@ Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)
 DomainOpt = Annotated[Domain, typer.Option("--domain", case_sensitive=False, help="The account's domain.")]
 
 SubdomainOpt = Annotated[
-    Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
+    str | None, typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
 ]
 
 
-def _client_secret(flag: Optional[str], prompt: bool = True) -> str:
+def _client_secret(flag: str | None, prompt: bool = True) -> str:
     from amohook.errors import ConfigError
     from amohook.settings import ENV_CLIENT_SECRET, secret_from
 
@@ -48,7 +48,7 @@ def init_auth(
     ctx: typer.Context,
     subdomain: Annotated[str, typer.Option("--subdomain", "-s", help="Account subdomain, e.g. mycompany for mycompany.amocrm.ru.")],
     code: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--code",
             envvar="AMOHOOK_AUTH_CODE",
@@ -58,7 +58,7 @@ def init_auth(
         ),
     ] = None,
     long_lived_token: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--long-lived-token",
             envvar="AMOHOOK_LONG_LIVED_TOKEN",
@@ -67,9 +67,9 @@ def init_auth(
             "command lines are visible in `ps`.",
         ),
     ] = None,
-    client_id: Annotated[Optional[str], typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")] = None,
+    client_id: Annotated[str | None, typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")] = None,
     client_secret: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--client-secret",
             envvar=ENV_CLIENT_SECRET,
@@ -78,15 +78,15 @@ def init_auth(
         ),
     ] = None,
     redirect_uri: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI exactly as in the integration's settings."),
     ] = None,
     domain: DomainOpt = Domain["amocrm.ru"],
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
 ):
     """Exchange an authorization code for tokens (or store a long-lived token) and check they work."""
-    from amohook.auth import authorize_with_code, authorize_with_long_lived_token
     from amohook.amocrm.oauth import Client
+    from amohook.auth import authorize_with_code, authorize_with_long_lived_token
     from amohook.errors import ConfigError
     from amohook.settings import base_url_for, check_subdomain
 
@@ -96,7 +96,10 @@ def init_auth(
     if long_lived_token:
         account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
         expires = f", expires {fmt_time(account.expires_at)}" if account.expires_at else ""
-        say(f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); it is never refreshed")
+        say(
+            f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); "
+            "it is never refreshed"
+        )
         return
     missing = [name for name, value in (("--client-id", client_id), ("--redirect-uri", redirect_uri)) if not value]
     if not code and (missing or not _interactive()):
@@ -125,16 +128,16 @@ def auth_url(
         str, typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI; point it at `amohook serve`'s /oauth/callback.")
     ],
     client_secret: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--client-secret", envvar=ENV_CLIENT_SECRET, show_envvar=True,
                      help="Secret key. Prefer the environment variable: command lines are visible in `ps`."),
     ] = None,
     domain: DomainOpt = Domain["amocrm.ru"],
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
 ):
     """Print the URL that grants access; `amohook serve` completes it at /oauth/callback."""
-    from amohook.auth import start_authorization
     from amohook.amocrm.oauth import Client
+    from amohook.auth import start_authorization
 
     if base_url:
         from amohook.settings import base_url_for

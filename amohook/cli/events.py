@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
@@ -44,8 +44,8 @@ def _row(event) -> dict:
 @events_app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Annotated[Optional[Status], typer.Option("--status", case_sensitive=False, help="Only events in this state.")] = None,
-    entity: Annotated[Optional[str], typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
+    status: Annotated[Status | None, typer.Option("--status", case_sensitive=False, help="Only events in this state.")] = None,
+    entity: Annotated[str | None, typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 50,
     as_json: JsonOpt = False,
 ):
@@ -144,7 +144,8 @@ def show(
     if delivery_json is not None:
         say(
             f"delivery {delivery.id}: received {delivery_json['times_received']} time(s), first at "
-            f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, {delivery.content_type or 'no content type'}"
+            f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, "
+            f"{delivery.content_type or 'no content type'}"
         )
         for name, value in sorted(delivery_json["headers"].items()):
             say(f"  {name}: {value}")
@@ -164,7 +165,7 @@ def show(
 def replay(
     ctx: typer.Context,
     event_ids: Annotated[
-        Optional[List[int]], typer.Argument(metavar="[ID]...", min=1, max=2**63 - 1, help="Events to queue again.")
+        list[int] | None, typer.Argument(metavar="[ID]...", min=1, max=2**63 - 1, help="Events to queue again.")
     ] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Queue every dead event again.")] = False,
     as_json: JsonOpt = False,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from amohook.cli.common import console, err_console, plain, print_json, say, state, warn
 
 SubdomainOpt = Annotated[
-    Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
+    str | None, typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -124,7 +124,7 @@ def sync_entities(
         report.raise_for_error()
 
 
-def _account(ctx: typer.Context, subdomain: Optional[str]):
+def _account(ctx: typer.Context, subdomain: str | None):
     """The store and the account's subdomain the listings read."""
     from amohook.tokens import get_account
 

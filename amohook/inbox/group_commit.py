@@ -7,8 +7,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import peewee
 
@@ -109,7 +109,7 @@ class GroupCommitter:
         self.committed = 0
         self.largest_batch = 0
 
-    def start(self) -> "GroupCommitter":
+    def start(self) -> GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="amohook-writer", daemon=True)
         self._thread.start()
         if self.store.is_sqlite:
@@ -353,7 +353,7 @@ class GroupCommitter:
                 self.on_batch(len(batch), time.perf_counter() - started)
             except Exception:  # an observer must never break the write path
                 self.log.exception("on_batch hook failed")
-        for ticket, result in zip(batch, results):
+        for ticket, result in zip(batch, results, strict=True):
             ticket.result = result
             ticket.done.release()
         if self.on_commit is not None and any(r.events for r in results):

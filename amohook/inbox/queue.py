@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from amohook.inbox.receive import ERROR_MAX, write_txn
 from amohook.store.models import Attempt, Event

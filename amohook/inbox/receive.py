@@ -8,8 +8,8 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import peewee
 
@@ -242,7 +242,7 @@ def store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
     known = lookup(distinct)
     new_rows: list[tuple] = []
     fresh: dict[str, Incoming] = {}
-    for item, sha in zip(items, shas):
+    for item, sha in zip(items, shas, strict=True):
         if sha in known or sha in fresh:
             continue
         fresh[sha] = item
@@ -274,7 +274,7 @@ def store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
 
     results: list[Stored] = []
     resent: Counter = Counter()
-    for item, sha in zip(items, shas):
+    for item, sha in zip(items, shas, strict=True):
         if sha in fresh and fresh[sha] is item:
             results.append(Stored(ids[sha], True, len(item.parsed.events)))
         else:

@@ -9,8 +9,8 @@ a task hook says nothing of where its lead is.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from amohook.actions import lead_changing_kinds, record_planned
 from amohook.changes import identify, sighting_of
@@ -75,7 +75,7 @@ class RulesHandler:
                 change = replace(change, changed_at=str(identity.key_at))
             leads: dict[str, dict | None] = {}
 
-            def lead_of(rule: CompiledRule) -> dict | None:
+            def lead_of(rule: CompiledRule, leads=leads, change=change) -> dict | None:  # this change's leads
                 if rule.account not in leads:  # one read per lead, however many rules ask
                     leads[rule.account] = ctx.client(rule.account).get(f"/api/v4/leads/{change.lead_id}")
                 return leads[rule.account]

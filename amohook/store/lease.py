@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import peewee
 from peewee import IntegrityError

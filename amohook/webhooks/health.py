@@ -39,7 +39,7 @@ class QueueWatch:
         self._logged_at = -LOG_SECONDS
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "QueueWatch":
+    def start(self) -> QueueWatch:
         self._thread = threading.Thread(target=self._run, name="amohook-health", daemon=True)
         self._thread.start()
         return self

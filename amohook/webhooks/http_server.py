@@ -61,7 +61,7 @@ class HardenedRequestHandler(BaseHTTPRequestHandler):
     # connection, as amoCRM's requests do (docs/amocrm.md §5).
     protocol_version = "HTTP/1.1"
     allow = "GET, HEAD, POST"  # the Allow header of a 405 to an unknown method
-    server: "HardenedHTTPServer"
+    server: HardenedHTTPServer
 
     def version_string(self) -> str:
         return "amohook"

@@ -222,7 +222,7 @@ class OverviewReader:
         self._logged_at = -LOG_SECONDS
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "OverviewReader":
+    def start(self) -> OverviewReader:
         self._thread = threading.Thread(target=self._run, name="amohook-overview", daemon=True)
         self._thread.start()
         return self

@@ -260,7 +260,7 @@ def _fields(body: bytes, text: str) -> tuple[list[tuple[str, str]], bool]:
             pass
         else:
             pairs = iter(decoded)
-            return list(zip(pairs, pairs)), True
+            return list(zip(pairs, pairs, strict=False)), True  # pairs; a lone last key is dropped
     return _split_fields(text), False
 
 

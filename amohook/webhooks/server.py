@@ -19,9 +19,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Sequence
 from urllib.parse import parse_qs
 
 from amohook import inbox
@@ -64,7 +64,8 @@ def check_secret(secret: str | None) -> str:
     if not secret:
         raise ConfigError(
             "no webhook secret — set AMOHOOK_WEBHOOK_SECRET (or --secret) to a random string of at least "
-            f"{MIN_SECRET_LENGTH} characters, e.g. the output of `python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"`"
+            f"{MIN_SECRET_LENGTH} characters, e.g. the output of "
+            "`python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"`"
         )
     if len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(
@@ -98,7 +99,7 @@ _PAGE_HEADERS = (
 class _Handler(HardenedRequestHandler):
     """The routes: a webhook, the health answer, the OAuth redirect."""
 
-    server: "WebhookHTTPServer"
+    server: WebhookHTTPServer
 
     def handle_expect_100(self) -> bool:
         # Invite the body only when it will be read; otherwise the final answer (404, 411, 413…)
@@ -296,10 +297,10 @@ class _Handler(HardenedRequestHandler):
 
     def _page(self, status: int, title: str, message: str) -> None:
         page = (
-            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title></head>\n"
+            f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
             "<body style=\"font-family: sans-serif; max-width: 40em; margin: 3em auto\">\n"
-            "<h1>{t}</h1>\n<p>{m}</p>\n</body></html>\n"
-        ).format(t=html.escape(title), m=html.escape(message))
+            f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(message)}</p>\n</body></html>\n"
+        )
         self._reply(
             status,
             page,
@@ -354,7 +355,7 @@ class WebhookService:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def start(self) -> "WebhookService":
+    def start(self) -> WebhookService:
         self.committer = GroupCommitter(self.store, on_commit=self._wake_workers).start()
         try:
             self.httpd = WebhookHTTPServer(self.config, self.store, self.committer)

@@ -229,7 +229,7 @@ def render_page(snapshot: Snapshot | None, error: str | None, *, listener, commi
     checks = []
     if snapshot is not None:  # as doctor orders them: the database, each account, then the queue
         checks = [c for c in snapshot.checks if c.name in ("database", "accounts")]
-        for view, token in zip(snapshot.accounts, token_checks(snapshot)):
+        for view, token in zip(snapshot.accounts, token_checks(snapshot), strict=True):
             checks += [token, *view.checks]
         checks += [c for c in snapshot.checks if c.name not in ("database", "accounts")]
     state = "error" if error or snapshot is None else doctor.worst(checks)
