@@ -22,9 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
+
+if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
+    from amohook.reconcile import Reconciler
+    from amohook.store import Store
+    from amohook.webhooks.server import WebhookService
 
 log = logging.getLogger("amohook.runner")
 
@@ -35,7 +40,7 @@ WORKER_STOP_SECONDS = 8.0  # running handlers finish within this, then the sende
 
 
 def build_registry(handlers: Iterable[HandlerSpec] | None = None, rules: str | Path | None = None,
-                   store=None, *, journal: bool = False, search_dir: str | None = None):
+                   store: Store | None = None, *, journal: bool = False, search_dir: str | None = None):
     """The handler registry, and the task sender when there are rules (else None).
 
     Invalid rules or a handler that cannot be imported raise here (``ConfigError``), before
@@ -46,12 +51,15 @@ def build_registry(handlers: Iterable[HandlerSpec] | None = None, rules: str | P
     registry = Registry()
     sender = None
     handlers = list(handlers or [])
+    if store is None and (rules or (journal and handlers)):
+        raise TypeError("build_registry: rules and the change journal need the store")
     if rules:
         from amohook.actions import ActionSender
         from amohook.amocrm.client import client_for
         from amohook.rules import load_and_compile
         from amohook.rules_handler import RulesHandler
 
+        assert store is not None  # checked above
         compiled = load_and_compile(str(rules))
         clients: dict = {}
 
@@ -67,6 +75,7 @@ def build_registry(handlers: Iterable[HandlerSpec] | None = None, rules: str | P
     elif journal and handlers:
         from amohook.changes import ChangeJournal
 
+        assert store is not None  # checked above
         registry.register("amohook.changes", ChangeJournal(store))
     for spec in handlers:
         if isinstance(spec, str):
@@ -120,7 +129,7 @@ class Runner:
     invalid rules raise in the constructor.
     """
 
-    def __init__(self, store, *, rules: str | Path | None = None, handlers: Iterable[HandlerSpec] = (),
+    def __init__(self, store: Store, *, rules: str | Path | None = None, handlers: Iterable[HandlerSpec] = (),
                  threads: int = 1, listen=None, reconcile_every: float | None = None,
                  keep: float | None = None, lease_seconds: float = 300.0, max_attempts: int = 10,
                  batch_size: int = 10, poll_interval: float = 1.0, journal: bool | None = None,
@@ -135,19 +144,19 @@ class Runner:
         )
         prefix = "serve" if listen is not None else "worker"
         count = threads if len(self.registry) else 0  # nothing to run: events stay pending
-        options = {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
+        options: dict[str, Any] = {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
         self.workers = [
             Worker(store, self.registry, new_worker_id(f"{prefix}{i}"), lease_seconds=lease_seconds,
                    max_attempts=max_attempts, **options)
             for i in range(count)
         ]
-        self.service = None
+        self.service: WebhookService | None = None
         self.errors: list[BaseException] = []
         self._stop = StopEvent()  # the workers' (worker mode) and the waiting loop's
         self._background = threading.Event()  # the sender's, the reconciler's and the pruner's
         self._threads: list[threading.Thread] = []
         self._sender_thread: threading.Thread | None = None
-        self.reconciler = None
+        self.reconciler: Reconciler | None = None
         self._started = False
 
     @property

@@ -13,9 +13,12 @@ import json
 import random
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from amohook.store.models import RateWindow
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 RATE = 7
 PER = 1.0
@@ -46,7 +49,7 @@ class SharedRateLimiter:
 
     def __init__(
         self,
-        store,
+        store: Store,
         *,
         rate: int = RATE,
         per: float = PER,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
         return int(ExitCode.INTERRUPTED)
     except Exception as exc:  # the funnel: anything else is either Click's usage error or a bug
         if _is_click_exception(exc):
-            exc.show()
+            cast(Any, exc).show()  # a Click exception (typer ships its own Click)
             return int(ExitCode.USAGE)
         if type(exc).__name__ == "Abort":
             sys.stderr.write("aborted\n")

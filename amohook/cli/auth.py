@@ -12,7 +12,7 @@ from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, sta
 from amohook.settings import DOMAINS, ENV_CLIENT_SECRET
 
 # The domains amoCRM and Kommo serve accounts under, as a choice `--help` lists and Click checks.
-Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)
+Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)  # type: ignore[misc]  # built from DOMAINS
 DomainOpt = Annotated[Domain, typer.Option("--domain", case_sensitive=False, help="The account's domain.")]
 
 SubdomainOpt = Annotated[
@@ -104,13 +104,13 @@ def init_auth(
     missing = [name for name, value in (("--client-id", client_id), ("--redirect-uri", redirect_uri)) if not value]
     if not code and (missing or not _interactive()):
         missing.insert(0, "--code (or AMOHOOK_AUTH_CODE)")
-    if missing:
+    if missing or not client_id or not redirect_uri:  # (both are in `missing` when empty)
         raise ConfigError(
             f"init-auth needs {', '.join(missing)} (or --long-lived-token) — all are in the integration's Keys tab"
         )
     secret = _client_secret(client_secret)
     if not code:
-        code = typer.prompt("Authorization code (Keys tab; it lives 20 minutes)", hide_input=True)
+        code = str(typer.prompt("Authorization code (Keys tab; it lives 20 minutes)", hide_input=True))
     if not code.strip():
         raise ConfigError("the authorization code is empty — copy it from the integration's Keys tab")
     client = Client(client_id.strip(), secret, redirect_uri.strip())
@@ -165,7 +165,10 @@ def refresh_token(
 
         raise AccountNotFound(None)
     for account in accounts:
-        result = refresh_tokens(store, account.subdomain, force=force, on_wait=lambda msg, s=account.subdomain: warn(f"{s}: {msg}"))
+        def on_wait(msg: str, s: str = account.subdomain) -> None:
+            warn(f"{s}: {msg}")
+
+        result = refresh_tokens(store, account.subdomain, force=force, on_wait=on_wait)
         acc = result.account
         if result.outcome == "refreshed":
             say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,7 +15,7 @@ events_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS
                          help="Look at received webhook events and queue them again.")
 
 STATUSES = ("pending", "running", "done", "dead")
-Status = Enum("Status", {name: name for name in STATUSES}, type=str)
+Status = Enum("Status", {name: name for name in STATUSES}, type=str)  # type: ignore[misc]  # from STATUSES
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
@@ -122,7 +122,7 @@ def show(
             "body_sha256": delivery.body_sha256,
             "body": delivery.body,
         }
-    actions = [
+    actions: list[dict[str, Any]] = [
         {"rule": a.rule, "kind": a.kind, "status": a.status, "task_id": a.result_id, "attempts": a.attempts,
          "last_error": a.last_error}
         for a in detail.actions
@@ -141,7 +141,7 @@ def show(
         say(f"  last error: {event.last_error}")
     say("data:")
     say(json.dumps(data, ensure_ascii=False, indent=2))
-    if delivery_json is not None:
+    if delivery is not None and delivery_json is not None:
         say(
             f"delivery {delivery.id}: received {delivery_json['times_received']} time(s), first at "
             f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, "
@@ -156,9 +156,10 @@ def show(
         say(f"  {fmt_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
     if actions:
         say(f"rule actions ({len(actions)}):")
-        for a in actions:
-            task = f" → {noun(a['kind'])} {a['task_id']}" if a["task_id"] else ""
-            say(f"  {a['rule']}: {a['kind']} {a['status']}{task}" + (f"  {a['last_error']}" if a["last_error"] else ""))
+        for act in actions:
+            task = f" → {noun(act['kind'])} {act['task_id']}" if act["task_id"] else ""
+            say(f"  {act['rule']}: {act['kind']} {act['status']}{task}"
+                + (f"  {act['last_error']}" if act["last_error"] else ""))
 
 
 @events_app.command("replay")

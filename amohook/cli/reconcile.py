@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -81,7 +81,7 @@ def reconcile(
             say(f"{r.account}: webhook subscriptions: {r.subscription}" + (f" — {r.subscription_note}" if r.subscription_note else ""))
 
 
-def _rules_events(rules: str | None) -> list[str]:
+def _rules_events(rules: str) -> list[str]:
     from amohook.rules import load_rules_file
 
     wanted: list[str] = []
@@ -130,7 +130,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     account = _account(subdomain)
     hooks = list_webhooks(client_for(store, account))
     ours = {s.destination_sha256 for s in watched(account)}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"destination": redact_destination(h.destination), "events": list(h.events), "disabled": h.disabled,
          "by_amohook": destination_sha(h.destination) in ours}
         for h in hooks

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import peewee
 
@@ -23,6 +24,9 @@ from amohook.inbox.receive import (
     StoreUnavailable,
     failure_class,
 )
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.inbox")
 
@@ -72,7 +76,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        store,
+        store: Store,
         *,
         max_batch: int = 200,
         max_batch_bytes: int = 16 * 1024 * 1024,

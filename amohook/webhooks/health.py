@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from amohook import inbox
 from amohook.errors import describe
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.server")
 
@@ -27,7 +31,7 @@ LOG_SECONDS = 60.0  # a failing read is logged at most this often
 class QueueWatch:
     """Queue counts for /healthz, read by one thread on one connection, shared by every request."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store):
         self.store = store
         self._cond = threading.Condition()
         self._stats: inbox.QueueStats | None = None

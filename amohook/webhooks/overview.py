@@ -16,11 +16,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import peewee
 
 from amohook import doctor, inbox
 from amohook.store.models import Account, Action, Event
+
+if TYPE_CHECKING:  # for the annotations only: overview must stay cheap to import
+    from amohook.reconcile import AccountReconcileStatus
+    from amohook.store import Store
+    from amohook.tokens import TokenStatus
 
 log = logging.getLogger("amohook.server")
 
@@ -39,9 +45,9 @@ ACTION_STATUSES = ("pending", "sending", "done", "failed")
 @dataclass(frozen=True)
 class AccountView:
     subdomain: str
-    token: object  # tokens.TokenStatus
-    checks: list  # doctor.Check: the refresh token, subscriptions, reconciliation
-    reconcile: object  # reconcile.AccountReconcileStatus
+    token: TokenStatus
+    checks: list[doctor.Check]  # the refresh token, subscriptions, reconciliation
+    reconcile: AccountReconcileStatus
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class _Unreadable(Exception):
     """The database answered but is not one this amohook can read (schema version)."""
 
 
-def read_snapshot(store, now: float) -> Snapshot:
+def read_snapshot(store: Store, now: float) -> Snapshot:
     """Read everything once (a few dozen bounded queries; one more per account)."""
     from amohook.reconcile import reconcile_status
     from amohook.tokens import refresh_holder, token_status
@@ -116,7 +122,7 @@ def read_snapshot(store, now: float) -> Snapshot:
         checks.append(doctor.Check("accounts", False, "error", "no account in the store",
                                    "run `amohook init-auth` to connect one"))
     checks += [doctor.check_dead_events(), doctor.check_pending_events(now), doctor.check_failed_actions()]
-    if store.is_sqlite:
+    if store.sqlite_path is not None:  # an SQLite store
         checks.append(doctor.check_disk(store.sqlite_path))
     since = _local_midnight(now)
     return Snapshot(
@@ -164,7 +170,9 @@ def _events(status: str | None, limit: int) -> list[EventRow]:
     return [
         EventRow(
             id=e.id, received_at=e.received_at, updated_at=e.updated_at, account=e.account, entity=e.entity,
-            action=e.action, entity_id=e.entity_id, name=_name(e.prefix), status=e.status, attempts=e.attempts,
+            action=e.action, entity_id=e.entity_id,
+            name=_name(e.prefix),  # type: ignore[attr-defined]  # the column selected as "prefix"
+            status=e.status, attempts=e.attempts,
             last_error=e.last_error, source=e.source or "webhook",
         )
         for e in query.limit(limit)
@@ -207,7 +215,7 @@ def _today(since: float, limit: int) -> list[ActionRow]:
 class OverviewReader:
     """Reads ``Snapshot``s on one thread and one connection; shared by every request."""
 
-    def __init__(self, store, *, fresh: float = FRESH_SECONDS, wait: float = WAIT_SECONDS, clock=time.time):
+    def __init__(self, store: Store, *, fresh: float = FRESH_SECONDS, wait: float = WAIT_SECONDS, clock=time.time):
         self.store = store
         self.fresh = fresh
         self.wait = wait

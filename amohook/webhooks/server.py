@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from amohook import inbox
@@ -31,6 +32,9 @@ from amohook.redact import redact_target
 from amohook.webhooks import health, metrics, status_page
 from amohook.webhooks.http_server import HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.server")
 
@@ -313,7 +317,7 @@ class WebhookHTTPServer(HardenedHTTPServer):
     """The hardened server (webhooks/http_server.py) with what the routes need: the secret, the
     store, the group-commit writer and the queue watch behind /healthz."""
 
-    def __init__(self, config: ServerConfig, store, committer: GroupCommitter):
+    def __init__(self, config: ServerConfig, store: Store, committer: GroupCommitter):
         self.store = store
         self.committer = committer
         self.secret_bytes = check_secret(config.secret).encode("ascii")
@@ -333,7 +337,7 @@ class WebhookHTTPServer(HardenedHTTPServer):
 class WebhookService:
     """The listener, its writer thread and (optionally) worker threads, started and stopped together."""
 
-    def __init__(self, store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None):
+    def __init__(self, store: Store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None):
         self.store = store
         self.config = config
         self.workers = list(workers)
