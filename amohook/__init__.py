@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it
+__url__ = "https://github.com/amohook/amohook"  # the project page: metadata and the User-Agent
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -31,7 +32,7 @@ _EXPORTS = {
     "needs_person": "amohook.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = ["__url__", "__version__", *sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:

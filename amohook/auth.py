@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import requests
@@ -16,12 +17,15 @@ from amohook.settings import base_url_for, check_subdomain
 from amohook.store.models import Account, OAuthState
 from amohook.tokens import jwt_expiry, save_authorization
 
+if TYPE_CHECKING:
+    from amohook.store import Store
+
 AUTHORIZE_HOSTS = {"amocrm.ru": "https://www.amocrm.ru", "amocrm.com": "https://www.amocrm.com", "kommo.com": "https://www.kommo.com"}
 STATE_MAX_AGE = 3600  # an authorization page left open longer than this must be started again
 
 
 def authorize_with_code(
-    store,
+    store: Store,
     *,
     subdomain: str,
     base_url: str,
@@ -38,7 +42,7 @@ def authorize_with_code(
 
 
 def authorize_with_long_lived_token(
-    store,
+    store: Store,
     *,
     subdomain: str,
     base_url: str,
@@ -68,7 +72,7 @@ def authorize_with_long_lived_token(
         ) from None
 
 
-def verify_account(store, subdomain: str, *, session: requests.Session | None = None) -> Account:
+def verify_account(store: Store, subdomain: str, *, session: requests.Session | None = None) -> Account:
     """GET /api/v4/account with the stored token; records the account id and timezone."""
     from amohook.amocrm.client import client_for
 
@@ -83,7 +87,7 @@ def verify_account(store, subdomain: str, *, session: requests.Session | None = 
 
 
 def start_authorization(
-    store,
+    store: Store,
     *,
     client: Client,
     domain: str = "amocrm.ru",
@@ -111,7 +115,7 @@ def start_authorization(
 
 
 def complete_authorization(
-    store,
+    store: Store,
     *,
     state: str,
     code: str,

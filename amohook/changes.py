@@ -26,8 +26,12 @@ import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from amohook.store.models import ChangeSeen
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 TOLERANCE = 10  # seconds between a webhook's last_modified and the log's created_at of one change
 SOURCES = {"webhook": "hook_at", "untimed": "untimed_at", "events_log": "log_at"}
@@ -127,14 +131,14 @@ def is_known(s: Sighting) -> bool:
     return _match(_candidates(s), s)[0] is not None
 
 
-def identify(store, s: Sighting, clock=time.time) -> Identity:
+def identify(store: Store, s: Sighting, clock=time.time) -> Identity:
     """Join ``s`` to the change it reports, recording it; the first sighting creates the change."""
     with lead_lock(store, s.account, s.lead_id):
         row, exact = _match(_candidates(s), s)
         own = SOURCES[s.source]
         if row is not None:
             if not exact:
-                updates = {own: s.at}
+                updates: dict[str, Any] = {own: s.at}
                 if row.origin is None and s.origin is not None:
                     updates["origin"] = s.origin
                 ChangeSeen.update(**updates).where(ChangeSeen.id == row.id).execute()
@@ -147,7 +151,7 @@ def identify(store, s: Sighting, clock=time.time) -> Identity:
 
 
 @contextmanager
-def lead_lock(store, account: str, lead_id: int):
+def lead_lock(store: Store, account: str, lead_id: int):
     """A write transaction that no other process runs for the same lead at the same time.
 
     SQLite's write transaction is already exclusive. PostgreSQL takes a transaction-scoped
@@ -194,7 +198,7 @@ class ChangeJournal:
     brought, so the events log does not hand the handlers the same change again.
     """
 
-    def __init__(self, store):
+    def __init__(self, store: Store):
         self.store = store
 
     def __call__(self, event, ctx) -> int:

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from amohook.errors import AccountBlocked, AmohookError, ConfigError, ReauthRequired, StoreError
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 CLOCK_SKEW_WARN = 60.0  # seconds between our clock and amoCRM's Date header
 PENDING_WARN = 600.0  # an event due this long and not taken: no worker running?
@@ -132,7 +136,7 @@ def open_store_checked(url: str):
         return None, _error("database", f"{head} ({redact_url(url)})", fix)
 
 
-def check_database(store) -> Check:
+def check_database(store: Store) -> Check:
     from amohook.settings import redact_url
     from amohook.store.migrations import LATEST, current_version
 
@@ -153,13 +157,13 @@ def check_database(store) -> Check:
 
 
 # -- accounts: the token, the refresh token, the clock -------------------------------------------
-def _default_client(store, subdomain: str):
+def _default_client(store: Store, subdomain: str):
     from amohook.amocrm.client import client_for
 
     return client_for(store, subdomain, max_attempts=2)
 
 
-def check_account(store, account, now: float, client_factory: Callable) -> list[Check]:
+def check_account(store: Store, account, now: float, client_factory: Callable) -> list[Check]:
     """The token works (one request), the refresh token's age, and our clock against amoCRM's."""
     from amohook.store.models import Account
 
@@ -314,7 +318,8 @@ def check_reconciliation(account: str, now: float) -> Check | None:
     if row.last_error:
         return _warn(name, f"the last pass failed: {row.last_error}",
                      f"run `amohook reconcile --subdomain {account}` to see whether it still fails", account)
-    lag = now - row.cursor if row.cursor is not None else now - row.last_pass_at
+    seen = row.cursor if row.cursor is not None else row.last_pass_at  # not None: the early return above
+    lag = now - seen if seen is not None else 0.0
     if lag > RECONCILE_LAG_WARN:
         return _warn(name, f"the events log was last read {_age(lag)} ago",
                      "is `amohook serve` or `amohook worker` running with reconciliation (`--reconcile 5m`)? "
@@ -408,7 +413,7 @@ def _bytes(n: float) -> str:
 
 
 # -- all of it ----------------------------------------------------------------------------------
-def run_checks(store, *, rules_path: str | None = None, now: float | None = None,
+def run_checks(store: Store, *, rules_path: str | None = None, now: float | None = None,
                client_factory: Callable | None = None) -> list[Check]:
     """Every check, in the order an admin reads them. ``client_factory(store, subdomain)`` makes
     the API client (default: the usual shared-limit client, two attempts)."""
@@ -432,6 +437,6 @@ def run_checks(store, *, rules_path: str | None = None, now: float | None = None
             if check is not None:
                 checks.append(check)
     checks += [check_dead_events(), check_pending_events(now), check_failed_actions()]
-    if store.is_sqlite:
+    if store.sqlite_path is not None:  # an SQLite store
         checks.append(check_disk(store.sqlite_path))
     return checks

@@ -169,6 +169,8 @@ class RefreshOutcomeUnknown(AmoTemporaryError):
     Never re-sent automatically (refresh tokens are single-use); the message says what to do.
     """
 
+    what: str = ""  # what happened instead of an answer (a timeout, an HTML page)
+
 
 def needs_person(exc: BaseException) -> bool:
     """True when only a person can make the next try succeed: the grant is revoked, expired or

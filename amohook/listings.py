@@ -4,8 +4,12 @@ one account, in the order people read it. Read from the store only (run `sync-en
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from amohook.store.models import Pipeline, Stage, TaskType, User
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 
 @dataclass(frozen=True)
@@ -16,7 +20,7 @@ class PipelineStages:
     stages: list[Stage] = field(default_factory=list)
 
 
-def pipelines(store, account: str) -> list[PipelineStages]:
+def pipelines(store: Store, account: str) -> list[PipelineStages]:
     """The account's pipelines with their stages, as amoCRM sorts them."""
     rows = list(Pipeline.select().where(Pipeline.account == account).order_by(Pipeline.sort, Pipeline.amo_id))
     stages: dict[int, list[Stage]] = {}
@@ -25,11 +29,11 @@ def pipelines(store, account: str) -> list[PipelineStages]:
     return [PipelineStages(p, stages.get(p.amo_id, [])) for p in rows]
 
 
-def task_types(store, account: str) -> list[TaskType]:
+def task_types(store: Store, account: str) -> list[TaskType]:
     """The account's task types, by id."""
     return list(TaskType.select().where(TaskType.account == account).order_by(TaskType.amo_id))
 
 
-def users(store, account: str) -> list[User]:
+def users(store: Store, account: str) -> list[User]:
     """The account's users (synced only with an admin's token), by name."""
     return list(User.select().where(User.account == account).order_by(User.name, User.amo_id))

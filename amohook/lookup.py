@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from amohook.errors import ConfigError
 from amohook.store.models import Account, CustomField, Pipeline, Stage, TaskType, User

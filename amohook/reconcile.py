@@ -22,13 +22,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from amohook.changes import Sighting, describe, is_known
 from amohook.rules import lead_changes
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.reconcile")
 
@@ -177,7 +181,7 @@ def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]
     return todo
 
 
-def _recover(store, client, account: str, events: list[dict], result: PassResult, clock: Callable[[], float]) -> int:
+def _recover(store: Store, client, account: str, events: list[dict], result: PassResult, clock: Callable[[], float]) -> int:
     """Read the entries' leads in one request and queue the entries; returns how many were queued."""
     from amohook.amocrm.leads import fetch_leads
 
@@ -192,7 +196,7 @@ def _recover(store, client, account: str, events: list[dict], result: PassResult
     return queued
 
 
-def _queue(store, account: str, entries: list[tuple[dict, str, dict]], now: float) -> int:
+def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], now: float) -> int:
     """Store each log entry as a delivery of its own with one event; duplicates are skipped."""
     queued = 0
     for i in range(0, len(entries), CHUNK):
@@ -220,7 +224,7 @@ def _queue(store, account: str, entries: list[tuple[dict, str, dict]], now: floa
 
 
 def reconcile_account(
-    store,
+    store: Store,
     client,
     account: str,
     *,
@@ -286,7 +290,7 @@ def reconcile_account(
         leases.release(name, owner)
 
 
-def _save(store, account: str, *, cursor: int | None, result: PassResult, clock: Callable[[], float]) -> None:
+def _save(store: Store, account: str, *, cursor: int | None, result: PassResult, clock: Callable[[], float]) -> None:
     """Move the cursor (only after the pass's events are committed) and keep its summary."""
     summary = json.dumps(result.as_dict(), ensure_ascii=False)
     with store.write():
@@ -352,7 +356,7 @@ class Reconciler:
     processes on one database never overlap (the pass lease); the loser simply skips.
     """
 
-    def __init__(self, store, interval: float, *, client_factory: Callable | None = None,
+    def __init__(self, store: Store, interval: float, *, client_factory: Callable | None = None,
                  since: float = DEFAULT_SINCE, max_lookback: float = DEFAULT_MAX_LOOKBACK,
                  on_queued: Callable[[int], None] | None = None):
         self.store = store

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import unquote
 
 # C0 controls (tab and newline are handled by the caller's choice), DEL, C1 controls, and the

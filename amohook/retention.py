@@ -21,13 +21,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from peewee import fn
 
 from amohook.store import lease as leases
 from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.retention")
 
@@ -64,7 +68,7 @@ def _ids(query, batch: int) -> list[int]:
 
 
 def prune(
-    store,
+    store: Store,
     *,
     keep: float = DEFAULT_KEEP,
     dry_run: bool = False,
@@ -167,7 +171,7 @@ def _prunable_deliveries_count(condition) -> int:
     ).scalar() or 0
 
 
-def prune_once(store, keep: float, *, stop: threading.Event | None = None, pause: float | None = None) -> PruneResult:
+def prune_once(store: Store, keep: float, *, stop: threading.Event | None = None, pause: float | None = None) -> PruneResult:
     """One pruning run under the cross-process lease; a busy lease means another process prunes."""
     owner = leases.new_owner()
     if not leases.try_acquire(LEASE, owner, 1800.0):
@@ -181,7 +185,7 @@ def prune_once(store, keep: float, *, stop: threading.Event | None = None, pause
 class Pruner:
     """The background pruning of `serve` and `worker`: a minute after start, then every hour."""
 
-    def __init__(self, store, keep: float, every: float = PRUNE_EVERY, first_after: float = 60.0):
+    def __init__(self, store: Store, keep: float, every: float = PRUNE_EVERY, first_after: float = 60.0):
         self.store, self.keep, self.every, self.first_after = store, keep, every, first_after
 
     def run(self, stop: threading.Event) -> None:

@@ -20,21 +20,27 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
 
+if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
+    from amohook.reconcile import Reconciler
+    from amohook.store import Store
+    from amohook.webhooks.server import WebhookService
+
 log = logging.getLogger("amohook.runner")
 
-HandlerSpec = Union[str, Callable[..., Any]]  # "package.module:function", or the function itself
+HandlerSpec = str | Callable[..., Any]  # "package.module:function", or the function itself
 
 SERVE_STOP_SECONDS = 9.0  # the listener's stop: requests answered, commits done, sender's batch
 WORKER_STOP_SECONDS = 8.0  # running handlers finish within this, then the sender stops
 
 
-def build_registry(handlers: Optional[Iterable[HandlerSpec]] = None, rules: Union[str, Path, None] = None,
-                   store=None, *, journal: bool = False, search_dir: Optional[str] = None):
+def build_registry(handlers: Iterable[HandlerSpec] | None = None, rules: str | Path | None = None,
+                   store: Store | None = None, *, journal: bool = False, search_dir: str | None = None):
     """The handler registry, and the task sender when there are rules (else None).
 
     Invalid rules or a handler that cannot be imported raise here (``ConfigError``), before
@@ -45,12 +51,15 @@ def build_registry(handlers: Optional[Iterable[HandlerSpec]] = None, rules: Unio
     registry = Registry()
     sender = None
     handlers = list(handlers or [])
+    if store is None and (rules or (journal and handlers)):
+        raise TypeError("build_registry: rules and the change journal need the store")
     if rules:
         from amohook.actions import ActionSender
         from amohook.amocrm.client import client_for
         from amohook.rules import load_and_compile
         from amohook.rules_handler import RulesHandler
 
+        assert store is not None  # checked above
         compiled = load_and_compile(str(rules))
         clients: dict = {}
 
@@ -66,6 +75,7 @@ def build_registry(handlers: Optional[Iterable[HandlerSpec]] = None, rules: Unio
     elif journal and handlers:
         from amohook.changes import ChangeJournal
 
+        assert store is not None  # checked above
         registry.register("amohook.changes", ChangeJournal(store))
     for spec in handlers:
         if isinstance(spec, str):
@@ -83,7 +93,7 @@ def _handler_name(fn: Callable[..., Any]) -> str:
 class StopEvent(threading.Event):
     """Set by SIGTERM/SIGINT (``signal`` names which), by ``Runner.stop`` or by a failing worker."""
 
-    signal: Optional[str] = None
+    signal: str | None = None
 
     def log_signal(self, logger: logging.Logger) -> None:
         # Logged by the main loop, not in the handler: a handler that writes to stderr while the
@@ -119,11 +129,11 @@ class Runner:
     invalid rules raise in the constructor.
     """
 
-    def __init__(self, store, *, rules: Union[str, Path, None] = None, handlers: Iterable[HandlerSpec] = (),
-                 threads: int = 1, listen=None, reconcile_every: Optional[float] = None,
-                 keep: Optional[float] = None, lease_seconds: float = 300.0, max_attempts: int = 10,
-                 batch_size: int = 10, poll_interval: float = 1.0, journal: Optional[bool] = None,
-                 search_dir: Optional[str] = None):
+    def __init__(self, store: Store, *, rules: str | Path | None = None, handlers: Iterable[HandlerSpec] = (),
+                 threads: int = 1, listen=None, reconcile_every: float | None = None,
+                 keep: float | None = None, lease_seconds: float = 300.0, max_attempts: int = 10,
+                 batch_size: int = 10, poll_interval: float = 1.0, journal: bool | None = None,
+                 search_dir: str | None = None):
         self.store = store
         self.listen = listen
         self.reconcile_every = reconcile_every
@@ -134,19 +144,19 @@ class Runner:
         )
         prefix = "serve" if listen is not None else "worker"
         count = threads if len(self.registry) else 0  # nothing to run: events stay pending
-        options = {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
+        options: dict[str, Any] = {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
         self.workers = [
             Worker(store, self.registry, new_worker_id(f"{prefix}{i}"), lease_seconds=lease_seconds,
                    max_attempts=max_attempts, **options)
             for i in range(count)
         ]
-        self.service = None
+        self.service: WebhookService | None = None
         self.errors: list[BaseException] = []
         self._stop = StopEvent()  # the workers' (worker mode) and the waiting loop's
         self._background = threading.Event()  # the sender's, the reconciler's and the pruner's
         self._threads: list[threading.Thread] = []
-        self._sender_thread: Optional[threading.Thread] = None
-        self.reconciler = None
+        self._sender_thread: threading.Thread | None = None
+        self.reconciler: Reconciler | None = None
         self._started = False
 
     @property
@@ -160,7 +170,7 @@ class Runner:
     def reconciling(self) -> bool:
         return self.reconciler is not None
 
-    def start(self) -> "Runner":
+    def start(self) -> Runner:
         """Start everything in the background; returns at once. ``OSError``: cannot listen."""
         from amohook.webhooks.server import WebhookService
 
@@ -194,7 +204,7 @@ class Runner:
             self.errors.append(exc)
             self._stop.set()
 
-    def _start_sender(self) -> Optional[threading.Thread]:
+    def _start_sender(self) -> threading.Thread | None:
         """The thread that sends recorded tasks in batches (only with rules)."""
         if self.sender is None:
             return None
@@ -244,7 +254,7 @@ class Runner:
         finally:
             self.stop()
 
-    def run_once(self, stop: Optional[threading.Event] = None, *, reconcile: bool = False) -> int:
+    def run_once(self, stop: threading.Event | None = None, *, reconcile: bool = False) -> int:
         """Process what is due now and send the tasks it recorded, then return how many events ran
         (`amohook worker --once`). ``reconcile`` first queues what amoCRM's events log has that
         no webhook brought."""

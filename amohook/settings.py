@@ -7,6 +7,7 @@ then the default. Only the CLI calls into this module; the library takes setting
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ DEFAULT_DB_TIMEOUT = 30.0
 DOMAINS = ("amocrm.ru", "amocrm.com", "kommo.com")
 
 
-def data_dir(environ: dict | None = None) -> Path:
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     """The per-user data directory: $AMOHOOK_DATA_DIR, else $XDG_DATA_HOME/amohook, else ~/.local/share/amohook."""
     env = os.environ if environ is None else environ
     if env.get(ENV_DATA_DIR):
@@ -37,11 +38,11 @@ def data_dir(environ: dict | None = None) -> Path:
     return Path(base).expanduser() / "amohook"
 
 
-def default_db_url(environ: dict | None = None) -> str:
+def default_db_url(environ: Mapping[str, str] | None = None) -> str:
     return f"sqlite:///{data_dir(environ) / 'amohook.db'}"
 
 
-def resolve_db_url(flag: str | None, environ: dict | None = None) -> str:
+def resolve_db_url(flag: str | None, environ: Mapping[str, str] | None = None) -> str:
     """--db-url, then $AMOHOOK_DB_URL, then an SQLite file in the per-user data directory."""
     env = os.environ if environ is None else environ
     url = flag or env.get(ENV_DB_URL) or default_db_url(env)

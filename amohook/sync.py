@@ -13,8 +13,9 @@ Only the library lives here: no typer, no rich. Progress goes to an optional cal
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from amohook.errors import (
     AmoApiError,
@@ -27,6 +28,9 @@ from amohook.errors import (
 )
 from amohook.store.lease import lease
 from amohook.store.models import Account, CustomField, Pipeline, Stage, TaskType, User
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 KINDS = ("pipelines", "task_types", "users", "custom_fields")
 # What the summary reports: pipelines and their stages come from one request and one transaction
@@ -263,7 +267,7 @@ def _apply(model, account: str, scope, key_fields: tuple[str, ...], incoming: di
 
 # -- the sync ---------------------------------------------------------------------------------
 class _Run:
-    def __init__(self, store, client, report: SyncReport, on_progress: ProgressCallback | None, clock):
+    def __init__(self, store: Store, client, report: SyncReport, on_progress: ProgressCallback | None, clock):
         self.store = store
         self.client = client
         self.report = report
@@ -335,7 +339,7 @@ def _members(kind: str) -> tuple[str, ...]:
 
 
 def sync_entities(
-    store,
+    store: Store,
     client,
     *,
     kinds: Iterable[str] = KINDS,

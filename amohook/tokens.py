@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # requests and the OAuth module load only when a refresh is r
     import requests  # cron's `refresh-token` with nothing due should cost little more than Python
 
     from amohook.amocrm.oauth import Client, TokenPair
+    from amohook.store import Store
 
 # The refresh lease. The token request waits for amoCRM's answer for nearly all of it (see
 # token_timeout): a late answer that is given up on has still spent the old refresh token, so the
@@ -82,7 +84,7 @@ def jwt_expiry(token: str) -> float | None:
 
 
 def save_authorization(
-    store,
+    store: Store,
     *,
     subdomain: str,
     base_url: str,
@@ -156,7 +158,7 @@ def lost_answer_warning(account: Account, detail: str | None = None) -> str:
 
 
 def refresh_tokens(
-    store,
+    store: Store,
     subdomain: str | None = None,
     *,
     force: bool = False,
@@ -248,7 +250,7 @@ def refresh_tokens(
         return RefreshResult("refreshed", Account.get_by_id(account.id))
 
 
-def _record_error(store, account: Account, spent: str, message: str | None, clock, *, revoked: bool = False) -> None:
+def _record_error(store: Store, account: Account, spent: str, message: str | None, clock, *, revoked: bool = False) -> None:
     """Record a failed refresh, unless the pair was replaced meanwhile (its error is not ours)."""
     fields: dict = {"updated_at": clock()}
     fields["last_refresh_error"] = (message or "")[:1000]
@@ -258,7 +260,7 @@ def _record_error(store, account: Account, spent: str, message: str | None, cloc
         Account.update(**fields).where((Account.id == account.id) & (Account.refresh_token == spent)).execute()
 
 
-def _clear_marker(store, account: Account, spent: str) -> None:
+def _clear_marker(store: Store, account: Account, spent: str) -> None:
     with store.write():
         Account.update(refresh_sent_at=None).where(
             (Account.id == account.id) & (Account.refresh_token == spent)

@@ -16,9 +16,13 @@ import hashlib
 import json
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from amohook.store.models import ReconcileState, Subscription
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.watchdog")
 
@@ -30,7 +34,7 @@ def destination_sha(destination: str) -> str:
     return hashlib.sha256(destination.encode("utf-8")).hexdigest()
 
 
-def remember(store, account: str, destination: str, events: Sequence[str], clock: Callable[[], float] = time.time) -> None:
+def remember(store: Store, account: str, destination: str, events: Sequence[str], clock: Callable[[], float] = time.time) -> None:
     """Record (byte for byte) a destination amohook subscribed, so the watchdog looks after it."""
     sha = destination_sha(destination)
     with store.write():
@@ -45,7 +49,7 @@ def remember(store, account: str, destination: str, events: Sequence[str], clock
                                 updated_at=clock()).on_conflict_ignore().execute()
 
 
-def forget(store, account: str, destination: str) -> None:
+def forget(store: Store, account: str, destination: str) -> None:
     with store.write():
         Subscription.delete().where(
             (Subscription.account == account) & (Subscription.destination_sha256 == destination_sha(destination))
@@ -56,7 +60,7 @@ def watched(account: str) -> list[Subscription]:
     return list(Subscription.select().where(Subscription.account == account).order_by(Subscription.id))
 
 
-def check_subscriptions(store, client, account: str, *, force: bool = False,
+def check_subscriptions(store: Store, client, account: str, *, force: bool = False,
                         clock: Callable[[], float] = time.time) -> tuple[str, str | None] | None:
     """Look at ``account``'s subscriptions when due (or ``force``); returns (state, note) or None.
 

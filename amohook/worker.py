@@ -23,13 +23,17 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
 from amohook.inbox import InboxEvent
 from amohook.retry import PERSON_WAIT, Backoff
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 __all__ = [
     "HandlerContext",
@@ -147,7 +151,7 @@ def load_handler(spec: str, search_dir: str | None = None) -> Handler:
     if not sep or not module_name or not attr:
         raise ConfigError(f"handler '{spec}' must look like package.module:function")
     added = search_dir is not None and search_dir not in sys.path
-    if added:
+    if added and search_dir is not None:
         sys.path.append(search_dir)
     try:
         obj: Any = importlib.import_module(module_name)
@@ -180,7 +184,7 @@ def _first_line(exc: BaseException) -> str:
 class HandlerContext:
     """What a handler may use besides the event: the store, a logger, and the amoCRM client."""
 
-    def __init__(self, worker: "Worker", event: InboxEvent):
+    def __init__(self, worker: Worker, event: InboxEvent):
         self._worker = worker
         self.event = event
         self.store = worker.store
@@ -226,7 +230,7 @@ class Worker:
 
     def __init__(
         self,
-        store,
+        store: Store,
         registry: Registry,
         worker_id: str | None = None,
         *,

@@ -281,7 +281,8 @@ def main() -> None:
                 f"round {round_no}: bare {result['bare']['rps']:7.0f} req/s (p50 {result['bare']['p50']:5.1f} ms, "
                 f"p99 {result['bare']['p99']:5.1f} ms) | amohook {result['amohook']['rps']:7.0f} req/s "
                 f"(p50 {result['amohook']['p50']:5.1f} ms, p99 {result['amohook']['p99']:5.1f} ms) | ratio {ratio:.2f}"
-                f" | server CPU per request: bare {result['bare']['cpu_ms']:.2f} ms, amohook {result['amohook']['cpu_ms']:.2f} ms"
+                f" | server CPU per request: bare {result['bare']['cpu_ms']:.2f} ms,"
+                f" amohook {result['amohook']['cpu_ms']:.2f} ms"
                 + (f" | non-200: bare {len(result['bare']['errors'])}, amohook {len(result['amohook']['errors'])}"
                    if result["bare"]["errors"] or result["amohook"]["errors"] else "")
             )

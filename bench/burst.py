@@ -137,7 +137,8 @@ def main() -> None:
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     print(f"median: tasks {med('tasks'):.0f}, duplicates {med('duplicates'):.0f}, API calls {med('api_calls'):.0f}, "
           f"task POSTs {med('task_posts'):.0f} (minimum {rounds[0]['min_posts']}), 429s {med('count_429'):.0f}, "
-          f"time {med('elapsed'):.2f} s, floor {med('floor'):.2f} s, ratio {statistics.median(r['elapsed'] / r['floor'] for r in rounds):.2f} (aim <= 1.2)")
+          f"time {med('elapsed'):.2f} s, floor {med('floor'):.2f} s, "
+          f"ratio {statistics.median(r['elapsed'] / r['floor'] for r in rounds):.2f} (aim <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,9 @@ def flooder(address, mode: str, count: int, ready, stop) -> None:
     while not stop.is_set():
         for key, _ in sel.select(0.05):
             try:
-                data = key.fileobj.recv(4096)
+                key.fileobj.recv(4096)
             except OSError:
-                data = b""
+                pass
             drop(key.fileobj)  # the server answered (503 to make room, 408) or closed: come back
         missing = count - len(socks)
         if missing > 0:
@@ -227,7 +227,8 @@ def main() -> None:
                 row[mode] = r = phase(address, proc.pid, mode, args, next_id * 1_000_000)
                 next_id += 1
                 bad = f", non-200: {len(r['failures'])} ({', '.join(sorted(set(r['failures'])))})" if r["failures"] else ""
-                print(f"round {round_no} {mode:5}: webhooks {r['ok']:4} ok, p50 {r['p50']:6.1f} ms, p99 {r['p99']:6.1f} ms, "
+                print(f"round {round_no} {mode:5}: webhooks {r['ok']:4} ok, "
+                      f"p50 {r['p50']:6.1f} ms, p99 {r['p99']:6.1f} ms, "
                       f"max {r['max']:6.1f} ms{bad} | server: {r['threads']} threads, {r['rss_mib']:.0f} MiB, "
                       f"CPU {r['cpu_pct']:.0f}%", flush=True)
             rows.append(row)
@@ -239,7 +240,7 @@ def main() -> None:
             proc.kill()
     print("medians over rounds:")
     for mode in ("quiet", "idle", "slow"):
-        med = lambda key: statistics.median(r[mode][key] for r in rows)  # noqa: E731
+        med = lambda key, mode=mode: statistics.median(r[mode][key] for r in rows)  # noqa: E731
         failed = sum(len(r[mode]["failures"]) for r in rows)
         print(f"  {mode:5}: p50 {med('p50'):6.1f} ms, p99 {med('p99'):6.1f} ms, max {med('max'):6.1f} ms, "
               f"non-200 {failed} of {failed + sum(r[mode]['ok'] for r in rows)} | server {med('threads'):.0f} threads, "

@@ -61,7 +61,7 @@ def build_store(path: Path, events: int) -> None:
             deliveries.append((i + 1, f"{i:064x}", body.decode("utf-8", "replace"), "application/x-www-form-urlencoded",
                                '{"user-agent": "amoCRM-Webhooks/3.0"}', "127.0.0.1", old + i * 15, 1))
             evs.append((i + 1, i + 1, 0, "leads", "status", str(1000 + i), "example", "1231414",
-                        '{"id":"%d","status_id":"142","pipeline_id":"1"}' % (1000 + i), "done", 1, 0, None, None,
+                        f'{{"id":"{1000 + i}","status_id":"142","pipeline_id":"1"}}', "done", 1, 0, None, None,
                         None, old + i * 15, old + i * 15 + 1))
             attempts.append((i + 1, i + 1, "bench", old + i * 15, old + i * 15 + 1, "ok", None))
         db.executemany("INSERT INTO delivery (id, body_sha256, body, content_type, headers, remote_addr, received_at, "
@@ -161,10 +161,12 @@ def main() -> None:
         size_vacuum = path.stat().st_size
         print(f"listener before pruning: {len(before)} answers, p50 {pct(before, .5):.1f} ms, "
               f"p99 {pct(before, .99):.1f} ms")
-        print(f"listener during pruning: {len(during)} answers, p50 {pct(during, .5):.1f} ms, p99 {pct(during, .99):.1f} ms "
+        print(f"listener during pruning: {len(during)} answers, p50 {pct(during, .5):.1f} ms, "
+              f"p99 {pct(during, .99):.1f} ms "
               f"(p99 ratio {pct(during, .99) / pct(before, .99):.2f}x)")
         print(f"prune: {prune_seconds:.0f} s, {result}")
-        print(f"events left: {live:,} (the {counter[0]:,} posted during the run); file {size_before / 2**20:,.0f} MiB before, "
+        print(f"events left: {live:,} (the {counter[0]:,} posted during the run); "
+              f"file {size_before / 2**20:,.0f} MiB before, "
               f"{size_after / 2**20:,.0f} MiB after pruning (freed pages are reused), "
               f"{size_vacuum / 2**20:,.0f} MiB after VACUUM")
 

@@ -100,6 +100,13 @@ def test_a_204_after_a_next_link_ends_the_list(client, fake):
     assert statuses(fake, "/api/v4/users") == [200, 204]
 
 
+def test_a_patch_returns_amocrms_answer(client, fake):
+    pipeline = fake.add_pipeline("Sales", ["New", "Won"])
+    lead = fake.add_lead("Patched", pipeline["id"], pipeline["_embedded"]["statuses"][0]["id"], 581651)
+    answer = client.patch("/api/v4/leads", [{"id": lead["id"], "tags_to_add": [{"name": "called"}]}])
+    assert [item["id"] for item in answer["_embedded"]["leads"]] == [lead["id"]]
+
+
 def test_a_single_entity_answered_204_is_none(client, fake):
     assert client.get("/api/v4/leads/999999") is None
     assert statuses(fake, "/api/v4/leads/999999") == [204]

@@ -94,7 +94,8 @@ def test_nothing_close_points_at_the_listing(rows):
     with pytest.raises(NotFound) as err:
         find_stage("example", "Sales", "Zzzz")
     assert str(err.value) == (
-        "no stage 'Zzzz' in pipeline 'Sales' — `amohook pipelines --subdomain example` lists the stages of every pipeline"
+        "no stage 'Zzzz' in pipeline 'Sales' — "
+        "`amohook pipelines --subdomain example` lists the stages of every pipeline"
     )
 
 

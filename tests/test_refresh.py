@@ -10,10 +10,10 @@ import time
 import pytest
 
 from amohook.amocrm.client import AmoClient
-from amohook.errors import ExitCode, LockBusy, RefreshOutcomeUnknown, TokenRevoked
+from amohook.errors import ExitCode, LockBusy, RefreshOutcomeUnknown
 from amohook.store import open_store
 from amohook.store.lease import try_acquire
-from amohook.store.models import Account, Lease, OAuthState
+from amohook.store.models import Account, Lease
 from amohook.tokens import refresh_tokens
 from tests.conftest import ROOT, cli_env, run_cli
 
@@ -57,7 +57,7 @@ def test_eight_processes_when_due_make_exactly_one_refresh_call(store, fake, acc
     make_due(account.id)
     procs = [start_cli(["refresh-token"], store.url) for _ in range(8)]
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     assert fake.refresh_calls == 1
     assert sum(out.startswith("example: refreshed;") for out, _ in outs) == 1
@@ -69,7 +69,7 @@ def test_eight_processes_when_due_make_exactly_one_refresh_call(store, fake, acc
 def test_eight_forced_processes_refresh_one_after_another_without_revocation(store, fake, account):
     procs = [start_cli(["refresh-token", "--force"], store.url) for _ in range(8)]
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert "revoked" not in (out + err).lower()
     assert fake.refresh_calls == 8

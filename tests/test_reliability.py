@@ -8,6 +8,7 @@ minutes for the whole file on a 2-core machine with all three backends.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import queue
 import re
@@ -497,7 +498,6 @@ def test_a_worker_killed_while_holding_events_leaves_them_to_be_claimed_after_th
 
 
 def test_two_worker_processes_never_run_the_same_event_at_once(db_url, tmp_path, procs):
-    from amohook.store.models import Event
 
     env = handler_env(db_url, tmp_path)
     args = ["worker", "--handler", "rel_hooks:record", "--lease", "30", "--batch", "3", "--threads", "2", "--poll", "0.05"]
@@ -518,7 +518,7 @@ def test_two_worker_processes_never_run_the_same_event_at_once(db_url, tmp_path,
     overlapping = []
     for event_id, spans in by_event.items():
         spans.sort()
-        for (s1, e1, p1), (s2, e2, p2) in zip(spans, spans[1:]):
+        for (_s1, e1, p1), (s2, _e2, p2) in itertools.pairwise(spans):
             if s2 < e1:
                 overlapping.append((event_id, p1, p2))
     assert overlapping == []

@@ -8,19 +8,19 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from amohook.actions import kinds
+from amohook.actions.task import CompiledTask
 from amohook.rules import (
     CompiledRule,
+    PlanContext,
     RulesError,
     action_key,
     check_template,
     due_timestamp,
     lead_changes,
     matches,
-    PlanContext,
     parse_rules,
 )
-from amohook.actions import kinds
-from amohook.actions.task import CompiledTask
 from amohook.webhooks.parse import parse_webhook
 
 EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
@@ -339,8 +339,9 @@ def test_a_completed_task_is_keyed_by_the_task_alone():
 
 
 def test_task_rules_need_the_lead_where_the_rule_says():
-    from amohook.rules import task_changes
     from dataclasses import replace
+
+    from amohook.rules import task_changes
 
     text = ("[[rule]]\nname='t'\nwhen='task.completed'\ntask_type='Call'\npipeline='Sales'\nstage='Qualified'\n"
             "[rule.add_note]\ntext='done: {task.text}'\n")

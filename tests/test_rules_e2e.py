@@ -3,11 +3,10 @@ against the fake amoCRM, on every backend."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest

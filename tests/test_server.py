@@ -222,7 +222,10 @@ def test_expect_100_continue_is_answered_at_once(service):
 
 
 def test_expect_100_for_a_request_that_will_be_refused_gets_the_final_answer(service):
-    head = f"POST /webhook/wrong-secret-0123456789 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    head = (
+        "POST /webhook/wrong-secret-0123456789 HTTP/1.1\r\n"
+        "Host: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+    )
     assert status_of(raw(service, head.encode())) == 404
     head = f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Length: {2**21}\r\nExpect: 100-continue\r\n\r\n"
     assert status_of(raw(service, head.encode())) == 413
@@ -241,7 +244,7 @@ def test_a_trickling_client_is_cut_off_at_the_read_deadline(sqlite_service):
         sock.sendall(f"POST {HOOK} HTTP/1.1\r\n".encode())
         answer = b""
         try:
-            for i in range(40):  # one header byte every 0.3 s: never silent for the 1 s socket timeout
+            for _ in range(40):  # one header byte every 0.3 s: never silent for the 1 s socket timeout
                 sock.sendall(b"X")
                 time.sleep(0.3)
         except (BrokenPipeError, ConnectionResetError):

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from amohook.store import open_store
 from amohook.webhooks.server import ServerConfig, WebhookService
 from tests.conftest import ROOT, cli_env

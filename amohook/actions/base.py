@@ -150,7 +150,7 @@ class CreateKind(ActionKind):
         # looks the same (a fixed text and an absolute due time repeat across changes).
         with out.store.write():  # the check of what is taken and the adoption, together
             found_ids = [f.get("id") for f in found if f.get("id") is not None]
-            taken: set[int] = {
+            taken: set[int | None] = {
                 row.result_id
                 for row in Action.select(Action.result_id).where(
                     (Action.account == actions[0].account) & (Action.kind == self.name)

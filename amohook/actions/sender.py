@@ -29,15 +29,17 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import requests
 
+from amohook.actions.registry import kinds
 from amohook.errors import (
     AmoApiError,
-    AmoTemporaryError,
     AmohookError,
+    AmoTemporaryError,
     RateLimited,
     RefusedBeforeRefresh,
     needs_person,
@@ -45,7 +47,9 @@ from amohook.errors import (
 from amohook.retry import ACTIONS, PERSON_WAIT
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
-from amohook.actions.registry import kinds
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
 # Longer than one POST can take (connect 5 s + read 20 s, plus the rate limiter). The lease is
@@ -56,7 +60,7 @@ MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to
 HUMAN_WAIT = PERSON_WAIT  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
-def record_planned(store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
+def record_planned(store: Store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
     """Record planned actions under their keys; returns how many were new (the rest were duplicates).
 
     An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
@@ -124,7 +128,7 @@ class ActionSender:
 
     def __init__(
         self,
-        store,
+        store: Store,
         client_for: Callable[[str], object],
         *,
         owner: str | None = None,

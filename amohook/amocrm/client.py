@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
@@ -29,6 +30,9 @@ from amohook.errors import (
 )
 from amohook.retry import CLIENT_READ
 from amohook.store.models import Account
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 PAGE_LIMIT = 250  # amoCRM's maximum page size (docs/amocrm.md §3)
 MAX_RETRY_AFTER = 60.0
@@ -64,7 +68,7 @@ class AmoClient:
 
     def __init__(
         self,
-        store,
+        store: Store,
         subdomain: str,
         *,
         session: requests.Session | None = None,
@@ -176,7 +180,7 @@ class AmoClient:
     def _error(self, response: requests.Response, method: str, path: str, account: Account) -> AmoApiError:
         status = response.status_code
         fields = problem(response)
-        info = dict(
+        info: dict[str, Any] = dict(
             status=status,
             title=fields.get("title"),
             detail=fields.get("detail"),
@@ -277,7 +281,7 @@ def json_body(response: requests.Response, method: str, path: str) -> Any:
         ) from None
 
 
-def client_for(store, subdomain: str, *, shared_limit: bool = True, **kwargs) -> AmoClient:
+def client_for(store: Store, subdomain: str, *, shared_limit: bool = True, **kwargs) -> AmoClient:
     """The usual client: rate-limited through the store so all processes share amoCRM's limit."""
     if shared_limit and "limiter" not in kwargs:
         from amohook.amocrm.ratelimit import SharedRateLimiter

@@ -8,7 +8,7 @@ upper bound on every page, de-duplicated by event id and sorted here, never trus
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from amohook.errors import AmoApiError
@@ -106,7 +106,7 @@ def iter_event_pages(
                 log.warning("skipped an event without an id in amoCRM's events log: %.200r", event)
                 continue
             try:
-                created_at = int(event.get("created_at"))
+                created_at = int(event.get("created_at"))  # type: ignore[arg-type]  # None: TypeError, caught
             except (TypeError, ValueError):
                 log.warning("skipped event %s without a valid created_at", str(event["id"])[:40])
                 continue
@@ -137,7 +137,7 @@ def _next_page(page: dict, current: int) -> int | None:
     href = ((page.get("_links") or {}).get("next") or {}).get("href")
     if not href:
         return None
-    values = parse_qs(urlsplit(href).query).get("page")
+    values = parse_qs(urlsplit(href).query).get("page") or [""]
     try:
         return int(values[0])
     except (TypeError, ValueError):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import requests
 
-from amohook import __version__
+from amohook import __url__, __version__
 
-USER_AGENT = f"amohook/{__version__} (+https://github.com/amohook)"
+USER_AGENT = f"amohook/{__version__} (+{__url__})"
 # (connect, read) seconds; the official SDK uses 5 and 20.
 DEFAULT_TIMEOUT = (5.0, 20.0)
 

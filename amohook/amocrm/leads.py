@@ -6,7 +6,7 @@ per lead would spend the shared 7 requests/s, a filtered list reads 250 per requ
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from amohook.amocrm.client import PAGE_LIMIT
 from amohook.errors import AmoApiError

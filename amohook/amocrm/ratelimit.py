@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from amohook.store.models import RateWindow
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 RATE = 7
 PER = 1.0
@@ -45,7 +49,7 @@ class SharedRateLimiter:
 
     def __init__(
         self,
-        store,
+        store: Store,
         *,
         rate: int = RATE,
         per: float = PER,

@@ -8,8 +8,9 @@ exactly, so a destination is sent and compared byte for byte, never normalised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from amohook.amocrm.client import json_body
 from amohook.errors import AmoApiError, ExitCode, Forbidden
@@ -28,7 +29,7 @@ class Webhook:
     sort: int | None
 
     @classmethod
-    def from_api(cls, item: dict) -> "Webhook":
+    def from_api(cls, item: dict) -> Webhook:
         settings = item.get("settings") or []
         if isinstance(settings, str):
             settings = [settings]

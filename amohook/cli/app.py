@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -35,7 +35,7 @@ def _version(value: bool):
 def root(
     ctx: typer.Context,
     db_url: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--db-url",
             envvar="AMOHOOK_DB_URL",
@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
         return int(ExitCode.INTERRUPTED)
     except Exception as exc:  # the funnel: anything else is either Click's usage error or a bug
         if _is_click_exception(exc):
-            exc.show()
+            cast(Any, exc).show()  # a Click exception (typer ships its own Click)
             return int(ExitCode.USAGE)
         if type(exc).__name__ == "Abort":
             sys.stderr.write("aborted\n")
@@ -118,7 +118,10 @@ def run(argv: list[str] | None = None) -> int:
             import peewee
 
             if isinstance(exc, peewee.PeeweeException):
-                err = StoreError(f"database error: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__} — check --db-url / AMOHOOK_DB_URL and that the database server is up")
+                first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                err = StoreError(
+                    f"database error: {first_line} — check --db-url / AMOHOOK_DB_URL and that the database server is up"
+                )
                 _report(exc, f"error: {err.message}")
                 return int(err.exit_code)
         except ImportError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,15 +12,15 @@ from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, sta
 from amohook.settings import DOMAINS, ENV_CLIENT_SECRET
 
 # The domains amoCRM and Kommo serve accounts under, as a choice `--help` lists and Click checks.
-Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)
+Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)  # type: ignore[misc]  # built from DOMAINS
 DomainOpt = Annotated[Domain, typer.Option("--domain", case_sensitive=False, help="The account's domain.")]
 
 SubdomainOpt = Annotated[
-    Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
+    str | None, typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
 ]
 
 
-def _client_secret(flag: Optional[str], prompt: bool = True) -> str:
+def _client_secret(flag: str | None, prompt: bool = True) -> str:
     from amohook.errors import ConfigError
     from amohook.settings import ENV_CLIENT_SECRET, secret_from
 
@@ -48,7 +48,7 @@ def init_auth(
     ctx: typer.Context,
     subdomain: Annotated[str, typer.Option("--subdomain", "-s", help="Account subdomain, e.g. mycompany for mycompany.amocrm.ru.")],
     code: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--code",
             envvar="AMOHOOK_AUTH_CODE",
@@ -58,7 +58,7 @@ def init_auth(
         ),
     ] = None,
     long_lived_token: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--long-lived-token",
             envvar="AMOHOOK_LONG_LIVED_TOKEN",
@@ -67,9 +67,9 @@ def init_auth(
             "command lines are visible in `ps`.",
         ),
     ] = None,
-    client_id: Annotated[Optional[str], typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")] = None,
+    client_id: Annotated[str | None, typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")] = None,
     client_secret: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--client-secret",
             envvar=ENV_CLIENT_SECRET,
@@ -78,15 +78,15 @@ def init_auth(
         ),
     ] = None,
     redirect_uri: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI exactly as in the integration's settings."),
     ] = None,
     domain: DomainOpt = Domain["amocrm.ru"],
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
 ):
     """Exchange an authorization code for tokens (or store a long-lived token) and check they work."""
-    from amohook.auth import authorize_with_code, authorize_with_long_lived_token
     from amohook.amocrm.oauth import Client
+    from amohook.auth import authorize_with_code, authorize_with_long_lived_token
     from amohook.errors import ConfigError
     from amohook.settings import base_url_for, check_subdomain
 
@@ -96,18 +96,21 @@ def init_auth(
     if long_lived_token:
         account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
         expires = f", expires {fmt_time(account.expires_at)}" if account.expires_at else ""
-        say(f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); it is never refreshed")
+        say(
+            f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); "
+            "it is never refreshed"
+        )
         return
     missing = [name for name, value in (("--client-id", client_id), ("--redirect-uri", redirect_uri)) if not value]
     if not code and (missing or not _interactive()):
         missing.insert(0, "--code (or AMOHOOK_AUTH_CODE)")
-    if missing:
+    if missing or not client_id or not redirect_uri:  # (both are in `missing` when empty)
         raise ConfigError(
             f"init-auth needs {', '.join(missing)} (or --long-lived-token) — all are in the integration's Keys tab"
         )
     secret = _client_secret(client_secret)
     if not code:
-        code = typer.prompt("Authorization code (Keys tab; it lives 20 minutes)", hide_input=True)
+        code = str(typer.prompt("Authorization code (Keys tab; it lives 20 minutes)", hide_input=True))
     if not code.strip():
         raise ConfigError("the authorization code is empty — copy it from the integration's Keys tab")
     client = Client(client_id.strip(), secret, redirect_uri.strip())
@@ -125,16 +128,16 @@ def auth_url(
         str, typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI; point it at `amohook serve`'s /oauth/callback.")
     ],
     client_secret: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--client-secret", envvar=ENV_CLIENT_SECRET, show_envvar=True,
                      help="Secret key. Prefer the environment variable: command lines are visible in `ps`."),
     ] = None,
     domain: DomainOpt = Domain["amocrm.ru"],
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
 ):
     """Print the URL that grants access; `amohook serve` completes it at /oauth/callback."""
-    from amohook.auth import start_authorization
     from amohook.amocrm.oauth import Client
+    from amohook.auth import start_authorization
 
     if base_url:
         from amohook.settings import base_url_for
@@ -162,7 +165,10 @@ def refresh_token(
 
         raise AccountNotFound(None)
     for account in accounts:
-        result = refresh_tokens(store, account.subdomain, force=force, on_wait=lambda msg, s=account.subdomain: warn(f"{s}: {msg}"))
+        def on_wait(msg: str, s: str = account.subdomain) -> None:
+            warn(f"{s}: {msg}")
+
+        result = refresh_tokens(store, account.subdomain, force=force, on_wait=on_wait)
         acc = result.account
         if result.outcome == "refreshed":
             say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")

@@ -18,7 +18,6 @@ import typer
 from amohook.redact import printable
 from amohook.settings import Settings
 
-
 # Every Typer app and sub-app: `-h` as well as `--help`.
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,7 +30,7 @@ def _marks() -> dict:
 def doctor(
     ctx: typer.Context,
     rules: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True, help="Also check this rules file against the store."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for monitoring.")] = False,

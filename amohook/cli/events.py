@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Annotated, List, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -15,7 +15,7 @@ events_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS
                          help="Look at received webhook events and queue them again.")
 
 STATUSES = ("pending", "running", "done", "dead")
-Status = Enum("Status", {name: name for name in STATUSES}, type=str)
+Status = Enum("Status", {name: name for name in STATUSES}, type=str)  # type: ignore[misc]  # from STATUSES
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
@@ -44,8 +44,8 @@ def _row(event) -> dict:
 @events_app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Annotated[Optional[Status], typer.Option("--status", case_sensitive=False, help="Only events in this state.")] = None,
-    entity: Annotated[Optional[str], typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
+    status: Annotated[Status | None, typer.Option("--status", case_sensitive=False, help="Only events in this state.")] = None,
+    entity: Annotated[str | None, typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 50,
     as_json: JsonOpt = False,
 ):
@@ -122,7 +122,7 @@ def show(
             "body_sha256": delivery.body_sha256,
             "body": delivery.body,
         }
-    actions = [
+    actions: list[dict[str, Any]] = [
         {"rule": a.rule, "kind": a.kind, "status": a.status, "task_id": a.result_id, "attempts": a.attempts,
          "last_error": a.last_error}
         for a in detail.actions
@@ -141,10 +141,11 @@ def show(
         say(f"  last error: {event.last_error}")
     say("data:")
     say(json.dumps(data, ensure_ascii=False, indent=2))
-    if delivery_json is not None:
+    if delivery is not None and delivery_json is not None:
         say(
             f"delivery {delivery.id}: received {delivery_json['times_received']} time(s), first at "
-            f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, {delivery.content_type or 'no content type'}"
+            f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, "
+            f"{delivery.content_type or 'no content type'}"
         )
         for name, value in sorted(delivery_json["headers"].items()):
             say(f"  {name}: {value}")
@@ -155,16 +156,17 @@ def show(
         say(f"  {fmt_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
     if actions:
         say(f"rule actions ({len(actions)}):")
-        for a in actions:
-            task = f" → {noun(a['kind'])} {a['task_id']}" if a["task_id"] else ""
-            say(f"  {a['rule']}: {a['kind']} {a['status']}{task}" + (f"  {a['last_error']}" if a["last_error"] else ""))
+        for act in actions:
+            task = f" → {noun(act['kind'])} {act['task_id']}" if act["task_id"] else ""
+            say(f"  {act['rule']}: {act['kind']} {act['status']}{task}"
+                + (f"  {act['last_error']}" if act["last_error"] else ""))
 
 
 @events_app.command("replay")
 def replay(
     ctx: typer.Context,
     event_ids: Annotated[
-        Optional[List[int]], typer.Argument(metavar="[ID]...", min=1, max=2**63 - 1, help="Events to queue again.")
+        list[int] | None, typer.Argument(metavar="[ID]...", min=1, max=2**63 - 1, help="Events to queue again.")
     ] = None,
     dead: Annotated[bool, typer.Option("--dead", help="Queue every dead event again.")] = False,
     as_json: JsonOpt = False,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from enum import Enum
-from typing import Iterable
+from collections.abc import Iterable
+from enum import StrEnum
 
 # The libraries whose loggers --library-log-level opens; their debug output carries SQL statements
 # with their parameters (peewee) and request lines (urllib3), so it stays off unless asked for.
@@ -22,7 +22,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     """The levels --log-level and --library-log-level accept."""
 
     debug = "debug"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
 from amohook.cli.common import CONTEXT_SETTINGS, fmt_duration, fmt_time, iso, print_json, say, state, warn
 
-SubdomainOpt = Annotated[Optional[str], typer.Option("--subdomain", help="The account (default: the only one stored).")]
+SubdomainOpt = Annotated[str | None, typer.Option("--subdomain", help="The account (default: the only one stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 # amoCRM's webhook event codes (amoCRM docs: crm_platform/webhooks-api).
@@ -33,7 +33,7 @@ webhooks_app = typer.Typer(help="List, subscribe and unsubscribe amoCRM webhook 
                            no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
 
 
-def _account(subdomain: Optional[str]) -> str:
+def _account(subdomain: str | None) -> str:
     from amohook.tokens import get_account
 
     return get_account(subdomain).subdomain
@@ -81,7 +81,7 @@ def reconcile(
             say(f"{r.account}: webhook subscriptions: {r.subscription}" + (f" — {r.subscription_note}" if r.subscription_note else ""))
 
 
-def _rules_events(rules: Optional[str]) -> list[str]:
+def _rules_events(rules: str) -> list[str]:
     from amohook.rules import load_rules_file
 
     wanted: list[str] = []
@@ -114,7 +114,7 @@ def _check_url(url: str) -> str:
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c in url for c in " \t\r\n"):
-        raise ConfigError(f"--url must be a full http(s) URL such as https://hooks.example.com/webhook/SECRET")
+        raise ConfigError("--url must be a full http(s) URL such as https://hooks.example.com/webhook/SECRET")
     if len(url) > 2000:
         raise ConfigError("--url is longer than 2,000 characters")
     return url
@@ -130,7 +130,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     account = _account(subdomain)
     hooks = list_webhooks(client_for(store, account))
     ours = {s.destination_sha256 for s in watched(account)}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"destination": redact_destination(h.destination), "events": list(h.events), "disabled": h.disabled,
          "by_amohook": destination_sha(h.destination) in ours}
         for h in hooks
@@ -151,11 +151,11 @@ def webhooks_subscribe(
     ctx: typer.Context,
     url: Annotated[str, typer.Option("--url", help="The destination amoCRM will POST to, exactly as it should be called.")],
     events: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--events", help="Comma-separated amoCRM event codes (default: what --rules needs, "
                      "else status_lead,add_lead,responsible_lead)."),
     ] = None,
-    rules: Annotated[Optional[str], typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
+    rules: Annotated[str | None, typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
                                                  help="Rules file whose triggers pick the events.")] = None,
     subdomain: SubdomainOpt = None,
 ):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,7 +11,7 @@ from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state
 rules_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS, help="Rules that act when leads change or tasks are completed.")
 
 RulesOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True, help="The rules file (TOML)."),
 ]
 

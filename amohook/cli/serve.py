@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,7 +11,7 @@ from amohook.cli.common import say, state
 from amohook.cli.logs import Level
 
 HandlerOpt = Annotated[
-    Optional[List[str]],
+    list[str] | None,
     typer.Option(
         "--handler",
         help="A handler to run for every event, as package.module:function (called as fn(event, ctx)); repeatable. "
@@ -39,7 +39,7 @@ LibraryLogLevelOpt = Annotated[
                  "statement and request; token-shaped strings and the secrets are still masked."),
 ]
 ReconcileOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--reconcile", envvar="AMOHOOK_RECONCILE", show_envvar=True,
                  help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h or off. "
                  "Default: 5m when --rules or --handler is given, else off."),
@@ -51,7 +51,7 @@ KeepOpt = Annotated[
                  "(at least 1d; `off` keeps everything)."),
 ]
 RulesOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
                  help="Rules file (TOML) whose tasks the workers create; checked at start (see `amohook rules check`)."),
 ]
@@ -67,7 +67,7 @@ def _setup_logging(level: Level, library_level: Level, secrets: tuple[str, ...] 
     setup_logging(level.value, library_level.value, secrets)
 
 
-def reconcile_interval(option: Optional[str], has_work: bool) -> Optional[float]:
+def reconcile_interval(option: str | None, has_work: bool) -> float | None:
     """Seconds between background reconciliation passes, or None (off)."""
     from amohook.settings import parse_duration
 
@@ -76,7 +76,7 @@ def reconcile_interval(option: Optional[str], has_work: bool) -> Optional[float]
     return parse_duration(option, option="--reconcile")
 
 
-def keep_seconds(keep: str) -> Optional[float]:
+def keep_seconds(keep: str) -> float | None:
     """--keep as seconds (None: off), checked before anything starts."""
     from amohook.errors import ConfigError
     from amohook.retention import MIN_KEEP
@@ -93,7 +93,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", envvar="AMOHOOK_HOST", help="Address to listen on (put a TLS proxy in front).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="AMOHOOK_PORT", min=0, max=65535, help="Port; 0 picks a free one.")] = 8080,
     secret: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--secret",
             envvar="AMOHOOK_WEBHOOK_SECRET",
@@ -218,7 +218,7 @@ def worker(
     log.info("stopped")
 
 
-def _seconds(interval: Optional[float]) -> str:
+def _seconds(interval: float | None) -> str:
     if not interval:
         return "off"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

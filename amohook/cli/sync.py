@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from amohook.cli.common import console, err_console, plain, print_json, say, state, warn
 
+if TYPE_CHECKING:  # annotations only: the CLI imports rich and the models late, to start fast
+    from rich.console import JustifyMethod
+    from rich.progress import TaskID
+
+    from amohook.store.models import Stage
+
 SubdomainOpt = Annotated[
-    Optional[str], typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
+    str | None, typer.Option("--subdomain", "-s", help="Account subdomain (the part before .amocrm.ru).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -39,7 +45,7 @@ def _progress_display(enabled: bool):
         console=err_console(),
         transient=True,
     ) as progress:
-        tasks: dict[tuple[str, str], int] = {}
+        tasks: dict[tuple[str, str], TaskID] = {}
 
         def on_progress(event) -> None:
             key = (event.account, event.kind)
@@ -124,7 +130,7 @@ def sync_entities(
         report.raise_for_error()
 
 
-def _account(ctx: typer.Context, subdomain: Optional[str]):
+def _account(ctx: typer.Context, subdomain: str | None):
     """The store and the account's subdomain the listings read."""
     from amohook.tokens import get_account
 
@@ -167,12 +173,15 @@ def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonO
     from rich.table import Table
 
     table = Table(title=plain(f"pipelines of {sub}"))
-    for col, justify in (("pipeline id", "right"), ("pipeline", "left"), ("stage id", "right"), ("stage", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("pipeline id", "right"), ("pipeline", "left"), ("stage id", "right"), ("stage", "left"),
+    )
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     for p in rows:
         flags = [f for f, on in (("main", p.is_main), ("archived", p.is_archive)) if on]
         label = p.name + (f" ({', '.join(flags)})" if flags else "")
-        members = stages.get(p.amo_id) or [None]
+        members: list[Stage | None] = [*(stages.get(p.amo_id) or [])] or [None]
         for i, s in enumerate(members):
             table.add_row(
                 str(p.amo_id) if i == 0 else "",

@@ -10,6 +10,19 @@ Times are Unix seconds (float), as everywhere in the store. The names below are 
 ``from amohook.inbox import X`` keeps working; new code may import from the modules themselves.
 """
 
+from amohook.inbox.group_commit import CommitHealth, GroupCommitter
+from amohook.inbox.queries import EventDetail, QueueStats, event_detail, list_events, queue_stats
+from amohook.inbox.queue import (
+    InboxEvent,
+    ReplayResult,
+    claim,
+    complete,
+    due_condition,
+    fail,
+    release,
+    renew,
+    replay,
+)
 from amohook.inbox.receive import (
     CHECKPOINT_SECONDS,
     ERROR_MAX,
@@ -31,19 +44,6 @@ from amohook.inbox.receive import (
     useful_headers,
     write_txn,
 )
-from amohook.inbox.group_commit import CommitHealth, GroupCommitter
-from amohook.inbox.queue import (
-    InboxEvent,
-    ReplayResult,
-    claim,
-    complete,
-    due_condition,
-    fail,
-    release,
-    renew,
-    replay,
-)
-from amohook.inbox.queries import EventDetail, QueueStats, event_detail, list_events, queue_stats
 
 __all__ = [
     "CHECKPOINT_SECONDS", "ERROR_MAX", "FAILURE_HINTS", "FAILURE_LOG_SECONDS", "HEADER_MAX", "INSERT_CHUNK",

@@ -7,8 +7,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import peewee
 
@@ -23,6 +24,9 @@ from amohook.inbox.receive import (
     StoreUnavailable,
     failure_class,
 )
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.inbox")
 
@@ -72,7 +76,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        store,
+        store: Store,
         *,
         max_batch: int = 200,
         max_batch_bytes: int = 16 * 1024 * 1024,
@@ -109,7 +113,7 @@ class GroupCommitter:
         self.committed = 0
         self.largest_batch = 0
 
-    def start(self) -> "GroupCommitter":
+    def start(self) -> GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="amohook-writer", daemon=True)
         self._thread.start()
         if self.store.is_sqlite:
@@ -353,7 +357,7 @@ class GroupCommitter:
                 self.on_batch(len(batch), time.perf_counter() - started)
             except Exception:  # an observer must never break the write path
                 self.log.exception("on_batch hook failed")
-        for ticket, result in zip(batch, results):
+        for ticket, result in zip(batch, results, strict=True):
             ticket.result = result
             ticket.done.release()
         if self.on_commit is not None and any(r.events for r in results):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import peewee
 
 from amohook.inbox.queue import due_condition
 from amohook.store.models import Action, Attempt, Delivery, Event
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 
 @dataclass(frozen=True)
@@ -19,10 +23,10 @@ class QueueStats:
     oldest_pending_age: float | None  # seconds since the oldest pending event was received
 
 
-def queue_stats(store, *, now: float) -> QueueStats:
+def queue_stats(store: Store, *, now: float) -> QueueStats:
     """Counts by status (done is not counted: it only grows) and the age of the oldest pending."""
-    counts = dict(
-        Event.select(Event.status, peewee.fn.COUNT(Event.id))
+    counts: dict[str, int] = dict(
+        Event.select(Event.status, peewee.fn.COUNT(Event.id))  # type: ignore[arg-type]  # rows are tuples, not models
         .where(Event.status.in_(["pending", "running", "dead"]))
         .group_by(Event.status)
         .tuples()
@@ -38,7 +42,7 @@ def queue_stats(store, *, now: float) -> QueueStats:
     )
 
 
-def list_events(store, *, status: str | None = None, entity: str | None = None, limit: int = 50) -> list[Event]:
+def list_events(store: Store, *, status: str | None = None, entity: str | None = None, limit: int = 50) -> list[Event]:
     """Newest first."""
     query = Event.select()
     if status:
@@ -56,7 +60,7 @@ class EventDetail:
     actions: list[Action] = field(default_factory=list)  # what the rules recorded for it
 
 
-def event_detail(store, event_id: int) -> EventDetail | None:
+def event_detail(store: Store, event_id: int) -> EventDetail | None:
     """One event with its delivery, its attempts and its actions; None when there is no such event."""
     event = Event.get_or_none(Event.id == event_id)
     if event is None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from amohook.inbox.receive import ERROR_MAX, write_txn
 from amohook.store.models import Attempt, Event
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def due_condition(now: float):
 
 
 def claim(
-    store,
+    store: Store,
     owner: str,
     *,
     limit: int,
@@ -119,7 +123,7 @@ def _ours(event_id: int, owner: str):
     return (Event.id == event_id) & (Event.lease_owner == owner) & (Event.status == "running")
 
 
-def complete(store, event_id: int, owner: str, *, started_at: float, now: float) -> bool:
+def complete(store: Store, event_id: int, owner: str, *, started_at: float, now: float) -> bool:
     """Mark done if the lease is still ``owner``'s; record the attempt either way."""
     with write_txn(store):
         won = (
@@ -146,7 +150,7 @@ def complete(store, event_id: int, owner: str, *, started_at: float, now: float)
 
 
 def fail(
-    store,
+    store: Store,
     event_id: int,
     owner: str,
     *,
@@ -176,7 +180,7 @@ def fail(
     return bool(won)
 
 
-def release(store, event_ids: Sequence[int], owner: str, *, now: float) -> int:
+def release(store: Store, event_ids: Sequence[int], owner: str, *, now: float) -> int:
     """Give back claimed events that were never started: pending again, due at once, no attempt."""
     if not event_ids:
         return 0
@@ -188,7 +192,7 @@ def release(store, event_ids: Sequence[int], owner: str, *, now: float) -> int:
         )
 
 
-def renew(store, event_ids: Sequence[int], owner: str, *, lease_seconds: float, now: float) -> int:
+def renew(store: Store, event_ids: Sequence[int], owner: str, *, lease_seconds: float, now: float) -> int:
     """Extend the lease on events ``owner`` still holds; returns how many it still holds."""
     if not event_ids:
         return 0
@@ -210,7 +214,7 @@ class ReplayResult:
     missing: list[int] = field(default_factory=list)  # ids of no event: then nothing is queued
 
 
-def replay(store, event_ids: Sequence[int] = (), *, dead: bool = False, now: float) -> ReplayResult:
+def replay(store: Store, event_ids: Sequence[int] = (), *, dead: bool = False, now: float) -> ReplayResult:
     """Queue events again (pending, due now, attempts reset); running ones are left to their worker.
 
     An id of no event queues nothing at all: it is a typo, and the rest of the list may be one too."""

@@ -8,14 +8,18 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import peewee
 
 from amohook.errors import StoreError
 from amohook.store.models import Delivery, Event
 from amohook.webhooks.parse import BodyRejected, ParsedWebhook
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.inbox")
 
@@ -118,13 +122,13 @@ def check_storable(body: bytes, parsed: ParsedWebhook) -> None:
             raise BodyRejected(f"NUL character in {name}")
 
 
-def write_txn(store):
+def write_txn(store: Store):
     """The inbox's write transaction: ``store.write()`` (which queues this process's threads on
     SQLite before they meet at its lock)."""
     return store.write()
 
 
-def store_deliveries(store, items: Sequence[Incoming]) -> list[Stored]:
+def store_deliveries(store: Store, items: Sequence[Incoming]) -> list[Stored]:
     """Store deliveries and their events in ONE transaction; known bodies only count a resend."""
     if not items:
         return []
@@ -189,7 +193,7 @@ FAILURE_HINTS = {
 
 def driver_errors_as_peewee():
     """Driver errors raised as peewee's (as the ORM's own queries raise them)."""
-    return peewee.__exception_wrapper__
+    return peewee.__exception_wrapper__  # type: ignore[attr-defined]  # peewee's own, undeclared in its types
 
 
 _DELIVERY_COLUMNS = ("body_sha256", "body", "content_type", "headers", "remote_addr", "received_at", "times_received")
@@ -214,7 +218,7 @@ def _chunks(rows: list[tuple], size_of, max_rows: int = INSERT_CHUNK, max_bytes:
         yield group
 
 
-def store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
+def store_in_txn(store: Store, items: Sequence[Incoming]) -> list[Stored]:
     """The body of ``store_deliveries``, inside a transaction the caller holds."""
     # Plain multi-row SQL, a handful of statements per batch whatever its size: this is the
     # listener's hot path. Each statement releases and re-takes the GIL, which under a burst means
@@ -242,7 +246,7 @@ def store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
     known = lookup(distinct)
     new_rows: list[tuple] = []
     fresh: dict[str, Incoming] = {}
-    for item, sha in zip(items, shas):
+    for item, sha in zip(items, shas, strict=True):
         if sha in known or sha in fresh:
             continue
         fresh[sha] = item
@@ -274,7 +278,7 @@ def store_in_txn(store, items: Sequence[Incoming]) -> list[Stored]:
 
     results: list[Stored] = []
     resent: Counter = Counter()
-    for item, sha in zip(items, shas):
+    for item, sha in zip(items, shas, strict=True):
         if sha in fresh and fresh[sha] is item:
             results.append(Stored(ids[sha], True, len(item.parsed.events)))
         else:

@@ -68,7 +68,7 @@ def lead_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     lead_id = _int(data.get("id"))
     if lead_id is None:
         return []
-    common = dict(
+    common: dict[str, Any] = dict(
         lead_id=lead_id,
         pipeline_id=_int(data.get("pipeline_id")),
         status_id=_int(data.get("status_id")),

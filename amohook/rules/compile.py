@@ -8,11 +8,12 @@ rules that move leads are checked for cycles a file can show (``amohook.rules.cy
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from amohook.rules.spec import RuleSpec, RulesError, load_rules_file
+from amohook.rules.spec import RulesError, RuleSpec, load_rules_file
 
 
 @dataclass(frozen=True)

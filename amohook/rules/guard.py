@@ -8,13 +8,15 @@ an action is recorded as ``skipped`` with the reason, and the log says so.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from amohook.store.models import Action
 
 MAX_CHANGES = 5
 WINDOW = 600.0
 
 
-def recent_changes(account: str, lead_id: int, kinds: list[str], now: float, *, exclude: list[str] = ()) -> int:
+def recent_changes(account: str, lead_id: int, kinds: list[str], now: float, *, exclude: Sequence[str] = ()) -> int:
     """Rule-made changes of this lead recorded in the window (skipped ones do not count)."""
     query = Action.select().where(
         (Action.account == account) & Action.kind.in_(kinds) & (Action.result_id == lead_id)

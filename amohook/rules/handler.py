@@ -9,8 +9,9 @@ a task hook says nothing of where its lead is.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from amohook.actions import lead_changing_kinds, record_planned
 from amohook.changes import identify, sighting_of
@@ -20,6 +21,9 @@ from amohook.rules.guard import recent_changes, stop_reason
 from amohook.rules.match import matches, might_match, needs_lead_state
 from amohook.rules.plan import PlanContext, needs_lead, plan_actions
 from amohook.store.models import Account
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 
 def with_lead_state(change: LeadChange, lead: dict) -> LeadChange:
@@ -42,7 +46,7 @@ def with_lead_state(change: LeadChange, lead: dict) -> LeadChange:
 class RulesHandler:
     """A worker handler: ``handler(event, ctx)``."""
 
-    def __init__(self, rules: list[CompiledRule], store, *, on_recorded: Callable[[int], None] | None = None):
+    def __init__(self, rules: list[CompiledRule], store: Store, *, on_recorded: Callable[[int], None] | None = None):
         self.rules = rules
         self.store = store
         self.on_recorded = on_recorded
@@ -75,7 +79,7 @@ class RulesHandler:
                 change = replace(change, changed_at=str(identity.key_at))
             leads: dict[str, dict | None] = {}
 
-            def lead_of(rule: CompiledRule) -> dict | None:
+            def lead_of(rule: CompiledRule, leads=leads, change=change) -> dict | None:  # this change's leads
                 if rule.account not in leads:  # one read per lead, however many rules ask
                     leads[rule.account] = ctx.client(rule.account).get(f"/api/v4/leads/{change.lead_id}")
                 return leads[rule.account]

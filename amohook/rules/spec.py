@@ -23,7 +23,9 @@ from amohook.errors import ConfigError
 TRIGGERS = {
     "lead.stage_changed": "a lead moved to another stage (leads[status], or leads[update] with a new status)",
     "lead.added": "a lead was created (leads[add])",
-    "lead.responsible_changed": "a lead got another responsible user (leads[responsible], or leads[update] with old_responsible_user_id)",
+    "lead.responsible_changed": (
+        "a lead got another responsible user (leads[responsible], or leads[update] with old_responsible_user_id)"
+    ),
     "task.completed": "a task on a lead was completed (task[update] with action_close=1)",
 }
 # The rule's own keys; each action kind adds its table's name (amohook.actions.kinds()).

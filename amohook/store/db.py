@@ -263,12 +263,12 @@ def _bound_mysql_lock_waits(db: peewee.MySQLDatabase, seconds: int) -> None:
     Set on each new connection (peewee's hook): PyMySQL's init_command runs one statement only.
     """
 
-    def initialize(conn, _base=db._initialize_connection):
+    def initialize(conn, _base=db._initialize_connection):  # type: ignore[attr-defined]  # peewee's per-connection hook
         _base(conn)
         with conn.cursor() as cur:
             cur.execute(f"SET SESSION innodb_lock_wait_timeout = {int(seconds)}, lock_wait_timeout = {int(seconds)}")
 
-    db._initialize_connection = initialize
+    db._initialize_connection = initialize  # type: ignore[attr-defined]  # (undeclared in peewee's types)
 
 
 _pg_timeout = DEFAULT_TIMEOUT

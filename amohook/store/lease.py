@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import peewee
 from peewee import IntegrityError
@@ -136,7 +136,7 @@ def lease(
                     f"the '{name}' lease is held until {_until(left)} by process {other.split(':')[1]} "
                     "of this host, which is no longer running — try again after that time"
                 )
-        if info is not None and tell:
+        if info is not None and tell and on_wait is not None:
             told = True
             on_wait(f"waiting up to {wait:.0f} s for the '{name}' lease, held by "
                     f"{info[0].rsplit(':', 2)[0]} until {_until(info[1])}")

@@ -7,8 +7,9 @@ two processes from running it at the same time, and every step is written to be 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from peewee import DoubleField
 
@@ -25,12 +26,12 @@ V1_MODELS = ("account", "lease", "oauth_state", "rate_window", "pipeline", "stag
              "custom_field", "delivery", "event", "attempt", "action")
 
 
-def _v1_initial(store: "Store") -> None:
+def _v1_initial(store: Store) -> None:
     tables = [m for m in models.ALL_MODELS if m._meta.table_name in V1_MODELS]
     store.db.create_tables(tables, safe=True)  # a new store's event table has today's columns
 
 
-def _v2_refresh_marker(store: "Store") -> None:
+def _v2_refresh_marker(store: Store) -> None:
     """account.refresh_sent_at and account.clock_skew (a fresh v1 already has them: re-runnable)."""
     from playhouse.migrate import SchemaMigrator
     from playhouse.migrate import migrate as run
@@ -47,9 +48,10 @@ def _v2_refresh_marker(store: "Store") -> None:
         run(*ops)
 
 
-def _v3_reconciliation(store: "Store") -> None:
+def _v3_reconciliation(store: Store) -> None:
     """Events from the log (event.source), the change registry, reconciliation state, subscriptions."""
-    from playhouse.migrate import SchemaMigrator, migrate as run
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as run
 
     columns = {c.name for c in store.db.get_columns(models.Event._meta.table_name)}
     if "source" not in columns:
@@ -59,7 +61,7 @@ def _v3_reconciliation(store: "Store") -> None:
     _add_missing_indexes(store, models.Event, models.Action)
 
 
-def _add_missing_indexes(store: "Store", *tables) -> None:
+def _add_missing_indexes(store: Store, *tables) -> None:
     """Create the indexes a model declares that an older store lacks (by peewee's index names)."""
     for model in tables:
         present = {index.name for index in store.db.get_indexes(model._meta.table_name)}
@@ -68,7 +70,7 @@ def _add_missing_indexes(store: "Store", *tables) -> None:
                 store.db.execute(index)
 
 
-MIGRATIONS: list[tuple[int, Callable[["Store"], None]]] = [
+MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (1, _v1_initial),
     (2, _v2_refresh_marker),
     (3, _v3_reconciliation),
@@ -76,7 +78,7 @@ MIGRATIONS: list[tuple[int, Callable[["Store"], None]]] = [
 LATEST = MIGRATIONS[-1][0]
 
 
-def current_version(store: "Store") -> int:
+def current_version(store: Store) -> int:
     if not store.db.table_exists(models.SchemaVersion._meta.table_name):
         return 0
     return models.SchemaVersion.select(models.SchemaVersion.version).order_by(
@@ -85,7 +87,7 @@ def current_version(store: "Store") -> int:
 
 
 @contextmanager
-def _schema_lock(store: "Store"):
+def _schema_lock(store: Store):
     if store.is_mysql:
         # Wait less than the connection's read timeout, and do not migrate without the lock.
         wait = max(1, int(store.timeout * 0.8))
@@ -108,7 +110,7 @@ def _schema_lock(store: "Store"):
         yield  # SQLite: BEGIN IMMEDIATE below is the lock
 
 
-def migrate(store: "Store") -> int:
+def migrate(store: Store) -> int:
     """Apply every missing migration; returns the schema version. Cheap when already current."""
     if current_version(store) >= LATEST:
         return LATEST

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from peewee import (
+    AutoField,
     BigIntegerField,
     BooleanField,
     CharField,
@@ -29,6 +30,9 @@ def now() -> float:
 
 
 class BaseModel(Model):
+    """Tables without a key of their own declare ``id = AutoField()``: the column peewee would add
+    unasked, written out so that type checkers know ``.id``."""
+
     class Meta:
         database = database
         legacy_table_names = False
@@ -42,6 +46,7 @@ class SchemaVersion(BaseModel):
 class Account(BaseModel):
     """One connected amoCRM account and its OAuth grant. Tokens are TEXT: they exceed 255 chars."""
 
+    id = AutoField()
     subdomain = CharField(max_length=190, unique=True)
     base_url = CharField(max_length=255)
     client_id = CharField(max_length=255, null=True)
@@ -97,6 +102,7 @@ class RateWindow(BaseModel):
 
 
 class Pipeline(BaseModel):
+    id = AutoField()
     account = CharField(max_length=190)
     amo_id = BigIntegerField()
     name = CharField(max_length=255)
@@ -111,6 +117,7 @@ class Pipeline(BaseModel):
 class Stage(BaseModel):
     """A pipeline status. Keyed by pipeline *and* status id: 142/143 exist in every pipeline."""
 
+    id = AutoField()
     account = CharField(max_length=190)
     pipeline_id = BigIntegerField()
     amo_id = BigIntegerField()
@@ -124,6 +131,7 @@ class Stage(BaseModel):
 
 
 class TaskType(BaseModel):
+    id = AutoField()
     account = CharField(max_length=190)
     amo_id = BigIntegerField()
     name = CharField(max_length=255)
@@ -135,6 +143,7 @@ class TaskType(BaseModel):
 
 
 class User(BaseModel):
+    id = AutoField()
     account = CharField(max_length=190)
     amo_id = BigIntegerField()
     name = CharField(max_length=255)
@@ -147,6 +156,7 @@ class User(BaseModel):
 
 
 class CustomField(BaseModel):
+    id = AutoField()
     account = CharField(max_length=190)
     entity_type = CharField(max_length=32, default="leads")
     amo_id = BigIntegerField()
@@ -162,6 +172,7 @@ class CustomField(BaseModel):
 class Delivery(BaseModel):
     """One webhook body as received; the same body again (amoCRM retries) is the same delivery."""
 
+    id = AutoField()
     body_sha256 = CharField(max_length=64, unique=True)
     body = LongTextField()
     content_type = CharField(max_length=255, null=True)
@@ -174,6 +185,7 @@ class Delivery(BaseModel):
 class Event(BaseModel):
     """One entity item of a delivery, queued for the worker."""
 
+    id = AutoField()
     delivery_id = BigIntegerField(index=True)
     idx = IntegerField()
     entity = CharField(max_length=64, index=True)
@@ -202,6 +214,7 @@ class Event(BaseModel):
 
 
 class Attempt(BaseModel):
+    id = AutoField()
     event_id = BigIntegerField(index=True)
     worker = CharField(max_length=190)
     started_at = DoubleField(default=now)
@@ -213,6 +226,7 @@ class Attempt(BaseModel):
 class Action(BaseModel):
     """An effect a rule asked for, keyed deterministically so it happens once (see rules/actions)."""
 
+    id = AutoField()
     key = CharField(max_length=190, unique=True)
     account = CharField(max_length=190)
     rule = CharField(max_length=255)
@@ -242,6 +256,7 @@ class ChangeSeen(BaseModel):
     a tolerance; ``key_at`` is the time of the first sighting and names the change in action keys.
     """
 
+    id = AutoField()
     account = CharField(max_length=190)
     lead_id = BigIntegerField()
     kind = CharField(max_length=32)  # stage_changed, added, responsible_changed
@@ -283,6 +298,7 @@ class ReconcileState(BaseModel):
 class Subscription(BaseModel):
     """A webhook destination amohook subscribed, stored byte for byte (amoCRM matches it exactly)."""
 
+    id = AutoField()
     account = CharField(max_length=190)
     destination = TextField()
     destination_sha256 = CharField(max_length=64)

@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from amohook import inbox
 from amohook.webhooks.reader import OnDemandReader
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.server")
 
@@ -33,7 +37,7 @@ class QueueWatch:
     """Queue counts (and reconciliation per account) for /healthz, read by one thread on one
     connection, at most once a second, shared by every request (``reader.OnDemandReader``)."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store):
         self.store = store
         self.reader: OnDemandReader[HealthFigures] = OnDemandReader(
             store, self._figures, name="amohook-health", what="healthz", fresh=FRESH_SECONDS, wait=WAIT_SECONDS,
@@ -41,7 +45,7 @@ class QueueWatch:
         )
         self._reconciliation: list[dict] = []
 
-    def start(self) -> "QueueWatch":
+    def start(self) -> QueueWatch:
         self.reader.start()
         return self
 

@@ -61,7 +61,7 @@ class HardenedRequestHandler(BaseHTTPRequestHandler):
     # connection, as amoCRM's requests do (docs/amocrm.md §5).
     protocol_version = "HTTP/1.1"
     allow = "GET, HEAD, POST"  # the Allow header of a 405 to an unknown method
-    server: "HardenedHTTPServer"
+    server: HardenedHTTPServer
 
     def version_string(self) -> str:
         return "amohook"
@@ -73,7 +73,7 @@ class HardenedRequestHandler(BaseHTTPRequestHandler):
         self.connection = conn.sock
         self.connection.settimeout(self.server.config.socket_timeout)
         self.rfile = io.BufferedReader(PrefixedReader(conn.buf, conn.sock))
-        self.wfile = socketserver._SocketWriter(conn.sock)
+        self.wfile = socketserver._SocketWriter(conn.sock)  # type: ignore[attr-defined]  # stdlib, not in typeshed
         self.responded = False
         self.expired = False
         self.body_read = False
@@ -415,7 +415,7 @@ class HardenedHTTPServer(HTTPServer):
                 "out of open files (%s) with %d connections open (open-file limit %d): holding at most %d from now "
                 "on, closing the oldest that sent no request; raise the limit (ulimit -n, or LimitNOFILE= in the "
                 "systemd unit)",
-                errno.errorcode.get(exc.errno, exc.errno), held, nofile_limit(), self.max_connections,
+                errno.errorcode.get(exc.errno or -1, exc.errno), held, nofile_limit(), self.max_connections,
             )
         if self._evict(max(8, len(self._conns) - self.max_connections)):
             return True

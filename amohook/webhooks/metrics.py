@@ -62,7 +62,7 @@ class ListenerMetrics:
         with self._lock:
             counts, total = list(self._buckets), self._commit_sum
         cumulative, running = [], 0
-        for bound, count in zip([*map(str, COMMIT_BUCKETS), "+Inf"], counts):
+        for bound, count in zip([*map(str, COMMIT_BUCKETS), "+Inf"], counts, strict=True):
             running += count
             cumulative.append((bound, running))
         return cumulative, total

@@ -15,12 +15,18 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import peewee
 
 from amohook import doctor, inbox
 from amohook.store.models import Account, Action, Event
 from amohook.webhooks.reader import OnDemandReader, Unreadable
+
+if TYPE_CHECKING:  # for the annotations only: overview must stay cheap to import
+    from amohook.reconcile import AccountReconcileStatus
+    from amohook.store import Store
+    from amohook.tokens import TokenStatus
 
 log = logging.getLogger("amohook.server")
 
@@ -38,9 +44,9 @@ ACTION_STATUSES = ("pending", "sending", "done", "failed")
 @dataclass(frozen=True)
 class AccountView:
     subdomain: str
-    token: object  # tokens.TokenStatus
-    checks: list  # doctor.Check: the refresh token, subscriptions, reconciliation
-    reconcile: object  # reconcile.AccountReconcileStatus
+    token: TokenStatus
+    checks: list[doctor.Check]  # the refresh token, subscriptions, reconciliation
+    reconcile: AccountReconcileStatus
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class Snapshot:
     today_since: float
 
 
-def read_snapshot(store, now: float) -> Snapshot:
+def read_snapshot(store: Store, now: float) -> Snapshot:
     """Read everything once (a few dozen bounded queries; one more per account)."""
     from amohook.reconcile import reconcile_status
     from amohook.tokens import refresh_holder, token_status
@@ -111,7 +117,7 @@ def read_snapshot(store, now: float) -> Snapshot:
         checks.append(doctor.Check("accounts", False, "error", "no account in the store",
                                    "run `amohook init-auth` to connect one"))
     checks += [doctor.check_dead_events(), doctor.check_pending_events(now), doctor.check_failed_actions()]
-    if store.is_sqlite:
+    if store.sqlite_path is not None:  # an SQLite store
         checks.append(doctor.check_disk(store.sqlite_path))
     since = _local_midnight(now)
     return Snapshot(
@@ -159,7 +165,9 @@ def _events(status: str | None, limit: int) -> list[EventRow]:
     return [
         EventRow(
             id=e.id, received_at=e.received_at, updated_at=e.updated_at, account=e.account, entity=e.entity,
-            action=e.action, entity_id=e.entity_id, name=_name(e.prefix), status=e.status, attempts=e.attempts,
+            action=e.action, entity_id=e.entity_id,
+            name=_name(e.prefix),  # type: ignore[attr-defined]  # the column selected as "prefix"
+            status=e.status, attempts=e.attempts,
             last_error=e.last_error, source=e.source or "webhook",
         )
         for e in query.limit(limit)
@@ -203,7 +211,7 @@ class OverviewReader:
     """Reads ``Snapshot``s on one thread and one connection; shared by every request
     (``reader.OnDemandReader``: at most once per ``fresh`` seconds, only when asked)."""
 
-    def __init__(self, store, *, fresh: float = FRESH_SECONDS, wait: float = WAIT_SECONDS, clock=time.time):
+    def __init__(self, store: Store, *, fresh: float = FRESH_SECONDS, wait: float = WAIT_SECONDS, clock=time.time):
         self.store = store
         self.clock = clock
         self.reader: OnDemandReader[Snapshot] = OnDemandReader(
@@ -223,7 +231,7 @@ class OverviewReader:
     def fresh(self, seconds: float) -> None:
         self.reader.fresh = seconds
 
-    def start(self) -> "OverviewReader":
+    def start(self) -> OverviewReader:
         self.reader.start()
         return self
 

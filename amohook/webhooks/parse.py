@@ -15,6 +15,7 @@ import json
 import re
 from binascii import a2b_qp
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from amohook.errors import AmohookError
@@ -248,7 +249,7 @@ def _fields(body: bytes, text: str) -> tuple[list[tuple[str, str]], bool]:
         return _split_fields(text.replace("+", " ") if "+" in text else text), True
     raw = bytes(body)
     if b"\x00" not in raw and _ODD_PERCENT.search(raw) is None:
-        parts = []
+        parts: list[bytes] = []
         for field in raw.split(b"&"):
             if field:  # empty runs ("a=1&&b=2") are not fields
                 key, _, value = field.partition(b"=")  # no '=': a blank value, like parse_qsl
@@ -260,7 +261,7 @@ def _fields(body: bytes, text: str) -> tuple[list[tuple[str, str]], bool]:
             pass
         else:
             pairs = iter(decoded)
-            return list(zip(pairs, pairs)), True
+            return list(zip(pairs, pairs, strict=False)), True  # pairs; a lone last key is dropped
     return _split_fields(text), False
 
 
@@ -358,7 +359,7 @@ def _json_kind(value: object) -> str:
 
 
 def _check_depth(tree: dict, max_depth: int) -> None:
-    stack: list[tuple[object, int]] = [(tree, 0)]
+    stack: list[tuple[Any, int]] = [(tree, 0)]
     while stack:  # iterative: a tree just under the interpreter's limit must not overflow here
         node, depth = stack.pop()
         children = node.values() if isinstance(node, dict) else node

@@ -19,9 +19,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from amohook import inbox
@@ -31,6 +32,9 @@ from amohook.redact import redact_target
 from amohook.webhooks import health, metrics, status_page
 from amohook.webhooks.http_server import HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 log = logging.getLogger("amohook.server")
 
@@ -64,7 +68,8 @@ def check_secret(secret: str | None) -> str:
     if not secret:
         raise ConfigError(
             "no webhook secret — set AMOHOOK_WEBHOOK_SECRET (or --secret) to a random string of at least "
-            f"{MIN_SECRET_LENGTH} characters, e.g. the output of `python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"`"
+            f"{MIN_SECRET_LENGTH} characters, e.g. the output of "
+            "`python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"`"
         )
     if len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(
@@ -98,7 +103,7 @@ _PAGE_HEADERS = (
 class _Handler(HardenedRequestHandler):
     """The routes: a webhook, the health answer, the OAuth redirect."""
 
-    server: "WebhookHTTPServer"
+    server: WebhookHTTPServer
 
     def handle_expect_100(self) -> bool:
         # Invite the body only when it will be read; otherwise the final answer (404, 411, 413…)
@@ -296,10 +301,10 @@ class _Handler(HardenedRequestHandler):
 
     def _page(self, status: int, title: str, message: str) -> None:
         page = (
-            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title></head>\n"
+            f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
             "<body style=\"font-family: sans-serif; max-width: 40em; margin: 3em auto\">\n"
-            "<h1>{t}</h1>\n<p>{m}</p>\n</body></html>\n"
-        ).format(t=html.escape(title), m=html.escape(message))
+            f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(message)}</p>\n</body></html>\n"
+        )
         self._reply(
             status,
             page,
@@ -312,7 +317,7 @@ class WebhookHTTPServer(HardenedHTTPServer):
     """The hardened server (webhooks/http_server.py) with what the routes need: the secret, the
     store, the group-commit writer and the queue watch behind /healthz."""
 
-    def __init__(self, config: ServerConfig, store, committer: GroupCommitter):
+    def __init__(self, config: ServerConfig, store: Store, committer: GroupCommitter):
         self.store = store
         self.committer = committer
         self.secret_bytes = check_secret(config.secret).encode("ascii")
@@ -332,7 +337,7 @@ class WebhookHTTPServer(HardenedHTTPServer):
 class WebhookService:
     """The listener, its writer thread and (optionally) worker threads, started and stopped together."""
 
-    def __init__(self, store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None):
+    def __init__(self, store: Store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None):
         self.store = store
         self.config = config
         self.workers = list(workers)
@@ -354,7 +359,7 @@ class WebhookService:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def start(self) -> "WebhookService":
+    def start(self) -> WebhookService:
         self.committer = GroupCommitter(self.store, on_commit=self._wake_workers).start()
         try:
             self.httpd = WebhookHTTPServer(self.config, self.store, self.committer)

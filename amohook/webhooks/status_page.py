@@ -21,11 +21,15 @@ import html
 import re
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from amohook import doctor
 from amohook.errors import ConfigError
 from amohook.webhooks import metrics as metrics_module
 from amohook.webhooks.overview import OverviewReader, Snapshot
+
+if TYPE_CHECKING:
+    from amohook.store import Store
 
 ROUTES = ("/status", "/metrics")
 MIN_PASSWORD_LENGTH = 12
@@ -92,7 +96,7 @@ def authorized(header: str | None, password: str) -> bool:
 class AdminPages:
     """Answers /status and /metrics for one listener; ``answer`` returns what to send."""
 
-    def __init__(self, password: str | None, store, server, listener_metrics: metrics_module.ListenerMetrics,
+    def __init__(self, password: str | None, store: Store, server, listener_metrics: metrics_module.ListenerMetrics,
                  *, fresh: float | None = None):
         self.password = check_status_password(password)
         self.server = server  # open_connections() and committer
@@ -229,7 +233,7 @@ def render_page(snapshot: Snapshot | None, error: str | None, *, listener, commi
     checks = []
     if snapshot is not None:  # as doctor orders them: the database, each account, then the queue
         checks = [c for c in snapshot.checks if c.name in ("database", "accounts")]
-        for view, token in zip(snapshot.accounts, token_checks(snapshot)):
+        for view, token in zip(snapshot.accounts, token_checks(snapshot), strict=True):
             checks += [token, *view.checks]
         checks += [c for c in snapshot.checks if c.name not in ("database", "accounts")]
     state = "error" if error or snapshot is None else doctor.worst(checks)

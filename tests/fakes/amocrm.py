@@ -43,11 +43,12 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "api"
@@ -208,7 +209,7 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False          # stop() must not wait for keep-alive or hanging handlers
     request_queue_size = 128
     allow_reuse_address = True
-    fake: "FakeAmo"
+    fake: FakeAmo
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], OSError):  # clients hanging up are not errors
@@ -684,7 +685,7 @@ class FakeAmo:
         return best
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> "FakeAmo":
+    def start(self) -> FakeAmo:
         if self._server is None:
             self._stopping.clear()
             self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -712,7 +713,7 @@ class FakeAmo:
         self._thread.join(timeout=5)
         self._server = None
 
-    def __enter__(self) -> "FakeAmo":
+    def __enter__(self) -> FakeAmo:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -1033,18 +1034,18 @@ class FakeAmo:
         if len(items) > self.max_batch:
             return problem(400, f"At most {self.max_batch} tasks per request")
         rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
-        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items)
+        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items, strict=True)
                    if (errs := self._task_errors(item))]
         if invalid:  # the whole batch is refused, nothing is created
             return problem(400, "Request validation failed", **{"validation-errors": invalid})
         now, created = int(self._clock()), []
-        for rid, item in zip(rids, items):
+        for rid, item in zip(rids, items, strict=True):
             tid = self._new_id(self.tasks, 4745250)
             self.tasks[tid] = {
                 "id": tid, "created_by": token["user_id"], "updated_by": token["user_id"], "created_at": now,
                 "updated_at": now, "responsible_user_id": token["user_id"], "group_id": 0, "entity_id": None,
                 "entity_type": None, "duration": 0, "is_completed": False, "task_type_id": 1, "result": [],
-                "account_id": self.account_id, **item, "id": tid, "request_id": item.get("request_id")}
+                "account_id": self.account_id, **item} | {"id": tid, "request_id": item.get("request_id")}
             created.append({"id": tid, "request_id": rid, "_links": self._link(f"/api/v4/tasks/{tid}")})
         return _json(200, {"_links": self._link("/api/v4/tasks"), "_embedded": {"tasks": created}})
 
@@ -1070,7 +1071,7 @@ class FakeAmo:
             return problem(400, f"At most {self.max_batch} notes per request")
         rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
         invalid = []
-        for rid, item in zip(rids, items):
+        for rid, item in zip(rids, items, strict=True):
             errors = []
             if not isinstance(item, dict) or not isinstance(item.get("entity_id"), int):
                 errors.append({"code": "NotSupportedChoice", "path": "entity_id", "detail": "entity_id must be an integer"})
@@ -1083,7 +1084,7 @@ class FakeAmo:
         if invalid:
             return problem(400, "Request validation failed", **{"validation-errors": invalid})
         now, created = int(self._clock()), []
-        for rid, item in zip(rids, items):
+        for rid, item in zip(rids, items, strict=True):
             nid = self._new_id(self.notes, 76610421)
             self.notes[nid] = {"id": nid, "entity_id": item["entity_id"], "created_by": token["user_id"],
                                "updated_by": token["user_id"], "created_at": now, "updated_at": now,
@@ -1152,7 +1153,7 @@ class FakeAmo:
         if len(items) > self.max_batch:
             return problem(400, f"At most {self.max_batch} leads per request")
         rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
-        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items)
+        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items, strict=True)
                    if (errs := self._lead_patch_errors(item))]
         if invalid:
             return problem(400, "Request validation failed", **{"validation-errors": invalid})
