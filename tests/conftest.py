@@ -119,11 +119,13 @@ def store(db_url):
 
 @pytest.fixture
 def fake():
+    """The fake amoCRM (tests/fakes/amocrm.py), started on an ephemeral port; the test fails if the
+    fake itself hit an internal error (a bug in the fake must not pass as amohook's behaviour)."""
     from tests.fakes.amocrm import FakeAmo
 
-    server = FakeAmo().start()
-    yield server
-    server.stop()
+    with FakeAmo() as server:
+        yield server
+        assert not server.errors, "FakeAmo hit an internal error:\n" + "\n".join(server.errors)
 
 
 @pytest.fixture
@@ -160,8 +162,10 @@ IN_PROCESS = {"status", "events", "webhooks", "doctor", "rules", "reconcile", "p
               "task-types"}
 
 
-def run_cli_here(args: list[str], db_url: str) -> subprocess.CompletedProcess:
-    """Run the CLI's entry point in this process, with its own environment and captured output."""
+def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI's entry point in this process, with its own environment (``env``: extra
+    variables) and captured output. The environment is patched for the call and restored after:
+    safe while each test (and each pytest-xdist worker) runs one command at a time."""
     import contextlib
     import io
 
@@ -176,6 +180,7 @@ def run_cli_here(args: list[str], db_url: str) -> subprocess.CompletedProcess:
         for key in [k for k in os.environ if k.startswith("AMOHOOK_")]:
             del os.environ[key]
         os.environ["AMOHOOK_DB_URL"] = db_url
+        os.environ.update(env or {})
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = run(list(args))
     finally:
