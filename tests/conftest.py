@@ -163,9 +163,9 @@ IN_PROCESS = {"status", "events", "webhooks", "doctor", "rules", "reconcile", "p
 
 
 def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI's entry point in this process, with its own environment (``env``: extra
-    variables) and captured output. The environment is patched for the call and restored after:
-    safe while each test (and each pytest-xdist worker) runs one command at a time."""
+    """Run the CLI's entry point in this process, with captured output and ``env`` (default
+    ``cli_env(db_url)``) as the whole environment for the call, restored after: safe while each
+    test (and each pytest-xdist worker, a process of its own) runs one command at a time."""
     import contextlib
     import io
 
@@ -177,10 +177,8 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
     out, err = Captured(), Captured()
     saved = dict(os.environ)
     try:
-        for key in [k for k in os.environ if k.startswith("AMOHOOK_")]:
-            del os.environ[key]
-        os.environ["AMOHOOK_DB_URL"] = db_url
-        os.environ.update(env or {})
+        os.environ.clear()
+        os.environ.update(env if env is not None else cli_env(db_url))
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = run(list(args))
     finally:
@@ -192,8 +190,8 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
 def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str | None = None, timeout: float = 60):
     """Run the real `amohook`, as cron or an admin would: in a subprocess, or in this process for
     the commands in ``IN_PROCESS`` (same entry point, same exit codes and output)."""
-    if env is None and input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
-        return run_cli_here(args, db_url)
+    if input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
+        return run_cli_here(args, db_url, env)
     return subprocess.run(
         [sys.executable, "-m", "amohook", *args],
         env=env or cli_env(db_url),
