@@ -95,6 +95,35 @@ def make_database(backend: str, tmp_path: Path):
     raise ValueError(backend)
 
 
+@pytest.fixture(autouse=True)
+def alone_under_xdist(request, tmp_path_factory):
+    """Tests marked ``alone`` (rates, latencies and CPU measured against wall-clock bounds) run
+    while no other test does, when pytest-xdist runs tests in parallel (``-n``, pyproject's
+    addopts); every other test runs alongside the rest. Two file locks shared by the workers: the
+    gate, taken briefly by every test and held by an ``alone`` test so no new test starts, and the
+    room, shared by ordinary tests and taken whole by an ``alone`` test once they have left."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp().parent  # the one directory all workers of this run share
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(base / "alone.gate", "a") as gate, open(base / "alone.room", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
 @pytest.fixture(params=BACKENDS)
 def db_url(request, tmp_path):
     """A fresh, empty database URL on each backend (the test is skipped where none is configured)."""

@@ -187,6 +187,7 @@ class LimitedServe:
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_at_the_open_file_limit_the_listener_neither_spins_nor_drops_webhooks(sqlite_url):
     serve = LimitedServe(sqlite_url, nofile=256)
     idle = []
@@ -262,6 +263,7 @@ print(json.dumps({"cpu": cpu, "answers": answers}))
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_out_of_open_files_the_accept_loop_backs_off_and_makes_room(sqlite_url):
     """EMFILE for real: the process's other files and 300 connections exceed its limit of 256."""
     import json

@@ -112,6 +112,7 @@ print(client.requests_made, client.rate_limited)
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_three_processes_together_never_exceed_seven_per_second(store, fake, account):
     per_process = 15
     start = time.time() + 1.5  # all three are imported and connected by then

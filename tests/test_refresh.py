@@ -85,6 +85,7 @@ def test_eight_forced_processes_refresh_one_after_another_without_revocation(sto
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_store_stays_writable_while_a_refresh_waits_on_a_slow_token_endpoint(store, fake, account):
     fake.fail("/oauth2/access_token", delay=5.0)
     proc = start_cli(["refresh-token", "--force"], store.url)
