@@ -95,6 +95,35 @@ def make_database(backend: str, tmp_path: Path):
     raise ValueError(backend)
 
 
+@pytest.fixture(autouse=True)
+def alone_under_xdist(request, tmp_path_factory):
+    """Tests marked ``alone`` (rates, latencies and CPU measured against wall-clock bounds) run
+    while no other test does, when pytest-xdist runs tests in parallel (``-n``, pyproject's
+    addopts); every other test runs alongside the rest. Two file locks shared by the workers: the
+    gate, taken briefly by every test and held by an ``alone`` test so no new test starts, and the
+    room, shared by ordinary tests and taken whole by an ``alone`` test once they have left."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp().parent  # the one directory all workers of this run share
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(base / "alone.gate", "a") as gate, open(base / "alone.room", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(room, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
 @pytest.fixture(params=BACKENDS)
 def db_url(request, tmp_path):
     """A fresh, empty database URL on each backend (the test is skipped where none is configured)."""
@@ -119,11 +148,13 @@ def store(db_url):
 
 @pytest.fixture
 def fake():
+    """The fake amoCRM (tests/fakes/amocrm.py), started on an ephemeral port; the test fails if the
+    fake itself hit an internal error (a bug in the fake must not pass as amohook's behaviour)."""
     from tests.fakes.amocrm import FakeAmo
 
-    server = FakeAmo().start()
-    yield server
-    server.stop()
+    with FakeAmo() as server:
+        yield server
+        assert not server.errors, "FakeAmo hit an internal error:\n" + "\n".join(server.errors)
 
 
 @pytest.fixture
@@ -160,8 +191,10 @@ IN_PROCESS = {"status", "events", "webhooks", "doctor", "rules", "reconcile", "p
               "task-types"}
 
 
-def run_cli_here(args: list[str], db_url: str) -> subprocess.CompletedProcess:
-    """Run the CLI's entry point in this process, with its own environment and captured output."""
+def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI's entry point in this process, with captured output and ``env`` (default
+    ``cli_env(db_url)``) as the whole environment for the call, restored after: safe while each
+    test (and each pytest-xdist worker, a process of its own) runs one command at a time."""
     import contextlib
     import io
 
@@ -173,9 +206,8 @@ def run_cli_here(args: list[str], db_url: str) -> subprocess.CompletedProcess:
     out, err = Captured(), Captured()
     saved = dict(os.environ)
     try:
-        for key in [k for k in os.environ if k.startswith("AMOHOOK_")]:
-            del os.environ[key]
-        os.environ["AMOHOOK_DB_URL"] = db_url
+        os.environ.clear()
+        os.environ.update(env if env is not None else cli_env(db_url))
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = run(list(args))
     finally:
@@ -187,8 +219,8 @@ def run_cli_here(args: list[str], db_url: str) -> subprocess.CompletedProcess:
 def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str | None = None, timeout: float = 60):
     """Run the real `amohook`, as cron or an admin would: in a subprocess, or in this process for
     the commands in ``IN_PROCESS`` (same entry point, same exit codes and output)."""
-    if env is None and input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
-        return run_cli_here(args, db_url)
+    if input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
+        return run_cli_here(args, db_url, env)
     return subprocess.run(
         [sys.executable, "-m", "amohook", *args],
         env=env or cli_env(db_url),

@@ -128,6 +128,7 @@ def test_gives_up_after_max_attempts(store, fake, account):
     assert action.status == "failed" and "gave up after 3 attempts" in action.last_error
 
 
+@pytest.mark.slow
 def test_two_senders_never_send_the_same_action(store, fake, account):
     import threading
 
@@ -159,6 +160,7 @@ ActionSender(store, lambda sub: client_for(store, sub), lease_seconds=2).drain()
 """
 
 
+@pytest.mark.slow
 def test_crash_between_post_and_commit_creates_one_task(store, fake, account):
     record_planned(store, [planned(i) for i in range(1, 4)], event_id=1)
     # amoCRM creates the tasks, then the answer never comes: the sender is killed while waiting.

@@ -136,6 +136,7 @@ ActionSender(store, lambda sub: client_for(store, sub), lease_seconds=2).drain()
 """
 
 
+@pytest.mark.slow
 def test_crash_between_patch_and_commit_moves_each_lead_once(store, fake, sales):
     record_planned(store, [move(sales, lead) for lead in sales["leads"]], event_id=1)
     fake.fail("/api/v4/leads", hang=True, after_effect=True, method="PATCH")

@@ -160,6 +160,7 @@ print(AmoClient(store, "example").get("/api/v4/account")["id"])
 """
 
 
+@pytest.mark.slow
 def test_two_processes_hitting_401_at_once_refresh_only_once(store, fake, account):
     fake.expire_access_tokens()
     start = time.time() + 1.0
@@ -210,6 +211,8 @@ def test_429_that_never_ends_raises_rate_limited_after_max_attempts(store, accou
     assert len(fake.requests_to("/api/v4/account")) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 def test_real_429s_from_too_fast_a_caller_are_absorbed(store, account, fake):
     client = AmoClient(store, "example")  # no limiter, real sleeps: the fake enforces 7/s
     for _ in range(10):
@@ -266,6 +269,7 @@ def test_a_write_whose_connection_drops_is_not_resent_and_the_error_says_why(cli
     assert len(fake.requests_to("/api/v4/tasks", "POST")) == 1 and len(fake.tasks) == 1
 
 
+@pytest.mark.slow
 def test_a_write_that_times_out_is_not_resent(store, account, fake, sleeps):
     fake.fail("/api/v4/tasks", delay=1.5, method="POST")
     client = AmoClient(store, "example", sleep=sleeps.append, timeout=(2.0, 0.3))

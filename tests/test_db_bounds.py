@@ -131,6 +131,7 @@ def mysql_greeting() -> bytes:
     ids=["mysql-silent", "postgres-silent", "mysql-greets-then-silent"],
 )
 @pytest.mark.parametrize("command", [["status"], ["refresh-token"]])
+@pytest.mark.slow
 def test_a_server_that_never_answers_ends_the_command_within_the_bound(scheme, greeting, command):
     hole = BlackHole(greeting)
     try:

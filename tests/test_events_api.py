@@ -175,6 +175,8 @@ def test_a_429_mid_window_is_waited_out_and_the_window_completed(client, fake, s
     assert sleeps == [2.0, 2.0]
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 def test_paging_through_the_shared_limiter_makes_no_429_against_7_per_second(store, account, fake):
     wanted = status_events(fake, 1000)
     fake.rate_limit = 7

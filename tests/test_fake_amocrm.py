@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fakes import FakeAmo, fake_amo  # noqa: F401  (fake_amo is a fixture)
+from tests.fakes import FakeAmo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "api"
 TIMEOUT = 5
@@ -380,19 +380,19 @@ def test_unknown_path_404_wrong_method_405_and_recording(fake):
     assert rec.headers["authorization"] == f"Bearer {access}" and rec.time == fake._clock()
 
 
-def test_keep_alive_and_concurrency(fake_amo):
-    fake_amo.rate_limit = None
-    access, _ = fake_amo.issue_tokens()
+def test_keep_alive_and_concurrency(fake):
+    fake.rate_limit = None
+    access, _ = fake.issue_tokens()
     with requests.Session() as session:
         session.headers["Authorization"] = f"Bearer {access}"
         for _ in range(3):
-            assert session.get(fake_amo.base_url + "/api/v4/account", timeout=TIMEOUT).status_code == 200
-    assert len({r.port for r in fake_amo.requests}) == 1
+            assert session.get(fake.base_url + "/api/v4/account", timeout=TIMEOUT).status_code == 200
+    assert len({r.port for r in fake.requests}) == 1
     results = []
 
     def worker():
         for _ in range(5):
-            results.append(api(fake_amo, access, "/api/v4/tasks", "POST",
+            results.append(api(fake, access, "/api/v4/tasks", "POST",
                                json=[{"text": "t", "complete_till": 1}]).status_code)
 
     threads = [threading.Thread(target=worker) for _ in range(16)]
@@ -400,7 +400,7 @@ def test_keep_alive_and_concurrency(fake_amo):
         t.start()
     for t in threads:
         t.join()
-    assert results == [200] * 80 and len(fake_amo.tasks) == 80
+    assert results == [200] * 80 and len(fake.tasks) == 80
 
 
 # ------------------------------------------------------------------ events log, leads list, webhooks

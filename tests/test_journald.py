@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import ROOT, cli_env
@@ -138,6 +139,7 @@ def test_library_debug_output_only_when_asked_for_and_still_redacted(sqlite_url,
     assert SECRET not in theirs
 
 
+@pytest.mark.slow
 def test_worker_logs_its_start_sigterm_and_stop_with_priorities(sqlite_url, tmp_path):
     (tmp_path / "okhook.py").write_text("def handle(event, ctx):\n    pass\n")
     path = tmp_path / "stderr"

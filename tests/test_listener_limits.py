@@ -117,6 +117,7 @@ def test_a_head_within_the_limits_is_served(service):
     assert post(service, lead_body(5))[0] == 200 and Event.select().count() == 1
 
 
+@pytest.mark.slow
 def test_trickling_heads_take_no_thread_and_are_cut_off_at_the_deadline(sqlite_url):
     svc = start(open_store(sqlite_url), socket_timeout=1.0, read_deadline=2.0)
     threads_before = threading.active_count()
@@ -185,6 +186,8 @@ class LimitedServe:
         return err
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 def test_at_the_open_file_limit_the_listener_neither_spins_nor_drops_webhooks(sqlite_url):
     serve = LimitedServe(sqlite_url, nofile=256)
     idle = []
@@ -259,6 +262,8 @@ print(json.dumps({"cpu": cpu, "answers": answers}))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 def test_out_of_open_files_the_accept_loop_backs_off_and_makes_room(sqlite_url):
     """EMFILE for real: the process's other files and 300 connections exceed its limit of 256."""
     import json

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from urllib.parse import urlencode
 
+import pytest
 import requests
 
 from amohook.store import open_store
@@ -43,6 +44,7 @@ def serve_until(db_url: str, args: list[str], env: dict, work) -> str:
     return line + out + err
 
 
+@pytest.mark.slow
 def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
     debug = {"AMOHOOK_LOG_LEVEL": "debug", "AMOHOOK_WEBHOOK_SECRET": SECRET, "AMOHOOK_CLIENT_SECRET": fake.client_secret}
     env = cli_env(db_url, **debug)

@@ -76,6 +76,7 @@ def test_two_limiters_on_one_store_share_the_window_and_accounts_do_not(store):
     assert RateWindow.select().count() == 2
 
 
+@pytest.mark.slow
 def test_a_waiting_limiter_does_not_hold_the_database(store):
     """While one caller waits for a slot, others (the webhook listener) can still write.
 
@@ -111,6 +112,7 @@ print(client.requests_made, client.rate_limited)
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_three_processes_together_never_exceed_seven_per_second(store, fake, account):
     per_process = 15
     start = time.time() + 1.5  # all three are imported and connected by then

@@ -199,6 +199,7 @@ def test_a_crash_mid_pass_is_finished_by_the_next_pass_without_repeats(store, fa
     assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
 
 
+@pytest.mark.slow
 def test_a_failed_pass_keeps_the_cursor(store, fake, crm):
     [lead] = new_leads(fake, crm, 1)
     fake.move_lead(lead, crm["qualified"], crm["pipeline"])
@@ -211,6 +212,7 @@ def test_a_failed_pass_keeps_the_cursor(store, fake, crm):
     assert reconcile(store)["queued"] == 1
 
 
+@pytest.mark.slow
 def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
     leads = new_leads(fake, crm, 3)
     for lead in leads:
@@ -229,6 +231,7 @@ def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
     assert Event.select().count() == 3
 
 
+@pytest.mark.slow
 def test_the_worker_alone_turns_log_entries_into_tasks(store, fake, crm):
     leads = new_leads(fake, crm, 3)
     proc = subprocess.Popen(

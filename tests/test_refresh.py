@@ -53,6 +53,7 @@ def test_due_pair_is_refreshed_and_the_new_pair_works(store, fake, account):
     assert AmoClient(store, "example").account_info()["id"] == fake.account_id
 
 
+@pytest.mark.slow
 def test_eight_processes_when_due_make_exactly_one_refresh_call(store, fake, account):
     make_due(account.id)
     procs = [start_cli(["refresh-token"], store.url) for _ in range(8)]
@@ -66,6 +67,7 @@ def test_eight_processes_when_due_make_exactly_one_refresh_call(store, fake, acc
     assert AmoClient(store, "example").account_info()["id"] == fake.account_id
 
 
+@pytest.mark.slow
 def test_eight_forced_processes_refresh_one_after_another_without_revocation(store, fake, account):
     procs = [start_cli(["refresh-token", "--force"], store.url) for _ in range(8)]
     outs = [p.communicate(timeout=180) for p in procs]
@@ -82,6 +84,8 @@ def test_eight_forced_processes_refresh_one_after_another_without_revocation(sto
     assert fake.token_state(fresh.refresh_token) == "valid"
 
 
+@pytest.mark.slow
+@pytest.mark.alone
 def test_store_stays_writable_while_a_refresh_waits_on_a_slow_token_endpoint(store, fake, account):
     fake.fail("/oauth2/access_token", delay=5.0)
     proc = start_cli(["refresh-token", "--force"], store.url)
@@ -152,6 +156,7 @@ def test_unreachable_amocrm_is_temporary_and_keeps_the_pair(store, fake, account
     assert Account.get_by_id(account.id).refresh_token == before
 
 
+@pytest.mark.slow
 def test_a_dead_holders_lease_runs_out_and_the_refresh_proceeds(store, fake, account):
     make_due(account.id)
     assert try_acquire("refresh:example", "dead-process", ttl=1.0)
@@ -210,6 +215,7 @@ def test_migrations_are_idempotent_and_recorded(db_url):
     store.close()
 
 
+@pytest.mark.slow
 def test_many_processes_creating_the_schema_at_once_agree(db_url):
     procs = [
         subprocess.Popen([sys.executable, "-m", "amohook", "status", "--json"], env=cli_env(db_url), cwd=str(ROOT),

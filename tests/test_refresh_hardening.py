@@ -35,6 +35,7 @@ def wait_for_token_request(fake, count: int = 1, limit: float = 20) -> None:
 # ---------------------------------------------------------------- finding 7: slow answers, lost answers
 
 
+@pytest.mark.slow
 def test_a_slow_token_answer_is_waited_for_instead_of_losing_the_grant(store, fake, account, monkeypatch):
     # The API's read timeout (20 s; shortened here to keep the test fast) must not apply to the
     # token request: amoCRM spends the old token at once and answers late.
@@ -49,6 +50,7 @@ def test_a_slow_token_answer_is_waited_for_instead_of_losing_the_grant(store, fa
     assert stored.refresh_sent_at is None and stored.last_refresh_error is None
 
 
+@pytest.mark.slow
 def test_the_token_request_gives_up_before_the_lease_runs_out(store, fake, account):
     fake.fail("/oauth2/access_token", hang=True)
     started = time.monotonic()
@@ -105,6 +107,7 @@ def test_after_kill_9_mid_refresh_status_tells_and_the_next_run_does_not_sit_out
     assert fake.refresh_calls == 1
 
 
+@pytest.mark.slow
 def test_a_waiter_says_what_it_waits_for(store, fake, account):
     assert try_acquire("refresh:example", "otherhost:4242:1:abcd", ttl=60)
     heard = []

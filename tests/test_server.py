@@ -231,6 +231,7 @@ def test_expect_100_for_a_request_that_will_be_refused_gets_the_final_answer(ser
     assert status_of(raw(service, head.encode())) == 413
 
 
+@pytest.mark.slow
 def test_a_silent_client_gets_408_after_the_socket_timeout(sqlite_service):
     started = time.monotonic()
     answer = raw(sqlite_service, f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nleads".encode())
@@ -238,6 +239,7 @@ def test_a_silent_client_gets_408_after_the_socket_timeout(sqlite_service):
     assert status_of(raw(sqlite_service, b"POST /webhook/x HT")) == 408
 
 
+@pytest.mark.slow
 def test_a_trickling_client_is_cut_off_at_the_read_deadline(sqlite_service):
     with socket.create_connection(sqlite_service.address, timeout=10) as sock:
         started = time.monotonic()

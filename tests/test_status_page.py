@@ -309,6 +309,7 @@ def browse(binary: str, url: str, profile: Path, *extra: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_headless_chromium_renders_the_page_with_hostile_names_as_text(store, account, tmp_path, request):
     binary = chromium()
     service = start(store)

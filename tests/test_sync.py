@@ -274,6 +274,7 @@ def test_cli_blocked_account_exits_5_with_the_reason(store, account, amo):
     assert len(amo.requests) == 1
 
 
+@pytest.mark.slow
 def test_cli_failed_kind_exits_temporary_after_the_summary(store, account, amo):
     amo.fail("/api/v4/leads/custom_fields", status=502, times=None)
     result = run_cli(["sync-entities"], store.url)

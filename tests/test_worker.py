@@ -243,6 +243,7 @@ def test_stopping_releases_the_claimed_events_not_yet_started(store):
     assert all(r.lease_owner is None and r.attempts == 0 for r in rows[1:])
 
 
+@pytest.mark.slow
 def test_a_long_handler_keeps_its_lease_alive(store):
     put(store, 2, received_at=time.time())
     other_claims = []
