@@ -20,7 +20,11 @@ from amohook.tokens import jwt_expiry, save_authorization
 if TYPE_CHECKING:
     from amohook.store import Store
 
-AUTHORIZE_HOSTS = {"amocrm.ru": "https://www.amocrm.ru", "amocrm.com": "https://www.amocrm.com", "kommo.com": "https://www.kommo.com"}
+AUTHORIZE_HOSTS = {
+    "amocrm.ru": "https://www.amocrm.ru",
+    "amocrm.com": "https://www.amocrm.com",
+    "kommo.com": "https://www.kommo.com",
+}
 STATE_MAX_AGE = 3600  # an authorization page left open longer than this must be started again
 
 
@@ -58,7 +62,9 @@ def authorize_with_long_lived_token(
     existing = Account.get_or_none(Account.subdomain == subdomain)
     if existing is not None and existing.access_token and not existing.long_lived:
         pass  # replacing an OAuth pair by a long-lived token is allowed; the old pair is dropped
-    account = save_authorization(store, subdomain=subdomain, base_url=base_url, client=None, pair=pair, long_lived=True, clock=clock)
+    account = save_authorization(
+        store, subdomain=subdomain, base_url=base_url, client=None, pair=pair, long_lived=True, clock=clock
+    )
     if expires is None:
         Account.update(expires_at=None).where(Account.id == account.id).execute()
     try:
@@ -131,7 +137,9 @@ def complete_authorization(
     if not code or not code.strip():
         raise ConfigError("amoCRM's redirect carried no code — start again with `amohook auth-url`")
     if not referer:
-        raise ConfigError("amoCRM's redirect carried no referer (the account's address) — start again with `amohook auth-url`")
+        raise ConfigError(
+            "amoCRM's redirect carried no referer (the account's address) — start again with `amohook auth-url`"
+        )
     # referer is the account host without scheme, e.g. "example.amocrm.ru" (docs/amocrm.md §1).
     host = referer.strip().split("/")[0]
     subdomain = check_subdomain(host)
@@ -148,4 +156,6 @@ def complete_authorization(
         OAuthState.update(used_at=clock(), client_secret="").where(OAuthState.state == state).execute()
     base_url = pending.base_url or base_url_for(subdomain, base_url=f"https://{host}")
     client = Client(pending.client_id, secret, pending.redirect_uri)
-    return authorize_with_code(store, subdomain=subdomain, base_url=base_url, client=client, code=code, session=session, clock=clock)
+    return authorize_with_code(
+        store, subdomain=subdomain, base_url=base_url, client=client, code=code, session=session, clock=clock
+    )

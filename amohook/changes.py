@@ -105,7 +105,8 @@ def _match(rows: list[ChangeSeen], s: Sighting) -> tuple[ChangeSeen | None, bool
         if getattr(row, own) == s.at and _origins_agree(row.origin, s.origin):
             return row, True
     near = [
-        row for row in rows
+        row
+        for row in rows
         if getattr(row, own) is None and _origins_agree(row.origin, s.origin) and _distance(row, s.at, own) <= TOLERANCE
     ]
     if not near:
@@ -144,8 +145,15 @@ def identify(store: Store, s: Sighting, clock=time.time) -> Identity:
                 ChangeSeen.update(**updates).where(ChangeSeen.id == row.id).execute()
             return Identity(row.key_at, False, row.first_source)
         ChangeSeen.create(
-            account=s.account, lead_id=s.lead_id, kind=s.kind, target=s.target, origin=s.origin,
-            key_at=s.at, first_source=s.source, created_at=clock(), **{own: s.at},
+            account=s.account,
+            lead_id=s.lead_id,
+            kind=s.kind,
+            target=s.target,
+            origin=s.origin,
+            key_at=s.at,
+            first_source=s.source,
+            created_at=clock(),
+            **{own: s.at},
         )
         return Identity(s.at, True, s.source)
 
@@ -186,7 +194,11 @@ def recovered_since(account: str, since: float) -> int:
     """Changes first seen in the events log (their webhook never came) since ``since``."""
     return (
         ChangeSeen.select()
-        .where((ChangeSeen.account == account) & (ChangeSeen.first_source == "events_log") & (ChangeSeen.created_at >= since))
+        .where(
+            (ChangeSeen.account == account)
+            & (ChangeSeen.first_source == "events_log")
+            & (ChangeSeen.created_at >= since)
+        )
         .count()
     )
 

@@ -16,8 +16,15 @@ from amohook.errors import ConfigError
 # driver (an unknown keyword is a TypeError in PyMySQL; timeouts come from AMOHOOK_DB_TIMEOUT).
 MYSQL_OPTIONS = {"charset", "ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert", "ssl_verify_identity", "unix_socket"}
 POSTGRES_OPTIONS = {
-    "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "application_name", "target_session_attrs",
-    "gssencmode", "channel_binding",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "application_name",
+    "target_session_attrs",
+    "gssencmode",
+    "channel_binding",
 }
 POOL_OPTIONS = {"max_connections", "stale_timeout", "timeout"}
 SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
@@ -56,7 +63,8 @@ def check_server_url(url: str) -> None:
     cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
     if "@" in rest[cut:]:
         raise _bad(
-            url, "has a '/', '?' or '#' in its password or user name",
+            url,
+            "has a '/', '?' or '#' in its password or user name",
             "percent-encode the password (/ → %2F, ? → %3F, # → %23, @ → %40, % → %25)",
         )
     if "#" in rest:
@@ -70,13 +78,19 @@ def check_server_url(url: str) -> None:
         raise _bad(url, "has an invalid port", "give a port from 1 to 65535 (or none for the default)")
     database = parts.path[1:]
     if not database or "/" in database:
-        raise _bad(url, "names no database" if not database else "has a '/' in the database name",
-                   f"add the database's name after the host: {FORMS}")
+        raise _bad(
+            url,
+            "names no database" if not database else "has a '/' in the database name",
+            f"add the database's name after the host: {FORMS}",
+        )
     allowed = (MYSQL_OPTIONS if kind == "mysql" else POSTGRES_OPTIONS) | (POOL_OPTIONS if pooled else set())
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key not in allowed:
-            raise _bad(url, f"has the unknown option '{key[:40]}'",
-                       f"use only {', '.join(sorted(allowed))} (timeouts: AMOHOOK_DB_TIMEOUT)")
+            raise _bad(
+                url,
+                f"has the unknown option '{key[:40]}'",
+                f"use only {', '.join(sorted(allowed))} (timeouts: AMOHOOK_DB_TIMEOUT)",
+            )
         if key == "charset":
             from pymysql.charset import charset_by_name
 

@@ -127,8 +127,11 @@ def open_store_checked(url: str):
         except ConfigError as exc:
             return None, _error("database", *_split_fix(exc.message, DB_FIX))
         if not path.exists():
-            return None, _error("database", f"no database file at {path}",
-                                "check --db-url / AMOHOOK_DB_URL; a new store is made by `amohook init-auth`")
+            return None, _error(
+                "database",
+                f"no database file at {path}",
+                "check --db-url / AMOHOOK_DB_URL; a new store is made by `amohook init-auth`",
+            )
     try:
         return open_store(url, migrate_schema=False), None
     except (StoreError, ConfigError) as exc:
@@ -147,12 +150,18 @@ def check_database(store: Store) -> Check:
     except Exception as exc:  # peewee's and the drivers' errors: the database is not reachable
         return _error("database", f"cannot reach the database {where}: {_one_line(exc, store.url)}", DB_FIX)
     if version < LATEST:
-        return _error("database", f"{where} has schema version {version}; this amohook needs {LATEST}",
-                      "back the database up, then run any amohook command (e.g. `amohook status`): it "
-                      "brings the schema up to date")
+        return _error(
+            "database",
+            f"{where} has schema version {version}; this amohook needs {LATEST}",
+            "back the database up, then run any amohook command (e.g. `amohook status`): it "
+            "brings the schema up to date",
+        )
     if version > LATEST:
-        return _error("database", f"{where} has schema version {version}, newer than this amohook knows ({LATEST})",
-                      "upgrade amohook to the version that wrote it")
+        return _error(
+            "database",
+            f"{where} has schema version {version}, newer than this amohook knows ({LATEST})",
+            "upgrade amohook to the version that wrote it",
+        )
     return _ok("database", f"{where}, schema version {version} (current)")
 
 
@@ -191,8 +200,13 @@ def check_account(store: Store, account, now: float, client_factory: Callable) -
     account = Account.get_by_id(account.id)  # a refresh on 401 changed it
     refreshed = account.access_token != before
     if response is not None:
-        checks.append(_ok("token", f"works (GET /api/v4/account answered {response.status_code} in "
-                                   f"{finished - started:.2f} s)", sub))
+        checks.append(
+            _ok(
+                "token",
+                f"works (GET /api/v4/account answered {response.status_code} in {finished - started:.2f} s)",
+                sub,
+            )
+        )
     checks.append(check_refresh_token(account, now, refreshed=refreshed))
     if response is not None:
         clock = check_clock(response.headers.get("Date"), (started + finished) / 2, sub)
@@ -212,11 +226,19 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
             return _ok(name, "long-lived token without an expiry", sub)
         left = account.expires_at - now
         if left <= 0:
-            return _error(name, f"the long-lived token expired on {_when(account.expires_at)}",
-                          "generate a new one and run `amohook init-auth --long-lived-token`", sub)
+            return _error(
+                name,
+                f"the long-lived token expired on {_when(account.expires_at)}",
+                "generate a new one and run `amohook init-auth --long-lived-token`",
+                sub,
+            )
         if left < LONG_LIVED_WARN:
-            return _warn(name, f"the long-lived token expires on {_when(account.expires_at)} (in {_age(left)})",
-                         "generate a new one and run `amohook init-auth --long-lived-token`", sub)
+            return _warn(
+                name,
+                f"the long-lived token expires on {_when(account.expires_at)} (in {_age(left)})",
+                "generate a new one and run `amohook init-auth --long-lived-token`",
+                sub,
+            )
         return _ok(name, f"long-lived token, expires on {_when(account.expires_at)}", sub)
     if not account.refresh_token:
         return _error(name, "no refresh token stored", reauth, sub)
@@ -228,16 +250,28 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
         return _warn(name, f"the last refresh failed: {head}", fix, sub)
     age = now - account.issued_at if account.issued_at else None
     if age is not None and age >= REFRESH_TOKEN_LIFETIME:
-        return _error(name, f"the refresh token is {int(age // 86400)} days old: amoCRM revokes it after 3 months "
-                            "unused", reauth, sub)
+        return _error(
+            name,
+            f"the refresh token is {int(age // 86400)} days old: amoCRM revokes it after 3 months unused",
+            reauth,
+            sub,
+        )
     if age is not None and age >= REFRESH_TOKEN_WARN_AGE:
         left = int((REFRESH_TOKEN_LIFETIME - age) // 86400)
-        return _warn(name, f"the refresh token is {int(age // 86400)} days old; amoCRM revokes it after 3 months "
-                           f"unused (about {left} days left)",
-                     "check that cron runs `amohook refresh-token` (see `crontab -l`) and what it prints", sub)
+        return _warn(
+            name,
+            f"the refresh token is {int(age // 86400)} days old; amoCRM revokes it after 3 months "
+            f"unused (about {left} days left)",
+            "check that cron runs `amohook refresh-token` (see `crontab -l`) and what it prints",
+            sub,
+        )
     if refreshed:
-        return _warn(name, "the access token no longer worked and doctor had to refresh it",
-                     "check that cron runs `amohook refresh-token` every 30 minutes", sub)
+        return _warn(
+            name,
+            "the access token no longer worked and doctor had to refresh it",
+            "check that cron runs `amohook refresh-token` every 30 minutes",
+            sub,
+        )
     shown = "—" if age is None else _age(age)
     return _ok(name, f"issued {shown} ago (amoCRM revokes one unused for 3 months)", sub)
 
@@ -255,8 +289,13 @@ def check_clock(date_header: str | None, local: float, account: str | None = Non
     direction = "ahead of" if skew > 0 else "behind"
     detail = f"this machine's clock is {abs(skew):.0f} s {direction} amoCRM's"
     if abs(skew) > CLOCK_SKEW_WARN:
-        return _warn("clock", detail, "keep the clock synchronised: `timedatectl set-ntp true` (or run chrony/ntpd); "
-                                      "task due times and reconciliation rely on it", account)
+        return _warn(
+            "clock",
+            detail,
+            "keep the clock synchronised: `timedatectl set-ntp true` (or run chrony/ntpd); "
+            "task due times and reconciliation rely on it",
+            account,
+        )
     return _ok("clock", detail, account)
 
 
@@ -265,8 +304,10 @@ def check_rules(path: str) -> Check:
     from amohook.rules import RulesError, load_and_compile
 
     name = "rules"
-    fix = (f"correct the file and run `amohook rules check --rules {path}`; a name amoCRM has but the "
-           "store lacks needs `amohook sync-entities`")
+    fix = (
+        f"correct the file and run `amohook rules check --rules {path}`; a name amoCRM has but the "
+        "store lacks needs `amohook sync-entities`"
+    )
     try:
         compiled = load_and_compile(path)
     except RulesError as exc:
@@ -293,18 +334,29 @@ def check_subscriptions(account: str, now: float) -> Check | None:
     if state == "re-enabled":
         return _ok(name, f"amoCRM had switched a destination off; the watchdog switched it on again{checked}", account)
     if state == "missing":
-        return _error(name, f"a destination amohook subscribed is gone from amoCRM{': ' + note if note else ''}{checked}",
-                      f"`amohook webhooks list --subdomain {account}`, then `amohook webhooks subscribe --url URL` again",
-                      account)
+        return _error(
+            name,
+            f"a destination amohook subscribed is gone from amoCRM{': ' + note if note else ''}{checked}",
+            f"`amohook webhooks list --subdomain {account}`, then `amohook webhooks subscribe --url URL` again",
+            account,
+        )
     if state == "disabled":
-        return _error(name, f"amoCRM switched a destination off and it stays off{': ' + note if note else ''}{checked}",
-                      "make sure the listener answers from outside (its /healthz through the proxy), then "
-                      f"`amohook reconcile --subdomain {account}` switches it on again", account)
+        return _error(
+            name,
+            f"amoCRM switched a destination off and it stays off{': ' + note if note else ''}{checked}",
+            "make sure the listener answers from outside (its /healthz through the proxy), then "
+            f"`amohook reconcile --subdomain {account}` switches it on again",
+            account,
+        )
     if not ours:
         return None  # amohook subscribed nothing: nothing to look after
-    return _warn(name, f"amohook subscribed {ours} destination(s) but their state is not known"
-                       f"{': ' + note if note else ' (never checked)'}",
-                 f"run `amohook reconcile --subdomain {account}` (it checks them; an admin's token is needed)", account)
+    return _warn(
+        name,
+        f"amohook subscribed {ours} destination(s) but their state is not known"
+        f"{': ' + note if note else ' (never checked)'}",
+        f"run `amohook reconcile --subdomain {account}` (it checks them; an admin's token is needed)",
+        account,
+    )
 
 
 def check_reconciliation(account: str, now: float) -> Check | None:
@@ -316,14 +368,22 @@ def check_reconciliation(account: str, now: float) -> Check | None:
         return None
     name = "reconciliation"
     if row.last_error:
-        return _warn(name, f"the last pass failed: {row.last_error}",
-                     f"run `amohook reconcile --subdomain {account}` to see whether it still fails", account)
+        return _warn(
+            name,
+            f"the last pass failed: {row.last_error}",
+            f"run `amohook reconcile --subdomain {account}` to see whether it still fails",
+            account,
+        )
     seen = row.cursor if row.cursor is not None else row.last_pass_at  # not None: the early return above
     lag = now - seen if seen is not None else 0.0
     if lag > RECONCILE_LAG_WARN:
-        return _warn(name, f"the events log was last read {_age(lag)} ago",
-                     "is `amohook serve` or `amohook worker` running with reconciliation (`--reconcile 5m`)? "
-                     f"`amohook reconcile --subdomain {account}` catches up by hand", account)
+        return _warn(
+            name,
+            f"the events log was last read {_age(lag)} ago",
+            "is `amohook serve` or `amohook worker` running with reconciliation (`--reconcile 5m`)? "
+            f"`amohook reconcile --subdomain {account}` catches up by hand",
+            account,
+        )
     return _ok(name, f"the events log was read {_age(lag)} ago", account)
 
 
@@ -337,9 +397,12 @@ def check_dead_events() -> Check:
         return _ok("dead events", "none")
     last = dead.order_by(Event.updated_at.desc()).first()
     error = f"; the latest failed with: {last.last_error.splitlines()[0][:200]}" if last and last.last_error else ""
-    return _error("dead events", f"{count} event(s) gave up after their retries{error}",
-                  "`amohook events list --status dead` shows them; once the cause is fixed, "
-                  "`amohook events replay --dead` queues them again")
+    return _error(
+        "dead events",
+        f"{count} event(s) gave up after their retries{error}",
+        "`amohook events list --status dead` shows them; once the cause is fixed, "
+        "`amohook events replay --dead` queues them again",
+    )
 
 
 def check_pending_events(now: float) -> Check:
@@ -359,27 +422,39 @@ def check_pending_events(now: float) -> Check:
     oldest = stuck.first()
     if oldest is not None:
         waited = now - max(oldest.received_at or 0, oldest.next_attempt_at or 0, (oldest.lease_until or 0))
-        return _warn("pending events", f"{pending} pending; the oldest has waited {_age(waited)} for a worker",
-                     "is a worker running? `systemctl status amohook`, or start `amohook worker` "
-                     "(`amohook serve` runs one too)")
+        return _warn(
+            "pending events",
+            f"{pending} pending; the oldest has waited {_age(waited)} for a worker",
+            "is a worker running? `systemctl status amohook`, or start `amohook worker` (`amohook serve` runs one too)",
+        )
     return _ok("pending events", f"{pending} pending, none waiting longer than {_age(PENDING_WARN)}")
 
 
 def check_failed_actions() -> Check:
     from amohook.store.models import Action
 
-    failed = list(Action.select(Action.event_id, Action.last_error).where(Action.status == "failed")
-                  .order_by(Action.updated_at.desc()).limit(1000))
+    failed = list(
+        Action.select(Action.event_id, Action.last_error)
+        .where(Action.status == "failed")
+        .order_by(Action.updated_at.desc())
+        .limit(1000)
+    )
     if not failed:
         return _ok("failed actions", "none")
     events = sorted({a.event_id for a in failed if a.event_id is not None})
     shown = " ".join(str(e) for e in events[:10]) + (" …" if len(events) > 10 else "")
     error = f"; the latest: {failed[0].last_error.splitlines()[0][:200]}" if failed[0].last_error else ""
     count = Action.select().where(Action.status == "failed").count()
-    fix = ("once the cause is fixed, replay their events: " + f"`amohook events replay {shown}`" if events
-           else "see `amohook events list` and replay their events")
-    return _error("failed actions", f"{count} rule action(s) gave up{error}",
-                  fix + " (each is looked up in amoCRM before it is sent again)")
+    fix = (
+        "once the cause is fixed, replay their events: " + f"`amohook events replay {shown}`"
+        if events
+        else "see `amohook events list` and replay their events"
+    )
+    return _error(
+        "failed actions",
+        f"{count} rule action(s) gave up{error}",
+        fix + " (each is looked up in amoCRM before it is sent again)",
+    )
 
 
 # -- disk ---------------------------------------------------------------------------------------
@@ -389,13 +464,16 @@ def check_disk(path: Path, usage: Callable = shutil.disk_usage) -> Check:
     try:
         total, _used, free = usage(directory)
     except OSError as exc:
-        return _warn("disk space", f"cannot measure free space in {directory}: {exc.strerror or exc}",
-                     "check that the directory exists and is readable")
-    size = sum((Path(str(path) + suffix).stat().st_size for suffix in ("", "-wal")
-                if Path(str(path) + suffix).exists()), 0)
+        return _warn(
+            "disk space",
+            f"cannot measure free space in {directory}: {exc.strerror or exc}",
+            "check that the directory exists and is readable",
+        )
+    size = sum(
+        (Path(str(path) + suffix).stat().st_size for suffix in ("", "-wal") if Path(str(path) + suffix).exists()), 0
+    )
     fraction = free / total if total else 0.0
-    detail = (f"{_bytes(free)} free of {_bytes(total)} ({fraction:.0%}) in {directory}; "
-              f"the store takes {_bytes(size)}")
+    detail = f"{_bytes(free)} free of {_bytes(total)} ({fraction:.0%}) in {directory}; the store takes {_bytes(size)}"
     fix = "free space on that filesystem; `amohook prune` deletes old finished work"
     if free < DISK_ERROR_BYTES:
         return _error("disk space", detail, fix)
@@ -413,8 +491,9 @@ def _bytes(n: float) -> str:
 
 
 # -- all of it ----------------------------------------------------------------------------------
-def run_checks(store: Store, *, rules_path: str | None = None, now: float | None = None,
-               client_factory: Callable | None = None) -> list[Check]:
+def run_checks(
+    store: Store, *, rules_path: str | None = None, now: float | None = None, client_factory: Callable | None = None
+) -> list[Check]:
     """Every check, in the order an admin reads them. ``client_factory(store, subdomain)`` makes
     the API client (default: the usual shared-limit client, two attempts)."""
     from amohook.store.models import Account

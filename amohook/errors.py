@@ -59,9 +59,7 @@ class AccountNotFound(ConfigError):
 class AmbiguousAccount(ConfigError):
     def __init__(self, subdomains: list[str]):
         self.subdomains = subdomains
-        super().__init__(
-            f"several accounts are stored ({', '.join(subdomains)}) — pick one with --subdomain"
-        )
+        super().__init__(f"several accounts are stored ({', '.join(subdomains)}) — pick one with --subdomain")
 
 
 class ReauthRequired(AmohookError):
@@ -73,9 +71,7 @@ class ReauthRequired(AmohookError):
 class TokenMissing(ReauthRequired):
     def __init__(self, subdomain: str):
         self.subdomain = subdomain
-        super().__init__(
-            f"account '{subdomain}' has no tokens — run `amohook init-auth --subdomain {subdomain}`"
-        )
+        super().__init__(f"account '{subdomain}' has no tokens — run `amohook init-auth --subdomain {subdomain}`")
 
 
 class TokenRevoked(ReauthRequired):

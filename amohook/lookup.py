@@ -158,39 +158,57 @@ class Catalog:
         return self._tables[key]
 
     def _pipelines(self) -> _Index:
-        return self._index("pipelines", lambda: list(
-            Pipeline.select().where(Pipeline.account == self.sub).order_by(Pipeline.sort, Pipeline.amo_id)
-        ), lambda r: (r.name,))
+        return self._index(
+            "pipelines",
+            lambda: list(
+                Pipeline.select().where(Pipeline.account == self.sub).order_by(Pipeline.sort, Pipeline.amo_id)
+            ),
+            lambda r: (r.name,),
+        )
 
     def _stages(self, pipeline_id: int) -> _Index:
-        return self._index(("stages", pipeline_id), lambda: list(
-            Stage.select()
-            .where((Stage.account == self.sub) & (Stage.pipeline_id == pipeline_id))
-            .order_by(Stage.sort, Stage.amo_id)
-        ), lambda r: (r.name,))
+        return self._index(
+            ("stages", pipeline_id),
+            lambda: list(
+                Stage.select()
+                .where((Stage.account == self.sub) & (Stage.pipeline_id == pipeline_id))
+                .order_by(Stage.sort, Stage.amo_id)
+            ),
+            lambda r: (r.name,),
+        )
 
     def _task_types(self) -> _Index:
-        return self._index("task types", lambda: list(
-            TaskType.select().where(TaskType.account == self.sub).order_by(TaskType.amo_id)
-        ), lambda r: (r.name, r.code))
+        return self._index(
+            "task types",
+            lambda: list(TaskType.select().where(TaskType.account == self.sub).order_by(TaskType.amo_id)),
+            lambda r: (r.name, r.code),
+        )
 
     def _users(self) -> _Index:
-        return self._index("users", lambda: list(
-            User.select().where(User.account == self.sub).order_by(User.amo_id)
-        ), lambda r: (r.name, r.email))
+        return self._index(
+            "users",
+            lambda: list(User.select().where(User.account == self.sub).order_by(User.amo_id)),
+            lambda r: (r.name, r.email),
+        )
 
     def _fields(self, entity_type: str) -> _Index:
-        return self._index(("fields", entity_type), lambda: list(
-            CustomField.select()
-            .where((CustomField.account == self.sub) & (CustomField.entity_type == entity_type))
-            .order_by(CustomField.sort, CustomField.amo_id)
-        ), lambda r: (r.name, r.code))
+        return self._index(
+            ("fields", entity_type),
+            lambda: list(
+                CustomField.select()
+                .where((CustomField.account == self.sub) & (CustomField.entity_type == entity_type))
+                .order_by(CustomField.sort, CustomField.amo_id)
+            ),
+            lambda r: (r.name, r.code),
+        )
 
     def pipeline(self, name_or_id: Any) -> Pipeline:
         """The pipeline named or numbered ``name_or_id``."""
         sub = self.sub
         return _resolve(
-            "pipeline", name_or_id, self._pipelines(),
+            "pipeline",
+            name_or_id,
+            self._pipelines(),
             where=f"in account '{sub}'",
             empty_hint=_sync_hint(sub, "pipelines"),
             miss_hint=f"`amohook pipelines --subdomain {sub}` lists them (run `amohook sync-entities` if it is new)",
@@ -205,7 +223,9 @@ class Catalog:
         if not isinstance(pipeline, Pipeline):
             pipeline = self.pipeline(pipeline)
         return _resolve(
-            "stage", name_or_id, self._stages(pipeline.amo_id),
+            "stage",
+            name_or_id,
+            self._stages(pipeline.amo_id),
             where=f"in pipeline '{pipeline.name}'",
             empty_hint=_sync_hint(sub, "stages"),
             miss_hint=f"`amohook pipelines --subdomain {sub}` lists the stages of every pipeline",
@@ -216,7 +236,9 @@ class Catalog:
         """The task type by id, name, or code (FOLLOW_UP, MEETING)."""
         sub = self.sub
         return _resolve(
-            "task type", name_or_id, self._task_types(),
+            "task type",
+            name_or_id,
+            self._task_types(),
             where=f"in account '{sub}'",
             empty_hint=_sync_hint(sub, "task types"),
             miss_hint=f"`amohook task-types --subdomain {sub}` lists them",
@@ -226,7 +248,9 @@ class Catalog:
         """The user by id, e-mail or name (inactive users too: check ``is_active`` if it matters)."""
         sub = self.sub
         return _resolve(
-            "user", name_email_or_id, self._users(),
+            "user",
+            name_email_or_id,
+            self._users(),
             where=f"in account '{sub}'",
             empty_hint=_sync_hint(sub, "users") + " (with an admin's token: GET /api/v4/users needs admin rights)",
             miss_hint=f"`amohook users --subdomain {sub}` lists them",
@@ -236,7 +260,8 @@ class Catalog:
         """The custom field of ``entity_type`` (only lead fields are synced) by id, name or code."""
         sub = self.sub
         return _resolve(
-            f"{entity_type[:-1] if entity_type.endswith('s') else entity_type} custom field", name_or_id,
+            f"{entity_type[:-1] if entity_type.endswith('s') else entity_type} custom field",
+            name_or_id,
             self._fields(entity_type),
             where=f"in account '{sub}'",
             empty_hint=_sync_hint(sub, "custom fields"),

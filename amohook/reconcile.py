@@ -121,8 +121,12 @@ def webhook_item(event: dict, lead: dict | None) -> tuple[str, dict] | None:
     if action == "status":
         after = _block(event.get("value_after"), "lead_status")
         before = _block(event.get("value_before"), "lead_status")
-        item.update(status_id=_s(after.get("id")), pipeline_id=_s(after.get("pipeline_id")),
-                    old_status_id=_s(before.get("id")), old_pipeline_id=_s(before.get("pipeline_id")))
+        item.update(
+            status_id=_s(after.get("id")),
+            pipeline_id=_s(after.get("pipeline_id")),
+            old_status_id=_s(before.get("id")),
+            old_pipeline_id=_s(before.get("pipeline_id")),
+        )
         if item["status_id"] is None:
             return None
     elif action == "responsible":
@@ -154,7 +158,7 @@ def _already_queued(account: str, events: list[dict]) -> set[str]:
     found: set[str] = set()
     keys = list(shas)
     for i in range(0, len(keys), 200):
-        for row in Delivery.select(Delivery.body_sha256).where(Delivery.body_sha256.in_(keys[i:i + 200])):
+        for row in Delivery.select(Delivery.body_sha256).where(Delivery.body_sha256.in_(keys[i : i + 200])):
             found.add(shas[row.body_sha256])
     return found
 
@@ -181,7 +185,9 @@ def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]
     return todo
 
 
-def _recover(store: Store, client, account: str, events: list[dict], result: PassResult, clock: Callable[[], float]) -> int:
+def _recover(
+    store: Store, client, account: str, events: list[dict], result: PassResult, clock: Callable[[], float]
+) -> int:
     """Read the entries' leads in one request and queue the entries; returns how many were queued."""
     from amohook.amocrm.leads import fetch_leads
 
@@ -201,7 +207,7 @@ def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], no
     queued = 0
     for i in range(0, len(entries), CHUNK):
         with store.write():
-            for event, action, item in entries[i:i + CHUNK]:
+            for event, action, item in entries[i : i + CHUNK]:
                 sha = synthetic_sha(account, str(event.get("id")))
                 if Delivery.select(Delivery.id).where(Delivery.body_sha256 == sha).exists():
                     continue
@@ -214,10 +220,19 @@ def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], no
                     received_at=now,
                 )
                 Event.create(
-                    delivery_id=delivery.id, idx=0, entity="leads", action=action, entity_id=item["id"],
-                    account=account, account_id=item.get("account_id"),
+                    delivery_id=delivery.id,
+                    idx=0,
+                    entity="leads",
+                    action=action,
+                    entity_id=item["id"],
+                    account=account,
+                    account_id=item.get("account_id"),
                     data=json.dumps(item, ensure_ascii=False, separators=(",", ":")),
-                    status="pending", received_at=now, updated_at=now, next_attempt_at=0, source=SOURCE,
+                    status="pending",
+                    received_at=now,
+                    updated_at=now,
+                    next_attempt_at=0,
+                    source=SOURCE,
                 )
                 queued += 1
     return queued
@@ -258,8 +273,9 @@ def reconcile_account(
             )
         result.window_from, result.window_to = start, now
         todo: list[dict] = []
-        for page in iter_event_pages(client, types=list(EVENT_ACTIONS), created_from=start, created_to=now,
-                                     entity="lead"):
+        for page in iter_event_pages(
+            client, types=list(EVENT_ACTIONS), created_from=start, created_to=now, entity="lead"
+        ):
             result.read += len(page)
             todo += _unknown(account, page, result)
             # Queue as soon as a lead read's worth is waiting: workers and the task sender start on
@@ -356,9 +372,16 @@ class Reconciler:
     processes on one database never overlap (the pass lease); the loser simply skips.
     """
 
-    def __init__(self, store: Store, interval: float, *, client_factory: Callable | None = None,
-                 since: float = DEFAULT_SINCE, max_lookback: float = DEFAULT_MAX_LOOKBACK,
-                 on_queued: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        store: Store,
+        interval: float,
+        *,
+        client_factory: Callable | None = None,
+        since: float = DEFAULT_SINCE,
+        max_lookback: float = DEFAULT_MAX_LOOKBACK,
+        on_queued: Callable[[int], None] | None = None,
+    ):
         self.store = store
         self.interval = interval
         self.since = since
@@ -384,8 +407,9 @@ class Reconciler:
         results = []
         for account in reconcilable_accounts():
             try:
-                result = reconcile_account(self.store, self.client(account), account,
-                                           since=self.since, max_lookback=self.max_lookback)
+                result = reconcile_account(
+                    self.store, self.client(account), account, since=self.since, max_lookback=self.max_lookback
+                )
             except Exception as exc:
                 message = _one_line(exc)
                 if self._said.get(account) != message:
@@ -396,8 +420,11 @@ class Reconciler:
             self.last[account] = result
             results.append(result)
             if result.queued:
-                log.warning("reconciliation of '%s': %d change(s) found in amoCRM's events log that no webhook "
-                            "brought; queued", account, result.queued)
+                log.warning(
+                    "reconciliation of '%s': %d change(s) found in amoCRM's events log that no webhook brought; queued",
+                    account,
+                    result.queued,
+                )
                 if self.on_queued:
                     self.on_queued(result.queued)
             for note in result.notes:

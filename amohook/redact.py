@@ -42,7 +42,7 @@ def _secret_windows(secret: str) -> list[str]:
     """Every 12-character piece of the secret: a path holding one holds a (mistyped) secret."""
     secret = secret.lower()
     width = min(12, len(secret))
-    return [secret[i:i + width] for i in range(len(secret) - width + 1)] if secret else []
+    return [secret[i : i + width] for i in range(len(secret) - width + 1)] if secret else []
 
 
 def redact_target(target: object, secret: str | None = None, *, limit: int = 200) -> str:
@@ -58,7 +58,7 @@ def redact_target(target: object, secret: str | None = None, *, limit: int = 200
     text = re.split(r"[?#]", text, maxsplit=1)[0]
     match = _WEBHOOK.search(text)
     if match and match.end() < len(text):
-        rest = text[match.end():]
+        rest = text[match.end() :]
         text = text[: match.end()] + (rest[0] + _REDACTED if rest[0] in "/\\" else _REDACTED)
     if secret:
         windows = _secret_windows(secret)

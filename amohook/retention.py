@@ -94,9 +94,9 @@ def prune(
     keys_before = now - max(keep, EXACTLY_ONCE)
     old_done = (Event.status == "done") & (Event.updated_at < done_before)
     old_dead = (Event.status == "dead") & (Event.updated_at < dead_before)
-    finished = (Action.status.in_(["done", "rejected", "skipped"]) & (Action.updated_at < min(keys_before, now - keep))) | (
-        (Action.status == "failed") & (Action.updated_at < min(dead_before, keys_before))
-    )
+    finished = (
+        Action.status.in_(["done", "rejected", "skipped"]) & (Action.updated_at < min(keys_before, now - keep))
+    ) | ((Action.status == "failed") & (Action.updated_at < min(dead_before, keys_before)))
     old_changes = ChangeSeen.created_at < keys_before
     if dry_run:
         result.events = Event.select().where(old_done).count()
@@ -126,8 +126,10 @@ def prune(
                 deliveries = {row.delivery_id for row in Event.select(Event.delivery_id).where(Event.id.in_(ids))}
                 result.attempts += Attempt.delete().where(Attempt.event_id.in_(ids)).execute()
                 setattr(result, field, getattr(result, field) + Event.delete().where(Event.id.in_(ids)).execute())
-                still_used = {row.delivery_id for row in
-                              Event.select(Event.delivery_id).where(Event.delivery_id.in_(list(deliveries)))}
+                still_used = {
+                    row.delivery_id
+                    for row in Event.select(Event.delivery_id).where(Event.delivery_id.in_(list(deliveries)))
+                }
                 gone = list(deliveries - still_used)
                 if gone:
                     result.deliveries += Delivery.delete().where(Delivery.id.in_(gone)).execute()
@@ -166,12 +168,14 @@ def _event_gone_or(condition):
 def _prunable_deliveries_count(condition) -> int:
     kept = Event.select(Event.delivery_id).where(~condition)
     doomed = Event.select(Event.delivery_id).where(condition)
-    return Delivery.select(fn.COUNT(Delivery.id)).where(
-        Delivery.id.in_(doomed) & Delivery.id.not_in(kept)
-    ).scalar() or 0
+    return (
+        Delivery.select(fn.COUNT(Delivery.id)).where(Delivery.id.in_(doomed) & Delivery.id.not_in(kept)).scalar() or 0
+    )
 
 
-def prune_once(store: Store, keep: float, *, stop: threading.Event | None = None, pause: float | None = None) -> PruneResult:
+def prune_once(
+    store: Store, keep: float, *, stop: threading.Event | None = None, pause: float | None = None
+) -> PruneResult:
     """One pruning run under the cross-process lease; a busy lease means another process prunes."""
     owner = leases.new_owner()
     if not leases.try_acquire(LEASE, owner, 1800.0):
@@ -195,11 +199,21 @@ class Pruner:
             try:
                 result = prune_once(self.store, self.keep, stop=stop)
                 if result.total:
-                    log.info("pruned %d event(s), %d dead event(s), %d deliveries, %d attempt(s), %d action(s), "
-                             "%d change record(s)", result.events, result.dead_events, result.deliveries,
-                             result.attempts, result.actions, result.changes)
+                    log.info(
+                        "pruned %d event(s), %d dead event(s), %d deliveries, %d attempt(s), %d action(s), "
+                        "%d change record(s)",
+                        result.events,
+                        result.dead_events,
+                        result.deliveries,
+                        result.attempts,
+                        result.actions,
+                        result.changes,
+                    )
             except Exception as exc:
-                log.warning("pruning failed (tried again in an hour): %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                log.warning(
+                    "pruning failed (tried again in an hour): %s",
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                )
             finally:
                 self.store.close_quietly()
 

@@ -39,8 +39,14 @@ SERVE_STOP_SECONDS = 9.0  # the listener's stop: requests answered, commits done
 WORKER_STOP_SECONDS = 8.0  # running handlers finish within this, then the sender stops
 
 
-def build_registry(handlers: Iterable[HandlerSpec] | None = None, rules: str | Path | None = None,
-                   store: Store | None = None, *, journal: bool = False, search_dir: str | None = None):
+def build_registry(
+    handlers: Iterable[HandlerSpec] | None = None,
+    rules: str | Path | None = None,
+    store: Store | None = None,
+    *,
+    journal: bool = False,
+    search_dir: str | None = None,
+):
     """The handler registry, and the task sender when there are rules (else None).
 
     Invalid rules or a handler that cannot be imported raise here (``ConfigError``), before
@@ -129,25 +135,48 @@ class Runner:
     invalid rules raise in the constructor.
     """
 
-    def __init__(self, store: Store, *, rules: str | Path | None = None, handlers: Iterable[HandlerSpec] = (),
-                 threads: int = 1, listen=None, reconcile_every: float | None = None,
-                 keep: float | None = None, lease_seconds: float = 300.0, max_attempts: int = 10,
-                 batch_size: int = 10, poll_interval: float = 1.0, journal: bool | None = None,
-                 search_dir: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        rules: str | Path | None = None,
+        handlers: Iterable[HandlerSpec] = (),
+        threads: int = 1,
+        listen=None,
+        reconcile_every: float | None = None,
+        keep: float | None = None,
+        lease_seconds: float = 300.0,
+        max_attempts: int = 10,
+        batch_size: int = 10,
+        poll_interval: float = 1.0,
+        journal: bool | None = None,
+        search_dir: str | None = None,
+    ):
         self.store = store
         self.listen = listen
         self.reconcile_every = reconcile_every
         self.keep = keep
         self.registry, self.sender = build_registry(
-            handlers, rules, store, journal=reconcile_every is not None if journal is None else journal,
+            handlers,
+            rules,
+            store,
+            journal=reconcile_every is not None if journal is None else journal,
             search_dir=search_dir,
         )
         prefix = "serve" if listen is not None else "worker"
         count = threads if len(self.registry) else 0  # nothing to run: events stay pending
-        options: dict[str, Any] = {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
+        options: dict[str, Any] = (
+            {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
+        )
         self.workers = [
-            Worker(store, self.registry, new_worker_id(f"{prefix}{i}"), lease_seconds=lease_seconds,
-                   max_attempts=max_attempts, **options)
+            Worker(
+                store,
+                self.registry,
+                new_worker_id(f"{prefix}{i}"),
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+                **options,
+            )
             for i in range(count)
         ]
         self.service: WebhookService | None = None
@@ -208,8 +237,7 @@ class Runner:
         """The thread that sends recorded tasks in batches (only with rules)."""
         if self.sender is None:
             return None
-        thread = threading.Thread(target=self.sender.run, args=(self._background,), name="amohook-actions",
-                                  daemon=True)
+        thread = threading.Thread(target=self.sender.run, args=(self._background,), name="amohook-actions", daemon=True)
         thread.start()
         return thread
 

@@ -98,7 +98,7 @@ def check_subdomain(subdomain: str) -> str:
     # The user often pastes the whole host or URL; accept it and keep the first label.
     for prefix in ("https://", "http://"):
         if sub.startswith(prefix):
-            sub = sub[len(prefix):]
+            sub = sub[len(prefix) :]
     sub = sub.split("/", 1)[0]
     for domain in DOMAINS:
         if sub.endswith("." + domain):

@@ -163,7 +163,9 @@ def _int(value: Any, default: int = 0) -> int:
 
 def _id(item: Any, what: str) -> int:
     if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
-        raise AmoApiError(f"amoCRM sent a {what} without a numeric id ({str(item)[:80]}); nothing of this kind was changed")
+        raise AmoApiError(
+            f"amoCRM sent a {what} without a numeric id ({str(item)[:80]}); nothing of this kind was changed"
+        )
     return item["id"]
 
 
@@ -329,8 +331,12 @@ class _Run:
         self.progress("custom_fields", "write", len(rows))
         with self.store.write():
             _apply(
-                CustomField, self.report.account, CustomField.entity_type == "leads",
-                ("entity_type", "amo_id"), rows, results["custom_fields"],
+                CustomField,
+                self.report.account,
+                CustomField.entity_type == "leads",
+                ("entity_type", "amo_id"),
+                rows,
+                results["custom_fields"],
             )
 
 

@@ -250,7 +250,9 @@ def refresh_tokens(
         return RefreshResult("refreshed", Account.get_by_id(account.id))
 
 
-def _record_error(store: Store, account: Account, spent: str, message: str | None, clock, *, revoked: bool = False) -> None:
+def _record_error(
+    store: Store, account: Account, spent: str, message: str | None, clock, *, revoked: bool = False
+) -> None:
     """Record a failed refresh, unless the pair was replaced meanwhile (its error is not ours)."""
     fields: dict = {"updated_at": clock()}
     fields["last_refresh_error"] = (message or "")[:1000]
@@ -305,7 +307,9 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
         warnings.append(f"no tokens — run `amohook init-auth --subdomain {account.subdomain}`")
     elif account.expires_at is not None and account.expires_at <= now:
         if account.long_lived:
-            warnings.append("the long-lived token has expired — generate a new one and run `amohook init-auth --long-lived-token`")
+            warnings.append(
+                "the long-lived token has expired — generate a new one and run `amohook init-auth --long-lived-token`"
+            )
         else:
             warnings.append("the access token has expired — run `amohook refresh-token` (is cron running?)")
     if age is not None and age >= REFRESH_TOKEN_WARN_AGE:

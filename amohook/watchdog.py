@@ -34,7 +34,9 @@ def destination_sha(destination: str) -> str:
     return hashlib.sha256(destination.encode("utf-8")).hexdigest()
 
 
-def remember(store: Store, account: str, destination: str, events: Sequence[str], clock: Callable[[], float] = time.time) -> None:
+def remember(
+    store: Store, account: str, destination: str, events: Sequence[str], clock: Callable[[], float] = time.time
+) -> None:
     """Record (byte for byte) a destination amohook subscribed, so the watchdog looks after it."""
     sha = destination_sha(destination)
     with store.write():
@@ -44,9 +46,14 @@ def remember(store: Store, account: str, destination: str, events: Sequence[str]
             .execute()
         )
         if not updated:
-            Subscription.insert(account=account, destination=destination, destination_sha256=sha,
-                                events=json.dumps(list(events)), created_at=clock(),
-                                updated_at=clock()).on_conflict_ignore().execute()
+            Subscription.insert(
+                account=account,
+                destination=destination,
+                destination_sha256=sha,
+                events=json.dumps(list(events)),
+                created_at=clock(),
+                updated_at=clock(),
+            ).on_conflict_ignore().execute()
 
 
 def forget(store: Store, account: str, destination: str) -> None:
@@ -60,8 +67,9 @@ def watched(account: str) -> list[Subscription]:
     return list(Subscription.select().where(Subscription.account == account).order_by(Subscription.id))
 
 
-def check_subscriptions(store: Store, client, account: str, *, force: bool = False,
-                        clock: Callable[[], float] = time.time) -> tuple[str, str | None] | None:
+def check_subscriptions(
+    store: Store, client, account: str, *, force: bool = False, clock: Callable[[], float] = time.time
+) -> tuple[str, str | None] | None:
     """Look at ``account``'s subscriptions when due (or ``force``); returns (state, note) or None.
 
     States: ``ok``; ``re-enabled`` (one was off and is on again); ``disabled`` (still off after
@@ -71,7 +79,12 @@ def check_subscriptions(store: Store, client, account: str, *, force: bool = Fal
     from amohook.amocrm.subscriptions import AdminRequired, list_webhooks, subscribe, unsubscribe
 
     row = ReconcileState.get_or_none(ReconcileState.account == account)
-    if not force and row is not None and row.subscription_checked_at and clock() - row.subscription_checked_at < CHECK_EVERY:
+    if (
+        not force
+        and row is not None
+        and row.subscription_checked_at
+        and clock() - row.subscription_checked_at < CHECK_EVERY
+    ):
         return None
     ours = watched(account)
     state, note, reenabled = "unknown", None, 0
@@ -95,32 +108,49 @@ def check_subscriptions(store: Store, client, account: str, *, force: bool = Fal
                 if hook is None:
                     problems.append(f"{_redact(sub.destination)} is missing (removed in amoCRM?)")
                     state = "missing"
-                    log.warning("watchdog for '%s': the subscription %s is gone from amoCRM — run "
-                                "`amohook webhooks subscribe` again if it should exist", account, _redact(sub.destination))
+                    log.warning(
+                        "watchdog for '%s': the subscription %s is gone from amoCRM — run "
+                        "`amohook webhooks subscribe` again if it should exist",
+                        account,
+                        _redact(sub.destination),
+                    )
                     continue
                 if not hook.disabled:
                     continue
-                log.warning("watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
-                            "deliveries); switching it back on", account, _redact(sub.destination))
-                on = _switch_on(client, sub.destination, events or list(hook.events), list_webhooks, subscribe, unsubscribe)
+                log.warning(
+                    "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
+                    "deliveries); switching it back on",
+                    account,
+                    _redact(sub.destination),
+                )
+                on = _switch_on(
+                    client, sub.destination, events or list(hook.events), list_webhooks, subscribe, unsubscribe
+                )
                 if on:
                     reenabled += 1
                     if state == "ok":
                         state = "re-enabled"
-                    log.warning("watchdog for '%s': %s is on again; reconciliation brings what it missed",
-                                account, _redact(sub.destination))
+                    log.warning(
+                        "watchdog for '%s': %s is on again; reconciliation brings what it missed",
+                        account,
+                        _redact(sub.destination),
+                    )
                 else:
                     state = "disabled"
                     problems.append(f"{_redact(sub.destination)} stays switched off")
-                    log.error("watchdog for '%s': %s stays switched off after re-subscribing — check the "
-                              "listener and switch it on in amoCRM's settings", account, _redact(sub.destination))
+                    log.error(
+                        "watchdog for '%s': %s stays switched off after re-subscribing — check the "
+                        "listener and switch it on in amoCRM's settings",
+                        account,
+                        _redact(sub.destination),
+                    )
             note = "; ".join(problems) or None
     with store.write():
         ReconcileState.insert(account=account).on_conflict_ignore().execute()
         fields = dict(subscription_state=state, subscription_note=note, subscription_checked_at=clock())
-        ReconcileState.update(
-            **fields, reenabled_count=ReconcileState.reenabled_count + reenabled
-        ).where(ReconcileState.account == account).execute()
+        ReconcileState.update(**fields, reenabled_count=ReconcileState.reenabled_count + reenabled).where(
+            ReconcileState.account == account
+        ).execute()
     return state, note
 
 

@@ -411,7 +411,9 @@ class Worker:
         else:  # a bug in a handler: the stack goes to the log, an excerpt to the store
             self.log.warning("event %s attempt %d failed: %s", event.id, attempt, excerpt, exc_info=error)
         retry_at = None if delay is None else now + delay
-        won = inbox.fail(self.store, event.id, self.worker_id, error=excerpt, retry_at=retry_at, started_at=started, now=now)
+        won = inbox.fail(
+            self.store, event.id, self.worker_id, error=excerpt, retry_at=retry_at, started_at=started, now=now
+        )
         if not won:
             return "lost"
         if delay is None:

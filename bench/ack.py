@@ -234,8 +234,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="sending time per side per round")
     parser.add_argument("--senders", type=int, default=16, help="concurrent senders (threads)")
     parser.add_argument("--processes", type=int, default=2, help="sender processes the threads are spread over")
-    parser.add_argument("--with-naive", action="store_true",
-                        help="also measure a per-request-transaction listener (the design group commit replaces)")
+    parser.add_argument(
+        "--with-naive",
+        action="store_true",
+        help="also measure a per-request-transaction listener (the design group commit replaces)",
+    )
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--naive-server", metavar="DB_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,9 +259,13 @@ def main() -> None:
     )
     naive = naive_addr = None
     if args.with_naive:
-        naive, naive_addr = start([sys.executable, __file__, "--naive-server", f"sqlite:///{Path(tmp) / 'naive.db'}"], env)
-    print(f"{os.cpu_count()} CPUs; {args.senders} senders in {args.processes} processes; new connection per request; "
-          f"{args.rounds} rounds of {args.seconds:g} s per side")
+        naive, naive_addr = start(
+            [sys.executable, __file__, "--naive-server", f"sqlite:///{Path(tmp) / 'naive.db'}"], env
+        )
+    print(
+        f"{os.cpu_count()} CPUs; {args.senders} senders in {args.processes} processes; new connection per request; "
+        f"{args.rounds} rounds of {args.seconds:g} s per side"
+    )
     rows = []
     ids = itertools.count(1)
     try:
@@ -283,14 +290,20 @@ def main() -> None:
                 f"(p50 {result['amohook']['p50']:5.1f} ms, p99 {result['amohook']['p99']:5.1f} ms) | ratio {ratio:.2f}"
                 f" | server CPU per request: bare {result['bare']['cpu_ms']:.2f} ms,"
                 f" amohook {result['amohook']['cpu_ms']:.2f} ms"
-                + (f" | non-200: bare {len(result['bare']['errors'])}, amohook {len(result['amohook']['errors'])}"
-                   if result["bare"]["errors"] or result["amohook"]["errors"] else "")
+                + (
+                    f" | non-200: bare {len(result['bare']['errors'])}, amohook {len(result['amohook']['errors'])}"
+                    if result["bare"]["errors"] or result["amohook"]["errors"]
+                    else ""
+                )
             )
             if naive_addr:
                 n = result["naive"]
-                print(f"         per-request transactions (naive): {n['rps']:7.0f} req/s (p50 {n['p50']:5.1f} ms, "
-                      f"p99 {n['p99']:5.1f} ms), ratio {n['rps'] / result['bare']['rps']:.2f}, "
-                      f"server CPU per request {n['cpu_ms']:.2f} ms" + (f", non-200: {len(n['errors'])}" if n["errors"] else ""))
+                print(
+                    f"         per-request transactions (naive): {n['rps']:7.0f} req/s (p50 {n['p50']:5.1f} ms, "
+                    f"p99 {n['p99']:5.1f} ms), ratio {n['rps'] / result['bare']['rps']:.2f}, "
+                    f"server CPU per request {n['cpu_ms']:.2f} ms"
+                    + (f", non-200: {len(n['errors'])}" if n["errors"] else "")
+                )
     finally:
         for proc in (amo, bare, naive):
             if proc is not None:
@@ -302,9 +315,11 @@ def main() -> None:
     med = lambda side, key: statistics.median(r[0][side][key] for r in rows)  # noqa: E731
     ratio = statistics.median(r[1] for r in rows)
     if naive_addr:
-        print(f"median of the per-request-transaction listener: {med('naive', 'rps'):.0f} req/s, "
-              f"ratio {statistics.median(r[0]['naive']['rps'] / r[0]['bare']['rps'] for r in rows):.2f}, "
-              f"p50 {med('naive', 'p50'):.1f} ms, p99 {med('naive', 'p99'):.1f} ms")
+        print(
+            f"median of the per-request-transaction listener: {med('naive', 'rps'):.0f} req/s, "
+            f"ratio {statistics.median(r[0]['naive']['rps'] / r[0]['bare']['rps'] for r in rows):.2f}, "
+            f"p50 {med('naive', 'p50'):.1f} ms, p99 {med('naive', 'p99'):.1f} ms"
+        )
     print(
         f"median: bare {med('bare', 'rps'):.0f} req/s, amohook {med('amohook', 'rps'):.0f} req/s, ratio {ratio:.2f}; "
         f"amohook p50 {med('amohook', 'p50'):.1f} ms, p99 {med('amohook', 'p99'):.1f} ms "
@@ -314,9 +329,11 @@ def main() -> None:
     with sqlite3.connect(db_path) as conn:
         stored = conn.execute("SELECT COUNT(*) FROM delivery").fetchone()[0]
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    print(f"amohook answered 200 to {acknowledged} requests and stored {stored} deliveries "
-          f"({'all' if stored == acknowledged else 'MISMATCH'}); SQLite journal_mode={mode}, synchronous=FULL, "
-          "one writer thread committing each batch in one transaction (group commit)")
+    print(
+        f"amohook answered 200 to {acknowledged} requests and stored {stored} deliveries "
+        f"({'all' if stored == acknowledged else 'MISMATCH'}); SQLite journal_mode={mode}, synchronous=FULL, "
+        "one writer thread committing each batch in one transaction (group commit)"
+    )
     if stored != acknowledged:
         sys.exit(1)
 

@@ -48,9 +48,13 @@ def prepare(tmp: Path, fake: FakeAmo) -> tuple[str, int, int, int]:
     db_url = f"sqlite:///{tmp / 'amohook.db'}"
     store = open_store(db_url)
     access, refresh = fake.issue_tokens()
-    save_authorization(store, subdomain=fake.subdomain, base_url=fake.base_url,
-                       client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                       pair=TokenPair(access, refresh, 86400, time.time()))
+    save_authorization(
+        store,
+        subdomain=fake.subdomain,
+        base_url=fake.base_url,
+        client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        pair=TokenPair(access, refresh, 86400, time.time()),
+    )
     sync_entities(store, client_for(store, fake.subdomain))
     store.close()
     (tmp / "rules.toml").write_text(RULES)
@@ -64,11 +68,17 @@ def mass_move_bodies(n: int, per_post: int, pipeline: int, old: int, new: int, u
         fields: dict[str, str] = {"account[subdomain]": "example", "account[id]": "1231414"}
         for i, lead in enumerate(range(start + 1, min(n, start + per_post) + 1)):
             p = f"leads[status][{i}]"
-            fields.update({
-                f"{p}[id]": str(100000 + lead), f"{p}[name]": f"Lead {lead}", f"{p}[status_id]": str(new),
-                f"{p}[old_status_id]": str(old), f"{p}[pipeline_id]": str(pipeline),
-                f"{p}[responsible_user_id]": str(user), f"{p}[last_modified]": str(stamp),
-            })
+            fields.update(
+                {
+                    f"{p}[id]": str(100000 + lead),
+                    f"{p}[name]": f"Lead {lead}",
+                    f"{p}[status_id]": str(new),
+                    f"{p}[old_status_id]": str(old),
+                    f"{p}[pipeline_id]": str(pipeline),
+                    f"{p}[responsible_user_id]": str(user),
+                    f"{p}[last_modified]": str(stamp),
+                }
+            )
         bodies.append(urlencode(fields).encode())
     return bodies
 
@@ -80,9 +90,24 @@ def one_round(leads: int, per_post: int) -> dict:
         fake.clear_requests()
         env = dict(os.environ, AMOHOOK_DB_URL=db_url, AMOHOOK_WEBHOOK_SECRET=SECRET, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "2", "--rules",
-             str(tmp / "rules.toml"), "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "amohook",
+                "serve",
+                "--port",
+                "0",
+                "--workers",
+                "2",
+                "--rules",
+                str(tmp / "rules.toml"),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             line = proc.stdout.readline()
@@ -92,7 +117,9 @@ def one_round(leads: int, per_post: int) -> dict:
             bodies = mass_move_bodies(leads, per_post, pipeline, old, new, user)
             start = time.monotonic()
             for body in bodies:
-                r = requests.post(url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=5)
+                r = requests.post(
+                    url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=5
+                )
                 r.raise_for_status()
             deadline = start + 600
             while len(fake.tasks) < leads and time.monotonic() < deadline:
@@ -131,14 +158,18 @@ def main() -> None:
     for i in range(args.rounds):
         r = one_round(args.leads, args.per_post)
         rounds.append(r)
-        print(f"round {i + 1}: tasks {r['tasks']} (duplicates {r['duplicates']}), API calls {r['api_calls']} "
-              f"(task POSTs {r['task_posts']}, minimum {r['min_posts']}), 429s {r['count_429']}, "
-              f"time {r['elapsed']:.2f} s vs floor {r['floor']:.2f} s = {r['elapsed'] / r['floor']:.2f}x")
+        print(
+            f"round {i + 1}: tasks {r['tasks']} (duplicates {r['duplicates']}), API calls {r['api_calls']} "
+            f"(task POSTs {r['task_posts']}, minimum {r['min_posts']}), 429s {r['count_429']}, "
+            f"time {r['elapsed']:.2f} s vs floor {r['floor']:.2f} s = {r['elapsed'] / r['floor']:.2f}x"
+        )
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
-    print(f"median: tasks {med('tasks'):.0f}, duplicates {med('duplicates'):.0f}, API calls {med('api_calls'):.0f}, "
-          f"task POSTs {med('task_posts'):.0f} (minimum {rounds[0]['min_posts']}), 429s {med('count_429'):.0f}, "
-          f"time {med('elapsed'):.2f} s, floor {med('floor'):.2f} s, "
-          f"ratio {statistics.median(r['elapsed'] / r['floor'] for r in rounds):.2f} (aim <= 1.2)")
+    print(
+        f"median: tasks {med('tasks'):.0f}, duplicates {med('duplicates'):.0f}, API calls {med('api_calls'):.0f}, "
+        f"task POSTs {med('task_posts'):.0f} (minimum {rounds[0]['min_posts']}), 429s {med('count_429'):.0f}, "
+        f"time {med('elapsed'):.2f} s, floor {med('floor'):.2f} s, "
+        f"ratio {statistics.median(r['elapsed'] / r['floor'] for r in rounds):.2f} (aim <= 1.2)"
+    )
 
 
 if __name__ == "__main__":

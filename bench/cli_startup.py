@@ -30,8 +30,13 @@ def prepare(db_url: str) -> None:
 
     store = open_store(db_url)
     pair = TokenPair("a" * 900, "r" * 700, 86400, time.time())
-    save_authorization(store, subdomain="bench", base_url="https://bench.amocrm.ru",
-                       client=Client("id", "secret", "https://x"), pair=pair)
+    save_authorization(
+        store,
+        subdomain="bench",
+        base_url="https://bench.amocrm.ru",
+        client=Client("id", "secret", "https://x"),
+        pair=pair,
+    )
     store.close()
 
 

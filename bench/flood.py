@@ -88,7 +88,7 @@ def flooder(address, mode: str, count: int, ready, stop) -> None:
             next_byte = time.monotonic() + 0.5  # every connection sends one more byte every 0.5 s
             for s, sent in list(socks.items()):
                 try:
-                    if s.send(head[sent % len(head):sent % len(head) + 1]):
+                    if s.send(head[sent % len(head) : sent % len(head) + 1]):
                         socks[s] = sent + 1
                 except BlockingIOError:
                     pass
@@ -143,9 +143,7 @@ def send_webhooks(address, seconds: float, rate: float, first_id: int) -> tuple[
 
 # -- the server ----------------------------------------------------------------------------------
 def proc_figures(pid: int) -> dict:
-    status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
-    )
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return {
         "threads": int(status["Threads"]),
@@ -162,7 +160,12 @@ def start_serve(db_path: Path) -> tuple[subprocess.Popen, tuple[str, int]]:
     env.update(AMOHOOK_DB_URL=f"sqlite:///{db_path}", AMOHOOK_WEBHOOK_SECRET=SECRET, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0", "--log-level", "error"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT), preexec_fn=limit,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        preexec_fn=limit,
     )
     line = proc.stdout.readline()
     match = re.search(r"listening on http://([\d.]+):(\d+)", line)
@@ -216,8 +219,10 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for our own client sockets
     tmp = tempfile.mkdtemp(prefix="amohook-flood-")
     proc, address = start_serve(Path(tmp) / "flood.db")
-    print(f"{os.cpu_count()} CPUs; amohook serve under ulimit -n {NOFILE}; {args.connections} flood connections; "
-          f"{args.rate:g} webhooks/s for {args.seconds:g} s per phase; {args.rounds} rounds")
+    print(
+        f"{os.cpu_count()} CPUs; amohook serve under ulimit -n {NOFILE}; {args.connections} flood connections; "
+        f"{args.rate:g} webhooks/s for {args.seconds:g} s per phase; {args.rounds} rounds"
+    )
     rows: list[dict] = []
     next_id = 1
     try:
@@ -226,11 +231,18 @@ def main() -> None:
             for mode in ("quiet", "idle", "slow"):
                 row[mode] = r = phase(address, proc.pid, mode, args, next_id * 1_000_000)
                 next_id += 1
-                bad = f", non-200: {len(r['failures'])} ({', '.join(sorted(set(r['failures'])))})" if r["failures"] else ""
-                print(f"round {round_no} {mode:5}: webhooks {r['ok']:4} ok, "
-                      f"p50 {r['p50']:6.1f} ms, p99 {r['p99']:6.1f} ms, "
-                      f"max {r['max']:6.1f} ms{bad} | server: {r['threads']} threads, {r['rss_mib']:.0f} MiB, "
-                      f"CPU {r['cpu_pct']:.0f}%", flush=True)
+                bad = (
+                    f", non-200: {len(r['failures'])} ({', '.join(sorted(set(r['failures'])))})"
+                    if r["failures"]
+                    else ""
+                )
+                print(
+                    f"round {round_no} {mode:5}: webhooks {r['ok']:4} ok, "
+                    f"p50 {r['p50']:6.1f} ms, p99 {r['p99']:6.1f} ms, "
+                    f"max {r['max']:6.1f} ms{bad} | server: {r['threads']} threads, {r['rss_mib']:.0f} MiB, "
+                    f"CPU {r['cpu_pct']:.0f}%",
+                    flush=True,
+                )
             rows.append(row)
     finally:
         proc.terminate()
@@ -242,9 +254,11 @@ def main() -> None:
     for mode in ("quiet", "idle", "slow"):
         med = lambda key, mode=mode: statistics.median(r[mode][key] for r in rows)  # noqa: E731
         failed = sum(len(r[mode]["failures"]) for r in rows)
-        print(f"  {mode:5}: p50 {med('p50'):6.1f} ms, p99 {med('p99'):6.1f} ms, max {med('max'):6.1f} ms, "
-              f"non-200 {failed} of {failed + sum(r[mode]['ok'] for r in rows)} | server {med('threads'):.0f} threads, "
-              f"{med('rss_mib'):.0f} MiB, CPU {med('cpu_pct'):.0f}%")
+        print(
+            f"  {mode:5}: p50 {med('p50'):6.1f} ms, p99 {med('p99'):6.1f} ms, max {med('max'):6.1f} ms, "
+            f"non-200 {failed} of {failed + sum(r[mode]['ok'] for r in rows)} | server {med('threads'):.0f} threads, "
+            f"{med('rss_mib'):.0f} MiB, CPU {med('cpu_pct'):.0f}%"
+        )
     worst = max(statistics.median(r[m]["p99"] for r in rows) for m in ("idle", "slow"))
     print(f"aim: p99 under 1000 ms while flooded — {'met' if worst < 1000 else 'NOT met'} ({worst:.0f} ms)")
 

@@ -33,11 +33,19 @@ from tests.fakes.amocrm import FakeAmo  # noqa: E402
 
 def body(lead: int, pipeline: int, old: int, new: int, user: int) -> bytes:
     p = "leads[status][0]"
-    return urlencode({
-        "account[subdomain]": "example", "account[id]": "1231414", f"{p}[id]": str(lead), f"{p}[name]": f"Lead {lead}",
-        f"{p}[status_id]": str(new), f"{p}[old_status_id]": str(old), f"{p}[pipeline_id]": str(pipeline),
-        f"{p}[responsible_user_id]": str(user), f"{p}[last_modified]": str(int(time.time())),
-    }).encode()
+    return urlencode(
+        {
+            "account[subdomain]": "example",
+            "account[id]": "1231414",
+            f"{p}[id]": str(lead),
+            f"{p}[name]": f"Lead {lead}",
+            f"{p}[status_id]": str(new),
+            f"{p}[old_status_id]": str(old),
+            f"{p}[pipeline_id]": str(pipeline),
+            f"{p}[responsible_user_id]": str(user),
+            f"{p}[last_modified]": str(int(time.time())),
+        }
+    ).encode()
 
 
 def one_round(changes: int, gap: float) -> tuple[list[float], list[float]]:
@@ -46,9 +54,26 @@ def one_round(changes: int, gap: float) -> tuple[list[float], list[float]]:
         db_url, pipeline, old, new, user = prepare(tmp, fake)
         env = dict(os.environ, AMOHOOK_DB_URL=db_url, AMOHOOK_WEBHOOK_SECRET=SECRET, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "1", "--rules",
-             str(tmp / "rules.toml"), "--reconcile", "off", "--log-level", "warning"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "amohook",
+                "serve",
+                "--port",
+                "0",
+                "--workers",
+                "1",
+                "--rules",
+                str(tmp / "rules.toml"),
+                "--reconcile",
+                "off",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         latencies, acks = [], []
         try:
@@ -59,8 +84,12 @@ def one_round(changes: int, gap: float) -> tuple[list[float], list[float]]:
             for i in range(changes):
                 fake.clear_requests()
                 t0 = time.time()
-                r = session.post(url, data=body(500000 + i, pipeline, old, new, user),
-                                 headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=5)
+                r = session.post(
+                    url,
+                    data=body(500000 + i, pipeline, old, new, user),
+                    headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    timeout=5,
+                )
                 acks.append(time.time() - t0)
                 r.raise_for_status()
                 deadline = t0 + 10
@@ -91,10 +120,15 @@ def main() -> None:
         p50s.append(p50)
         maxes.append(lat_ms[-1])
         ack50s.append(ack50)
-        print(f"round {i + 1}: {len(lat)} changes, webhook to amoCRM p50 {p50:.0f} ms, p90 {p90:.0f} ms, "
-              f"max {lat_ms[-1]:.0f} ms (webhook answered in {ack50:.1f} ms)", flush=True)
-    print(f"median: p50 {statistics.median(p50s):.0f} ms, max {statistics.median(maxes):.0f} ms "
-          f"(aim < 100 ms); webhook round trip {statistics.median(ack50s):.1f} ms")
+        print(
+            f"round {i + 1}: {len(lat)} changes, webhook to amoCRM p50 {p50:.0f} ms, p90 {p90:.0f} ms, "
+            f"max {lat_ms[-1]:.0f} ms (webhook answered in {ack50:.1f} ms)",
+            flush=True,
+        )
+    print(
+        f"median: p50 {statistics.median(p50s):.0f} ms, max {statistics.median(maxes):.0f} ms "
+        f"(aim < 100 ms); webhook round trip {statistics.median(ack50s):.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -59,9 +59,28 @@ def one_round(moves: int) -> dict:
         env = dict(os.environ, AMOHOOK_DB_URL=db_url, PYTHONPATH=str(ROOT))
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "amohook", "worker", "--rules", str(tmp / "rules.toml"), "--reconcile", "1h",
-             "--threads", "2", "--batch", "50", "--poll", "0.2", "--log-level", "error"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "amohook",
+                "worker",
+                "--rules",
+                str(tmp / "rules.toml"),
+                "--reconcile",
+                "1h",
+                "--threads",
+                "2",
+                "--batch",
+                "50",
+                "--poll",
+                "0.2",
+                "--log-level",
+                "error",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = start + 900
@@ -122,18 +141,25 @@ def main() -> None:
     for i in range(args.rounds):
         r = one_round(args.moves)
         rounds.append(r)
-        print(f"round {i + 1}: tasks {r['tasks']} (duplicates {r['duplicates']}), requests {r['requests']} "
-              f"(log pages {r['events_pages']}, lead reads {r['lead_reads']}, task POSTs {r['task_posts']}; "
-              f"minimum {r['minimum']}), 429s {r['count_429']}, catch-up {r['elapsed']:.1f} s vs floor "
-              f"{r['floor']:.1f} s = {r['elapsed'] / r['floor']:.2f}x", flush=True)
+        print(
+            f"round {i + 1}: tasks {r['tasks']} (duplicates {r['duplicates']}), requests {r['requests']} "
+            f"(log pages {r['events_pages']}, lead reads {r['lead_reads']}, task POSTs {r['task_posts']}; "
+            f"minimum {r['minimum']}), 429s {r['count_429']}, catch-up {r['elapsed']:.1f} s vs floor "
+            f"{r['floor']:.1f} s = {r['elapsed'] / r['floor']:.2f}x",
+            flush=True,
+        )
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     ratio = statistics.median(r["elapsed"] / r["floor"] for r in rounds)
-    print(f"median: tasks {med('tasks'):.0f}, duplicates {med('duplicates'):.0f}, requests {med('requests'):.0f} "
-          f"(minimum {rounds[0]['minimum']}), 429s {med('count_429'):.0f}, catch-up {med('elapsed'):.1f} s, "
-          f"floor {med('floor'):.1f} s, ratio {ratio:.2f} (aim <= 1.2)")
+    print(
+        f"median: tasks {med('tasks'):.0f}, duplicates {med('duplicates'):.0f}, requests {med('requests'):.0f} "
+        f"(minimum {rounds[0]['minimum']}), 429s {med('count_429'):.0f}, catch-up {med('elapsed'):.1f} s, "
+        f"floor {med('floor'):.1f} s, ratio {ratio:.2f} (aim <= 1.2)"
+    )
     per_pass, per_hour = idle_cost()
-    print(f"idle account: {per_pass:.1f} request(s) per pass; {per_hour:.0f} per hour at the default --reconcile 5m "
-          "(plus the watchdog's look every 15 minutes)")
+    print(
+        f"idle account: {per_pass:.1f} request(s) per pass; {per_hour:.0f} per hour at the default --reconcile 5m "
+        "(plus the watchdog's look every 15 minutes)"
+    )
 
 
 if __name__ == "__main__":

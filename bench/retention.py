@@ -58,27 +58,66 @@ def build_store(path: Path, events: int) -> None:
         deliveries, evs, attempts = [], [], []
         for i in range(start, min(events, start + chunk)):
             body = bodies[i % len(bodies)] + f"&amohook_bench={i}".encode()
-            deliveries.append((i + 1, f"{i:064x}", body.decode("utf-8", "replace"), "application/x-www-form-urlencoded",
-                               '{"user-agent": "amoCRM-Webhooks/3.0"}', "127.0.0.1", old + i * 15, 1))
-            evs.append((i + 1, i + 1, 0, "leads", "status", str(1000 + i), "example", "1231414",
-                        f'{{"id":"{1000 + i}","status_id":"142","pipeline_id":"1"}}', "done", 1, 0, None, None,
-                        None, old + i * 15, old + i * 15 + 1))
+            deliveries.append(
+                (
+                    i + 1,
+                    f"{i:064x}",
+                    body.decode("utf-8", "replace"),
+                    "application/x-www-form-urlencoded",
+                    '{"user-agent": "amoCRM-Webhooks/3.0"}',
+                    "127.0.0.1",
+                    old + i * 15,
+                    1,
+                )
+            )
+            evs.append(
+                (
+                    i + 1,
+                    i + 1,
+                    0,
+                    "leads",
+                    "status",
+                    str(1000 + i),
+                    "example",
+                    "1231414",
+                    f'{{"id":"{1000 + i}","status_id":"142","pipeline_id":"1"}}',
+                    "done",
+                    1,
+                    0,
+                    None,
+                    None,
+                    None,
+                    old + i * 15,
+                    old + i * 15 + 1,
+                )
+            )
             attempts.append((i + 1, i + 1, "bench", old + i * 15, old + i * 15 + 1, "ok", None))
-        db.executemany("INSERT INTO delivery (id, body_sha256, body, content_type, headers, remote_addr, received_at, "
-                       "times_received) VALUES (?,?,?,?,?,?,?,?)", deliveries)
-        db.executemany("INSERT INTO event (id, delivery_id, idx, entity, action, entity_id, account, account_id, data, "
-                       "status, attempts, next_attempt_at, lease_owner, lease_until, last_error, received_at, "
-                       "updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", evs)
-        db.executemany("INSERT INTO attempt (id, event_id, worker, started_at, finished_at, outcome, error) "
-                       "VALUES (?,?,?,?,?,?,?)", attempts)
+        db.executemany(
+            "INSERT INTO delivery (id, body_sha256, body, content_type, headers, remote_addr, received_at, "
+            "times_received) VALUES (?,?,?,?,?,?,?,?)",
+            deliveries,
+        )
+        db.executemany(
+            "INSERT INTO event (id, delivery_id, idx, entity, action, entity_id, account, account_id, data, "
+            "status, attempts, next_attempt_at, lease_owner, lease_until, last_error, received_at, "
+            "updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            evs,
+        )
+        db.executemany(
+            "INSERT INTO attempt (id, event_id, worker, started_at, finished_at, outcome, error) "
+            "VALUES (?,?,?,?,?,?,?)",
+            attempts,
+        )
         db.commit()
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
 
 
 def post(port: int, body: bytes) -> float:
-    request = (f"POST /webhook/{SECRET} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
-               f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    request = (
+        f"POST /webhook/{SECRET} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
+        f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(request)
@@ -88,7 +127,9 @@ def post(port: int, body: bytes) -> float:
     return time.perf_counter() - t0
 
 
-def load(port: int, senders: int, stop: threading.Event, out: list[float], counter: list[int]) -> list[threading.Thread]:
+def load(
+    port: int, senders: int, stop: threading.Event, out: list[float], counter: list[int]
+) -> list[threading.Thread]:
     bodies = fixture_bodies()
 
     def run(n: int) -> None:
@@ -122,12 +163,32 @@ def main() -> None:
         t0 = time.monotonic()
         build_store(path, args.events)
         size_before = path.stat().st_size
-        print(f"built {args.events:,} old done events in {time.monotonic() - t0:.0f} s: {size_before / 2**20:,.0f} MiB "
-              f"({size_before / max(1, args.events):,.0f} bytes per delivery)", flush=True)
+        print(
+            f"built {args.events:,} old done events in {time.monotonic() - t0:.0f} s: {size_before / 2**20:,.0f} MiB "
+            f"({size_before / max(1, args.events):,.0f} bytes per delivery)",
+            flush=True,
+        )
         env = dict(os.environ, AMOHOOK_DB_URL=f"sqlite:///{path}", AMOHOOK_WEBHOOK_SECRET=SECRET, PYTHONPATH=str(ROOT))
-        serve = subprocess.Popen([sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0",
-                                  "--keep", "off", "--log-level", "error"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amohook",
+                "serve",
+                "--port",
+                "0",
+                "--workers",
+                "0",
+                "--keep",
+                "off",
+                "--log-level",
+                "error",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = serve.stdout.readline()
             port = int(line.rsplit(":", 1)[1].strip().rstrip("/"))
@@ -143,8 +204,9 @@ def main() -> None:
             stop = threading.Event()
             threads = load(port, args.senders, stop, during, counter)
             t1 = time.monotonic()
-            pruned = subprocess.run([sys.executable, "-m", "amohook", "prune", "--json"], env=env,
-                                    capture_output=True, text=True)
+            pruned = subprocess.run(
+                [sys.executable, "-m", "amohook", "prune", "--json"], env=env, capture_output=True, text=True
+            )
             prune_seconds = time.monotonic() - t1
             stop.set()
             for t in threads:
@@ -159,16 +221,22 @@ def main() -> None:
         db.execute("VACUUM")
         db.close()
         size_vacuum = path.stat().st_size
-        print(f"listener before pruning: {len(before)} answers, p50 {pct(before, .5):.1f} ms, "
-              f"p99 {pct(before, .99):.1f} ms")
-        print(f"listener during pruning: {len(during)} answers, p50 {pct(during, .5):.1f} ms, "
-              f"p99 {pct(during, .99):.1f} ms "
-              f"(p99 ratio {pct(during, .99) / pct(before, .99):.2f}x)")
+        print(
+            f"listener before pruning: {len(before)} answers, p50 {pct(before, 0.5):.1f} ms, "
+            f"p99 {pct(before, 0.99):.1f} ms"
+        )
+        print(
+            f"listener during pruning: {len(during)} answers, p50 {pct(during, 0.5):.1f} ms, "
+            f"p99 {pct(during, 0.99):.1f} ms "
+            f"(p99 ratio {pct(during, 0.99) / pct(before, 0.99):.2f}x)"
+        )
         print(f"prune: {prune_seconds:.0f} s, {result}")
-        print(f"events left: {live:,} (the {counter[0]:,} posted during the run); "
-              f"file {size_before / 2**20:,.0f} MiB before, "
-              f"{size_after / 2**20:,.0f} MiB after pruning (freed pages are reused), "
-              f"{size_vacuum / 2**20:,.0f} MiB after VACUUM")
+        print(
+            f"events left: {live:,} (the {counter[0]:,} posted during the run); "
+            f"file {size_before / 2**20:,.0f} MiB before, "
+            f"{size_after / 2**20:,.0f} MiB after pruning (freed pages are reused), "
+            f"{size_vacuum / 2**20:,.0f} MiB after VACUUM"
+        )
 
 
 if __name__ == "__main__":

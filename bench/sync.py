@@ -72,9 +72,13 @@ def authorize(store, fake) -> None:
     from amohook.tokens import save_authorization
 
     access, refresh = fake.issue_tokens()
-    save_authorization(store, subdomain="bench", base_url=fake.base_url,
-                       client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                       pair=TokenPair(access, refresh, 86400, time.time()))
+    save_authorization(
+        store,
+        subdomain="bench",
+        base_url=fake.base_url,
+        client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        pair=TokenPair(access, refresh, 86400, time.time()),
+    )
 
 
 def timed_sync(store, fake) -> dict:
@@ -91,17 +95,26 @@ def timed_sync(store, fake) -> dict:
     if not report.ok:
         raise SystemExit(f"sync failed: {report.error}")
     requests = len(fake.requests_to("/api/"))
-    return {"requests": requests, "minimum": minimum_requests(fake), "wall": wall,
-            "floor": requests / RATE, "429": fake.count_429, "limiter_wait": client.limiter.waited, "max_in_window": fake.max_in_window(1.0),
-            "rows": sum(r.added + r.changed + r.unchanged for r in report.results),
-            "written": sum(r.added + r.changed + r.removed for r in report.results)}
+    return {
+        "requests": requests,
+        "minimum": minimum_requests(fake),
+        "wall": wall,
+        "floor": requests / RATE,
+        "429": fake.count_429,
+        "limiter_wait": client.limiter.waited,
+        "max_in_window": fake.max_in_window(1.0),
+        "rows": sum(r.added + r.changed + r.unchanged for r in report.results),
+        "written": sum(r.added + r.changed + r.removed for r in report.results),
+    }
 
 
 def show(label: str, r: dict) -> None:
-    print(f"  {label:<9} requests {r['requests']:>2} (minimum {r['minimum']})  wall {r['wall']:.3f} s  "
-          f"floor {r['floor']:.3f} s  ratio {r['wall'] / r['floor']:.2f}  (limiter wait {r['limiter_wait']:.3f} s)  "
-          f"429s {r['429']}  "
-          f"max/1s {r['max_in_window']}  rows {r['rows']} (written {r['written']})")
+    print(
+        f"  {label:<9} requests {r['requests']:>2} (minimum {r['minimum']})  wall {r['wall']:.3f} s  "
+        f"floor {r['floor']:.3f} s  ratio {r['wall'] / r['floor']:.2f}  (limiter wait {r['limiter_wait']:.3f} s)  "
+        f"429s {r['429']}  "
+        f"max/1s {r['max_in_window']}  rows {r['rows']} (written {r['written']})"
+    )
 
 
 def main() -> None:
@@ -111,8 +124,10 @@ def main() -> None:
     args = parser.parse_args()
     from amohook.amocrm.ratelimit import MARGIN, PER
 
-    print(f"account: {PIPELINES} pipelines x {STAGES} stages, {USERS} users, {TASK_TYPES} task types, "
-          f"{FIELDS} custom fields; limiter window {RATE} per {PER + MARGIN:.2f} s")
+    print(
+        f"account: {PIPELINES} pipelines x {STAGES} stages, {USERS} users, {TASK_TYPES} task types, "
+        f"{FIELDS} custom fields; limiter window {RATE} per {PER + MARGIN:.2f} s"
+    )
     results: dict[str, list[dict]] = {"first": [], "unchanged": []}
     for n in range(1, args.rounds + 1):
         fake = big_fake()
@@ -135,8 +150,10 @@ def main() -> None:
     worst = max(r["wall"] / r["floor"] for rows in results.values() for r in rows)
     all_minimum = all(r["requests"] == r["minimum"] for rows in results.values() for r in rows)
     no_429 = all(r["429"] == 0 for rows in results.values() for r in rows)
-    print(f"requests = minimum in every round: {all_minimum}; 429s: {'none' if no_429 else 'SOME'}; "
-          f"worst wall/floor {worst:.2f} (aim <= 1.20)")
+    print(
+        f"requests = minimum in every round: {all_minimum}; 429s: {'none' if no_429 else 'SOME'}; "
+        f"worst wall/floor {worst:.2f} (aim <= 1.20)"
+    )
 
 
 if __name__ == "__main__":

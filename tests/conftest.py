@@ -40,7 +40,10 @@ def _mysql_admin(server_url: str):
 
     p = urlsplit(server_url)
     return pymysql.connect(
-        host=p.hostname or "127.0.0.1", port=p.port or 3306, user=p.username or "root", password=p.password or "",
+        host=p.hostname or "127.0.0.1",
+        port=p.port or 3306,
+        user=p.username or "root",
+        password=p.password or "",
         autocommit=True,
     )
 
@@ -50,8 +53,11 @@ def _pg_admin(server_url: str):
 
     p = urlsplit(server_url)
     conn = psycopg2.connect(
-        host=p.hostname or "127.0.0.1", port=p.port or 5432, user=p.username or "postgres",
-        password=p.password or None, dbname="postgres",
+        host=p.hostname or "127.0.0.1",
+        port=p.port or 5432,
+        user=p.username or "postgres",
+        password=p.password or None,
+        dbname="postgres",
     )
     conn.autocommit = True
     return conn
@@ -187,8 +193,18 @@ def cli_env(db_url: str, **extra: str) -> dict:
 # Commands whose tests learn nothing more from a process of their own: they run in this process
 # (about 0.3 s less each). Commands that own signals, logging, threads, prompts or a lease across
 # processes (serve, worker, refresh-token, init-auth, sync-entities) always get a real process.
-IN_PROCESS = {"status", "events", "webhooks", "doctor", "rules", "reconcile", "prune", "pipelines", "users",
-              "task-types"}
+IN_PROCESS = {
+    "status",
+    "events",
+    "webhooks",
+    "doctor",
+    "rules",
+    "reconcile",
+    "prune",
+    "pipelines",
+    "users",
+    "task-types",
+}
 
 
 def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:

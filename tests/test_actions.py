@@ -207,8 +207,14 @@ def test_a_failed_lookup_keeps_the_action_maybe_sent(store, fake, account):
 def test_a_2xx_answer_that_is_not_json_counts_as_maybe_created(store, fake, account):
     clock = Clock()
     record_planned(store, [planned(2)], event_id=1)
-    fake.fail("/api/v4/tasks", status=200, body="<html>proxy</html>", content_type="text/html",
-              after_effect=True, method="POST")
+    fake.fail(
+        "/api/v4/tasks",
+        status=200,
+        body="<html>proxy</html>",
+        content_type="text/html",
+        after_effect=True,
+        method="POST",
+    )
     s = quick_sender(store, clock)
     s.flush_once()
     assert len(fake.tasks) == 1 and Action.get().status == "sending"
@@ -259,7 +265,9 @@ def test_an_expired_lease_is_not_used_to_post(store, fake, account):
     s = quick_sender(store, clock)
     actions, _ = s.claim()
     clock.advance(s.lease_seconds + 1)  # e.g. the process stalled; another sender may own it now
-    kinds()["create_task"].send(s, client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions})
+    kinds()["create_task"].send(
+        s, client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions}
+    )
     assert not fake.requests_to("/api/v4/tasks", "POST")
 
 
@@ -282,8 +290,13 @@ def test_notes_and_tasks_go_in_batches_of_their_own_kind(store, fake, account):
 def test_a_note_whose_answer_was_lost_is_adopted_not_added_twice(store, fake, account):
     clock = Clock()
     # The same text on the lead from an earlier change must not be mistaken for this one.
-    fake.notes[1] = {"id": 1, "entity_id": 9, "note_type": "common", "params": {"text": "Moved to Qualified"},
-                     "created_at": int(time.time()) - 86400}
+    fake.notes[1] = {
+        "id": 1,
+        "entity_id": 9,
+        "note_type": "common",
+        "params": {"text": "Moved to Qualified"},
+        "created_at": int(time.time()) - 86400,
+    }
     record_planned(store, [planned_note(9)], event_id=1)
     fake.fail("/api/v4/leads/notes", drop=True, after_effect=True, method="POST")
     s = sender(store, clock)
@@ -305,9 +318,15 @@ def change_note(lead_id: int, change: str, text: str = "Website deal moved to Ne
 def change_task(lead_id: int, change: str, complete_till: int = 1_900_000_000) -> PlannedTask:
     # due = "end_of_day" (or "10:00"): two changes of one lead on one day share complete_till
     key = hashlib.sha256(f"task|{lead_id}|{change}".encode()).hexdigest()
-    payload = {"text": "Call Acme about the offer", "complete_till": complete_till, "entity_id": lead_id,
-               "entity_type": "leads", "task_type_id": TASK_TYPE, "responsible_user_id": RESPONSIBLE,
-               "request_id": key[:32]}
+    payload = {
+        "text": "Call Acme about the offer",
+        "complete_till": complete_till,
+        "entity_id": lead_id,
+        "entity_type": "leads",
+        "task_type_id": TASK_TYPE,
+        "responsible_user_id": RESPONSIBLE,
+        "request_id": key[:32],
+    }
     return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="create_task")
 
 

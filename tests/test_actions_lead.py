@@ -44,16 +44,25 @@ def sender(store, clock=None, **kw) -> ActionSender:
 def sales(fake, account):
     pipeline = fake.add_pipeline("Sales", ["New", "Qualified", "Proposal"])
     stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
-    leads = [fake.add_lead(f"Lead {i}", pipeline["id"], stages["Qualified"], 581651, lead_id=9001 + i)["id"]
-             for i in range(3)]
+    leads = [
+        fake.add_lead(f"Lead {i}", pipeline["id"], stages["Qualified"], 581651, lead_id=9001 + i)["id"]
+        for i in range(3)
+    ]
     return dict(pipeline=pipeline["id"], leads=leads, **stages)
 
 
 def move(sales, lead_id: int, to: str = "Proposal", *, key: str | None = None) -> PlannedAction:
     key = key or hashlib.sha256(f"move|{lead_id}|{to}".encode()).hexdigest()
     patch = {"id": lead_id, "status_id": sales[to], "pipeline_id": sales["pipeline"], "request_id": key[:32]}
-    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, kind="move_lead",
-                         payload={"patch": patch, "from": [sales["pipeline"], sales["Qualified"]]}, target_id=lead_id)
+    return PlannedAction(
+        key=key,
+        rule="r",
+        account="example",
+        lead_id=lead_id,
+        kind="move_lead",
+        payload={"patch": patch, "from": [sales["pipeline"], sales["Qualified"]]},
+        target_id=lead_id,
+    )
 
 
 def patches(fake) -> int:
@@ -161,7 +170,9 @@ def test_crash_between_patch_and_commit_moves_each_lead_once(store, fake, sales)
 
 def test_one_refused_move_is_rejected_and_the_rest_go(store, fake, sales):
     bad = move(sales, sales["leads"][0])
-    bad = PlannedAction(**{**bad.__dict__, "payload": {**bad.payload, "patch": {**bad.payload["patch"], "status_id": 1}}})
+    bad = PlannedAction(
+        **{**bad.__dict__, "payload": {**bad.payload, "patch": {**bad.payload["patch"], "status_id": 1}}}
+    )
     record_planned(store, [bad, move(sales, sales["leads"][1])], event_id=1)
     s = sender(store)
     s.drain()
@@ -179,8 +190,15 @@ def set_field(lead_id: int, *, field_id=None, value=None, tag=None, key=None) ->
         patch["custom_fields_values"] = [{"field_id": field_id, "values": [{"value": value}]}]
     if tag:
         patch["tags_to_add"] = [{"name": tag}]
-    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, kind="set_field",
-                         payload={"patch": patch, "from": None}, target_id=lead_id)
+    return PlannedAction(
+        key=key,
+        rule="r",
+        account="example",
+        lead_id=lead_id,
+        kind="set_field",
+        payload={"patch": patch, "from": None},
+        target_id=lead_id,
+    )
 
 
 def test_a_field_and_a_tag_are_set_without_touching_other_tags(store, fake, sales):
@@ -267,9 +285,18 @@ def receiver():
 
 def notify(lead_id: int, text: str = "Won: Acme") -> PlannedAction:
     key = hashlib.sha256(f"notify|{lead_id}".encode()).hexdigest()
-    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, kind="notify",
-                         payload={"url_env": "CHAT_URL", "json": {"text": text, "lead": {"id": lead_id}},
-                                  "idempotency_key": idempotency_key(key)})
+    return PlannedAction(
+        key=key,
+        rule="r",
+        account="example",
+        lead_id=lead_id,
+        kind="notify",
+        payload={
+            "url_env": "CHAT_URL",
+            "json": {"text": text, "lead": {"id": lead_id}},
+            "idempotency_key": idempotency_key(key),
+        },
+    )
 
 
 def test_a_message_is_posted_once_with_its_idempotency_key(store, account, receiver):

@@ -19,8 +19,17 @@ def init_env(db_url, fake, **extra):
 
 def init_args(fake, code):
     return [
-        "init-auth", "--subdomain", "example", "--base-url", fake.base_url, "--client-id", fake.client_id,
-        "--redirect-uri", fake.redirect_uri, "--code", code,
+        "init-auth",
+        "--subdomain",
+        "example",
+        "--base-url",
+        fake.base_url,
+        "--client-id",
+        fake.client_id,
+        "--redirect-uri",
+        fake.redirect_uri,
+        "--code",
+        code,
     ]
 
 
@@ -236,8 +245,15 @@ def run_in_terminal(args: list[str], env: dict, answers: list[str], timeout: flo
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen([sys.executable, "-m", "amohook", *args], env=env, cwd=str(ROOT), stdin=follower,
-                            stdout=follower, stderr=follower, preexec_fn=become_terminal_owner)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amohook", *args],
+        env=env,
+        cwd=str(ROOT),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        preexec_fn=become_terminal_owner,
+    )
     os.close(follower)
     shown, pending = b"", list(answers)
     deadline = time.monotonic() + timeout

@@ -42,11 +42,14 @@ def test_shell_completion_is_on_and_completes_commands(sqlite_url):
     assert sorted(run_cli([], sqlite_url, env=env).stdout.split()) == ["dead", "done"]
 
 
-@pytest.mark.parametrize("command, variables", [
-    ("init-auth", ["AMOHOOK_CLIENT_SECRET", "AMOHOOK_LONG_LIVED_TOKEN"]),
-    ("auth-url", ["AMOHOOK_CLIENT_SECRET"]),
-    ("serve", ["AMOHOOK_WEBHOOK_SECRET"]),
-])
+@pytest.mark.parametrize(
+    "command, variables",
+    [
+        ("init-auth", ["AMOHOOK_CLIENT_SECRET", "AMOHOOK_LONG_LIVED_TOKEN"]),
+        ("auth-url", ["AMOHOOK_CLIENT_SECRET"]),
+        ("serve", ["AMOHOOK_WEBHOOK_SECRET"]),
+    ],
+)
 def test_help_names_the_secrets_variables_but_never_shows_their_values(sqlite_url, command, variables):
     result = run_cli([command, "--help"], sqlite_url, env=cli_env(sqlite_url, **SECRETS, **WIDE))
     assert result.returncode == 0, result.stderr
@@ -57,22 +60,28 @@ def test_help_names_the_secrets_variables_but_never_shows_their_values(sqlite_ur
         assert "4711" not in result.stdout
 
 
-@pytest.mark.parametrize("args, choices", [
-    (["events", "list", "--status", "nope"], ["pending", "running", "done", "dead"]),
-    (["init-auth", "-s", "x", "--domain", "amocrm.org"], ["amocrm.ru", "amocrm.com", "kommo.com"]),
-    (["auth-url", "--client-id", "i", "--redirect-uri", "https://x", "--domain", "amocrm.org"],
-     ["amocrm.ru", "amocrm.com", "kommo.com"]),
-    (["serve", "--log-level", "verbose"], ["debug", "info", "warning", "error"]),
-    (["worker", "--library-log-level", "loud"], ["debug", "info", "warning", "error"]),
-])
+@pytest.mark.parametrize(
+    "args, choices",
+    [
+        (["events", "list", "--status", "nope"], ["pending", "running", "done", "dead"]),
+        (["init-auth", "-s", "x", "--domain", "amocrm.org"], ["amocrm.ru", "amocrm.com", "kommo.com"]),
+        (
+            ["auth-url", "--client-id", "i", "--redirect-uri", "https://x", "--domain", "amocrm.org"],
+            ["amocrm.ru", "amocrm.com", "kommo.com"],
+        ),
+        (["serve", "--log-level", "verbose"], ["debug", "info", "warning", "error"]),
+        (["worker", "--library-log-level", "loud"], ["debug", "info", "warning", "error"]),
+    ],
+)
 def test_a_value_outside_a_fixed_choice_is_refused_with_the_choices(sqlite_url, args, choices):
     result = run_cli(args, sqlite_url, env=cli_env(sqlite_url, **WIDE))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     for choice in choices:
         assert f"'{choice}'" in result.stderr, (choice, result.stderr)
-    help_text = run_cli([*args[: 2 if args[0] == "events" else 1], "--help"], sqlite_url,
-                        env=cli_env(sqlite_url, **WIDE)).stdout
+    help_text = run_cli(
+        [*args[: 2 if args[0] == "events" else 1], "--help"], sqlite_url, env=cli_env(sqlite_url, **WIDE)
+    ).stdout
     assert "|".join(choices) in help_text.replace(" ", "")
 
 

@@ -32,15 +32,25 @@ def hostile(store, fake, account):
     fake.add_user(USER, "eve@example.com")
     fake.add_task_type(TASK_TYPE)
     sync_entities(store, client_for(store, "example"))
-    body = urlencode({"account[subdomain]": SUBDOMAIN, "leads[status][0][id]": "5001",
-                      "leads[status][0][name]": "[bold]Lead\x1b[0m", "leads[status][0][status_id]": "1",
-                      "leads[status][0][pipeline_id]": str(pipeline["id"])}).encode()
+    body = urlencode(
+        {
+            "account[subdomain]": SUBDOMAIN,
+            "leads[status][0][id]": "5001",
+            "leads[status][0][name]": "[bold]Lead\x1b[0m",
+            "leads[status][0][status_id]": "1",
+            "leads[status][0][pipeline_id]": str(pipeline["id"]),
+        }
+    ).encode()
     svc = WebhookService(store, ServerConfig(secret=SECRET, port=0)).start()
     try:
         with socket.create_connection(svc.address, timeout=10) as sock:
-            sock.sendall(f"POST /webhook/{SECRET} HTTP/1.1\r\nHost: x\r\nUser-Agent: {AGENT}\r\n"
-                         f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n"
-                         .encode("latin-1") + body)
+            sock.sendall(
+                f"POST /webhook/{SECRET} HTTP/1.1\r\nHost: x\r\nUser-Agent: {AGENT}\r\n"
+                f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n".encode(
+                    "latin-1"
+                )
+                + body
+            )
             answer = sock.recv(65536)
         assert b" 200 " in answer, answer
     finally:

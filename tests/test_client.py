@@ -165,8 +165,14 @@ def test_two_processes_hitting_401_at_once_refresh_only_once(store, fake, accoun
     fake.expire_access_tokens()
     start = time.time() + 1.0
     procs = [
-        subprocess.Popen([sys.executable, "-c", HIT_401, store.url, str(start)], env=cli_env(store.url), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", HIT_401, store.url, str(start)],
+            env=cli_env(store.url),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -325,7 +331,8 @@ def test_a_success_answer_that_is_not_json_is_a_typed_error(client, fake):
 def test_a_long_lived_token_answered_401_is_not_refreshed_and_says_generate_a_new_one(client, fake, store):
     with store.write():
         Account.update(access_token=fake.issue_long_lived_token(), refresh_token=None, long_lived=True).where(
-            Account.subdomain == "example").execute()
+            Account.subdomain == "example"
+        ).execute()
     fake.revoke_all()
     with pytest.raises(Unauthorized, match="long-lived") as err:
         client.get("/api/v4/account")

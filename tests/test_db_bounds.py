@@ -61,8 +61,9 @@ def test_a_percent_encoded_password_reaches_the_server_decoded(tmp_path):
         pytest.skip("AMOHOOK_TEST_MYSQL_URL is not set")
     url, drop = make_database("mysql", tmp_path)
     p = urlsplit(url)
-    admin = pymysql.connect(host=p.hostname, port=p.port or 3306, user=p.username or "root",
-                            password=p.password or "", autocommit=True)
+    admin = pymysql.connect(
+        host=p.hostname, port=p.port or 3306, user=p.username or "root", password=p.password or "", autocommit=True
+    )
     user = f"amohook_pw_{int(time.time() * 1000) % 10**8}"
     try:
         with admin.cursor() as cur:
@@ -118,9 +119,20 @@ def mysql_greeting() -> bytes:
     salt = b"abcdefghijklmnopqrst"
     caps = 0xF7FF | (0x81BF << 16)  # includes PROTOCOL_41, SECURE_CONNECTION, PLUGIN_AUTH
     payload = (
-        b"\x0a" + b"10.11.0-MariaDB\x00" + struct.pack("<I", 7) + salt[:8] + b"\x00"
-        + struct.pack("<H", caps & 0xFFFF) + b"\x2d" + struct.pack("<H", 2) + struct.pack("<H", caps >> 16)
-        + bytes([21]) + b"\x00" * 10 + salt[8:] + b"\x00" + b"mysql_native_password\x00"
+        b"\x0a"
+        + b"10.11.0-MariaDB\x00"
+        + struct.pack("<I", 7)
+        + salt[:8]
+        + b"\x00"
+        + struct.pack("<H", caps & 0xFFFF)
+        + b"\x2d"
+        + struct.pack("<H", 2)
+        + struct.pack("<H", caps >> 16)
+        + bytes([21])
+        + b"\x00" * 10
+        + salt[8:]
+        + b"\x00"
+        + b"mysql_native_password\x00"
     )
     return struct.pack("<I", len(payload))[:3] + b"\x00" + payload
 

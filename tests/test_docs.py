@@ -66,8 +66,9 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
     env.update(HOME=str(tmp_path), AMOHOOK_PORT="0", PYTHONPATH=str(ROOT))
     env.pop("XDG_DATA_HOME", None)
-    proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", command], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         match = re.search(r"listening on (http://\S+)", line)
@@ -150,14 +151,21 @@ threading.Thread(target=announce, daemon=True).start()
     script.write_text(prelude + block.replace("port=8080", "port=0"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=str(tmp_path),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("url "), line + proc.stderr.read()
         url = line.split()[1]
-        answer = requests.post(f"{url}/webhook/python-snippet-secret-0123456789", data=stage_body(crm),
-                               headers=FORM, timeout=5)
+        answer = requests.post(
+            f"{url}/webhook/python-snippet-secret-0123456789", data=stage_body(crm), headers=FORM, timeout=5
+        )
         assert answer.status_code == 200
         assert proc.stdout.readline().split() == ["handled", "leads", "status", "5001"]
         deadline = time.time() + 20

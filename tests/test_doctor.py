@@ -41,16 +41,24 @@ def healthy(store, fake, account, tmp_path):
     remember(store, "example", SECRET_URL, ["status_lead"])
     now = time.time()
     with store.write():
-        ReconcileState.insert(account="example", cursor=int(now), last_pass_at=now, subscription_state="ok",
-                              subscription_checked_at=now).execute()
+        ReconcileState.insert(
+            account="example", cursor=int(now), last_pass_at=now, subscription_state="ok", subscription_checked_at=now
+        ).execute()
     return dict(rules=str(rules), pipeline=pipeline["id"])
 
 
 def queue(store, lead: int, **fields) -> list[int]:
     """One webhook as the listener stores it; its event's fields then set as given."""
-    body = urlencode({"account[subdomain]": "example", "leads[status][0][id]": str(lead),
-                      "leads[status][0][status_id]": "2", "leads[status][0][old_status_id]": "1",
-                      "leads[status][0][pipeline_id]": "9", "leads[status][0][last_modified]": "1750000000"}).encode()
+    body = urlencode(
+        {
+            "account[subdomain]": "example",
+            "leads[status][0][id]": str(lead),
+            "leads[status][0][status_id]": "2",
+            "leads[status][0][old_status_id]": "1",
+            "leads[status][0][pipeline_id]": "9",
+            "leads[status][0][last_modified]": "1750000000",
+        }
+    ).encode()
     store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, FORM), content_type=FORM)])
     ids = [e.id for e in Event.select(Event.id).where(Event.entity_id == str(lead))]
     if fields:
@@ -79,9 +87,18 @@ def test_a_healthy_setup_is_all_ticks_and_exit_0(store, fake, healthy):
     lines = result.stdout.splitlines()
     checks = [line for line in lines if not line.startswith("all ")]
     assert checks and all(line.startswith("✓ ") for line in checks), result.stdout
-    for name in ("database", "token (example)", "refresh token (example)", "clock (example)", "rules",
-                 "webhook subscriptions (example)", "reconciliation (example)", "dead events", "pending events",
-                 "failed actions"):
+    for name in (
+        "database",
+        "token (example)",
+        "refresh token (example)",
+        "clock (example)",
+        "rules",
+        "webhook subscriptions (example)",
+        "reconciliation (example)",
+        "dead events",
+        "pending events",
+        "failed actions",
+    ):
         assert any(line.startswith(f"✓ {name}:") for line in checks), (name, result.stdout)
     assert lines[-1] == f"all {len(checks)} checks passed"
     assert ("disk space" in result.stdout) == store.is_sqlite
@@ -179,8 +196,15 @@ def test_a_dead_event_fails_with_the_replay_fix(store, fake, healthy):
 def test_a_failed_action_fails_with_its_event_to_replay(store, fake, healthy):
     [event_id] = queue(store, 5003, status="done")
     with store.write():
-        Action.create(key="k-5003", account="example", rule="call", event_id=event_id, kind="create_task",
-                      status="failed", last_error="gave up after 8 attempts: no answer")
+        Action.create(
+            key="k-5003",
+            account="example",
+            rule="call",
+            event_id=event_id,
+            kind="create_task",
+            status="failed",
+            last_error="gave up after 8 attempts: no answer",
+        )
     code, bad, checks = doctor(store, healthy)
     assert (code, bad) == (ExitCode.UNHEALTHY, {("failed actions", "error")})
     assert f"amohook events replay {event_id}" in checks["failed actions"]["fix"]
@@ -200,8 +224,9 @@ def test_an_event_in_its_retry_backoff_is_not_waiting(store, fake, healthy):
 
 def test_a_switched_off_subscription_fails(store, fake, healthy):
     with store.write():
-        ReconcileState.update(subscription_state="disabled",
-                              subscription_note="https://hooks.example.com/webhook/*** stays switched off").execute()
+        ReconcileState.update(
+            subscription_state="disabled", subscription_note="https://hooks.example.com/webhook/*** stays switched off"
+        ).execute()
     code, bad, checks = doctor(store, healthy)
     assert (code, bad) == (ExitCode.UNHEALTHY, {("webhook subscriptions", "error")})
     assert "amohook reconcile --subdomain example" in checks["webhook subscriptions"]["fix"]
@@ -227,8 +252,9 @@ def test_an_unmigrated_database_fails_alone(store, fake, healthy):
     assert SchemaVersion.select().where(SchemaVersion.version > 1).count() == 0  # doctor changed nothing
 
 
-@pytest.mark.parametrize("url", ["postgresql://amohook:pa55word@127.0.0.1:1/amohook",
-                                 "mysql://amohook:pa55word@127.0.0.1:1/amohook"])
+@pytest.mark.parametrize(
+    "url", ["postgresql://amohook:pa55word@127.0.0.1:1/amohook", "mysql://amohook:pa55word@127.0.0.1:1/amohook"]
+)
 def test_an_unreachable_database_is_one_line(url):
     result = run_cli(["doctor"], url)
     assert result.returncode == ExitCode.UNHEALTHY, result.stdout + result.stderr

@@ -39,9 +39,16 @@ def client(store, account, fake, sleeps):
 def status_events(fake, n: int, start: int = T0, step: int = 1) -> list[dict]:
     """``n`` lead_status_changed events at start, start+step, … (random positions in the log)."""
     lead = next(iter(fake.leads))
-    return [fake.add_event("lead_status_changed", lead, at=start + i * step,
-                           value_before=[{"lead_status": {"id": 1, "pipeline_id": 2}}],
-                           value_after=[{"lead_status": {"id": 3, "pipeline_id": 2}}]) for i in range(n)]
+    return [
+        fake.add_event(
+            "lead_status_changed",
+            lead,
+            at=start + i * step,
+            value_before=[{"lead_status": {"id": 1, "pipeline_id": 2}}],
+            value_after=[{"lead_status": {"id": 3, "pipeline_id": 2}}],
+        )
+        for i in range(n)
+    ]
 
 
 def decode_ms(event_id: str) -> int:
@@ -140,7 +147,11 @@ def test_only_the_asked_types_and_the_closed_window_are_returned(client, fake):
     events = fetch_events(client, types=["lead_status_changed", "lead_added"], created_from=T0, created_to=T0 + 10)
 
     assert sorted((e["created_at"], e["type"]) for e in events) == [
-        (T0, "lead_added"), (T0, "lead_status_changed"), (T0 + 10, "lead_added"), (T0 + 10, "lead_status_changed")]
+        (T0, "lead_added"),
+        (T0, "lead_status_changed"),
+        (T0 + 10, "lead_added"),
+        (T0 + 10, "lead_status_changed"),
+    ]
 
 
 def test_an_empty_window_is_one_request_answered_204(client, fake):
@@ -223,8 +234,10 @@ def test_subscribe_list_update_and_unsubscribe_with_exact_destinations(client, f
     hook = subscribe(client, HOOK, ["status_lead", "add_lead"])
     assert isinstance(hook, Webhook) and hook.destination == HOOK and hook.disabled is False
     assert hook.events == ("status_lead", "add_lead") and isinstance(hook.id, int)
-    assert fake.requests_to("/api/v4/webhooks", "POST")[0].json == {"destination": HOOK,
-                                                                    "settings": ["status_lead", "add_lead"]}
+    assert fake.requests_to("/api/v4/webhooks", "POST")[0].json == {
+        "destination": HOOK,
+        "settings": ["status_lead", "add_lead"],
+    }
 
     assert [h.destination for h in list_webhooks(client)] == ["https://other.example.com/hook", HOOK]
     assert list_webhooks(client, HOOK) == [hook]
@@ -277,8 +290,11 @@ def test_re_posting_a_switched_off_destination_when_amocrm_keeps_it_off(client, 
 def test_a_non_admin_token_gets_one_line_admin_required_from_every_call(client, fake, store):
     fake.add_webhook(HOOK, ["status_lead"])
     use_non_admin_token(store, fake)
-    for call in (lambda: list_webhooks(client), lambda: subscribe(client, HOOK, ["add_lead"]),
-                 lambda: unsubscribe(client, HOOK)):
+    for call in (
+        lambda: list_webhooks(client),
+        lambda: subscribe(client, HOOK, ["add_lead"]),
+        lambda: unsubscribe(client, HOOK),
+    ):
         with pytest.raises(AdminRequired) as err:
             call()
         message = str(err.value)

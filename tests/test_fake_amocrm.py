@@ -33,8 +33,12 @@ def fixture(name: str):
 
 
 def token_request(fake: FakeAmo, form: bool = False, **params) -> requests.Response:
-    body = {"client_id": fake.client_id, "client_secret": fake.client_secret,
-            "redirect_uri": fake.redirect_uri, **params}
+    body = {
+        "client_id": fake.client_id,
+        "client_secret": fake.client_secret,
+        "redirect_uri": fake.redirect_uri,
+        **params,
+    }
     kwargs = {"data": body} if form else {"json": body}
     return requests.post(f"{fake.base_url}/oauth2/access_token", timeout=TIMEOUT, **kwargs)
 
@@ -115,10 +119,12 @@ def test_form_encoded_token_request(fake):
 def test_wrong_secret_and_redirect_uri(fake):
     _, refresh = fake.issue_tokens()
     r = token_request(fake, grant_type="refresh_token", refresh_token=refresh, client_secret="nope")
-    assert (r.status_code, r.json()["hint"], r.json()["title"]) == (401, "Client authentication failed",
-                                                                     "Некорректный запрос")
-    r = token_request(fake, grant_type="refresh_token", refresh_token=refresh,
-                      redirect_uri=fake.redirect_uri + "/")
+    assert (r.status_code, r.json()["hint"], r.json()["title"]) == (
+        401,
+        "Client authentication failed",
+        "Некорректный запрос",
+    )
+    r = token_request(fake, grant_type="refresh_token", refresh_token=refresh, redirect_uri=fake.redirect_uri + "/")
     assert r.status_code == 400 and "hint" not in r.json()
     assert r.json()["detail"] == "В запросе отсутствует ряд параметров или параметры невалидны"
     assert fake.token_state(refresh) == "valid"  # failed requests spend nothing
@@ -156,8 +162,13 @@ def test_account_with_task_types_and_datetime_settings(fake):
     assert full["_embedded"]["datetime_settings"]["timezone"] == "Europe/Moscow"
     fake.add_task_type("Перезвонить", type_id=77)
     full = api(fake, access, "/api/v4/account?with=task_types").json()
-    assert full["_embedded"]["task_types"][-1] == {"id": 77, "name": "Перезвонить", "color": None,
-                                                    "icon_id": None, "code": None}
+    assert full["_embedded"]["task_types"][-1] == {
+        "id": 77,
+        "name": "Перезвонить",
+        "color": None,
+        "icon_id": None,
+        "code": None,
+    }
 
 
 def test_pipelines_have_system_statuses_in_every_pipeline(fake):
@@ -222,9 +233,18 @@ def test_post_tasks_validation_failure_creates_nothing(fake):
     assert r.status_code == 400
     body = r.json()
     assert set(body) == set(fixture("api_error_400_validation.json"))
-    assert body["validation-errors"] == [{"request_id": "bad-one", "errors": [
-        {"code": "NotSupportedChoice", "path": "task_type_id",
-         "detail": "The value you selected is not a valid choice."}]}]
+    assert body["validation-errors"] == [
+        {
+            "request_id": "bad-one",
+            "errors": [
+                {
+                    "code": "NotSupportedChoice",
+                    "path": "task_type_id",
+                    "detail": "The value you selected is not a valid choice.",
+                }
+            ],
+        }
+    ]
     assert fake.tasks == {}
     assert api(fake, access, "/api/v4/tasks", "POST", json=[good] * 51).status_code == 400
     assert api(fake, access, "/api/v4/tasks", "POST", json={"text": "x"}).status_code == 400
@@ -235,9 +255,18 @@ def test_post_tasks_validation_failure_creates_nothing(fake):
 
 def test_post_tasks_creates_and_lists(fake):
     access, _ = fake.issue_tokens()
-    items = [{"text": "Позвонить", "complete_till": 1_750_100_000, "entity_id": 3912171, "entity_type": "leads",
-              "task_type_id": 2, "responsible_user_id": 123123, "request_id": "lead-3912171"},
-             {"text": "Второе", "complete_till": 1_750_200_000}]
+    items = [
+        {
+            "text": "Позвонить",
+            "complete_till": 1_750_100_000,
+            "entity_id": 3912171,
+            "entity_type": "leads",
+            "task_type_id": 2,
+            "responsible_user_id": 123123,
+            "request_id": "lead-3912171",
+        },
+        {"text": "Второе", "complete_till": 1_750_200_000},
+    ]
     r = api(fake, access, "/api/v4/tasks", "POST", json=items)
     assert r.status_code == 200
     created = r.json()["_embedded"]["tasks"]
@@ -248,8 +277,7 @@ def test_post_tasks_creates_and_lists(fake):
     assert stored["created_at"] == int(fake._clock()) and stored["request_id"] == "lead-3912171"
     assert fake.tasks[created[1]["id"]]["responsible_user_id"] == 581651  # the token's user
 
-    listed = api(fake, access, "/api/v4/tasks", params={"filter[entity_type]": "leads",
-                                                         "filter[entity_id][]": 3912171})
+    listed = api(fake, access, "/api/v4/tasks", params={"filter[entity_type]": "leads", "filter[entity_id][]": 3912171})
     assert [t["id"] for t in listed.json()["_embedded"]["tasks"]] == [created[0]["id"]]
     assert "request_id" not in listed.json()["_embedded"]["tasks"][0]
     assert api(fake, access, "/api/v4/tasks", params={"filter[task_type][]": 9}).status_code == 204
@@ -278,9 +306,17 @@ def test_token_endpoint_drop_and_delay_spend_the_refresh_token(fake):
     _, refresh = fake.issue_tokens()
     fake.fail("/oauth2/access_token", delay=2.0)
     with pytest.raises(requests.Timeout):
-        requests.post(fake.base_url + "/oauth2/access_token", timeout=0.3, json={
-            "client_id": fake.client_id, "client_secret": fake.client_secret, "redirect_uri": fake.redirect_uri,
-            "grant_type": "refresh_token", "refresh_token": refresh})
+        requests.post(
+            fake.base_url + "/oauth2/access_token",
+            timeout=0.3,
+            json={
+                "client_id": fake.client_id,
+                "client_secret": fake.client_secret,
+                "redirect_uri": fake.redirect_uri,
+                "grant_type": "refresh_token",
+                "refresh_token": refresh,
+            },
+        )
     assert fake.token_state(refresh) == "used"
 
 
@@ -309,8 +345,12 @@ def test_hang_does_not_hang_the_test_and_stop_is_prompt():
     access, _ = fake.issue_tokens()
     fake.fail("/api/v4/account", hang=True, times=None)
     session = requests.Session()  # an idle keep-alive connection must not block stop() either
-    assert session.get(fake.base_url + "/api/v4/leads/pipelines", timeout=TIMEOUT,
-                       headers={"Authorization": f"Bearer {access}"}).status_code == 200
+    assert (
+        session.get(
+            fake.base_url + "/api/v4/leads/pipelines", timeout=TIMEOUT, headers={"Authorization": f"Bearer {access}"}
+        ).status_code
+        == 200
+    )
     with pytest.raises(requests.Timeout):
         api(fake, access, "/api/v4/account", timeout=0.3)
     outcome = []
@@ -392,8 +432,9 @@ def test_keep_alive_and_concurrency(fake):
 
     def worker():
         for _ in range(5):
-            results.append(api(fake, access, "/api/v4/tasks", "POST",
-                               json=[{"text": "t", "complete_till": 1}]).status_code)
+            results.append(
+                api(fake, access, "/api/v4/tasks", "POST", json=[{"text": "t", "complete_till": 1}]).status_code
+            )
 
     threads = [threading.Thread(target=worker) for _ in range(16)]
     for t in threads:
@@ -490,14 +531,19 @@ def test_events_filters_in_both_forms(fake, clock):
         return sorted((e["type"], e["created_at"]) for e in r.json()["_embedded"]["events"])
 
     window = {"filter[created_at][from]": t + 10, "filter[created_at][to]": t + 20}
-    both = [("entity_responsible_changed", t + 10), ("entity_responsible_changed", t + 20),
-            ("lead_status_changed", t + 10), ("lead_status_changed", t + 20)]
+    both = [
+        ("entity_responsible_changed", t + 10),
+        ("entity_responsible_changed", t + 20),
+        ("lead_status_changed", t + 10),
+        ("lead_status_changed", t + 20),
+    ]
     assert got(**{"filter[type]": "lead_status_changed,entity_responsible_changed"}, **window) == both
     assert got(**{"filter[type][]": ["lead_status_changed", "entity_responsible_changed"]}, **window) == both
     assert got(**{"filter[type]": "task_added", "filter[entity]": "lead"}) == 204
     assert got(**{"filter[entity]": "task"}) == [("task_added", t + 10)]
     assert got(**{"filter[entity]": "lead", "filter[entity_id][]": [b]}) == [
-        ("entity_responsible_changed", at) for at in (t, t + 10, t + 20)]
+        ("entity_responsible_changed", at) for at in (t, t + 10, t + 20)
+    ]
     assert got(**{"filter[entity_id][]": [b]}) == 400  # needs exactly one entity (documented)
     assert got(**{"filter[created_at][from]": "x"}) == 400
 
@@ -544,7 +590,7 @@ def test_webhook_body_reproduces_a_real_capture_byte_for_byte():
     raw = capture.read_text().strip().splitlines()[-1]
     pairs = parse_qsl(raw)
     prefix = "leads[add][0]["
-    item = {k[len(prefix):-1]: v for k, v in pairs if k.startswith(prefix)}
+    item = {k[len(prefix) : -1]: v for k, v in pairs if k.startswith(prefix)}
     assert len(item) == 13 and "][" not in "".join(item)
     fake = FakeAmo(subdomain="unirock", account_id=16700680)
     assert fake.webhook_body("add", [item]).decode() == raw
@@ -567,8 +613,11 @@ def test_webhooks_admin_only_exact_match_update_limit_and_delete(fake):
     user, _ = fake.issue_tokens(admin=False)
     url = "https://h.example.com/x"
     assert api(fake, admin, "/api/v4/webhooks").status_code == 204
-    for method, kwargs in (("GET", {}), ("POST", {"json": {"destination": url, "settings": ["add_lead"]}}),
-                           ("DELETE", {"json": {"destination": url}})):
+    for method, kwargs in (
+        ("GET", {}),
+        ("POST", {"json": {"destination": url, "settings": ["add_lead"]}}),
+        ("DELETE", {"json": {"destination": url}}),
+    ):
         r = api(fake, user, "/api/v4/webhooks", method, **kwargs)
         assert r.status_code == 403 and r.headers["Content-Type"] == "application/problem+json"
     created = api(fake, admin, "/api/v4/webhooks", "POST", json={"destination": url, "settings": ["add_lead"]})

@@ -21,8 +21,9 @@ if SCRIPT.exists():
 
 
 def run_in(cwd: Path, launcher: list[str], args: list[str], db_url: str):
-    return subprocess.run([*launcher, *args], env=cli_env(db_url), cwd=str(cwd), capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [*launcher, *args], env=cli_env(db_url), cwd=str(cwd), capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -58,8 +59,9 @@ def test_a_handler_beside_the_config_is_still_found(tmp_path, sqlite_url, launch
 )
 def test_a_handler_module_failing_at_import_is_a_one_line_handler_error(tmp_path, sqlite_url, body, shown):
     (tmp_path / "badhooks.py").write_text(body)
-    result = run_in(tmp_path, [sys.executable, "-m", "amohook"], ["worker", "--handler", "badhooks:handle", "--once"],
-                    sqlite_url)
+    result = run_in(
+        tmp_path, [sys.executable, "-m", "amohook"], ["worker", "--handler", "badhooks:handle", "--once"], sqlite_url
+    )
     assert result.returncode == ExitCode.USAGE, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -31,8 +31,10 @@ def incoming(body: bytes, content_type: str = FORM, **kw) -> Incoming:
 
 
 def lead_body(lead_id: int, action: str = "status", items: int = 1) -> bytes:
-    parts = [f"leads%5B{action}%5D%5B{i}%5D%5Bid%5D={lead_id + i}&leads%5B{action}%5D%5B{i}%5D%5Bstatus_id%5D=142"
-             for i in range(items)]
+    parts = [
+        f"leads%5B{action}%5D%5B{i}%5D%5Bid%5D={lead_id + i}&leads%5B{action}%5D%5B{i}%5D%5Bstatus_id%5D=142"
+        for i in range(items)
+    ]
     return ("&".join(parts) + "&account%5Bsubdomain%5D=example&account%5Bid%5D=42").encode()
 
 
@@ -122,7 +124,9 @@ def test_a_lone_surrogate_from_a_json_escape_is_refused_but_a_pair_is_fine():
 
 def test_control_characters_in_header_borne_columns_are_dropped(store):
     body = lead_body(1)
-    item = Incoming(body=body, parsed=parse_webhook(body, FORM), content_type="application/x-www-form-urlencoded\x00\x01")
+    item = Incoming(
+        body=body, parsed=parse_webhook(body, FORM), content_type="application/x-www-form-urlencoded\x00\x01"
+    )
     inbox.store_deliveries(store, [item])
     assert Delivery.get().content_type == "application/x-www-form-urlencoded"
 
@@ -238,8 +242,10 @@ def test_one_delivery_that_cannot_be_stored_does_not_fail_the_others_in_its_batc
     first = threading.Thread(target=send, args=("first", incoming(lead_body(1))))
     first.start()
     assert committer.took_first.wait(5)
-    rest = [threading.Thread(target=send, args=(name, item))
-            for name, item in (("good", incoming(lead_body(2))), ("poisoned", poisoned))]
+    rest = [
+        threading.Thread(target=send, args=(name, item))
+        for name, item in (("good", incoming(lead_body(2))), ("poisoned", poisoned))
+    ]
     for t in rest:
         t.start()
     while committer.queued() < 2:
@@ -310,7 +316,11 @@ def test_complete_needs_the_lease_to_still_be_ours(store):
     claim(store, "b", now=NOW + 11)  # a stalled; b takes event 2 over
     assert not inbox.complete(store, 2, "a", started_at=NOW, now=NOW + 12)
     assert [(e.status, e.lease_owner) for e in Event.select().order_by(Event.id)] == [("done", None), ("running", "b")]
-    assert [a.outcome for a in Attempt.select().where(Attempt.worker == "a").order_by(Attempt.id)] == ["ok", "expired", "lost"]
+    assert [a.outcome for a in Attempt.select().where(Attempt.worker == "a").order_by(Attempt.id)] == [
+        "ok",
+        "expired",
+        "lost",
+    ]
 
 
 def test_fail_schedules_a_retry_or_marks_dead(store):
@@ -319,7 +329,13 @@ def test_fail_schedules_a_retry_or_marks_dead(store):
     assert inbox.fail(store, 1, "a", error="boom", retry_at=NOW + 40, started_at=NOW, now=NOW + 1)
     assert inbox.fail(store, 2, "a", error="x" * 5000, retry_at=None, started_at=NOW, now=NOW + 1)
     one, two = Event.select().order_by(Event.id)
-    assert (one.status, one.next_attempt_at, one.attempts, one.last_error, one.lease_owner) == ("pending", NOW + 40, 1, "boom", None)
+    assert (one.status, one.next_attempt_at, one.attempts, one.last_error, one.lease_owner) == (
+        "pending",
+        NOW + 40,
+        1,
+        "boom",
+        None,
+    )
     assert two.status == "dead" and len(two.last_error) == inbox.ERROR_MAX
     assert [a.outcome for a in Attempt.select().order_by(Attempt.id)] == ["retry", "dead"]
 
@@ -405,7 +421,12 @@ def test_events_list_json_has_the_documented_fields(filled):
     rows = json.loads(result.stdout)
     assert [r["id"] for r in rows] == [2, 1]
     assert {"id", "entity", "action", "entity_id", "account", "status", "received_at"} <= set(rows[0])
-    assert (rows[1]["entity"], rows[1]["action"], rows[1]["entity_id"], rows[1]["status"]) == ("leads", "status", "31926520", "dead")
+    assert (rows[1]["entity"], rows[1]["action"], rows[1]["entity_id"], rows[1]["status"]) == (
+        "leads",
+        "status",
+        "31926520",
+        "dead",
+    )
     assert rows[1]["received_at"].endswith("Z")
 
 

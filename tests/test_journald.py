@@ -43,8 +43,14 @@ def plain_env(db_url: str, **extra: str) -> dict:
 def run_serve(args: list[str], env: dict, stderr_path: Path, work=lambda url: None, until: str | None = None) -> str:
     """Start `serve`, call ``work(url)``, wait for ``until`` in stderr, send SIGTERM; stderr's text."""
     with open(stderr_path, "ab") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "amohook", "serve", "--port", "0", *args], env=env,
-                                cwd=str(ROOT), stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "amohook", "serve", "--port", "0", *args],
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         line = proc.stdout.readline()
         assert "listening on" in line, line + stderr_path.read_text()
@@ -111,7 +117,7 @@ def test_a_traceback_under_journald_has_the_priority_on_every_line(sqlite_url, t
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if "Traceback (most recent call last):" in line)
     end = next(i for i in range(start, len(lines)) if "RuntimeError: boom in a handler" in lines[i])
-    assert end - start > 2 and all(line.startswith("<4>") for line in lines[start:end + 1]), text
+    assert end - start > 2 and all(line.startswith("<4>") for line in lines[start : end + 1]), text
     assert all(PRIORITY.match(line) for line in lines if line), text
 
 
@@ -120,8 +126,15 @@ def test_an_error_under_journald_has_the_error_priority(sqlite_url, tmp_path):
     with open(path, "wb") as f:
         env = journal_env(sqlite_url, f)
         env["AMOHOOK_WEBHOOK_SECRET"] = "short"
-        result = subprocess.run([sys.executable, "-m", "amohook", "serve", "--port", "0"], env=env, cwd=str(ROOT),
-                                stdout=subprocess.PIPE, stderr=f, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "amohook", "serve", "--port", "0"],
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            timeout=60,
+        )
     text = path.read_text()
     assert result.returncode == 2 and text.startswith("<3>error: "), text
 
@@ -145,8 +158,14 @@ def test_worker_logs_its_start_sigterm_and_stop_with_priorities(sqlite_url, tmp_
     path = tmp_path / "stderr"
     with open(path, "wb") as err:
         env = journal_env(sqlite_url, err, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
-        proc = subprocess.Popen([sys.executable, "-m", "amohook", "worker", "--handler", "okhook:handle"], env=env,
-                                cwd=str(ROOT), stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "amohook", "worker", "--handler", "okhook:handle"],
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         assert "worker started" in proc.stdout.readline(), path.read_text()  # stdout keeps it for scripts
         proc.send_signal(signal.SIGTERM)

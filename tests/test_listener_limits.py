@@ -25,8 +25,10 @@ from tests.test_server import HOOK, SECRET, post, raw, start, status_of
 
 def webhook_bytes(n: int) -> bytes:
     body = lead_body(n)
-    return (f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
+    return (
+        f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def timed_post(address, n: int) -> tuple[int, float]:
@@ -159,7 +161,12 @@ class LimitedServe:
         env = cli_env(db_url, AMOHOOK_WEBHOOK_SECRET=SECRET)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0", "--log-level", "warning"],
-            env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=limit,
         )
         line = self.proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
@@ -268,8 +275,14 @@ def test_out_of_open_files_the_accept_loop_backs_off_and_makes_room(sqlite_url):
     """EMFILE for real: the process's other files and 300 connections exceed its limit of 256."""
     import json
 
-    result = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT, sqlite_url, SECRET], capture_output=True, text=True,
-                            timeout=60, cwd=str(ROOT), env=cli_env(sqlite_url))
+    result = subprocess.run(
+        [sys.executable, "-c", EMFILE_SCRIPT, sqlite_url, SECRET],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
+        env=cli_env(sqlite_url),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["cpu"] < 0.5, figures  # no busy loop on EMFILE

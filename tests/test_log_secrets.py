@@ -22,18 +22,29 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 def ids_only_hook(lead_id: int, pipeline: dict, stages: dict) -> bytes:
     """A Digital Pipeline style hook: only ids, so the worker fetches the lead (a GET that meets the 401)."""
-    return urlencode({
-        "leads[status][0][id]": str(lead_id), "leads[status][0][status_id]": str(stages["Qualified"]),
-        "leads[status][0][pipeline_id]": str(pipeline["id"]), "leads[status][0][old_status_id]": str(stages["New"]),
-        "leads[status][0][old_pipeline_id]": str(pipeline["id"]),
-        "account[id]": "1231414", "account[subdomain]": "example",
-    }).encode()
+    return urlencode(
+        {
+            "leads[status][0][id]": str(lead_id),
+            "leads[status][0][status_id]": str(stages["Qualified"]),
+            "leads[status][0][pipeline_id]": str(pipeline["id"]),
+            "leads[status][0][old_status_id]": str(stages["New"]),
+            "leads[status][0][old_pipeline_id]": str(pipeline["id"]),
+            "account[id]": "1231414",
+            "account[subdomain]": "example",
+        }
+    ).encode()
 
 
 def serve_until(db_url: str, args: list[str], env: dict, work) -> str:
     """Run `serve` with ``args``, call ``work(url)``, stop it; returns everything it wrote."""
-    proc = subprocess.Popen([sys.executable, "-m", "amohook", "serve", "--port", "0", *args], env=env, cwd=str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amohook", "serve", "--port", "0", *args],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert "listening on" in line, line + proc.stderr.read()
@@ -46,7 +57,11 @@ def serve_until(db_url: str, args: list[str], env: dict, work) -> str:
 
 @pytest.mark.slow
 def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
-    debug = {"AMOHOOK_LOG_LEVEL": "debug", "AMOHOOK_WEBHOOK_SECRET": SECRET, "AMOHOOK_CLIENT_SECRET": fake.client_secret}
+    debug = {
+        "AMOHOOK_LOG_LEVEL": "debug",
+        "AMOHOOK_WEBHOOK_SECRET": SECRET,
+        "AMOHOOK_CLIENT_SECRET": fake.client_secret,
+    }
     env = cli_env(db_url, **debug)
     written: list[str] = []
 
@@ -57,8 +72,19 @@ def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
         return result
 
     code = fake.issue_code()
-    cli("init-auth", "--subdomain", "example", "--base-url", fake.base_url, "--client-id", fake.client_id,
-        "--redirect-uri", fake.redirect_uri, "--code", code)
+    cli(
+        "init-auth",
+        "--subdomain",
+        "example",
+        "--base-url",
+        fake.base_url,
+        "--client-id",
+        fake.client_id,
+        "--redirect-uri",
+        fake.redirect_uri,
+        "--code",
+        code,
+    )
     pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
     stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
     fake.add_task_type("Call")
@@ -71,8 +97,16 @@ def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
     store = open_store(db_url)
     try:
         # 1. `serve` only stores; then a separate `worker` meets an expired token and refreshes.
-        written.append(serve_until(db_url, ["--workers", "0", "--log-level", "debug"], env, lambda url: requests.post(
-            f"{url}/webhook/{SECRET}", data=ids_only_hook(6001, pipeline, stages), headers=FORM, timeout=5)))
+        written.append(
+            serve_until(
+                db_url,
+                ["--workers", "0", "--log-level", "debug"],
+                env,
+                lambda url: requests.post(
+                    f"{url}/webhook/{SECRET}", data=ids_only_hook(6001, pipeline, stages), headers=FORM, timeout=5
+                ),
+            )
+        )
         fake.expire_access_tokens()
         cli("worker", "--rules", str(rules), "--once", "--log-level", "debug", timeout=120)
         assert len(fake.tasks) == 1
@@ -81,8 +115,12 @@ def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
         fake.expire_access_tokens()
 
         def deliver(url: str) -> None:
-            assert requests.post(f"{url}/webhook/{SECRET}", data=ids_only_hook(6002, pipeline, stages), headers=FORM,
-                                 timeout=5).status_code == 200
+            assert (
+                requests.post(
+                    f"{url}/webhook/{SECRET}", data=ids_only_hook(6002, pipeline, stages), headers=FORM, timeout=5
+                ).status_code
+                == 200
+            )
             requests.get(f"{url}/healthz", timeout=5)
             settle(fake, 2)
 
@@ -104,6 +142,6 @@ def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
         assert value not in log, f"the {name} is in the log"
         # Nor a recognisable piece of it (a line cut short): pieces of its second half, which is
         # random in every one of them (a JWT's first part is the same for every token).
-        tail = value[len(value) // 2:]
-        for piece in {tail[i:i + 24] for i in range(0, max(1, len(tail) - 24), 97)}:
+        tail = value[len(value) // 2 :]
+        for piece in {tail[i : i + 24] for i in range(0, max(1, len(tail) - 24), 97)}:
             assert piece not in log, f"part of the {name} is in the log"

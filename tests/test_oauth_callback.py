@@ -15,7 +15,7 @@ from amohook.webhooks.server import ServerConfig, WebhookService
 SECRET = "test-secret-0123456789"
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-                               "base-uri 'none'; form-action 'none'",
+    "base-uri 'none'; form-action 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

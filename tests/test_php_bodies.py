@@ -34,14 +34,17 @@ def post(svc, body: bytes) -> tuple[int, str]:
 LEAD = b"account[subdomain]=example&leads[status][0][id]=5001&leads[status][0][status_id]=142"
 
 
-@pytest.mark.parametrize("extra", [
-    b"a[b]=2&a=1",  # a container replaced by a value
-    b"a=2&a[b]=1",  # a value replaced by a container
-    b"leads[status][0][name]junk=Acme",  # text after ']'
-    b"leads%5Badd%5D%5B0=1",  # an unterminated bracket: leads[add] = "1", a bare-id item
-    b"x" + b"[y]" * 70 + b"=1",  # deeper than PHP's 64 levels: dropped, as PHP drops it
-    b"a]=1&[b]=2&=3&a.b c=4",  # names PHP reads its own way, or ignores
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"a[b]=2&a=1",  # a container replaced by a value
+        b"a=2&a[b]=1",  # a value replaced by a container
+        b"leads[status][0][name]junk=Acme",  # text after ']'
+        b"leads%5Badd%5D%5B0=1",  # an unterminated bracket: leads[add] = "1", a bare-id item
+        b"x" + b"[y]" * 70 + b"=1",  # deeper than PHP's 64 levels: dropped, as PHP drops it
+        b"a]=1&[b]=2&=3&a.b c=4",  # names PHP reads its own way, or ignores
+    ],
+)
 def test_a_body_php_accepts_is_stored_and_acknowledged(service, store, extra):
     status, text = post(service, LEAD + b"&" + extra)
     assert status == 200, text

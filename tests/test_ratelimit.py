@@ -118,8 +118,12 @@ def test_three_processes_together_never_exceed_seven_per_second(store, fake, acc
     start = time.time() + 1.5  # all three are imported and connected by then
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CALLER, store.url, str(start), str(per_process)], env=cli_env(store.url),
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", CALLER, store.url, str(start), str(per_process)],
+            env=cli_env(store.url),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(3)
     ]

@@ -188,8 +188,9 @@ def test_a_crash_mid_pass_is_finished_by_the_next_pass_without_repeats(store, fa
     for i, lead in enumerate(leads):
         fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=start + i)
     # A pass that committed its first chunk and died: 10 queued, the cursor never moved.
-    events = fetch_events(client_for(store, "example"), types=list(EVENT_ACTIONS), created_from=start - 10,
-                          created_to=int(time.time()))
+    events = fetch_events(
+        client_for(store, "example"), types=list(EVENT_ACTIONS), created_from=start - 10, created_to=int(time.time())
+    )
     first = [(e, *webhook_item(e, fake.leads[e["entity_id"]])) for e in events[:10]]
     assert _queue(store, "example", first, time.time()) == 10
     assert ReconcileState.get_or_none(ReconcileState.account == "example") is None
@@ -219,8 +220,14 @@ def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
         fake.move_lead(lead, crm["qualified"], crm["pipeline"])
     fake.fail("/api/v4/events", delay=2.0, times=1)  # the first pass is slow to read the log
     procs = [
-        subprocess.Popen([sys.executable, "-m", "amohook", "reconcile", "--json"], env=cli_env(store.url),
-                         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "amohook", "reconcile", "--json"],
+            env=cli_env(store.url),
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -235,9 +242,25 @@ def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
 def test_the_worker_alone_turns_log_entries_into_tasks(store, fake, crm):
     leads = new_leads(fake, crm, 3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amohook", "worker", "--rules", crm["rules"], "--reconcile", "1s", "--poll", "0.1",
-         "--log-level", "warning"],
-        env=cli_env(store.url), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "amohook",
+            "worker",
+            "--rules",
+            crm["rules"],
+            "--reconcile",
+            "1s",
+            "--poll",
+            "0.1",
+            "--log-level",
+            "warning",
+        ],
+        env=cli_env(store.url),
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(0.5)
@@ -303,13 +326,24 @@ def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
 
 def test_webhooks_list_and_unsubscribe(store, fake, crm):
     url = "https://hooks.example.com/webhook/list-secret-value-123"
-    assert run_cli(["webhooks", "subscribe", "--url", url, "--events", "status_lead,update_lead"], store.url).returncode == 0
+    assert (
+        run_cli(["webhooks", "subscribe", "--url", url, "--events", "status_lead,update_lead"], store.url).returncode
+        == 0
+    )
     listed = json.loads(run_cli(["webhooks", "list", "--json"], store.url).stdout)
-    assert listed == [{"destination": "https://hooks.example.com/webhook/***", "events": ["status_lead", "update_lead"],
-                       "disabled": False, "by_amohook": True}]
+    assert listed == [
+        {
+            "destination": "https://hooks.example.com/webhook/***",
+            "events": ["status_lead", "update_lead"],
+            "disabled": False,
+            "by_amohook": True,
+        }
+    ]
     bad = run_cli(["webhooks", "subscribe", "--url", url, "--events", "status_leed"], store.url)
     assert bad.returncode == 2 and "status_lead" in bad.stderr
-    plain = run_cli(["webhooks", "subscribe", "--url", "http://hooks.example.com/webhook/list-secret-value-123"], store.url)
+    plain = run_cli(
+        ["webhooks", "subscribe", "--url", "http://hooks.example.com/webhook/list-secret-value-123"], store.url
+    )
     assert plain.returncode == 0 and "not https" in plain.stderr
     assert run_cli(["webhooks", "unsubscribe", "--url", url], store.url).returncode == 0
     assert [h["destination"] for h in fake.webhooks] == ["http://hooks.example.com/webhook/list-secret-value-123"]
@@ -333,14 +367,32 @@ def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, 
     """Two workers take the webhook and the log entry of one change at the same moment."""
     leads = new_leads(fake, crm, 20)
     at = int(time.time()) - 100
-    items = [fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=at + i, log_offset=2)
-             for i, lead in enumerate(leads)]
+    items = [
+        fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=at + i, log_offset=2) for i, lead in enumerate(leads)
+    ]
     deliver(store, fake, "status", items)
     reconcile(store)  # nothing processed yet: all 20 log entries are queued beside the webhooks
     procs = [
-        subprocess.Popen([sys.executable, "-m", "amohook", "worker", "--rules", crm["rules"], "--once",
-                          "--reconcile", "off", "--batch", "1"],
-                         env=cli_env(store.url), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amohook",
+                "worker",
+                "--rules",
+                crm["rules"],
+                "--once",
+                "--reconcile",
+                "off",
+                "--batch",
+                "1",
+            ],
+            env=cli_env(store.url),
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
     for p in procs:
@@ -348,7 +400,6 @@ def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, 
         assert p.returncode == 0, err
     work(store, crm)
     assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
-
 
 
 def test_healthz_shows_reconciliation_per_account(store, fake, crm):

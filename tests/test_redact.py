@@ -51,8 +51,10 @@ def test_token_shaped_strings_are_removed_from_a_line():
     jwt = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiIxMjM0NSJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
     refresh = "def50200" + secrets.token_hex(300)
     sha = secrets.token_hex(32)
-    line = (f"('UPDATE account SET access_token = ?, refresh_token = ?', ['{jwt}', '{refresh}']) "
-            f"Authorization: Bearer abc.def client_secret=s3cr3t&code=def5 delivery {sha}")
+    line = (
+        f"('UPDATE account SET access_token = ?, refresh_token = ?', ['{jwt}', '{refresh}']) "
+        f"Authorization: Bearer abc.def client_secret=s3cr3t&code=def5 delivery {sha}"
+    )
     out = redact_secrets(line, known=["s3cr3t"])
     for value in (jwt, refresh, "abc.def", "s3cr3t", "def5"):
         assert value not in out

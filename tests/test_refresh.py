@@ -26,8 +26,12 @@ def make_due(account_id: int) -> None:
 
 def start_cli(args, db_url):
     return subprocess.Popen(
-        [sys.executable, "-m", "amohook", *args], env=cli_env(db_url), cwd=str(ROOT),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "amohook", *args],
+        env=cli_env(db_url),
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -95,7 +99,11 @@ def test_store_stays_writable_while_a_refresh_waits_on_a_slow_token_endpoint(sto
     assert fake.requests_to("/oauth2/access_token"), "the refresh never reached the token endpoint"
     # Another process commits a write while the refresh is waiting for amoCRM.
     writer = subprocess.run(
-        [sys.executable, "-c", WRITE_ONCE, store.url], capture_output=True, text=True, timeout=30, cwd=str(ROOT),
+        [sys.executable, "-c", WRITE_ONCE, store.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(ROOT),
     )
     assert writer.returncode == 0, writer.stderr
     elapsed = float(writer.stdout.strip())
@@ -218,8 +226,14 @@ def test_migrations_are_idempotent_and_recorded(db_url):
 @pytest.mark.slow
 def test_many_processes_creating_the_schema_at_once_agree(db_url):
     procs = [
-        subprocess.Popen([sys.executable, "-m", "amohook", "status", "--json"], env=cli_env(db_url), cwd=str(ROOT),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "amohook", "status", "--json"],
+            env=cli_env(db_url),
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(6)
     ]
     for p in procs:
@@ -234,8 +248,9 @@ def test_sqlite_file_and_directory_are_private(tmp_path):
     env = cli_env("unused")
     env.pop("AMOHOOK_DB_URL")
     env["AMOHOOK_DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run([sys.executable, "-m", "amohook", "status"], env=env, capture_output=True, text=True,
-                            cwd=str(ROOT), timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "amohook", "status"], env=env, capture_output=True, text=True, cwd=str(ROOT), timeout=60
+    )
     assert result.returncode == 0, result.stderr
     directory = tmp_path / "data"
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -129,7 +129,9 @@ def test_a_waiter_says_what_it_waits_for(store, fake, account):
         ({"access_token": "", "refresh_token": "x", "expires_in": 86400}, "application/json", "no usable access_token"),
     ],
 )
-def test_a_200_that_is_not_a_token_is_temporary_recorded_and_keeps_the_pair(store, fake, account, body, content_type, what):
+def test_a_200_that_is_not_a_token_is_temporary_recorded_and_keeps_the_pair(
+    store, fake, account, body, content_type, what
+):
     before = Account.get_by_id(account.id)
     fake.fail("/oauth2/access_token", status=200, body=body, content_type=content_type)
     result = run_cli(["refresh-token", "--force"], store.url)
@@ -164,13 +166,25 @@ def test_revoked_is_never_reported_for_a_pair_another_process_has_replaced(store
     worker.start()
     wait_for_token_request(fake)
     # Meanwhile another host spends the same refresh token first and stores its new pair.
-    pair = refresh_pair(new_session(), fake.base_url, Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                        old.refresh_token, subdomain="example")
-    Account.update(access_token=pair.access_token, refresh_token=pair.refresh_token, issued_at=pair.issued_at,
-                   expires_at=pair.expires_at).where(Account.id == account.id).execute()
+    pair = refresh_pair(
+        new_session(),
+        fake.base_url,
+        Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        old.refresh_token,
+        subdomain="example",
+    )
+    Account.update(
+        access_token=pair.access_token,
+        refresh_token=pair.refresh_token,
+        issued_at=pair.issued_at,
+        expires_at=pair.expires_at,
+    ).where(Account.id == account.id).execute()
     worker.join(30)
     assert [r.outcome for r in outcome] == ["refreshed_by_other"]
-    assert [r.status for r in fake.requests_to("/oauth2/access_token")] == [401, 200]  # ours arrived first, answered last
+    assert [r.status for r in fake.requests_to("/oauth2/access_token")] == [
+        401,
+        200,
+    ]  # ours arrived first, answered last
     row = status_row(store.url)
     assert row["warning"] is None
     assert Account.get_by_id(account.id).refresh_token == pair.refresh_token
@@ -194,8 +208,14 @@ def test_without_server_time_the_date_header_anchors_the_expiry(fake):
 
     body = {"token_type": "Bearer", "expires_in": 86400, "access_token": "a.b.c", "refresh_token": "r"}
     fake.fail("/oauth2/access_token", status=200, body=body, content_type="application/json")
-    pair = refresh_pair(new_session(), fake.base_url, Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                        "whatever", subdomain="example", clock=lambda: time.time() - 3 * DAY)
+    pair = refresh_pair(
+        new_session(),
+        fake.base_url,
+        Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        "whatever",
+        subdomain="example",
+        clock=lambda: time.time() - 3 * DAY,
+    )
     assert abs(pair.issued_at - time.time()) < 5
     assert abs(pair.clock_skew + 3 * DAY) < 5
 

@@ -158,7 +158,9 @@ def get(address, path: str) -> tuple[int, str]:
 
 def unique_body(n: int) -> bytes:
     """A real body (fixture 01) about lead n."""
-    return re.sub(rb"(%5Bid%5D=)\d+", lambda m: m.group(1) + str(n).encode(), fixture_body("01_lead_status_2016.txt"), count=1)
+    return re.sub(
+        rb"(%5Bid%5D=)\d+", lambda m: m.group(1) + str(n).encode(), fixture_body("01_lead_status_2016.txt"), count=1
+    )
 
 
 def open_db(db_url: str):
@@ -251,8 +253,10 @@ def test_every_acknowledged_request_survives_kill_9_mid_burst_and_resends_end_wi
     serve.proc.wait(10)
     acked = {i for i, s in ledger.items() if s == 200}
     assert killed.is_set() and 300 <= len(acked) < total, len(acked)
-    print(f"acknowledged before kill -9: {len(acked)}; failed: {sum(1 for s in ledger.values() if s != 200)}; "
-          f"never sent: {total - len(ledger)}")
+    print(
+        f"acknowledged before kill -9: {len(acked)}; failed: {sum(1 for s in ledger.values() if s != 200)}; "
+        f"never sent: {total - len(ledger)}"
+    )
 
     # Every 200 is in the store, right after the crash.
     from amohook.inbox import Incoming
@@ -386,9 +390,21 @@ CORPUS = [
     ("multipart", _post(b"--x--", "multipart/form-data; boundary=x"), 415),
     ("XML", _post(b"<a/>", "application/xml"), 415),
     ("no Content-Length", f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\n\r\na=1".encode(), 411),
-    ("chunked", f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na=1\r\n0\r\n\r\n".encode(), 411),
-    ("Content-Length not a number", _req(f"POST {HOOK} HTTP/1.1", length=None).replace(b"Content-Length: 0", b"Content-Length: ten"), 400),
-    ("two different Content-Lengths", f"POST {HOOK} HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\na=1".encode(), 400),
+    (
+        "chunked",
+        f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na=1\r\n0\r\n\r\n".encode(),
+        411,
+    ),
+    (
+        "Content-Length not a number",
+        _req(f"POST {HOOK} HTTP/1.1", length=None).replace(b"Content-Length: 0", b"Content-Length: ten"),
+        400,
+    ),
+    (
+        "two different Content-Lengths",
+        f"POST {HOOK} HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\na=1".encode(),
+        400,
+    ),
     ("body shorter than Content-Length", _req(f"POST {HOOK} HTTP/1.1", b"a=1", length=50), 400),
     ("garbage request line", b"HELLO\r\n\r\n", 400),
     ("request line too long", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
@@ -445,7 +461,9 @@ def test_a_corpus_of_bad_requests_each_gets_its_4xx_and_the_server_keeps_serving
     results: dict[str, bytes] = {}
     for name, data, _ in CORPUS:
         threads.append(threading.Thread(target=lambda n=name, d=data: results.__setitem__(n, _send(serve.address, d))))
-    threads.append(threading.Thread(target=lambda: results.__setitem__(TRICKLE, _send(serve.address, b"", trickle=True))))
+    threads.append(
+        threading.Thread(target=lambda: results.__setitem__(TRICKLE, _send(serve.address, b"", trickle=True)))
+    )
     for t in threads:
         t.start()
     for t in threads:
@@ -469,8 +487,12 @@ def test_a_worker_killed_while_holding_events_leaves_them_to_be_claimed_after_th
 
     queue_events(db_url, 20)
     env = handler_env(db_url, tmp_path, HANG="1")
-    doomed = Proc(["worker", "--handler", "rel_hooks:hang_first", "--lease", "2", "--batch", "5", "--poll", "0.1"],
-                  db_url, env=env, ready="worker started")
+    doomed = Proc(
+        ["worker", "--handler", "rel_hooks:hang_first", "--lease", "2", "--batch", "5", "--poll", "0.1"],
+        db_url,
+        env=env,
+        ready="worker started",
+    )
     procs.append(doomed)
     wait_until(lambda: any(r[0] == "start" for r in records(tmp_path)), 20, "the first handler to start")
     doomed.proc.kill()
@@ -481,8 +503,12 @@ def test_a_worker_killed_while_holding_events_leaves_them_to_be_claimed_after_th
     Event._meta.database.close()
 
     env = handler_env(db_url, tmp_path)
-    survivor = Proc(["worker", "--handler", "rel_hooks:hang_first", "--lease", "2", "--poll", "0.2"],
-                    db_url, env=env, ready="worker started")
+    survivor = Proc(
+        ["worker", "--handler", "rel_hooks:hang_first", "--lease", "2", "--poll", "0.2"],
+        db_url,
+        env=env,
+        ready="worker started",
+    )
     procs.append(survivor)
 
     wait_until(lambda: all_done(db_url), 40, "every event to be done")
@@ -500,7 +526,19 @@ def test_a_worker_killed_while_holding_events_leaves_them_to_be_claimed_after_th
 def test_two_worker_processes_never_run_the_same_event_at_once(db_url, tmp_path, procs):
 
     env = handler_env(db_url, tmp_path)
-    args = ["worker", "--handler", "rel_hooks:record", "--lease", "30", "--batch", "3", "--threads", "2", "--poll", "0.05"]
+    args = [
+        "worker",
+        "--handler",
+        "rel_hooks:record",
+        "--lease",
+        "30",
+        "--batch",
+        "3",
+        "--threads",
+        "2",
+        "--poll",
+        "0.05",
+    ]
     workers = [Proc(args, db_url, env=env, ready="worker started") for _ in range(2)]
     procs.extend(workers)
     queue_events(db_url, 40, items=5)  # 200 events, queued while both workers are looking
@@ -533,8 +571,14 @@ def test_sigterm_finishes_the_running_event_releases_the_rest_and_exits_within_1
     env["AMOHOOK_WEBHOOK_SECRET"] = SECRET
     serve = Serve(sqlite_url, "--workers", "1", "--handler", "rel_hooks:slow", "--lease", "60", env=env)
     procs.append(serve)
-    assert post(serve.address, b"leads%5Badd%5D%5B0%5D%5Bid%5D=1&leads%5Badd%5D%5B1%5D%5Bid%5D=2"
-                b"&leads%5Badd%5D%5B2%5D%5Bid%5D=3&account%5Bsubdomain%5D=example") == 200
+    assert (
+        post(
+            serve.address,
+            b"leads%5Badd%5D%5B0%5D%5Bid%5D=1&leads%5Badd%5D%5B1%5D%5Bid%5D=2"
+            b"&leads%5Badd%5D%5B2%5D%5Bid%5D=3&account%5Bsubdomain%5D=example",
+        )
+        == 200
+    )
     wait_until(lambda: any(r[0] == "start" for r in records(tmp_path)), 10, "the handler to start")
     started = time.monotonic()
     serve.signal(signal.SIGTERM)

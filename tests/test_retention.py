@@ -21,15 +21,23 @@ DAY = 86400
 
 
 def body(lead: int, stamp: int = 1_750_000_000) -> bytes:
-    return urlencode({"account[subdomain]": "example", "leads[status][0][id]": str(lead),
-                      "leads[status][0][status_id]": "2", "leads[status][0][old_status_id]": "1",
-                      "leads[status][0][pipeline_id]": "9", "leads[status][0][last_modified]": str(stamp)}).encode()
+    return urlencode(
+        {
+            "account[subdomain]": "example",
+            "leads[status][0][id]": str(lead),
+            "leads[status][0][status_id]": "2",
+            "leads[status][0][old_status_id]": "1",
+            "leads[status][0][pipeline_id]": "9",
+            "leads[status][0][last_modified]": str(stamp),
+        }
+    ).encode()
 
 
 def stored(store, n: int, *, start: int = 1, status: str = "done", age: float = 0.0) -> list[int]:
     """n deliveries with one event each, finished ``age`` seconds ago, each with one attempt."""
-    items = [Incoming(body=body(start + i), parsed=parse_webhook(body(start + i), FORM), content_type=FORM)
-             for i in range(n)]
+    items = [
+        Incoming(body=body(start + i), parsed=parse_webhook(body(start + i), FORM), content_type=FORM) for i in range(n)
+    ]
     store_deliveries(store, items)
     ids = [e.id for e in Event.select(Event.id).where(Event.entity_id.in_([str(start + i) for i in range(n)]))]
     then = time.time() - age
@@ -63,10 +71,26 @@ def test_action_keys_outlive_their_events_for_the_exactly_once_window(store):
     now = time.time()
     with store.write():
         for i, event_id in enumerate(ids):
-            Action.create(key=f"k{i}", account="example", rule="r", event_id=event_id, kind="create_task",
-                          status="done", created_at=now - 3 * DAY, updated_at=now - 3 * DAY)
-        ChangeSeen.create(account="example", lead_id=1, kind="stage_changed", target="9:2", key_at=1,
-                          hook_at=1, first_source="webhook", created_at=now - 3 * DAY)
+            Action.create(
+                key=f"k{i}",
+                account="example",
+                rule="r",
+                event_id=event_id,
+                kind="create_task",
+                status="done",
+                created_at=now - 3 * DAY,
+                updated_at=now - 3 * DAY,
+            )
+        ChangeSeen.create(
+            account="example",
+            lead_id=1,
+            kind="stage_changed",
+            target="9:2",
+            key_at=1,
+            hook_at=1,
+            first_source="webhook",
+            created_at=now - 3 * DAY,
+        )
     result = prune(store, keep=DAY)
     assert result.events == 2
     assert Action.select().count() == 2 and ChangeSeen.select().count() == 1  # a duplicate may still come
@@ -78,8 +102,16 @@ def test_a_failed_action_waits_for_its_dead_event(store):
     [event_id] = stored(store, 1, status="dead", age=40 * DAY)
     old = time.time() - 40 * DAY
     with store.write():
-        Action.create(key="f", account="example", rule="r", event_id=event_id, kind="create_task",
-                      status="failed", created_at=old, updated_at=old)
+        Action.create(
+            key="f",
+            account="example",
+            rule="r",
+            event_id=event_id,
+            kind="create_task",
+            status="failed",
+            created_at=old,
+            updated_at=old,
+        )
     assert prune(store, keep=30 * DAY).actions == 0
     assert Action.select().count() == 1
 
@@ -110,7 +142,9 @@ def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path
     def send() -> None:
         for i in range(300):
             lead = 900_000 + i
-            r = requests.post(f"{serve.url}/webhook/{SECRET}", data=body(lead), headers={"Content-Type": FORM}, timeout=5)
+            r = requests.post(
+                f"{serve.url}/webhook/{SECRET}", data=body(lead), headers={"Content-Type": FORM}, timeout=5
+            )
             if r.status_code == 200:
                 posted.append(lead)
             else:

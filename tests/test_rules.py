@@ -34,8 +34,15 @@ def compiled(spec=None, *, task_type_id=1, responsible_user_id=None, **over) -> 
         for kind, s in spec.actions
     )
     fields = dict(
-        spec=spec, account="example", pipeline_id=100, pipeline_name="Sales", to_stage_id=201, from_stage_id=None,
-        stage_names={(100, 201): "Qualified", (100, 200): "New"}, user_names={938348: "Anna"}, field_ids={},
+        spec=spec,
+        account="example",
+        pipeline_id=100,
+        pipeline_name="Sales",
+        to_stage_id=201,
+        from_stage_id=None,
+        stage_names={(100, 201): "Qualified", (100, 200): "New"},
+        user_names={938348: "Anna"},
+        field_ids={},
         actions=actions,
     )
     fields.update(over)
@@ -86,15 +93,36 @@ def test_the_readme_example_parses():
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("[[rule]]\nname='a'\nwhen='lead.moved'\n[rule.create_task]\ntype=1\ntext='x'", "use one of lead.stage_changed"),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.moved'\n[rule.create_task]\ntype=1\ntext='x'",
+            "use one of lead.stage_changed",
+        ),
         ("[[rule]]\nname='a'\nwhen='lead.added'", "needs an action"),
-        ("[[rule]]\nname='a'\nwhen='lead.added'\nto_stage='X'\n[rule.create_task]\ntype=1\ntext='x'", "stages need their pipeline"),
-        ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{lead.nam}'", "did you mean {lead.name}"),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.added'\nto_stage='X'\n[rule.create_task]\ntype=1\ntext='x'",
+            "stages need their pipeline",
+        ),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{lead.nam}'",
+            "did you mean {lead.name}",
+        ),
         ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{oops'", "broken braces"),
-        ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'\ndue='tomorrow'", "cannot read due"),
-        ("[[rule]]\nname='a'\nwhen='lead.added'\ncolour='red'\n[rule.create_task]\ntype=1\ntext='x'", "unknown key 'colour'"),
-        ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'\n[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'", "used twice"),
-        ("[[rule]]\nname='a'\nwhen='lead.added'\n[[rule.condition]]\nfield='Source'\n[rule.create_task]\ntype=1\ntext='x'", "condition #1 needs"),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'\ndue='tomorrow'",
+            "cannot read due",
+        ),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.added'\ncolour='red'\n[rule.create_task]\ntype=1\ntext='x'",
+            "unknown key 'colour'",
+        ),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'\n[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='x'",
+            "used twice",
+        ),
+        (
+            "[[rule]]\nname='a'\nwhen='lead.added'\n[[rule.condition]]\nfield='Source'\n[rule.create_task]\ntype=1\ntext='x'",
+            "condition #1 needs",
+        ),
         ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{lead.price:d}'", "format spec"),
         ("[[rule]]\nname='a'\nwhen='lead.added'\n[rule.create_task]\ntype=1\ntext='{lead.name!z}'", "format spec"),
         ("rule = 3", "array of tables"),
@@ -155,16 +183,35 @@ def test_end_of_day_depends_on_the_timezone():
 
 # -- recognising stage changes ----------------------------------------------------------------
 def test_stage_change_from_a_status_block():
-    body = form(**lead_item("leads", "status", id=5, status_id=201, old_status_id=200, pipeline_id=100,
-                             responsible_user_id=938348, name="Acme", last_modified=1700000000))
+    body = form(
+        **lead_item(
+            "leads",
+            "status",
+            id=5,
+            status_id=201,
+            old_status_id=200,
+            pipeline_id=100,
+            responsible_user_id=938348,
+            name="Acme",
+            last_modified=1700000000,
+        )
+    )
     [change] = changes_of(body)
     assert (change.kind, change.lead_id, change.pipeline_id, change.status_id, change.old_status_id) == (
-        "stage_changed", 5, 100, 201, 200)
+        "stage_changed",
+        5,
+        100,
+        201,
+        200,
+    )
 
 
 def test_stage_change_from_an_update_block_with_a_new_status():
-    body = form(**lead_item("leads", "update", id=5, status_id=201, old_status_id=200, pipeline_id=100,
-                             last_modified=1700000000))
+    body = form(
+        **lead_item(
+            "leads", "update", id=5, status_id=201, old_status_id=200, pipeline_id=100, last_modified=1700000000
+        )
+    )
     assert [c.kind for c in changes_of(body)] == ["stage_changed"]
 
 
@@ -175,9 +222,17 @@ def test_update_without_a_status_move_is_not_a_stage_change():
 
 
 def test_digital_pipeline_hook_with_only_ids():
-    body = form(**{"leads[status][0][id]": "5", "leads[status][0][status_id]": "201",
-                   "leads[status][0][pipeline_id]": "100", "leads[status][0][old_status_id]": "200",
-                   "leads[status][0][old_pipeline_id]": "100", "account[id]": "1", "account[subdomain]": "example"})
+    body = form(
+        **{
+            "leads[status][0][id]": "5",
+            "leads[status][0][status_id]": "201",
+            "leads[status][0][pipeline_id]": "100",
+            "leads[status][0][old_status_id]": "200",
+            "leads[status][0][old_pipeline_id]": "100",
+            "account[id]": "1",
+            "account[subdomain]": "example",
+        }
+    )
     [change] = changes_of(body)
     assert change.kind == "stage_changed" and change.name is None and change.responsible_user_id is None
 
@@ -188,7 +243,12 @@ def test_real_2016_status_capture_is_a_stage_change():
     text = (Path(__file__).parent / "fixtures" / "webhooks" / "01_lead_status_2016.txt").read_text()
     body = text.split("\n\n", 1)[1].strip().encode()
     [change] = changes_of(body)
-    assert (change.lead_id, change.pipeline_id, change.status_id, change.old_status_id) == (31926520, 2116, 10216994, 10216995)
+    assert (change.lead_id, change.pipeline_id, change.status_id, change.old_status_id) == (
+        31926520,
+        2116,
+        10216994,
+        10216995,
+    )
 
 
 def test_responsible_change_and_lead_added():
@@ -200,8 +260,15 @@ def test_responsible_change_and_lead_added():
 
 # -- matching ---------------------------------------------------------------------------------
 def change(**over):
-    body = dict(id=5, status_id=201, old_status_id=200, pipeline_id=100, responsible_user_id=938348, name="Acme",
-                last_modified=1700000000)
+    body = dict(
+        id=5,
+        status_id=201,
+        old_status_id=200,
+        pipeline_id=100,
+        responsible_user_id=938348,
+        name="Acme",
+        last_modified=1700000000,
+    )
     body.update(over)
     return changes_of(form(**lead_item("leads", "status", **body)))[0]
 
@@ -223,8 +290,11 @@ def test_from_stage_narrows_the_rule():
 def test_conditions_on_custom_fields():
     text = EXAMPLE + "[[rule.condition]]\nfield = 'Source'\nequals = 'Website'\n"
     rule = compiled(parse_rules(text)[0])
-    with_field = {"custom_fields[0][id]": "7", "custom_fields[0][name]": "Source",
-                  "custom_fields[0][values][0][value]": "website"}
+    with_field = {
+        "custom_fields[0][id]": "7",
+        "custom_fields[0][name]": "Source",
+        "custom_fields[0][values][0][value]": "website",
+    }
     assert matches(rule, change(**with_field))
     with_field["custom_fields[0][values][0][value]"] = "Phone"
     assert not matches(rule, change(**with_field))
@@ -245,8 +315,9 @@ def test_plan_renders_the_task_for_the_leads_responsible_user():
 
 def test_same_change_as_status_and_as_update_has_one_key():
     rule = compiled()
-    fields = dict(id=5, status_id=201, old_status_id=200, pipeline_id=100, responsible_user_id=1,
-                  last_modified=1700000000)
+    fields = dict(
+        id=5, status_id=201, old_status_id=200, pipeline_id=100, responsible_user_id=1, last_modified=1700000000
+    )
     via_status = changes_of(form(**lead_item("leads", "status", **fields)))[0]
     via_update = changes_of(form(**lead_item("leads", "update", **fields)))[0]
     assert action_key(rule, via_status, "d1") == action_key(rule, via_update, "d2")
@@ -261,8 +332,16 @@ def test_a_later_move_into_the_same_stage_is_a_new_change():
 
 def test_hooks_without_a_time_fall_back_to_the_delivery():
     rule = compiled()
-    dp = changes_of(form(**{"leads[status][0][id]": "5", "leads[status][0][status_id]": "201",
-                            "leads[status][0][pipeline_id]": "100", "leads[status][0][old_status_id]": "200"}))[0]
+    dp = changes_of(
+        form(
+            **{
+                "leads[status][0][id]": "5",
+                "leads[status][0][status_id]": "201",
+                "leads[status][0][pipeline_id]": "100",
+                "leads[status][0][old_status_id]": "200",
+            }
+        )
+    )[0]
     assert action_key(rule, dp, "delivery:1") == action_key(rule, dp, "delivery:1")
     assert action_key(rule, dp, "delivery:1") != action_key(rule, dp, "delivery:2")
 
@@ -274,9 +353,12 @@ def test_a_named_responsible_overrides_the_lead():
 
 
 # -- a second action: a note on the lead ------------------------------------------------------
-NOTE_RULE = EXAMPLE + """[rule.add_note]
+NOTE_RULE = (
+    EXAMPLE
+    + """[rule.add_note]
 text = "Moved to {stage.name} from {from_stage.name}; call task for {responsible.name}"
 """
+)
 
 
 def test_a_rule_may_add_a_note_besides_or_instead_of_a_task():
@@ -296,9 +378,12 @@ def test_the_note_is_planned_with_its_own_key():
     task = plan_task(rule, change(), base_time=BASE, timezone=None, fallback="d1")
     assert note.kind == "add_note" and task.kind == "create_task"
     assert note.key != task.key
-    assert note.payload == {"entity_id": 5, "note_type": "common",
-                            "params": {"text": "Moved to Qualified from New; call task for Anna"},
-                            "request_id": note.key[:32]}
+    assert note.payload == {
+        "entity_id": 5,
+        "note_type": "common",
+        "params": {"text": "Moved to Qualified from New; call task for Anna"},
+        "request_id": note.key[:32],
+    }
     assert plan_note(rule, change(), fallback="d2").key == note.key  # the change, not the delivery
 
 
@@ -314,7 +399,12 @@ def test_the_documented_task_update_is_a_completed_task_on_its_lead():
     parsed = parse_webhook(fixture_body("20_task_update_docs.txt"), "application/x-www-form-urlencoded")
     [event] = parsed.events
     [change] = rule_changes(event.entity, event.action, event.data)
-    assert (change.kind, change.lead_id, change.task_id, change.task_type_id) == ("task_completed", 33322211, 11122233, 1)
+    assert (change.kind, change.lead_id, change.task_id, change.task_type_id) == (
+        "task_completed",
+        33322211,
+        11122233,
+        1,
+    )
     assert change.pipeline_id is None and change.task_text == "Follow-up"
 
 
@@ -330,8 +420,14 @@ def test_a_task_update_that_did_not_close_a_lead_task_is_no_change(override):
 def test_a_completed_task_is_keyed_by_the_task_alone():
     from amohook.rules import task_changes
 
-    data = {"id": "5", "element_id": "7", "element_type": "2", "task_type": "1", "action_close": "1",
-            "last_modified": "2017-07-21 19:00:00"}
+    data = {
+        "id": "5",
+        "element_id": "7",
+        "element_type": "2",
+        "task_type": "1",
+        "action_close": "1",
+        "last_modified": "2017-07-21 19:00:00",
+    }
     rule = compiled()
     [first] = task_changes("tasks", "update", data)
     [again] = task_changes("tasks", "update", {**data, "last_modified": "2017-07-21 19:00:05"})
@@ -343,11 +439,16 @@ def test_task_rules_need_the_lead_where_the_rule_says():
 
     from amohook.rules import task_changes
 
-    text = ("[[rule]]\nname='t'\nwhen='task.completed'\ntask_type='Call'\npipeline='Sales'\nstage='Qualified'\n"
-            "[rule.add_note]\ntext='done: {task.text}'\n")
+    text = (
+        "[[rule]]\nname='t'\nwhen='task.completed'\ntask_type='Call'\npipeline='Sales'\nstage='Qualified'\n"
+        "[rule.add_note]\ntext='done: {task.text}'\n"
+    )
     rule = replace(compiled(parse_rules(text)[0], to_stage_id=None, stage_id=201), task_type_id=1)  # the trigger's
-    [change] = task_changes("tasks", "update", {"id": "5", "element_id": "7", "element_type": "2",
-                                                "task_type": "1", "action_close": "1", "text": "Call"})
+    [change] = task_changes(
+        "tasks",
+        "update",
+        {"id": "5", "element_id": "7", "element_type": "2", "task_type": "1", "action_close": "1", "text": "Call"},
+    )
     assert not matches(rule, change)  # where the lead is must be read first
     assert matches(rule, replace(change, pipeline_id=100, status_id=201))
     assert not matches(rule, replace(change, pipeline_id=100, status_id=200))
@@ -367,8 +468,12 @@ def mover(name, to_stage_id, target, *, from_stage_id=None):
     from amohook.actions.move import CompiledMove
 
     text = f"[[rule]]\nname='{name}'\nwhen='lead.stage_changed'\n[rule.move_lead]\nto_stage='x'\n"
-    return compiled(parse_rules(text)[0], to_stage_id=to_stage_id, from_stage_id=from_stage_id,
-                    actions=(("move_lead", CompiledMove(100, target, "x")),))
+    return compiled(
+        parse_rules(text)[0],
+        to_stage_id=to_stage_id,
+        from_stage_id=from_stage_id,
+        actions=(("move_lead", CompiledMove(100, target, "x")),),
+    )
 
 
 def test_rules_that_move_leads_in_a_circle_are_found():

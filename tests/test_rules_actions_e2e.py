@@ -66,8 +66,15 @@ def crm(store, fake, account, tmp_path):
     source = fake.add_custom_field("Source", "select", enums=["Phone", "Website"])
     sync_entities(store, client_for(store, "example"))
     fake.clear_requests()
-    return dict(pipeline=pipeline["id"], call=call["id"], meeting=meeting["id"], anna=anna["id"],
-                source=source["id"], dir=tmp_path, **stages)
+    return dict(
+        pipeline=pipeline["id"],
+        call=call["id"],
+        meeting=meeting["id"],
+        anna=anna["id"],
+        source=source["id"],
+        dir=tmp_path,
+        **stages,
+    )
 
 
 def rules_file(crm, text: str) -> str:
@@ -82,8 +89,9 @@ def deliver(store, fake, entity: str, action: str, items: list[dict]) -> None:
 
 
 def work(store, rules: str, **env: str):
-    result = run_cli(["worker", "--rules", rules, "--once", "--reconcile", "off"], store.url,
-                     env=cli_env(store.url, **env))
+    result = run_cli(
+        ["worker", "--rules", rules, "--once", "--reconcile", "off"], store.url, env=cli_env(store.url, **env)
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -92,10 +100,19 @@ def lead_with_task(fake, crm, stage: str, task_type: str = "call", lead_id: int 
     fake.add_lead("Acme", crm["pipeline"], crm[stage], crm["anna"], lead_id=lead_id)
     task_id = 4800000 + lead_id
     now = int(time.time())
-    fake.tasks[task_id] = {"id": task_id, "entity_id": lead_id, "entity_type": "leads", "task_type_id": crm[task_type],
-                           "text": "Call Acme", "complete_till": now + 3600, "is_completed": False,
-                           "responsible_user_id": crm["anna"], "created_by": crm["anna"], "created_at": now,
-                           "updated_at": now}
+    fake.tasks[task_id] = {
+        "id": task_id,
+        "entity_id": lead_id,
+        "entity_type": "leads",
+        "task_type_id": crm[task_type],
+        "text": "Call Acme",
+        "complete_till": now + 3600,
+        "is_completed": False,
+        "responsible_user_id": crm["anna"],
+        "created_by": crm["anna"],
+        "created_at": now,
+        "updated_at": now,
+    }
     return lead_id, task_id
 
 
@@ -169,20 +186,36 @@ def test_a_chain_of_rule_made_moves_of_one_lead_stops_and_says_so(store, fake, c
     assert len(fake.requests_to("/api/v4/leads", "PATCH")) == 5
 
 
-@pytest.mark.parametrize("text, env, needle", [
-    (QUALIFIED_TO_PROPOSAL + QUALIFIED_TO_PROPOSAL.replace("qualified leads get", "proposals go back")
-     .replace('to_stage = "Qualified"', 'to_stage = "X"').replace('to_stage = "Proposal"', 'to_stage = "Qualified"')
-     .replace('to_stage = "X"', 'to_stage = "Proposal"'), {}, "move leads in a circle"),
-    (QUALIFIED_TO_PROPOSAL.replace('to_stage = "Proposal"', 'to_stage = "Qualified"'), {},
-     "moves the lead to the stage that triggers it"),
-    (PROPOSAL_CHAT, {"SALES_CHAT_URL": "http://chat.example.com/hook/s3cr3t"}, "must be https"),
-    (PROPOSAL_CHAT, {}, "SALES_CHAT_URL is not set"),
-    (PROPOSAL_CHAT.replace('url_env = "SALES_CHAT_URL"', 'url = "https://x"'), {}, "does not belong in the file"),
-    (CALL_DONE.replace('field = "Source"', 'field = "Sourse"'), {}, "did you mean 'Source'"),
-    (CALL_DONE.replace('task_type = "Call"', 'task_type = "Cal"'), {}, "task_type"),
-    (CALL_DONE.replace('stage = "Qualified"', 'to_stage = "Qualified"'), {}, "write stage ="),
-    (CALL_DONE.replace('field = "Source"\nvalue = "Phone"', 'field = "Budget"\nvalue = "lots"'), {}, "write a number"),
-])
+@pytest.mark.parametrize(
+    "text, env, needle",
+    [
+        (
+            QUALIFIED_TO_PROPOSAL
+            + QUALIFIED_TO_PROPOSAL.replace("qualified leads get", "proposals go back")
+            .replace('to_stage = "Qualified"', 'to_stage = "X"')
+            .replace('to_stage = "Proposal"', 'to_stage = "Qualified"')
+            .replace('to_stage = "X"', 'to_stage = "Proposal"'),
+            {},
+            "move leads in a circle",
+        ),
+        (
+            QUALIFIED_TO_PROPOSAL.replace('to_stage = "Proposal"', 'to_stage = "Qualified"'),
+            {},
+            "moves the lead to the stage that triggers it",
+        ),
+        (PROPOSAL_CHAT, {"SALES_CHAT_URL": "http://chat.example.com/hook/s3cr3t"}, "must be https"),
+        (PROPOSAL_CHAT, {}, "SALES_CHAT_URL is not set"),
+        (PROPOSAL_CHAT.replace('url_env = "SALES_CHAT_URL"', 'url = "https://x"'), {}, "does not belong in the file"),
+        (CALL_DONE.replace('field = "Source"', 'field = "Sourse"'), {}, "did you mean 'Source'"),
+        (CALL_DONE.replace('task_type = "Call"', 'task_type = "Cal"'), {}, "task_type"),
+        (CALL_DONE.replace('stage = "Qualified"', 'to_stage = "Qualified"'), {}, "write stage ="),
+        (
+            CALL_DONE.replace('field = "Source"\nvalue = "Phone"', 'field = "Budget"\nvalue = "lots"'),
+            {},
+            "write a number",
+        ),
+    ],
+)
 def test_rules_check_refuses_what_would_go_wrong(store, fake, crm, text, env, needle):
     fake.add_custom_field("Budget", "numeric")
     sync_entities(store, client_for(store, "example"))
@@ -193,8 +226,11 @@ def test_rules_check_refuses_what_would_go_wrong(store, fake, crm, text, env, ne
 
 
 def test_rules_check_shows_what_each_rule_does(store, fake, crm):
-    result = run_cli(["rules", "check", "--rules", rules_file(crm, CALL_DONE + PROPOSAL_CHAT), "--json"], store.url,
-                     env=cli_env(store.url, SALES_CHAT_URL="https://chat.example.com/hook/s3cr3t"))
+    result = run_cli(
+        ["rules", "check", "--rules", rules_file(crm, CALL_DONE + PROPOSAL_CHAT), "--json"],
+        store.url,
+        env=cli_env(store.url, SALES_CHAT_URL="https://chat.example.com/hook/s3cr3t"),
+    )
     assert result.returncode == 0, result.stderr
     first, second = json.loads(result.stdout)
     assert first["actions"] == ["move_lead", "set_field"] and first["move_to"] == [crm["pipeline"], crm["Proposal"]]

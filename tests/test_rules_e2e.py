@@ -35,17 +35,28 @@ def crm(store, fake, account, tmp_path):
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     fake.clear_requests()
-    return dict(pipeline=pipeline["id"], new=stages["New"], qualified=stages["Qualified"], call=call["id"],
-                anna=anna["id"], rules=str(rules))
+    return dict(
+        pipeline=pipeline["id"],
+        new=stages["New"],
+        qualified=stages["Qualified"],
+        call=call["id"],
+        anna=anna["id"],
+        rules=str(rules),
+    )
 
 
 def stage_body(crm, lead_id=5001, *, block="status", name="Acme", stamp=1_750_000_000, **extra) -> bytes:
     p = f"leads[{block}][0]"
     fields = {
-        "account[subdomain]": "example", "account[id]": "1231414",
-        f"{p}[id]": str(lead_id), f"{p}[name]": name, f"{p}[status_id]": str(crm["qualified"]),
-        f"{p}[old_status_id]": str(crm["new"]), f"{p}[pipeline_id]": str(crm["pipeline"]),
-        f"{p}[responsible_user_id]": str(crm["anna"]), f"{p}[last_modified]": str(stamp),
+        "account[subdomain]": "example",
+        "account[id]": "1231414",
+        f"{p}[id]": str(lead_id),
+        f"{p}[name]": name,
+        f"{p}[status_id]": str(crm["qualified"]),
+        f"{p}[old_status_id]": str(crm["new"]),
+        f"{p}[pipeline_id]": str(crm["pipeline"]),
+        f"{p}[responsible_user_id]": str(crm["anna"]),
+        f"{p}[last_modified]": str(stamp),
     }
     fields.update(extra)
     return urlencode(fields).encode()
@@ -56,7 +67,11 @@ class Serve:
         env = cli_env(db_url, AMOHOOK_WEBHOOK_SECRET=SECRET)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "amohook", "serve", "--port", "0", "--log-level", "warning", *args],
-            env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         line = self.proc.stdout.readline()
         assert "listening on" in line, line + self.proc.stderr.read()
@@ -102,8 +117,16 @@ def test_the_readme_example_end_to_end(store, fake, crm):
     import json
 
     shown = json.loads(run_cli(["events", "show", str(Event.get().id), "--json"], store.url).stdout)
-    assert shown["actions"] == [{"rule": "call qualified leads", "kind": "create_task", "status": "done",
-                                 "task_id": task["id"], "attempts": 0, "last_error": None}]
+    assert shown["actions"] == [
+        {
+            "rule": "call qualified leads",
+            "kind": "create_task",
+            "status": "done",
+            "task_id": task["id"],
+            "attempts": 0,
+            "last_error": None,
+        }
+    ]
 
 
 def test_duplicates_resends_and_replays_create_one_task(store, fake, crm):
@@ -142,9 +165,17 @@ def test_stored_events_are_processed_by_a_separate_worker_in_batches(store, fake
         fields = {"account[subdomain]": "example"}
         for i in range(120):
             p = f"leads[update][{i}]"
-            fields.update({f"{p}[id]": str(7000 + i), f"{p}[name]": f"Lead {i}", f"{p}[status_id]": str(crm["qualified"]),
-                           f"{p}[old_status_id]": str(crm["new"]), f"{p}[pipeline_id]": str(crm["pipeline"]),
-                           f"{p}[responsible_user_id]": str(crm["anna"]), f"{p}[last_modified]": "1750000000"})
+            fields.update(
+                {
+                    f"{p}[id]": str(7000 + i),
+                    f"{p}[name]": f"Lead {i}",
+                    f"{p}[status_id]": str(crm["qualified"]),
+                    f"{p}[old_status_id]": str(crm["new"]),
+                    f"{p}[pipeline_id]": str(crm["pipeline"]),
+                    f"{p}[responsible_user_id]": str(crm["anna"]),
+                    f"{p}[last_modified]": "1750000000",
+                }
+            )
         assert serve.post(urlencode(fields).encode()) == 200
     finally:
         serve.stop()
@@ -166,9 +197,13 @@ def test_digital_pipeline_hook_with_only_ids_fetches_the_lead(sqlite_url, tmp_pa
         from amohook.tokens import save_authorization
 
         access, refresh = fake.issue_tokens()
-        save_authorization(store, subdomain="example", base_url=fake.base_url,
-                           client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                           pair=TokenPair(access, refresh, 86400, time.time()))
+        save_authorization(
+            store,
+            subdomain="example",
+            base_url=fake.base_url,
+            client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+            pair=TokenPair(access, refresh, 86400, time.time()),
+        )
         pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
         stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
         fake.add_task_type("Call")
@@ -177,12 +212,17 @@ def test_digital_pipeline_hook_with_only_ids_fetches_the_lead(sqlite_url, tmp_pa
         sync_entities(store, client_for(store, "example"))
         rules = tmp_path / "rules.toml"
         rules.write_text(RULES)
-        body = urlencode({
-            "leads[status][0][id]": "6001", "leads[status][0][status_id]": str(stages["Qualified"]),
-            "leads[status][0][pipeline_id]": str(pipeline["id"]), "leads[status][0][old_status_id]": str(stages["New"]),
-            "leads[status][0][old_pipeline_id]": str(pipeline["id"]),
-            "account[id]": "1231414", "account[subdomain]": "example",
-        }).encode()
+        body = urlencode(
+            {
+                "leads[status][0][id]": "6001",
+                "leads[status][0][status_id]": str(stages["Qualified"]),
+                "leads[status][0][pipeline_id]": str(pipeline["id"]),
+                "leads[status][0][old_status_id]": str(stages["New"]),
+                "leads[status][0][old_pipeline_id]": str(pipeline["id"]),
+                "account[id]": "1231414",
+                "account[subdomain]": "example",
+            }
+        ).encode()
         serve = Serve(sqlite_url, "--workers", "1", "--rules", str(rules))
         try:
             assert serve.post(body) == 200
@@ -214,9 +254,13 @@ def test_unknown_task_type_and_user_are_reported_with_suggestions(sqlite_url, fa
     from amohook.tokens import save_authorization
 
     access, refresh = fake.issue_tokens()
-    save_authorization(store, subdomain="example", base_url=fake.base_url,
-                       client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
-                       pair=TokenPair(access, refresh, 86400, time.time()))
+    save_authorization(
+        store,
+        subdomain="example",
+        base_url=fake.base_url,
+        client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        pair=TokenPair(access, refresh, 86400, time.time()),
+    )
     fake.add_pipeline("Sales", ["New", "Qualified"])
     fake.add_task_type("Call")
     fake.add_user("Anna Karenina", "anna@example.com")
@@ -233,8 +277,14 @@ def test_serve_and_worker_refuse_to_start_with_invalid_rules(store, crm, tmp_pat
     bad = tmp_path / "bad.toml"
     bad.write_text(RULES.replace("{lead.name}", "{lead.nmae}"))
     env = cli_env(store.url, AMOHOOK_WEBHOOK_SECRET=SECRET)
-    served = subprocess.run([sys.executable, "-m", "amohook", "serve", "--port", "0", "--rules", str(bad)],
-                            env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+    served = subprocess.run(
+        [sys.executable, "-m", "amohook", "serve", "--port", "0", "--rules", str(bad)],
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert served.returncode == ExitCode.USAGE
     assert "unknown placeholder {lead.nmae}" in served.stderr and "listening" not in served.stdout
     worked = run_cli(["worker", "--rules", str(bad), "--once"], store.url)

@@ -65,8 +65,10 @@ def refused(result, needle: str) -> None:
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize("due", ["end_of_day+999999999d", "+3651d", "+522w", "+87649h", "+5259000m",
-                                 "10:00+4000d", "+99999999999999999999999999d"])
+@pytest.mark.parametrize(
+    "due",
+    ["end_of_day+999999999d", "+3651d", "+522w", "+87649h", "+5259000m", "10:00+4000d", "+99999999999999999999999999d"],
+)
 def test_a_due_date_beyond_ten_years_is_refused_at_check_time(tmp_path, synced, due):
     refused(check(tmp_path, synced, rule(1, due)), f"more than {MAX_DUE_DAYS} days ahead")
 

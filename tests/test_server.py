@@ -125,8 +125,16 @@ def test_json_bodies_are_accepted(any_service):
 
 @pytest.mark.parametrize(
     "path",
-    ["/webhook/wrong-secret-0123456789", "/webhook/", "/webhook", f"/webhook/{SECRET}x", f"/webhook/{SECRET[:-1]}",
-     f"/webhook/{SECRET.upper()}", f"/WEBHOOK/{SECRET}", f"/webhook/{SECRET}/extra"],
+    [
+        "/webhook/wrong-secret-0123456789",
+        "/webhook/",
+        "/webhook",
+        f"/webhook/{SECRET}x",
+        f"/webhook/{SECRET[:-1]}",
+        f"/webhook/{SECRET.upper()}",
+        f"/WEBHOOK/{SECRET}",
+        f"/webhook/{SECRET}/extra",
+    ],
 )
 def test_a_wrong_or_missing_secret_is_404_and_stores_nothing(service, path):
     assert post(service, lead_body(1), path=path)[0] == 404
@@ -152,7 +160,9 @@ def test_other_methods_and_paths(service):
 def test_a_body_without_content_length_is_411(service):
     answer = raw(service, f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\n\r\n".encode())
     assert status_of(answer) == 411
-    chunked = raw(service, f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na=1\r\n0\r\n\r\n".encode())
+    chunked = raw(
+        service, f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na=1\r\n0\r\n\r\n".encode()
+    )
     assert status_of(chunked) == 411
 
 
@@ -209,8 +219,10 @@ def test_other_content_types_get_415(service):
 
 def test_expect_100_continue_is_answered_at_once(service):
     body = fixture_body("05_lead_add_2025.txt")
-    head = (f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {len(body)}\r\n"
-            "Expect: 100-continue\r\n\r\n").encode()
+    head = (
+        f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    ).encode()
     with socket.create_connection(service.address, timeout=5) as sock:
         sock.sendall(head)
         assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -283,7 +295,7 @@ def test_a_store_that_fails_answers_503_never_200(any_service, monkeypatch):
 
 
 def test_a_commit_that_takes_too_long_answers_503_and_the_resend_is_deduplicated(sqlite_service, sqlite_url):
-    locker = sqlite3.connect(sqlite_url[len("sqlite:///"):], timeout=0, isolation_level=None)
+    locker = sqlite3.connect(sqlite_url[len("sqlite:///") :], timeout=0, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
     try:
         first, second = lead_body(1), lead_body(2)
@@ -332,7 +344,7 @@ def test_healthz_reports_the_queue(any_service):
 
 
 def test_healthz_reads_while_another_process_holds_the_write_lock(sqlite_service, sqlite_url):
-    locker = sqlite3.connect(sqlite_url[len("sqlite:///"):], timeout=0, isolation_level=None)
+    locker = sqlite3.connect(sqlite_url[len("sqlite:///") :], timeout=0, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
         started = time.monotonic()
@@ -345,8 +357,10 @@ def test_healthz_reads_while_another_process_holds_the_write_lock(sqlite_service
 
 def test_healthz_says_503_when_the_database_fails(service, monkeypatch):
     def broken(store, now):
-        raise peewee.OperationalError('could not connect to server: Connection refused. Is the server running on '
-                                      'host "db.internal" (10.0.0.7) and accepting TCP/IP connections on port 5432?')
+        raise peewee.OperationalError(
+            "could not connect to server: Connection refused. Is the server running on "
+            'host "db.internal" (10.0.0.7) and accepting TCP/IP connections on port 5432?'
+        )
 
     monkeypatch.setattr(inbox, "queue_stats", broken)
     status, _, text = request(service, "GET", "/healthz")
@@ -368,7 +382,7 @@ def test_a_full_disk_makes_healthz_degraded_and_the_log_names_it(sqlite_url, cap
     try:
         caplog.set_level(logging.INFO)
         answers = [post(svc, lead_body(n, items=20))[0] for n in range(1, 30)]
-        assert 503 in answers and 200 not in answers[answers.index(503):]
+        assert 503 in answers and 200 not in answers[answers.index(503) :]
         status, _, text = request(svc, "GET", "/healthz")
         health = json.loads(text)
         assert status == 503 and health["status"] == "degraded" and health["commits"] == "failing: disk full"
@@ -474,8 +488,12 @@ def test_a_refused_code_is_explained_on_the_page(any_service, fake, auth_state):
 # -- configuration, workers and stopping -------------------------------------------------------
 @pytest.mark.parametrize(
     "secret, message",
-    [(None, "AMOHOOK_WEBHOOK_SECRET"), ("", "AMOHOOK_WEBHOOK_SECRET"), ("short", "at least 16"),
-     ("with/slash-0123456789", "letters, digits")],
+    [
+        (None, "AMOHOOK_WEBHOOK_SECRET"),
+        ("", "AMOHOOK_WEBHOOK_SECRET"),
+        ("short", "at least 16"),
+        ("with/slash-0123456789", "letters, digits"),
+    ],
 )
 def test_the_secret_must_be_long_and_url_safe(secret, message):
     from amohook.errors import ConfigError
@@ -514,7 +532,7 @@ def test_stop_answers_the_request_already_read_then_refuses_connections(sqlite_u
     store = open_store(sqlite_url)
     svc = start(store)
     address = svc.address
-    locker = sqlite3.connect(sqlite_url[len("sqlite:///"):], timeout=0, isolation_level=None)
+    locker = sqlite3.connect(sqlite_url[len("sqlite:///") :], timeout=0, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # hold the commit back so the request is in flight during stop
     answer = {}
     t = threading.Thread(target=lambda: answer.update(status=post(svc, lead_body(1))[0]))
@@ -549,6 +567,8 @@ def test_serve_says_when_the_port_is_taken(sqlite_url):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli(["serve", "--port", str(port)], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET))
+        result = run_cli(
+            ["serve", "--port", str(port)], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET)
+        )
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

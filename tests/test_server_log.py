@@ -44,8 +44,10 @@ def raw_requests(address) -> list[bytes]:
     requests = []
     for target in TARGETS:
         requests.append(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        requests.append(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                        f"Content-Length: 3\r\n\r\na=1".encode())
+        requests.append(
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: 3\r\n\r\na=1".encode()
+        )
     requests += [
         f"GET /webhooks/{SECRET} extra HTTP/1.1\r\n\r\n".encode(),  # 400: bad request syntax
         f"GET /webhooks/{SECRET} HTTP/9.9\r\n\r\n".encode(),  # 505 / 400: bad version
@@ -76,8 +78,9 @@ def assert_clean(text: str) -> None:
 
 def test_near_misses_are_logged_without_the_secret(sqlite_url, caplog):
     caplog.set_level(logging.DEBUG, logger="amohook")
-    svc = WebhookService(open_store(sqlite_url), ServerConfig(secret=SECRET, port=0, socket_timeout=2.0,
-                                                             read_deadline=4.0)).start()
+    svc = WebhookService(
+        open_store(sqlite_url), ServerConfig(secret=SECRET, port=0, socket_timeout=2.0, read_deadline=4.0)
+    ).start()
     try:
         for data in raw_requests(svc.address):
             send(svc.address, data)
@@ -95,8 +98,13 @@ def test_near_misses_are_logged_without_the_secret(sqlite_url, caplog):
 
 def test_a_real_serve_logs_no_near_miss_secret_at_the_default_level(sqlite_url):
     env = cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET)
-    proc = subprocess.Popen([sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0"], env=env,
-                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0"],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         line = proc.stdout.readline().decode()
         assert "listening on" in line, line

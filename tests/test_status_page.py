@@ -42,8 +42,10 @@ def get(svc, path: str, headers: dict | None = None):
 def named_lead(lead_id: int, name: str) -> bytes:
     from urllib.parse import quote
 
-    return (f"leads%5Badd%5D%5B0%5D%5Bid%5D={lead_id}&leads%5Badd%5D%5B0%5D%5Bname%5D={quote(name)}"
-            "&account%5Bsubdomain%5D=example&account%5Bid%5D=42").encode()
+    return (
+        f"leads%5Badd%5D%5B0%5D%5Bid%5D={lead_id}&leads%5Badd%5D%5B0%5D%5Bname%5D={quote(name)}"
+        "&account%5Bsubdomain%5D=example&account%5Bid%5D=42"
+    ).encode()
 
 
 @pytest.fixture
@@ -74,15 +76,19 @@ def test_without_the_password_both_routes_answer_404_like_an_unknown_path(sqlite
         service.stop(5)
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    basic("admin", "wrong-password-of-length"),
-    basic("admin", PASSWORD[:-1]),
-    basic("admin", PASSWORD + "x"),
-    {"Authorization": "Bearer " + PASSWORD},
-    {"Authorization": "Basic not-base64!"},
-    {"Authorization": "Basic " + base64.b64encode(PASSWORD.encode()).decode()},  # no user:password colon
-], ids=["none", "wrong", "prefix", "longer", "bearer", "garbage", "no-colon"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        basic("admin", "wrong-password-of-length"),
+        basic("admin", PASSWORD[:-1]),
+        basic("admin", PASSWORD + "x"),
+        {"Authorization": "Bearer " + PASSWORD},
+        {"Authorization": "Basic not-base64!"},
+        {"Authorization": "Basic " + base64.b64encode(PASSWORD.encode()).decode()},  # no user:password colon
+    ],
+    ids=["none", "wrong", "prefix", "longer", "bearer", "garbage", "no-colon"],
+)
 def test_without_the_right_password_the_answer_is_401_and_nothing_is_read(svc, headers):
     for path in ("/status", "/metrics"):
         status, answer_headers, body = get(svc, path, headers)
@@ -159,16 +165,30 @@ def feed(svc, store) -> None:
     event_id = Event.get(Event.entity_id == "11").id
     rows = [
         ("k1", "create_task", {"entity_id": 11, "text": "Call back <img src=x onerror=alert(2)>"}, "done", now),
-        ("k2", "add_note", {"entity_id": 12, "note_type": "common", "params": {"text": "note from a rule"}}, "done",
-         now - 60),
+        (
+            "k2",
+            "add_note",
+            {"entity_id": 12, "note_type": "common", "params": {"text": "note from a rule"}},
+            "done",
+            now - 60,
+        ),
         ("k3", "create_task", {"entity_id": 12, "text": "yesterday's task"}, "done", now - 2 * 86400),
         ("k4", "create_task", {"entity_id": 12, "text": "a failed task"}, "failed", now),
     ]
     with store.write():
         for key, kind, payload, status, at in rows:
-            Action.create(key=key, account="example", rule="Follow-up <i>rule</i>", event_id=event_id, kind=kind,
-                          payload=json.dumps(payload), status=status, result_id=9001 if status == "done" else None,
-                          created_at=at, updated_at=at)
+            Action.create(
+                key=key,
+                account="example",
+                rule="Follow-up <i>rule</i>",
+                event_id=event_id,
+                kind=kind,
+                payload=json.dumps(payload),
+                status=status,
+                result_id=9001 if status == "done" else None,
+                created_at=at,
+                updated_at=at,
+            )
     store.close()
 
 
@@ -288,8 +308,16 @@ def test_metrics_count_this_process_amocrm_requests_and_429s_per_account(store, 
 
 
 # -- in a real browser ------------------------------------------------------------------------
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium() -> str:
@@ -303,8 +331,9 @@ def chromium() -> str:
 
 
 def browse(binary: str, url: str, profile: Path, *extra: str) -> str:
-    result = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
-                            capture_output=True, text=True, timeout=90)
+    result = subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url], capture_output=True, text=True, timeout=90
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -321,8 +350,7 @@ def test_headless_chromium_renders_the_page_with_hostile_names_as_text(store, ac
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / f"status_page-{request.node.callspec.id}.png"
         shot.unlink(missing_ok=True)
-        browse(binary, url, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,900",
-               "--hide-scrollbars")
+        browse(binary, url, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars")
     finally:
         service.stop(5)
     print(f"screenshot: {shot}")
@@ -348,13 +376,18 @@ def test_serve_with_the_password_serves_both_and_never_logs_it(sqlite_url):
 
     from tests.test_log_secrets import serve_until
 
-    env = cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET, AMOHOOK_STATUS_PASSWORD=PASSWORD,
-                  AMOHOOK_LOG_LEVEL="debug")
+    env = cli_env(
+        sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET, AMOHOOK_STATUS_PASSWORD=PASSWORD, AMOHOOK_LOG_LEVEL="debug"
+    )
     seen = {}
 
     def work(url: str) -> None:
-        hook = requests.post(f"{url}{HOOK}", data=named_lead(7, HOSTILE),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=5)
+        hook = requests.post(
+            f"{url}{HOOK}",
+            data=named_lead(7, HOSTILE),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            timeout=5,
+        )
         assert hook.status_code == 200
         seen["denied"] = requests.get(f"{url}/status", auth=("admin", "not-the-password"), timeout=10)
         seen["page"] = requests.get(f"{url}/status", auth=("admin", PASSWORD), timeout=10)

@@ -47,8 +47,15 @@ def test_an_open_claim_does_not_hold_up_new_events(server_store):
     try:
         assert claimed.wait(10)
         start = time.monotonic()
-        Event.insert(delivery_id=1001, idx=0, entity="leads", action="add", status="pending",
-                     next_attempt_at=time.time() + 5, data="{}").execute()
+        Event.insert(
+            delivery_id=1001,
+            idx=0,
+            entity="leads",
+            action="add",
+            status="pending",
+            next_attempt_at=time.time() + 5,
+            data="{}",
+        ).execute()
         elapsed = time.monotonic() - start
     finally:
         release.set()

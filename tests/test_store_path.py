@@ -99,7 +99,9 @@ def test_an_existing_directory_of_a_new_store_keeps_its_mode(tmp_path):
     assert _mode(parent / "amohook.db") == 0o600
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared"])
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared"]
+)
 def test_an_in_memory_or_empty_sqlite_url_is_refused(url, tmp_path):
     result = run_cli(["status"], url)
     assert result.returncode == ExitCode.USAGE, result.stderr

@@ -72,7 +72,12 @@ def test_first_sync_fills_every_kind_with_the_fewest_requests(store, client, amo
     assert Stage.select().where(Stage.amo_id == 142).count() == 2
     sales = Pipeline.get(Pipeline.name == "Sales")
     assert [s.name for s in Stage.select().where(Stage.pipeline_id == sales.amo_id).order_by(Stage.sort)] == [
-        "Неразобранное", "Qualified", "Proposal", "Успешно реализовано", "Закрыто и не реализовано"]
+        "Неразобранное",
+        "Qualified",
+        "Proposal",
+        "Успешно реализовано",
+        "Закрыто и не реализовано",
+    ]
     admin = User.get(User.email == "admin@example.com")
     assert admin.is_admin and admin.is_active
     assert TaskType.get(TaskType.amo_id == 2).code == "MEETING"
@@ -182,8 +187,12 @@ def test_a_failure_halfway_through_the_users_keeps_the_old_users(store, account,
 def test_an_answer_without_ids_fails_that_kind_and_keeps_its_rows(store, client, amo):
     sync_entities(store, client)
     fields = snapshot(CustomField)
-    amo.fail("/api/v4/leads/custom_fields", status=200, content_type="application/hal+json",
-             body={"_links": {}, "_embedded": {"custom_fields": [{"name": "no id"}]}})
+    amo.fail(
+        "/api/v4/leads/custom_fields",
+        status=200,
+        content_type="application/hal+json",
+        body={"_links": {}, "_embedded": {"custom_fields": [{"name": "no id"}]}},
+    )
     report = sync_entities(store, client)
     assert isinstance(report.result("custom_fields").error, AmoApiError)
     assert "without a numeric id" in report.result("custom_fields").error.message
@@ -225,12 +234,17 @@ def test_cli_sync_then_listings_show_the_store(store, account, amo):
     assert [p["name"] for p in pipes] == ["Воронка", "Sales"]
     assert all({"id", "name"} <= s.keys() for p in pipes for s in p["statuses"])
     assert [(s["id"], s["name"]) for s in pipes[1]["statuses"]][1:4] == [
-        (pipes[1]["statuses"][1]["id"], "Qualified"), (pipes[1]["statuses"][2]["id"], "Proposal"),
-        (142, "Успешно реализовано")]
+        (pipes[1]["statuses"][1]["id"], "Qualified"),
+        (pipes[1]["statuses"][2]["id"], "Proposal"),
+        (142, "Успешно реализовано"),
+    ]
     assert [s["id"] for s in pipes[0]["statuses"]][-2:] == [142, 143]
 
     types = json.loads(run_cli(["task-types", "--json"], store.url).stdout)
-    assert [(t["id"], t["name"], t["code"]) for t in types][:2] == [(1, "Связаться", "FOLLOW_UP"), (2, "Встреча", "MEETING")]
+    assert [(t["id"], t["name"], t["code"]) for t in types][:2] == [
+        (1, "Связаться", "FOLLOW_UP"),
+        (2, "Встреча", "MEETING"),
+    ]
     users = json.loads(run_cli(["users", "--json"], store.url).stdout)
     assert len(users) == 300 and {"id", "name", "email", "is_admin", "is_active"} == users[0].keys()
 
@@ -246,7 +260,12 @@ def test_cli_sync_json_is_a_list_of_account_reports(store, account, amo):
     (report,) = json.loads(result.stdout)
     assert report["account"] == "example" and report["ok"] and report["requests"] == 5
     assert {k["kind"]: k["added"] for k in report["kinds"]} == {
-        "pipelines": 2, "stages": 10, "task_types": 3, "users": 300, "custom_fields": 3}
+        "pipelines": 2,
+        "stages": 10,
+        "task_types": 3,
+        "users": 300,
+        "custom_fields": 3,
+    }
 
 
 def test_cli_quiet_prints_nothing_even_on_a_terminal(store, account, amo):

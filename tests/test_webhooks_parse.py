@@ -156,9 +156,7 @@ def test_fixture_05_account_links_and_first_position():
 def test_fixture_06_custom_field_and_robot_user():
     data = parse_webhook(fixture_body("06_lead_update_custom_field_2025.txt"), FORM).events[0].data
     assert data["modified_user_id"] == "0"
-    assert data["custom_fields"] == [
-        {"id": "957901", "name": "test_id", "values": [{"value": "30052055"}]}
-    ]
+    assert data["custom_fields"] == [{"id": "957901", "name": "test_id", "values": [{"value": "30052055"}]}]
 
 
 def test_fixture_07_delete_carries_only_three_fields():
@@ -440,71 +438,71 @@ def test_field_limit_counts_fields_not_ampersands():
 # PHP keeps a replaced name in its place).
 PHP_CASES = [
     # a container replaced by a value
-    ('a[b]=2&a=1', {'a': '1'}),
+    ("a[b]=2&a=1", {"a": "1"}),
     # a value replaced by a container
-    ('a=2&a[b]=1', {'a': {'b': '1'}}),
+    ("a=2&a[b]=1", {"a": {"b": "1"}}),
     # a nested container replaced by a value
-    ('a[b][c]=1&a[b]=2', {'a': {'b': '2'}}),
+    ("a[b][c]=1&a[b]=2", {"a": {"b": "2"}}),
     # an appended value replaced by a container
-    ('a[]=1&a[0][b]=2', {'a': {'0': {'b': '2'}}}),
+    ("a[]=1&a[0][b]=2", {"a": {"0": {"b": "2"}}}),
     # a replaced name keeps its place
-    ('x=1&a[b]=1&x[y]=2', {'x': {'y': '2'}, 'a': {'b': '1'}}),
+    ("x=1&a[b]=1&x[y]=2", {"x": {"y": "2"}, "a": {"b": "1"}}),
     # a nested value replaced in its place
-    ('a[b]=1&a[b][c]=2&a[d]=3', {'a': {'b': {'c': '2'}, 'd': '3'}}),
+    ("a[b]=1&a[b][c]=2&a[d]=3", {"a": {"b": {"c": "2"}, "d": "3"}}),
     # a new container after a value starts appending at 0
-    ('a[b][]=1&a[b]=2&a[b][]=3', {'a': {'b': {'0': '3'}}}),
+    ("a[b][]=1&a[b]=2&a[b][]=3", {"a": {"b": {"0": "3"}}}),
     # text after ']' is ignored
-    ('a[b]c=1', {'a': {'b': '1'}}),
+    ("a[b]c=1", {"a": {"b": "1"}}),
     # everything after the first text after ']' is ignored
-    ('a[b]c[d]=1', {'a': {'b': '1'}}),
+    ("a[b]c[d]=1", {"a": {"b": "1"}}),
     # a second ']' is text after ']'
-    ('a[b]]=1', {'a': {'b': '1'}}),
+    ("a[b]]=1", {"a": {"b": "1"}}),
     # text after '[]' is ignored
-    ('a[]x=1', {'a': {'0': '1'}}),
+    ("a[]x=1", {"a": {"0": "1"}}),
     # a first '[' without ']' is '_' in a plain name
-    ('a[b=1', {'a_b': '1'}),
+    ("a[b=1", {"a_b": "1"}),
     # and the rest is mangled like a base name
-    ('a[b.c d=1', {'a_b_c_d': '1'}),
+    ("a[b.c d=1", {"a_b_c_d": "1"}),
     # a later '[' without ']' ends the name
-    ('a[b][c=1', {'a': {'b': '1'}}),
+    ("a[b][c=1", {"a": {"b": "1"}}),
     # a later '[' without ']' after '[]' appends
-    ('a[][=1', {'a': {'0': '1'}}),
+    ("a[][=1", {"a": {"0": "1"}}),
     # a ']' without '[' is part of the name
-    ('a]=1', {'a]': '1'}),
+    ("a]=1", {"a]": "1"}),
     # an index runs to the first ']' and may hold '['
-    ('a[b[c]=1', {'a': {'b[c': '1'}}),
+    ("a[b[c]=1", {"a": {"b[c": "1"}}),
     # an index may start with '['
-    ('a[[b]]=1', {'a': {'[b': '1'}}),
+    ("a[[b]]=1", {"a": {"[b": "1"}}),
     # spaces and dots in the base name become '_', not in an index
-    ('a.b c[x.y]=1', {'a_b_c': {'x.y': '1'}}),
+    ("a.b c[x.y]=1", {"a_b_c": {"x.y": "1"}}),
     # leading spaces are dropped
-    ('+ +a=1', {'a': '1'}),
+    ("+ +a=1", {"a": "1"}),
     # an empty base name drops the variable
-    ('[a]=1&=2&+=3&b=4', {'b': '4'}),
+    ("[a]=1&=2&+=3&b=4", {"b": "4"}),
     # a name ends at NUL; a value keeps it
-    ('a%00b[c]=1&d=x%00y', {'a': '1', 'd': 'x\x00y'}),
+    ("a%00b[c]=1&d=x%00y", {"a": "1", "d": "x\x00y"}),
     # a NUL inside an index ends the name there
-    ('a[b%00c]=1', {'a_b': '1'}),
+    ("a[b%00c]=1", {"a_b": "1"}),
     # mangling must not make __Host- or __Secure- names
-    ('..Host-a=1&a[__Secure-x]=2&__Host-b[__Host-c]=3', {'a': {}, '__Host-b': {'__Host-c': '3'}}),
+    ("..Host-a=1&a[__Secure-x]=2&__Host-b[__Host-c]=3", {"a": {}, "__Host-b": {"__Host-c": "3"}}),
     # [] appends after the largest integer key
-    ('a[]=1&a[]=2&a[5]=x&a[]=3', {'a': {'0': '1', '1': '2', '5': 'x', '6': '3'}}),
+    ("a[]=1&a[]=2&a[5]=x&a[]=3", {"a": {"0": "1", "1": "2", "5": "x", "6": "3"}}),
     # one whitespace character in brackets appends too
-    ('a[ ]=1&a[%09]=2&a[  ]=3&a[ x]=4', {'a': {'0': '1', '1': '2', '  ': '3', ' x': '4'}}),
+    ("a[ ]=1&a[%09]=2&a[  ]=3&a[ x]=4", {"a": {"0": "1", "1": "2", "  ": "3", " x": "4"}}),
     # only canonical integers count as integer keys
-    ('a[x]=1&a[]=2&a[01]=3&a[-0]=4&a[]=5', {'a': {'x': '1', '0': '2', '01': '3', '-0': '4', '1': '5'}}),
+    ("a[x]=1&a[]=2&a[01]=3&a[-0]=4&a[]=5", {"a": {"x": "1", "0": "2", "01": "3", "-0": "4", "1": "5"}}),
     # after a negative key, [] appends at the next integer
-    ('a[-5]=1&a[]=2', {'a': {'-5': '1', '-4': '2'}}),
+    ("a[-5]=1&a[]=2", {"a": {"-5": "1", "-4": "2"}}),
     # the key after PHP_INT_MAX - 1 is PHP_INT_MAX, then [] is dropped
-    ('a[9223372036854775806]=1&a[]=2&a[]=3', {'a': {'9223372036854775806': '1', '9223372036854775807': '2'}}),
+    ("a[9223372036854775806]=1&a[]=2&a[]=3", {"a": {"9223372036854775806": "1", "9223372036854775807": "2"}}),
     # [] after PHP_INT_MAX drops the variable
-    ('a[9223372036854775807]=1&a[][b]=2&a[x]=3', {'a': {'9223372036854775807': '1', 'x': '3'}}),
+    ("a[9223372036854775807]=1&a[][b]=2&a[x]=3", {"a": {"9223372036854775807": "1", "x": "3"}}),
     # keys beyond PHP_INT_MAX are strings
-    ('a[9223372036854775808]=1&a[]=2', {'a': {'9223372036854775808': '1', '0': '2'}}),
+    ("a[9223372036854775808]=1&a[]=2", {"a": {"9223372036854775808": "1", "0": "2"}}),
     # PHP_INT_MIN is an integer key
-    ('a[-9223372036854775808]=1&a[]=2', {'a': {'-9223372036854775808': '1', '-9223372036854775807': '2'}}),
+    ("a[-9223372036854775808]=1&a[]=2", {"a": {"-9223372036854775808": "1", "-9223372036854775807": "2"}}),
     # each [] is a new element
-    ('a[][b]=1&a[][b]=2', {'a': {'0': {'b': '1'}, '1': {'b': '2'}}}),
+    ("a[][b]=1&a[][b]=2", {"a": {"0": {"b": "1"}, "1": {"b": "2"}}}),
 ]
 
 
@@ -655,9 +653,6 @@ def _random_tree(rng: random.Random, depth: int) -> object:
 @pytest.mark.parametrize("seed", range(25))
 def test_round_trip_random_trees(seed):
     rng = random.Random(seed)
-    tree = {
-        _random_key(rng, top=True): _random_tree(rng, rng.randint(1, 6))
-        for _ in range(rng.randint(1, 5))
-    }
+    tree = {_random_key(rng, top=True): _random_tree(rng, rng.randint(1, 6)) for _ in range(rng.randint(1, 5))}
     body = form(tree, append=rng.random() < 0.5)
     assert to_lists(parse_form(body)) == tree

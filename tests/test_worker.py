@@ -79,7 +79,9 @@ def test_registry_keeps_order_and_refuses_duplicate_names():
 
 
 def test_load_handler_imports_module_function(tmp_path, monkeypatch):
-    (tmp_path / "myhooks.py").write_text("class H:\n    @staticmethod\n    def run(event, ctx):\n        return 1\nX = 3\n")
+    (tmp_path / "myhooks.py").write_text(
+        "class H:\n    @staticmethod\n    def run(event, ctx):\n        return 1\nX = 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_handler("myhooks:H.run")(None, None) == 1
     for spec, message in [
@@ -106,8 +108,9 @@ def make_worker(store, *handlers, clock=None, **kw):
     for i, fn in enumerate(handlers):
         registry.register(f"h{i}", fn)
     kw.setdefault("max_attempts", 5)
-    return Worker(store, registry, kw.pop("worker_id", "w1"), clock=clock or Clock(), rand=lambda: 0.0,
-                  policy=POLICY, **kw)
+    return Worker(
+        store, registry, kw.pop("worker_id", "w1"), clock=clock or Clock(), rand=lambda: 0.0, policy=POLICY, **kw
+    )
 
 
 def put(store, count: int = 1, received_at: float = NOW):
@@ -117,7 +120,9 @@ def put(store, count: int = 1, received_at: float = NOW):
 def test_a_handled_event_is_done_with_one_ok_attempt(store):
     put(store, 2)
     seen = []
-    worker = make_worker(store, lambda event, ctx: seen.append((event.id, event.entity, event.data["id"], ctx.event.id)))
+    worker = make_worker(
+        store, lambda event, ctx: seen.append((event.id, event.entity, event.data["id"], ctx.event.id))
+    )
     assert worker.run_once() == 2
     worker.close()
     assert seen == [(1, "leads", "1000", 1), (2, "leads", "1001", 2)]
@@ -353,7 +358,9 @@ def test_worker_once_leaves_failures_scheduled_for_later(sqlite_url, handler_env
 
     store = open_store(sqlite_url)
     put(store, 1, received_at=time.time())
-    result = run_cli(["worker", "--once", "--handler", "hooks_for_test:fail", "--max-attempts", "3"], sqlite_url, env=handler_env)
+    result = run_cli(
+        ["worker", "--once", "--handler", "hooks_for_test:fail", "--max-attempts", "3"], sqlite_url, env=handler_env
+    )
     assert result.returncode == 0, result.stderr
     event = Event.get()
     assert event.status == "pending" and event.attempts == 1 and "RuntimeError: always" in event.last_error

@@ -19,6 +19,17 @@ from amohook.actions.sender import (
 )
 
 __all__ = [
-    "BATCH_SIZE", "HUMAN_WAIT", "LEASE_SECONDS", "MAX_ATTEMPTS", "ActionSender", "SendStats", "backoff",
-    "definitely_refused", "kind_names", "kinds", "lead_changing_kinds", "noun", "record_planned",
+    "BATCH_SIZE",
+    "HUMAN_WAIT",
+    "LEASE_SECONDS",
+    "MAX_ATTEMPTS",
+    "ActionSender",
+    "SendStats",
+    "backoff",
+    "definitely_refused",
+    "kind_names",
+    "kinds",
+    "lead_changing_kinds",
+    "noun",
+    "record_planned",
 ]

@@ -118,8 +118,9 @@ def send_batch(out, actions: list[Action], request_ids: dict, call, noun: str):
         out.stats.failed += len(bad)
         rest = [a for a in actions if a not in bad]
         # Not documented that amoCRM applied none of the rest: look before sending them again.
-        out.later(rest, f"sent again after another {noun} of its batch was rejected", maybe_sent=True,
-                  wait=0.0, counts=False)
+        out.later(
+            rest, f"sent again after another {noun} of its batch was rejected", maybe_sent=True, wait=0.0, counts=False
+        )
         return None
     except Exception as exc:
         out.reschedule(actions, exc, maybe_sent=not definitely_refused(exc))
@@ -144,7 +145,7 @@ class CreateKind(ActionKind):
         found: list[dict] = []
         for start in range(0, len(lead_ids), 50):
             out.stats.lookups += 1
-            params = {"filter[entity_id][]": lead_ids[start:start + 50], **self.lookup_params()}
+            params = {"filter[entity_id][]": lead_ids[start : start + 50], **self.lookup_params()}
             found.extend(client.iter_pages(self.path, self.list_key, params))
         # What is already recorded as another action's result is that action's, even when it
         # looks the same (a fixed text and an absolute due time repeat across changes).
@@ -153,7 +154,8 @@ class CreateKind(ActionKind):
             taken: set[int | None] = {
                 row.result_id
                 for row in Action.select(Action.result_id).where(
-                    (Action.account == actions[0].account) & (Action.kind == self.name)
+                    (Action.account == actions[0].account)
+                    & (Action.kind == self.name)
                     & Action.result_id.in_(found_ids or [0])
                 )
             }
@@ -175,7 +177,9 @@ class CreateKind(ActionKind):
             return
         request_ids = {a.id: payloads[a.id]["request_id"] for a in actions}
         answer = send_batch(
-            out, actions, request_ids,
+            out,
+            actions,
+            request_ids,
             lambda: client.post(self.path, [payloads[a.id] for a in actions], repeat_after_refresh=False),
             self.noun,
         )
@@ -252,7 +256,9 @@ class LeadPatchKind(ActionKind):
             return
         request_ids = {a.id: str(payloads[a.id]["patch"]["request_id"]) for a in actions}
         answer = send_batch(
-            out, actions, request_ids,
+            out,
+            actions,
+            request_ids,
             lambda: client.patch(LEADS_PATH, [payloads[a.id]["patch"] for a in actions], repeat_after_refresh=False),
             self.noun,
         )

@@ -52,14 +52,14 @@ class SetField(LeadPatchKind):
         self.unknown_keys(raw, label, problems)
         field, tag = raw.get("field"), raw.get("tag")
         if field is None and tag is None:
-            problems.append(f"{label} needs field = \"…\" with value = …, or tag = \"…\"")
+            problems.append(f'{label} needs field = "…" with value = …, or tag = "…"')
         if field is not None and (not isinstance(field, (str, int)) or isinstance(field, bool)):
             problems.append(f"{label}: field must be a custom field's name or id")
             field = None
         if field is not None and "value" not in raw:
             problems.append(f"{label}: field needs a value")
         if "value" in raw and field is None:
-            problems.append(f"{label}: value needs field = \"…\"")
+            problems.append(f'{label}: value needs field = "…"')
         if tag is not None and (not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_TAG):
             problems.append(f"{label}: tag must be a name of 1 to {MAX_TAG} characters")
             tag = None
@@ -73,8 +73,11 @@ class SetField(LeadPatchKind):
             row = ctx.fields_by_id.get(str(spec.field)) or ctx.fields_by_name.get(lookup.normalize(str(spec.field)))
             if row is None:
                 close = lookup.suggest(str(spec.field), ctx.field_names)
-                hint = f" — did you mean {', '.join(repr(c) for c in close)}?" if close else (
-                    " — run `amohook sync-entities` if it is new")
+                hint = (
+                    f" — did you mean {', '.join(repr(c) for c in close)}?"
+                    if close
+                    else (" — run `amohook sync-entities` if it is new")
+                )
                 problems.append(f"{label}: no lead custom field '{spec.field}'{hint}")
                 return None
             try:
@@ -103,8 +106,15 @@ class SetField(LeadPatchKind):
             patch["custom_fields_values"] = [{"field_id": compiled.field_id, "values": [{"value": compiled.value}]}]
         if compiled.tag:
             patch["tags_to_add"] = [{"name": compiled.tag}]  # only the name: id and name together duplicate tags
-        return PlannedAction(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id,
-                             payload={"patch": patch, "from": None}, kind=self.name, target_id=change.lead_id)
+        return PlannedAction(
+            key=key,
+            rule=rule.name,
+            account=rule.account,
+            lead_id=change.lead_id,
+            payload={"patch": patch, "from": None},
+            kind=self.name,
+            target_id=change.lead_id,
+        )
 
     def state(self, lead, payload):
         patch = payload["patch"]
@@ -159,7 +169,9 @@ def convert(field_type: str, value: Any, tz: str | None) -> Any:
         return value
     if field_type in DATE_TYPES:
         return _timestamp(value, tz)
-    raise ValueError(f"fields of type {field_type} cannot be set by rules yet — use one of {', '.join(sorted(SETTABLE))}")
+    raise ValueError(
+        f"fields of type {field_type} cannot be set by rules yet — use one of {', '.join(sorted(SETTABLE))}"
+    )
 
 
 def _timestamp(value: Any, tz: str | None) -> int:

@@ -40,7 +40,7 @@ class MoveLead(LeadPatchKind):
         self.unknown_keys(raw, label, problems)
         to_stage = raw.get("to_stage")
         if not isinstance(to_stage, (str, int)) or isinstance(to_stage, bool) or to_stage == "":
-            problems.append(f"{label} needs to_stage = \"stage name or id\"")
+            problems.append(f'{label} needs to_stage = "stage name or id"')
             to_stage = ""
         pipeline = raw.get("pipeline")
         if pipeline is not None and (not isinstance(pipeline, (str, int)) or isinstance(pipeline, bool)):
@@ -54,7 +54,7 @@ class MoveLead(LeadPatchKind):
         try:
             pipeline = ctx.catalog.pipeline(spec.pipeline) if spec.pipeline is not None else ctx.pipeline
             if pipeline is None:
-                problems.append(f"{label}: which pipeline? set pipeline = \"…\" on the rule or in [rule.move_lead]")
+                problems.append(f'{label}: which pipeline? set pipeline = "…" on the rule or in [rule.move_lead]')
                 return None
             stage = ctx.catalog.stage(pipeline, spec.to_stage)
         except lookup.LookupFailed as exc:
@@ -83,11 +83,22 @@ class MoveLead(LeadPatchKind):
         if (pipeline, status) == (compiled.pipeline_id, compiled.status_id):
             return f"lead {change.lead_id} is already in stage {compiled.stage_name!r}; not moved"
         key = action_key(rule, change, ctx.fallback, self.key_suffix)
-        patch = {"id": change.lead_id, "status_id": compiled.status_id, "pipeline_id": compiled.pipeline_id,
-                 "request_id": key[:32]}
+        patch = {
+            "id": change.lead_id,
+            "status_id": compiled.status_id,
+            "pipeline_id": compiled.pipeline_id,
+            "request_id": key[:32],
+        }
         start = [pipeline, status] if pipeline and status else None
-        return PlannedAction(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id,
-                             payload={"patch": patch, "from": start}, kind=self.name, target_id=change.lead_id)
+        return PlannedAction(
+            key=key,
+            rule=rule.name,
+            account=rule.account,
+            lead_id=change.lead_id,
+            payload={"patch": patch, "from": start},
+            kind=self.name,
+            target_id=change.lead_id,
+        )
 
     def state(self, lead, payload):
         patch, start = payload["patch"], payload.get("from")
@@ -95,6 +106,8 @@ class MoveLead(LeadPatchKind):
         if now == [patch["pipeline_id"], patch["status_id"]]:
             return "done", f"lead {patch['id']} is already in the target stage: nothing sent again"
         if start is not None and now != start:
-            return "skip", (f"lead {patch['id']} was moved elsewhere since the change (now stage {now[1]} of "
-                            f"pipeline {now[0]}): not moved")
+            return "skip", (
+                f"lead {patch['id']} was moved elsewhere since the change (now stage {now[1]} of "
+                f"pipeline {now[0]}): not moved"
+            )
         return "send", None

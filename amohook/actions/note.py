@@ -56,8 +56,9 @@ class AddNote(CreateKind):
         key = action_key(rule, change, ctx.fallback, self.key_suffix)
         text = render(compiled.text, template_values(rule, change, ctx.lead, responsible)).strip() or rule.name
         payload = {"entity_id": change.lead_id, "note_type": "common", "params": {"text": text}, "request_id": key[:32]}
-        return PlannedAction(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload,
-                             kind=self.name)
+        return PlannedAction(
+            key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload, kind=self.name
+        )
 
     def lookup_params(self):
         return {"filter[note_type]": "common"}

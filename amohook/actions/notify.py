@@ -88,10 +88,12 @@ class Notify(ActionKind):
         self.unknown_keys(raw, label, problems)
         url_env = raw.get("url_env")
         if "url" in raw:
-            problems.append(f"{label}: the URL does not belong in the file — put it in an environment variable "
-                            "and write url_env = \"ITS_NAME\"")
+            problems.append(
+                f"{label}: the URL does not belong in the file — put it in an environment variable "
+                'and write url_env = "ITS_NAME"'
+            )
         if not isinstance(url_env, str) or not ENV_NAME.match(url_env):
-            problems.append(f"{label} needs url_env = \"NAME\" (the environment variable holding the URL)")
+            problems.append(f'{label} needs url_env = "NAME" (the environment variable holding the URL)')
             url_env = ""
         body = raw.get("json")
         if not isinstance(body, dict) or not body:
@@ -138,8 +140,9 @@ class Notify(ActionKind):
         if len(json.dumps(body, ensure_ascii=False).encode()) > MAX_BODY_BYTES:
             return f"the message for lead {change.lead_id} is larger than {MAX_BODY_BYTES // 1024} KiB; not sent"
         payload = {"url_env": compiled.url_env, "json": body, "idempotency_key": idempotency_key(key)}
-        return PlannedAction(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload,
-                             kind=self.name)
+        return PlannedAction(
+            key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload, kind=self.name
+        )
 
     # A message that may have been sent is sent again under the same Idempotency-Key.
     def send(self, out, client, actions, payloads) -> None:
@@ -156,7 +159,9 @@ class Notify(ActionKind):
         out.stats.posts += 1
         try:
             response = out.http.post(
-                url, data=json.dumps(payload["json"], ensure_ascii=False).encode(), timeout=TIMEOUT,
+                url,
+                data=json.dumps(payload["json"], ensure_ascii=False).encode(),
+                timeout=TIMEOUT,
                 headers={"Content-Type": "application/json", "Idempotency-Key": payload["idempotency_key"]},
                 allow_redirects=False,
             )

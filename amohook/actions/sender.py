@@ -60,7 +60,9 @@ MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to
 HUMAN_WAIT = PERSON_WAIT  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
-def record_planned(store: Store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time) -> int:
+def record_planned(
+    store: Store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time
+) -> int:
     """Record planned actions under their keys; returns how many were new (the rest were duplicates).
 
     An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
@@ -198,8 +200,14 @@ class ActionSender:
 
     def done(self, action_id: int, result_id: int | None, note: str | None = None) -> None:
         """Settled: ``result_id`` is what it created (or the lead it changed); ``note`` says how."""
-        Action.update(status="done", result_id=result_id, lease_owner=None, lease_until=None, last_error=note,
-                      updated_at=self.clock()).where(self._mine([action_id])).execute()
+        Action.update(
+            status="done",
+            result_id=result_id,
+            lease_owner=None,
+            lease_until=None,
+            last_error=note,
+            updated_at=self.clock(),
+        ).where(self._mine([action_id])).execute()
 
     def skip(self, ids, note: str) -> None:
         """Settled without an effect, on purpose (the lead moved on; the loop guard); ``note`` says why."""
@@ -207,8 +215,14 @@ class ActionSender:
 
     def fail(self, ids, error: str, status: str = "failed", **fields) -> None:
         """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself."""
-        Action.update(status=status, lease_owner=None, lease_until=None, last_error=error[:2000],
-                      updated_at=self.clock(), **fields).where(self._mine(ids)).execute()
+        Action.update(
+            status=status,
+            lease_owner=None,
+            lease_until=None,
+            last_error=error[:2000],
+            updated_at=self.clock(),
+            **fields,
+        ).where(self._mine(ids)).execute()
 
     def later(
         self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
@@ -314,9 +328,12 @@ class ActionSender:
         if self.linger <= 0 or time.monotonic() - self._last_flush > self.linger:
             return False
         now = self.clock()
-        pending = Action.select(Action.id, Action.created_at).where(
-            (Action.status == "pending") & (Action.lease_until.is_null())
-        ).order_by(Action.id).limit(self.batch_size)
+        pending = (
+            Action.select(Action.id, Action.created_at)
+            .where((Action.status == "pending") & (Action.lease_until.is_null()))
+            .order_by(Action.id)
+            .limit(self.batch_size)
+        )
         rows = list(pending)
         return 0 < len(rows) < self.batch_size and rows[0].created_at > now - self.linger
 
@@ -333,4 +350,3 @@ class ActionSender:
                 self.log(f"action sender: {type(exc).__name__}: {exc}")
             self.wakeup.wait(idle)
             self.wakeup.clear()
-

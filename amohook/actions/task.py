@@ -55,8 +55,9 @@ class CreateTask(CreateKind):
         duration = raw.get("duration")
         if duration is not None and (not isinstance(duration, int) or duration < 0):
             problems.append(f"{label}: duration is in seconds, a whole number")
-        return TaskSpec(type=raw.get("type", ""), text=text, due=due, responsible=raw.get("responsible", "lead"),
-                        duration=duration)
+        return TaskSpec(
+            type=raw.get("type", ""), text=text, due=due, responsible=raw.get("responsible", "lead"), duration=duration
+        )
 
     def compile(self, spec, ctx, label, problems):
         from amohook import lookup
@@ -91,7 +92,8 @@ class CreateTask(CreateKind):
             return f"lead {change.lead_id} has no responsible user in the hook or in amoCRM; no task created"
         key = action_key(rule, change, ctx.fallback, self.key_suffix)
         payload = {
-            "text": render(compiled.spec.text, template_values(rule, change, ctx.lead, responsible)).strip() or rule.name,
+            "text": render(compiled.spec.text, template_values(rule, change, ctx.lead, responsible)).strip()
+            or rule.name,
             "complete_till": due_timestamp(compiled.spec.due, ctx.base_time, ctx.timezone),
             "entity_id": change.lead_id,
             "entity_type": "leads",
@@ -101,8 +103,9 @@ class CreateTask(CreateKind):
         }
         if compiled.spec.duration:
             payload["duration"] = compiled.spec.duration
-        return PlannedAction(key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload,
-                             kind=self.name)
+        return PlannedAction(
+            key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload, kind=self.name
+        )
 
     def lookup_params(self):
         return {"filter[entity_type]": "leads"}

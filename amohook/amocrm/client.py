@@ -156,7 +156,8 @@ class AmoClient:
                 refresh_tokens(self.store, self.subdomain, stale_access_token=account.access_token, clock=self.clock)
                 if not repeat_after_refresh:
                     raise RefusedBeforeRefresh(
-                        f"amoCRM answered 401 to {method} {path}; the token is refreshed, send it again", status=401,
+                        f"amoCRM answered 401 to {method} {path}; the token is refreshed, send it again",
+                        status=401,
                         url=url,
                     )
                 attempt -= 1  # the repeat after a refresh is not a retry
@@ -169,8 +170,10 @@ class AmoClient:
                     self.sleep(wait if wait is not None else 1.0 + CLIENT_READ.delay(attempt))
                     continue
                 raise RateLimited(
-                    f"amoCRM kept answering 429 (too many requests) to {method} {path}", retry_after=wait,
-                    status=429, url=url,
+                    f"amoCRM kept answering 429 (too many requests) to {method} {path}",
+                    retry_after=wait,
+                    status=429,
+                    url=url,
                 )
             if status >= 500 and is_read and attempt < self.max_attempts:
                 self.sleep(CLIENT_READ.delay(attempt))
@@ -209,11 +212,15 @@ class AmoClient:
                 **info,
             )
         if status == 403:
-            return Forbidden(f"amoCRM refused {method} {path} (403: {what}) — the token's user lacks this right", **info)
+            return Forbidden(
+                f"amoCRM refused {method} {path} (403: {what}) — the token's user lacks this right", **info
+            )
         if status == 400 and fields.get("validation-errors") is not None:
             return ValidationFailed(f"amoCRM rejected {method} {path}: {what}", **info)
         if status == 402:
-            return AmoApiError(f"amoCRM answered 402 for {method} {path}: the account's subscription is not paid", **info)
+            return AmoApiError(
+                f"amoCRM answered 402 for {method} {path}: the account's subscription is not paid", **info
+            )
         if status >= 500:
             return AmoTemporaryError(f"amoCRM answered {status} to {method} {path}: {what}", **info)
         return AmoApiError(f"amoCRM answered {status} to {method} {path}: {what}", **info)

@@ -42,8 +42,9 @@ def fetch_events(
     """
     found = [
         event
-        for page in iter_event_pages(client, types=types, created_from=created_from, created_to=created_to,
-                                     entity=entity, max_pages=max_pages)
+        for page in iter_event_pages(
+            client, types=types, created_from=created_from, created_to=created_to, entity=entity, max_pages=max_pages
+        )
         for event in page
     ]
     return sorted(found, key=event_sort_key)

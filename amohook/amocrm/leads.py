@@ -38,7 +38,7 @@ def fetch_leads(client, ids: Iterable[int], *, batch: int = LEAD_BATCH) -> dict[
         raise ValueError(f"batch must be 1..{PAGE_LIMIT}")
 
     found: dict[int, dict] = {}
-    chunks = [wanted[start: start + batch] for start in range(0, len(wanted), batch)]
+    chunks = [wanted[start : start + batch] for start in range(0, len(wanted), batch)]
     while chunks:
         chunk = chunks.pop(0)
         try:

@@ -178,9 +178,13 @@ def _pair_or_raise(response, base_url, client: Client, *, grant: str, clock, sub
             data = None
         fields = _token_fields(data)
         if fields is None:
-            what = ("HTTP 200 with an HTML page" if is_html(response) else
-                    "HTTP 200 with JSON but no usable access_token" if isinstance(data, dict) else
-                    "HTTP 200 with something that is not JSON")
+            what = (
+                "HTTP 200 with an HTML page"
+                if is_html(response)
+                else "HTTP 200 with JSON but no usable access_token"
+                if isinstance(data, dict)
+                else "HTTP 200 with something that is not JSON"
+            )
             if grant == "refresh_token":
                 # The request reached amoCRM: like a lost answer, the old refresh token may be spent.
                 raise _outcome_unknown(base_url, subdomain, what, answered=True)
@@ -219,8 +223,12 @@ def _explain(response, base_url, client: Client, *, grant: str, subdomain: str) 
     if status >= 500 or status == 429:
         if grant == "refresh_token":
             return _outcome_unknown(base_url, subdomain, f"HTTP {status}")
-        return AmoTemporaryError(f"amoCRM answered the token request with HTTP {status} — try again in a minute", **info)
-    if grant == "refresh_token" and ("revoked" in low or "invalid refresh" in low or status == 401 and "client" not in low):
+        return AmoTemporaryError(
+            f"amoCRM answered the token request with HTTP {status} — try again in a minute", **info
+        )
+    if grant == "refresh_token" and (
+        "revoked" in low or "invalid refresh" in low or status == 401 and "client" not in low
+    ):
         return TokenRevoked(subdomain, hint or f"HTTP {status}")
     if "has expired" in low:
         return OAuthError(
@@ -253,4 +261,6 @@ def _explain(response, base_url, client: Client, *, grant: str, subdomain: str) 
             "(trailing slash included)",
             **info,
         )
-    return AmoApiError(f"amoCRM answered the token request with HTTP {status}: {short(hint or detail or response.text)}", **info)
+    return AmoApiError(
+        f"amoCRM answered the token request with HTTP {status}: {short(hint or detail or response.text)}", **info
+    )

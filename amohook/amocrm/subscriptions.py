@@ -130,4 +130,3 @@ def unsubscribe(client, destination: str) -> bool:
             return False
         raise
     return True
-

@@ -66,8 +66,15 @@ def _register_optional() -> None:
     """Command groups that arrive with later features; each module joins itself to ``app``."""
     import importlib
 
-    for name in ("amohook.cli.sync", "amohook.cli.serve", "amohook.cli.events", "amohook.cli.rules",
-                 "amohook.cli.reconcile", "amohook.cli.prune", "amohook.cli.doctor"):
+    for name in (
+        "amohook.cli.sync",
+        "amohook.cli.serve",
+        "amohook.cli.events",
+        "amohook.cli.rules",
+        "amohook.cli.reconcile",
+        "amohook.cli.prune",
+        "amohook.cli.doctor",
+    ):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -46,7 +46,9 @@ def _interactive() -> bool:
 
 def init_auth(
     ctx: typer.Context,
-    subdomain: Annotated[str, typer.Option("--subdomain", "-s", help="Account subdomain, e.g. mycompany for mycompany.amocrm.ru.")],
+    subdomain: Annotated[
+        str, typer.Option("--subdomain", "-s", help="Account subdomain, e.g. mycompany for mycompany.amocrm.ru.")
+    ],
     code: Annotated[
         str | None,
         typer.Option(
@@ -67,7 +69,9 @@ def init_auth(
             "command lines are visible in `ps`.",
         ),
     ] = None,
-    client_id: Annotated[str | None, typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")] = None,
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")
+    ] = None,
     client_secret: Annotated[
         str | None,
         typer.Option(
@@ -79,10 +83,16 @@ def init_auth(
     ] = None,
     redirect_uri: Annotated[
         str | None,
-        typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI exactly as in the integration's settings."),
+        typer.Option(
+            "--redirect-uri",
+            envvar="AMOHOOK_REDIRECT_URI",
+            help="Redirect URI exactly as in the integration's settings.",
+        ),
     ] = None,
     domain: DomainOpt = Domain["amocrm.ru"],
-    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="API base URL, overriding subdomain+domain (proxies).")
+    ] = None,
 ):
     """Exchange an authorization code for tokens (or store a long-lived token) and check they work."""
     from amohook.amocrm.oauth import Client
@@ -125,15 +135,26 @@ def auth_url(
     ctx: typer.Context,
     client_id: Annotated[str, typer.Option("--client-id", envvar="AMOHOOK_CLIENT_ID", help="Integration ID.")],
     redirect_uri: Annotated[
-        str, typer.Option("--redirect-uri", envvar="AMOHOOK_REDIRECT_URI", help="Redirect URI; point it at `amohook serve`'s /oauth/callback.")
+        str,
+        typer.Option(
+            "--redirect-uri",
+            envvar="AMOHOOK_REDIRECT_URI",
+            help="Redirect URI; point it at `amohook serve`'s /oauth/callback.",
+        ),
     ],
     client_secret: Annotated[
         str | None,
-        typer.Option("--client-secret", envvar=ENV_CLIENT_SECRET, show_envvar=True,
-                     help="Secret key. Prefer the environment variable: command lines are visible in `ps`."),
+        typer.Option(
+            "--client-secret",
+            envvar=ENV_CLIENT_SECRET,
+            show_envvar=True,
+            help="Secret key. Prefer the environment variable: command lines are visible in `ps`.",
+        ),
     ] = None,
     domain: DomainOpt = Domain["amocrm.ru"],
-    base_url: Annotated[str | None, typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="API base URL to use after the redirect (proxies).")
+    ] = None,
 ):
     """Print the URL that grants access; `amohook serve` completes it at /oauth/callback."""
     from amohook.amocrm.oauth import Client
@@ -152,7 +173,9 @@ def refresh_token(
     ctx: typer.Context,
     subdomain: SubdomainOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Refresh now, even if not due.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing when nothing was due (for cron).")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing when nothing was due (for cron).")
+    ] = False,
 ):
     """Renew the tokens once half of the access token's life has passed (run it from cron)."""
     from amohook.tokens import all_accounts, refresh_tokens
@@ -165,6 +188,7 @@ def refresh_token(
 
         raise AccountNotFound(None)
     for account in accounts:
+
         def on_wait(msg: str, s: str = account.subdomain) -> None:
             warn(f"{s}: {msg}")
 
@@ -210,7 +234,9 @@ def status(
                     "long_lived": r.long_lived,
                     "expires_at": iso(r.expires_at),
                     "refresh_due_at": iso(r.refresh_due_at),
-                    "refresh_token_age_days": None if r.refresh_token_age is None else round(r.refresh_token_age / 86400, 2),
+                    "refresh_token_age_days": None
+                    if r.refresh_token_age is None
+                    else round(r.refresh_token_age / 86400, 2),
                     "warning": r.warning,
                     "reconciliation": recon.get(r.subdomain),
                 }

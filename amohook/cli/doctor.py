@@ -31,7 +31,9 @@ def doctor(
     ctx: typer.Context,
     rules: Annotated[
         str | None,
-        typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True, help="Also check this rules file against the store."),
+        typer.Option(
+            "--rules", envvar="AMOHOOK_RULES", show_envvar=True, help="Also check this rules file against the store."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for monitoring.")] = False,
     quiet: Annotated[

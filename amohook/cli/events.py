@@ -11,8 +11,11 @@ import typer
 from amohook.actions.registry import noun
 from amohook.cli.common import CONTEXT_SETTINGS, fmt_time, iso, print_json, say, state, warn
 
-events_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS,
-                         help="Look at received webhook events and queue them again.")
+events_app = typer.Typer(
+    no_args_is_help=True,
+    context_settings=CONTEXT_SETTINGS,
+    help="Look at received webhook events and queue them again.",
+)
 
 STATUSES = ("pending", "running", "done", "dead")
 Status = Enum("Status", {name: name for name in STATUSES}, type=str)  # type: ignore[misc]  # from STATUSES
@@ -44,8 +47,12 @@ def _row(event) -> dict:
 @events_app.command("list")
 def list_(
     ctx: typer.Context,
-    status: Annotated[Status | None, typer.Option("--status", case_sensitive=False, help="Only events in this state.")] = None,
-    entity: Annotated[str | None, typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")] = None,
+    status: Annotated[
+        Status | None, typer.Option("--status", case_sensitive=False, help="Only events in this state.")
+    ] = None,
+    entity: Annotated[
+        str | None, typer.Option("--entity", help="leads, contacts, companies, tasks, unsorted, …")
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=100_000, help="At most this many, newest first.")] = 50,
     as_json: JsonOpt = False,
 ):
@@ -70,8 +77,15 @@ def list_(
     for e in rows:
         # Everything but the numbers came from outside (the webhook, amoCRM's answers): plain text.
         table.add_row(
-            str(e.id), fmt_time(e.received_at), plain(e.entity), plain(e.action), plain(e.entity_id), plain(e.account),
-            plain(e.status), str(e.attempts), plain((e.last_error or "")[:80]),
+            str(e.id),
+            fmt_time(e.received_at),
+            plain(e.entity),
+            plain(e.action),
+            plain(e.entity_id),
+            plain(e.account),
+            plain(e.status),
+            str(e.attempts),
+            plain((e.last_error or "")[:80]),
         )
     console().print(table)
 
@@ -123,8 +137,14 @@ def show(
             "body": delivery.body,
         }
     actions: list[dict[str, Any]] = [
-        {"rule": a.rule, "kind": a.kind, "status": a.status, "task_id": a.result_id, "attempts": a.attempts,
-         "last_error": a.last_error}
+        {
+            "rule": a.rule,
+            "kind": a.kind,
+            "status": a.status,
+            "task_id": a.result_id,
+            "attempts": a.attempts,
+            "last_error": a.last_error,
+        }
         for a in detail.actions
     ]
     if as_json:
@@ -158,8 +178,10 @@ def show(
         say(f"rule actions ({len(actions)}):")
         for act in actions:
             task = f" → {noun(act['kind'])} {act['task_id']}" if act["task_id"] else ""
-            say(f"  {act['rule']}: {act['kind']} {act['status']}{task}"
-                + (f"  {act['last_error']}" if act["last_error"] else ""))
+            say(
+                f"  {act['rule']}: {act['kind']} {act['status']}{task}"
+                + (f"  {act['last_error']}" if act["last_error"] else "")
+            )
 
 
 @events_app.command("replay")

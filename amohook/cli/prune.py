@@ -12,9 +12,14 @@ from amohook.cli.common import print_json, say, state
 def prune(
     ctx: typer.Context,
     older_than: Annotated[
-        str, typer.Option("--older-than", envvar="AMOHOOK_KEEP", show_envvar=True,
-                          help="Delete done events, their deliveries and attempts, and finished actions older than "
-                          "this (at least 1d; dead events and failed actions: 90 days).")
+        str,
+        typer.Option(
+            "--older-than",
+            envvar="AMOHOOK_KEEP",
+            show_envvar=True,
+            help="Delete done events, their deliveries and attempts, and finished actions older than "
+            "this (at least 1d; dead events and failed actions: 90 days).",
+        ),
     ] = "30d",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -27,14 +32,18 @@ def prune(
 
     keep = parse_duration(older_than, option="--older-than")
     if keep is None or keep < MIN_KEEP:
-        raise ConfigError(f"--older-than '{older_than}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)")
+        raise ConfigError(
+            f"--older-than '{older_than}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)"
+        )
     result = run_prune(state(ctx).store(), keep=keep, dry_run=dry_run)
     if as_json:
         print_json(result.as_dict())
         return
     verb = "would delete" if dry_run else "deleted"
-    say(f"{verb}: {result.events} done event(s), {result.dead_events} dead event(s), {result.deliveries} "
-        f"deliveries, {result.attempts} attempt(s), {result.actions} action(s), {result.changes} change record(s)")
+    say(
+        f"{verb}: {result.events} done event(s), {result.dead_events} dead event(s), {result.deliveries} "
+        f"deliveries, {result.attempts} attempt(s), {result.actions} action(s), {result.changes} change record(s)"
+    )
 
 
 def register(app: typer.Typer) -> None:

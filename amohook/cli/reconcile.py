@@ -13,12 +13,37 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")
 
 # amoCRM's webhook event codes (amoCRM docs: crm_platform/webhooks-api).
 WEBHOOK_EVENTS = (
-    "responsible_lead", "responsible_contact", "responsible_company", "responsible_customer", "responsible_task",
-    "restore_lead", "restore_contact", "restore_company", "add_lead", "add_contact", "add_company",
-    "add_customer", "add_talk", "add_task", "update_lead", "update_contact", "update_company",
-    "update_customer", "update_talk", "update_task", "delete_lead", "delete_contact", "delete_company",
-    "delete_customer", "delete_task", "status_lead", "note_lead", "note_contact", "note_company",
-    "note_customer", "add_chat_template_review",
+    "responsible_lead",
+    "responsible_contact",
+    "responsible_company",
+    "responsible_customer",
+    "responsible_task",
+    "restore_lead",
+    "restore_contact",
+    "restore_company",
+    "add_lead",
+    "add_contact",
+    "add_company",
+    "add_customer",
+    "add_talk",
+    "add_task",
+    "update_lead",
+    "update_contact",
+    "update_company",
+    "update_customer",
+    "update_talk",
+    "update_task",
+    "delete_lead",
+    "delete_contact",
+    "delete_company",
+    "delete_customer",
+    "delete_task",
+    "status_lead",
+    "note_lead",
+    "note_contact",
+    "note_company",
+    "note_customer",
+    "add_chat_template_review",
 )
 # What each rule trigger needs amoCRM to send.
 TRIGGER_EVENTS = {
@@ -29,8 +54,11 @@ TRIGGER_EVENTS = {
 }
 DEFAULT_EVENTS = ("status_lead", "add_lead", "responsible_lead")
 
-webhooks_app = typer.Typer(help="List, subscribe and unsubscribe amoCRM webhook destinations (admin token only).",
-                           no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
+webhooks_app = typer.Typer(
+    help="List, subscribe and unsubscribe amoCRM webhook destinations (admin token only).",
+    no_args_is_help=True,
+    context_settings=CONTEXT_SETTINGS,
+)
 
 
 def _account(subdomain: str | None) -> str:
@@ -63,8 +91,11 @@ def reconcile(
         raise AccountNotFound(None)
     results = []
     for account in accounts:
-        results.append(reconcile_account(store, client_for(store, account), account, since=since_s,
-                                         max_lookback=lookback_s, watchdog=True))
+        results.append(
+            reconcile_account(
+                store, client_for(store, account), account, since=since_s, max_lookback=lookback_s, watchdog=True
+            )
+        )
     if as_json:
         print_json([r.as_dict() for r in results])
         return
@@ -72,13 +103,20 @@ def reconcile(
         if r.busy:
             say(f"{r.account}: another amohook process is running a pass right now; skipped")
             continue
-        say(f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
-            f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))")
+        say(
+            f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
+            f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))"
+        )
         if r.left_out_from is not None:
-            warn(f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
-                 "left out (older than --max-lookback); raise it to read them")
+            warn(
+                f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
+                "left out (older than --max-lookback); raise it to read them"
+            )
         if r.subscription:
-            say(f"{r.account}: webhook subscriptions: {r.subscription}" + (f" — {r.subscription_note}" if r.subscription_note else ""))
+            say(
+                f"{r.account}: webhook subscriptions: {r.subscription}"
+                + (f" — {r.subscription_note}" if r.subscription_note else "")
+            )
 
 
 def _rules_events(rules: str) -> list[str]:
@@ -100,10 +138,14 @@ def _parse_events(text: str) -> list[str]:
     if unknown or not codes:
         import difflib
 
-        hints = [f"'{u}'" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, WEBHOOK_EVENTS, 1)) else "")
-                 for u in unknown]
-        raise ConfigError(f"unknown webhook event {', '.join(hints) or '(none given)'} — use amoCRM's codes, e.g. "
-                          "status_lead,add_lead,update_lead,responsible_lead")
+        hints = [
+            f"'{u}'" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, WEBHOOK_EVENTS, 1)) else "")
+            for u in unknown
+        ]
+        raise ConfigError(
+            f"unknown webhook event {', '.join(hints) or '(none given)'} — use amoCRM's codes, e.g. "
+            "status_lead,add_lead,update_lead,responsible_lead"
+        )
     return codes
 
 
@@ -131,8 +173,12 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     hooks = list_webhooks(client_for(store, account))
     ours = {s.destination_sha256 for s in watched(account)}
     rows: list[dict[str, Any]] = [
-        {"destination": redact_destination(h.destination), "events": list(h.events), "disabled": h.disabled,
-         "by_amohook": destination_sha(h.destination) in ours}
+        {
+            "destination": redact_destination(h.destination),
+            "events": list(h.events),
+            "disabled": h.disabled,
+            "by_amohook": destination_sha(h.destination) in ours,
+        }
         for h in hooks
     ]
     if as_json:
@@ -149,14 +195,23 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
 
 def webhooks_subscribe(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option("--url", help="The destination amoCRM will POST to, exactly as it should be called.")],
+    url: Annotated[
+        str, typer.Option("--url", help="The destination amoCRM will POST to, exactly as it should be called.")
+    ],
     events: Annotated[
         str | None,
-        typer.Option("--events", help="Comma-separated amoCRM event codes (default: what --rules needs, "
-                     "else status_lead,add_lead,responsible_lead)."),
+        typer.Option(
+            "--events",
+            help="Comma-separated amoCRM event codes (default: what --rules needs, "
+            "else status_lead,add_lead,responsible_lead).",
+        ),
     ] = None,
-    rules: Annotated[str | None, typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
-                                                 help="Rules file whose triggers pick the events.")] = None,
+    rules: Annotated[
+        str | None,
+        typer.Option(
+            "--rules", envvar="AMOHOOK_RULES", show_envvar=True, help="Rules file whose triggers pick the events."
+        ),
+    ] = None,
     subdomain: SubdomainOpt = None,
 ):
     """Subscribe URL to amoCRM's webhooks (an existing destination is updated); the watchdog then looks after it."""
@@ -174,8 +229,10 @@ def webhooks_subscribe(
     account = _account(subdomain)
     hook = subscribe(client_for(store, account), url, codes)
     remember(store, account, url, codes)
-    say(f"{account}: subscribed {redact_destination(url)} to {', '.join(codes)}"
-        + (" (amoCRM reports it switched off)" if hook.disabled else ""))
+    say(
+        f"{account}: subscribed {redact_destination(url)} to {', '.join(codes)}"
+        + (" (amoCRM reports it switched off)" if hook.disabled else "")
+    )
 
 
 def webhooks_unsubscribe(
@@ -194,8 +251,10 @@ def webhooks_unsubscribe(
     removed = unsubscribe(client_for(store, account), url)
     forget(store, account, url)
     if not removed:
-        raise ConfigError(f"{account}: amoCRM has no subscription {redact_destination(url)} — "
-                          "`amohook webhooks list` shows what there is (the URL must match exactly)")
+        raise ConfigError(
+            f"{account}: amoCRM has no subscription {redact_destination(url)} — "
+            "`amohook webhooks list` shows what there is (the URL must match exactly)"
+        )
     say(f"{account}: unsubscribed {redact_destination(url)}")
 
 
@@ -207,22 +266,26 @@ def reconcile_rows(now: float) -> list[dict]:
     rows = []
     for account in Account.select(Account.subdomain).order_by(Account.subdomain):
         st = reconcile_status(account.subdomain, now)
-        rows.append({
-            "subdomain": st.account,
-            "last_pass_at": iso(st.last_pass_at),
-            "cursor_lag_seconds": None if st.lag is None else round(st.lag),
-            "recovered_24h": st.recovered_24h,
-            "subscription": st.subscription,
-            "subscription_note": st.subscription_note,
-            "last_error": st.last_error,
-        })
+        rows.append(
+            {
+                "subdomain": st.account,
+                "last_pass_at": iso(st.last_pass_at),
+                "cursor_lag_seconds": None if st.lag is None else round(st.lag),
+                "recovered_24h": st.recovered_24h,
+                "subscription": st.subscription,
+                "subscription_note": st.subscription_note,
+                "last_error": st.last_error,
+            }
+        )
     return rows
 
 
 def describe_row(row: dict) -> str:
     lag = "never run" if row["cursor_lag_seconds"] is None else f"lag {fmt_duration(row['cursor_lag_seconds'])}"
-    text = (f"{row['subdomain']}: reconciliation {lag}, {row['recovered_24h']} change(s) recovered in 24 h, "
-            f"subscriptions {row['subscription']}")
+    text = (
+        f"{row['subdomain']}: reconciliation {lag}, {row['recovered_24h']} change(s) recovered in 24 h, "
+        f"subscriptions {row['subscription']}"
+    )
     if row["last_error"]:
         text += f"; last pass failed: {row['last_error']}"
     return text
@@ -234,4 +297,3 @@ def register(app: typer.Typer) -> None:
     webhooks_app.command("subscribe")(webhooks_subscribe)
     webhooks_app.command("unsubscribe")(webhooks_unsubscribe)
     app.add_typer(webhooks_app, name="webhooks")
-

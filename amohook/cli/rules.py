@@ -8,7 +8,11 @@ import typer
 
 from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state
 
-rules_app = typer.Typer(no_args_is_help=True, context_settings=CONTEXT_SETTINGS, help="Rules that act when leads change or tasks are completed.")
+rules_app = typer.Typer(
+    no_args_is_help=True,
+    context_settings=CONTEXT_SETTINGS,
+    help="Rules that act when leads change or tasks are completed.",
+)
 
 RulesOpt = Annotated[
     str | None,

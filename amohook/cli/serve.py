@@ -20,40 +20,69 @@ HandlerOpt = Annotated[
 ]
 LeaseOpt = Annotated[
     float,
-    typer.Option("--lease", min=1.0, help="Seconds a claimed event stays reserved; renewed while its handler runs. "
-                 "A crashed worker's events are claimed again after it."),
+    typer.Option(
+        "--lease",
+        min=1.0,
+        help="Seconds a claimed event stays reserved; renewed while its handler runs. "
+        "A crashed worker's events are claimed again after it.",
+    ),
 ]
 MaxAttemptsOpt = Annotated[
-    int, typer.Option("--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`).")
+    int,
+    typer.Option(
+        "--max-attempts", min=1, help="Attempts before an event is marked dead (see `amohook events replay`)."
+    ),
 ]
 LogLevelOpt = Annotated[
     Level,
-    typer.Option("--log-level", envvar="AMOHOOK_LOG_LEVEL", show_envvar=True, case_sensitive=False,
-                 help="Level of amohook's own messages (to stderr; the journal under systemd). No level shows a "
-                 "token or a secret."),
+    typer.Option(
+        "--log-level",
+        envvar="AMOHOOK_LOG_LEVEL",
+        show_envvar=True,
+        case_sensitive=False,
+        help="Level of amohook's own messages (to stderr; the journal under systemd). No level shows a "
+        "token or a secret.",
+    ),
 ]
 LibraryLogLevelOpt = Annotated[
     Level,
-    typer.Option("--library-log-level", envvar="AMOHOOK_LIBRARY_LOG_LEVEL", show_envvar=True, case_sensitive=False,
-                 help="Level of the libraries' own messages (peewee, urllib3, …). Their debug output shows every SQL "
-                 "statement and request; token-shaped strings and the secrets are still masked."),
+    typer.Option(
+        "--library-log-level",
+        envvar="AMOHOOK_LIBRARY_LOG_LEVEL",
+        show_envvar=True,
+        case_sensitive=False,
+        help="Level of the libraries' own messages (peewee, urllib3, …). Their debug output shows every SQL "
+        "statement and request; token-shaped strings and the secrets are still masked.",
+    ),
 ]
 ReconcileOpt = Annotated[
     str | None,
-    typer.Option("--reconcile", envvar="AMOHOOK_RECONCILE", show_envvar=True,
-                 help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h or off. "
-                 "Default: 5m when --rules or --handler is given, else off."),
+    typer.Option(
+        "--reconcile",
+        envvar="AMOHOOK_RECONCILE",
+        show_envvar=True,
+        help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h or off. "
+        "Default: 5m when --rules or --handler is given, else off.",
+    ),
 ]
 KeepOpt = Annotated[
     str,
-    typer.Option("--keep", envvar="AMOHOOK_KEEP", show_envvar=True,
-                 help="Prune done events, deliveries, attempts and finished actions older than this, every hour "
-                 "(at least 1d; `off` keeps everything)."),
+    typer.Option(
+        "--keep",
+        envvar="AMOHOOK_KEEP",
+        show_envvar=True,
+        help="Prune done events, deliveries, attempts and finished actions older than this, every hour "
+        "(at least 1d; `off` keeps everything).",
+    ),
 ]
 RulesOpt = Annotated[
     str | None,
-    typer.Option("--rules", envvar="AMOHOOK_RULES", show_envvar=True,
-                 help="Rules file (TOML) whose tasks the workers create; checked at start (see `amohook rules check`)."),
+    typer.Option(
+        "--rules",
+        envvar="AMOHOOK_RULES",
+        show_envvar=True,
+        help="Rules file (TOML) whose tasks the workers create; checked at start (see `amohook rules check`).",
+    ),
 ]
 
 
@@ -90,8 +119,12 @@ def keep_seconds(keep: str) -> float | None:
 
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", envvar="AMOHOOK_HOST", help="Address to listen on (put a TLS proxy in front).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", envvar="AMOHOOK_PORT", min=0, max=65535, help="Port; 0 picks a free one.")] = 8080,
+    host: Annotated[
+        str, typer.Option("--host", envvar="AMOHOOK_HOST", help="Address to listen on (put a TLS proxy in front).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", envvar="AMOHOOK_PORT", min=0, max=65535, help="Port; 0 picks a free one.")
+    ] = 8080,
     secret: Annotated[
         str | None,
         typer.Option(
@@ -102,16 +135,21 @@ def serve(
             "environment variable: command lines are visible in `ps`.",
         ),
     ] = None,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")] = 1,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Worker threads processing events in this process.")
+    ] = 1,
     handler: HandlerOpt = None,
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
     lease: LeaseOpt = 300.0,
     max_attempts: MaxAttemptsOpt = 10,
-    max_body: Annotated[int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")] = 1024 * 1024,
+    max_body: Annotated[
+        int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")
+    ] = 1024 * 1024,
     request_timeout: Annotated[
-        float, typer.Option("--request-timeout", min=0.1, help="Seconds of silence after which a request is dropped (408).")
+        float,
+        typer.Option("--request-timeout", min=0.1, help="Seconds of silence after which a request is dropped (408)."),
     ] = 10.0,
     read_deadline: Annotated[
         float, typer.Option("--read-deadline", min=0.1, help="Seconds in which a whole request must arrive (408).")
@@ -145,25 +183,48 @@ def serve(
     log = logging.getLogger("amohook.serve")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(store, rules=rules, handlers=handler or [], threads=workers, listen=config,
-                    reconcile_every=interval, keep=keep_seconds(keep), lease_seconds=lease,
-                    max_attempts=max_attempts, search_dir=os.getcwd())
+    runner = Runner(
+        store,
+        rules=rules,
+        handlers=handler or [],
+        threads=workers,
+        listen=config,
+        reconcile_every=interval,
+        keep=keep_seconds(keep),
+        lease_seconds=lease,
+        max_attempts=max_attempts,
+        search_dir=os.getcwd(),
+    )
     if workers and not len(runner.registry):
-        log.warning("no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
-                    "(or `serve --handler …`) processes them")
+        log.warning(
+            "no handlers given: webhooks are stored and stay pending until `amohook worker --handler …` "
+            "(or `serve --handler …`) processes them"
+        )
     stop = stop_on_signals()  # before starting: a SIGTERM during start-up still stops cleanly
     try:
         runner.start()
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port"
+        ) from None
     url = runner.url
     say(f"listening on {url}")  # on stdout as well: scripts and tests wait for this line
     log.info("listening on %s", url)
-    log.info("webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
-             "%d worker thread(s); reconciliation: %s", url, url, url, len(runner.workers),
-             "every " + _seconds(interval) if runner.reconciling else "off")
-    log.info("status page and metrics: %s", f"{url}/status and {url}/metrics (HTTP Basic auth)"
-             if config.status_password else f"off (set {ENV_STATUS_PASSWORD} to turn them on)")
+    log.info(
+        "webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
+        "%d worker thread(s); reconciliation: %s",
+        url,
+        url,
+        url,
+        len(runner.workers),
+        "every " + _seconds(interval) if runner.reconciling else "off",
+    )
+    log.info(
+        "status page and metrics: %s",
+        f"{url}/status and {url}/metrics (HTTP Basic auth)"
+        if config.status_password
+        else f"off (set {ENV_STATUS_PASSWORD} to turn them on)",
+    )
     runner.wait(stop)
     stop.log_signal(log)
     runner.stop()
@@ -196,9 +257,19 @@ def worker(
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(store, rules=rules, handlers=handler or [], threads=threads, reconcile_every=interval,
-                    keep=keep_seconds(keep), lease_seconds=lease, max_attempts=max_attempts, batch_size=batch,
-                    poll_interval=poll, search_dir=os.getcwd())
+    runner = Runner(
+        store,
+        rules=rules,
+        handlers=handler or [],
+        threads=threads,
+        reconcile_every=interval,
+        keep=keep_seconds(keep),
+        lease_seconds=lease,
+        max_attempts=max_attempts,
+        batch_size=batch,
+        poll_interval=poll,
+        search_dir=os.getcwd(),
+    )
     if not len(runner.registry):
         raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
     stop = stop_on_signals()
@@ -208,8 +279,10 @@ def worker(
         say(f"processed {processed} event(s)")
         return
     runner.start()
-    started = (f"worker started: {threads} thread(s), handlers: {', '.join(runner.registry.names())}; "
-               f"reconciliation: {'every ' + _seconds(interval) if runner.reconciling else 'off'}")
+    started = (
+        f"worker started: {threads} thread(s), handlers: {', '.join(runner.registry.names())}; "
+        f"reconciliation: {'every ' + _seconds(interval) if runner.reconciling else 'off'}"
+    )
     say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
     log.info("%s", started)
     runner.wait(stop)

@@ -54,8 +54,9 @@ def _progress_display(enabled: bool):
 
                 from amohook.redact import printable
 
-                tasks[key] = progress.add_task(escape(printable(f"{event.account}: {LABELS[event.kind]}")), total=None,
-                                               state="")
+                tasks[key] = progress.add_task(
+                    escape(printable(f"{event.account}: {LABELS[event.kind]}")), total=None, state=""
+                )
             task = tasks[key]
             if event.phase == "fetch":
                 progress.update(task, state=f"fetched {event.fetched}" if event.fetched else "fetching…")
@@ -77,7 +78,9 @@ def _summary(report) -> None:
     table.add_column("note")
     for r in report.results:
         if r.status == "ok":
-            table.add_row(LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), "")
+            table.add_row(
+                LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), ""
+            )
         else:
             table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", plain(r.status))
     console().print(table)
@@ -174,7 +177,10 @@ def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonO
 
     table = Table(title=plain(f"pipelines of {sub}"))
     columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("pipeline id", "right"), ("pipeline", "left"), ("stage id", "right"), ("stage", "left"),
+        ("pipeline id", "right"),
+        ("pipeline", "left"),
+        ("stage id", "right"),
+        ("stage", "left"),
     )
     for col, justify in columns:
         table.add_column(col, justify=justify)
@@ -238,7 +244,9 @@ def users(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt =
     for col in ("name", "email", "admin", "active"):
         table.add_column(col)
     for u in rows:
-        table.add_row(str(u.amo_id), plain(u.name), plain(u.email), "yes" if u.is_admin else "", "yes" if u.is_active else "no")
+        table.add_row(
+            str(u.amo_id), plain(u.name), plain(u.email), "yes" if u.is_admin else "", "yes" if u.is_active else "no"
+        )
     console().print(table)
 
 

@@ -203,11 +203,23 @@ class GroupCommitter:
             return
         hint = FAILURE_HINTS.get(kind, "see the database's own log")
         if first and failed == 1:
-            self.log.error("commits failing: %s (%s) storing %d deliveries — %s; webhooks are answered 503 "
-                           "and amoCRM retries them", kind, describe(error), size, hint)
+            self.log.error(
+                "commits failing: %s (%s) storing %d deliveries — %s; webhooks are answered 503 "
+                "and amoCRM retries them",
+                kind,
+                describe(error),
+                size,
+                hint,
+            )
         else:
-            self.log.error("commits still failing: %s (%s); %d batches failed in %.0f s — %s",
-                           kind, describe(error), failed, now - since, hint)
+            self.log.error(
+                "commits still failing: %s (%s); %d batches failed in %.0f s — %s",
+                kind,
+                describe(error),
+                failed,
+                now - since,
+                hint,
+            )
 
     def _record_success(self) -> None:
         now = time.time()
@@ -338,7 +350,9 @@ class GroupCommitter:
             if len(batch) > 1 and not isinstance(error, (peewee.OperationalError, peewee.InterfaceError)):
                 # Something in one delivery that the checks did not foresee: do not let it fail the
                 # others. (A database that is down fails them all anyway, so that is not retried.)
-                self.log.warning("a batch of %d failed (%s); storing its deliveries one by one", len(batch), describe(error))
+                self.log.warning(
+                    "a batch of %d failed (%s); storing its deliveries one by one", len(batch), describe(error)
+                )
                 for ticket in batch:
                     self._commit([ticket])
                 return

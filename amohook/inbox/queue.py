@@ -176,7 +176,9 @@ def fail(
             values["next_attempt_at"] = retry_at
         won = Event.update(**values).where(_ours(event_id, owner)).execute()
         outcome = ("dead" if retry_at is None else "retry") if won else "lost"
-        Attempt.create(event_id=event_id, worker=owner, started_at=started_at, finished_at=now, outcome=outcome, error=error)
+        Attempt.create(
+            event_id=event_id, worker=owner, started_at=started_at, finished_at=now, outcome=outcome, error=error
+        )
     return bool(won)
 
 
@@ -223,7 +225,9 @@ def replay(store: Store, event_ids: Sequence[int] = (), *, dead: bool = False, n
             ids = [row.id for row in Event.select(Event.id).where(Event.status == "dead").order_by(Event.id)]
         else:
             ids = list(dict.fromkeys(int(i) for i in event_ids))
-        found = {row.id: row.status for row in Event.select(Event.id, Event.status).where(Event.id.in_(ids))} if ids else {}
+        found = (
+            {row.id: row.status for row in Event.select(Event.id, Event.status).where(Event.id.in_(ids))} if ids else {}
+        )
         missing = [event_id for event_id in ids if event_id not in found]
         if missing:
             return ReplayResult([], {}, missing)

@@ -158,14 +158,40 @@ def unmask(exc: BaseException) -> BaseException:
 # What an operator can act on, by the database's own words (SQLite, MariaDB/MySQL, PostgreSQL).
 # Only the class goes to /healthz: a driver's message may name the host, port or user.
 _FAILURE_CLASSES = (
-    ("disk full", ("database or disk is full", "no space left", "disk full", "is full", "could not extend file",
-                   "errno 28", "(1114", "(1021")),
+    (
+        "disk full",
+        (
+            "database or disk is full",
+            "no space left",
+            "disk full",
+            "is full",
+            "could not extend file",
+            "errno 28",
+            "(1114",
+            "(1021",
+        ),
+    ),
     ("database read-only", ("readonly database", "read-only", "read only")),
     ("database locked", ("database is locked", "lock wait timeout", "deadlock", "could not obtain lock")),
     ("too many database connections", ("too many connections", "too many clients", "remaining connection slots")),
-    ("database unreachable", ("could not connect", "connection refused", "server closed the connection",
-                              "lost connection", "gone away", "can't connect", "connection to server",
-                              "terminating connection", "no route to host", "timed out", "(2003", "(2006", "(2013")),
+    (
+        "database unreachable",
+        (
+            "could not connect",
+            "connection refused",
+            "server closed the connection",
+            "lost connection",
+            "gone away",
+            "can't connect",
+            "connection to server",
+            "terminating connection",
+            "no route to host",
+            "timed out",
+            "(2003",
+            "(2006",
+            "(2013",
+        ),
+    ),
     ("database file unusable", ("disk i/o error", "malformed", "not a database", "unable to open")),
 )
 
@@ -198,8 +224,19 @@ def driver_errors_as_peewee():
 
 _DELIVERY_COLUMNS = ("body_sha256", "body", "content_type", "headers", "remote_addr", "received_at", "times_received")
 _EVENT_COLUMNS = (
-    "delivery_id", "idx", "entity", "action", "entity_id", "account", "account_id", "data",
-    "status", "attempts", "next_attempt_at", "received_at", "updated_at",
+    "delivery_id",
+    "idx",
+    "entity",
+    "action",
+    "entity_id",
+    "account",
+    "account_id",
+    "data",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "received_at",
+    "updated_at",
 )
 
 
@@ -269,9 +306,19 @@ def store_in_txn(store: Store, items: Sequence[Incoming]) -> list[Stored]:
         for idx, ev in enumerate(parsed.events):
             event_rows.append(
                 (
-                    ids[sha], idx, ev.entity, ev.action, ev.entity_id, parsed.account_subdomain,
-                    parsed.account_id, _data_json(ev.data),
-                    "pending", 0, item.received_at, item.received_at, item.received_at,
+                    ids[sha],
+                    idx,
+                    ev.entity,
+                    ev.action,
+                    ev.entity_id,
+                    parsed.account_subdomain,
+                    parsed.account_id,
+                    _data_json(ev.data),
+                    "pending",
+                    0,
+                    item.received_at,
+                    item.received_at,
+                    item.received_at,
                 )
             )
     _insert_many(cursor, event, _EVENT_COLUMNS, event_rows, q, p, lambda row: len(row[7]) + 256)

@@ -44,6 +44,7 @@ def as_int(value: Any) -> int | None:
 
 _int = as_int
 
+
 def _custom_fields(data: dict) -> tuple:
     out = []
     raw = data.get("custom_fields") or []
@@ -102,7 +103,6 @@ def lead_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     return changes
 
 
-
 def task_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     """A task on a lead closed by this update: one ``task_completed`` change; otherwise none.
 
@@ -122,10 +122,20 @@ def task_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     text = data.get("text")
     return [
         LeadChange(
-            kind="task_completed", lead_id=lead_id, pipeline_id=None, status_id=None, old_pipeline_id=None,
-            old_status_id=None, responsible_user_id=None, old_responsible_user_id=None, name=None, price=None,
-            changed_at=str(data.get("last_modified") or "") or None, task_id=task_id,
-            task_type_id=_int(data.get("task_type")), task_text=text if isinstance(text, str) else None,
+            kind="task_completed",
+            lead_id=lead_id,
+            pipeline_id=None,
+            status_id=None,
+            old_pipeline_id=None,
+            old_status_id=None,
+            responsible_user_id=None,
+            old_responsible_user_id=None,
+            name=None,
+            price=None,
+            changed_at=str(data.get("last_modified") or "") or None,
+            task_id=task_id,
+            task_type_id=_int(data.get("task_type")),
+            task_text=text if isinstance(text, str) else None,
         )
     ]
 

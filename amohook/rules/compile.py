@@ -77,15 +77,21 @@ def compile_rules(
         label = f"rule '{spec.name}'"
         if spec.account:
             if spec.account not in accounts:
-                problems.append(f"{label}: no account '{spec.account}' in the store (have: {', '.join(accounts) or 'none'})")
+                problems.append(
+                    f"{label}: no account '{spec.account}' in the store (have: {', '.join(accounts) or 'none'})"
+                )
                 continue
             account = spec.account
         elif len(accounts) == 1:
             account = accounts[0]
         else:
             problems.append(
-                f"{label}: " + ("no account in the store — run `amohook init-auth`" if not accounts
-                                else f"several accounts are stored; add account = \"…\" ({', '.join(accounts)})")
+                f"{label}: "
+                + (
+                    "no account in the store — run `amohook init-auth`"
+                    if not accounts
+                    else f'several accounts are stored; add account = "…" ({", ".join(accounts)})'
+                )
             )
             continue
         catalog = catalogs.setdefault(account, lookup.Catalog(account))
@@ -127,11 +133,22 @@ def compile_rules(
                 hint = f" — did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 problems.append(f"{label}: no lead custom field '{cond.field}'{hint}")
             field_ids[cond.field] = match.amo_id if match else None
-        ctx = CompileContext(account, catalog, pipeline, field_by_id, field_by_name, field_names, tz,
-                             env if env is not None else os.environ, spec)
+        ctx = CompileContext(
+            account,
+            catalog,
+            pipeline,
+            field_by_id,
+            field_by_name,
+            field_names,
+            tz,
+            env if env is not None else os.environ,
+            spec,
+        )
         actions = []
         for kind_name, action_spec in spec.actions:
-            actions.append((kind_name, registry[kind_name].compile(action_spec, ctx, f"{label}: {kind_name}", problems)))
+            actions.append(
+                (kind_name, registry[kind_name].compile(action_spec, ctx, f"{label}: {kind_name}", problems))
+            )
         compiled.append(
             CompiledRule(
                 spec=spec,

@@ -34,8 +34,10 @@ def _fires_on_entering(rule: CompiledRule, target: tuple[int | None, int], came_
         return False
     if rule.to_stage_id is not None and rule.to_stage_id != stage:
         return False
-    if rule.from_stage_id is not None and came_from.spec.when == "lead.stage_changed" and (
-        came_from.to_stage_id is not None and came_from.to_stage_id != rule.from_stage_id
+    if (
+        rule.from_stage_id is not None
+        and came_from.spec.when == "lead.stage_changed"
+        and (came_from.to_stage_id is not None and came_from.to_stage_id != rule.from_stage_id)
     ):
         return False
     return True
@@ -48,8 +50,10 @@ def cycle_problems(rules: list[CompiledRule]) -> list[str]:
     problems = []
     for rule in movers:
         for target in _moves(rule):
-            if rule.spec.when == "lead.stage_changed" and rule.to_stage_id == target[1] and (
-                rule.pipeline_id in (None, target[0])
+            if (
+                rule.spec.when == "lead.stage_changed"
+                and rule.to_stage_id == target[1]
+                and (rule.pipeline_id in (None, target[0]))
             ):
                 problems.append(f"rule '{rule.name}': moves the lead to the stage that triggers it")
                 continue

@@ -19,8 +19,11 @@ WINDOW = 600.0
 def recent_changes(account: str, lead_id: int, kinds: list[str], now: float, *, exclude: Sequence[str] = ()) -> int:
     """Rule-made changes of this lead recorded in the window (skipped ones do not count)."""
     query = Action.select().where(
-        (Action.account == account) & Action.kind.in_(kinds) & (Action.result_id == lead_id)
-        & (Action.created_at >= now - WINDOW) & (Action.status != "skipped")
+        (Action.account == account)
+        & Action.kind.in_(kinds)
+        & (Action.result_id == lead_id)
+        & (Action.created_at >= now - WINDOW)
+        & (Action.status != "skipped")
     )
     if exclude:
         query = query.where(Action.key.not_in(list(exclude)))
@@ -31,5 +34,7 @@ def stop_reason(count: int) -> str | None:
     """Why an action is not sent, when ``count`` rule-made changes came before it; else None."""
     if count < MAX_CHANGES:
         return None
-    return (f"loop guard: rules already changed this lead {count} times in {int(WINDOW // 60)} minutes — "
-            "a chain of rules feeding each other? check the rules' stages and conditions")
+    return (
+        f"loop guard: rules already changed this lead {count} times in {int(WINDOW // 60)} minutes — "
+        "a chain of rules feeding each other? check the rules' stages and conditions"
+    )

@@ -38,7 +38,9 @@ def with_lead_state(change: LeadChange, lead: dict) -> LeadChange:
         status_id=as_int(lead.get("status_id")),
         responsible_user_id=change.responsible_user_id or as_int(lead.get("responsible_user_id")),
         name=change.name if change.name is not None else lead.get("name"),
-        price=change.price if change.price is not None else str(lead.get("price") if lead.get("price") is not None else ""),
+        price=change.price
+        if change.price is not None
+        else str(lead.get("price") if lead.get("price") is not None else ""),
         custom_fields=tuple(fields),
     )
 
@@ -73,8 +75,8 @@ class RulesHandler:
                 # The same change seen as a webhook and in the events log is one change: its
                 # first sighting's time names it in every action key (amohook.changes).
                 identity = identify(
-                    self.store, sighting_of(account, change, source=getattr(event, "source", None),
-                                            received_at=event.received_at),
+                    self.store,
+                    sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at),
                 )
                 change = replace(change, changed_at=str(identity.key_at))
             leads: dict[str, dict | None] = {}
@@ -101,8 +103,12 @@ class RulesHandler:
                     lead = lead_of(rule)
                     if lead is None:
                         continue
-                plan = PlanContext(base_time=event.received_at, timezone=self.timezone(rule.account),
-                                   fallback=f"delivery:{event.delivery_id}", lead=lead)
+                plan = PlanContext(
+                    base_time=event.received_at,
+                    timezone=self.timezone(rule.account),
+                    fallback=f"delivery:{event.delivery_id}",
+                    lead=lead,
+                )
                 actions, notes = plan_actions(rule, seen, plan)
                 for note in notes:
                     ctx.logger.warning("rule %r: %s", rule.name, note)

@@ -40,8 +40,10 @@ def might_match(rule: CompiledRule, change: LeadChange) -> bool:
 
 def needs_lead_state(rule: CompiledRule, change: LeadChange) -> bool:
     """A task hook says nothing of the lead: where it is must be read when the rule asks."""
-    return change.kind == "task_completed" and change.status_id is None and (
-        rule.pipeline_id is not None or rule.stage_id is not None or bool(rule.spec.conditions)
+    return (
+        change.kind == "task_completed"
+        and change.status_id is None
+        and (rule.pipeline_id is not None or rule.stage_id is not None or bool(rule.spec.conditions))
     )
 
 
@@ -60,8 +62,10 @@ def _task_matches(rule: CompiledRule, change: LeadChange) -> bool:
 def condition_holds(cond: Condition, field_id: int | None, change: LeadChange) -> bool:
     values: tuple = ()
     for cf_id, cf_name, cf_values in change.custom_fields:
-        if (field_id is not None and cf_id == field_id) or str(cf_id) == str(cond.field) or (
-            cf_name.strip().lower() == str(cond.field).strip().lower()
+        if (
+            (field_id is not None and cf_id == field_id)
+            or str(cf_id) == str(cond.field)
+            or (cf_name.strip().lower() == str(cond.field).strip().lower())
         ):
             values = cf_values
             break

@@ -93,7 +93,9 @@ def template_values(rule: CompiledRule, change: LeadChange, lead: dict | None, r
         "stage.id": change.status_id or "",
         "stage.name": rule.stage_names.get((change.pipeline_id, change.status_id), ""),
         "from_stage.id": change.old_status_id or "",
-        "from_stage.name": rule.stage_names.get((change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""),
+        "from_stage.name": rule.stage_names.get(
+            (change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""
+        ),
         "responsible.id": responsible or "",
         "responsible.name": rule.user_names.get(responsible, "") if responsible else "",
         "account.subdomain": rule.account,
@@ -128,8 +130,14 @@ def needs_lead(rule: CompiledRule, change: LeadChange) -> bool:
 
 def needs_fields(change: LeadChange, fields: set[str], rule_user: int | None = None) -> bool:
     """Do these template placeholders ask for what the change does not carry?"""
-    return change.name is None and bool({"lead.name", "lead.price"} & fields) or (
-        rule_user is None and change.responsible_user_id is None and bool({"responsible.id", "responsible.name"} & fields)
+    return (
+        change.name is None
+        and bool({"lead.name", "lead.price"} & fields)
+        or (
+            rule_user is None
+            and change.responsible_user_id is None
+            and bool({"responsible.id", "responsible.name"} & fields)
+        )
     )
 
 

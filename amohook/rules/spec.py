@@ -33,14 +33,21 @@ BASE_KEYS = {"name", "when", "account", "pipeline", "to_stage", "from_stage", "s
 CONDITION_OPS = ("equals", "not_equals", "contains", "is_set", "is_empty")
 # What a template may say. Unknown placeholders are errors at `rules check` time, not at 3 a.m.
 PLACEHOLDERS = {
-    "lead.id", "lead.name", "lead.price",
-    "pipeline.id", "pipeline.name",
-    "stage.id", "stage.name",
-    "from_stage.id", "from_stage.name",
-    "responsible.id", "responsible.name",
+    "lead.id",
+    "lead.name",
+    "lead.price",
+    "pipeline.id",
+    "pipeline.name",
+    "stage.id",
+    "stage.name",
+    "from_stage.id",
+    "from_stage.name",
+    "responsible.id",
+    "responsible.name",
     "account.subdomain",
     "rule.name",
-    "task.id", "task.text",  # task.completed: the completed task
+    "task.id",
+    "task.text",  # task.completed: the completed task
 }
 # What a rules file may ask for. Beyond these a file is refused by `rules check` (and by serve and
 # worker at start), never accepted and then failing at run time.
@@ -61,7 +68,9 @@ class RulesError(ConfigError):
         self.path = path
         self.problems = problems
         head = f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {path}"
-        super().__init__(f"{head}: " + "; ".join(problems) if len(problems) == 1 else head + ":\n  " + "\n  ".join(problems))
+        super().__init__(
+            f"{head}: " + "; ".join(problems) if len(problems) == 1 else head + ":\n  " + "\n  ".join(problems)
+        )
 
 
 # -- the file ---------------------------------------------------------------------------------
@@ -70,7 +79,6 @@ class Condition:
     field: str | int
     op: str
     value: str | None = None
-
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,6 @@ def _zone(tz: str | None):
         return ZoneInfo("UTC")
 
 
-
 def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
     """Read the TOML text into rule specs, collecting every shape problem (names are checked later)."""
     from amohook.actions import kinds
@@ -298,7 +305,7 @@ def _conditions(raw: dict, label: str, problems: list[str]) -> list[Condition]:
         extra = set(cond) - {"field", *CONDITION_OPS}
         if "field" not in cond or len(ops) != 1 or extra:
             problems.append(
-                f"{label}: condition #{j} needs field = \"name or id\" and one of "
+                f'{label}: condition #{j} needs field = "name or id" and one of '
                 f"{', '.join(CONDITION_OPS)}" + (f" (unknown: {', '.join(sorted(extra))})" if extra else "")
             )
             continue

@@ -315,9 +315,7 @@ def _pg_wait(conn) -> None:
             registered = mask
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not poller.poll(remaining * 1000):
-                raise psycopg2.OperationalError(
-                    f"the database did not answer within {_pg_timeout:g} s (timed out)"
-                )
+                raise psycopg2.OperationalError(f"the database did not answer within {_pg_timeout:g} s (timed out)")
     except KeyboardInterrupt:
         conn.cancel()
         raise

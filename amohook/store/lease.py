@@ -138,8 +138,10 @@ def lease(
                 )
         if info is not None and tell and on_wait is not None:
             told = True
-            on_wait(f"waiting up to {wait:.0f} s for the '{name}' lease, held by "
-                    f"{info[0].rsplit(':', 2)[0]} until {_until(info[1])}")
+            on_wait(
+                f"waiting up to {wait:.0f} s for the '{name}' lease, held by "
+                f"{info[0].rsplit(':', 2)[0]} until {_until(info[1])}"
+            )
         if expired:
             until = f" until {_until(info[1])}" if info else ""
             raise LockBusy(

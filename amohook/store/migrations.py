@@ -22,8 +22,21 @@ LOCK_NAME = "amohook_schema"
 PG_LOCK_KEY = 0x616D6F68  # "amoh"
 
 
-V1_MODELS = ("account", "lease", "oauth_state", "rate_window", "pipeline", "stage", "task_type", "user",
-             "custom_field", "delivery", "event", "attempt", "action")
+V1_MODELS = (
+    "account",
+    "lease",
+    "oauth_state",
+    "rate_window",
+    "pipeline",
+    "stage",
+    "task_type",
+    "user",
+    "custom_field",
+    "delivery",
+    "event",
+    "attempt",
+    "action",
+)
 
 
 def _v1_initial(store: Store) -> None:
@@ -55,8 +68,11 @@ def _v3_reconciliation(store: Store) -> None:
 
     columns = {c.name for c in store.db.get_columns(models.Event._meta.table_name)}
     if "source" not in columns:
-        run(SchemaMigrator.from_database(store.db).add_column(
-            models.Event._meta.table_name, "source", models.Event.source))
+        run(
+            SchemaMigrator.from_database(store.db).add_column(
+                models.Event._meta.table_name, "source", models.Event.source
+            )
+        )
     store.db.create_tables([models.ChangeSeen, models.ReconcileState, models.Subscription], safe=True)
     _add_missing_indexes(store, models.Event, models.Action)
 
@@ -81,9 +97,10 @@ LATEST = MIGRATIONS[-1][0]
 def current_version(store: Store) -> int:
     if not store.db.table_exists(models.SchemaVersion._meta.table_name):
         return 0
-    return models.SchemaVersion.select(models.SchemaVersion.version).order_by(
-        models.SchemaVersion.version.desc()
-    ).scalar() or 0
+    return (
+        models.SchemaVersion.select(models.SchemaVersion.version).order_by(models.SchemaVersion.version.desc()).scalar()
+        or 0
+    )
 
 
 @contextmanager

@@ -40,8 +40,14 @@ class QueueWatch:
     def __init__(self, store: Store):
         self.store = store
         self.reader: OnDemandReader[HealthFigures] = OnDemandReader(
-            store, self._figures, name="amohook-health", what="healthz", fresh=FRESH_SECONDS, wait=WAIT_SECONDS,
-            logger=log, keep_last=False,
+            store,
+            self._figures,
+            name="amohook-health",
+            what="healthz",
+            fresh=FRESH_SECONDS,
+            wait=WAIT_SECONDS,
+            logger=log,
+            keep_last=False,
         )
         self._reconciliation: list[dict] = []
 
@@ -77,14 +83,16 @@ def _reconciliation(now: float) -> list[dict]:
     rows = []
     for account in Account.select(Account.subdomain).order_by(Account.subdomain).limit(50):
         st = reconcile_status(account.subdomain, now)
-        rows.append({
-            "account": st.account,
-            "last_pass_age": None if st.last_pass_at is None else round(now - st.last_pass_at, 1),
-            "cursor_lag": None if st.lag is None else round(st.lag),
-            "recovered_24h": st.recovered_24h,
-            "subscription": st.subscription,
-            "last_error": bool(st.last_error),
-        })
+        rows.append(
+            {
+                "account": st.account,
+                "last_pass_age": None if st.last_pass_at is None else round(now - st.last_pass_at, 1),
+                "cursor_lag": None if st.lag is None else round(st.lag),
+                "recovered_24h": st.recovered_24h,
+                "subscription": st.subscription,
+                "last_error": bool(st.last_error),
+            }
+        )
     return rows
 
 
@@ -111,7 +119,8 @@ def answer(committer: inbox.GroupCommitter, watch: QueueWatch, *, connections: i
         "due": None if stats is None else stats.due,
         "running": None if stats is None else stats.running,
         "dead": None if stats is None else stats.dead,
-        "oldest_pending_age": None if stats is None or stats.oldest_pending_age is None
+        "oldest_pending_age": None
+        if stats is None or stats.oldest_pending_age is None
         else round(stats.oldest_pending_age, 3),
         "queue_read_age": round(age, 1),
         "writer_queue": committer.queued(),

@@ -415,7 +415,10 @@ class HardenedHTTPServer(HTTPServer):
                 "out of open files (%s) with %d connections open (open-file limit %d): holding at most %d from now "
                 "on, closing the oldest that sent no request; raise the limit (ulimit -n, or LimitNOFILE= in the "
                 "systemd unit)",
-                errno.errorcode.get(exc.errno or -1, exc.errno), held, nofile_limit(), self.max_connections,
+                errno.errorcode.get(exc.errno or -1, exc.errno),
+                held,
+                nofile_limit(),
+                self.max_connections,
             )
         if self._evict(max(8, len(self._conns) - self.max_connections)):
             return True
@@ -544,7 +547,11 @@ class HardenedHTTPServer(HTTPServer):
             log.warning(
                 "in the last %.0f s: %d connections closed or turned away to stay under %d open, %d request heads "
                 "refused (too slow, too large); %d connections open now",
-                now - since, self._shed - shed, self.max_connections, self._refused - refused, self.open_connections(),
+                now - since,
+                self._shed - shed,
+                self.max_connections,
+                self._refused - refused,
+                self.open_connections(),
             )
             self._reported = (self._shed, self._refused, now)
         elif now - since >= FD_LOG_SECONDS * 6:
@@ -642,7 +649,9 @@ class HardenedHTTPServer(HTTPServer):
         return len(self._conns) + self._busy
 
     def handle_error(self, request, client_address) -> None:
-        log.error("unhandled error with a connection from %s", client_address[0] if client_address else "?", exc_info=True)
+        log.error(
+            "unhandled error with a connection from %s", client_address[0] if client_address else "?", exc_info=True
+        )
 
     def server_close(self) -> None:
         super().server_close()

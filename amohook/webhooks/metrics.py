@@ -68,14 +68,22 @@ class ListenerMetrics:
         return cumulative, total
 
 
-def render(listener: ListenerMetrics, *, snapshot, read_error: str | None, committer, connections: int,
-           now: float | None = None) -> bytes:
+def render(
+    listener: ListenerMetrics,
+    *,
+    snapshot,
+    read_error: str | None,
+    committer,
+    connections: int,
+    now: float | None = None,
+) -> bytes:
     """The whole exposition, for one scrape; ``snapshot`` may be None (the store cannot be read)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(listener, snapshot, read_error, committer, connections,
-                                 time.time() if now is None else now))
+    registry.register(
+        _Collector(listener, snapshot, read_error, committer, connections, time.time() if now is None else now)
+    )
     return generate_latest(registry)
 
 
@@ -97,8 +105,11 @@ class _Collector:
         yield from self._process_wide()
         from prometheus_client.core import GaugeMetricFamily
 
-        yield GaugeMetricFamily("amohook_store_read_ok", "1 when the last read of the store worked",
-                                value=0 if self.read_error or self.snapshot is None else 1)
+        yield GaugeMetricFamily(
+            "amohook_store_read_ok",
+            "1 when the last read of the store worked",
+            value=0 if self.read_error or self.snapshot is None else 1,
+        )
         if self.snapshot is not None:
             yield from self._store(self.snapshot)
 
@@ -106,26 +117,38 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         webhooks = CounterMetricFamily(
-            "amohook_webhooks", "POSTs to the webhook route by the status answered (200: stored; 4xx refused; "
-            "503: not stored, amoCRM retries); this process, since it started", labels=["code"])
+            "amohook_webhooks",
+            "POSTs to the webhook route by the status answered (200: stored; 4xx refused; "
+            "503: not stored, amoCRM retries); this process, since it started",
+            labels=["code"],
+        )
         for code, count in sorted(self.listener.webhooks().items()):
             webhooks.add_metric([code], count)
         yield webhooks
         buckets, total = self.listener.commit_histogram()
         commit = HistogramMetricFamily(
-            "amohook_commit_seconds", "Time one group commit of webhook deliveries took (retries included)")
+            "amohook_commit_seconds", "Time one group commit of webhook deliveries took (retries included)"
+        )
         commit.add_metric([], buckets, total)
         yield commit
-        yield CounterMetricFamily("amohook_committed_deliveries", "Deliveries committed by the writer",
-                                  value=self.committer.committed)
+        yield CounterMetricFamily(
+            "amohook_committed_deliveries", "Deliveries committed by the writer", value=self.committer.committed
+        )
         health = self.committer.health()
-        yield GaugeMetricFamily("amohook_commits_failing", "1 while the writer's commits fail (webhooks get 503)",
-                                value=1 if health.failing else 0)
-        yield GaugeMetricFamily("amohook_writer_queue", "Deliveries waiting for the writer",
-                                value=self.committer.queued())
+        yield GaugeMetricFamily(
+            "amohook_commits_failing",
+            "1 while the writer's commits fail (webhooks get 503)",
+            value=1 if health.failing else 0,
+        )
+        yield GaugeMetricFamily(
+            "amohook_writer_queue", "Deliveries waiting for the writer", value=self.committer.queued()
+        )
         yield GaugeMetricFamily("amohook_connections", "Connections the listener holds", value=self.connections)
-        yield GaugeMetricFamily("amohook_process_start_time_seconds", "When this listener started (Unix time)",
-                                value=self.listener.started_at)
+        yield GaugeMetricFamily(
+            "amohook_process_start_time_seconds",
+            "When this listener started (Unix time)",
+            value=self.listener.started_at,
+        )
 
     def _process_wide(self):
         from prometheus_client.core import CounterMetricFamily
@@ -134,15 +157,20 @@ class _Collector:
         from amohook.worker import outcome_counts
 
         processed = CounterMetricFamily(
-            "amohook_events_processed", "Event attempts run by this process's worker threads, by outcome "
-            "(ok, retry, dead, lost: its lease ran out)", labels=["outcome"])
+            "amohook_events_processed",
+            "Event attempts run by this process's worker threads, by outcome "
+            "(ok, retry, dead, lost: its lease ran out)",
+            labels=["outcome"],
+        )
         for outcome, count in sorted(outcome_counts().items()):
             processed.add_metric([outcome], count)
         yield processed
-        requests = CounterMetricFamily("amohook_amocrm_requests", "Requests this process sent to amoCRM",
-                                       labels=["account"])
-        limited = CounterMetricFamily("amohook_amocrm_rate_limited", "amoCRM answers 429 to this process",
-                                      labels=["account"])
+        requests = CounterMetricFamily(
+            "amohook_amocrm_requests", "Requests this process sent to amoCRM", labels=["account"]
+        )
+        limited = CounterMetricFamily(
+            "amohook_amocrm_rate_limited", "amoCRM answers 429 to this process", labels=["account"]
+        )
         for account, (sent, refused) in sorted(api_counts().items()):
             requests.add_metric([account], sent)
             limited.add_metric([account], refused)
@@ -152,41 +180,62 @@ class _Collector:
     def _store(self, snap):
         from prometheus_client.core import GaugeMetricFamily
 
-        yield GaugeMetricFamily("amohook_store_read_age_seconds", "Age of the store figures below",
-                                value=max(0.0, self.now - snap.read_at))
-        events = GaugeMetricFamily("amohook_events", "Events in the store by status (queue depth: pending, "
-                                   "running; done until pruned)", labels=["status"])
+        yield GaugeMetricFamily(
+            "amohook_store_read_age_seconds", "Age of the store figures below", value=max(0.0, self.now - snap.read_at)
+        )
+        events = GaugeMetricFamily(
+            "amohook_events",
+            "Events in the store by status (queue depth: pending, running; done until pruned)",
+            labels=["status"],
+        )
         for status, count in snap.events_by_status.items():
             events.add_metric([status], count)
         yield events
         yield GaugeMetricFamily("amohook_events_due", "Pending events due now", value=snap.queue.due)
         if snap.queue.oldest_pending_age is not None:
-            yield GaugeMetricFamily("amohook_oldest_pending_seconds", "Age of the oldest pending event",
-                                    value=snap.queue.oldest_pending_age)
-        actions = GaugeMetricFamily("amohook_actions", "Rule actions (tasks, notes) in the store by status",
-                                    labels=["status"])
+            yield GaugeMetricFamily(
+                "amohook_oldest_pending_seconds", "Age of the oldest pending event", value=snap.queue.oldest_pending_age
+            )
+        actions = GaugeMetricFamily(
+            "amohook_actions", "Rule actions (tasks, notes) in the store by status", labels=["status"]
+        )
         for status, count in snap.actions_by_status.items():
             actions.add_metric([status], count)
         yield actions
-        yield GaugeMetricFamily("amohook_actions_done_today", "Tasks and notes created since local midnight",
-                                value=snap.today_total)
+        yield GaugeMetricFamily(
+            "amohook_actions_done_today", "Tasks and notes created since local midnight", value=snap.today_total
+        )
         yield from self._accounts(snap)
 
     def _accounts(self, snap):
         from prometheus_client.core import GaugeMetricFamily
 
-        expiry = GaugeMetricFamily("amohook_token_expires_in_seconds", "Seconds until the stored access token "
-                                   "expires (negative: expired)", labels=["account"])
-        age = GaugeMetricFamily("amohook_refresh_token_age_seconds", "Age of the refresh token (amoCRM revokes "
-                                "one unused for 3 months)", labels=["account"])
-        lag = GaugeMetricFamily("amohook_reconcile_lag_seconds", "How far behind now the events log has been "
-                                "read", labels=["account"])
-        last_pass = GaugeMetricFamily("amohook_reconcile_last_pass_age_seconds", "Seconds since the last "
-                                      "reconciliation pass", labels=["account"])
-        recovered = GaugeMetricFamily("amohook_reconcile_recovered_24h", "Changes found only in the events log "
-                                      "(their webhook never came) in 24 h", labels=["account"])
-        subscription = GaugeMetricFamily("amohook_subscription_state", "The watchdog's last finding about the "
-                                         "webhook subscription (1 for the current state)", labels=["account", "state"])
+        expiry = GaugeMetricFamily(
+            "amohook_token_expires_in_seconds",
+            "Seconds until the stored access token expires (negative: expired)",
+            labels=["account"],
+        )
+        age = GaugeMetricFamily(
+            "amohook_refresh_token_age_seconds",
+            "Age of the refresh token (amoCRM revokes one unused for 3 months)",
+            labels=["account"],
+        )
+        lag = GaugeMetricFamily(
+            "amohook_reconcile_lag_seconds", "How far behind now the events log has been read", labels=["account"]
+        )
+        last_pass = GaugeMetricFamily(
+            "amohook_reconcile_last_pass_age_seconds", "Seconds since the last reconciliation pass", labels=["account"]
+        )
+        recovered = GaugeMetricFamily(
+            "amohook_reconcile_recovered_24h",
+            "Changes found only in the events log (their webhook never came) in 24 h",
+            labels=["account"],
+        )
+        subscription = GaugeMetricFamily(
+            "amohook_subscription_state",
+            "The watchdog's last finding about the webhook subscription (1 for the current state)",
+            labels=["account", "state"],
+        )
         for view in snap.accounts:
             sub, token, rec = view.subdomain, view.token, view.reconcile
             if token.expires_at is not None:

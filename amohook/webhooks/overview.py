@@ -114,8 +114,11 @@ def read_snapshot(store: Store, now: float) -> Snapshot:
         own += [c for c in (doctor.check_subscriptions(sub, now), doctor.check_reconciliation(sub, now)) if c]
         accounts.append(AccountView(sub, token, own, reconcile_status(sub, now)))
     if not accounts_total:
-        checks.append(doctor.Check("accounts", False, "error", "no account in the store",
-                                   "run `amohook init-auth` to connect one"))
+        checks.append(
+            doctor.Check(
+                "accounts", False, "error", "no account in the store", "run `amohook init-auth` to connect one"
+            )
+        )
     checks += [doctor.check_dead_events(), doctor.check_pending_events(now), doctor.check_failed_actions()]
     if store.sqlite_path is not None:  # an SQLite store
         checks.append(doctor.check_disk(store.sqlite_path))
@@ -137,9 +140,7 @@ def read_snapshot(store: Store, now: float) -> Snapshot:
 
 
 def _counts_by_status(model, statuses: tuple[str, ...]) -> dict[str, int]:
-    counts = dict(
-        model.select(model.status, peewee.fn.COUNT(model.id)).group_by(model.status).tuples()
-    )
+    counts = dict(model.select(model.status, peewee.fn.COUNT(model.id)).group_by(model.status).tuples())
     return {status: int(counts.get(status, 0)) for status in statuses} | {
         str(k): int(v) for k, v in counts.items() if k not in statuses
     }
@@ -155,8 +156,18 @@ def _events(status: str | None, limit: int) -> list[EventRow]:
     # Not the whole data (up to a webhook body's 1 MiB): its beginning, where amoCRM puts the name.
     prefix = peewee.fn.SUBSTR(Event.data, 1, DATA_PREFIX).alias("prefix")
     query = Event.select(
-        Event.id, Event.received_at, Event.updated_at, Event.account, Event.entity, Event.action,
-        Event.entity_id, Event.status, Event.attempts, Event.last_error, Event.source, prefix,
+        Event.id,
+        Event.received_at,
+        Event.updated_at,
+        Event.account,
+        Event.entity,
+        Event.action,
+        Event.entity_id,
+        Event.status,
+        Event.attempts,
+        Event.last_error,
+        Event.source,
+        prefix,
     )
     if status is not None:
         query = query.where(Event.status == status).order_by(Event.updated_at.desc())
@@ -164,11 +175,18 @@ def _events(status: str | None, limit: int) -> list[EventRow]:
         query = query.order_by(Event.id.desc())
     return [
         EventRow(
-            id=e.id, received_at=e.received_at, updated_at=e.updated_at, account=e.account, entity=e.entity,
-            action=e.action, entity_id=e.entity_id,
+            id=e.id,
+            received_at=e.received_at,
+            updated_at=e.updated_at,
+            account=e.account,
+            entity=e.entity,
+            action=e.action,
+            entity_id=e.entity_id,
             name=_name(e.prefix),  # type: ignore[attr-defined]  # the column selected as "prefix"
-            status=e.status, attempts=e.attempts,
-            last_error=e.last_error, source=e.source or "webhook",
+            status=e.status,
+            attempts=e.attempts,
+            last_error=e.last_error,
+            source=e.source or "webhook",
         )
         for e in query.limit(limit)
     ]
@@ -200,10 +218,19 @@ def _today(since: float, limit: int) -> list[ActionRow]:
             payload = {}
         text = payload.get("text") if a.kind == "create_task" else (payload.get("params") or {}).get("text")
         entity = payload.get("entity_id")
-        rows.append(ActionRow(
-            id=a.id, updated_at=a.updated_at, account=a.account, rule=a.rule, kind=a.kind, result_id=a.result_id,
-            event_id=a.event_id, entity_id=entity if isinstance(entity, int) else None, text=str(text or ""),
-        ))
+        rows.append(
+            ActionRow(
+                id=a.id,
+                updated_at=a.updated_at,
+                account=a.account,
+                rule=a.rule,
+                kind=a.kind,
+                result_id=a.result_id,
+                event_id=a.event_id,
+                entity_id=entity if isinstance(entity, int) else None,
+                text=str(text or ""),
+            )
+        )
     return rows
 
 
@@ -215,8 +242,13 @@ class OverviewReader:
         self.store = store
         self.clock = clock
         self.reader: OnDemandReader[Snapshot] = OnDemandReader(
-            store, lambda: read_snapshot(self.store, self.clock()), name="amohook-overview", what="status page",
-            fresh=fresh, wait=wait, logger=log,
+            store,
+            lambda: read_snapshot(self.store, self.clock()),
+            name="amohook-overview",
+            what="status page",
+            fresh=fresh,
+            wait=wait,
+            logger=log,
         )
 
     @property
@@ -242,4 +274,3 @@ class OverviewReader:
         """(the latest snapshot or None, why the last read failed or None); reads anew when stale."""
         snapshot, error, _ = self.reader.get()
         return snapshot, error
-

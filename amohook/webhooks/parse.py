@@ -160,7 +160,7 @@ def _php_name(key: str, max_depth: int) -> _Name | None:
             return _Name(parts[:-1], True, guarded)
         start = open_at + 1
         # One whitespace character right after '[' is skipped when looking for `[]`: `[ ]` appends.
-        skip = 1 if key[start:start + 1] in _BLANKS else 0
+        skip = 1 if key[start : start + 1] in _BLANKS else 0
         close = key.find("]", start + skip)
         if close < 0:
             if len(parts) > 1:
@@ -176,9 +176,7 @@ def _php_name(key: str, max_depth: int) -> _Name | None:
 _BLANKS = frozenset(" \t\n\v\f\r")  # C's isspace()
 
 
-def _insert(
-    root: dict, parts: list, value: str, appends: dict, *, too_deep: bool = False, guarded: tuple = ()
-) -> None:
+def _insert(root: dict, parts: list, value: str, appends: dict, *, too_deep: bool = False, guarded: tuple = ()) -> None:
     """Store ``value`` at ``parts`` as PHP does: what is in the way is replaced in its place (a
     value by a new container, a container by the value); a ``[]`` with no key left (the largest
     is PHP_INT_MAX) or a guarded part drops the variable from there on, keeping the containers
@@ -379,13 +377,9 @@ def parse_body(body: bytes, content_type: str | None) -> dict:
     # amoCRM always sends form (docs/amocrm.md §5 "Transport"), so a missing type is read as form.
     if media_type in ("", FORM_TYPE):
         return parse_form(body)
-    if media_type == JSON_TYPE or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    ):
+    if media_type == JSON_TYPE or (media_type.startswith("application/") and media_type.endswith("+json")):
         return parse_json(body)
-    raise UnsupportedMediaType(
-        f"unsupported content type {_short(media_type)}; expected {FORM_TYPE} or {JSON_TYPE}"
-    )
+    raise UnsupportedMediaType(f"unsupported content type {_short(media_type)}; expected {FORM_TYPE} or {JSON_TYPE}")
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -454,9 +448,7 @@ def extract_events(payload: dict) -> ParsedWebhook:
         account_id = _id_str(account.get("id"))
     else:
         subdomain = None
-        account_id = next(
-            (found for event in events if (found := _item_account_id(event.data)) is not None), None
-        )
+        account_id = next((found for event in events if (found := _item_account_id(event.data)) is not None), None)
     return ParsedWebhook(subdomain, account_id, events, tree)
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from amohook import inbox
 from amohook.errors import describe
@@ -28,8 +29,18 @@ class Unreadable(Exception):
 
 
 class OnDemandReader(Generic[T]):
-    def __init__(self, store, read: Callable[[], T], *, name: str, what: str, fresh: float, wait: float,
-                 logger: logging.Logger, keep_last: bool = True):
+    def __init__(
+        self,
+        store,
+        read: Callable[[], T],
+        *,
+        name: str,
+        what: str,
+        fresh: float,
+        wait: float,
+        logger: logging.Logger,
+        keep_last: bool = True,
+    ):
         self.store = store
         self.read_fn = read
         self.name = name  # the thread's name
@@ -48,7 +59,7 @@ class OnDemandReader(Generic[T]):
         self._logged_at = -LOG_SECONDS
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "OnDemandReader[T]":
+    def start(self) -> OnDemandReader[T]:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self

@@ -69,12 +69,12 @@ def check_secret(secret: str | None) -> str:
         raise ConfigError(
             "no webhook secret — set AMOHOOK_WEBHOOK_SECRET (or --secret) to a random string of at least "
             f"{MIN_SECRET_LENGTH} characters, e.g. the output of "
-            "`python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"`"
+            '`python3 -c "import secrets; print(secrets.token_urlsafe(24))"`'
         )
     if len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(
             f"the webhook secret is {len(secret)} characters; use at least {MIN_SECRET_LENGTH} "
-            "(e.g. `python3 -c \"import secrets; print(secrets.token_urlsafe(24))\"`)"
+            '(e.g. `python3 -c "import secrets; print(secrets.token_urlsafe(24))"`)'
         )
     if not set(secret) <= _SECRET_CHARS:
         raise ConfigError("the webhook secret goes into the URL: use only letters, digits and - . _ ~")
@@ -93,8 +93,10 @@ def _redact(target: object, secret: str | None) -> str:
 _PAGE_HEADERS = (
     ("Cache-Control", "no-store"),
     ("Referrer-Policy", "no-referrer"),
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-                                "base-uri 'none'; form-action 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
     ("X-Frame-Options", "DENY"),
     ("X-Content-Type-Options", "nosniff"),
 )
@@ -140,8 +142,11 @@ class _Handler(HardenedRequestHandler):
         except Exception:
             # A bug: the stack goes to the log, never into the answer.
             secret = self.server.config.secret
-            log.exception("unexpected error answering %s %s", redact_target(self.command, secret, limit=24),
-                          _redact(self.path, secret))
+            log.exception(
+                "unexpected error answering %s %s",
+                redact_target(self.command, secret, limit=24),
+                _redact(self.path, secret),
+            )
             self._reply_quietly(500, "internal error\n")
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
@@ -170,7 +175,7 @@ class _Handler(HardenedRequestHandler):
         self._reply(404, "not found\n")
 
     def _secret_ok(self, path: str) -> bool:
-        candidate = path[len("/webhook/"):].rstrip("/") if path.startswith("/webhook/") else ""
+        candidate = path[len("/webhook/") :].rstrip("/") if path.startswith("/webhook/") else ""
         # Constant time: the answer must not tell how much of a guessed secret was right.
         return hmac.compare_digest(candidate.encode("latin-1", "replace"), self.server.secret_bytes)
 
@@ -264,8 +269,11 @@ class _Handler(HardenedRequestHandler):
                     "amoCRM says access was denied (the “Deny” button, or the window was closed). "
                     "Nothing was stored. To try again, run `amohook auth-url` and open the new link.",
                 )
-            return self._page(400, "amoCRM reported an error", f"amoCRM redirected here with error “{error[:100]}”. "
-                              "Run `amohook auth-url` to start again.")
+            return self._page(
+                400,
+                "amoCRM reported an error",
+                f"amoCRM redirected here with error “{error[:100]}”. Run `amohook auth-url` to start again.",
+            )
         code, state, referer = get("code"), get("state"), get("referer")
         if not code or not state:
             return self._page(
@@ -286,8 +294,12 @@ class _Handler(HardenedRequestHandler):
 
             if isinstance(exc, peewee.PeeweeException):
                 log.warning("oauth callback: the database is not usable: %s", describe(exc))
-                return self._page(503, "Authorization failed", "The database is not available right now; "
-                                  "nothing was stored. Run `amohook auth-url` again once it is back.")
+                return self._page(
+                    503,
+                    "Authorization failed",
+                    "The database is not available right now; "
+                    "nothing was stored. Run `amohook auth-url` again once it is back.",
+                )
             log.exception("oauth callback failed")
             return self._page(500, "Authorization failed", "An unexpected error; the amohook log has the details.")
         finally:
@@ -301,8 +313,8 @@ class _Handler(HardenedRequestHandler):
 
     def _page(self, status: int, title: str, message: str) -> None:
         page = (
-            f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n"
-            "<body style=\"font-family: sans-serif; max-width: 40em; margin: 3em auto\">\n"
+            f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+            '<body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">\n'
             f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(message)}</p>\n</body></html>\n"
         )
         self._reply(
@@ -337,7 +349,9 @@ class WebhookHTTPServer(HardenedHTTPServer):
 class WebhookService:
     """The listener, its writer thread and (optionally) worker threads, started and stopped together."""
 
-    def __init__(self, store: Store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None):
+    def __init__(
+        self, store: Store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None
+    ):
         self.store = store
         self.config = config
         self.workers = list(workers)
@@ -371,7 +385,9 @@ class WebhookService:
         )
         self._serve_thread.start()
         for worker in self.workers:
-            thread = threading.Thread(target=self._run_worker, args=(worker,), name=f"amohook-{worker.worker_id}", daemon=True)
+            thread = threading.Thread(
+                target=self._run_worker, args=(worker,), name=f"amohook-{worker.worker_id}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         return self

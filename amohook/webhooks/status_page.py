@@ -51,8 +51,11 @@ STYLE = (
 _STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
 # No script, nothing loaded, never framed, no form; only the one <style> element, by its hash.
 SECURITY_HEADERS = (
-    ("Content-Security-Policy", f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; frame-ancestors 'none'; "
-                                "base-uri 'none'; form-action 'none'"),
+    (
+        "Content-Security-Policy",
+        f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'none'",
+    ),
     ("X-Frame-Options", "DENY"),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
@@ -69,7 +72,7 @@ def check_status_password(password: str | None) -> str | None:
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ConfigError(
             f"AMOHOOK_STATUS_PASSWORD is {len(password)} characters; use at least {MIN_PASSWORD_LENGTH} "
-            "(e.g. `python3 -c \"import secrets; print(secrets.token_urlsafe(18))\"`), or unset it to turn "
+            '(e.g. `python3 -c "import secrets; print(secrets.token_urlsafe(18))"`), or unset it to turn '
             "/status and /metrics off"
         )
     return password
@@ -96,8 +99,15 @@ def authorized(header: str | None, password: str) -> bool:
 class AdminPages:
     """Answers /status and /metrics for one listener; ``answer`` returns what to send."""
 
-    def __init__(self, password: str | None, store: Store, server, listener_metrics: metrics_module.ListenerMetrics,
-                 *, fresh: float | None = None):
+    def __init__(
+        self,
+        password: str | None,
+        store: Store,
+        server,
+        listener_metrics: metrics_module.ListenerMetrics,
+        *,
+        fresh: float | None = None,
+    ):
         self.password = check_status_password(password)
         self.server = server  # open_connections() and committer
         self.listener_metrics = listener_metrics
@@ -118,13 +128,21 @@ class AdminPages:
         if method not in ("GET", "HEAD"):
             return 405, "use GET\n", _TEXT, (("Allow", "GET, HEAD"),)
         if not authorized(headers.get("Authorization"), self.password):
-            return 401, "authentication required\n", _TEXT, (
-                ("WWW-Authenticate", f'Basic realm="{REALM}"'), *SECURITY_HEADERS)
+            return (
+                401,
+                "authentication required\n",
+                _TEXT,
+                (("WWW-Authenticate", f'Basic realm="{REALM}"'), *SECURITY_HEADERS),
+            )
         snapshot, error = self._snapshot()
         if path == "/metrics":
-            text = metrics_module.render(self.listener_metrics, snapshot=snapshot, read_error=error,
-                                         committer=self.server.committer,
-                                         connections=self.server.open_connections()).decode("utf-8")
+            text = metrics_module.render(
+                self.listener_metrics,
+                snapshot=snapshot,
+                read_error=error,
+                committer=self.server.committer,
+                connections=self.server.open_connections(),
+            ).decode("utf-8")
             return 200, text, metrics_module.CONTENT_TYPE, SECURITY_HEADERS
         return (200 if snapshot is not None else 503), self._render(snapshot, error), _HTML, SECURITY_HEADERS
 
@@ -140,8 +158,13 @@ class AdminPages:
             cached = self._page
             if cached is not None and cached[0] is snapshot and cached[1] == error:
                 return cached[2]
-        page = render_page(snapshot, error, listener=self.listener_metrics, committer=self.server.committer,
-                           connections=self.server.open_connections())
+        page = render_page(
+            snapshot,
+            error,
+            listener=self.listener_metrics,
+            committer=self.server.committer,
+            connections=self.server.open_connections(),
+        )
         with self._lock:
             self._page = (snapshot, error, page)
         return page
@@ -154,8 +177,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 def esc(value: object) -> str:
     """Outside text as HTML text: escaped, control and bidi characters shown as \\xNN / \\uNNNN."""
     text = "" if value is None else str(value)
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                        else f"\\u{ord(m.group()):04x}", text)
+    text = _CONTROL.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+    )
     return html.escape(text, quote=True)
 
 
@@ -187,10 +211,11 @@ def _ago(seconds: float | None) -> str:
 def _table(headings: list[str], rows: list[list[str]], empty: str) -> str:
     """``rows`` hold HTML already escaped; a cell starting with "\\0n" is right-aligned (a number)."""
     if not rows:
-        return f"<p class=\"muted\">{esc(empty)}</p>\n"
+        return f'<p class="muted">{esc(empty)}</p>\n'
     head = "".join(f"<th>{esc(h)}</th>" for h in headings)
     body = "".join(
-        "<tr>" + "".join(f"<td class=\"n\">{c[2:]}</td>" if c.startswith("\0n") else f"<td>{c}</td>" for c in row)
+        "<tr>"
+        + "".join(f'<td class="n">{c[2:]}</td>' if c.startswith("\0n") else f"<td>{c}</td>" for c in row)
         + "</tr>\n"
         for row in rows
     )
@@ -203,7 +228,7 @@ def _num(value: object) -> str:
 
 def _mark(check) -> str:
     symbol = "✓" if check.ok else "✗"
-    return f"<span class=\"{esc(check.severity)}\">{symbol}</span>"
+    return f'<span class="{esc(check.severity)}">{symbol}</span>'
 
 
 def token_checks(snapshot: Snapshot) -> list:
@@ -212,11 +237,27 @@ def token_checks(snapshot: Snapshot) -> list:
     for view in snapshot.accounts:
         token = view.token
         if not token.has_tokens:
-            checks.append(doctor.Check("token", False, "error", "no tokens stored",
-                                       f"run `amohook init-auth --subdomain {view.subdomain}`", view.subdomain))
+            checks.append(
+                doctor.Check(
+                    "token",
+                    False,
+                    "error",
+                    "no tokens stored",
+                    f"run `amohook init-auth --subdomain {view.subdomain}`",
+                    view.subdomain,
+                )
+            )
         elif token.expires_at is not None and token.expires_at <= snapshot.read_at:
-            checks.append(doctor.Check("token", False, "error", "the access token has expired",
-                                       "run `amohook refresh-token` (is cron running?)", view.subdomain))
+            checks.append(
+                doctor.Check(
+                    "token",
+                    False,
+                    "error",
+                    "the access token has expired",
+                    "run `amohook refresh-token` (is cron running?)",
+                    view.subdomain,
+                )
+            )
         elif token.warning:
             checks.append(doctor.Check("token", False, "warning", token.warning, "", view.subdomain))
         else:
@@ -225,8 +266,9 @@ def token_checks(snapshot: Snapshot) -> list:
     return checks
 
 
-def render_page(snapshot: Snapshot | None, error: str | None, *, listener, committer, connections: int,
-                now: float | None = None) -> str:
+def render_page(
+    snapshot: Snapshot | None, error: str | None, *, listener, committer, connections: int, now: float | None = None
+) -> str:
     """The whole page. ``snapshot`` None: the store was never read; the page says why."""
     now = time.time() if now is None else now
     tz = time.strftime("%Z (UTC%z)", time.localtime(now))
@@ -238,35 +280,48 @@ def render_page(snapshot: Snapshot | None, error: str | None, *, listener, commi
         checks += [c for c in snapshot.checks if c.name not in ("database", "accounts")]
     state = "error" if error or snapshot is None else doctor.worst(checks)
     parts = [
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n",
-        f"<meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\n",
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n",
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n',
+        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         f"<title>amohook: {esc(state)}</title>\n<style>{STYLE}</style>\n</head><body>\n",
-        f"<header><h1>amohook status <span class=\"badge {esc(state)}\" id=\"state\">{esc(state)}</span></h1>\n",
-        f"<p class=\"muted\">{esc(_when(now))} {esc(tz)} · refreshes every {REFRESH_SECONDS} s",
+        f'<header><h1>amohook status <span class="badge {esc(state)}" id="state">{esc(state)}</span></h1>\n',
+        f'<p class="muted">{esc(_when(now))} {esc(tz)} · refreshes every {REFRESH_SECONDS} s',
     ]
     if snapshot is not None:
         parts.append(f" · store read {esc(_ago(now - snapshot.read_at))} ago")
     parts.append("</p></header>\n")
     if error:
-        parts.append(f"<p class=\"error\" id=\"store-error\">The database cannot be read now: {esc(error)}."
-                     + (" The figures below are from the last read that worked." if snapshot else "") + "</p>\n")
+        parts.append(
+            f'<p class="error" id="store-error">The database cannot be read now: {esc(error)}.'
+            + (" The figures below are from the last read that worked." if snapshot else "")
+            + "</p>\n"
+        )
     if snapshot is not None:
         parts += [_checks(checks), _accounts(snapshot)]
     parts.append(_queue(snapshot, listener, committer, connections))
     if snapshot is not None:
-        parts += [_today(snapshot), _events("Last 50 events", "events", snapshot.recent, snapshot.read_at),
-                  _events(f"Dead events ({snapshot.queue.dead})", "dead", snapshot.dead, snapshot.read_at)]
+        parts += [
+            _today(snapshot),
+            _events("Last 50 events", "events", snapshot.recent, snapshot.read_at),
+            _events(f"Dead events ({snapshot.queue.dead})", "dead", snapshot.dead, snapshot.read_at),
+        ]
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
 def _checks(checks: list) -> str:
-    rows = [[_mark(c), esc(c.name), esc(c.account or ""),
-             esc(c.detail) + (f"<div class=\"fix\">fix: {esc(c.fix)}</div>" if c.fix and not c.ok else "")]
-            for c in checks]
-    return "<section id=\"checks\"><h2>Checks</h2>\n" + _table(["", "check", "account", "detail"], rows, "") + \
-        "</section>\n"
+    rows = [
+        [
+            _mark(c),
+            esc(c.name),
+            esc(c.account or ""),
+            esc(c.detail) + (f'<div class="fix">fix: {esc(c.fix)}</div>' if c.fix and not c.ok else ""),
+        ]
+        for c in checks
+    ]
+    return (
+        '<section id="checks"><h2>Checks</h2>\n' + _table(["", "check", "account", "detail"], rows, "") + "</section>\n"
+    )
 
 
 def _accounts(snap: Snapshot) -> str:
@@ -274,72 +329,116 @@ def _accounts(snap: Snapshot) -> str:
     for view in snap.accounts:
         token, rec = view.token, view.reconcile
         if not token.has_tokens:
-            access = "<span class=\"error\">no tokens</span>"
+            access = '<span class="error">no tokens</span>'
         elif token.expires_at is None:
             access = "long-lived, no expiry" if token.long_lived else "no expiry stored"
         elif token.expires_at <= snap.read_at:
-            access = f"<span class=\"error\">expired {esc(_ago(snap.read_at - token.expires_at))} ago</span>"
+            access = f'<span class="error">expired {esc(_ago(snap.read_at - token.expires_at))} ago</span>'
         else:
             access = f"expires in {esc(_ago(token.expires_at - snap.read_at))}"
         if token.long_lived:
             access += " (long-lived)"
         refresh = "—" if token.refresh_token_age is None else f"issued {esc(_ago(token.refresh_token_age))} ago"
-        reconcile = (f"last pass {esc(_ago(None if rec.last_pass_at is None else snap.read_at - rec.last_pass_at))}"
-                     f" ago; lag {esc(_ago(rec.lag))}; recovered in 24 h: {esc(rec.recovered_24h)}")
+        reconcile = (
+            f"last pass {esc(_ago(None if rec.last_pass_at is None else snap.read_at - rec.last_pass_at))}"
+            f" ago; lag {esc(_ago(rec.lag))}; recovered in 24 h: {esc(rec.recovered_24h)}"
+        )
         if rec.last_pass_at is None:
             reconcile = "never ran"
-        subscription = esc(rec.subscription) + (f" <span class=\"muted\">{esc(_clip(rec.subscription_note, 120))}"
-                                                "</span>" if rec.subscription_note else "")
+        subscription = esc(rec.subscription) + (
+            f' <span class="muted">{esc(_clip(rec.subscription_note, 120))}</span>' if rec.subscription_note else ""
+        )
         rows.append([esc(view.subdomain), access, refresh, reconcile, subscription])
     more = ""
     if snap.accounts_total > len(snap.accounts):
-        more = f"<p class=\"muted\">{len(snap.accounts)} of {snap.accounts_total} accounts shown.</p>\n"
-    return ("<section id=\"accounts\"><h2>Accounts</h2>\n"
-            + _table(["account", "access token", "refresh token", "reconciliation", "subscription"], rows,
-                     "No account connected: run `amohook init-auth`.") + more + "</section>\n")
+        more = f'<p class="muted">{len(snap.accounts)} of {snap.accounts_total} accounts shown.</p>\n'
+    return (
+        '<section id="accounts"><h2>Accounts</h2>\n'
+        + _table(
+            ["account", "access token", "refresh token", "reconciliation", "subscription"],
+            rows,
+            "No account connected: run `amohook init-auth`.",
+        )
+        + more
+        + "</section>\n"
+    )
 
 
 def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
     items = []
     if snap is not None:
         q = snap.queue
-        items += [("pending", f"{q.pending} ({q.due} due)"), ("running", q.running), ("dead", q.dead),
-                  ("done (until pruned)", snap.events_by_status.get("done", 0)),
-                  ("oldest pending", "—" if q.oldest_pending_age is None else _ago(q.oldest_pending_age) + " old"),
-                  ("actions", ", ".join(f"{k} {v}" for k, v in snap.actions_by_status.items()))]
+        items += [
+            ("pending", f"{q.pending} ({q.due} due)"),
+            ("running", q.running),
+            ("dead", q.dead),
+            ("done (until pruned)", snap.events_by_status.get("done", 0)),
+            ("oldest pending", "—" if q.oldest_pending_age is None else _ago(q.oldest_pending_age) + " old"),
+            ("actions", ", ".join(f"{k} {v}" for k, v in snap.actions_by_status.items())),
+        ]
     health = committer.health()
     webhooks = listener.webhooks()
     answered = ", ".join(f"{code}: {count}" for code, count in sorted(webhooks.items())) or "none yet"
-    items += [("commits", f"failing: {health.failure}" if health.failing else "ok"),
-              ("waiting for the writer", committer.queued()), ("connections", connections),
-              ("webhooks answered since start", answered)]
+    items += [
+        ("commits", f"failing: {health.failure}" if health.failing else "ok"),
+        ("waiting for the writer", committer.queued()),
+        ("connections", connections),
+        ("webhooks answered since start", answered),
+    ]
     body = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
-    return f"<section id=\"queue\"><h2>Queue and listener</h2>\n<dl>{body}</dl></section>\n"
+    return f'<section id="queue"><h2>Queue and listener</h2>\n<dl>{body}</dl></section>\n'
 
 
 def _today(snap: Snapshot) -> str:
-    rows = [[esc(time.strftime("%H:%M:%S", time.localtime(a.updated_at))), esc(a.account),
-             esc("task" if a.kind == "create_task" else "note"), esc(a.rule),
-             _num(a.entity_id if a.entity_id is not None else "—"), esc(_clip(a.text, 160)),
-             _num(a.result_id if a.result_id is not None else "—"), _num(a.event_id if a.event_id else "—")]
-            for a in snap.today]
-    shown = f" ({snap.today_total})" if snap.today_total == len(snap.today) else \
-        f" ({len(snap.today)} newest of {snap.today_total})"
-    return (f"<section id=\"today\"><h2>Tasks and notes created today{shown}</h2>\n"
-            f"<p class=\"muted\">since {esc(_when(snap.today_since))}</p>\n"
-            + _table(["time", "account", "kind", "rule", "lead", "text", "amoCRM id", "event"], rows,
-                     "None yet today.") + "</section>\n")
+    rows = [
+        [
+            esc(time.strftime("%H:%M:%S", time.localtime(a.updated_at))),
+            esc(a.account),
+            esc("task" if a.kind == "create_task" else "note"),
+            esc(a.rule),
+            _num(a.entity_id if a.entity_id is not None else "—"),
+            esc(_clip(a.text, 160)),
+            _num(a.result_id if a.result_id is not None else "—"),
+            _num(a.event_id if a.event_id else "—"),
+        ]
+        for a in snap.today
+    ]
+    shown = (
+        f" ({snap.today_total})"
+        if snap.today_total == len(snap.today)
+        else f" ({len(snap.today)} newest of {snap.today_total})"
+    )
+    return (
+        f'<section id="today"><h2>Tasks and notes created today{shown}</h2>\n'
+        f'<p class="muted">since {esc(_when(snap.today_since))}</p>\n'
+        + _table(["time", "account", "kind", "rule", "lead", "text", "amoCRM id", "event"], rows, "None yet today.")
+        + "</section>\n"
+    )
 
 
 def _events(title: str, anchor: str, events: list, read_at: float) -> str:
     rows = []
     for e in events:
         what = f"{esc(e.entity)} {esc(e.action)}" + (f" #{esc(e.entity_id)}" if e.entity_id else "")
-        outcome = f"<span class=\"{'error' if e.status == 'dead' else 'ok' if e.status == 'done' else 'muted'}\">" \
-                  f"{esc(e.status)}</span>"
-        error = f"<div class=\"fix\">{esc(_clip(e.last_error))}</div>" if e.last_error else ""
-        rows.append([_num(e.id), esc(_when(e.received_at)), esc(e.account or "—"), what, esc(e.name or ""),
-                     outcome + error, _num(e.attempts), esc(e.source)])
-    return (f"<section id=\"{anchor}\"><h2>{esc(title)}</h2>\n"
-            + _table(["id", "received", "account", "entity", "name", "outcome", "attempts", "source"], rows,
-                     "None.") + "</section>\n")
+        outcome = (
+            f'<span class="{"error" if e.status == "dead" else "ok" if e.status == "done" else "muted"}">'
+            f"{esc(e.status)}</span>"
+        )
+        error = f'<div class="fix">{esc(_clip(e.last_error))}</div>' if e.last_error else ""
+        rows.append(
+            [
+                _num(e.id),
+                esc(_when(e.received_at)),
+                esc(e.account or "—"),
+                what,
+                esc(e.name or ""),
+                outcome + error,
+                _num(e.attempts),
+                esc(e.source),
+            ]
+        )
+    return (
+        f'<section id="{anchor}"><h2>{esc(title)}</h2>\n'
+        + _table(["id", "received", "account", "entity", "name", "outcome", "attempts", "source"], rows, "None.")
+        + "</section>\n"
+    )

@@ -58,25 +58,36 @@ OAUTH_TITLE = "Некорректный запрос"
 OAUTH_DETAIL = "В запросе отсутствует ряд параметров или параметры невалидны"
 PROBLEM = "application/problem+json"
 HAL = "application/hal+json"
-BLOCKED_HTML = (b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
-                b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
-                b"</body>\r\n</html>\r\n")
-URI_TOO_LONG_HTML = (b"<html>\r\n<head><title>414 Request-URI Too Large</title></head>\r\n<body>\r\n"
-                     b"<center><h1>414 Request-URI Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n"
-                     b"</body>\r\n</html>\r\n")
+BLOCKED_HTML = (
+    b"<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+    b"<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+URI_TOO_LONG_HTML = (
+    b"<html>\r\n<head><title>414 Request-URI Too Large</title></head>\r\n<body>\r\n"
+    b"<center><h1>414 Request-URI Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
 ENTITY_TYPES = ("leads", "contacts", "companies", "customers")
 # The 31 event codes of POST /api/v4/webhooks (crm_platform/webhooks-api).
-WEBHOOK_EVENTS = frozenset("""
+WEBHOOK_EVENTS = frozenset(
+    """
     responsible_lead responsible_contact responsible_company responsible_customer responsible_task
     restore_lead restore_contact restore_company add_lead add_contact add_company add_customer add_talk
     add_task update_lead update_contact update_company update_customer update_talk update_task delete_lead
     delete_contact delete_company delete_customer delete_task status_lead note_lead note_contact
-    note_company note_customer add_chat_template_review""".split())
-ENTITY_PLURAL = {"lead": "leads", "contact": "contacts", "company": "companies", "customer": "customers",
-                 "task": "tasks"}
+    note_company note_customer add_chat_template_review""".split()
+)
+ENTITY_PLURAL = {
+    "lead": "leads",
+    "contact": "contacts",
+    "company": "companies",
+    "customer": "customers",
+    "task": "tasks",
+}
 CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"  # lowercase, as amoCRM's event ids
-EVENT_PAGE_MAX = 100          # documented maximum `limit` of /api/v4/events
-EVENT_PAGE_OVER = 50          # what a larger limit gets (Krukov/amocrm_api#76), with no next link
+EVENT_PAGE_MAX = 100  # documented maximum `limit` of /api/v4/events
+EVENT_PAGE_OVER = 50  # what a larger limit gets (Krukov/amocrm_api#76), with no next link
 # `with=` values of GET /api/v4/account: top-level keys shown only on request, and _embedded ones.
 ACCOUNT_WITH_TOP = ("amojo_id", "uuid", "version", "entity_names", "drive_url", "is_api_filter_enabled")
 ACCOUNT_WITH_EMBEDDED = ("amojo_rights", "users_groups", "task_types", "datetime_settings")
@@ -99,8 +110,13 @@ def _json(status: int, obj: Any, ctype: str = HAL) -> Response:
 def problem(status: int, detail: str | None = None, title: str | None = None, **extra: Any) -> Response:
     """An API v4 error answer: ``{"title","type","status","detail"}`` as application/problem+json."""
     phrase = HTTPStatus(status).phrase
-    body = {**extra, "title": title or phrase, "type": f"https://httpstatus.es/{status}",
-            "status": status, "detail": detail or phrase}
+    body = {
+        **extra,
+        "title": title or phrase,
+        "type": f"https://httpstatus.es/{status}",
+        "status": status,
+        "detail": detail or phrase,
+    }
     return _json(status, body, PROBLEM)
 
 
@@ -151,19 +167,19 @@ class Headers(dict):
 @dataclass
 class RecordedRequest:
     method: str
-    path: str                        # without the query string
+    path: str  # without the query string
     query: dict[str, list[str]]
     headers: Headers
     body: bytes
-    json: Any                        # parsed JSON body or None
-    form: dict[str, str] | None      # form-urlencoded body (last value per key) or None
-    time: float                      # clock() at arrival
-    mono: float                      # rate_clock() at arrival (the rate limiter's time base)
+    json: Any  # parsed JSON body or None
+    form: dict[str, str] | None  # form-urlencoded body (last value per key) or None
+    time: float  # clock() at arrival
+    mono: float  # rate_clock() at arrival (the rate limiter's time base)
     ip: str
-    port: int                        # client port: same port = same keep-alive connection
-    status: int | None = None        # status answered; None while in flight, dropped or hung
-    fault: str | None = None         # "status" / "delay" / "drop" / "hang" if a fault applied
-    target: str = ""                 # the request target as sent (path and raw query)
+    port: int  # client port: same port = same keep-alive connection
+    status: int | None = None  # status answered; None while in flight, dropped or hung
+    fault: str | None = None  # "status" / "delay" / "drop" / "hang" if a fault applied
+    target: str = ""  # the request target as sent (path and raw query)
 
 
 @dataclass
@@ -188,8 +204,9 @@ class Fault:
         if self.after_effect is not None:
             return self.after_effect
         # Token endpoint default: the grant is committed, then the answer is late or lost.
-        return (rec.path == "/oauth2/access_token" and not self.status and not self.hang
-                and (self.drop or self.delay > 0))
+        return (
+            rec.path == "/oauth2/access_token" and not self.status and not self.hang and (self.drop or self.delay > 0)
+        )
 
     def response(self) -> Response:
         if self.body is None:
@@ -206,7 +223,7 @@ class Fault:
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
-    block_on_close = False          # stop() must not wait for keep-alive or hanging handlers
+    block_on_close = False  # stop() must not wait for keep-alive or hanging handlers
     request_queue_size = 128
     allow_reuse_address = True
     fake: FakeAmo
@@ -217,7 +234,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"   # keep-alive; every answer carries Content-Length
+    protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
     server_version = "nginx"
     sys_version = ""
 
@@ -271,18 +288,28 @@ ROUTES = [(m, re.compile(p + "/?"), h, a) for m, p, h, a in ROUTES]
 
 
 class FakeAmo:
-    max_batch = 50          # most tasks per POST /api/v4/tasks (UNCERTAIN in the real API)
-    max_limit = 250         # most items per page
-    max_webhooks = 100      # subscriptions per account (crm_platform/webhooks-api)
-    max_target: int | None = None   # longest request target served; longer ones get nginx's 414
+    max_batch = 50  # most tasks per POST /api/v4/tasks (UNCERTAIN in the real API)
+    max_limit = 250  # most items per page
+    max_webhooks = 100  # subscriptions per account (crm_platform/webhooks-api)
+    max_target: int | None = None  # longest request target served; longer ones get nginx's 414
 
-    def __init__(self, *, subdomain: str = "example", account_id: int = 1231414,
-                 client_id: str = "client-id-123", client_secret: str = "client-secret-456",
-                 redirect_uri: str = "https://hooks.example.com/oauth/callback",
-                 access_ttl: float = 86400, code_ttl: float = 1200, refresh_ttl: float = 90 * 86400,
-                 rate_limit: int | None = 7, timezone: str = "Europe/Moscow",
-                 clock: Callable[[], float] = time.time,
-                 rate_clock: Callable[[], float] = time.monotonic, events_seed: int = 0):
+    def __init__(
+        self,
+        *,
+        subdomain: str = "example",
+        account_id: int = 1231414,
+        client_id: str = "client-id-123",
+        client_secret: str = "client-secret-456",
+        redirect_uri: str = "https://hooks.example.com/oauth/callback",
+        access_ttl: float = 86400,
+        code_ttl: float = 1200,
+        refresh_ttl: float = 90 * 86400,
+        rate_limit: int | None = 7,
+        timezone: str = "Europe/Moscow",
+        clock: Callable[[], float] = time.time,
+        rate_clock: Callable[[], float] = time.monotonic,
+        events_seed: int = 0,
+    ):
         self.subdomain, self.account_id = subdomain, account_id
         self.client_id, self.client_secret, self.redirect_uri = client_id, client_secret, redirect_uri
         self.access_ttl, self.code_ttl, self.refresh_ttl = access_ttl, code_ttl, refresh_ttl
@@ -301,19 +328,19 @@ class FakeAmo:
         self.refresh_calls = self.code_calls = 0
         # traffic and faults
         self.requests: list[RecordedRequest] = []
-        self.errors: list[str] = []      # tracebacks of bugs inside the fake (answered 500)
+        self.errors: list[str] = []  # tracebacks of bugs inside the fake (answered 500)
         self.count_429 = 0
         self._faults: list[Fault] = []
         self._blocked = self._block_oauth = False
         self._admitted: list[float] = []
         # events log and webhook subscriptions
-        self.events: list[dict] = []      # unspecified order; internal key "visible_at"
+        self.events: list[dict] = []  # unspecified order; internal key "visible_at"
         self._events_rng = random.Random(events_seed)
         self._event_ids: set[str] = set()
         self._note_id = 42743871
         self.webhooks: list[dict] = []
         self._webhook_id = 839655
-        self.reenable_on_repost = True    # does re-POSTing a destination clear `disabled`? (undocumented)
+        self.reenable_on_repost = True  # does re-POSTing a destination clear `disabled`? (undocumented)
         self.date_offset = 0.0  # seconds added to the Date header: a server clock that is off
         self._seed()
 
@@ -342,9 +369,17 @@ class FakeAmo:
         self.add_custom_field("Комментарий", "textarea")
         self.leads: dict[int, dict] = {}
         lead = _load("lead_get_by_id.json")
-        self.add_lead(lead["name"], 3177727, 32392159, acc["current_user_id"], lead_id=lead["id"],
-                      price=lead["price"], created_at=lead["created_at"], updated_at=lead["updated_at"],
-                      _embedded={"tags": lead["_embedded"]["tags"], "companies": []})
+        self.add_lead(
+            lead["name"],
+            3177727,
+            32392159,
+            acc["current_user_id"],
+            lead_id=lead["id"],
+            price=lead["price"],
+            created_at=lead["created_at"],
+            updated_at=lead["updated_at"],
+            _embedded={"tags": lead["_embedded"]["tags"], "companies": []},
+        )
         self.tasks: dict[int, dict] = {}
         self.patched_hooks: list[tuple[str, dict]] = []  # (leads action, hook item) per PATCHed change
         self.notes: dict[int, dict] = {}  # lead notes (POST/GET /api/v4/leads/notes)
@@ -362,27 +397,42 @@ class FakeAmo:
             next_sid = self._new_id(taken, 32392165)
 
             def status(sid: int, sname: str, sort: int, editable: bool, color: str, stype: int = 0) -> dict:
-                return {"id": sid, "name": sname, "sort": sort, "is_editable": editable, "pipeline_id": pid,
-                        "color": color, "type": stype, "account_id": self.account_id}
+                return {
+                    "id": sid,
+                    "name": sname,
+                    "sort": sort,
+                    "is_editable": editable,
+                    "pipeline_id": pid,
+                    "color": color,
+                    "type": stype,
+                    "account_id": self.account_id,
+                }
 
             statuses = [status(next_sid, "Неразобранное", 10, False, "#c1c1c1", 1)]
             statuses += [status(next_sid + i, s, 10 * (i + 1), True, "#99ccff") for i, s in enumerate(stages, 1)]
-            statuses += [status(142, "Успешно реализовано", 10000, False, "#CCFF66"),
-                         status(143, "Закрыто и не реализовано", 11000, False, "#D5D8DB")]
-            pipeline = {"id": pid, "name": name, "sort": len(self.pipelines) + 1, "is_main": not self.pipelines,
-                        "is_unsorted_on": True, "is_archive": False, "account_id": self.account_id,
-                        "_embedded": {"statuses": statuses}}
+            statuses += [
+                status(142, "Успешно реализовано", 10000, False, "#CCFF66"),
+                status(143, "Закрыто и не реализовано", 11000, False, "#D5D8DB"),
+            ]
+            pipeline = {
+                "id": pid,
+                "name": name,
+                "sort": len(self.pipelines) + 1,
+                "is_main": not self.pipelines,
+                "is_unsorted_on": True,
+                "is_archive": False,
+                "account_id": self.account_id,
+                "_embedded": {"statuses": statuses},
+            }
             self.pipelines.append(pipeline)
             return pipeline
 
-    def add_user(self, name: str, email: str | None = None, user_id: int | None = None,
-                 is_admin: bool = False) -> dict:
+    def add_user(self, name: str, email: str | None = None, user_id: int | None = None, is_admin: bool = False) -> dict:
         with self._lock:
             uid = user_id or self._new_id((u["id"] for u in self.users), 600000)
             rights = copy.deepcopy(self._rights_template)
             rights.update(is_admin=is_admin, status_rights=None, group_id=None, role_id=None)
-            user = {"id": uid, "name": name, "email": email or f"user{uid}@example.com", "lang": "ru",
-                    "rights": rights}
+            user = {"id": uid, "name": name, "email": email or f"user{uid}@example.com", "lang": "ru", "rights": rights}
             self.users.append(user)
             return user
 
@@ -393,30 +443,66 @@ class FakeAmo:
             self.task_types.append(task_type)
             return task_type
 
-    def add_custom_field(self, name: str, field_type: str = "text", field_id: int | None = None,
-                         enums: list[str] | None = None) -> dict:
+    def add_custom_field(
+        self, name: str, field_type: str = "text", field_id: int | None = None, enums: list[str] | None = None
+    ) -> dict:
         with self._lock:
             fid = field_id or self._new_id((f["id"] for f in self.custom_fields), 1000000)
             options = [{"id": fid * 10 + i, "value": v, "sort": i} for i, v in enumerate(enums)] if enums else None
-            cf = {"id": fid, "name": name, "type": field_type, "account_id": self.account_id, "code": None,
-                  "sort": 500 + len(self.custom_fields), "is_api_only": False, "enums": options, "group_id": None,
-                  "required_statuses": [], "is_deletable": True, "is_predefined": False,
-                  "entity_type": "leads", "remind": None, "settings": None}
+            cf = {
+                "id": fid,
+                "name": name,
+                "type": field_type,
+                "account_id": self.account_id,
+                "code": None,
+                "sort": 500 + len(self.custom_fields),
+                "is_api_only": False,
+                "enums": options,
+                "group_id": None,
+                "required_statuses": [],
+                "is_deletable": True,
+                "is_predefined": False,
+                "entity_type": "leads",
+                "remind": None,
+                "settings": None,
+            }
             self.custom_fields.append(cf)
             return cf
 
-    def add_lead(self, name: str, pipeline_id: int, status_id: int, responsible_user_id: int,
-                 lead_id: int | None = None, **fields: Any) -> dict:
+    def add_lead(
+        self,
+        name: str,
+        pipeline_id: int,
+        status_id: int,
+        responsible_user_id: int,
+        lead_id: int | None = None,
+        **fields: Any,
+    ) -> dict:
         """A lead in API v4 shape; ``fields`` override or add keys (e.g. custom_fields_values)."""
         with self._lock:
             lid = lead_id or self._new_id(self.leads, 3912171)
             now = int(self._clock())
-            lead = {"id": lid, "name": name, "price": 0, "responsible_user_id": responsible_user_id,
-                    "group_id": 0, "status_id": status_id, "pipeline_id": pipeline_id, "loss_reason_id": None,
-                    "created_by": 0, "updated_by": 0, "created_at": now, "updated_at": now,
-                    "closed_at": None, "closest_task_at": None, "is_deleted": False,
-                    "custom_fields_values": None, "score": None, "account_id": self.account_id,
-                    "_embedded": {"tags": [], "companies": []}}
+            lead = {
+                "id": lid,
+                "name": name,
+                "price": 0,
+                "responsible_user_id": responsible_user_id,
+                "group_id": 0,
+                "status_id": status_id,
+                "pipeline_id": pipeline_id,
+                "loss_reason_id": None,
+                "created_by": 0,
+                "updated_by": 0,
+                "created_at": now,
+                "updated_at": now,
+                "closed_at": None,
+                "closest_task_at": None,
+                "is_deleted": False,
+                "custom_fields_values": None,
+                "score": None,
+                "account_id": self.account_id,
+                "_embedded": {"tags": [], "companies": []},
+            }
             lead.update(fields)
             self.leads[lid] = lead
             return lead
@@ -436,42 +522,78 @@ class FakeAmo:
                 self._event_ids.add(eid)
                 return eid
 
-    def add_event(self, event_type: str, entity_id: int, *, value_after: list | None = None,
-                  value_before: list | None = None, created_by: int | None = None, at: float | None = None,
-                  entity_type: str = "lead", log_delay: float = 0.0) -> dict:
+    def add_event(
+        self,
+        event_type: str,
+        entity_id: int,
+        *,
+        value_after: list | None = None,
+        value_before: list | None = None,
+        created_by: int | None = None,
+        at: float | None = None,
+        entity_type: str = "lead",
+        log_delay: float = 0.0,
+    ) -> dict:
         """Write one event to the log at a random position; listed once ``clock() >= visible_at``."""
         with self._lock:
             created_at = int(self._clock() if at is None else at)
             eid = self._event_id(created_at)
             plural = ENTITY_PLURAL.get(entity_type, entity_type)
-            event = {"id": eid, "type": event_type, "entity_id": entity_id, "entity_type": entity_type,
-                     "created_by": self.account["current_user_id"] if created_by is None else created_by,
-                     "created_at": created_at, "value_after": value_after or [], "value_before": value_before or [],
-                     "account_id": self.account_id,
-                     "_links": {"self": {"href": f"{self._base()}/api/v4/events/{eid}"}},
-                     "_embedded": {"entity": {"id": entity_id, "_links": {
-                         "self": {"href": f"{self._base()}/api/v4/{plural}/{entity_id}"}}}},
-                     "visible_at": self._clock() + log_delay}
+            event = {
+                "id": eid,
+                "type": event_type,
+                "entity_id": entity_id,
+                "entity_type": entity_type,
+                "created_by": self.account["current_user_id"] if created_by is None else created_by,
+                "created_at": created_at,
+                "value_after": value_after or [],
+                "value_before": value_before or [],
+                "account_id": self.account_id,
+                "_links": {"self": {"href": f"{self._base()}/api/v4/events/{eid}"}},
+                "_embedded": {
+                    "entity": {
+                        "id": entity_id,
+                        "_links": {"self": {"href": f"{self._base()}/api/v4/{plural}/{entity_id}"}},
+                    }
+                },
+                "visible_at": self._clock() + log_delay,
+            }
             self.events.insert(self._events_rng.randint(0, len(self.events)), event)
             return event
 
     def _hook_item(self, lead: dict, modified_by: int, **old: Any) -> dict:
         """A lead as a webhook block carries it: API v2 names, every value a string."""
-        item = {"id": lead["id"], "name": lead["name"], "status_id": lead["status_id"],
-                "price": lead.get("price") if lead.get("price") is not None else "",
-                "responsible_user_id": lead["responsible_user_id"], "last_modified": lead["updated_at"],
-                "modified_user_id": modified_by, "created_user_id": lead.get("created_by") or 0,
-                "date_create": lead["created_at"], "pipeline_id": lead["pipeline_id"],
-                "account_id": self.account_id}
+        item = {
+            "id": lead["id"],
+            "name": lead["name"],
+            "status_id": lead["status_id"],
+            "price": lead.get("price") if lead.get("price") is not None else "",
+            "responsible_user_id": lead["responsible_user_id"],
+            "last_modified": lead["updated_at"],
+            "modified_user_id": modified_by,
+            "created_user_id": lead.get("created_by") or 0,
+            "date_create": lead["created_at"],
+            "pipeline_id": lead["pipeline_id"],
+            "account_id": self.account_id,
+        }
         tags = ((lead.get("_embedded") or {}).get("tags")) or []
         if tags:
             item["tags"] = [{"id": t.get("id"), "name": t.get("name")} for t in tags]
         item.update(created_at=lead["created_at"], updated_at=lead["updated_at"], **old)
         return _strings(item)
 
-    def move_lead(self, lead_id: int, status_id: int, pipeline_id: int | None = None, *,
-                  user_id: int | None = None, at: float | None = None, log: bool = True,
-                  log_delay: float = 0.0, log_offset: int = 0) -> dict:
+    def move_lead(
+        self,
+        lead_id: int,
+        status_id: int,
+        pipeline_id: int | None = None,
+        *,
+        user_id: int | None = None,
+        at: float | None = None,
+        log: bool = True,
+        log_delay: float = 0.0,
+        log_offset: int = 0,
+    ) -> dict:
         """Move a lead to another stage; returns its ``leads[status][0]`` webhook item.
 
         ``log``: write a lead_status_changed event (created_at = at + log_offset, listed after
@@ -487,30 +609,67 @@ class FakeAmo:
             if status_id in (142, 143):
                 lead["closed_at"] = at
             if log:
-                self.add_event("lead_status_changed", lead_id, created_by=user, at=at + log_offset,
-                               log_delay=log_delay,
-                               value_before=[{"lead_status": {"id": old_status, "pipeline_id": old_pipeline}}],
-                               value_after=[{"lead_status": {"id": status_id, "pipeline_id": new_pipeline}}])
+                self.add_event(
+                    "lead_status_changed",
+                    lead_id,
+                    created_by=user,
+                    at=at + log_offset,
+                    log_delay=log_delay,
+                    value_before=[{"lead_status": {"id": old_status, "pipeline_id": old_pipeline}}],
+                    value_after=[{"lead_status": {"id": status_id, "pipeline_id": new_pipeline}}],
+                )
             return self._hook_item(lead, user, old_status_id=old_status)
 
-    def create_lead(self, name: str, pipeline_id: int, status_id: int, responsible_user_id: int, *,
-                    at: float | None = None, log: bool = True, log_delay: float = 0.0,
-                    user_id: int | None = None) -> tuple[dict, dict]:
+    def create_lead(
+        self,
+        name: str,
+        pipeline_id: int,
+        status_id: int,
+        responsible_user_id: int,
+        *,
+        at: float | None = None,
+        log: bool = True,
+        log_delay: float = 0.0,
+        user_id: int | None = None,
+    ) -> tuple[dict, dict]:
         """Create a lead as a user would; returns (lead, its ``leads[add][0]`` webhook item). The
         lead_added event carries only a note id, as documented."""
         with self._lock:
             at = int(self._clock() if at is None else at)
             user = self.account["current_user_id"] if user_id is None else user_id
-            lead = self.add_lead(name, pipeline_id, status_id, responsible_user_id, created_at=at, updated_at=at,
-                                 created_by=user, updated_by=user)
+            lead = self.add_lead(
+                name,
+                pipeline_id,
+                status_id,
+                responsible_user_id,
+                created_at=at,
+                updated_at=at,
+                created_by=user,
+                updated_by=user,
+            )
             if log:
                 self._note_id += 1
-                self.add_event("lead_added", lead["id"], created_by=user, at=at, log_delay=log_delay,
-                               value_after=[{"note": {"id": self._note_id}}], value_before=[])
+                self.add_event(
+                    "lead_added",
+                    lead["id"],
+                    created_by=user,
+                    at=at,
+                    log_delay=log_delay,
+                    value_after=[{"note": {"id": self._note_id}}],
+                    value_before=[],
+                )
             return lead, self._hook_item(lead, user)
 
-    def change_responsible(self, lead_id: int, user_id: int, *, at: float | None = None, log: bool = True,
-                           log_delay: float = 0.0, by: int | None = None) -> dict:
+    def change_responsible(
+        self,
+        lead_id: int,
+        user_id: int,
+        *,
+        at: float | None = None,
+        log: bool = True,
+        log_delay: float = 0.0,
+        by: int | None = None,
+    ) -> dict:
         """Give a lead another responsible user; returns its ``leads[responsible][0]`` webhook item."""
         with self._lock:
             lead = self.leads[lead_id]
@@ -519,13 +678,20 @@ class FakeAmo:
             old = lead["responsible_user_id"]
             lead.update(responsible_user_id=user_id, updated_at=at, updated_by=actor)
             if log:
-                self.add_event("entity_responsible_changed", lead_id, created_by=actor, at=at, log_delay=log_delay,
-                               value_before=[{"responsible_user": {"id": old}}],
-                               value_after=[{"responsible_user": {"id": user_id}}])
+                self.add_event(
+                    "entity_responsible_changed",
+                    lead_id,
+                    created_by=actor,
+                    at=at,
+                    log_delay=log_delay,
+                    value_before=[{"responsible_user": {"id": old}}],
+                    value_after=[{"responsible_user": {"id": user_id}}],
+                )
             return self._hook_item(lead, actor, old_responsible_user_id=old)
 
-    def complete_task(self, task_id: int, *, at: float | None = None, result: str | None = None,
-                      log: bool = True) -> dict:
+    def complete_task(
+        self, task_id: int, *, at: float | None = None, result: str | None = None, log: bool = True
+    ) -> dict:
         """Complete a task as a user would; returns its ``task[update][0]`` webhook item (with
         ``action_close=1``, crm_platform/webhooks-format) and logs task_completed."""
         with self._lock:
@@ -535,12 +701,21 @@ class FakeAmo:
             if log:
                 self.add_event("task_completed", task_id, entity_type="task", at=at)
             element_type = {"leads": 2, "contacts": 1, "companies": 3, "customers": 12}.get(task.get("entity_type"), 0)
-            item = {"id": task_id, "element_id": task.get("entity_id") or 0, "element_type": element_type,
-                    "task_type": task.get("task_type_id"), "date_create": task["created_at"],
-                    "text": task.get("text") or "", "status": 1, "account_id": self.account_id,
-                    "created_user_id": task.get("created_by"), "last_modified": at,
-                    "responsible_user_id": task.get("responsible_user_id"),
-                    "complete_till": task.get("complete_till"), "action_close": 1}
+            item = {
+                "id": task_id,
+                "element_id": task.get("entity_id") or 0,
+                "element_type": element_type,
+                "task_type": task.get("task_type_id"),
+                "date_create": task["created_at"],
+                "text": task.get("text") or "",
+                "status": 1,
+                "account_id": self.account_id,
+                "created_user_id": task.get("created_by"),
+                "last_modified": at,
+                "responsible_user_id": task.get("responsible_user_id"),
+                "complete_till": task.get("complete_till"),
+                "action_close": 1,
+            }
             if result:
                 item["result"] = {"text": result}
             return _strings(item)
@@ -548,24 +723,40 @@ class FakeAmo:
     def webhook_body(self, action: str, items: list[dict], entity: str = "leads") -> bytes:
         """An application/x-www-form-urlencoded webhook body as amoCRM sends it today: the account
         first (subdomain, id, link), then ``{entity}[{action}][i][field]=…`` with PHP bracket keys."""
-        pairs = [("account[subdomain]", self.subdomain), ("account[id]", str(self.account_id)),
-                 ("account[_links][self]", f"https://{self.subdomain}.amocrm.ru")]
+        pairs = [
+            ("account[subdomain]", self.subdomain),
+            ("account[id]", str(self.account_id)),
+            ("account[_links][self]", f"https://{self.subdomain}.amocrm.ru"),
+        ]
         for index, item in enumerate(items):
             _flatten(f"{entity}[{action}][{index}]", item, pairs)
         return urlencode(pairs).encode()
 
     # ---------------------------------------------------------------- webhook subscriptions
-    def add_webhook(self, destination: str, settings: list[str], *, disabled: bool = False,
-                    sort: int | None = None, created_by: int | None = None) -> dict:
+    def add_webhook(
+        self,
+        destination: str,
+        settings: list[str],
+        *,
+        disabled: bool = False,
+        sort: int | None = None,
+        created_by: int | None = None,
+    ) -> dict:
         """A subscription as if made in amoCRM's settings (no request)."""
         with self._lock:
             now = int(self._clock())
             self._webhook_id = self._new_id((h["id"] for h in self.webhooks), self._webhook_id)  # never reused
-            hook = {"id": self._webhook_id, "destination": destination,
-                    "created_at": now, "updated_at": now, "account_id": self.account_id,
-                    "created_by": self.account["current_user_id"] if created_by is None else created_by,
-                    "sort": len(self.webhooks) + 1 if sort is None else sort, "disabled": disabled,
-                    "settings": list(settings)}
+            hook = {
+                "id": self._webhook_id,
+                "destination": destination,
+                "created_at": now,
+                "updated_at": now,
+                "account_id": self.account_id,
+                "created_by": self.account["current_user_id"] if created_by is None else created_by,
+                "sort": len(self.webhooks) + 1 if sort is None else sort,
+                "disabled": disabled,
+                "settings": list(settings),
+            }
             self.webhooks.append(hook)
             return hook
 
@@ -587,18 +778,35 @@ class FakeAmo:
         uid = user_id or self.account["current_user_id"]
         jti = secrets.token_hex(20)
         header = {"typ": "JWT", "alg": "RS256", "jti": jti}
-        claims = {"aud": self.client_id, "jti": jti, "iat": int(now), "nbf": int(now),
-                  "exp": int(now + expires_in), "sub": str(uid), "grant_type": "", "account_id": self.account_id,
-                  "base_domain": "amocrm.ru", "version": 2, "scopes": ["crm", "notifications"],
-                  "hash_uuid": str(uuid.uuid4()), "api_domain": urlsplit(self.base_url or "").netloc}
-        access = ".".join([_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()),
-                           _b64(secrets.token_bytes(256))])
+        claims = {
+            "aud": self.client_id,
+            "jti": jti,
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": int(now + expires_in),
+            "sub": str(uid),
+            "grant_type": "",
+            "account_id": self.account_id,
+            "base_domain": "amocrm.ru",
+            "version": 2,
+            "scopes": ["crm", "notifications"],
+            "hash_uuid": str(uuid.uuid4()),
+            "api_domain": urlsplit(self.base_url or "").netloc,
+        }
+        access = ".".join(
+            [_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), _b64(secrets.token_bytes(256))]
+        )
         self._access[access] = {"exp": now + expires_in, "admin": admin, "user_id": uid, "revoked": False}
         if not refresh:
             return access, None
         token = "def50200" + secrets.token_hex(350)
-        self._refresh[token] = {"exp": now + self.refresh_ttl, "admin": admin, "user_id": uid,
-                                "used": False, "revoked": False}
+        self._refresh[token] = {
+            "exp": now + self.refresh_ttl,
+            "admin": admin,
+            "user_id": uid,
+            "used": False,
+            "revoked": False,
+        }
         return access, token
 
     def issue_code(self, ttl: float | None = None, admin: bool = True, user_id: int | None = None) -> str:
@@ -609,8 +817,9 @@ class FakeAmo:
             self._codes[code] = {"exp": self._clock() + ttl, "used": False, "admin": admin, "user_id": user_id}
             return code
 
-    def issue_tokens(self, expires_in: float | None = None, admin: bool = True,
-                     user_id: int | None = None) -> tuple[str, str]:
+    def issue_tokens(
+        self, expires_in: float | None = None, admin: bool = True, user_id: int | None = None
+    ) -> tuple[str, str]:
         """A valid (access, refresh) pair, as if init-auth had happened."""
         with self._lock:
             return self._mint(self.access_ttl if expires_in is None else expires_in, admin, user_id, True)
@@ -645,12 +854,23 @@ class FakeAmo:
             return "expired" if info["exp"] <= self._clock() else "valid"
 
     # ---------------------------------------------------------------- faults and inspection
-    def fail(self, path: str, status: int | None = None, body: Any = None, times: int | None = 1,
-             delay: float = 0.0, hang: bool = False, drop: bool = False, retry_after: Any = None,
-             content_type: str = PROBLEM, after_effect: bool | None = None, method: str | None = None) -> Fault:
+    def fail(
+        self,
+        path: str,
+        status: int | None = None,
+        body: Any = None,
+        times: int | None = 1,
+        delay: float = 0.0,
+        hang: bool = False,
+        drop: bool = False,
+        retry_after: Any = None,
+        content_type: str = PROBLEM,
+        after_effect: bool | None = None,
+        method: str | None = None,
+    ) -> Fault:
         """Program a fault for requests whose path starts with ``path`` (and of ``method``)."""
         if status is None and not (delay or hang or drop):
-            status = 500                 # a bare fail(path) is a server error; `delay` alone only delays
+            status = 500  # a bare fail(path) is a server error; `delay` alone only delays
         fault = Fault(path, method, status, body, times, delay, hang, drop, retry_after, content_type, after_effect)
         with self._lock:
             self._faults.append(fault)
@@ -691,8 +911,9 @@ class FakeAmo:
             self._server = _Server(("127.0.0.1", 0), _Handler)
             self._server.fake = self
             self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                            name="FakeAmo", daemon=True)
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="FakeAmo", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -764,8 +985,19 @@ class FakeAmo:
                 data = json.loads(body)
             except ValueError:
                 pass
-        rec = RecordedRequest(h.command, url.path, parse_qs(url.query, keep_blank_values=True), headers, body,
-                              data, form, self._clock(), self._rate_clock(), *h.client_address[:2], target=h.path)
+        rec = RecordedRequest(
+            h.command,
+            url.path,
+            parse_qs(url.query, keep_blank_values=True),
+            headers,
+            body,
+            data,
+            form,
+            self._clock(),
+            self._rate_clock(),
+            *h.client_address[:2],
+            target=h.path,
+        )
         with self._lock:
             self.requests.append(rec)
             if rec.method == "POST" and rec.path == "/oauth2/access_token":
@@ -786,8 +1018,7 @@ class FakeAmo:
                 if is_api and self.rate_limit is not None:
                     self._admitted = [t for t in self._admitted if rec.mono - t < 1.0]
                     if len(self._admitted) >= self.rate_limit:
-                        return problem(429, "Превышено допустимое количество запросов в секунду",
-                                       "Too Many Requests")
+                        return problem(429, "Превышено допустимое количество запросов в секунду", "Too Many Requests")
                     self._admitted.append(rec.mono)
                 allowed = []
                 for method, pattern, name, needs_token in ROUTES:
@@ -805,13 +1036,14 @@ class FakeAmo:
                 return problem(404, f"No route for {rec.path}")
             except Exception:  # a bug in the fake: make it visible, keep serving
                 import traceback
+
                 self.errors.append(traceback.format_exc())
                 return problem(500, self.errors[-1].splitlines()[-1])
 
     def _send(self, h: _Handler, rec: RecordedRequest, response: Response) -> None:
         status, headers, body = response
         with self._lock:
-            rec.status = status          # set before writing: the client may look right after
+            rec.status = status  # set before writing: the client may look right after
             self.count_429 += status == 429
         try:
             h.send_response(status)
@@ -855,8 +1087,15 @@ class FakeAmo:
     def _link(self, path: str) -> dict:
         return {"self": {"href": f"{self.base_url}{path}"}}
 
-    def _page(self, rec: RecordedRequest, key: str, items: list[dict], totals: bool,
-              max_limit: int | None = None, over_limit: int | None = None) -> Response:
+    def _page(
+        self,
+        rec: RecordedRequest,
+        key: str,
+        items: list[dict],
+        totals: bool,
+        max_limit: int | None = None,
+        over_limit: int | None = None,
+    ) -> Response:
         """A HAL page of ``items`` by ``page``/``limit``; 204 when the page is empty.
 
         ``over_limit``: a ``limit`` above ``max_limit`` is not refused but served as pages of
@@ -875,7 +1114,7 @@ class FakeAmo:
             return problem(400, f"limit must be 1..{max_limit} and page >= 1")
         if page < 1:
             return problem(400, "page must be >= 1")
-        chunk = items[(page - 1) * size: page * size]
+        chunk = items[(page - 1) * size : page * size]
         if not chunk:
             return 204, {}, b""
         pages = math.ceil(len(items) / size)
@@ -919,18 +1158,35 @@ class FakeAmo:
             old = self._refresh.get(p.get("refresh_token") or "")
             if old is None or old["used"] or old["revoked"] or old["exp"] <= now:
                 return oauth_error(401, "Token has been revoked")
-            old["used"] = True           # single use; the old access token stays valid until expiry
+            old["used"] = True  # single use; the old access token stays valid until expiry
             admin, user_id = old["admin"], old["user_id"]
         access, refresh = self._mint(self.access_ttl, admin, user_id, refresh=True)
-        return _json(200, {"token_type": "Bearer", "expires_in": int(self.access_ttl), "server_time": int(now),
-                           "access_token": access, "refresh_token": refresh}, "application/json")
+        return _json(
+            200,
+            {
+                "token_type": "Bearer",
+                "expires_in": int(self.access_ttl),
+                "server_time": int(now),
+                "access_token": access,
+                "refresh_token": refresh,
+            },
+            "application/json",
+        )
 
     def _h_subdomain(self, rec: RecordedRequest, token: None) -> Response:
         info = self._refresh.get(rec.headers.get("X-Refresh-Token", ""))
         if info is None or info["used"] or info["revoked"]:
             return oauth_error(401, "Token has been revoked")
-        return _json(200, {"id": self.account_id, "subdomain": self.subdomain,
-                           "domain": f"{self.subdomain}.amocrm.ru", "top_level_domain": "ru"}, "application/json")
+        return _json(
+            200,
+            {
+                "id": self.account_id,
+                "subdomain": self.subdomain,
+                "domain": f"{self.subdomain}.amocrm.ru",
+                "top_level_domain": "ru",
+            },
+            "application/json",
+        )
 
     # ---------------------------------------------------------------- API v4 endpoints
     def _h_account(self, rec: RecordedRequest, token: dict) -> Response:
@@ -938,8 +1194,11 @@ class FakeAmo:
         body = {k: v for k, v in self.account.items() if k not in ACCOUNT_WITH_TOP or k in wanted}
         body["current_user_id"] = token["user_id"]
         body["_links"] = self._link("/api/v4/account")
-        embedded = {**self.account_embedded, "task_types": self.task_types,
-                    "datetime_settings": self._datetime_settings()}
+        embedded = {
+            **self.account_embedded,
+            "task_types": self.task_types,
+            "datetime_settings": self._datetime_settings(),
+        }
         if wanted & set(ACCOUNT_WITH_EMBEDDED):
             body["_embedded"] = {k: embedded[k] for k in ACCOUNT_WITH_EMBEDDED if k in wanted}
         return _json(200, body)
@@ -947,13 +1206,20 @@ class FakeAmo:
     def _datetime_settings(self) -> dict:
         try:
             from zoneinfo import ZoneInfo
+
             offset = datetime.now(ZoneInfo(self.timezone)).strftime("%z")
             offset = f"{offset[:3]}:{offset[3:]}"
         except Exception:
             offset = "+00:00"
-        return {"date_pattern": "d.m.Y H:i", "short_date_pattern": "d.m.Y", "short_time_pattern": "H:i",
-                "date_formant": "d.m.Y", "time_format": "H:i:s", "timezone": self.timezone,
-                "timezone_offset": offset}
+        return {
+            "date_pattern": "d.m.Y H:i",
+            "short_date_pattern": "d.m.Y",
+            "short_time_pattern": "H:i",
+            "date_formant": "d.m.Y",
+            "time_format": "H:i:s",
+            "timezone": self.timezone,
+            "timezone_offset": offset,
+        }
 
     def _render_pipeline(self, p: dict) -> dict:
         path = f"/api/v4/leads/pipelines/{p['id']}"
@@ -961,8 +1227,14 @@ class FakeAmo:
         return {**p, "_links": self._link(path), "_embedded": {**p["_embedded"], "statuses": statuses}}
 
     def _h_pipelines(self, rec: RecordedRequest, token: dict) -> Response:
-        return _json(200, {"_total_items": len(self.pipelines), "_links": self._link(rec.path),
-                           "_embedded": {"pipelines": [self._render_pipeline(p) for p in self.pipelines]}})
+        return _json(
+            200,
+            {
+                "_total_items": len(self.pipelines),
+                "_links": self._link(rec.path),
+                "_embedded": {"pipelines": [self._render_pipeline(p) for p in self.pipelines]},
+            },
+        )
 
     def _h_custom_fields(self, rec: RecordedRequest, token: dict) -> Response:
         items = [{**f, "_links": self._link(f"/api/v4/leads/custom_fields/{f['id']}")} for f in self.custom_fields]
@@ -991,9 +1263,13 @@ class FakeAmo:
             values = {conv(v) for v in self._q(rec, f"filter[{name}]")}
             return lambda t: not values or t.get(key) in values
 
-        checks = [wanted("entity_type", "entity_type", str), wanted("entity_id", "entity_id"),
-                  wanted("task_type", "task_type_id"), wanted("responsible_user_id", "responsible_user_id"),
-                  wanted("is_completed", "is_completed", lambda v: v in ("1", "true"))]
+        checks = [
+            wanted("entity_type", "entity_type", str),
+            wanted("entity_id", "entity_id"),
+            wanted("task_type", "task_type_id"),
+            wanted("responsible_user_id", "responsible_user_id"),
+            wanted("is_completed", "is_completed", lambda v: v in ("1", "true")),
+        ]
         items = [self._render_task(t) for _, t in sorted(self.tasks.items()) if all(c(t) for c in checks)]
         return self._page(rec, "tasks", items, totals=False)
 
@@ -1015,8 +1291,10 @@ class FakeAmo:
             errors.append(err("NotBlank", "text", "This value should not be blank."))
         if not is_int(item.get("complete_till")):
             errors.append(err("InvalidType", "complete_till", "This value should be of type int."))
-        choices = {"task_type_id": {t["id"] for t in self.task_types},
-                   "responsible_user_id": {u["id"] for u in self.users}}
+        choices = {
+            "task_type_id": {t["id"] for t in self.task_types},
+            "responsible_user_id": {u["id"] for u in self.users},
+        }
         for key, allowed in choices.items():
             if key in item and item[key] not in allowed:
                 errors.append(err("NotSupportedChoice", key, "The value you selected is not a valid choice."))
@@ -1034,18 +1312,33 @@ class FakeAmo:
         if len(items) > self.max_batch:
             return problem(400, f"At most {self.max_batch} tasks per request")
         rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
-        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items, strict=True)
-                   if (errs := self._task_errors(item))]
+        invalid = [
+            {"request_id": rid, "errors": errs}
+            for rid, item in zip(rids, items, strict=True)
+            if (errs := self._task_errors(item))
+        ]
         if invalid:  # the whole batch is refused, nothing is created
             return problem(400, "Request validation failed", **{"validation-errors": invalid})
         now, created = int(self._clock()), []
         for rid, item in zip(rids, items, strict=True):
             tid = self._new_id(self.tasks, 4745250)
             self.tasks[tid] = {
-                "id": tid, "created_by": token["user_id"], "updated_by": token["user_id"], "created_at": now,
-                "updated_at": now, "responsible_user_id": token["user_id"], "group_id": 0, "entity_id": None,
-                "entity_type": None, "duration": 0, "is_completed": False, "task_type_id": 1, "result": [],
-                "account_id": self.account_id, **item} | {"id": tid, "request_id": item.get("request_id")}
+                "id": tid,
+                "created_by": token["user_id"],
+                "updated_by": token["user_id"],
+                "created_at": now,
+                "updated_at": now,
+                "responsible_user_id": token["user_id"],
+                "group_id": 0,
+                "entity_id": None,
+                "entity_type": None,
+                "duration": 0,
+                "is_completed": False,
+                "task_type_id": 1,
+                "result": [],
+                "account_id": self.account_id,
+                **item,
+            } | {"id": tid, "request_id": item.get("request_id")}
             created.append({"id": tid, "request_id": rid, "_links": self._link(f"/api/v4/tasks/{tid}")})
         return _json(200, {"_links": self._link("/api/v4/tasks"), "_embedded": {"tasks": created}})
 
@@ -1056,7 +1349,10 @@ class FakeAmo:
         ids = {int(v) for v in self._q(rec, "filter[entity_id]")}
         types = set(self._q(rec, "filter[note_type]"))
         items = [
-            {**{k: v for k, v in n.items() if k != "request_id"}, "_links": self._link(f"/api/v4/leads/notes/{n['id']}")}
+            {
+                **{k: v for k, v in n.items() if k != "request_id"},
+                "_links": self._link(f"/api/v4/leads/notes/{n['id']}"),
+            }
             for _, n in sorted(self.notes.items())
             if (not ids or n["entity_id"] in ids) and (not types or n["note_type"] in types)
         ]
@@ -1074,7 +1370,9 @@ class FakeAmo:
         for rid, item in zip(rids, items, strict=True):
             errors = []
             if not isinstance(item, dict) or not isinstance(item.get("entity_id"), int):
-                errors.append({"code": "NotSupportedChoice", "path": "entity_id", "detail": "entity_id must be an integer"})
+                errors.append(
+                    {"code": "NotSupportedChoice", "path": "entity_id", "detail": "entity_id must be an integer"}
+                )
             elif item.get("note_type") not in self.NOTE_TYPES:
                 errors.append({"code": "NotSupportedChoice", "path": "note_type", "detail": "unknown note_type"})
             elif item["note_type"] == "common" and not ((item.get("params") or {}).get("text") or "").strip():
@@ -1086,13 +1384,28 @@ class FakeAmo:
         now, created = int(self._clock()), []
         for rid, item in zip(rids, items, strict=True):
             nid = self._new_id(self.notes, 76610421)
-            self.notes[nid] = {"id": nid, "entity_id": item["entity_id"], "created_by": token["user_id"],
-                               "updated_by": token["user_id"], "created_at": now, "updated_at": now,
-                               "responsible_user_id": token["user_id"], "group_id": 0,
-                               "note_type": item["note_type"], "params": item.get("params") or {},
-                               "account_id": self.account_id, "request_id": item.get("request_id")}
-            created.append({"id": nid, "entity_id": item["entity_id"], "request_id": rid,
-                            "_links": self._link(f"/api/v4/leads/notes/{nid}")})
+            self.notes[nid] = {
+                "id": nid,
+                "entity_id": item["entity_id"],
+                "created_by": token["user_id"],
+                "updated_by": token["user_id"],
+                "created_at": now,
+                "updated_at": now,
+                "responsible_user_id": token["user_id"],
+                "group_id": 0,
+                "note_type": item["note_type"],
+                "params": item.get("params") or {},
+                "account_id": self.account_id,
+                "request_id": item.get("request_id"),
+            }
+            created.append(
+                {
+                    "id": nid,
+                    "entity_id": item["entity_id"],
+                    "request_id": rid,
+                    "_links": self._link(f"/api/v4/leads/notes/{nid}"),
+                }
+            )
         return _json(200, {"_links": self._link("/api/v4/leads/notes"), "_embedded": {"notes": created}})
 
     # ---------------------------------------------------------------- leads list, events log, webhooks
@@ -1100,16 +1413,25 @@ class FakeAmo:
     def _multi(rec: RecordedRequest, name: str) -> list[str]:
         """Values of ``name``, ``name[]`` and ``name[0]``…, comma-separated ones split."""
         pattern = re.compile(re.escape(name) + r"(\[\d*\])?")
-        return [part.strip() for key, values in rec.query.items() if pattern.fullmatch(key)
-                for value in values for part in value.split(",") if part.strip()]
+        return [
+            part.strip()
+            for key, values in rec.query.items()
+            if pattern.fullmatch(key)
+            for value in values
+            for part in value.split(",")
+            if part.strip()
+        ]
 
     def _h_leads(self, rec: RecordedRequest, token: dict) -> Response:
         try:
             ids = {int(v) for v in self._multi(rec, "filter[id]")}
         except ValueError:
             return problem(400, "filter[id] must be lead ids")
-        items = [{**lead, "_links": self._link(f"/api/v4/leads/{lid}")} for lid, lead in sorted(self.leads.items())
-                 if (not ids or lid in ids) and not lead.get("is_deleted")]
+        items = [
+            {**lead, "_links": self._link(f"/api/v4/leads/{lid}")}
+            for lid, lead in sorted(self.leads.items())
+            if (not ids or lid in ids) and not lead.get("is_deleted")
+        ]
         return self._page(rec, "leads", items, totals=False)
 
     def _lead_patch_errors(self, item: Any) -> list[dict]:
@@ -1120,8 +1442,14 @@ class FakeAmo:
             return [err("NotSupportedChoice", "id", "The value you selected is not a valid choice.")]
         errors = []
         if "status_id" in item or "pipeline_id" in item:
-            pipeline = next((p for p in self.pipelines if p["id"] == item.get("pipeline_id",
-                                                                             self.leads[item["id"]]["pipeline_id"])), None)
+            pipeline = next(
+                (
+                    p
+                    for p in self.pipelines
+                    if p["id"] == item.get("pipeline_id", self.leads[item["id"]]["pipeline_id"])
+                ),
+                None,
+            )
             statuses = {st["id"]: st for st in (pipeline or {}).get("_embedded", {}).get("statuses", [])}
             status = statuses.get(item.get("status_id"))
             if pipeline is None:
@@ -1132,13 +1460,23 @@ class FakeAmo:
         for n, cf in enumerate(item.get("custom_fields_values") or []):
             field = fields.get(cf.get("field_id")) if isinstance(cf, dict) else None
             if field is None:
-                errors.append(err("NotSupportedChoice", f"custom_fields_values.{n}.field_id",
-                                  "The value you selected is not a valid choice."))
+                errors.append(
+                    err(
+                        "NotSupportedChoice",
+                        f"custom_fields_values.{n}.field_id",
+                        "The value you selected is not a valid choice.",
+                    )
+                )
                 continue
             for m, value in enumerate(cf.get("values") or []):
                 if field["enums"] and value.get("value") not in {e["value"] for e in field["enums"]}:
-                    errors.append(err("NotSupportedChoice", f"custom_fields_values.{n}.values.{m}.value",
-                                      "The value you selected is not a valid choice."))
+                    errors.append(
+                        err(
+                            "NotSupportedChoice",
+                            f"custom_fields_values.{n}.values.{m}.value",
+                            "The value you selected is not a valid choice.",
+                        )
+                    )
         if "_embedded" in item and ("tags_to_add" in item or "tags_to_delete" in item):
             pass  # amoCRM lets _embedded.tags win silently (amocrm-api-php MutateTagsTrait); so does the fake
         return errors
@@ -1153,28 +1491,46 @@ class FakeAmo:
         if len(items) > self.max_batch:
             return problem(400, f"At most {self.max_batch} leads per request")
         rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
-        invalid = [{"request_id": rid, "errors": errs} for rid, item in zip(rids, items, strict=True)
-                   if (errs := self._lead_patch_errors(item))]
+        invalid = [
+            {"request_id": rid, "errors": errs}
+            for rid, item in zip(rids, items, strict=True)
+            if (errs := self._lead_patch_errors(item))
+        ]
         if invalid:
             return problem(400, "Request validation failed", **{"validation-errors": invalid})
         now, changed = int(self._clock()), []
         for item in items:
             lead = self.leads[item["id"]]
             if "status_id" in item and (item["status_id"], item.get("pipeline_id", lead["pipeline_id"])) != (
-                    lead["status_id"], lead["pipeline_id"]):
-                self.patched_hooks.append(("status", self.move_lead(lead["id"], item["status_id"], item.get("pipeline_id"),
-                                                                    user_id=token["user_id"], at=now)))
+                lead["status_id"],
+                lead["pipeline_id"],
+            ):
+                self.patched_hooks.append(
+                    (
+                        "status",
+                        self.move_lead(
+                            lead["id"], item["status_id"], item.get("pipeline_id"), user_id=token["user_id"], at=now
+                        ),
+                    )
+                )
             values = {cf["field_id"]: cf for cf in lead.get("custom_fields_values") or []}
             for cf in item.get("custom_fields_values") or []:
                 field = next(f for f in self.custom_fields if f["id"] == cf["field_id"])
-                values[cf["field_id"]] = {"field_id": cf["field_id"], "field_name": field["name"], "field_code": None,
-                                          "field_type": field["type"], "values": cf.get("values")}
+                values[cf["field_id"]] = {
+                    "field_id": cf["field_id"],
+                    "field_name": field["name"],
+                    "field_code": None,
+                    "field_type": field["type"],
+                    "values": cf.get("values"),
+                }
             if item.get("custom_fields_values"):
                 lead["custom_fields_values"] = [v for v in values.values() if v["values"]] or None
             tags = lead.setdefault("_embedded", {}).setdefault("tags", [])
             for tag in item.get("tags_to_add") or []:
                 if tag.get("name") and all(t["name"] != tag["name"] for t in tags):
-                    tags.append({"id": self._new_id((t["id"] for t in tags), 500000), "name": tag["name"], "color": None})
+                    tags.append(
+                        {"id": self._new_id((t["id"] for t in tags), 500000), "name": tag["name"], "color": None}
+                    )
             lead.update(updated_at=now, updated_by=token["user_id"])
             if "status_id" not in item:
                 self.patched_hooks.append(("update", self._hook_item(lead, token["user_id"])))
@@ -1185,8 +1541,9 @@ class FakeAmo:
         body = {k: v for k, v in event.items() if k != "visible_at"}
         body["_links"] = self._link(f"/api/v4/events/{event['id']}")
         plural = ENTITY_PLURAL.get(event.get("entity_type"), event.get("entity_type"))
-        body["_embedded"] = {"entity": {"id": event.get("entity_id"),
-                                        "_links": self._link(f"/api/v4/{plural}/{event.get('entity_id')}")}}
+        body["_embedded"] = {
+            "entity": {"id": event.get("entity_id"), "_links": self._link(f"/api/v4/{plural}/{event.get('entity_id')}")}
+        }
         return body
 
     def _visible(self, event: dict) -> bool:
@@ -1214,10 +1571,15 @@ class FakeAmo:
             return problem(400, "filter[entity_id] takes at most 10 ids")
 
         def wanted(e: dict) -> bool:
-            return (self._visible(e) and (not types or e["type"] in types)
-                    and (not entities or e["entity_type"] in entities)
-                    and (not entity_ids or e["entity_id"] in entity_ids) and (not ids or e["id"] in ids)
-                    and (low is None or e["created_at"] >= low) and (high is None or e["created_at"] <= high))
+            return (
+                self._visible(e)
+                and (not types or e["type"] in types)
+                and (not entities or e["entity_type"] in entities)
+                and (not entity_ids or e["entity_id"] in entity_ids)
+                and (not ids or e["id"] in ids)
+                and (low is None or e["created_at"] >= low)
+                and (high is None or e["created_at"] <= high)
+            )
 
         items = [self._render_event(e) for e in self.events if wanted(e)]
         return self._page(rec, "events", items, totals=False, max_limit=EVENT_PAGE_MAX, over_limit=EVENT_PAGE_OVER)
@@ -1252,8 +1614,13 @@ class FakeAmo:
         if not isinstance(settings, list) or not settings:
             errors.append({"code": "NotBlank", "path": "settings", "detail": "This value should not be blank."})
         elif any(s not in WEBHOOK_EVENTS for s in settings):
-            errors.append({"code": "NotSupportedChoice", "path": "settings",
-                           "detail": "The value you selected is not a valid choice."})
+            errors.append(
+                {
+                    "code": "NotSupportedChoice",
+                    "path": "settings",
+                    "detail": "The value you selected is not a valid choice.",
+                }
+            )
         if errors:
             return problem(400, "Request validation failed", **{"validation-errors": [{"errors": errors}]})
         hook = self._webhook(destination)
@@ -1266,8 +1633,12 @@ class FakeAmo:
             return _json(200, copy.deepcopy(hook))
         if len(self.webhooks) >= self.max_webhooks:
             return problem(400, f"At most {self.max_webhooks} webhooks per account")
-        hook = self.add_webhook(destination, settings, created_by=token["user_id"],
-                                sort=body["sort"] if isinstance(body.get("sort"), int) else None)
+        hook = self.add_webhook(
+            destination,
+            settings,
+            created_by=token["user_id"],
+            sort=body["sort"] if isinstance(body.get("sort"), int) else None,
+        )
         return _json(201, copy.deepcopy(hook))
 
     def _h_webhooks_delete(self, rec: RecordedRequest, token: dict) -> Response:
