@@ -430,3 +430,20 @@ def test_odd_log_entries_are_passed_over_not_fatal(store, fake, crm):
     fake.add_event("entity_responsible_changed", lead, value_after="junk", at=now)
     summary = reconcile(store)
     assert summary["queued"] == 1 and summary["read"] == 4
+
+
+def test_the_webhook_secret_is_filled_in_from_the_environment_not_the_command_line(store, fake, crm):
+    secret = "env-only-secret-0123456789"
+    env = cli_env(store.url, AMOHOOK_WEBHOOK_SECRET=secret)
+    result = run_cli(
+        ["webhooks", "subscribe", "--url", "https://hooks.example.com/webhook/{secret}"], store.url, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert [h["destination"] for h in fake.webhooks] == [f"https://hooks.example.com/webhook/{secret}"]
+    assert secret not in result.stdout + result.stderr
+    missing = run_cli(["webhooks", "subscribe", "--url", "https://hooks.example.com/webhook/{secret}"], store.url)
+    assert missing.returncode == 2 and "AMOHOOK_WEBHOOK_SECRET" in missing.stderr
+    gone = run_cli(
+        ["webhooks", "unsubscribe", "--url", "https://hooks.example.com/webhook/{secret}"], store.url, env=env
+    )
+    assert gone.returncode == 0 and fake.webhooks == []

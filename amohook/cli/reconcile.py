@@ -149,11 +149,26 @@ def _parse_events(text: str) -> list[str]:
     return codes
 
 
+URL_HELP = (
+    "The destination amoCRM will POST to, exactly as it should be called. Write {secret} where the "
+    "webhook secret goes: it is read from AMOHOOK_WEBHOOK_SECRET, so the secret never stands on the "
+    "command line (where `ps` shows it)."
+)
+
+
 def _check_url(url: str) -> str:
+    """The destination with ``{secret}`` filled in from the environment, checked."""
+    import os
     from urllib.parse import urlsplit
 
     from amohook.errors import ConfigError
+    from amohook.settings import ENV_WEBHOOK_SECRET
 
+    if "{secret}" in url:
+        secret = os.environ.get(ENV_WEBHOOK_SECRET)
+        if not secret:
+            raise ConfigError(f"--url has {{secret}} but {ENV_WEBHOOK_SECRET} is not set — export it first")
+        url = url.replace("{secret}", secret)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c in url for c in " \t\r\n"):
         raise ConfigError("--url must be a full http(s) URL such as https://hooks.example.com/webhook/SECRET")
@@ -195,9 +210,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
 
 def webhooks_subscribe(
     ctx: typer.Context,
-    url: Annotated[
-        str, typer.Option("--url", help="The destination amoCRM will POST to, exactly as it should be called.")
-    ],
+    url: Annotated[str, typer.Option("--url", help=URL_HELP)],
     events: Annotated[
         str | None,
         typer.Option(
@@ -237,7 +250,9 @@ def webhooks_subscribe(
 
 def webhooks_unsubscribe(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option("--url", help="The destination, exactly as subscribed.")],
+    url: Annotated[
+        str, typer.Option("--url", help="The destination, exactly as subscribed. " + URL_HELP.split(". ", 1)[1])
+    ],
     subdomain: SubdomainOpt = None,
 ):
     """Remove a destination from amoCRM's webhooks (all its events)."""
@@ -246,6 +261,7 @@ def webhooks_unsubscribe(
     from amohook.errors import ConfigError
     from amohook.watchdog import forget, redact_destination
 
+    url = _check_url(url)
     store = state(ctx).store()
     account = _account(subdomain)
     removed = unsubscribe(client_for(store, account), url)
