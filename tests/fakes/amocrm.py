@@ -1305,20 +1305,28 @@ class FakeAmo:
                 errors.append(err("InvalidType", "entity_id", "This value should be of type int."))
         return errors
 
-    def _h_tasks_create(self, rec: RecordedRequest, token: dict) -> Response:
+    def _batch(self, rec: RecordedRequest, what: str, empty: str, check: Callable[[Any], list]) -> tuple:
+        """(items, request ids, None) for a valid batch POST/PATCH, or (None, None, the 400 answer):
+        a non-array, an empty or oversized array, or any invalid item refuses the whole batch."""
         items = rec.json
         if not isinstance(items, list) or not items:
-            return problem(400, "The request body must be a non-empty JSON array")
+            return None, None, problem(400, empty)
         if len(items) > self.max_batch:
-            return problem(400, f"At most {self.max_batch} tasks per request")
+            return None, None, problem(400, f"At most {self.max_batch} {what} per request")
         rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
         invalid = [
-            {"request_id": rid, "errors": errs}
-            for rid, item in zip(rids, items, strict=True)
-            if (errs := self._task_errors(item))
+            {"request_id": rid, "errors": errs} for rid, item in zip(rids, items, strict=True) if (errs := check(item))
         ]
         if invalid:  # the whole batch is refused, nothing is created
-            return problem(400, "Request validation failed", **{"validation-errors": invalid})
+            return None, None, problem(400, "Request validation failed", **{"validation-errors": invalid})
+        return items, rids, None
+
+    def _h_tasks_create(self, rec: RecordedRequest, token: dict) -> Response:
+        items, rids, refused = self._batch(
+            rec, "tasks", "The request body must be a non-empty JSON array", self._task_errors
+        )
+        if refused:
+            return refused
         now, created = int(self._clock()), []
         for rid, item in zip(rids, items, strict=True):
             tid = self._new_id(self.tasks, 4745250)
@@ -1485,19 +1493,9 @@ class FakeAmo:
         """PATCH /api/v4/leads: an array of {id, …}; like tasks, one invalid item refuses all. A move
         goes through ``move_lead`` (its lead_status_changed event is logged); the hook item each
         change would send is kept in ``patched_hooks`` as (action, item)."""
-        items = rec.json
-        if not isinstance(items, list) or not items:
-            return problem(400, "Request data can not be empty")
-        if len(items) > self.max_batch:
-            return problem(400, f"At most {self.max_batch} leads per request")
-        rids = [str(i.get("request_id", n)) if isinstance(i, dict) else str(n) for n, i in enumerate(items)]
-        invalid = [
-            {"request_id": rid, "errors": errs}
-            for rid, item in zip(rids, items, strict=True)
-            if (errs := self._lead_patch_errors(item))
-        ]
-        if invalid:
-            return problem(400, "Request validation failed", **{"validation-errors": invalid})
+        items, rids, refused = self._batch(rec, "leads", "Request data can not be empty", self._lead_patch_errors)
+        if refused:
+            return refused
         now, changed = int(self._clock()), []
         for item in items:
             lead = self.leads[item["id"]]
