@@ -106,7 +106,7 @@ def webhook_item(event: dict, lead: dict | None) -> tuple[str, dict] | None:
     lead = lead or {}
     item: dict[str, Any] = {
         "id": lead_id,
-        "last_modified": _s(event.get("created_at")),
+        "last_modified": _s(int(event["created_at"])),  # iter_event_pages checked it is a number
         "modified_user_id": _s(event.get("created_by")),
         "name": _s(lead.get("name")),
         "price": _s(lead.get("price")),
@@ -173,11 +173,18 @@ def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]
         if str(event.get("id")) in queued_before:
             result.known += 1
             continue
-        shaped = webhook_item(event, None)
-        if shaped is None or not str(event.get("entity_id")).isdigit():
-            result.known += 1  # not a change the rules act on (another entity, or not a lead id)
+        try:
+            shaped = webhook_item(event, None)
+            if shaped is None or not str(event.get("entity_id")).isdecimal():
+                result.known += 1  # not a change the rules act on (another entity, or not a lead id)
+                continue
+            sightings = _sightings(account, *shaped)
+        except (TypeError, ValueError):  # an entry of a shape amoCRM does not document: pass it over
+            result.known += 1
+            result.notes.append(
+                f"passed over an events-log entry of an unexpected shape (id {str(event.get('id'))[:40]})"
+            )
             continue
-        sightings = _sightings(account, *shaped)
         if sightings and all(is_known(s) for s in sightings):
             result.known += 1
             continue
@@ -288,7 +295,12 @@ def reconcile_account(
         if watchdog is not False:
             from amohook.watchdog import check_subscriptions
 
-            finding = check_subscriptions(store, client, account, force=bool(watchdog), clock=clock)
+            try:
+                finding = check_subscriptions(store, client, account, force=bool(watchdog), clock=clock)
+            except Exception as exc:  # the watchdog must never hold the cursor back: the log was read
+                result.subscription_note = f"the subscription check failed: {_one_line(exc)}"
+                log.warning("watchdog for '%s': %s", account, result.subscription_note)
+                finding = None
             if finding is not None:
                 result.subscription, result.subscription_note = finding
         result.requests = client.requests_made - requests_before

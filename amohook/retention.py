@@ -6,9 +6,10 @@ batches (each its own short transaction, so the listener's commits are never hel
 - done events last changed more than ``keep`` ago, their attempts, and then deliveries that have
   no event left;
 - dead events and their attempts after ``DEAD_KEEP`` (90 days), unless replayed before;
-- finished actions (done, rejected) and failed ones after ``DEAD_KEEP``, but never while their
-  event is still stored (a replay of it must find the key), and never inside ``EXACTLY_ONCE``;
-- the change registry (``change_seen``) after ``EXACTLY_ONCE``.
+- finished actions (done, rejected, skipped; failed ones after ``DEAD_KEEP``) and the change
+  registry (``change_seen``) once they are older than ``EXACTLY_ONCE`` *and* than
+  ``EXACTLY_ONCE`` before the oldest event still stored: a replay of any stored event, or a
+  duplicate still to come, must find its change and its keys.
 
 ``EXACTLY_ONCE`` (8 days) is how long a duplicate of a change can still arrive: amoCRM's webhook
 retries end after about 95 minutes, and reconciliation reads the events log at most
@@ -94,10 +95,19 @@ def prune(
     keys_before = now - max(keep, EXACTLY_ONCE)
     old_done = (Event.status == "done") & (Event.updated_at < done_before)
     old_dead = (Event.status == "dead") & (Event.updated_at < dead_before)
-    finished = (
-        Action.status.in_(["done", "rejected", "skipped"]) & (Action.updated_at < min(keys_before, now - keep))
-    ) | ((Action.status == "failed") & (Action.updated_at < min(dead_before, keys_before)))
-    old_changes = ChangeSeen.created_at < keys_before
+
+    def keys_cut() -> float:
+        """Keys and change records older than this cannot belong to a change any stored event (or a
+        duplicate still to come) reports: a stored event's change is at most ``EXACTLY_ONCE`` older
+        than its receipt (webhook retries, the events log's look-back), and replaying it must find them."""
+        oldest = Event.select(fn.MIN(Event.received_at)).scalar()
+        return min(keys_before, float("inf") if oldest is None else oldest - EXACTLY_ONCE)
+
+    def finished(cut: float):
+        return (Action.status.in_(["done", "rejected", "skipped"]) & (Action.created_at < cut)) | (
+            (Action.status == "failed") & (Action.updated_at < dead_before) & (Action.created_at < cut)
+        )
+
     if dry_run:
         result.events = Event.select().where(old_done).count()
         result.dead_events = Event.select().where(old_dead).count()
@@ -105,8 +115,10 @@ def prune(
             Attempt.select().join(Event, on=(Attempt.event_id == Event.id)).where(old_done | old_dead).count()
         )
         result.deliveries = _prunable_deliveries_count(old_done | old_dead)
-        result.actions = Action.select().where(finished & _event_gone_or(old_done | old_dead)).count()
-        result.changes = ChangeSeen.select().where(old_changes).count()
+        left = Event.select(fn.MIN(Event.received_at)).where(~(old_done | old_dead)).scalar()
+        cut = min(keys_before, float("inf") if left is None else left - EXACTLY_ONCE)
+        result.actions = Action.select().where(finished(cut)).count()
+        result.changes = ChangeSeen.select().where(ChangeSeen.created_at < cut).count()
         return result
 
     def stopped() -> bool:
@@ -134,35 +146,26 @@ def prune(
                 if gone:
                     result.deliveries += Delivery.delete().where(Delivery.id.in_(gone)).execute()
             step_aside(started)
+    cut = keys_cut()
     while not stopped():
         started = time.monotonic()
         with store.write():
-            candidates = _ids(Action.select(Action.id).where(finished).order_by(Action.updated_at), batch * 4)
-            if not candidates:
-                break
-            rows = list(Action.select(Action.id, Action.event_id).where(Action.id.in_(candidates)))
-            events = {r.event_id for r in rows if r.event_id is not None}
-            alive = {e.id for e in Event.select(Event.id).where(Event.id.in_(list(events)))} if events else set()
-            doomed = [r.id for r in rows if r.event_id not in alive][:batch]
+            doomed = _ids(Action.select(Action.id).where(finished(cut)).order_by(Action.id), batch)
             if not doomed:
-                break  # the oldest finished actions still have their events: nothing more for now
+                break
             result.actions += Action.delete().where(Action.id.in_(doomed)).execute()
         step_aside(started)
     while not stopped():
         started = time.monotonic()
         with store.write():
-            ids = _ids(ChangeSeen.select(ChangeSeen.id).where(old_changes).order_by(ChangeSeen.id), batch)
+            ids = _ids(
+                ChangeSeen.select(ChangeSeen.id).where(ChangeSeen.created_at < cut).order_by(ChangeSeen.id), batch
+            )
             if not ids:
                 break
             result.changes += ChangeSeen.delete().where(ChangeSeen.id.in_(ids)).execute()
         step_aside(started)
     return result
-
-
-def _event_gone_or(condition):
-    """Actions whose event is already gone, or will go with ``condition`` (for the dry run's count)."""
-    live = Event.select(Event.id).where(~condition)
-    return Action.event_id.is_null() | Action.event_id.not_in(live)
 
 
 def _prunable_deliveries_count(condition) -> int:

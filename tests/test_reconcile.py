@@ -428,8 +428,24 @@ def test_odd_log_entries_are_passed_over_not_fatal(store, fake, crm):
     fake.add_event("lead_status_changed", "not-a-number", value_after=[{"lead_status": {"id": 1}}], at=now)
     fake.add_event("lead_status_changed", lead, value_after=[{"nothing": 1}], at=now)
     fake.add_event("entity_responsible_changed", lead, value_after="junk", at=now)
+    fake.add_event("lead_status_changed", "²", value_after=[{"lead_status": {"id": 1, "pipeline_id": 2}}], at=now)
+    floating = fake.add_event("lead_status_changed", lead + 1, value_after=[{"lead_status": {"id": 3}}], at=now)
+    floating["created_at"] = now - 0.5  # a float where amoCRM documents an integer
     summary = reconcile(store)
-    assert summary["queued"] == 1 and summary["read"] == 4
+    assert summary["queued"] == 2 and summary["read"] == 6
+    assert ReconcileState.get(ReconcileState.account == "example").cursor == summary["window_to"]
+
+
+def test_a_failing_subscription_check_does_not_hold_the_cursor_back(store, fake, crm):
+    from amohook.watchdog import remember
+
+    [lead] = new_leads(fake, crm, 1)
+    remember(store, "example", "https://hooks.example.com/webhook/x", ["status_lead"])
+    fake.move_lead(lead, crm["qualified"], crm["pipeline"])
+    fake.fail("/api/v4/webhooks", status=500, times=None)
+    summary = reconcile(store)
+    assert summary["queued"] == 1 and "subscription check failed" in summary["subscription_note"]
+    assert ReconcileState.get(ReconcileState.account == "example").cursor == summary["window_to"]
 
 
 def test_the_webhook_secret_is_filled_in_from_the_environment_not_the_command_line(store, fake, crm):

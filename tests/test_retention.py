@@ -180,3 +180,58 @@ def test_the_background_pruner_prunes_and_stops(store):
 def test_serve_refuses_a_keep_below_a_day(store):
     result = run_cli(["worker", "--handler", "json:dumps", "--keep", "2h", "--once"], store.url)
     assert result.returncode == 2 and "at least 1d" in result.stderr
+
+
+def test_keys_and_change_records_stay_while_an_older_event_could_be_replayed(store):
+    """A stored event (here pending, 20 days old) may be replayed: the change it reports, and that
+    change's keys, must still be found, even past the 8 days (review finding)."""
+    now = time.time()
+    item = Incoming(
+        body=body(777), parsed=parse_webhook(body(777), FORM), content_type=FORM, received_at=now - 20 * DAY
+    )
+    store_deliveries(store, [item])
+    with store.write():
+        Action.create(
+            key="k",
+            account="example",
+            rule="r",
+            event_id=None,
+            kind="create_task",
+            status="done",
+            created_at=now - 15 * DAY,
+            updated_at=now - 15 * DAY,
+        )
+        ChangeSeen.create(
+            account="example",
+            lead_id=777,
+            kind="stage_changed",
+            target="9:2",
+            key_at=1,
+            hook_at=1,
+            first_source="webhook",
+            created_at=now - 15 * DAY,
+        )
+    kept = prune(store, keep=DAY)
+    assert (kept.actions, kept.changes) == (0, 0)
+    assert prune(store, keep=DAY, dry_run=True).actions == 0
+    with store.write():
+        Event.update(status="done", updated_at=now - 20 * DAY).execute()
+    gone = prune(store, keep=DAY)
+    assert (gone.events, gone.actions, gone.changes) == (1, 1, 1)
+
+
+def test_a_finished_action_whose_event_lives_on_does_not_stall_the_rest(store):
+    now = time.time()
+    with store.write():
+        for i in range(5):
+            Action.create(
+                key=f"old{i}",
+                account="example",
+                rule="r",
+                event_id=None,
+                kind="create_task",
+                status="done",
+                created_at=now - 40 * DAY,
+                updated_at=now - 40 * DAY,
+            )
+    assert prune(store, keep=30 * DAY, batch=2).actions == 5
