@@ -261,7 +261,7 @@ def reconcile_account(
     result = PassResult(account=account)
     owner = leases.new_owner()
     name = f"reconcile:{account}"
-    if not leases.try_acquire(name, owner, PASS_LEASE_TTL, clock):
+    if not leases.try_acquire(name, owner, PASS_LEASE_TTL):  # the database's clock: hosts may disagree
         result.busy = True
         result.notes.append("another amohook process is running a pass for this account; skipped")
         return result
@@ -284,6 +284,7 @@ def reconcile_account(
             client, types=list(EVENT_ACTIONS), created_from=start, created_to=now, entity="lead"
         ):
             result.read += len(page)
+            leases.renew(name, owner, PASS_LEASE_TTL)  # a long backlog must not let a second pass start
             todo += _unknown(account, page, result)
             # Queue as soon as a lead read's worth is waiting: workers and the task sender start on
             # the first changes while the rest of the window is still being read.

@@ -61,6 +61,11 @@ def try_acquire(name: str, owner: str, ttl: float, clock: Callable[[], float] | 
     return claimed == 1
 
 
+def renew(name: str, owner: str, ttl: float) -> bool:
+    """Extend a lease this owner still holds (by the database's clock); False when it was lost."""
+    return Lease.update(expires_at=db_time() + ttl).where((Lease.name == name) & (Lease.owner == owner)).execute() == 1
+
+
 def release(name: str, owner: str) -> None:
     Lease.update(owner=None, expires_at=0).where((Lease.name == name) & (Lease.owner == owner)).execute()
 
