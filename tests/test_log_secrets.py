@@ -14,6 +14,7 @@ import requests
 from amohook.store import open_store
 from amohook.store.models import Account
 from tests.conftest import ROOT, cli_env, run_cli
+from tests.test_auth_cli import init_args
 from tests.test_rules_e2e import RULES, settle
 
 SECRET = "log-secret-0123456789abcdef"
@@ -72,19 +73,7 @@ def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
         return result
 
     code = fake.issue_code()
-    cli(
-        "init-auth",
-        "--subdomain",
-        "example",
-        "--base-url",
-        fake.base_url,
-        "--client-id",
-        fake.client_id,
-        "--redirect-uri",
-        fake.redirect_uri,
-        "--code",
-        code,
-    )
+    cli(*init_args(fake, code))
     pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
     stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
     fake.add_task_type("Call")

@@ -25,6 +25,18 @@ from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, A
 FORM = "application/x-www-form-urlencoded"
 
 
+def amohook_process(db_url: str, args: list[str]) -> subprocess.Popen:
+    """A real `amohook` process (for what needs one: concurrency, signals, the worker loop)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "amohook", *args],
+        env=cli_env(db_url),
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def new_leads(fake, crm, n: int, start: int = 7001) -> list[int]:
     ids = []
     for i in range(n):
@@ -219,17 +231,7 @@ def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
     for lead in leads:
         fake.move_lead(lead, crm["qualified"], crm["pipeline"])
     fake.fail("/api/v4/events", delay=2.0, times=1)  # the first pass is slow to read the log
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "amohook", "reconcile", "--json"],
-            env=cli_env(store.url),
-            cwd=str(ROOT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = [amohook_process(store.url, ["reconcile", "--json"]) for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     summaries = [json.loads(out)[0] for out, _ in outs]
@@ -241,26 +243,8 @@ def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
 @pytest.mark.slow
 def test_the_worker_alone_turns_log_entries_into_tasks(store, fake, crm):
     leads = new_leads(fake, crm, 3)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "amohook",
-            "worker",
-            "--rules",
-            crm["rules"],
-            "--reconcile",
-            "1s",
-            "--poll",
-            "0.1",
-            "--log-level",
-            "warning",
-        ],
-        env=cli_env(store.url),
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = amohook_process(
+        store.url, ["worker", "--rules", crm["rules"], "--reconcile", "1s", "--poll", "0.1", "--log-level", "warning"]
     )
     try:
         time.sleep(0.5)
@@ -373,26 +357,7 @@ def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, 
     deliver(store, fake, "status", items)
     reconcile(store)  # nothing processed yet: all 20 log entries are queued beside the webhooks
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "amohook",
-                "worker",
-                "--rules",
-                crm["rules"],
-                "--once",
-                "--reconcile",
-                "off",
-                "--batch",
-                "1",
-            ],
-            env=cli_env(store.url),
-            cwd=str(ROOT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        amohook_process(store.url, ["worker", "--rules", crm["rules"], "--once", "--reconcile", "off", "--batch", "1"])
         for _ in range(3)
     ]
     for p in procs:
