@@ -119,6 +119,45 @@ def test_a_head_within_the_limits_is_served(service):
     assert post(service, lead_body(5))[0] == 200 and Event.select().count() == 1
 
 
+def read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def test_a_refusal_answered_by_a_thread_is_lingered_over_by_the_event_loop(sqlite_url):
+    """413 for a body announced too large is answered by a thread without reading the body; the
+    thread must not then wait 0.5 s for what the client may still send (2 threads, 10 such
+    requests one after the other: 2.5 s if each thread lingered)."""
+    svc = start(open_store(sqlite_url), max_workers=2)
+    held = []
+    try:
+        head = f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Length: {4 * 2**20}\r\n\r\n".encode()
+        started = time.monotonic()
+        for _ in range(10):
+            s = socket.create_connection(svc.address, timeout=5)
+            s.sendall(head)
+            held.append(s)
+            assert s.recv(4096).startswith(b"HTTP/1.1 413 ")  # the socket stays open: we may send on
+        took = time.monotonic() - started
+        assert took < 1.0, f"{took:.2f} s for 10 refusals"
+        deadline = time.monotonic() + 0.3
+        while svc.httpd.open_connections() != 10 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the last thread may still be handing its connection back
+        assert svc.httpd.open_connections() == 10  # held by the event loop, lingering
+        time.sleep(1.0)  # past the 0.5 s of lingering (and the sweep)
+        assert svc.httpd.open_connections() == 0
+        assert all(read_all(s) == b"" for s in held)  # closed after the answer, not reset
+        assert timed_post(svc.address, 1)[0] == 200
+    finally:
+        close_all(held)
+        svc.stop(5)
+
+
 @pytest.mark.slow
 def test_trickling_heads_take_no_thread_and_are_cut_off_at_the_deadline(sqlite_url):
     svc = start(open_store(sqlite_url), socket_timeout=1.0, read_deadline=2.0)
@@ -182,6 +221,12 @@ class LimitedServe:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def threads(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        return 0
 
     def stop(self) -> str:
         self.proc.terminate()
@@ -288,3 +333,81 @@ def test_out_of_open_files_the_accept_loop_backs_off_and_makes_room(sqlite_url):
     assert figures["cpu"] < 0.5, figures  # no busy loop on EMFILE
     assert all(status == 200 and took < 1.0 for status, took in figures["answers"]), figures
     assert "out of open files (EMFILE)" in result.stderr and "Traceback" not in result.stderr
+
+
+def linger_flood(address, rate: float, stop: threading.Event, senders: int = 3, hold: float = 3.0):
+    """Secretless ``POST``s (a wrong secret, a route that wants GET, an unknown path) announcing a
+    100,000-byte body that never comes, from ``senders`` threads at ``rate`` a second in all, each
+    connection kept open ``hold`` seconds whatever the server does (so its lingering after the
+    404/405 lasts as long as the server allows). Returns the threads and how many each sent."""
+    heads = [
+        f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+        for target in ("/webhook/wrong-secret-0123456789", "/healthz", "/nothing")
+    ]
+    sent = [0] * senders
+
+    def sender(i: int) -> None:
+        held: list[tuple[float, socket.socket]] = []
+        next_at = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            while held and now - held[0][0] > hold:
+                held.pop(0)[1].close()
+            if now < next_at:
+                time.sleep(next_at - now)
+                continue
+            next_at += senders / rate
+            try:
+                s = socket.create_connection(address, timeout=2)
+                s.sendall(heads[sent[i] % len(heads)])
+            except OSError:
+                continue
+            held.append((now, s))
+            sent[i] += 1
+        close_all(s for _, s in held)
+
+    threads = [threading.Thread(target=sender, args=(i,), daemon=True) for i in range(senders)]
+    for t in threads:
+        t.start()
+    return threads, sent
+
+
+@pytest.mark.slow
+@pytest.mark.alone
+def test_a_flood_of_secretless_posts_with_an_unsent_body_does_not_delay_real_webhooks(sqlite_url):
+    """Each such POST is answered 404/405 at once and its body lingered over for 0.5 s: that must
+    not hold a handler thread (300 a second would need 150 of the 64), nor anything else a real
+    webhook needs. amoCRM waits 2 s for its 200."""
+    serve = LimitedServe(sqlite_url, nofile=1024)
+    stop = threading.Event()
+    try:
+        assert timed_post(serve.address, 1)[0] == 200  # warm
+        flooders, sent = linger_flood(serve.address, 300, stop)
+        time.sleep(1.0)  # the flood is in full swing
+        answers: dict[int, tuple[int, float]] = {}
+
+        def webhook(n: int) -> None:
+            try:
+                answers[n] = timed_post(serve.address, n)
+            except OSError:
+                answers[n] = (0, float("inf"))  # no answer at all
+
+        senders = []
+        for n in range(2, 32):  # 30 webhooks over 3 s
+            senders.append(threading.Thread(target=webhook, args=(n,)))
+            senders[-1].start()
+            time.sleep(0.1)
+        for t in senders:
+            t.join(10)
+        threads = serve.threads()
+        stop.set()
+        for t in flooders:
+            t.join(5)
+        assert sum(sent) > 900, sent  # the flood did run at about 300 a second
+        late = {n: a for n, a in answers.items() if a[0] != 200 or a[1] >= 2.0}
+        assert len(answers) == 30 and not late, late
+        assert threads < 32, threads  # the flood took no handler thread (before: all 64)
+    finally:
+        stop.set()
+        err = serve.stop()
+    assert "Traceback" not in err

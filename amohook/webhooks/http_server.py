@@ -4,11 +4,13 @@ One event-loop thread holds every connection until its request head has arrived,
 to a bounded pool of threads that is reused (``HardenedHTTPServer``); heads and bodies are bounded
 in size and time (the silence and whole-request deadlines, the reaper), connections are capped
 below the open-file limit, and every answer is one write that closes the connection
-(``HardenedRequestHandler``). ``webhooks/server.py`` adds the routes and the service around it.
+(``HardenedRequestHandler``); the lingering after a refused body is done by the event loop,
+never by a thread. ``webhooks/server.py`` adds the routes and the service around it.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import logging
@@ -27,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 log = logging.getLogger("amohook.server")
 
 LINGER_BYTES = 256 * 1024  # read at most this much of a refused body, so the client sees our answer
-LINGER_SECONDS = 0.5
+LINGER_SECONDS = 0.5  # ... for at most this long (in the event loop: lingering takes no thread)
 HEAD_LINE_LIMIT = 8 * 1024  # request line or one header line; longer: 414 / 431
 HEAD_LIMIT = 16 * 1024  # the whole header block; larger: 431
 FD_RESERVE = 64  # open files kept free for the database, the log and the store's WAL
@@ -52,9 +54,9 @@ def http_date() -> str:
 class HardenedRequestHandler(BaseHTTPRequestHandler):
     """A request whose head the event loop has read: the body is read with the server's silence
     and whole-request deadlines, every answer is one write and closes the connection, and a
-    refused body is lingered over so the client sees the answer. Subclasses add the routes
-    (``do_GET`` …) and the logging (``log_request``, ``log_message``: only they know what in a
-    request target is secret)."""
+    refused body is lingered over (by the event loop, once the thread is done) so the client sees
+    the answer. Subclasses add the routes (``do_GET`` …) and the logging (``log_request``,
+    ``log_message``: only they know what in a request target is secret)."""
 
     # HTTP/1.1 so that "Expect: 100-continue" (PHP's curl sends it for bodies over 1 KiB) is
     # answered at once instead of the client waiting a second for it; every answer closes the
@@ -154,28 +156,13 @@ class HardenedRequestHandler(BaseHTTPRequestHandler):
         ).encode("latin-1", "strict")
         self.wfile.write(head if self.command == "HEAD" else head + body)
         if not self.body_read and self.command in ("POST", "PUT", "PATCH"):
-            self._linger()
+            # The body may still be coming: the event loop reads and drops it once this thread
+            # is done (a thread lingering here let 128 refusals a second hold all 64 threads).
+            self.request.linger = True
 
     def reply_quietly(self, status: int, text: str) -> None:
         try:
             self.reply(status, text)
-        except OSError:
-            pass
-
-    def _linger(self) -> None:
-        """After answering without reading the body: send FIN, then read (a bounded part of) what
-        the client is still sending, so closing does not reset the connection before it reads."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(LINGER_SECONDS)
-            deadline = time.monotonic() + LINGER_SECONDS
-            left = LINGER_BYTES
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.connection.recv(min(65536, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
         except OSError:
             pass
 
@@ -243,9 +230,10 @@ _HEAD, _LINGER = 0, 1
 
 
 class Conn:
-    """A connection held by the event loop: reading its head, or lingering after a refusal."""
+    """A connection held by the event loop (reading its head, or lingering after an answer) or
+    handed to a thread."""
 
-    __slots__ = ("sock", "addr", "buf", "accepted", "last", "checked", "state", "until", "left", "watched")
+    __slots__ = ("sock", "addr", "buf", "accepted", "last", "checked", "state", "until", "left", "watched", "linger")
 
     def __init__(self, sock: socket.socket, addr, now: float):
         self.sock = sock
@@ -258,6 +246,7 @@ class Conn:
         self.until = 0.0  # lingering: until when
         self.left = 0  # lingering: bytes still to be read and dropped
         self.watched = False  # registered with the selector
+        self.linger = False  # the thread answered without reading the body: the loop lingers
 
 
 def head_end(buf: bytes, start: int) -> int:
@@ -303,6 +292,10 @@ class HardenedHTTPServer(HTTPServer):
     so a real webhook — whose head arrives at once — always gets in. Heads are bounded
     (``HEAD_LIMIT``, ``HEAD_LINE_LIMIT``), and the silence and whole-request deadlines apply
     from the first byte.
+
+    No thread ever lingers over an unread body: the loop does, with a deadline and a byte bound.
+    Before, a refused ``POST`` announcing a body it never sent kept its thread 0.5 s, so 128 such
+    requests a second, from anyone, held all 64 threads and real webhooks missed amoCRM's 2 s.
     """
 
     allow_reuse_address = True
@@ -321,6 +314,8 @@ class HardenedHTTPServer(HTTPServer):
         self._workers: list[threading.Thread] = []
         self._busy = 0  # connections handed to threads (queued or being handled)
         self._cond = threading.Condition()
+        self._returned: collections.deque[Conn] = collections.deque()  # threads done: the loop lingers
+        self._looping = False  # the loop takes returned connections (under _cond)
         self._halt = False
         self._loop_done = threading.Event()
         self._loop_done.set()
@@ -341,6 +336,8 @@ class HardenedHTTPServer(HTTPServer):
         self._loop_done.clear()
         sel = selectors.DefaultSelector()
         self._sel = sel
+        with self._cond:
+            self._looping = True
         try:
             sel.register(self.socket, selectors.EVENT_READ, None)
             sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
@@ -360,6 +357,8 @@ class HardenedHTTPServer(HTTPServer):
                     else:
                         self._readable(key.data)
                 now = time.monotonic()
+                while self._returned:
+                    self._linger_returned(self._returned.popleft(), now)
                 if not listening and now >= self._paused_until and not self._halt:
                     sel.register(self.socket, selectors.EVENT_READ, None)
                     listening = True
@@ -367,8 +366,11 @@ class HardenedHTTPServer(HTTPServer):
                     next_sweep = now + 0.25
                     self._sweep(now)
         finally:
-            for conn in list(self._conns.values()):
-                self._close(conn)  # no complete request from these: nothing to answer
+            with self._cond:
+                self._looping = False
+            for conn in [*self._conns.values(), *self._returned]:
+                self._close(conn)  # no complete request from these, or already answered
+            self._returned.clear()
             sel.close()
             self._loop_done.set()
 
@@ -426,7 +428,16 @@ class HardenedHTTPServer(HTTPServer):
         return False
 
     def _evict(self, count: int) -> int:
+        """Close ``count`` connections, oldest first: those lingering after their answer (they
+        have it), then those that have not sent a whole head (with a 503)."""
         evicted = 0
+        for conn in list(self._conns.values()):
+            if evicted >= count:
+                return evicted
+            if conn.state == _LINGER:
+                self._close(conn)
+                evicted += 1
+        shed = 0
         for conn in list(self._conns.values()):
             if evicted >= count:
                 break
@@ -434,7 +445,8 @@ class HardenedHTTPServer(HTTPServer):
                 self._send_quietly(conn, quick_answer(503, "too many connections; retry later\n"))
                 self._close(conn)
                 evicted += 1
-        self._shed += evicted
+                shed += 1
+        self._shed += shed
         return evicted
 
     def _admit(self, sock: socket.socket, addr) -> None:
@@ -519,7 +531,13 @@ class HardenedHTTPServer(HTTPServer):
         # DEBUG: a flood would otherwise write a line per connection; ``_sweep`` sums them up.
         log.debug("%s %s (request head refused: %s)", conn.addr[0] if conn.addr else "?", status, text.strip())
         self._refused += 1
-        if not self._send_quietly(conn, quick_answer(status, text)):
+        self._answer(conn, quick_answer(status, text))
+
+    def _answer(self, conn: Conn, data: bytes) -> None:
+        """Send a whole answer from the loop, then linger: send FIN and drop (a bounded part of)
+        what the client is still sending, so closing does not reset the connection before the
+        client has read the answer."""
+        if not self._send_quietly(conn, data):
             self._close(conn)
             return
         try:
@@ -527,8 +545,11 @@ class HardenedHTTPServer(HTTPServer):
         except OSError:
             self._close(conn)
             return
+        self._linger(conn, time.monotonic())
+
+    def _linger(self, conn: Conn, now: float) -> None:
         conn.state = _LINGER
-        conn.until = time.monotonic() + LINGER_SECONDS
+        conn.until = now + LINGER_SECONDS
         conn.left = LINGER_BYTES
         self._watch(conn)
 
@@ -620,10 +641,41 @@ class HardenedHTTPServer(HTTPServer):
             except Exception:
                 self.handle_error(conn, conn.addr)
             finally:
-                self.shutdown_request(conn.sock)
+                if conn.linger:
+                    self._return(conn)
+                else:
+                    self.shutdown_request(conn.sock)
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
+
+    def _return(self, conn: Conn) -> None:
+        """A thread answered without reading the body: send FIN and give the connection back to
+        the event loop, which lingers over it (``_linger_returned``)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+        except OSError:
+            conn.sock.close()
+            return
+        with self._cond:
+            taken = self._looping
+            if taken:
+                self._returned.append(conn)
+        if not taken:
+            conn.sock.close()  # the loop has ended: nothing to linger for
+            return
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the wake-up pipe is full: the loop is awake already
+
+    def _linger_returned(self, conn: Conn, now: float) -> None:
+        if conn.sock.fileno() == -1:
+            return
+        conn.watched = False
+        self._conns[conn.sock.fileno()] = conn
+        self._linger(conn, now)
 
     def track(self, handler: HardenedRequestHandler, until: float) -> None:
         self._reaper.watch(handler, until)
@@ -646,7 +698,7 @@ class HardenedHTTPServer(HTTPServer):
         return True
 
     def open_connections(self) -> int:
-        return len(self._conns) + self._busy
+        return len(self._conns) + self._busy + len(self._returned)
 
     def handle_error(self, request, client_address) -> None:
         log.error(
