@@ -158,6 +158,49 @@ def test_a_refusal_answered_by_a_thread_is_lingered_over_by_the_event_loop(sqlit
         svc.stop(5)
 
 
+def test_requests_without_the_secret_may_take_only_their_share_of_the_threads(sqlite_url, monkeypatch):
+    """Health checks that hang (here: until released) hold at most ``max_untrusted`` threads and
+    wait in a line of their own (full: 503 at once), and a webhook still gets a thread and its 200
+    at once."""
+    from amohook.webhooks import health
+
+    release = threading.Event()
+    real_answer = health.answer
+
+    def hanging(*args, **kwargs):
+        release.wait(10)
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(health, "answer", hanging)
+    svc = start(open_store(sqlite_url), max_workers=4, max_untrusted=2, max_queued=5)
+    answers: list[int] = []
+    lock = threading.Lock()
+
+    def healthz():
+        status = status_of(raw(svc, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+        with lock:
+            answers.append(status)
+
+    checks = [threading.Thread(target=healthz) for _ in range(10)]
+    try:
+        for t in checks:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(answers) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert answers == [503] * 3  # 2 hang in their threads, 5 wait, the line is full for the rest
+        status, took = timed_post(svc.address, 1)
+        assert status == 200 and took < 1.0
+        assert len(answers) == 3  # the 7 still hang or wait
+    finally:
+        release.set()
+        for t in checks:
+            t.join(10)
+        svc.stop(5)
+    assert sorted(answers) == [200] * 7 + [503] * 3
+
+
 @pytest.mark.slow
 def test_trickling_heads_take_no_thread_and_are_cut_off_at_the_deadline(sqlite_url):
     svc = start(open_store(sqlite_url), socket_timeout=1.0, read_deadline=2.0)
