@@ -97,6 +97,31 @@ def test_beyond_the_connection_cap_the_oldest_headless_connections_make_room(sql
         svc.stop(5)
 
 
+def test_at_the_connection_cap_answered_connections_make_room_before_waiting_ones(sqlite_url):
+    """Connections lingering after their answer (here 404s to bodies that never come) are closed
+    to make room before any connection still sending its head is turned away."""
+    svc = start(open_store(sqlite_url), max_connections=40)
+    answered, idle, later = [], [], []
+    try:
+        for _ in range(30):
+            s = socket.create_connection(svc.address, timeout=5)
+            s.sendall(b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            answered.append(s)
+        idle = open_idle(svc.address, 10)
+        time.sleep(0.1)
+        later = open_idle(svc.address, 20)  # 60 in all: 20 must go
+        time.sleep(0.1)
+        assert svc.httpd.open_connections() <= 40
+        for s in idle:
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(100)  # no 503: still held
+        assert status_of(answered[0].recv(4096)) == 404
+    finally:
+        close_all(answered + idle + later)
+        svc.stop(5)
+
+
 @pytest.mark.parametrize(
     "head, status",
     [

@@ -365,6 +365,7 @@ class HardenedHTTPServer(HTTPServer):
         self.max_connections = max(16, min(config.max_connections, nofile_limit() - FD_RESERVE))
         self._reaper = Reaper()
         self._conns: dict[int, Conn] = {}  # fd -> connection, oldest first (event loop only)
+        self._lingering: dict[int, Conn] = {}  # those of them lingering, oldest first
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._busy = 0  # connections handed to threads (queued or being handled)
@@ -488,12 +489,9 @@ class HardenedHTTPServer(HTTPServer):
         """Close ``count`` connections, oldest first: those lingering after their answer (they
         have it), then those that have not sent a whole head (with a 503)."""
         evicted = 0
-        for conn in list(self._conns.values()):
-            if evicted >= count:
-                return evicted
-            if conn.state == _LINGER:
-                self._close(conn)
-                evicted += 1
+        while evicted < count and self._lingering:
+            self._close(next(iter(self._lingering.values())))
+            evicted += 1
         shed = 0
         for conn in list(self._conns.values()):
             if evicted >= count:
@@ -605,6 +603,7 @@ class HardenedHTTPServer(HTTPServer):
         self._linger(conn, time.monotonic())
 
     def _linger(self, conn: Conn, now: float) -> None:
+        self._lingering[conn.sock.fileno()] = conn
         conn.state = _LINGER
         conn.until = now + LINGER_SECONDS
         conn.left = LINGER_BYTES
@@ -657,6 +656,7 @@ class HardenedHTTPServer(HTTPServer):
 
     def _forget(self, conn: Conn) -> None:
         self._conns.pop(conn.sock.fileno(), None)
+        self._lingering.pop(conn.sock.fileno(), None)
 
     def _close(self, conn: Conn) -> None:
         if conn.sock.fileno() != -1:
