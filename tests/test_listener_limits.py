@@ -97,6 +97,31 @@ def test_beyond_the_connection_cap_the_oldest_headless_connections_make_room(sql
         svc.stop(5)
 
 
+def test_at_the_connection_cap_answered_connections_make_room_before_waiting_ones(sqlite_url):
+    """Connections lingering after their answer (here 404s to bodies that never come) are closed
+    to make room before any connection still sending its head is turned away."""
+    svc = start(open_store(sqlite_url), max_connections=40)
+    answered, idle, later = [], [], []
+    try:
+        for _ in range(30):
+            s = socket.create_connection(svc.address, timeout=5)
+            s.sendall(b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            answered.append(s)
+        idle = open_idle(svc.address, 10)
+        time.sleep(0.1)
+        later = open_idle(svc.address, 20)  # 60 in all: 20 must go
+        time.sleep(0.1)
+        assert svc.httpd.open_connections() <= 40
+        for s in idle:
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(100)  # no 503: still held
+        assert status_of(answered[0].recv(4096)) == 404
+    finally:
+        close_all(answered + idle + later)
+        svc.stop(5)
+
+
 @pytest.mark.parametrize(
     "head, status",
     [
@@ -117,6 +142,88 @@ def test_a_head_within_the_limits_is_served(service):
     head = b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(14)) + b"\r\n"
     assert status_of(raw(service, head)) == 200
     assert post(service, lead_body(5))[0] == 200 and Event.select().count() == 1
+
+
+def read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def test_a_refusal_answered_by_a_thread_is_lingered_over_by_the_event_loop(sqlite_url):
+    """413 for a body announced too large is answered by a thread without reading the body; the
+    thread must not then wait 0.5 s for what the client may still send (2 threads, 10 such
+    requests one after the other: 2.5 s if each thread lingered)."""
+    svc = start(open_store(sqlite_url), max_workers=2)
+    held = []
+    try:
+        head = f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Length: {4 * 2**20}\r\n\r\n".encode()
+        started = time.monotonic()
+        for _ in range(10):
+            s = socket.create_connection(svc.address, timeout=5)
+            s.sendall(head)
+            held.append(s)
+            assert s.recv(4096).startswith(b"HTTP/1.1 413 ")  # the socket stays open: we may send on
+        took = time.monotonic() - started
+        assert took < 1.0, f"{took:.2f} s for 10 refusals"
+        deadline = time.monotonic() + 0.3
+        while svc.httpd.open_connections() != 10 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the last thread may still be handing its connection back
+        assert svc.httpd.open_connections() == 10  # held by the event loop, lingering
+        time.sleep(1.0)  # past the 0.5 s of lingering (and the sweep)
+        assert svc.httpd.open_connections() == 0
+        assert all(read_all(s) == b"" for s in held)  # closed after the answer, not reset
+        assert timed_post(svc.address, 1)[0] == 200
+    finally:
+        close_all(held)
+        svc.stop(5)
+
+
+def test_requests_without_the_secret_may_take_only_their_share_of_the_threads(sqlite_url, monkeypatch):
+    """Health checks that hang (here: until released) hold at most ``max_untrusted`` threads and
+    wait in a line of their own (full: 503 at once), and a webhook still gets a thread and its 200
+    at once."""
+    from amohook.webhooks import health
+
+    release = threading.Event()
+    real_answer = health.answer
+
+    def hanging(*args, **kwargs):
+        release.wait(10)
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(health, "answer", hanging)
+    svc = start(open_store(sqlite_url), max_workers=4, max_untrusted=2, max_queued=5)
+    answers: list[int] = []
+    lock = threading.Lock()
+
+    def healthz():
+        status = status_of(raw(svc, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))
+        with lock:
+            answers.append(status)
+
+    checks = [threading.Thread(target=healthz) for _ in range(10)]
+    try:
+        for t in checks:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(answers) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert answers == [503] * 3  # 2 hang in their threads, 5 wait, the line is full for the rest
+        status, took = timed_post(svc.address, 1)
+        assert status == 200 and took < 1.0
+        assert len(answers) == 3  # the 7 still hang or wait
+    finally:
+        release.set()
+        for t in checks:
+            t.join(10)
+        svc.stop(5)
+    assert sorted(answers) == [200] * 7 + [503] * 3
 
 
 @pytest.mark.slow
@@ -182,6 +289,12 @@ class LimitedServe:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def threads(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        return 0
 
     def stop(self) -> str:
         self.proc.terminate()
@@ -288,3 +401,81 @@ def test_out_of_open_files_the_accept_loop_backs_off_and_makes_room(sqlite_url):
     assert figures["cpu"] < 0.5, figures  # no busy loop on EMFILE
     assert all(status == 200 and took < 1.0 for status, took in figures["answers"]), figures
     assert "out of open files (EMFILE)" in result.stderr and "Traceback" not in result.stderr
+
+
+def linger_flood(address, rate: float, stop: threading.Event, senders: int = 3, hold: float = 3.0):
+    """Secretless ``POST``s (a wrong secret, a route that wants GET, an unknown path) announcing a
+    100,000-byte body that never comes, from ``senders`` threads at ``rate`` a second in all, each
+    connection kept open ``hold`` seconds whatever the server does (so its lingering after the
+    404/405 lasts as long as the server allows). Returns the threads and how many each sent."""
+    heads = [
+        f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+        for target in ("/webhook/wrong-secret-0123456789", "/healthz", "/nothing")
+    ]
+    sent = [0] * senders
+
+    def sender(i: int) -> None:
+        held: list[tuple[float, socket.socket]] = []
+        next_at = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            while held and now - held[0][0] > hold:
+                held.pop(0)[1].close()
+            if now < next_at:
+                time.sleep(next_at - now)
+                continue
+            next_at += senders / rate
+            try:
+                s = socket.create_connection(address, timeout=2)
+                s.sendall(heads[sent[i] % len(heads)])
+            except OSError:
+                continue
+            held.append((now, s))
+            sent[i] += 1
+        close_all(s for _, s in held)
+
+    threads = [threading.Thread(target=sender, args=(i,), daemon=True) for i in range(senders)]
+    for t in threads:
+        t.start()
+    return threads, sent
+
+
+@pytest.mark.slow
+@pytest.mark.alone
+def test_a_flood_of_secretless_posts_with_an_unsent_body_does_not_delay_real_webhooks(sqlite_url):
+    """Each such POST is answered 404/405 at once and its body lingered over for 0.5 s: that must
+    not hold a handler thread (300 a second would need 150 of the 64), nor anything else a real
+    webhook needs. amoCRM waits 2 s for its 200."""
+    serve = LimitedServe(sqlite_url, nofile=1024)
+    stop = threading.Event()
+    try:
+        assert timed_post(serve.address, 1)[0] == 200  # warm
+        flooders, sent = linger_flood(serve.address, 300, stop)
+        time.sleep(1.0)  # the flood is in full swing
+        answers: dict[int, tuple[int, float]] = {}
+
+        def webhook(n: int) -> None:
+            try:
+                answers[n] = timed_post(serve.address, n)
+            except OSError:
+                answers[n] = (0, float("inf"))  # no answer at all
+
+        senders = []
+        for n in range(2, 32):  # 30 webhooks over 3 s
+            senders.append(threading.Thread(target=webhook, args=(n,)))
+            senders[-1].start()
+            time.sleep(0.1)
+        for t in senders:
+            t.join(10)
+        threads = serve.threads()
+        stop.set()
+        for t in flooders:
+            t.join(5)
+        assert sum(sent) > 900, sent  # the flood did run at about 300 a second
+        late = {n: a for n, a in answers.items() if a[0] != 200 or a[1] >= 2.0}
+        assert len(answers) == 30 and not late, late
+        assert threads < 32, threads  # the flood took no handler thread (before: all 64)
+    finally:
+        stop.set()
+        err = serve.stop()
+    assert "Traceback" not in err

@@ -153,6 +153,7 @@ def test_other_methods_and_paths(service):
     assert request(service, "POST", "/healthz", b"")[0] == 405
     assert request(service, "DELETE", "/oauth/callback")[0] == 405
     assert request(service, "GET", "/")[0] == 404
+    assert request(service, "HEAD", "/nothing")[::2] == (404, "")  # the head of the answer only
     assert request(service, "GET", "/webhooks")[0] == 404
     assert status_of(raw(service, b"BREW /webhook HTTP/1.1\r\nHost: x\r\n\r\n")) == 405
 

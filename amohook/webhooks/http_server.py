@@ -1,14 +1,18 @@
 """The hardened HTTP server under the webhook listener: no routes and nothing amoCRM-specific.
 
-One event-loop thread holds every connection until its request head has arrived, then hands it
-to a bounded pool of threads that is reused (``HardenedHTTPServer``); heads and bodies are bounded
-in size and time (the silence and whole-request deadlines, the reaper), connections are capped
-below the open-file limit, and every answer is one write that closes the connection
-(``HardenedRequestHandler``). ``webhooks/server.py`` adds the routes and the service around it.
+One event-loop thread holds every connection until its request head has arrived; then it
+answers the request itself (what the subclass can decide from the request line: a wrong path, a
+wrong method) or hands it to a bounded pool of threads that is reused, where requests the
+subclass does not vouch for may take only a few threads (``HardenedHTTPServer``). Heads and bodies
+are bounded in size and time (the silence and whole-request deadlines, the reaper), connections
+are capped below the open-file limit, every answer is one write that closes the connection
+(``HardenedRequestHandler``), and the lingering after a refused body is done by the event loop,
+never by a thread. ``webhooks/server.py`` adds the routes and the service around it.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import logging
@@ -22,17 +26,31 @@ import time
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import NamedTuple
 
 # The listener's logger, as before this module was cut out of server.py: one name for its lines.
 log = logging.getLogger("amohook.server")
 
 LINGER_BYTES = 256 * 1024  # read at most this much of a refused body, so the client sees our answer
-LINGER_SECONDS = 0.5
+LINGER_SECONDS = 0.5  # ... for at most this long (in the event loop: lingering takes no thread)
 HEAD_LINE_LIMIT = 8 * 1024  # request line or one header line; longer: 414 / 431
 HEAD_LIMIT = 16 * 1024  # the whole header block; larger: 431
 FD_RESERVE = 64  # open files kept free for the database, the log and the store's WAL
 FD_LOG_SECONDS = 10.0  # "out of open files" is logged at most this often
 ACCEPT_PAUSE = 0.1  # when out of open files with nothing to evict, accepting waits this long
+
+
+# What ``HardenedHTTPServer.route_head`` may decide for a complete request head:
+TRUSTED = "trusted"  # the head proves the client holds the secret (a real delivery): any thread
+UNTRUSTED = "untrusted"  # anything else that needs a thread: at most ``max_untrusted`` at once
+
+
+class Answer(NamedTuple):
+    """... or an answer the event loop sends itself, without a thread."""
+
+    status: int
+    text: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
@@ -52,9 +70,9 @@ def http_date() -> str:
 class HardenedRequestHandler(BaseHTTPRequestHandler):
     """A request whose head the event loop has read: the body is read with the server's silence
     and whole-request deadlines, every answer is one write and closes the connection, and a
-    refused body is lingered over so the client sees the answer. Subclasses add the routes
-    (``do_GET`` …) and the logging (``log_request``, ``log_message``: only they know what in a
-    request target is secret)."""
+    refused body is lingered over (by the event loop, once the thread is done) so the client sees
+    the answer. Subclasses add the routes (``do_GET`` …) and the logging (``log_request``,
+    ``log_message``: only they know what in a request target is secret)."""
 
     # HTTP/1.1 so that "Expect: 100-continue" (PHP's curl sends it for bodies over 1 KiB) is
     # answered at once instead of the client waiting a second for it; every answer closes the
@@ -154,28 +172,13 @@ class HardenedRequestHandler(BaseHTTPRequestHandler):
         ).encode("latin-1", "strict")
         self.wfile.write(head if self.command == "HEAD" else head + body)
         if not self.body_read and self.command in ("POST", "PUT", "PATCH"):
-            self._linger()
+            # The body may still be coming: the event loop reads and drops it once this thread
+            # is done (a thread lingering here let 128 refusals a second hold all 64 threads).
+            self.request.linger = True
 
     def reply_quietly(self, status: int, text: str) -> None:
         try:
             self.reply(status, text)
-        except OSError:
-            pass
-
-    def _linger(self) -> None:
-        """After answering without reading the body: send FIN, then read (a bounded part of) what
-        the client is still sending, so closing does not reset the connection before it reads."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(LINGER_SECONDS)
-            deadline = time.monotonic() + LINGER_SECONDS
-            left = LINGER_BYTES
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.connection.recv(min(65536, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
         except OSError:
             pass
 
@@ -243,9 +246,23 @@ _HEAD, _LINGER = 0, 1
 
 
 class Conn:
-    """A connection held by the event loop: reading its head, or lingering after a refusal."""
+    """A connection held by the event loop (reading its head, or lingering after an answer) or
+    handed to a thread."""
 
-    __slots__ = ("sock", "addr", "buf", "accepted", "last", "checked", "state", "until", "left", "watched")
+    __slots__ = (
+        "sock",
+        "addr",
+        "buf",
+        "accepted",
+        "last",
+        "checked",
+        "state",
+        "until",
+        "left",
+        "watched",
+        "trusted",
+        "linger",
+    )
 
     def __init__(self, sock: socket.socket, addr, now: float):
         self.sock = sock
@@ -258,6 +275,8 @@ class Conn:
         self.until = 0.0  # lingering: until when
         self.left = 0  # lingering: bytes still to be read and dropped
         self.watched = False  # registered with the selector
+        self.trusted = False  # handed to a thread as TRUSTED (else it counts against max_untrusted)
+        self.linger = False  # the thread answered without reading the body: the loop lingers
 
 
 def head_end(buf: bytes, start: int) -> int:
@@ -273,13 +292,33 @@ def head_end(buf: bytes, start: int) -> int:
     return -1
 
 
-def quick_answer(status: int, text: str) -> bytes:
-    """A whole plain-text answer, for the event loop (no handler, no thread)."""
+def quick_answer(
+    status: int, text: str, headers: tuple[tuple[str, str], ...] = (), *, head_only: bool = False
+) -> bytes:
+    """A whole plain-text answer, for the event loop (no handler, no thread): the bytes
+    ``HardenedRequestHandler.reply`` would send."""
     body = text.encode()
-    return (
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    head = (
         f"HTTP/1.1 {status} {_PHRASES[status]}\r\nServer: amohook\r\nDate: {http_date()}\r\n"
-        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode() + body
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+        f"{extra}\r\n"
+    ).encode("latin-1", "strict")
+    return head if head_only else head + body
+
+
+def request_line(buf: bytes) -> tuple[str, str] | None:
+    """(method, target) of a complete head whose request line is ``METHOD target HTTP/1.0|1.1``,
+    read as ``http.server`` reads them (Latin-1, split on whitespace, a leading ``//`` folded);
+    None for anything else, which a thread's ``http.server`` parser then answers."""
+    end = buf.find(b"\n")
+    words = buf[: end if end != -1 else len(buf)].decode("latin-1").rstrip("\r\n").split()
+    if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        return None
+    method, target = words[0], words[1]
+    if target.startswith("//"):
+        target = "/" + target.lstrip("/")
+    return method, target
 
 
 def nofile_limit() -> int:
@@ -292,8 +331,9 @@ def nofile_limit() -> int:
 
 
 class HardenedHTTPServer(HTTPServer):
-    """One event-loop thread holds every connection until its request head has arrived; only then
-    does the connection take one of ``max_workers`` threads, which reads the body and answers.
+    """One event-loop thread holds every connection until its request head has arrived; then it
+    answers what ``route_head`` can decide from the request line itself, and only the rest takes
+    one of ``max_workers`` threads, which reads the body and answers.
 
     A thread per connection let anyone hold a thread (and its memory) per idle or trickling
     connection: 2,000 idle connections were 2,005 threads, and at the open-file limit the accept
@@ -303,13 +343,21 @@ class HardenedHTTPServer(HTTPServer):
     so a real webhook — whose head arrives at once — always gets in. Heads are bounded
     (``HEAD_LIMIT``, ``HEAD_LINE_LIMIT``), and the silence and whole-request deadlines apply
     from the first byte.
+
+    Threads are for real deliveries first: requests ``route_head`` does not call ``TRUSTED`` take
+    at most ``max_untrusted`` of them at once and wait in a line of their own for that share (at
+    most ``max_queued``; more get 503 at once), so no flood of them delays a real delivery. No
+    thread ever lingers over an unread body — the loop does, with a deadline and a byte bound.
+    Before, a refused ``POST`` announcing a body it never sent kept its thread 0.5 s, so 128 such
+    requests a second, from anyone, held all 64 threads and real webhooks missed amoCRM's 2 s.
     """
 
     allow_reuse_address = True
 
     def __init__(self, config, handler_class: type[HardenedRequestHandler]):
         """``config`` has host, port, backlog, socket_timeout, read_deadline, max_workers,
-        max_connections and max_queued (``webhooks.server.ServerConfig``); binds at once."""
+        max_untrusted, max_connections and max_queued (``webhooks.server.ServerConfig``); binds at
+        once."""
         self.config = config
         self.request_queue_size = config.backlog
         if ":" in config.host:
@@ -317,10 +365,15 @@ class HardenedHTTPServer(HTTPServer):
         self.max_connections = max(16, min(config.max_connections, nofile_limit() - FD_RESERVE))
         self._reaper = Reaper()
         self._conns: dict[int, Conn] = {}  # fd -> connection, oldest first (event loop only)
+        self._lingering: dict[int, Conn] = {}  # those of them lingering, oldest first
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._busy = 0  # connections handed to threads (queued or being handled)
+        self._untrusted = 0  # UNTRUSTED connections queued for a thread or handled (<= max_untrusted)
+        self._waiting: collections.deque[Conn] = collections.deque()  # UNTRUSTED, waiting for that share
         self._cond = threading.Condition()
+        self._returned: collections.deque[Conn] = collections.deque()  # threads done: the loop lingers
+        self._looping = False  # the loop takes returned connections (under _cond)
         self._halt = False
         self._loop_done = threading.Event()
         self._loop_done.set()
@@ -341,6 +394,8 @@ class HardenedHTTPServer(HTTPServer):
         self._loop_done.clear()
         sel = selectors.DefaultSelector()
         self._sel = sel
+        with self._cond:
+            self._looping = True
         try:
             sel.register(self.socket, selectors.EVENT_READ, None)
             sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
@@ -360,6 +415,8 @@ class HardenedHTTPServer(HTTPServer):
                     else:
                         self._readable(key.data)
                 now = time.monotonic()
+                while self._returned:
+                    self._linger_returned(self._returned.popleft(), now)
                 if not listening and now >= self._paused_until and not self._halt:
                     sel.register(self.socket, selectors.EVENT_READ, None)
                     listening = True
@@ -367,8 +424,11 @@ class HardenedHTTPServer(HTTPServer):
                     next_sweep = now + 0.25
                     self._sweep(now)
         finally:
-            for conn in list(self._conns.values()):
-                self._close(conn)  # no complete request from these: nothing to answer
+            with self._cond:
+                self._looping = False
+            for conn in [*self._conns.values(), *self._returned]:
+                self._close(conn)  # no complete request from these, or already answered
+            self._returned.clear()
             sel.close()
             self._loop_done.set()
 
@@ -426,7 +486,13 @@ class HardenedHTTPServer(HTTPServer):
         return False
 
     def _evict(self, count: int) -> int:
+        """Close ``count`` connections, oldest first: those lingering after their answer (they
+        have it), then those that have not sent a whole head (with a 503)."""
         evicted = 0
+        while evicted < count and self._lingering:
+            self._close(next(iter(self._lingering.values())))
+            evicted += 1
+        shed = 0
         for conn in list(self._conns.values()):
             if evicted >= count:
                 break
@@ -434,7 +500,8 @@ class HardenedHTTPServer(HTTPServer):
                 self._send_quietly(conn, quick_answer(503, "too many connections; retry later\n"))
                 self._close(conn)
                 evicted += 1
-        self._shed += evicted
+                shed += 1
+        self._shed += shed
         return evicted
 
     def _admit(self, sock: socket.socket, addr) -> None:
@@ -519,7 +586,13 @@ class HardenedHTTPServer(HTTPServer):
         # DEBUG: a flood would otherwise write a line per connection; ``_sweep`` sums them up.
         log.debug("%s %s (request head refused: %s)", conn.addr[0] if conn.addr else "?", status, text.strip())
         self._refused += 1
-        if not self._send_quietly(conn, quick_answer(status, text)):
+        self._answer(conn, quick_answer(status, text))
+
+    def _answer(self, conn: Conn, data: bytes) -> None:
+        """Send a whole answer from the loop, then linger: send FIN and drop (a bounded part of)
+        what the client is still sending, so closing does not reset the connection before the
+        client has read the answer."""
+        if not self._send_quietly(conn, data):
             self._close(conn)
             return
         try:
@@ -527,8 +600,12 @@ class HardenedHTTPServer(HTTPServer):
         except OSError:
             self._close(conn)
             return
+        self._linger(conn, time.monotonic())
+
+    def _linger(self, conn: Conn, now: float) -> None:
+        self._lingering[conn.sock.fileno()] = conn
         conn.state = _LINGER
-        conn.until = time.monotonic() + LINGER_SECONDS
+        conn.until = now + LINGER_SECONDS
         conn.left = LINGER_BYTES
         self._watch(conn)
 
@@ -579,6 +656,7 @@ class HardenedHTTPServer(HTTPServer):
 
     def _forget(self, conn: Conn) -> None:
         self._conns.pop(conn.sock.fileno(), None)
+        self._lingering.pop(conn.sock.fileno(), None)
 
     def _close(self, conn: Conn) -> None:
         if conn.sock.fileno() != -1:
@@ -587,18 +665,52 @@ class HardenedHTTPServer(HTTPServer):
         conn.sock.close()
 
     # -- the threads ------------------------------------------------------------------------------
+    def route_head(self, method: str, target: str, client_ip: str) -> Answer | str:
+        """What to do with a complete head whose request line is well formed: an ``Answer`` the
+        event loop sends at once (the subclass logs and counts it), ``TRUSTED`` (any thread) or
+        ``UNTRUSTED`` (at most ``max_untrusted`` threads). Runs in the event loop: it must be quick,
+        never block, and never raise. Here: every request takes any thread."""
+        return TRUSTED
+
+    def _decide(self, conn: Conn) -> tuple[Answer | str, str]:
+        """(``route_head``'s decision, the method)."""
+        line = request_line(conn.buf)
+        if line is None:
+            return UNTRUSTED, ""  # for http.server's parser to refuse, in a thread
+        try:
+            return self.route_head(line[0], line[1], conn.addr[0] if conn.addr else "?"), line[0]
+        except Exception:
+            self.handle_error(conn, conn.addr)
+            return UNTRUSTED, line[0]
+
     def _dispatch(self, conn: Conn) -> None:
-        """The head is complete: hand the connection to a thread (one more if all are busy)."""
+        """The head is complete: answer it here, or hand the connection to a thread (one more if
+        all are busy)."""
+        decision, method = self._decide(conn)
+        if isinstance(decision, Answer):
+            answer = quick_answer(decision.status, decision.text, decision.headers, head_only=method == "HEAD")
+            self._answer(conn, answer)
+            return
         self._unwatch(conn)
         self._forget(conn)
+        conn.trusted = trusted = decision == TRUSTED
         thread = None
         with self._cond:
-            if self._busy - len(self._workers) >= self.config.max_queued:
-                overloaded = True
+            ready = self._busy - len(self._waiting)  # in the job queue or being handled
+            if trusted:
+                overloaded = ready - len(self._workers) >= self.config.max_queued
             else:
-                overloaded = False
+                overloaded = len(self._waiting) >= self.config.max_queued
+            if not overloaded:
                 self._busy += 1
-                if self._busy > len(self._workers) and len(self._workers) < self.config.max_workers:
+                if not trusted and self._untrusted >= self.config.max_untrusted:
+                    self._waiting.append(conn)  # until an UNTRUSTED one is done (``_work``)
+                else:
+                    if not trusted:
+                        self._untrusted += 1
+                    self._jobs.put(conn)
+                    ready += 1
+                if ready > len(self._workers) and len(self._workers) < self.config.max_workers:
                     thread = threading.Thread(target=self._work, name="amohook-conn", daemon=True)
                     self._workers.append(thread)
         if overloaded:
@@ -606,7 +718,6 @@ class HardenedHTTPServer(HTTPServer):
             self._conns[conn.sock.fileno()] = conn
             self._refuse(conn, 503, "too many requests waiting; retry later\n")
             return
-        self._jobs.put(conn)
         if thread is not None:
             thread.start()
 
@@ -620,10 +731,45 @@ class HardenedHTTPServer(HTTPServer):
             except Exception:
                 self.handle_error(conn, conn.addr)
             finally:
-                self.shutdown_request(conn.sock)
+                if conn.linger:
+                    self._return(conn)
+                else:
+                    self.shutdown_request(conn.sock)
                 with self._cond:
                     self._busy -= 1
+                    if not conn.trusted and self._waiting:
+                        self._jobs.put(self._waiting.popleft())  # its place passes to the next in line
+                    elif not conn.trusted:
+                        self._untrusted -= 1
                     self._cond.notify_all()
+
+    def _return(self, conn: Conn) -> None:
+        """A thread answered without reading the body: send FIN and give the connection back to
+        the event loop, which lingers over it (``_linger_returned``)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+        except OSError:
+            conn.sock.close()
+            return
+        with self._cond:
+            taken = self._looping
+            if taken:
+                self._returned.append(conn)
+        if not taken:
+            conn.sock.close()  # the loop has ended: nothing to linger for
+            return
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the wake-up pipe is full: the loop is awake already
+
+    def _linger_returned(self, conn: Conn, now: float) -> None:
+        if conn.sock.fileno() == -1:
+            return
+        conn.watched = False
+        self._conns[conn.sock.fileno()] = conn
+        self._linger(conn, now)
 
     def track(self, handler: HardenedRequestHandler, until: float) -> None:
         self._reaper.watch(handler, until)
@@ -646,7 +792,7 @@ class HardenedHTTPServer(HTTPServer):
         return True
 
     def open_connections(self) -> int:
-        return len(self._conns) + self._busy
+        return len(self._conns) + self._busy + len(self._returned)
 
     def handle_error(self, request, client_address) -> None:
         log.error(
@@ -656,6 +802,10 @@ class HardenedHTTPServer(HTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self._reaper.stop()
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for conn in waiting:  # stopping: never handed to a thread
+            conn.sock.close()
         for _ in self._workers:
             self._jobs.put(None)
         for sock in (self._wake_r, self._wake_w):

@@ -8,7 +8,9 @@ committed. Storing is handed to one writer thread that commits many requests per
 (``inbox.GroupCommitter``); processing happens later, in the worker.
 
 Routes: ``POST /webhook/<secret>``, ``GET /healthz``, ``GET /oauth/callback``, and with a password
-``GET /status`` and ``GET /metrics`` (webhooks/status_page.py); anything else 404/405.
+``GET /status`` and ``GET /metrics`` (webhooks/status_page.py); anything else 404/405, answered by
+the event loop from the request line without taking a thread (``WebhookHTTPServer.route_head``).
+Only a webhook with the right secret may take any handler thread; the other routes share a few.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from amohook.errors import AmohookError, ConfigError, describe
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
 from amohook.redact import redact_target
 from amohook.webhooks import health, metrics, status_page
-from amohook.webhooks.http_server import HardenedHTTPServer, HardenedRequestHandler
+from amohook.webhooks.http_server import TRUSTED, UNTRUSTED, Answer, HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
 if TYPE_CHECKING:
@@ -58,8 +60,12 @@ class ServerConfig:
     stop_grace: float = 3.0  # on stop, how long requests already being handled may take
     # A connection takes a thread only once its request head has arrived (webhooks/http_server.py):
     max_workers: int = 64  # threads handling requests whose head has arrived
+    # ... of which requests without the webhook secret (health, OAuth, status pages, request
+    # lines left to http.server) take at most this many at once; the others wait in a line of
+    # their own (at most max_queued; more: 503). The rest stay free for real webhooks.
+    max_untrusted: int = 16
     max_connections: int = 1024  # connections held open; also kept below the open-file limit
-    max_queued: int = 512  # complete request heads waiting for a thread; more: 503 at once
+    max_queued: int = 512  # complete request heads waiting for a thread (per line); more: 503 at once
     status_password: str | None = None  # /status and /metrics answer 404 without it
 
 
@@ -102,6 +108,25 @@ _PAGE_HEADERS = (
 )
 
 
+def log_answer(client_ip: str, command: str, target: str, code: object, secret: str) -> None:
+    """One line per answer, without the secret: DEBUG for 100 and 200, INFO for the rest."""
+    if isinstance(code, HTTPStatus):
+        code = code.value
+    level = logging.DEBUG if code in (100, 200) else logging.INFO
+    if log.isEnabledFor(level):
+        command = redact_target(command or "-", secret, limit=24)
+        log.log(level, "%s %s %s %s", client_ip, command, _redact(target, secret), code)
+
+
+_NOT_FOUND = Answer(404, "not found\n")
+_USE_POST = Answer(405, "use POST\n", (("Allow", "POST"),))
+_USE_GET = Answer(405, "use GET\n", (("Allow", "GET, HEAD"),))
+
+
+def _is_webhook_route(path: str) -> bool:
+    return path == "/webhook" or path.startswith("/webhook/")
+
+
 class _Handler(HardenedRequestHandler):
     """The routes: a webhook, the health answer, the OAuth redirect."""
 
@@ -110,7 +135,7 @@ class _Handler(HardenedRequestHandler):
     def handle_expect_100(self) -> bool:
         # Invite the body only when it will be read; otherwise the final answer (404, 411, 413…)
         # goes out instead of "100 Continue", and the body is never sent.
-        if self.command == "POST" and self._secret_ok(self.path.split("?", 1)[0]):
+        if self.command == "POST" and self.server.secret_ok(self.path.split("?", 1)[0]):
             length = self.headers.get("Content-Length", "").strip()
             if length.isdigit() and int(length) <= self.server.config.max_body:
                 return super().handle_expect_100()
@@ -121,13 +146,7 @@ class _Handler(HardenedRequestHandler):
     _reply_quietly = HardenedRequestHandler.reply_quietly
 
     def log_request(self, code="-", size="-") -> None:
-        if isinstance(code, HTTPStatus):
-            code = code.value
-        level = logging.DEBUG if code in (100, 200) else logging.INFO
-        if log.isEnabledFor(level):
-            secret = self.server.config.secret
-            command = redact_target(self.command or "-", secret, limit=24)
-            log.log(level, "%s %s %s %s", self.client_address[0], command, _redact(self.path, secret), code)
+        log_answer(self.client_address[0], self.command, self.path, code, self.server.config.secret)
 
     def log_message(self, format: str, *args) -> None:
         if log.isEnabledFor(logging.DEBUG):  # the standard library's messages may quote the request line
@@ -152,36 +171,34 @@ class _Handler(HardenedRequestHandler):
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def _route(self) -> None:
+        # Most requests that get here were routed by the event loop already (route_head); the
+        # rest (request lines the loop leaves to http.server: HTTP/0.9 style, other versions)
+        # take the same decision here.
         path = self.path.split("?", 1)[0]
-        if path == "/webhook" or path.startswith("/webhook/"):
-            if self.command != "POST":
-                return self._reply(405, "use POST\n", headers=(("Allow", "POST"),))
+        decision = self.server.decide(self.command, path)
+        if _is_webhook_route(path) and self.command == "POST":
             try:
-                self._webhook(path)
+                if isinstance(decision, Answer):
+                    self._reply(decision.status, decision.text, headers=decision.headers)
+                else:
+                    self._webhook(path)
             except Exception:
                 self.server.metrics.webhook_answered(None)
                 raise
             return self.server.metrics.webhook_answered(getattr(self, "status_sent", None))
+        if isinstance(decision, Answer):
+            return self._reply(decision.status, decision.text, headers=decision.headers)
         if path == "/healthz":
-            if self.command not in ("GET", "HEAD"):
-                return self._reply(405, "use GET\n", headers=(("Allow", "GET, HEAD"),))
             return self._healthz()
         if path == "/oauth/callback":
-            if self.command not in ("GET", "HEAD"):
-                return self._reply(405, "use GET\n", headers=(("Allow", "GET, HEAD"),))
             return self._oauth_callback()
         if path in status_page.ROUTES:
             return self._reply(*self.server.admin.answer(self.command, path, self.headers))
-        self._reply(404, "not found\n")
-
-    def _secret_ok(self, path: str) -> bool:
-        candidate = path[len("/webhook/") :].rstrip("/") if path.startswith("/webhook/") else ""
-        # Constant time: the answer must not tell how much of a guessed secret was right.
-        return hmac.compare_digest(candidate.encode("latin-1", "replace"), self.server.secret_bytes)
+        self._reply(_NOT_FOUND.status, _NOT_FOUND.text)  # not reached: decide() answers every other path
 
     def _webhook(self, path: str) -> None:
-        if not self._secret_ok(path):
-            return self._reply(404, "not found\n")
+        if not self.server.secret_ok(path):
+            return self._reply(_NOT_FOUND.status, _NOT_FOUND.text)
         length = self._content_length()
         if length is None:
             return
@@ -332,13 +349,44 @@ class WebhookHTTPServer(HardenedHTTPServer):
     def __init__(self, config: ServerConfig, store: Store, committer: GroupCommitter):
         self.store = store
         self.committer = committer
-        self.secret_bytes = check_secret(config.secret).encode("ascii")
+        self._secret_bytes = check_secret(config.secret).encode("ascii")
         self.queue_watch = health.QueueWatch(store)
         self.metrics = metrics.ListenerMetrics()
         committer.on_batch = self.metrics.observe_commit
         self.admin = status_page.AdminPages(config.status_password, store, self, self.metrics)
         super().__init__(config, _Handler)
         self.queue_watch.start()
+
+    def secret_ok(self, path: str) -> bool:
+        """``path`` (without the query) is ``/webhook/<the secret>``, a trailing slash allowed."""
+        candidate = path[len("/webhook/") :].rstrip("/") if path.startswith("/webhook/") else ""
+        # Constant time: the answer must not tell how much of a guessed secret was right.
+        return hmac.compare_digest(candidate.encode("latin-1", "replace"), self._secret_bytes)
+
+    def decide(self, method: str, path: str) -> Answer | str:
+        """The route's answer when the method and path (without the query) settle it, else the
+        share of threads the request may take: ``TRUSTED`` only for a webhook with the secret."""
+        if not hasattr(_Handler, "do_" + method):
+            return Answer(405, "method not allowed\n", (("Allow", _Handler.allow),))
+        if _is_webhook_route(path):
+            if method != "POST":
+                return _USE_POST
+            return TRUSTED if self.secret_ok(path) else _NOT_FOUND
+        if path in ("/healthz", "/oauth/callback"):
+            return UNTRUSTED if method in ("GET", "HEAD") else _USE_GET
+        if path in status_page.ROUTES:
+            return UNTRUSTED  # the password (a header) is checked in a thread
+        return _NOT_FOUND
+
+    def route_head(self, method: str, target: str, client_ip: str) -> Answer | str:
+        """``decide`` in the event loop; an answer given there is logged and counted here, as the
+        handler would have."""
+        decision = self.decide(method, target.split("?", 1)[0])
+        if isinstance(decision, Answer):
+            if method == "POST" and _is_webhook_route(target.split("?", 1)[0]):
+                self.metrics.webhook_answered(decision.status)
+            log_answer(client_ip, method, target, decision.status, self.config.secret)
+        return decision
 
     def server_close(self) -> None:
         super().server_close()
