@@ -1,5 +1,5 @@
-"""A store is trusted by what it holds, not by its version number alone: a store that does not
-match is exit 2 with the fix, never "temporary" (exit 4).
+"""A store is trusted by what it holds, not by its version number alone; a missing database is a
+setup step for a person. Both are exit 2 with the fix, never "temporary" (exit 4).
 
 The odd stores are built the way they arose: today's schema made by the migrations, then cut back
 to the shape of a store from an unreleased commit (a version recorded whose columns are missing,
@@ -9,10 +9,14 @@ holds someone else's tables. Each is then opened by the real CLI.
 
 from __future__ import annotations
 
+import time
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
+
 from amohook.errors import ExitCode
-from tests.conftest import run_cli
+from tests.conftest import MYSQL_URL, POSTGRES_URL, cli_env, run_cli
 
 REFRESH_COLUMNS = [("account", "refresh_sent_at"), ("account", "clock_skew")]
 # Version 3 today; at an intermediate commit of main, version 2 made exactly this.
@@ -223,3 +227,51 @@ def test_doctor_fails_the_database_check_of_a_store_without_its_columns(db_url):
     assert result.stdout.startswith("✗ database: "), result.stdout
     assert "account.refresh_sent_at" in result.stdout.splitlines()[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+# -- a database that does not exist --------------------------------------------------------------
+def _missing(server_url: str | None, what: str) -> str:
+    if not server_url:
+        pytest.skip(f"{what} is not set")
+    p = urlsplit(server_url)
+    return urlunsplit((p.scheme, p.netloc, f"/amohook_absent_{uuid.uuid4().hex[:8]}", "", ""))
+
+
+@pytest.mark.parametrize(
+    "backend, statement",
+    [
+        ("mysql", "CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"),
+        ("postgres", 'CREATE DATABASE "{name}" OWNER "{user}"'),
+    ],
+)
+def test_a_database_that_does_not_exist_is_exit_2_with_its_create_statement(backend, statement):
+    url = _missing(MYSQL_URL if backend == "mysql" else POSTGRES_URL, f"AMOHOOK_TEST_{backend.upper()}_URL")
+    name, user = urlsplit(url).path[1:], urlsplit(url).username
+    for command in (["status"], ["refresh-token", "--quiet"]):
+        refused(run_cli(command, url), f"'{name}' does not exist", statement.format(name=name, user=user))
+
+
+def test_a_mysql_database_the_user_may_not_see_is_exit_2_with_create_and_grant():
+    """MySQL answers a user without rights with 1044 (access denied), not 1049, for a missing database."""
+    pymysql = pytest.importorskip("pymysql")
+    url = _missing(MYSQL_URL, "AMOHOOK_TEST_MYSQL_URL")
+    p = urlsplit(url)
+    admin = pymysql.connect(host=p.hostname, port=p.port or 3306, user=p.username or "root", autocommit=True)
+    user = f"amohook_np_{int(time.time() * 1000) % 10**8}"
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s", ("pa55-Word",))
+        as_user = urlunsplit((p.scheme, f"{user}:pa55-Word@{p.hostname}:{p.port or 3306}", p.path, "", ""))
+        line = refused(run_cli(["status"], as_user), "CREATE DATABASE", "GRANT ALL PRIVILEGES ON", user)
+        assert "pa55-Word" not in line
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+        admin.close()
+
+
+@pytest.mark.parametrize("scheme", ["mysql", "postgresql"])
+def test_a_refused_connection_stays_temporary(scheme):
+    url = f"{scheme}://amohook@127.0.0.1:1/amohook"
+    result = run_cli(["status"], url, env=cli_env(url, AMOHOOK_DB_TIMEOUT="3"))
+    assert result.returncode == ExitCode.TEMPORARY, result.stderr
