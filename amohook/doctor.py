@@ -141,12 +141,13 @@ def open_store_checked(url: str):
 
 def check_database(store: Store) -> Check:
     from amohook.settings import redact_url
-    from amohook.store.migrations import LATEST, current_version
+    from amohook.store.migrations import LATEST, MISMATCH_FIX, current_version, read_schema, schema_problems, summarize
 
     where = str(store.sqlite_path) if store.is_sqlite else redact_url(store.url)
     try:
         store.ping()
-        version = current_version(store)
+        found = read_schema(store)
+        version = current_version(store, found)
     except Exception as exc:  # peewee's and the drivers' errors: the database is not reachable
         return _error("database", f"cannot reach the database {where}: {_one_line(exc, store.url)}", DB_FIX)
     if version < LATEST:
@@ -161,6 +162,13 @@ def check_database(store: Store) -> Check:
             "database",
             f"{where} has schema version {version}, newer than this amohook knows ({LATEST})",
             "upgrade amohook to the version that wrote it",
+        )
+    problems = schema_problems(store, found)
+    if problems:
+        return _error(
+            "database",
+            f"{where} says schema version {version} but lacks part of it: {summarize(problems)}",
+            f"this amohook did not make that schema: {MISMATCH_FIX}",
         )
     return _ok("database", f"{where}, schema version {version} (current)")
 

@@ -46,6 +46,11 @@ class StoreError(AmohookError):
     exit_code = ExitCode.TEMPORARY
 
 
+class SchemaMismatch(ConfigError):
+    """The database does not hold the tables and columns this amohook needs (or says a newer
+    amohook made it): retrying cannot help, a person has to restore, upgrade or re-point it."""
+
+
 class AccountNotFound(ConfigError):
     def __init__(self, subdomain: str | None):
         self.subdomain = subdomain

@@ -367,6 +367,9 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
 def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
     from amohook.dburl import redact
 
+    missing = missing_database(exc, url)
+    if missing is not None:
+        return missing
     text = _describe(exc)
     if "invalid dsn" in text or "invalid connection option" in text:
         return ConfigError(f"the database URL '{redact(url)}' is refused by the PostgreSQL driver: {text}")
@@ -376,6 +379,74 @@ def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
             "is up and reachable (the bound is AMOHOOK_DB_TIMEOUT)"
         )
     return StoreError(f"cannot open the database: {text}")
+
+
+def missing_database(exc: BaseException, url: str) -> ConfigError | None:
+    """A MySQL/PostgreSQL database that does not exist is a setup step for a person, not an outage:
+    a ConfigError (exit 2) with the statement that creates it; None for any other failure.
+
+    Told by the driver's code: MySQL 1049 (ER_BAD_DB_ERROR), or 1044 (ER_DBACCESS_DENIED_ERROR),
+    which is what a user without global rights gets for a missing database; PostgreSQL's
+    3D000 (invalid_catalog_name), whose code psycopg2 does not carry for a failed connection, so its
+    message, 'database "NAME" does not exist', as the server sends it (in English unless the
+    server's lc_messages says otherwise).
+    """
+    import re
+    from urllib.parse import unquote, urlsplit
+
+    scheme = url.split(":", 1)[0].lower()
+    if not scheme.startswith(("mysql", "postgres")):
+        return None
+    parts = urlsplit(url)
+    name, user = unquote(parts.path[1:]), unquote(parts.username or "")
+    server = parts.netloc.rsplit("@", 1)[-1] or "the local server"  # host[:port], never the password
+    code, text = _driver_code(exc), str(exc)
+    if scheme.startswith("mysql"):
+        quoted = _quoted(name, "`")
+        charset = "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+        if code == 1049:
+            return ConfigError(
+                f"the database '{name}' does not exist on {server} — create it as a MySQL "
+                f"administrator: CREATE DATABASE {quoted} {charset}; then run the command again"
+            )
+        if code == 1044:
+            said = re.search(r"for user ('[^']*'@'[^']*')", text)
+            grantee = said.group(1) if said else "'" + user.replace("'", "''") + "'@'%'"
+            return ConfigError(
+                f"the MySQL user {grantee} may not use the database '{name}' on {server}, or it does not "
+                f"exist — as a MySQL administrator run: CREATE DATABASE IF NOT EXISTS {quoted} {charset}; "
+                f"GRANT ALL PRIVILEGES ON {quoted}.* TO {grantee}; then run the command again"
+            )
+        return None
+    if code == "3D000" or re.search(r'database ".*" does not exist', text):
+        create = f"CREATE DATABASE {_quoted(name, PG_QUOTE)}" + (f" OWNER {_quoted(user, PG_QUOTE)}" if user else "")
+        return ConfigError(
+            f"the database '{name}' does not exist on {server} — create it as a PostgreSQL "
+            f"superuser (e.g. in `sudo -u postgres psql`): {create}; then run the command again"
+        )
+    return None
+
+
+PG_QUOTE = '"'
+
+
+def _quoted(identifier: str, quote: str) -> str:
+    """An SQL identifier quoted as MySQL (`) or PostgreSQL (") reads it: any name, exactly."""
+    return quote + identifier.replace(quote, quote * 2) + quote
+
+
+def _driver_code(exc: BaseException) -> int | str | None:
+    """The driver's error code behind peewee's wrapper: PyMySQL's number (the first argument, which
+    peewee keeps), psycopg2's SQLSTATE (on the driver's exception, peewee's context)."""
+    for candidate in (exc, exc.__context__, exc.__cause__):
+        if candidate is None:
+            continue
+        pgcode = getattr(candidate, "pgcode", None)
+        if pgcode:
+            return str(pgcode)
+        if candidate.args and isinstance(candidate.args[0], int):
+            return candidate.args[0]
+    return None
 
 
 def _describe(exc: BaseException) -> str:

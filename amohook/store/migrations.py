@@ -2,17 +2,23 @@
 under a cross-process lock, so many processes starting at once upgrade the schema exactly once.
 
 MySQL commits DDL implicitly, so there a migration is not atomic; the advisory lock still keeps
-two processes from running it at the same time, and every step is written to be re-runnable.
+two processes from running it at the same time, and every step is written to be re-runnable: it
+adds only what is missing, and a table it needs and does not find stops it with ``SchemaMismatch``.
+
+The version number is not trusted alone: on every open, one catalogue query checks that each table
+and column the models declare is there (with a compatible type), so a store that does not match —
+made by an unreleased build, half restored, edited by hand, or by a newer amohook — is refused
+with exit 2 and the fix, instead of failing every command later as a "temporary" database error.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from peewee import DoubleField
-
+from amohook.errors import SchemaMismatch
 from amohook.store import models
 
 if TYPE_CHECKING:
@@ -45,36 +51,42 @@ def _v1_initial(store: Store) -> None:
 
 
 def _v2_refresh_marker(store: Store) -> None:
-    """account.refresh_sent_at and account.clock_skew (a fresh v1 already has them: re-runnable)."""
-    from playhouse.migrate import SchemaMigrator
-    from playhouse.migrate import migrate as run
-
-    table = models.Account._meta.table_name
-    have = {c.name for c in store.db.get_columns(table)}
-    migrator = SchemaMigrator.from_database(store.db)
-    ops = [
-        migrator.add_column(table, name, DoubleField(null=True))
-        for name in ("refresh_sent_at", "clock_skew")
-        if name not in have
-    ]
-    if ops:
-        run(*ops)
+    """account.refresh_sent_at and account.clock_skew (a fresh v1 already has them)."""
+    _add_columns(store, 2, models.Account, "refresh_sent_at", "clock_skew")
 
 
 def _v3_reconciliation(store: Store) -> None:
     """Events from the log (event.source), the change registry, reconciliation state, subscriptions."""
+    _add_columns(store, 3, models.Event, "source")
+    store.db.create_tables([models.ChangeSeen, models.ReconcileState, models.Subscription], safe=True)
+    _require_tables(store, 3, models.Action)
+    _add_missing_indexes(store, models.Event, models.Action)
+
+
+def _add_columns(store: Store, version: int, model: type[models.BaseModel], *names: str) -> None:
+    """Add the model's columns ``names`` where they are missing; the table itself must be there."""
     from playhouse.migrate import SchemaMigrator
     from playhouse.migrate import migrate as run
 
-    columns = {c.name for c in store.db.get_columns(models.Event._meta.table_name)}
-    if "source" not in columns:
-        run(
-            SchemaMigrator.from_database(store.db).add_column(
-                models.Event._meta.table_name, "source", models.Event.source
-            )
+    table = model._meta.table_name
+    have = _require_tables(store, version, model)[table]
+    migrator = SchemaMigrator.from_database(store.db)
+    fields = [model._meta.fields[name] for name in names]
+    ops = [migrator.add_column(table, f.column_name, f) for f in fields if f.column_name not in have]
+    if ops:
+        run(*ops)
+
+
+def _require_tables(store: Store, version: int, *needed: type[models.BaseModel]) -> dict[str, dict[str, str]]:
+    """Stop a migration that would alter a table the store does not have (never "temporary");
+    returns ``read_schema``'s answer."""
+    found = read_schema(store)
+    missing = [m._meta.table_name for m in needed if m._meta.table_name not in found]
+    if missing:
+        raise _mismatch(
+            store, f"cannot be upgraded to schema version {version}", [f"missing table {t}" for t in missing]
         )
-    store.db.create_tables([models.ChangeSeen, models.ReconcileState, models.Subscription], safe=True)
-    _add_missing_indexes(store, models.Event, models.Action)
+    return found
 
 
 def _add_missing_indexes(store: Store, *tables) -> None:
@@ -94,13 +106,136 @@ MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
 LATEST = MIGRATIONS[-1][0]
 
 
-def current_version(store: Store) -> int:
-    if not store.db.table_exists(models.SchemaVersion._meta.table_name):
+def current_version(store: Store, found: dict[str, dict[str, str]] | None = None) -> int:
+    """The highest version recorded (0: none); ``found`` is ``read_schema``'s answer if at hand."""
+    table = models.SchemaVersion._meta.table_name
+    if table not in (found if found is not None else store.db.get_tables()):
         return 0
-    return (
-        models.SchemaVersion.select(models.SchemaVersion.version).order_by(models.SchemaVersion.version.desc()).scalar()
-        or 0
+    # Plain SQL: peewee's query building costs more than the query itself, on every command start.
+    return store.db.execute_sql(f"SELECT MAX(version) FROM {table}").fetchone()[0] or 0
+
+
+# One catalogue query per backend: (table, column, declared type) for the store's own schema.
+SQLITE_COLUMNS = (
+    "SELECT m.name, p.name, p.type FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p WHERE m.type = 'table'"
+)
+MYSQL_COLUMNS = (
+    "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = DATABASE()"
+)
+# pg_catalog rather than information_schema: the same answer at a quarter of the cost.
+POSTGRES_COLUMNS = (
+    "SELECT c.relname, a.attname, format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute AS a "
+    "JOIN pg_catalog.pg_class AS c ON c.oid = a.attrelid WHERE c.relnamespace = current_schema()::regnamespace "
+    "AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped"
+)
+
+
+def read_schema(store: Store) -> dict[str, dict[str, str]]:
+    """{table: {column: declared type}} as the database holds them now, in one query."""
+    if store.is_sqlite:
+        sql = SQLITE_COLUMNS
+    elif store.is_mysql:
+        sql = MYSQL_COLUMNS
+    else:
+        sql = POSTGRES_COLUMNS
+    found: dict[str, dict[str, str]] = {}
+    for table, column, declared in store.db.execute_sql(sql).fetchall():
+        found.setdefault(_text(table), {})[_text(column)] = _text(declared or "")
+    return found
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # MySQL 8 answers some as bytes
+
+
+@functools.cache
+def _kind(declared: str) -> str | None:
+    """A type's kind by SQLite's affinity rules (https://www.sqlite.org/datatype3.html, 3.1), which
+    read MySQL's and PostgreSQL's type names as well; booleans apart (PostgreSQL's are no integers).
+    None: a type the rules give no clear kind (left alone: the check is loose on purpose)."""
+    name = declared.upper()
+    if name.startswith("BOOL"):
+        return "boolean"
+    if name == "AUTO" or "INT" in name:
+        return "integer"
+    if any(part in name for part in ("CHAR", "CLOB", "TEXT")):
+        return "text"
+    if any(part in name for part in ("REAL", "FLOA", "DOUB")):
+        return "real"
+    return None
+
+
+@functools.cache
+def _needed() -> tuple[tuple[str, tuple[tuple[str, str | None], ...]], ...]:
+    """(table, ((column, kind), ...)) for every model: what the check compares, worked out once."""
+    return tuple(
+        (m._meta.table_name, tuple((f.column_name, _kind(f.field_type)) for f in m._meta.sorted_fields))
+        for m in models.ALL_MODELS
     )
+
+
+def schema_problems(store: Store, found: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """What the models need and the database lacks: missing tables and columns, columns of another
+    kind of type. Empty when the store matches. ``found``: ``read_schema``'s answer, if at hand."""
+    found = read_schema(store) if found is None else found
+    problems = []
+    for table, columns in _needed():
+        have = found.get(table)
+        if have is None:
+            problems.append(f"missing table {table}")
+            continue
+        for column, need in columns:
+            declared = have.get(column)
+            if declared is None:
+                problems.append(f"missing column {table}.{column}")
+                continue
+            kind = _kind(declared)
+            if kind != need and kind is not None and not (need == "boolean" and kind == "integer"):
+                problems.append(f"column {table}.{column} is {declared}, not {need}")
+    return problems
+
+
+def _where(store: Store) -> str:
+    from amohook.dburl import redact
+
+    return f"'{store.sqlite_path}'" if store.sqlite_path is not None else f"'{redact(store.url)}'"
+
+
+MISMATCH_FIX = (
+    "restore a backup of the store, or point --db-url / AMOHOOK_DB_URL at a new database and run `amohook init-auth`"
+)
+
+
+def summarize(problems: list[str]) -> str:
+    """``schema_problems``' list on one line: the first four, then how many more."""
+    return "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+
+
+def _mismatch(store: Store, what: str, problems: list[str]) -> SchemaMismatch:
+    return SchemaMismatch(
+        f"the store at {_where(store)} {what} ({summarize(problems)}): this amohook did not make that schema — "
+        f"{MISMATCH_FIX} (no data was changed)"
+    )
+
+
+def _refuse_newer(store: Store, version: int) -> SchemaMismatch:
+    return SchemaMismatch(
+        f"the store at {_where(store)} has schema version {version}, newer than this amohook knows ({LATEST}): "
+        "a newer amohook upgraded it — upgrade this amohook to that version (a store is never downgraded; "
+        "nothing was changed)"
+    )
+
+
+def _refuse_foreign(store: Store, found: dict[str, dict[str, str]]) -> None:
+    """A database without our schema_version table but with tables named like ours belongs to
+    something else: creating our tables beside them and altering theirs would harm both."""
+    ours = [m._meta.table_name for m in models.ALL_MODELS if m._meta.table_name in found]
+    if ours:
+        raise SchemaMismatch(
+            f"the database at {_where(store)} already holds tables named like amohook's ({', '.join(ours)}) "
+            "but no schema_version table: amohook did not make them — give amohook a database of its own "
+            "(--db-url / AMOHOOK_DB_URL); nothing was changed"
+        )
 
 
 @contextmanager
@@ -128,9 +263,29 @@ def _schema_lock(store: Store):
 
 
 def migrate(store: Store) -> int:
-    """Apply every missing migration; returns the schema version. Cheap when already current."""
-    if current_version(store) >= LATEST:
-        return LATEST
+    """Apply every missing migration and check the result against the models; returns the schema
+    version. Cheap when already current: one catalogue query and one version read.
+
+    Raises ``SchemaMismatch`` for a store this amohook cannot use as it is.
+    """
+    found = read_schema(store)
+    version = current_version(store, found)
+    if version < LATEST:
+        if models.SchemaVersion._meta.table_name not in found:
+            _refuse_foreign(store, found)
+        _upgrade(store)
+        found = read_schema(store)
+        version = current_version(store, found)
+    if version > LATEST:
+        raise _refuse_newer(store, version)
+    problems = schema_problems(store, found)
+    if problems:
+        raise _mismatch(store, f"says schema version {version} but lacks part of it", problems)
+    return version
+
+
+def _upgrade(store: Store) -> None:
+    """Run the migrations not yet recorded, each in one transaction with its record, under the lock."""
     with _schema_lock(store):
         with store.write():
             store.db.create_tables([models.SchemaVersion], safe=True)
@@ -140,4 +295,3 @@ def migrate(store: Store) -> int:
                     continue
                 step(store)
                 models.SchemaVersion.create(version=version)
-    return current_version(store)
