@@ -439,7 +439,7 @@ def check_pending_events(now: float) -> Check:
 
 
 def check_failed_actions() -> Check:
-    from amohook.store.models import Action
+    from amohook.store.models import Action, Event
 
     failed = list(
         Action.select(Action.event_id, Action.last_error)
@@ -449,7 +449,10 @@ def check_failed_actions() -> Check:
     )
     if not failed:
         return _ok("failed actions", "none")
-    events = sorted({a.event_id for a in failed if a.event_id is not None})
+    wanted = {a.event_id for a in failed if a.event_id is not None}
+    # Only events still stored can be replayed (retention keeps an event with a failed action;
+    # an older amohook did not, and `events replay` refuses a list with an id of no event).
+    events = sorted(row.id for row in Event.select(Event.id).where(Event.id.in_(list(wanted)))) if wanted else []
     shown = " ".join(str(e) for e in events[:10]) + (" …" if len(events) > 10 else "")
     error = f"; the latest: {failed[0].last_error.splitlines()[0][:200]}" if failed[0].last_error else ""
     count = Action.select().where(Action.status == "failed").count()
@@ -458,6 +461,11 @@ def check_failed_actions() -> Check:
         if events
         else "see `amohook events list` and replay their events"
     )
+    if len(events) < len(wanted):
+        fix += (
+            f"; {len(wanted) - len(events)} of their events were pruned already, so those actions cannot be "
+            "retried: they are deleted 90 days after they gave up"
+        )
     return _error(
         "failed actions",
         f"{count} rule action(s) gave up{error}",
