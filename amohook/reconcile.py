@@ -252,10 +252,11 @@ def reconcile_account(
     *,
     since: float = DEFAULT_SINCE,
     max_lookback: float = DEFAULT_MAX_LOOKBACK,
-    watchdog: bool | None = None,
+    watchdog: bool = True,
     clock: Callable[[], float] = time.time,
 ) -> PassResult:
-    """One pass over ``account``'s events log; ``watchdog`` None: check subscriptions when due."""
+    """One pass over ``account``'s events log, and (unless ``watchdog`` is False) a look at the
+    subscriptions amohook made."""
     from amohook.amocrm.events import iter_event_pages
 
     result = PassResult(account=account)
@@ -293,17 +294,14 @@ def reconcile_account(
                 todo = todo[LEAD_BATCH:]
         if todo:
             result.queued += _recover(store, client, account, todo, result, clock)
-        if watchdog is not False:
+        if watchdog:
             from amohook.watchdog import check_subscriptions
 
             try:
-                finding = check_subscriptions(store, client, account, force=bool(watchdog), clock=clock)
+                result.subscription, result.subscription_note = check_subscriptions(store, client, account, clock=clock)
             except Exception as exc:  # the watchdog must never hold the cursor back: the log was read
                 result.subscription_note = f"the subscription check failed: {_one_line(exc)}"
                 log.warning("watchdog for '%s': %s", account, result.subscription_note)
-                finding = None
-            if finding is not None:
-                result.subscription, result.subscription_note = finding
         result.requests = client.requests_made - requests_before
         _save(store, account, cursor=now, result=result, clock=clock)
         return result

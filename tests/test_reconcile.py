@@ -290,6 +290,41 @@ def test_a_removed_subscription_is_reported_missing(store, fake, crm):
     assert "another-secret-value" not in result.stdout + result.stderr
 
 
+def test_a_subscription_the_watchdog_removed_is_added_back_when_its_post_failed(store, fake, crm):
+    """Switching on ends with DELETE then POST; a 502 on that POST must not leave the destination
+    gone for good, nor later passes blame a person for removing it (#15.6)."""
+    fake.reenable_on_repost = False  # re-posting leaves it off: the watchdog removes and adds it
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    assert run_cli(["webhooks", "subscribe", "--url", url, "--rules", crm["rules"]], store.url).returncode == 0
+    fake.disable_webhook(url)
+    fake.fail("/api/v4/webhooks", 502, method="POST", skip=1)  # the re-post passes, the re-add fails
+    first = reconcile(store)
+    assert "subscription check failed" in first["subscription_note"]
+    assert fake.webhooks == []  # gone, by amohook's own DELETE
+    second = reconcile(store)
+    assert second["subscription"] == "re-enabled", second
+    [hook] = fake.webhooks
+    assert hook["destination"] == url and not hook["disabled"] and hook["settings"] == ["status_lead"]
+    third = reconcile(store)
+    assert third["subscription"] == "ok" and not third["subscription_note"]
+    fake.webhooks.clear()  # now someone else removes it: that is reported, not undone
+    assert reconcile(store)["subscription"] == "missing" and fake.webhooks == []
+
+
+def test_the_watchdog_looks_on_every_background_pass(store, fake, crm):
+    from amohook.reconcile import Reconciler
+
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    assert run_cli(["webhooks", "subscribe", "--url", url], store.url).returncode == 0
+    fake.clear_requests()
+    reconciler = Reconciler(store, 60, client_factory=lambda s, a: client_for(s, a))
+    reconciler.run_once()
+    fake.disable_webhook(url)
+    [result] = reconciler.run_once()
+    assert len(fake.requests_to("/api/v4/webhooks", "GET")) >= 2
+    assert result.subscription == "re-enabled" and not fake.webhooks[0]["disabled"]
+
+
 def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
     [lead] = new_leads(fake, crm, 1)
     access, refresh = fake.issue_tokens(admin=False)
