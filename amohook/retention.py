@@ -222,27 +222,11 @@ def prune_by_hand(store: Store, keep: float, *, dry_run: bool = False) -> PruneR
         return prune(store, keep=keep, dry_run=True)
     owner = leases.new_owner()
     if not leases.try_acquire(LEASE, owner, LEASE_TTL):
-        raise PruneBusy(busy_message(LEASE, "pruning"))
+        raise PruneBusy(f"{leases.describe_busy(LEASE, 'pruning')} — try again later")
     try:
         return prune(store, keep=keep)
     finally:
         leases.release(LEASE, owner)
-
-
-def busy_message(name: str, doing: str) -> str:
-    """Who holds lease ``name`` and until when, for a one-line refusal."""
-    info = leases.holder_info(name)
-    if info is None:  # released (or run out) just now
-        return f"another amohook process was {doing} a moment ago — try again"
-    holder, left = info
-    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + left))
-    who = holder.rsplit(":", 2)[0]
-    if leases.owner_gone(holder):
-        return (
-            f"the '{name}' lease is held until {until} by process {who.split(':')[1]} of this host, which is no "
-            "longer running (killed?) — try again after that time"
-        )
-    return f"another amohook process ({who}) is {doing}; its '{name}' lease runs out at {until} — try again later"
 
 
 class Pruner:
