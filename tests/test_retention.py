@@ -331,3 +331,25 @@ def test_doctor_names_only_events_that_can_be_replayed(store):
     assert f"amohook events replay {kept}`" in doctor.stdout, doctor.stdout
     assert "999999" not in doctor.stdout and "1 of their events were pruned already" in doctor.stdout
     assert run_cli(["events", "replay", str(kept)], store.url).returncode == 0
+
+
+def test_doctor_warns_rather_than_fails_for_failed_actions_nothing_can_retry(store):
+    with store.write():
+        Action.create(key="x", account="example", rule="r", event_id=424242, kind="create_task", status="failed")
+    doctor = run_cli(["doctor"], store.url)
+    line = next(line for line in doctor.stdout.splitlines() if "failed actions" in line)
+    assert line.startswith("!"), doctor.stdout
+    assert "replay 424242" not in doctor.stdout and "cannot be retried" in doctor.stdout
+
+
+def test_doctors_replay_command_for_many_events_runs_as_shown(store):
+    ids = stored(store, 12, age=DAY)
+    with store.write():
+        for event_id in ids:
+            Action.create(
+                key=f"m{event_id}", account="example", rule="r", event_id=event_id, kind="create_task", status="failed"
+            )
+    doctor = run_cli(["doctor"], store.url)
+    command = doctor.stdout.split("`amohook events replay ", 1)[1].split("`", 1)[0]
+    assert "…" not in command and "(the first 10 of 12)" in doctor.stdout
+    assert run_cli(["events", "replay", *command.split()], store.url).returncode == 0
