@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
 
-from amohook.rules.changes import LeadChange, as_int
+from amohook.rules.changes import LeadChange
 from amohook.rules.compile import CompiledRule
 
 
@@ -66,45 +64,6 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: st
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def render(template: str, values: dict[str, Any]) -> str:
-    ns: dict[str, SimpleNamespace] = {}
-    for dotted, value in values.items():
-        head, attr = dotted.split(".", 1)
-        ns.setdefault(head, SimpleNamespace())
-        setattr(ns[head], attr, "" if value is None else value)
-    return template.format_map(ns)
-
-
-def responsible_of(rule_user: int | None, change: LeadChange, lead: dict | None) -> int | None:
-    """The user an action is for: the rule's, else the lead's (from the hook, else from amoCRM)."""
-    return rule_user or change.responsible_user_id or as_int((lead or {}).get("responsible_user_id"))
-
-
-def template_values(rule: CompiledRule, change: LeadChange, lead: dict | None, responsible: int | None) -> dict:
-    lead = lead or {}
-    name = change.name if change.name is not None else lead.get("name")
-    price = change.price if change.price is not None else lead.get("price")
-    return {
-        "lead.id": change.lead_id,
-        "lead.name": name or "",
-        "lead.price": price if price not in (None, "") else "",
-        "pipeline.id": change.pipeline_id or "",
-        "pipeline.name": rule.pipeline_name or "",
-        "stage.id": change.status_id or "",
-        "stage.name": rule.stage_names.get((change.pipeline_id, change.status_id), ""),
-        "from_stage.id": change.old_status_id or "",
-        "from_stage.name": rule.stage_names.get(
-            (change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""
-        ),
-        "responsible.id": responsible or "",
-        "responsible.name": rule.user_names.get(responsible, "") if responsible else "",
-        "account.subdomain": rule.account,
-        "rule.name": rule.name,
-        "task.id": change.task_id or "",
-        "task.text": change.task_text or "",
-    }
-
-
 def plan_actions(rule: CompiledRule, change: LeadChange, ctx: PlanContext) -> tuple[list[PlannedAction], list[str]]:
     """Every action this rule takes for this change, and why any it cannot take was left out."""
     from amohook.actions import kinds
@@ -126,21 +85,3 @@ def needs_lead(rule: CompiledRule, change: LeadChange) -> bool:
 
     registry = kinds()
     return any(registry[k].needs_lead(rule, a, change) for k, a in rule.actions)
-
-
-def needs_fields(change: LeadChange, fields: set[str], rule_user: int | None = None) -> bool:
-    """Do these template placeholders ask for what the change does not carry?"""
-    return (
-        change.name is None
-        and bool({"lead.name", "lead.price"} & fields)
-        or (
-            rule_user is None
-            and change.responsible_user_id is None
-            and bool({"responsible.id", "responsible.name"} & fields)
-        )
-    )
-
-
-def rule_user(rule: CompiledRule) -> int | None:
-    """The user a rule names for its actions (a task's ``responsible``), if any."""
-    return next((u for _, a in rule.actions if (u := getattr(a, "responsible_user_id", None))), None)
