@@ -11,8 +11,8 @@ import time
 import pytest
 
 from amohook.actions import ActionSender, kinds, record_planned
+from amohook.actions.base import PlannedTask
 from amohook.amocrm.client import client_for
-from amohook.rules import PlannedTask
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amohook.actions.base import CreateKind
-from amohook.rules.plan import PlannedAction, action_key
+from amohook.actions.base import CreateKind, PlannedAction, action_key
 from amohook.rules.template import (
     check_template,
     needs_fields,

@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from amohook.actions.base import ActionKind
-from amohook.rules.plan import PlannedAction, action_key
+from amohook.actions.base import ActionKind, PlannedAction, action_key
 from amohook.rules.template import check_template, render, responsible_of, rule_user, template_values
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")

@@ -18,9 +18,6 @@ from amohook.rules.compile import (
 from amohook.rules.match import condition_holds, matches, might_match, needs_lead_state, trigger_of
 from amohook.rules.plan import (
     PlanContext,
-    PlannedAction,
-    PlannedTask,
-    action_key,
     needs_lead,
     plan_actions,
 )
@@ -65,11 +62,8 @@ __all__ = [
     "Condition",
     "LeadChange",
     "PlanContext",
-    "PlannedAction",
-    "PlannedTask",
     "RuleSpec",
     "RulesError",
-    "action_key",
     "as_int",
     "check_template",
     "compile_rules",
