@@ -14,7 +14,6 @@ from amohook.actions.sender import (
     ActionSender,
     SendStats,
     backoff,
-    definitely_refused,
     record_planned,
 )
 
@@ -26,7 +25,6 @@ __all__ = [
     "ActionSender",
     "SendStats",
     "backoff",
-    "definitely_refused",
     "kind_names",
     "kinds",
     "lead_changing_kinds",

@@ -20,9 +20,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from amohook.actions.sender import definitely_refused
 from amohook.amocrm.leads import fetch_leads
-from amohook.errors import AmoApiError, ValidationFailed
+from amohook.errors import AmoApiError, ValidationFailed, definitely_refused
 from amohook.store.models import Action
 
 if TYPE_CHECKING:

@@ -37,7 +37,6 @@ import requests
 
 from amohook.actions.registry import kinds
 from amohook.errors import (
-    AmoApiError,
     AmohookError,
     AmoTemporaryError,
     RateLimited,
@@ -105,12 +104,6 @@ def record_planned(
 def backoff(attempt: int) -> float:
     """The sender's retry delay: the project's one policy (``amohook.retry.ACTIONS``)."""
     return ACTIONS.delay(attempt)
-
-
-def definitely_refused(exc: BaseException) -> bool:
-    """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
-    status = getattr(exc, "status", None)
-    return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
 
 
 @dataclass
