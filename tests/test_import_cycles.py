@@ -70,3 +70,8 @@ def test_a_cycle_only_under_type_checking_does_not_count(tmp_path: Path) -> None
     result = _run(package)
     assert result.returncode == 0, result.stdout
     assert result.stdout == ""
+
+
+def test_amohook_has_no_import_cycle() -> None:
+    result = _run(ROOT / "amohook")
+    assert result.returncode == 0, result.stdout
