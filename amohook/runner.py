@@ -220,7 +220,7 @@ class Runner:
                 self.reconciler = Reconciler(self.store, self.reconcile_every)
                 self.reconciler.start(self._background)
         if self.keep is not None:
-            from amohook.retention import Pruner
+            from amohook.ops.retention import Pruner
 
             Pruner(self.store, self.keep).start(self._background)
         self._started = True

@@ -277,7 +277,7 @@ def test_a_missing_sqlite_file_is_reported_not_created(tmp_path):
 def test_little_disk_space_beside_an_sqlite_store_fails(store, fake, healthy, monkeypatch):
     if not store.is_sqlite:
         pytest.skip("disk space is checked beside an SQLite store only")
-    from amohook import doctor as doc
+    from amohook.ops import doctor as doc
 
     checks = doc.run_checks(store, rules_path=healthy["rules"])
     assert [c.name for c in checks if not c.ok] == []

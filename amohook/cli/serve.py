@@ -108,7 +108,7 @@ def reconcile_interval(option: str | None, has_work: bool) -> float | None:
 def keep_seconds(keep: str) -> float | None:
     """--keep as seconds (None: off), checked before anything starts."""
     from amohook.errors import ConfigError
-    from amohook.retention import MIN_KEEP
+    from amohook.ops.retention import MIN_KEEP
     from amohook.settings import parse_duration
 
     seconds = parse_duration(keep, option="--keep")
@@ -165,10 +165,10 @@ def serve(
     import os
 
     from amohook.errors import ConfigError
+    from amohook.ops.status_page import check_status_password
     from amohook.runner import Runner, stop_on_signals
     from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
     from amohook.webhooks.server import ServerConfig, check_secret
-    from amohook.webhooks.status_page import check_status_password
 
     config = ServerConfig(
         secret=check_secret(secret_from(secret, ENV_WEBHOOK_SECRET)),

@@ -8,7 +8,7 @@ committed. Storing is handed to one writer thread that commits many requests per
 (``inbox.GroupCommitter``); processing happens later, in the worker.
 
 Routes: ``POST /webhook/<secret>``, ``GET /healthz``, ``GET /oauth/callback``, and with a password
-``GET /status`` and ``GET /metrics`` (webhooks/status_page.py); anything else 404/405, answered by
+``GET /status`` and ``GET /metrics`` (ops/status_page.py); anything else 404/405, answered by
 the event loop from the request line without taking a thread (``WebhookHTTPServer.route_head``).
 Only a webhook with the right secret may take any handler thread; the other routes share a few.
 """
@@ -30,8 +30,8 @@ from urllib.parse import parse_qs
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, describe
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
+from amohook.ops import health, metrics, status_page
 from amohook.redact import redact_target
-from amohook.webhooks import health, metrics, status_page
 from amohook.webhooks.http_server import TRUSTED, UNTRUSTED, Answer, HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
@@ -260,7 +260,7 @@ class _Handler(HardenedRequestHandler):
         return body
 
     def _healthz(self) -> None:
-        # From memory only (webhooks/health.py): no database connection per request.
+        # From memory only (ops/health.py): no database connection per request.
         status, payload = health.answer(
             self.server.committer, self.server.queue_watch, connections=self.server.open_connections()
         )

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 import peewee
 
-from amohook import doctor, inbox
+from amohook import inbox
+from amohook.ops import doctor
+from amohook.ops.reader import OnDemandReader, Unreadable
 from amohook.store.models import Account, Action, Event
-from amohook.webhooks.reader import OnDemandReader, Unreadable
 
 if TYPE_CHECKING:  # for the annotations only: overview must stay cheap to import
     from amohook.reconcile import AccountReconcileStatus
