@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
 
 if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
-    from amohook.reconcile import Reconciler
+    from amohook.recovery.reconcile import Reconciler
     from amohook.store import Store
     from amohook.webhooks.server import WebhookService
 
@@ -79,7 +79,7 @@ def build_registry(
         sender = ActionSender(store, client, log=logging.getLogger("amohook.actions").warning)
         registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
     elif journal and handlers:
-        from amohook.changes import ChangeJournal
+        from amohook.recovery.identity import ChangeJournal
 
         assert store is not None  # checked above
         registry.register("amohook.changes", ChangeJournal(store))
@@ -215,7 +215,7 @@ class Runner:
         if self.workers:
             self._sender_thread = self._start_sender()
             if self.reconcile_every is not None:
-                from amohook.reconcile import Reconciler
+                from amohook.recovery.reconcile import Reconciler
 
                 self.reconciler = Reconciler(self.store, self.reconcile_every)
                 self.reconciler.start(self._background)
@@ -287,7 +287,7 @@ class Runner:
         (`amohook worker --once`). ``reconcile`` first queues what amoCRM's events log has that
         no webhook brought."""
         if reconcile:
-            from amohook.reconcile import Reconciler
+            from amohook.recovery.reconcile import Reconciler
 
             Reconciler(self.store, self.reconcile_every or 300.0).run_once()
         stop = stop or self._stop

@@ -15,9 +15,9 @@ import pytest
 from amohook.amocrm.client import client_for
 from amohook.errors import ExitCode
 from amohook.inbox import Incoming, store_deliveries
+from amohook.recovery.watchdog import remember
 from amohook.store.models import Account, Action, Event, ReconcileState, SchemaVersion
 from amohook.sync import sync_entities
-from amohook.watchdog import remember
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import run_cli
 from tests.test_rules_e2e import RULES

@@ -78,7 +78,7 @@ def reconcile(
 ):
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
     from amohook.amocrm.client import client_for
-    from amohook.reconcile import reconcilable_accounts, reconcile_account
+    from amohook.recovery.reconcile import reconcilable_accounts, reconcile_account
     from amohook.settings import parse_duration
 
     since_s = parse_duration(since, option="--since") or 3600
@@ -181,7 +181,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     """The account's webhook destinations, their events and whether amoCRM switched them off."""
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import list_webhooks
-    from amohook.watchdog import destination_sha, redact_destination, watched
+    from amohook.recovery.watchdog import destination_sha, redact_destination, watched
 
     store = state(ctx).store()
     account = _account(subdomain)
@@ -230,7 +230,7 @@ def webhooks_subscribe(
     """Subscribe URL to amoCRM's webhooks (an existing destination is updated); the watchdog then looks after it."""
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import subscribe
-    from amohook.watchdog import redact_destination, remember
+    from amohook.recovery.watchdog import redact_destination, remember
 
     url = _check_url(url)
     codes = _parse_events(events) if events else (_rules_events(rules) if rules else list(DEFAULT_EVENTS))
@@ -259,7 +259,7 @@ def webhooks_unsubscribe(
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import unsubscribe
     from amohook.errors import ConfigError
-    from amohook.watchdog import forget, redact_destination
+    from amohook.recovery.watchdog import forget, redact_destination
 
     url = _check_url(url)
     store = state(ctx).store()
@@ -276,7 +276,7 @@ def webhooks_unsubscribe(
 
 def reconcile_rows(now: float) -> list[dict]:
     """Per account, what `status` shows about reconciliation and the subscriptions."""
-    from amohook.reconcile import reconcile_status
+    from amohook.recovery.reconcile import reconcile_status
     from amohook.store.models import Account
 
     rows = []

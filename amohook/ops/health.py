@@ -77,7 +77,7 @@ class QueueWatch:
 
 
 def _reconciliation(now: float) -> list[dict]:
-    from amohook.reconcile import reconcile_status
+    from amohook.recovery.reconcile import reconcile_status
     from amohook.store.models import Account
 
     rows = []
