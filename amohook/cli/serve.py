@@ -166,7 +166,7 @@ def serve(
 
     from amohook.errors import ConfigError
     from amohook.ops.status_page import check_status_password
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
     from amohook.webhooks.server import ServerConfig, check_secret
 
@@ -183,7 +183,7 @@ def serve(
     log = logging.getLogger("amohook.serve")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],
@@ -250,14 +250,14 @@ def worker(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],

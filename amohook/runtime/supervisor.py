@@ -1,14 +1,14 @@
 """What `amohook serve` and `amohook worker` run, wired together and importable without the CLI.
 
-A ``Runner`` holds the store, the handlers (the rules and/or your functions), the task sender,
+A ``Supervisor`` holds the store, the handlers (the rules and/or your functions), the task sender,
 the worker threads, the background reconciliation and pruning, and — when given a
 ``ServerConfig`` — the webhook listener. The CLI parses options and prints; everything else is
 here, so another Python program runs the rules in a few lines::
 
-    from amohook import Runner, open_store, stop_on_signals
+    from amohook import Supervisor, open_store, stop_on_signals
 
     store = open_store("sqlite:////var/lib/amohook/amohook.db")
-    Runner(store, rules="rules.toml").run_until(stop_on_signals())
+    Supervisor(store, rules="rules.toml").run_until(stop_on_signals())
 
 Processing is at least once and actions are keyed (see the README's guarantees); stopping lets a
 running handler finish and releases what was claimed but not started.
@@ -97,7 +97,7 @@ def _handler_name(fn: Callable[..., Any]) -> str:
 
 
 class StopEvent(threading.Event):
-    """Set by SIGTERM/SIGINT (``signal`` names which), by ``Runner.stop`` or by a failing worker."""
+    """Set by SIGTERM/SIGINT (``signal`` names which), by ``Supervisor.stop`` or by a failing worker."""
 
     signal: str | None = None
 
@@ -125,7 +125,7 @@ def stop_on_signals() -> StopEvent:
     return stop
 
 
-class Runner:
+class Supervisor:
     """The handlers, the sender, the workers, reconciliation, pruning and (optionally) the listener.
 
     ``rules`` is a rules file (TOML); ``handlers`` are ``"package.module:function"`` strings or
@@ -199,7 +199,7 @@ class Runner:
     def reconciling(self) -> bool:
         return self.reconciler is not None
 
-    def start(self) -> Runner:
+    def start(self) -> Supervisor:
         """Start everything in the background; returns at once. ``OSError``: cannot listen."""
         from amohook.webhooks.server import WebhookService
 
