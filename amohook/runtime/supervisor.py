@@ -63,7 +63,7 @@ def build_registry(
         from amohook.actions import ActionSender
         from amohook.amocrm.client import client_for
         from amohook.rules import load_and_compile
-        from amohook.rules_handler import RulesHandler
+        from amohook.rules.handler import RulesHandler
 
         assert store is not None  # checked above
         compiled = load_and_compile(str(rules))
