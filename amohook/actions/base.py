@@ -45,9 +45,6 @@ class PlannedAction:
     skip_reason: str | None = None  # recorded as ``skipped`` with this reason, never sent
 
 
-PlannedTask = PlannedAction  # the name before actions had kinds
-
-
 def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: str = "") -> str:
     """One key per (rule, lead, change); ``suffix`` tells action kinds apart (tasks have none).
 
