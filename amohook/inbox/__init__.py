@@ -42,7 +42,6 @@ from amohook.inbox.receive import (
     store_in_txn,
     unmask,
     useful_headers,
-    write_txn,
 )
 
 __all__ = [
@@ -80,5 +79,4 @@ __all__ = [
     "store_in_txn",
     "unmask",
     "useful_headers",
-    "write_txn",
 ]
