@@ -13,7 +13,6 @@ from amohook.actions.sender import (
     MAX_ATTEMPTS,
     ActionSender,
     SendStats,
-    backoff,
     record_planned,
 )
 
@@ -24,7 +23,6 @@ __all__ = [
     "MAX_ATTEMPTS",
     "ActionSender",
     "SendStats",
-    "backoff",
     "kind_names",
     "kinds",
     "lead_changing_kinds",

@@ -101,11 +101,6 @@ def record_planned(
     return len(fresh)
 
 
-def backoff(attempt: int) -> float:
-    """The sender's retry delay: the project's one policy (``amohook.retry.ACTIONS``)."""
-    return ACTIONS.delay(attempt)
-
-
 @dataclass
 class SendStats:
     posts: int = 0
@@ -231,7 +226,7 @@ class ActionSender:
                 if attempts >= self.max_attempts:
                     self.fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                     continue
-                delay = wait if wait is not None else backoff(attempts)
+                delay = wait if wait is not None else ACTIONS.delay(attempts)
                 Action.update(
                     status="sending" if maybe_sent else "pending",
                     attempts=attempts,
