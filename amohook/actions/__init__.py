@@ -8,7 +8,6 @@ and hands each batch to its kind.
 from amohook.actions.registry import kind_names, kinds, lead_changing_kinds, noun
 from amohook.actions.sender import (
     BATCH_SIZE,
-    HUMAN_WAIT,
     LEASE_SECONDS,
     MAX_ATTEMPTS,
     ActionSender,
@@ -18,7 +17,6 @@ from amohook.actions.sender import (
 
 __all__ = [
     "BATCH_SIZE",
-    "HUMAN_WAIT",
     "LEASE_SECONDS",
     "MAX_ATTEMPTS",
     "ActionSender",

@@ -56,7 +56,6 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 LEASE_SECONDS = 300.0
 MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
-HUMAN_WAIT = PERSON_WAIT  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
 def record_planned(
@@ -273,7 +272,7 @@ class ActionSender:
         elif isinstance(exc, RateLimited):
             self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
         elif needs_person(exc):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
+            self.later(actions, message, maybe_sent=maybe_sent, wait=PERSON_WAIT, counts=False)
             self.stats.errors.append(message)
         else:
             self.later(actions, message, maybe_sent=maybe_sent, counts=counts)
