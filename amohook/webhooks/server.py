@@ -87,12 +87,6 @@ def check_secret(secret: str | None) -> str:
     return secret
 
 
-def _redact(target: object, secret: str | None) -> str:
-    """The request target as the log may show it: never the secret, nor anything after a path
-    segment like ``webhook`` (a proxy prefix, a typo, %2F, absolute form), never the query."""
-    return redact_target(target, secret)
-
-
 # The OAuth page: the address carries a one-time code, so keep it out of caches and other sites'
 # logs (Cache-Control, Referrer-Policy); the page loads nothing, runs nothing and is never framed
 # (its one inline style attribute is all the CSP allows).
@@ -115,7 +109,7 @@ def log_answer(client_ip: str, command: str, target: str, code: object, secret: 
     level = logging.DEBUG if code in (100, 200) else logging.INFO
     if log.isEnabledFor(level):
         command = redact_target(command or "-", secret, limit=24)
-        log.log(level, "%s %s %s %s", client_ip, command, _redact(target, secret), code)
+        log.log(level, "%s %s %s %s", client_ip, command, redact_target(target, secret), code)
 
 
 _NOT_FOUND = Answer(404, "not found\n")
@@ -150,7 +144,7 @@ class _Handler(HardenedRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         if log.isEnabledFor(logging.DEBUG):  # the standard library's messages may quote the request line
-            log.debug("%s %s", self.client_address[0], _redact(format % args, self.server.config.secret))
+            log.debug("%s %s", self.client_address[0], redact_target(format % args, self.server.config.secret))
 
     # -- routes -------------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -164,7 +158,7 @@ class _Handler(HardenedRequestHandler):
             log.exception(
                 "unexpected error answering %s %s",
                 redact_target(self.command, secret, limit=24),
-                _redact(self.path, secret),
+                redact_target(self.path, secret),
             )
             self._reply_quietly(500, "internal error\n")
 
