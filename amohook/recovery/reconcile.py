@@ -286,7 +286,7 @@ def reconcile_account(
             result.read += len(page)
             leases.renew(name, owner, PASS_LEASE_TTL)  # a long backlog must not let a second pass start
             todo += _unknown(account, page, result)
-            # Queue as soon as a lead read's worth is waiting: workers and the task sender start on
+            # Queue as soon as a lead read's worth is waiting: workers and the action sender start on
             # the first changes while the rest of the window is still being read.
             while len(todo) >= LEAD_BATCH:
                 result.queued += _recover(store, client, account, todo[:LEAD_BATCH], result, clock)

@@ -1,6 +1,6 @@
 """What `amohook serve` and `amohook worker` run, wired together and importable without the CLI.
 
-A ``Supervisor`` holds the store, the handlers (the rules and/or your functions), the task sender,
+A ``Supervisor`` holds the store, the handlers (the rules and/or your functions), the action sender,
 the worker threads, the background reconciliation and pruning, and — when given a
 ``ServerConfig`` — the webhook listener. The CLI parses options and prints; everything else is
 here, so another Python program runs the rules in a few lines::
@@ -47,7 +47,7 @@ def build_registry(
     journal: bool = False,
     search_dir: str | None = None,
 ):
-    """The handler registry, and the task sender when there are rules (else None).
+    """The handler registry, and the action sender when there are rules (else None).
 
     Invalid rules or a handler that cannot be imported raise here (``ConfigError``), before
     anything starts. ``journal`` records lead changes for reconciliation when only handlers run.

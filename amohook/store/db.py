@@ -82,7 +82,7 @@ class Store:
         What workers write (attempts, statuses, recorded actions) can be derived again: events are
         processed at least once and actions are keyed. With WAL, synchronous=NORMAL still survives a
         crash of the process; only a power cut can roll back the last commits, and the next FULL
-        commit (the listener's, the task sender's) makes everything before it durable. The setting
+        commit (the listener's, the action sender's) makes everything before it durable. The setting
         is per connection, so the listener keeps synchronous=FULL for what it acknowledges.
         """
         if self.is_sqlite:
