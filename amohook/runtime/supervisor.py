@@ -130,7 +130,7 @@ class Supervisor:
 
     ``rules`` is a rules file (TOML); ``handlers`` are ``"package.module:function"`` strings or
     callables ``fn(event, ctx)``. ``listen`` (a ``webhooks.server.ServerConfig``) adds the webhook
-    listener, as `amohook serve`; without it the runner only processes, as `amohook worker`.
+    listener, as `amohook serve`; without it the supervisor only processes, as `amohook worker`.
     ``reconcile_every`` and ``keep`` are seconds (None: off). Nothing starts until ``start``;
     invalid rules raise in the constructor.
     """
