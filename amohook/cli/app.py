@@ -40,7 +40,8 @@ def root(
             "--db-url",
             envvar="AMOHOOK_DB_URL",
             help="Database URL: sqlite:///PATH, mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB. "
-            "Default: an SQLite file in the per-user data directory.",
+            "Default: amohook.db in $AMOHOOK_DATA_DIR, else in systemd's $STATE_DIRECTORY, else in the per-user "
+            "data directory.",
             show_envvar=True,
         ),
     ] = None,
