@@ -78,7 +78,7 @@ def reconcile(
 ):
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
     from amohook.amocrm.client import client_for
-    from amohook.reconcile import reconcilable_accounts, reconcile_account
+    from amohook.recovery.reconcile import reconcilable_accounts, reconcile_account
     from amohook.settings import parse_duration
 
     since_s = parse_duration(since, option="--since") or 3600
@@ -211,7 +211,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     """The account's webhook destinations, their events and whether amoCRM switched them off."""
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import list_webhooks
-    from amohook.watchdog import destination_sha, redact_destination, watched
+    from amohook.recovery.watchdog import destination_sha, redact_destination, watched
 
     store = state(ctx).store()
     account = _account(subdomain)
@@ -274,7 +274,7 @@ def webhooks_subscribe(
     """Subscribe URL to amoCRM's webhooks (an existing destination is updated); the watchdog then looks after it."""
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import subscribe
-    from amohook.watchdog import redact_destination, remember
+    from amohook.recovery.watchdog import redact_destination, remember
 
     if url is None:
         from amohook.webhooks.secret import check_public_url
@@ -307,7 +307,7 @@ def webhooks_unsubscribe(
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import unsubscribe
     from amohook.errors import ConfigError
-    from amohook.watchdog import forget, redact_destination
+    from amohook.recovery.watchdog import forget, redact_destination
 
     url = _check_url(ctx, url)
     store = state(ctx).store()
@@ -324,7 +324,7 @@ def webhooks_unsubscribe(
 
 def reconcile_rows(now: float) -> list[dict]:
     """Per account, what `status` shows about reconciliation and the subscriptions."""
-    from amohook.reconcile import reconcile_status
+    from amohook.recovery.reconcile import reconcile_status
     from amohook.store.models import Account
 
     rows = []

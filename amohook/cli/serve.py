@@ -108,7 +108,7 @@ def reconcile_interval(option: str | None, has_work: bool) -> float | None:
 def keep_seconds(keep: str) -> float | None:
     """--keep as seconds (None: off), checked before anything starts."""
     from amohook.errors import ConfigError
-    from amohook.retention import MIN_KEEP
+    from amohook.ops.retention import MIN_KEEP
     from amohook.settings import parse_duration
 
     seconds = parse_duration(keep, option="--keep")
@@ -166,10 +166,10 @@ def serve(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.ops.status_page import check_status_password
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
     from amohook.webhooks.server import ServerConfig, check_secret
-    from amohook.webhooks.status_page import check_status_password
 
     explicit = secret_from(secret, ENV_WEBHOOK_SECRET)
     if explicit is not None:
@@ -195,7 +195,7 @@ def serve(
         status_password=status_password,
     )
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],
@@ -268,14 +268,14 @@ def worker(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],

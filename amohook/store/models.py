@@ -248,7 +248,7 @@ class Action(BaseModel):
 
 
 class ChangeSeen(BaseModel):
-    """One lead change as amohook first saw it, whichever way it came (see ``amohook.changes``).
+    """One lead change as amohook first saw it, whichever way it came (see ``amohook.recovery.identity``).
 
     A change may arrive as a timed webhook (``hook_at`` = its last_modified), as a webhook without
     a time (Digital Pipeline; ``untimed_at`` = when it was received) and as an events-log entry
