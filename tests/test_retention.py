@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from amohook.inbox import Incoming, store_deliveries
-from amohook.retention import DEAD_KEEP, EXACTLY_ONCE, prune
+from amohook.ops.retention import DEAD_KEEP, EXACTLY_ONCE, prune
 from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import run_cli
@@ -164,7 +164,7 @@ def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path
 
 
 def test_the_background_pruner_prunes_and_stops(store):
-    from amohook.retention import Pruner
+    from amohook.ops.retention import Pruner
 
     stored(store, 5, age=40 * DAY)
     stop = threading.Event()
@@ -303,7 +303,7 @@ def test_an_event_with_a_failed_action_stays_so_doctors_replay_works(store):
 
 
 def test_prune_by_hand_waits_its_turn_and_names_the_holder(store):
-    from amohook.retention import LEASE
+    from amohook.ops.retention import LEASE
     from amohook.store import lease as leases
 
     stored(store, 2, age=40 * DAY)

@@ -189,7 +189,7 @@ def test_failed_passwords_are_slowed_down_per_address_and_summed_up_in_the_log(s
 
 
 def test_the_throttle_doubles_the_bar_forgets_quiet_addresses_and_bounds_its_memory():
-    from amohook.webhooks.throttle import LoginThrottle, client_key
+    from amohook.ops.throttle import LoginThrottle, client_key
 
     now = [1000.0]
     throttle = LoginThrottle(free=3, max_delay=8, quiet=100, max_clients=5, clock=lambda: now[0])

@@ -29,7 +29,7 @@ def prune(
     One prune at a time across the database (serve's and worker's hourly pruning too): while
     another holds the lease this exits 4 naming the holder and when its lease runs out."""
     from amohook.errors import ConfigError
-    from amohook.retention import MIN_KEEP, prune_by_hand
+    from amohook.ops.retention import MIN_KEEP, prune_by_hand
     from amohook.settings import parse_duration
 
     keep = parse_duration(older_than, option="--older-than")

@@ -107,13 +107,13 @@ def check_subscriptions(
                 if hook is None and sub.removed_at is not None:
                     on = _re_add(store, client, account, sub, events)
                 elif hook is None:
-                    problems.append(f"{_redact(sub.destination)} is missing (removed in amoCRM?)")
+                    problems.append(f"{redact_destination(sub.destination)} is missing (removed in amoCRM?)")
                     state = "missing"
                     log.warning(
                         "watchdog for '%s': the subscription %s is gone from amoCRM — run "
                         "`amohook webhooks subscribe` again if it should exist",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                     continue
                 elif not hook.disabled:
@@ -123,7 +123,7 @@ def check_subscriptions(
                         "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
                         "deliveries); switching it back on",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                     on = _switch_on(store, client, sub, events or list(hook.events))
                 if on:
@@ -133,16 +133,16 @@ def check_subscriptions(
                     log.warning(
                         "watchdog for '%s': %s is on again; reconciliation brings what it missed",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                 else:
                     state = "disabled"
-                    problems.append(f"{_redact(sub.destination)} stays switched off")
+                    problems.append(f"{redact_destination(sub.destination)} stays switched off")
                     log.error(
                         "watchdog for '%s': %s stays switched off after re-subscribing — check the "
                         "listener and switch it on in amoCRM's settings",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
             note = "; ".join(problems) or None
     with store.write():
@@ -168,7 +168,7 @@ def _re_add(store: Store, client, account: str, sub: Subscription, events: list[
         "watchdog for '%s': %s is gone since amohook removed it to switch it back on (adding it again failed); "
         "adding it again",
         account,
-        _redact(sub.destination),
+        redact_destination(sub.destination),
     )
     subscribe(client, sub.destination, events)
     _mark_removed(store, sub, None)
@@ -198,13 +198,9 @@ def _is_on(hooks, destination: str) -> bool:
     return any(h.destination == destination and not h.disabled for h in hooks)
 
 
-def _redact(destination: str) -> str:
+def redact_destination(destination: str) -> str:
     """A destination for logs and output: amohook's own carry the webhook secret after /webhook/,
     and any query string may carry a token; both are cut."""
-    return redact_destination(destination)
-
-
-def redact_destination(destination: str) -> str:
     base = destination.split("?", 1)[0].split("#", 1)[0]
     parts = base.split("/")
     for i, part in enumerate(parts):

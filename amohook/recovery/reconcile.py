@@ -3,7 +3,7 @@
 A webhook amoCRM gave up on (about 20 minutes of no answer, about 95 of 5xx; a Digital Pipeline
 hook is sent once) is lost for good, but the change stays in the events log
 (``GET /api/v4/events``, amoCRM docs: crm_platform/events-and-notes). A pass reads the log since a
-stored cursor, skips what amohook already knows (``amohook.changes``), and queues the rest as
+stored cursor, skips what amohook already knows (``amohook.recovery.identity``), and queues the rest as
 events of the same entity and action as their webhook, marked ``source = "events_log"``. The
 worker and the rules then treat them like webhooks, and the change registry makes one effect of
 a change seen both ways.
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from amohook.changes import Sighting, describe, is_known
+from amohook.recovery.identity import Sighting, describe, is_known
 from amohook.rules import lead_changes
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
@@ -309,7 +309,7 @@ def reconcile_account(
             result.read += len(page)
             leases.renew(name, owner, PASS_LEASE_TTL)  # a long backlog must not let a second pass start
             todo += _unknown(account, page, result)
-            # Queue as soon as a lead read's worth is waiting: workers and the task sender start on
+            # Queue as soon as a lead read's worth is waiting: workers and the action sender start on
             # the first changes while the rest of the window is still being read.
             while len(todo) >= LEAD_BATCH:
                 result.queued += _recover(store, client, account, todo[:LEAD_BATCH], result, clock)
@@ -317,7 +317,7 @@ def reconcile_account(
         if todo:
             result.queued += _recover(store, client, account, todo, result, clock)
         if watchdog:
-            from amohook.watchdog import check_subscriptions
+            from amohook.recovery.watchdog import check_subscriptions
 
             try:
                 result.subscription, result.subscription_note = check_subscriptions(store, client, account, clock=clock)
@@ -385,7 +385,7 @@ class AccountReconcileStatus:
 
 def reconcile_status(account: str, now: float) -> AccountReconcileStatus:
     """What `status` and /healthz show about reconciliation for one account."""
-    from amohook.changes import recovered_since
+    from amohook.recovery.identity import recovered_since
 
     row = ReconcileState.get_or_none(ReconcileState.account == account)
     cursor = row.cursor if row else None
