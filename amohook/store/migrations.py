@@ -63,6 +63,15 @@ def _v3_reconciliation(store: Store) -> None:
     _add_missing_indexes(store, models.Event, models.Action)
 
 
+def _v7_field_options(store: Store) -> None:
+    """custom_field.enums: the options of select fields, for `rules check` (a fresh v1 already has it).
+
+    Version 7, not 4: versions 4 to 6 are taken by work on other branches; the versions run in
+    order and each is recorded on its own, so a gap is harmless.
+    """
+    _add_columns(store, 7, models.CustomField, "enums")
+
+
 def _add_columns(store: Store, version: int, model: type[models.BaseModel], *names: str) -> None:
     """Add the model's columns ``names`` where they are missing; the table itself must be there."""
     from playhouse.migrate import SchemaMigrator
@@ -102,6 +111,7 @@ MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (1, _v1_initial),
     (2, _v2_refresh_marker),
     (3, _v3_reconciliation),
+    (7, _v7_field_options),
 ]
 LATEST = MIGRATIONS[-1][0]
 
