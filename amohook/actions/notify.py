@@ -16,9 +16,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
+from requests.models import PreparedRequest
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from amohook.actions.base import ActionKind
 from amohook.rules.plan import PlannedAction, action_key, render, responsible_of, rule_user, template_values
@@ -26,6 +28,7 @@ from amohook.rules.spec import check_template
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+_ODD = re.compile(r"[\\\s\x00-\x1f\x7f]")
 MAX_TEMPLATE_BYTES = 16 * 1024  # the json table as written
 MAX_BODY_BYTES = 64 * 1024  # the message as sent, templates filled in
 TIMEOUT = (5.0, 15.0)  # connect, read
@@ -39,12 +42,22 @@ class NotifySpec:
 
 
 def url_problem(url: str) -> str | None:
-    """Why this URL is refused, without repeating it (it may hold a secret); None when fine."""
+    """Why this URL is refused, without repeating it (it may hold a secret); None when fine.
+
+    The URL is read the way requests reads it when it sends (``prepare_url``, urllib3's
+    ``parse_url``), so the host checked is the host connected to: ``urlsplit`` and urllib3 disagree
+    on ``http://a\\@b/`` (b for one, a for the other). A backslash, a space or a control
+    character is refused outright: no correct URL needs one.
+    """
+    if not isinstance(url, str) or _ODD.search(url):
+        return "holds a backslash, a space or a control character — write the URL plainly"
     try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname
-    except ValueError:
-        return "is not a URL"
+        prepared = PreparedRequest()
+        prepared.prepare_url(url, None)
+        parts = parse_url(prepared.url or "")
+    except (requests.RequestException, LocationParseError, ValueError):
+        return "is not a URL (write https://host/path)"
+    host = (parts.host or "").strip("[]").lower()
     if not host:
         return "is not a URL (write https://host/path)"
     if parts.scheme == "https":
