@@ -73,3 +73,27 @@ def test_the_formatter_redacts_messages_exceptions_and_known_secrets():
     assert SECRET not in out and SECRET.upper() not in out
     assert "\x1b" not in out and "\\x1b[31m" in out
     assert "Traceback" in out and "\n" in out  # a traceback keeps its lines
+
+
+@pytest.mark.parametrize(
+    "destination, shown",
+    [
+        ("https://h.example.com/amo/Amo-Path-Secret-0123456789", "https://h.example.com/amo/***"),
+        ("https://h.example.com/Amo-Path-Secret-0123456789/in", "https://h.example.com/***/in"),
+        ("https://h.example.com/webhook/short", "https://h.example.com/webhook/***"),
+        ("https://user:pw@h.example.com/amo/x?token=1", "https://***@h.example.com/amo/x?***"),
+        ("https://h.example.com/hooks/amocrm", "https://h.example.com/hooks/amocrm"),
+    ],
+)
+def test_a_destination_is_shown_without_anything_that_may_be_the_secret(destination, shown):
+    from amohook.watchdog import redact_destination
+
+    assert redact_destination(destination) == shown
+
+
+def test_a_held_secret_is_cut_from_a_destination_wherever_it_stands():
+    from amohook.redact import hold_secret
+    from amohook.watchdog import redact_destination
+
+    hold_secret("short-s3cret")  # shorter than a segment that is cut anyway
+    assert redact_destination("https://short-s3cret.example.com/a/SHORT-S3CRET") == "https://***.example.com/a/***"

@@ -156,16 +156,27 @@ URL_HELP = (
 )
 
 
+def _webhook_secret() -> str | None:
+    """AMOHOOK_WEBHOOK_SECRET, held so that no destination printed shows it wherever it stands."""
+    import os
+
+    from amohook.redact import hold_secret
+    from amohook.settings import ENV_WEBHOOK_SECRET
+
+    secret = os.environ.get(ENV_WEBHOOK_SECRET) or None
+    hold_secret(secret)
+    return secret
+
+
 def _check_url(url: str) -> str:
     """The destination with ``{secret}`` filled in from the environment, checked."""
-    import os
     from urllib.parse import urlsplit
 
     from amohook.errors import ConfigError
     from amohook.settings import ENV_WEBHOOK_SECRET
 
+    secret = _webhook_secret()
     if "{secret}" in url:
-        secret = os.environ.get(ENV_WEBHOOK_SECRET)
         if not secret:
             raise ConfigError(f"--url has {{secret}} but {ENV_WEBHOOK_SECRET} is not set — export it first")
         url = url.replace("{secret}", secret)
@@ -183,6 +194,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     from amohook.amocrm.subscriptions import list_webhooks
     from amohook.watchdog import destination_sha, redact_destination, watched
 
+    _webhook_secret()
     store = state(ctx).store()
     account = _account(subdomain)
     hooks = list_webhooks(client_for(store, account))
