@@ -7,6 +7,11 @@ template; the body is bounded. Each message carries an ``Idempotency-Key`` deriv
 action key, so a receiver that honours it sees a retry as the same message: a message whose answer
 was lost is sent again with the same key (there is nothing to look up). Failures (timeouts, 5xx,
 408, 429) are retried with the sender's backoff; another 4xx refuses the message for good.
+
+A receiver is somebody else's server: the whole exchange ends within ``DEADLINE`` however slowly
+it answers (``amohook.actions.deadline``), only the status is waited for (a refusal's body is read
+up to ``MAX_ANSWER_BYTES`` to explain it), and messages go in a lane of their own
+(``ActionKind.lane``), so a slow receiver never holds up what the rules do in amoCRM.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from amohook.actions.base import ActionKind
+from amohook.actions.deadline import deadline
+from amohook.redact import printable, redact_secrets
 from amohook.rules.plan import PlannedAction, action_key, render, responsible_of, rule_user, template_values
 from amohook.rules.spec import check_template
 
@@ -31,7 +38,9 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _ODD = re.compile(r"[\\\s\x00-\x1f\x7f]")
 MAX_TEMPLATE_BYTES = 16 * 1024  # the json table as written
 MAX_BODY_BYTES = 64 * 1024  # the message as sent, templates filled in
-TIMEOUT = (5.0, 15.0)  # connect, read
+TIMEOUT = (5.0, 15.0)  # connect, and each wait for a byte
+DEADLINE = 30.0  # the whole exchange: a receiver trickling bytes cannot hold a message longer
+MAX_ANSWER_BYTES = 4 * 1024  # read of a refusal's answer, to explain it; a success's is not read
 RETRY_STATUSES = {408, 425, 429}
 
 
@@ -96,6 +105,7 @@ class Notify(ActionKind):
     keys = frozenset({"url_env", "json"})
     key_suffix = "|notify"
     batch_size = 1  # one message per request: every receiver has its own URL and answer
+    lane = "notify"  # other servers than amoCRM: a slow one must not hold up amoCRM's actions
 
     def parse(self, raw, label, problems):
         self.unknown_keys(raw, label, problems)
@@ -170,19 +180,31 @@ class Notify(ActionKind):
             out.later([action], f"the URL in {name} {problem}", maybe_sent=False, wait=900.0, counts=False)
             return
         out.stats.posts += 1
-        try:
-            response = out.http.post(
-                url,
-                data=json.dumps(payload["json"], ensure_ascii=False).encode(),
-                timeout=TIMEOUT,
-                headers={"Content-Type": "application/json", "Idempotency-Key": payload["idempotency_key"]},
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:  # its text holds the URL: only the kind is said
-            out.later([action], f"{type(exc).__name__} while posting to ${name}", maybe_sent=True)
-            return
-        status = response.status_code
-        response.close()
+        # The whole exchange within a deadline; the answer's status decides, its body is read
+        # only to explain a refusal, and never more than MAX_ANSWER_BYTES of it.
+        with deadline(out.http_deadline) as watch:
+            try:
+                response = out.http.post(
+                    url,
+                    data=json.dumps(payload["json"], ensure_ascii=False).encode(),
+                    timeout=TIMEOUT,
+                    headers={
+                        "Content-Type": "application/json",
+                        "Idempotency-Key": payload["idempotency_key"],
+                        "Accept-Encoding": "identity",  # what is read is what was sent: nothing inflates
+                    },
+                    allow_redirects=False,
+                    stream=True,
+                )
+            except requests.RequestException as exc:  # its text holds the URL: only the kind is said
+                what = f"no answer within {out.http_deadline:g} s" if watch.expired else type(exc).__name__
+                out.later([action], f"{what} while posting to ${name}", maybe_sent=True)
+                return
+            try:
+                status = response.status_code
+                answer = b"" if 200 <= status < 300 else _answer(response, out)
+            finally:
+                response.close()
         if 200 <= status < 300:
             with out.store.write():
                 out.done(action.id, None, f"${name} answered {status}")
@@ -192,8 +214,32 @@ class Notify(ActionKind):
             out.later([action], f"${name} answered {status}", maybe_sent=True, wait=wait)
         else:
             with out.store.write():
-                out.fail([action.id], f"${name} refused the message: HTTP {status}", status="rejected")
+                out.fail([action.id], f"${name} refused the message: HTTP {status}{_reason(answer)}", status="rejected")
             out.stats.failed += 1
+
+
+def _answer(response: requests.Response, out) -> bytes:
+    """At most ``MAX_ANSWER_BYTES`` of the answer, as sent; a failure while reading ends it (the
+    status has decided already)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < MAX_ANSWER_BYTES:
+            chunk = response.raw.read(min(8192, MAX_ANSWER_BYTES - size), decode_content=False)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except Exception:  # noqa: BLE001 — a dropped or deadlined body only loses its explanation
+        pass
+    out.stats.answer_bytes += size
+    return b"".join(chunks)
+
+
+def _reason(answer: bytes) -> str:
+    """The start of a refusal's body, as one printable line without any secret the process holds."""
+    text = " ".join(answer.decode("utf-8", "replace").split())[:200]
+    return f" — {printable(redact_secrets(text))}" if text else ""
 
 
 def idempotency_key(action_key_hex: str) -> str:

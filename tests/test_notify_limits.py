@@ -1,0 +1,165 @@
+"""A notify receiver is somebody else's server (hardening round 2, #15.5): one that answers a byte
+at a time, or answers a gigabyte, holds a message at most ``http_deadline`` and costs a few KiB
+of reading — and never holds up what another rule does in amoCRM. Real local servers on
+127.0.0.1, the fake amoCRM, every backend."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from amohook.actions import ActionSender, record_planned
+from amohook.actions.notify import MAX_ANSWER_BYTES
+from amohook.amocrm.client import client_for
+from amohook.store.models import Action
+from tests.test_actions import planned
+from tests.test_actions_lead import notify
+
+
+class RawReceiver:
+    """A TCP server that reads a request's head and answers as ``answer(conn)`` decides; counts
+    connections, open ones, and the bytes it managed to send."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook/s3cr3t-token"
+        self.connections = 0
+        self.open = 0
+        self.sent = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        self.open += 1
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            self.answer(self, conn)
+        except OSError:
+            pass  # the client hung up: what we measure
+        finally:
+            self.open -= 1
+            conn.close()
+
+    def send(self, conn, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+def trickle(receiver, conn):
+    """The status line one byte a second (each wait far below the read timeout), forever."""
+    for byte in b"HTTP/1.1 200 OK\r\n" * 1000:
+        if receiver.closed.is_set():
+            return
+        receiver.send(conn, bytes([byte]))
+        time.sleep(1.0)
+
+
+def huge(status: bytes):
+    def answer(receiver, conn):
+        size = 1 << 30  # 1 GiB offered
+        receiver.send(conn, b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % size)
+        block = (b"refused: the payload lacks a channel. " * 2000)[:65536]
+        for _ in range(size // len(block)):
+            if receiver.closed.is_set():
+                return
+            receiver.send(conn, block)
+
+    return answer
+
+
+@pytest.fixture
+def receivers():
+    made: list[RawReceiver] = []
+    yield lambda answer: made.append(RawReceiver(answer)) or made[-1]
+    for r in made:
+        r.close()
+
+
+def sender(store, url: str, deadline: float) -> ActionSender:
+    return ActionSender(store, lambda sub: client_for(store, sub), env={"CHAT_URL": url}, http_deadline=deadline)
+
+
+def wait_for(condition, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("how", ["run", "drain"])
+def test_a_trickling_receiver_holds_up_no_task_and_ends_at_the_deadline(store, fake, account, receivers, how):
+    slow = receivers(trickle)
+    record_planned(store, [notify(5)], event_id=1)  # first in line
+    record_planned(store, [planned(5)], event_id=2)  # another rule's task, behind it
+    s = sender(store, slow.url, deadline=6.0)
+    stop = threading.Event()
+    started = time.monotonic()
+    worker = threading.Thread(target=s.run if how == "run" else s.drain, args=(stop,) if how == "run" else ())
+    worker.start()
+    try:
+        # The task reaches amoCRM while the message is still stuck in the trickle.
+        assert wait_for(lambda: slow.open == 1, 5.0)
+        assert wait_for(lambda: len(fake.tasks) == 1, 5.0), "the task waited for the receiver"
+        assert slow.open == 1 and Action.get(Action.kind == "notify").last_error is None
+        # And the message gives up at the deadline, not after the ~83 minutes of its trickle.
+        assert wait_for(lambda: Action.get(Action.kind == "notify").last_error is not None, 15.0)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        worker.join(20)
+    message = Action.get(Action.kind == "notify")
+    assert 5.0 <= took < 15.0, took
+    assert message.status == "sending" and message.last_error == "no answer within 6 s while posting to $CHAT_URL"
+    assert Action.get(Action.kind == "create_task").status == "done"
+    assert wait_for(lambda: slow.open == 0, 5.0)  # the connection was given up, not left trickling
+
+
+def test_a_huge_answer_to_a_message_is_not_read(store, account, receivers):
+    big = receivers(huge(b"200 OK"))
+    record_planned(store, [notify(5)], event_id=1)
+    s = sender(store, big.url, deadline=20.0)
+    started = time.monotonic()
+    s.drain()
+    assert time.monotonic() - started < 10.0
+    assert Action.get().status == "done"
+    assert s.stats.answer_bytes == 0  # the status decides; the body is not read
+    assert wait_for(lambda: big.open == 0, 5.0)
+    assert big.sent < 64 << 20  # what the kernel's buffers took before the hang-up, of 1 GiB
+
+
+def test_a_huge_refusal_is_read_only_far_enough_to_say_why(store, account, receivers):
+    big = receivers(huge(b"400 Bad Request"))
+    record_planned(store, [notify(5)], event_id=1)
+    s = sender(store, big.url, deadline=20.0)
+    s.drain()
+    action = Action.get()
+    assert action.status == "rejected"
+    assert action.last_error.startswith("$CHAT_URL refused the message: HTTP 400 — refused: the payload lacks")
+    assert len(action.last_error) < 300
+    assert 0 < s.stats.answer_bytes <= MAX_ANSWER_BYTES
+    assert wait_for(lambda: big.open == 0, 5.0)
+    assert big.sent < 64 << 20
