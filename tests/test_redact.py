@@ -97,3 +97,25 @@ def test_a_held_secret_is_cut_from_a_destination_wherever_it_stands():
 
     hold_secret("short-s3cret")  # shorter than a segment that is cut anyway
     assert redact_destination("https://short-s3cret.example.com/a/SHORT-S3CRET") == "https://***.example.com/a/***"
+
+
+def test_a_held_secret_leaves_every_log_line_a_library_writes():
+    from amohook.redact import hold_secret
+
+    hold_secret("Client-Secret-Held-0042")
+    hold_secret("abc")  # too short to hold: it would cut ordinary words from every line
+    record = logging.LogRecord(
+        "peewee", logging.DEBUG, __file__, 1, "%r", (("UPDATE x", ["client-secret-held-0042", "abc"]),), None
+    )
+    line = RedactingFormatter("%(name)s: %(message)s").format(record)
+    assert "Held-0042".lower() not in line.lower() and "'abc'" in line and "***" in line
+
+
+def test_tokens_are_held_while_they_are_recent():
+    from amohook.redact import _MAX_PASSING, HELD, hold_secret
+
+    hold_secret("lasting-secret-value")
+    for i in range(_MAX_PASSING + 5):
+        hold_secret(f"token-{i:06d}", lasting=False)
+    held = HELD.values()
+    assert "lasting-secret-value" in held and f"token-{_MAX_PASSING + 4:06d}" in held and "token-000000" not in held

@@ -21,6 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import requests
 from requests.models import PreparedRequest
@@ -29,7 +30,7 @@ from urllib3.util import parse_url
 
 from amohook.actions.base import ActionKind
 from amohook.actions.deadline import deadline
-from amohook.redact import printable, redact_secrets
+from amohook.redact import hold_secret, printable, redact_secrets
 from amohook.rules.plan import PlannedAction, action_key, render, responsible_of, rule_user, template_values
 from amohook.rules.spec import check_template
 
@@ -74,6 +75,32 @@ def url_problem(url: str) -> str | None:
     if parts.scheme == "http" and host in LOCAL_HOSTS:
         return None
     return "must be https (plain http only to localhost or 127.0.0.1)"
+
+
+def hold_url(url: str) -> None:
+    """A receiver's URL usually carries a secret in its path or query: the process holds them
+    (``amohook.redact``), so no log line shows them — urllib3's debug log writes the request line.
+    Held as written and as requests sends it (percent-encoded): the whole URL, the path with the
+    query, the query, any password, and each path segment or query value of 8 characters or more."""
+    pieces: list[str | None] = [url]
+    forms = [url]
+    try:
+        prepared = PreparedRequest()
+        prepared.prepare_url(url, None)
+        forms.append(prepared.url or "")
+    except (requests.RequestException, LocationParseError, ValueError):
+        pass
+    for form in forms:
+        try:
+            parts = parse_url(form)
+        except (LocationParseError, ValueError):
+            continue
+        pieces += [parts.request_uri if parts.path or parts.query else None, parts.query, parts.auth]
+        pieces += (parts.auth or "").split(":", 1)[1:]
+        pieces += [p for p in (parts.path or "").split("/") if len(p) >= 8]
+        pieces += [v for _, v in parse_qsl(parts.query or "", keep_blank_values=True) if len(v) >= 8]
+        pieces += [p for p in (parts.query or "").split("&") if len(p) >= 8]
+    hold_secret(*(p for p in pieces if p and p != "/"))
 
 
 def _templates(value: Any, out: list[str]) -> None:
@@ -136,6 +163,7 @@ class Notify(ActionKind):
         if not url:
             problems.append(f"{label}: the environment variable {spec.url_env} is not set — export it with the URL")
             return spec
+        hold_url(url)
         problem = url_problem(url)
         if problem:
             problems.append(f"{label}: the URL in {spec.url_env} {problem}")
@@ -175,6 +203,8 @@ class Notify(ActionKind):
     def _post(self, out, action, payload: dict) -> None:
         name = payload["url_env"]
         url = out.env.get(name)
+        if url:
+            hold_url(url)
         problem = "is not set" if not url else url_problem(url)
         if problem:  # the environment changed since `rules check`: wait for a person to fix it
             out.later([action], f"the URL in {name} {problem}", maybe_sent=False, wait=900.0, counts=False)

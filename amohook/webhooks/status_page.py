@@ -75,6 +75,9 @@ def check_status_password(password: str | None) -> str | None:
             '(e.g. `python3 -c "import secrets; print(secrets.token_urlsafe(18))"`), or unset it to turn '
             "/status and /metrics off"
         )
+    from amohook.redact import hold_secret
+
+    hold_secret(password)
     return password
 
 
