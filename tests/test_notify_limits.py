@@ -163,3 +163,33 @@ def test_a_huge_refusal_is_read_only_far_enough_to_say_why(store, account, recei
     assert 0 < s.stats.answer_bytes <= MAX_ANSWER_BYTES
     assert wait_for(lambda: big.open == 0, 5.0)
     assert big.sent < 64 << 20
+
+
+def test_a_receiver_that_timed_out_rests_so_others_messages_go_first(store, account, receivers):
+    """Three messages to a trickling receiver, then one to another: the other's is not queued
+    behind three deadlines — after one, the slow receiver's messages wait their turn."""
+    from tests.test_actions_lead import Receiver
+
+    slow = receivers(trickle)
+    good = Receiver()
+    try:
+        for lead in (1, 2, 3):
+            record_planned(store, [notify(lead)], event_id=lead)
+        other = notify(4)
+        other.payload["url_env"] = "OTHER_URL"
+        record_planned(store, [other], event_id=4)
+        s = ActionSender(
+            store,
+            lambda sub: client_for(store, sub),
+            env={"CHAT_URL": slow.url, "OTHER_URL": good.url},
+            http_deadline=3.0,
+        )
+        s.drain()
+        assert len(good.messages) == 1 and slow.connections == 1  # one deadline spent, not three
+        rows = {a.id: a for a in Action.select()}
+        assert [rows[i].status for i in sorted(rows)] == ["sending", "sending", "sending", "done"]
+        assert "no answer within 3 s" in rows[1].last_error
+        assert all("$CHAT_URL did not answer in time: its messages wait" in rows[i].last_error for i in (2, 3))
+        assert all(rows[i].attempts == 0 for i in (2, 3))  # waiting out another's timeout is no attempt
+    finally:
+        good.close()

@@ -11,7 +11,9 @@ was lost is sent again with the same key (there is nothing to look up). Failures
 A receiver is somebody else's server: the whole exchange ends within ``DEADLINE`` however slowly
 it answers (``amohook.actions.deadline``), only the status is waited for (a refusal's body is read
 up to ``MAX_ANSWER_BYTES`` to explain it), and messages go in a lane of their own
-(``ActionKind.lane``), so a slow receiver never holds up what the rules do in amoCRM.
+(``ActionKind.lane``), so a slow receiver never holds up what the rules do in amoCRM. A receiver
+that gave no answer (timeout, refused connection, deadline) rests ``REST_SECONDS``: its other
+messages wait (not counted as attempts), so it cannot hold up the messages to other receivers.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ MAX_TEMPLATE_BYTES = 16 * 1024  # the json table as written
 MAX_BODY_BYTES = 64 * 1024  # the message as sent, templates filled in
 TIMEOUT = (5.0, 15.0)  # connect, and each wait for a byte
 DEADLINE = 30.0  # the whole exchange: a receiver trickling bytes cannot hold a message longer
+REST_SECONDS = 60.0  # after no answer, a receiver's other messages wait this long (not an attempt)
 MAX_ANSWER_BYTES = 4 * 1024  # read of a refusal's answer, to explain it; a success's is not read
 RETRY_STATUSES = {408, 425, 429}
 
@@ -202,6 +205,13 @@ class Notify(ActionKind):
 
     def _post(self, out, action, payload: dict) -> None:
         name = payload["url_env"]
+        # A receiver (by variable) that gave no answer rests: one slow receiver costs the lane one
+        # deadline per REST_SECONDS, not one per message.
+        until = out.resting.get(name, 0.0)
+        if out.clock() < until:  # not an attempt; it may have been sent before, so "sending"
+            message = f"${name} did not answer in time: its messages wait until it has had a rest"
+            out.later([action], message, maybe_sent=True, wait=until - out.clock(), counts=False)
+            return
         url = out.env.get(name)
         if url:
             hold_url(url)
@@ -228,6 +238,7 @@ class Notify(ActionKind):
                 )
             except requests.RequestException as exc:  # its text holds the URL: only the kind is said
                 what = f"no answer within {out.http_deadline:g} s" if watch.expired else type(exc).__name__
+                out.resting[name] = out.clock() + REST_SECONDS
                 out.later([action], f"{what} while posting to ${name}", maybe_sent=True)
                 return
             try:

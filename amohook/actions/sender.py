@@ -184,6 +184,7 @@ class ActionSender:
         self.env = env if env is not None else os.environ
         self.http = with_deadline(http or requests.Session())
         self.http_deadline = http_deadline
+        self.resting: dict[str, float] = {}  # servers other than amoCRM that gave no answer: until when they rest
         self.lane = lane
         self._lanes: list[ActionSender] | None = None
         self.wakeup = threading.Event()
