@@ -84,7 +84,7 @@ _SECRET_PATTERNS = [
 
 MIN_SECRET_LENGTH = 16  # the webhook secret's least length (the listener refuses a shorter one)
 _MIN_HELD = 6  # a shorter value would cut ordinary words out of every line
-_MAX_PASSING = 1024  # tokens rotate: the newest this many are kept (older ones have expired)
+_MAX_PASSING = 256  # tokens rotate: the newest this many are kept (older ones have expired)
 
 
 class HeldSecrets:
@@ -99,7 +99,7 @@ class HeldSecrets:
         self._lock = threading.Lock()
         self._lasting: dict[str, None] = {}
         self._passing: dict[str, None] = {}
-        self._pattern: re.Pattern | None = None
+        self._patterns: tuple[re.Pattern, re.Pattern] | None = None
         self._empty = True
 
     def hold(self, *values: object, lasting: bool = True) -> None:
@@ -116,29 +116,35 @@ class HeldSecrets:
             while len(self._passing) > _MAX_PASSING:
                 del self._passing[next(iter(self._passing))]
             if changed:
-                self._pattern = None
+                self._patterns = None
                 self._empty = False
 
     def values(self) -> list[str]:
         with self._lock:
             return [*self._lasting, *self._passing]
 
-    def pattern(self) -> re.Pattern | None:
-        """One alternation of every held value, longest first (a secret holding another is cut whole)."""
+    def patterns(self) -> tuple[re.Pattern, re.Pattern] | None:
+        """A quick test — any held value's first ``_MIN_HELD`` characters (tokens share theirs, so
+        it stays short) — and one alternation of every held value, longest first (a secret holding
+        another is cut whole), run only on a line that passes the test."""
         if self._empty:
             return None
         with self._lock:
-            if self._pattern is None:
+            if self._patterns is None:
                 values = sorted({*self._lasting, *self._passing}, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in values), re.IGNORECASE)
-            return self._pattern
+                starts = sorted({v[:_MIN_HELD].lower() for v in values})
+                self._patterns = (
+                    re.compile("|".join(re.escape(v) for v in starts), re.IGNORECASE),
+                    re.compile("|".join(re.escape(v) for v in values), re.IGNORECASE),
+                )
+            return self._patterns
 
     def forget_all(self) -> None:
         """Tests only: a process that starts over."""
         with self._lock:
             self._lasting.clear()
             self._passing.clear()
-            self._pattern = None
+            self._patterns = None
             self._empty = True
 
 
@@ -156,9 +162,9 @@ def redact_secrets(text: str, known: Iterable[str] = (), *, patterns: bool = Tru
     for value in known:
         if value:
             text = re.sub(re.escape(value), _REDACTED, text, flags=re.IGNORECASE)
-    held = HELD.pattern()
-    if held is not None:
-        text = held.sub(_REDACTED, text)
+    held = HELD.patterns()
+    if held is not None and held[0].search(text):
+        text = held[1].sub(_REDACTED, text)
     if patterns:
         for pattern in _SECRET_PATTERNS:
             text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + _REDACTED, text)
