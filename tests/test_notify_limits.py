@@ -6,10 +6,13 @@ of reading — and never holds up what another rule does in amoCRM. Real local s
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import threading
 import time
 
 import pytest
+import requests
 
 from amohook.actions import ActionSender, record_planned
 from amohook.actions.notify import MAX_ANSWER_BYTES
@@ -23,10 +26,12 @@ class RawReceiver:
     """A TCP server that reads a request's head and answers as ``answer(conn)`` decides; counts
     connections, open ones, and the bytes it managed to send."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, tls: ssl.SSLContext | None = None):
         self.answer = answer
+        self.tls = tls
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook/s3cr3t-token"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}/hook/s3cr3t-token"
         self.connections = 0
         self.open = 0
         self.sent = 0
@@ -45,6 +50,8 @@ class RawReceiver:
     def _serve(self, conn):
         self.open += 1
         try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
             head = b""
             while b"\r\n\r\n" not in head:
                 chunk = conn.recv(65536)
@@ -92,7 +99,7 @@ def huge(status: bytes):
 @pytest.fixture
 def receivers():
     made: list[RawReceiver] = []
-    yield lambda answer: made.append(RawReceiver(answer)) or made[-1]
+    yield lambda answer, tls=None: made.append(RawReceiver(answer, tls)) or made[-1]
     for r in made:
         r.close()
 
@@ -193,3 +200,46 @@ def test_a_receiver_that_timed_out_rests_so_others_messages_go_first(store, acco
         assert all(rows[i].attempts == 0 for i in (2, 3))  # waiting out another's timeout is no attempt
     finally:
         good.close()
+
+
+def test_the_deadline_holds_over_tls_too(store, account, receivers, tmp_path):
+    """TLS takes the connection's socket over (the one first made is detached): the deadline
+    must still end a trickling https receiver."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    slow = receivers(trickle, tls)
+    session = requests.Session()
+    session.verify = str(cert)
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE, if set, overrides verify (psf/requests#3829)
+    record_planned(store, [notify(5)], event_id=1)
+    s = ActionSender(
+        store, lambda sub: client_for(store, sub), env={"CHAT_URL": slow.url}, http=session, http_deadline=3.0
+    )
+    worker = threading.Thread(target=s.drain, daemon=True)
+    worker.start()
+    worker.join(15.0)
+    stuck = worker.is_alive()
+    slow.close()
+    assert not stuck, "the https request outlived its deadline"
+    assert Action.get().last_error == "no answer within 3 s while posting to $CHAT_URL"
+
+
+def test_a_receiver_silent_in_the_tls_handshake_ends_at_the_deadline(store, account, receivers):
+    """The handshake is part of the exchange: a server that takes the connection and never
+    answers the ClientHello is given up at the deadline, not at the 5 s connect timeout (which a
+    handshake trickled a byte at a time would beat)."""
+    silent = receivers(lambda receiver, conn: None)  # reads the "head" forever: a ClientHello has no blank line
+    record_planned(store, [notify(5)], event_id=1)
+    s = sender(store, silent.url.replace("http://", "https://"), deadline=1.0)
+    started = time.monotonic()
+    s.drain()
+    took = time.monotonic() - started
+    assert Action.get().last_error == "no answer within 1 s while posting to $CHAT_URL"
+    assert took < 4.0, took

@@ -24,11 +24,16 @@ _current = threading.local()
 
 
 class Deadline:
-    """Shuts the sockets it watches once ``seconds`` have passed (``expired`` says whether it did)."""
+    """Shuts the sockets it watches once ``seconds`` have passed (``expired`` says whether it did).
+
+    It keeps a duplicate of each socket's descriptor: shutdown acts on the connection, not on one
+    descriptor, and the duplicate stays valid when TLS takes the original over (``wrap_socket``
+    detaches it) — the deadline then covers the handshake too.
+    """
 
     def __init__(self, seconds: float):
         self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
+        self._watched: list[socket.socket] = []
         self.expired = False
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
@@ -39,27 +44,32 @@ class Deadline:
     def cancel(self) -> None:
         self._timer.cancel()
         with self._lock:
-            self._sockets.clear()
+            for dup in self._watched:
+                dup.close()  # the duplicate only: the connection stays the library's
+            self._watched.clear()
 
     def watch(self, sock: socket.socket) -> None:
+        try:
+            dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except OSError:
+            return
         with self._lock:
+            self._watched.append(dup)
             if self.expired:
-                _shut(sock)
-            else:
-                self._sockets.append(sock)
+                _shut(dup)
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
-            for sock in self._sockets:
-                _shut(sock)
+            for dup in self._watched:
+                _shut(dup)
 
 
 def _shut(sock: socket.socket) -> None:
-    # socket.socket's own shutdown, also for an SSLSocket: the reader blocked in recv() in the
-    # other thread gets end-of-file at once; closing is left to the library that owns the socket.
+    # The reader blocked in recv() in the other thread gets end-of-file at once; closing is left
+    # to the library that owns the connection.
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
