@@ -132,6 +132,13 @@ def is_known(s: Sighting) -> bool:
     return _match(_candidates(s), s)[0] is not None
 
 
+def peek(s: Sighting) -> int:
+    """The time that would name this sighting's change (``identify``'s ``key_at``), recording
+    nothing: a preview's stand-in for ``identify``."""
+    row = _match(_candidates(s), s)[0]
+    return row.key_at if row is not None else s.at
+
+
 def identify(store: Store, s: Sighting, clock=time.time) -> Identity:
     """Join ``s`` to the change it reports, recording it; the first sighting creates the change."""
     with lead_lock(store, s.account, s.lead_id):

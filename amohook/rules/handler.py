@@ -14,12 +14,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from amohook.actions import lead_changing_kinds, record_planned
-from amohook.changes import identify, sighting_of
+from amohook.changes import Sighting, identify, sighting_of
 from amohook.rules.changes import LeadChange, as_int, rule_changes
 from amohook.rules.compile import CompiledRule
 from amohook.rules.guard import recent_changes, stop_reason
 from amohook.rules.match import matches, might_match, needs_lead_state
-from amohook.rules.plan import PlanContext, needs_lead, plan_actions
+from amohook.rules.plan import PlanContext, PlannedAction, needs_lead, plan_actions
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -64,21 +64,36 @@ class RulesHandler:
         return tz
 
     def __call__(self, event, ctx) -> int:
+        planned = self.plan(event, ctx, lambda s: identify(self.store, s).key_at)
+        if not planned:
+            return 0
+        # A change only the events log brought may have been acted on already — by another store
+        # on the same account, or by this one before its records were pruned: its actions are
+        # looked up in amoCRM before they are sent (``amohook.actions``), like a lost answer.
+        look_first = getattr(event, "source", None) == "events_log"
+        new = record_planned(self.store, self.guard(planned, ctx), event.id, look_first=look_first)
+        if new and self.on_recorded:
+            self.on_recorded(new)
+        return new
+
+    def plan(self, event, ctx, identify_change: Callable[[Sighting], int]) -> list[PlannedAction]:
+        """The actions the rules plan for ``event``, recording nothing; ``identify_change`` names a
+        lead change (the time of its first sighting): ``amohook.changes.identify`` when handling,
+        a read-only look when previewing (`reconcile --dry-run`)."""
         changes = rule_changes(event.entity, event.action, event.data)
         if not changes:
-            return 0
-        planned = []
+            return []
+        planned: list[PlannedAction] = []
         single = len({r.account for r in self.rules}) == 1
         account = event.account or (self.rules[0].account if single and self.rules else None)
         for change in changes:
             if account and change.kind != "task_completed":
                 # The same change seen as a webhook and in the events log is one change: its
                 # first sighting's time names it in every action key (amohook.changes).
-                identity = identify(
-                    self.store,
-                    sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at),
+                key_at = identify_change(
+                    sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at)
                 )
-                change = replace(change, changed_at=str(identity.key_at))
+                change = replace(change, changed_at=str(key_at))
             leads: dict[str, dict | None] = {}
 
             def lead_of(rule: CompiledRule, leads=leads, change=change) -> dict | None:  # this change's leads
@@ -113,10 +128,7 @@ class RulesHandler:
                 for note in notes:
                     ctx.logger.warning("rule %r: %s", rule.name, note)
                 planned.extend(actions)
-        new = record_planned(self.store, self.guard(planned, ctx), event.id)
-        if new and self.on_recorded:
-            self.on_recorded(new)
-        return new
+        return planned
 
     def guard(self, planned: list, ctx) -> list:
         """Stop a chain of rule-made changes to one lead (``amohook.rules.guard``)."""
