@@ -80,6 +80,7 @@ class PassResult:
     subscription: str | None = None  # the watchdog's finding, when it looked
     subscription_note: str | None = None
     requests: int = 0
+    clock_skew: float | None = None  # this host's clock minus amoCRM's, by the Date headers of this pass
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -351,12 +352,13 @@ class Window:
         return self.start > self.end
 
 
-def connected_at(account: str) -> float | None:
+def connected_at(account: str, skew: float | None = None) -> float | None:
     """When the account was connected to this store, in amoCRM's time (None: no such account).
 
     ``init-auth`` creates the account row (a new grant for a known account keeps it), and the
     change registry that tells known changes apart arrived with schema version 3: the later of the
-    two, corrected by the clock skew seen at the last token answer.
+    two, turned into amoCRM's time by the clock skew seen at the last token answer (``skew``, this
+    host's clock minus amoCRM's seen since, where none was stored).
     """
     from amohook.store.models import SchemaVersion
 
@@ -365,7 +367,36 @@ def connected_at(account: str) -> float | None:
         return None
     registry = SchemaVersion.get_or_none(SchemaVersion.version == 3)
     since = max(row.created_at or 0.0, registry.applied_at if registry is not None else 0.0)
-    return since - (row.clock_skew or 0.0)
+    return since - (row.clock_skew if row.clock_skew is not None else (skew or 0.0))
+
+
+def known_skew(client, account: str) -> float | None:
+    """This host's clock minus amoCRM's, as last seen: by this client, by the last pass (its
+    summary keeps it), or at the last token answer; None when nothing ever told it."""
+    if getattr(client, "clock_skew", None) is not None:
+        return client.clock_skew
+    state = ReconcileState.get_or_none(ReconcileState.account == account)
+    try:
+        last = json.loads(state.last_pass_summary).get("clock_skew") if state and state.last_pass_summary else None
+    except (ValueError, AttributeError):
+        last = None
+    if isinstance(last, (int, float)) and not isinstance(last, bool):
+        return float(last)
+    row = Account.get_or_none(Account.subdomain == account)
+    return row.clock_skew if row is not None else None
+
+
+def _whole(skew: float | None) -> float:
+    """A skew the ``Date`` header can tell (it has whole seconds): under a second counts as none."""
+    return 0.0 if skew is None or abs(skew) < 1.0 else skew
+
+
+def learn_clock(client, account: str) -> None:
+    """Make sure amoCRM's clock is known before a window is planned: the window's end, and a
+    store's first look (at the connection), are amoCRM's time. One request, and only while
+    nothing has told the clock yet (no pass recorded it, no token answer carried it)."""
+    if known_skew(client, account) is None:
+        client.request("GET", "/api/v4/account")
 
 
 def plan_window(
@@ -375,11 +406,9 @@ def plan_window(
     connected to this store; ``since`` reaches back further on purpose (the explicit catch-up).
     Never past amoCRM's clock, never before ``max_lookback``. Returns the window and its notes."""
     state = ReconcileState.get_or_none(ReconcileState.account == account)
-    row = Account.get_or_none(Account.subdomain == account)
-    skew = client.clock_skew if getattr(client, "clock_skew", None) is not None else (row.clock_skew if row else None)
-    skew = skew or 0.0
+    skew = _whole(known_skew(client, account))
     end = int(min(local_now, local_now - skew))  # amoCRM's now; never later than ours
-    first = connected_at(account)
+    first = connected_at(account, skew)
     first_look = int(first) if first is not None else end
     cursor = state.cursor if state is not None else None
     if cursor is not None:
@@ -426,6 +455,7 @@ def reconcile_account(
         return result
     requests_before = client.requests_made
     try:
+        learn_clock(client, account)
         local = clock()
         window, notes = plan_window(client, account, since=since, max_lookback=max_lookback, local_now=local)
         result.notes += notes
@@ -455,7 +485,7 @@ def reconcile_account(
             # What amoCRM's clock said when the window was read (its Date header, now known for sure):
             # the cursor never passes it, so whatever happened after the read is read next time.
             seen_skew = getattr(client, "clock_skew", None)
-            cursor = window.end if seen_skew is None else min(window.end, int(local - seen_skew))
+            cursor = window.end if seen_skew is None else min(window.end, int(local - _whole(seen_skew)))
         if watchdog is not False:
             from amohook.watchdog import check_subscriptions
 
@@ -468,6 +498,8 @@ def reconcile_account(
             if finding is not None:
                 result.subscription, result.subscription_note = finding
         result.requests = client.requests_made - requests_before
+        if getattr(client, "clock_skew", None) is not None:
+            result.clock_skew = round(client.clock_skew, 1)
         _save(store, account, cursor=cursor, result=result, clock=clock, passed=True)
         return result
     except Exception as exc:
@@ -518,6 +550,7 @@ def preview_account(
     from amohook.rules.handler import RulesHandler
     from amohook.store.models import Action
 
+    learn_clock(client, account)
     window, notes = plan_window(client, account, since=since, max_lookback=max_lookback, local_now=clock())
     out: dict[str, Any] = {
         "account": account,
