@@ -370,6 +370,8 @@ def test_every_action_carried_out_is_one_info_line_and_nothing_routine_is_louder
         assert "create_task" in line and f"amoCRM id {task['id']}" in line and "rule 'call qualified leads'" in line
     louder = [line for line in lines if " WARNING " in line or " ERROR " in line]
     assert not louder, louder
+    # Changes since the store was connected are its own: no lookup before the tasks are created.
+    assert not fake.requests_to("/api/v4/tasks", "GET")
 
 
 def test_the_first_look_learns_amocrms_clock_once(store, fake, crm):

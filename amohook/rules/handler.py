@@ -53,6 +53,7 @@ class RulesHandler:
         self.store = store
         self.on_recorded = on_recorded
         self._timezones: dict[str, tuple[float, str | None]] = {}
+        self._connected: dict[str, tuple[float, float | None]] = {}
 
     def timezone(self, account: str) -> str | None:
         cached = self._timezones.get(account)
@@ -67,14 +68,30 @@ class RulesHandler:
         planned = self.plan(event, ctx, lambda s: identify(self.store, s).key_at)
         if not planned:
             return 0
-        # A change only the events log brought may have been acted on already — by another store
-        # on the same account, or by this one before its records were pruned: its actions are
-        # looked up in amoCRM before they are sent (``amohook.actions``), like a lost answer.
-        look_first = getattr(event, "source", None) == "events_log"
-        new = record_planned(self.store, self.guard(planned, ctx), event.id, look_first=look_first)
+        new = record_planned(self.store, self.guard(planned, ctx), event.id, look_first=self.look_first(event))
         if new and self.on_recorded:
             self.on_recorded(new)
         return new
+
+    def look_first(self, event) -> bool:
+        """Should this event's actions be looked up in amoCRM before they are sent? Yes for a change
+        only the events log brought from before this store was connected (a `reconcile --since`
+        catch-up): another store may have acted on it. Then its actions start as ones whose answer
+        was lost (``amohook.actions``). Changes since the connection are this store's alone: no
+        lookup, so worker-only mode costs no extra request."""
+        if getattr(event, "source", None) != "events_log" or not event.account:
+            return False
+        try:
+            changed_at = int(event.data.get("last_modified"))
+        except (TypeError, ValueError, AttributeError):
+            return True  # cannot tell when: look
+        cached = self._connected.get(event.account)
+        if cached is None or time.monotonic() - cached[0] > 300:
+            from amohook.reconcile import connected_at
+
+            cached = (time.monotonic(), connected_at(event.account))
+            self._connected[event.account] = cached
+        return cached[1] is None or changed_at < cached[1]
 
     def plan(self, event, ctx, identify_change: Callable[[Sighting], int]) -> list[PlannedAction]:
         """The actions the rules plan for ``event``, recording nothing; ``identify_change`` names a
