@@ -393,3 +393,17 @@ def test_a_pass_with_a_client_that_knows_the_clock_needs_no_probe(store, fake, c
 def test_the_readme_says_what_happens_when_a_store_is_moved_or_wiped():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert "### Moving or wiping a store" in readme
+
+
+def test_an_action_amocrm_refuses_is_one_warning_and_the_rest_one_info_line_each(store, fake, account, caplog):
+    from amohook.actions import record_planned
+    from tests.test_actions import planned, sender
+
+    caplog.set_level(logging.INFO, logger="amohook")
+    record_planned(store, [planned(1), planned(2), planned(3, task_type=987654)], event_id=1)
+    sender(store).drain()
+    mine = [r for r in caplog.records if r.name == "amohook.actions"]
+    warnings = [r for r in mine if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "lead 3: create_task rejected" in warnings[0].getMessage()
+    infos = [r.getMessage() for r in mine if r.levelno == logging.INFO]
+    assert len(infos) == 2 and all(" done, amoCRM id " in m for m in infos)

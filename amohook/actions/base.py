@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from amohook.actions.sender import definitely_refused, effects
+from amohook.actions.sender import definitely_refused
 from amohook.amocrm.leads import fetch_leads
 from amohook.errors import AmoApiError, ValidationFailed
 from amohook.store.models import Action
@@ -285,8 +285,6 @@ class LeadPatchKind(ActionKind):
                     out.skip([a.id], note or "skipped")
                     out.stats.skipped += 1
                     settled.add(a.id)
-                if note and verdict != "done":  # done: its own INFO line says it
-                    effects.info("rule %r, lead %s: %s %s: %s", a.rule, lead_id, a.kind, verdict, note)
         return settled
 
     def send(self, out, client, actions, payloads) -> None:

@@ -260,15 +260,41 @@ class ActionSender:
         self.fail(ids, note, status="skipped")
 
     def fail(self, ids, error: str, status: str = "failed", **fields) -> None:
-        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself."""
-        Action.update(
-            status=status,
-            lease_owner=None,
-            lease_until=None,
-            last_error=error[:2000],
-            updated_at=self.clock(),
-            **fields,
-        ).where(self._mine(ids)).execute()
+        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself.
+
+        One line per action: WARNING (a person must look) when it failed or was rejected, INFO when
+        it was skipped on purpose.
+        """
+        ids = list(ids)
+        changed = (
+            Action.update(
+                status=status,
+                lease_owner=None,
+                lease_until=None,
+                last_error=error[:2000],
+                updated_at=self.clock(),
+                **fields,
+            )
+            .where(self._mine(ids))
+            .execute()
+        )
+        if not changed:
+            return
+        level = logging.INFO if status == "skipped" else logging.WARNING
+        for action_id in ids:
+            action = self._batch.get(action_id)
+            if action is None:
+                effects.log(level, "action %s %s: %s", action_id, status, error[:300])
+            else:
+                effects.log(
+                    level,
+                    "rule %r, lead %s: %s %s: %s",
+                    action.rule,
+                    _lead_of(action),
+                    action.kind,
+                    status,
+                    error[:300],
+                )
 
     def later(
         self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
