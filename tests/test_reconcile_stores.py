@@ -194,6 +194,11 @@ def test_entries_the_store_cannot_hold_are_skipped_and_noted(store, fake, crm):
     assert ReconcileState.get(ReconcileState.account == "example").cursor == summary["window_to"]
     work(store, crm)
     assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
+    fake.add_event("lead_status_changed", "9" * 30, value_after=status)
+    # The text output says so on stderr (the overlap reads the earlier ones again: 10 + 1).
+    text = run_cli(["reconcile"], store.url)
+    assert text.returncode == 0 and "11 events-log entries could not be stored" in text.stderr, text.stderr
+    assert "digits" in text.stderr and "and 10 more" in text.stderr
 
 
 def test_a_row_the_database_refuses_costs_only_itself(store, fake, crm):

@@ -134,6 +134,14 @@ def reconcile(
             f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
             f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))"
         )
+        if r.skipped:
+            skipped = [n for n in r.notes if n.startswith("skipped events-log entry")]
+            warn(
+                f"warning: {r.account}: {r.skipped} events-log entr{'y' if r.skipped == 1 else 'ies'} could not be "
+                f"stored and were skipped ({skipped[0] if skipped else 'see --json'}"
+                + (f"; and {len(skipped) - 1} more" if len(skipped) > 1 else "")
+                + ")"
+            )
         if r.left_out_from is not None:
             warn(
                 f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
