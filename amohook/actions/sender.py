@@ -245,7 +245,7 @@ class ActionSender:
             .execute()
         )
         action = self._batch.get(action_id)
-        if changed and action is not None:
+        if changed and action is not None and effects.isEnabledFor(logging.INFO):
             effects.info(
                 "rule %r, lead %s: %s done, amoCRM id %s%s",
                 action.rule,
@@ -278,9 +278,9 @@ class ActionSender:
             .where(self._mine(ids))
             .execute()
         )
-        if not changed:
-            return
         level = logging.INFO if status == "skipped" else logging.WARNING
+        if not changed or not effects.isEnabledFor(level):
+            return
         for action_id in ids:
             action = self._batch.get(action_id)
             if action is None:
