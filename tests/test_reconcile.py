@@ -16,7 +16,7 @@ import pytest
 
 from amohook.amocrm.client import client_for
 from amohook.inbox import Incoming, store_deliveries
-from amohook.reconcile import OVERLAP, reconcile_account
+from amohook.recovery.reconcile import OVERLAP, reconcile_account
 from amohook.store.models import Account, Action, ChangeSeen, Event, ReconcileState
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import ROOT, cli_env, run_cli
@@ -162,7 +162,7 @@ def test_a_lead_moved_back_and_forth_gets_a_task_per_entry(store, fake, crm):
 
 
 def test_handlers_see_where_an_event_came_from(store, fake, crm):
-    from amohook.changes import ChangeJournal
+    from amohook.recovery.identity import ChangeJournal
     from amohook.worker import Registry, Worker
 
     [a, b] = new_leads(fake, crm, 2)
@@ -215,7 +215,7 @@ def test_an_outage_longer_than_the_look_back_is_capped_and_said(store, fake, crm
 
 def test_a_crash_mid_pass_is_finished_by_the_next_pass_without_repeats(store, fake, crm):
     from amohook.amocrm.events import fetch_events
-    from amohook.reconcile import EVENT_ACTIONS, _queue, webhook_item
+    from amohook.recovery.reconcile import EVENT_ACTIONS, _queue, webhook_item
 
     leads = new_leads(fake, crm, 30)
     start = int(time.time()) - 600
@@ -321,7 +321,7 @@ def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
     result = run_cli(["webhooks", "subscribe", "--url", url], store.url)
     assert result.returncode != 0 and "admin" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    from amohook.watchdog import remember
+    from amohook.recovery.watchdog import remember
 
     remember(store, "example", url, ["status_lead"])  # as if an admin had subscribed it before
     fake.move_lead(lead, crm["qualified"], crm["pipeline"])
@@ -424,7 +424,7 @@ def test_odd_log_entries_are_passed_over_not_fatal(store, fake, crm):
 
 
 def test_a_failing_subscription_check_does_not_hold_the_cursor_back(store, fake, crm):
-    from amohook.watchdog import remember
+    from amohook.recovery.watchdog import remember
 
     [lead] = new_leads(fake, crm, 1)
     remember(store, "example", "https://hooks.example.com/webhook/x", ["status_lead"])

@@ -20,7 +20,7 @@ import pytest
 
 from amohook.amocrm.client import client_for
 from amohook.errors import ExitCode
-from amohook.reconcile import Reconciler, reconcile_account
+from amohook.recovery.reconcile import Reconciler, reconcile_account
 from amohook.store import open_store
 from amohook.store.models import Action, ChangeSeen, Delivery, Event, ReconcileState
 from tests.conftest import ROOT, cli_env, make_database, run_cli
@@ -203,7 +203,7 @@ def test_entries_the_store_cannot_hold_are_skipped_and_noted(store, fake, crm):
 
 def test_a_row_the_database_refuses_costs_only_itself(store, fake, crm):
     """Past the checks: should the database refuse one row anyway, the chunk is written row by row."""
-    from amohook.reconcile import PassResult, _queue, webhook_item
+    from amohook.recovery.reconcile import PassResult, _queue, webhook_item
 
     if store.is_sqlite:
         pytest.skip("SQLite stores any length in a text column: nothing to refuse")
@@ -339,7 +339,7 @@ def test_an_empty_window_is_nothing_yet(store, fake, crm):
 
 # -- logs that mean something --------------------------------------------------------------------
 def test_recoveries_are_info_in_worker_only_mode_and_a_warning_where_webhooks_were_expected(store, fake, crm, caplog):
-    from amohook.watchdog import remember
+    from amohook.recovery.watchdog import remember
 
     caplog.set_level(logging.INFO, logger="amohook")
     leads = new_leads(fake, crm, 3)

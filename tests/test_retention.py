@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from amohook.inbox import Incoming, store_deliveries
-from amohook.retention import DEAD_KEEP, EXACTLY_ONCE, prune
+from amohook.ops.retention import DEAD_KEEP, EXACTLY_ONCE, prune
 from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import run_cli
@@ -164,7 +164,7 @@ def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path
 
 
 def test_the_background_pruner_prunes_and_stops(store):
-    from amohook.retention import Pruner
+    from amohook.ops.retention import Pruner
 
     stored(store, 5, age=40 * DAY)
     stop = threading.Event()

@@ -38,7 +38,6 @@ import requests
 
 from amohook.actions.registry import kinds
 from amohook.errors import (
-    AmoApiError,
     AmohookError,
     AmoTemporaryError,
     RateLimited,
@@ -58,7 +57,6 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 LEASE_SECONDS = 300.0
 MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
-HUMAN_WAIT = PERSON_WAIT  # a revoked grant or a blocked account waits for a person; not an attempt
 # One INFO line per action carried out (rule, lead, kind, what amoCRM made or changed): routine,
 # so never above INFO; what needs a person goes through ``log`` (WARNING).
 effects = logging.getLogger("amohook.actions")
@@ -128,17 +126,6 @@ def _lead_of(action: Action) -> str:
         row = Event.get_or_none(Event.id == action.event_id)
         lead = row.entity_id if row is not None else None
     return "?" if lead is None else str(lead)
-
-
-def backoff(attempt: int) -> float:
-    """The sender's retry delay: the project's one policy (``amohook.retry.ACTIONS``)."""
-    return ACTIONS.delay(attempt)
-
-
-def definitely_refused(exc: BaseException) -> bool:
-    """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
-    status = getattr(exc, "status", None)
-    return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
 
 
 @dataclass
@@ -310,7 +297,7 @@ class ActionSender:
                 if attempts >= self.max_attempts:
                     self.fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                     continue
-                delay = wait if wait is not None else backoff(attempts)
+                delay = wait if wait is not None else ACTIONS.delay(attempts)
                 Action.update(
                     status="sending" if maybe_sent else "pending",
                     attempts=attempts,
@@ -358,7 +345,7 @@ class ActionSender:
         elif isinstance(exc, RateLimited):
             self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
         elif needs_person(exc):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
+            self.later(actions, message, maybe_sent=maybe_sent, wait=PERSON_WAIT, counts=False)
             self.stats.errors.append(message)
         else:
             self.later(actions, message, maybe_sent=maybe_sent, counts=counts)

@@ -26,8 +26,8 @@ def prune(
 ):
     """Delete old done events, deliveries, attempts and finished actions; keys stay while duplicates can arrive."""
     from amohook.errors import ConfigError
-    from amohook.retention import MIN_KEEP
-    from amohook.retention import prune as run_prune
+    from amohook.ops.retention import MIN_KEEP
+    from amohook.ops.retention import prune as run_prune
     from amohook.settings import parse_duration
 
     keep = parse_duration(older_than, option="--older-than")

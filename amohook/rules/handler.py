@@ -14,12 +14,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from amohook.actions import lead_changing_kinds, record_planned
-from amohook.changes import Sighting, identify, sighting_of
+from amohook.actions.base import PlannedAction
+from amohook.recovery.identity import Sighting, identify, sighting_of
 from amohook.rules.changes import LeadChange, as_int, rule_changes
 from amohook.rules.compile import CompiledRule
 from amohook.rules.guard import recent_changes, stop_reason
 from amohook.rules.match import matches, might_match, needs_lead_state
-from amohook.rules.plan import PlanContext, PlannedAction, needs_lead, plan_actions
+from amohook.rules.plan import PlanContext, needs_lead, plan_actions
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class RulesHandler:
             return True  # cannot tell when: look
         cached = self._connected.get(event.account)
         if cached is None or time.monotonic() - cached[0] > 300:
-            from amohook.reconcile import connected_at
+            from amohook.recovery.identity import connected_at
 
             cached = (time.monotonic(), connected_at(event.account))
             self._connected[event.account] = cached
@@ -95,7 +96,7 @@ class RulesHandler:
 
     def plan(self, event, ctx, identify_change: Callable[[Sighting], int]) -> list[PlannedAction]:
         """The actions the rules plan for ``event``, recording nothing; ``identify_change`` names a
-        lead change (the time of its first sighting): ``amohook.changes.identify`` when handling,
+        lead change (the time of its first sighting): ``amohook.recovery.identity.identify`` when handling,
         a read-only look when previewing (`reconcile --dry-run`)."""
         changes = rule_changes(event.entity, event.action, event.data)
         if not changes:
@@ -106,7 +107,7 @@ class RulesHandler:
         for change in changes:
             if account and change.kind != "task_completed":
                 # The same change seen as a webhook and in the events log is one change: its
-                # first sighting's time names it in every action key (amohook.changes).
+                # first sighting's time names it in every action key (amohook.recovery.identity).
                 key_at = identify_change(
                     sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at)
                 )

@@ -248,7 +248,7 @@ class Action(BaseModel):
 
 
 class ChangeSeen(BaseModel):
-    """One lead change as amohook first saw it, whichever way it came (see ``amohook.changes``).
+    """One lead change as amohook first saw it, whichever way it came (see ``amohook.recovery.identity``).
 
     A change may arrive as a timed webhook (``hook_at`` = its last_modified), as a webhook without
     a time (Digital Pipeline; ``untimed_at`` = when it was received) and as an events-log entry
@@ -310,6 +310,18 @@ class Subscription(BaseModel):
         indexes = ((("account", "destination_sha256"), True),)
 
 
+class StoreSetting(BaseModel):
+    """A value the store itself must keep (it moves with the store): the webhook secret `serve`
+    made up when none was configured, so the URL given to amoCRM can always be printed again."""
+
+    name = CharField(max_length=190, primary_key=True)
+    value = TextField()
+    created_at = DoubleField(default=now)
+
+    class Meta:
+        table_name = "store_setting"
+
+
 ALL_MODELS = [
     SchemaVersion,
     Account,
@@ -328,4 +340,5 @@ ALL_MODELS = [
     ChangeSeen,
     ReconcileState,
     Subscription,
+    StoreSetting,
 ]

@@ -3,7 +3,7 @@
 A webhook amoCRM gave up on (about 20 minutes of no answer, about 95 of 5xx; a Digital Pipeline
 hook is sent once) is lost for good, but the change stays in the events log
 (``GET /api/v4/events``, amoCRM docs: crm_platform/events-and-notes). A pass reads the log since a
-stored cursor, skips what amohook already knows (``amohook.changes``), and queues the rest as
+stored cursor, skips what amohook already knows (``amohook.recovery.identity``), and queues the rest as
 events of the same entity and action as their webhook, marked ``source = "events_log"``. The
 worker and the rules then treat them like webhooks, and the change registry makes one effect of
 a change seen both ways.
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from amohook.changes import Sighting, describe, is_known
+from amohook.recovery.identity import Sighting, connected_at, describe, is_known
 from amohook.rules import lead_changes
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
@@ -352,24 +352,6 @@ class Window:
         return self.start > self.end
 
 
-def connected_at(account: str, skew: float | None = None) -> float | None:
-    """When the account was connected to this store, in amoCRM's time (None: no such account).
-
-    ``init-auth`` creates the account row (a new grant for a known account keeps it), and the
-    change registry that tells known changes apart arrived with schema version 3: the later of the
-    two, turned into amoCRM's time by the clock skew seen at the last token answer (``skew``, this
-    host's clock minus amoCRM's seen since, where none was stored).
-    """
-    from amohook.store.models import SchemaVersion
-
-    row = Account.get_or_none(Account.subdomain == account)
-    if row is None:
-        return None
-    registry = SchemaVersion.get_or_none(SchemaVersion.version == 3)
-    since = max(row.created_at or 0.0, registry.applied_at if registry is not None else 0.0)
-    return since - (row.clock_skew if row.clock_skew is not None else (skew or 0.0))
-
-
 def known_skew(client, account: str) -> float | None:
     """This host's clock minus amoCRM's, as last seen: by this client, by the last pass (its
     summary keeps it), or at the last token answer; None when nothing ever told it."""
@@ -487,7 +469,7 @@ def reconcile_account(
             seen_skew = getattr(client, "clock_skew", None)
             cursor = window.end if seen_skew is None else min(window.end, int(local - _whole(seen_skew)))
         if watchdog is not False:
-            from amohook.watchdog import check_subscriptions
+            from amohook.recovery.watchdog import check_subscriptions
 
             try:
                 finding = check_subscriptions(store, client, account, force=bool(watchdog), clock=clock)
@@ -546,7 +528,7 @@ def preview_account(
 
     from amohook.amocrm.events import iter_event_pages
     from amohook.amocrm.leads import fetch_leads
-    from amohook.changes import peek
+    from amohook.recovery.identity import peek
     from amohook.rules.handler import RulesHandler
     from amohook.store.models import Action
 
@@ -693,7 +675,7 @@ class AccountReconcileStatus:
 
 def reconcile_status(account: str, now: float) -> AccountReconcileStatus:
     """What `status` and /healthz show about reconciliation for one account."""
-    from amohook.changes import recovered_since
+    from amohook.recovery.identity import recovered_since
 
     row = ReconcileState.get_or_none(ReconcileState.account == account)
     cursor = row.cursor if row else None

@@ -197,6 +197,24 @@ def lead_lock(store: Store, account: str, lead_id: int):
         yield
 
 
+def connected_at(account: str, skew: float | None = None) -> float | None:
+    """When the account was connected to this store, in amoCRM's time (None: no such account).
+
+    ``init-auth`` creates the account row (a new grant for a known account keeps it), and the
+    change registry that tells known changes apart arrived with schema version 3: the later of the
+    two, turned into amoCRM's time by the clock skew seen at the last token answer (``skew``, this
+    host's clock minus amoCRM's seen since, where none was stored).
+    """
+    from amohook.store.models import Account, SchemaVersion
+
+    row = Account.get_or_none(Account.subdomain == account)
+    if row is None:
+        return None
+    registry = SchemaVersion.get_or_none(SchemaVersion.version == 3)
+    since = max(row.created_at or 0.0, registry.applied_at if registry is not None else 0.0)
+    return since - (row.clock_skew if row.clock_skew is not None else (skew or 0.0))
+
+
 def recovered_since(account: str, since: float) -> int:
     """Changes first seen in the events log (their webhook never came) since ``since``."""
     return (

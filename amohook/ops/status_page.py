@@ -23,10 +23,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from amohook import doctor
 from amohook.errors import ConfigError
-from amohook.webhooks import metrics as metrics_module
-from amohook.webhooks.overview import OverviewReader, Snapshot
+from amohook.ops import doctor
+from amohook.ops import metrics as metrics_module
+from amohook.ops.overview import OverviewReader, Snapshot
 
 if TYPE_CHECKING:
     from amohook.store import Store

@@ -106,13 +106,13 @@ def check_subscriptions(
                 events = json.loads(sub.events or "[]")
                 hook = current.get(sub.destination)
                 if hook is None:
-                    problems.append(f"{_redact(sub.destination)} is missing (removed in amoCRM?)")
+                    problems.append(f"{redact_destination(sub.destination)} is missing (removed in amoCRM?)")
                     state = "missing"
                     log.warning(
                         "watchdog for '%s': the subscription %s is gone from amoCRM — run "
                         "`amohook webhooks subscribe` again if it should exist",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                     continue
                 if not hook.disabled:
@@ -121,7 +121,7 @@ def check_subscriptions(
                     "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
                     "deliveries); switching it back on",
                     account,
-                    _redact(sub.destination),
+                    redact_destination(sub.destination),
                 )
                 on = _switch_on(
                     client, sub.destination, events or list(hook.events), list_webhooks, subscribe, unsubscribe
@@ -133,16 +133,16 @@ def check_subscriptions(
                     log.warning(
                         "watchdog for '%s': %s is on again; reconciliation brings what it missed",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                 else:
                     state = "disabled"
-                    problems.append(f"{_redact(sub.destination)} stays switched off")
+                    problems.append(f"{redact_destination(sub.destination)} stays switched off")
                     log.error(
                         "watchdog for '%s': %s stays switched off after re-subscribing — check the "
                         "listener and switch it on in amoCRM's settings",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
             note = "; ".join(problems) or None
     with store.write():
@@ -168,13 +168,9 @@ def _is_on(hooks, destination: str) -> bool:
     return any(h.destination == destination and not h.disabled for h in hooks)
 
 
-def _redact(destination: str) -> str:
+def redact_destination(destination: str) -> str:
     """A destination for logs and output: amohook's own carry the webhook secret after /webhook/,
     and any query string may carry a token; both are cut."""
-    return redact_destination(destination)
-
-
-def redact_destination(destination: str) -> str:
     base = destination.split("?", 1)[0].split("#", 1)[0]
     parts = base.split("/")
     for i, part in enumerate(parts):
