@@ -255,3 +255,51 @@ def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str
         timeout=timeout,
         cwd=str(ROOT),
     )
+
+
+@pytest.fixture
+def filled(sqlite_url):
+    """A SQLite store holding a dead and a pending event (the `events` commands' tests)."""
+    import time
+
+    from amohook import inbox
+    from amohook.store import open_store
+    from tests.helpers.deliveries import claim, fixture_body, incoming
+
+    store = open_store(sqlite_url)
+    inbox.store_deliveries(
+        store,
+        [
+            incoming(fixture_body("01_lead_status_2016.txt"), headers={"user-agent": "amoCRM-WebHook-client/1.0"}),
+            incoming(fixture_body("13_contact_add_2016.txt")),
+        ],
+    )
+    events = claim(store, "w1", now=time.time(), limit=1)
+    inbox.fail(store, events[0].id, "w1", error="handler: boom", retry_at=None, started_at=time.time(), now=time.time())
+    store.close()
+    return sqlite_url
+
+
+@pytest.fixture
+def crm(store, fake, account, tmp_path):
+    """The fake account with a Sales pipeline, a Call task type and Anna, synced into the store."""
+    from amohook.amocrm.client import client_for
+    from amohook.sync import sync_entities
+    from tests.helpers.e2e import RULES
+
+    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
+    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
+    call = fake.add_task_type("Call")
+    anna = fake.add_user("Anna", "anna@example.com")
+    sync_entities(store, client_for(store, "example"))
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    fake.clear_requests()
+    return dict(
+        pipeline=pipeline["id"],
+        new=stages["New"],
+        qualified=stages["Qualified"],
+        call=call["id"],
+        anna=anna["id"],
+        rules=str(rules),
+    )

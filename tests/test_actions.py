@@ -15,23 +15,7 @@ from amohook.actions.base import PlannedAction
 from amohook.amocrm.client import client_for
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env
-
-RESPONSIBLE = 581651  # an existing user of the fake account
-TASK_TYPE = 1
-
-
-def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None) -> PlannedAction:
-    key = key or hashlib.sha256(f"{rule}|{lead_id}".encode()).hexdigest()
-    payload = {
-        "text": text or f"Call lead {lead_id}",
-        "complete_till": 1_900_000_000 + lead_id,
-        "entity_id": lead_id,
-        "entity_type": "leads",
-        "task_type_id": task_type,
-        "responsible_user_id": RESPONSIBLE,
-        "request_id": key[:32],
-    }
-    return PlannedAction(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload, kind="create_task")
+from tests.helpers.actions import RESPONSIBLE, TASK_TYPE, planned, sender
 
 
 class Clock:
@@ -43,10 +27,6 @@ class Clock:
 
     def advance(self, seconds):
         self.now += seconds
-
-
-def sender(store, clock=None, **kw) -> ActionSender:
-    return ActionSender(store, lambda sub: client_for(store, sub), clock=clock or time.time, **kw)
 
 
 def tasks_for(fake, lead_id):

@@ -8,11 +8,8 @@ and a real local HTTP receiver for notify.
 from __future__ import annotations
 
 import hashlib
-import http.server
-import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,6 +20,7 @@ from amohook.actions.notify import idempotency_key
 from amohook.amocrm.client import client_for
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env, run_cli
+from tests.helpers.actions import Receiver, notify
 
 
 class Clock:
@@ -238,48 +236,6 @@ def test_an_option_amocrm_does_not_know_is_rejected_with_its_reason(store, fake,
 
 
 # -- notify ------------------------------------------------------------------------------------
-class Receiver:
-    """A real HTTP server on 127.0.0.1: records messages, answers as told, honours Idempotency-Key."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.messages: list[tuple[str, dict]] = []
-        self.seen: set[str] = set()
-        self.answers: list[int | str] = []  # per request: a status, or "drop" (read, then hang up)
-        self.connections = 0
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def setup(self):
-                receiver.connections += 1
-                super().setup()
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                key = self.headers.get("Idempotency-Key", "")
-                answer = receiver.answers.pop(0) if receiver.answers else 200
-                if answer in (200, "drop") and key not in receiver.seen:
-                    receiver.seen.add(key)
-                    receiver.messages.append((key, json.loads(body)))
-                if answer == "drop":
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                self.send_response(answer)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://{host}:{self.port}/hook/s3cr3t-token"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -287,22 +243,6 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
-
-
-def notify(lead_id: int, text: str = "Won: Acme") -> PlannedAction:
-    key = hashlib.sha256(f"notify|{lead_id}".encode()).hexdigest()
-    return PlannedAction(
-        key=key,
-        rule="r",
-        account="example",
-        lead_id=lead_id,
-        kind="notify",
-        payload={
-            "url_env": "CHAT_URL",
-            "json": {"text": text, "lead": {"id": lead_id}},
-            "idempotency_key": idempotency_key(key),
-        },
-    )
 
 
 def test_a_message_is_posted_once_with_its_idempotency_key(store, account, receiver):

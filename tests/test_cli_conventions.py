@@ -9,8 +9,7 @@ import json
 import pytest
 
 from tests.conftest import cli_env, run_cli, run_cli_here
-from tests.test_docs import all_commands
-from tests.test_inbox import filled  # noqa: F401  (a store with a dead and a pending event)
+from tests.helpers.commands import all_commands
 
 SECRETS = {
     "AMOHOOK_CLIENT_SECRET": "VALUE-OF-CLIENT-SECRET-4711",
