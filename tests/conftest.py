@@ -152,10 +152,41 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'amohook.db'}"
 
 
-@pytest.fixture
-def store(db_url):
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A store migrated once per test process, for ``store`` to copy: creating the schema costs
+    20-50 ms, copying the file about 1 ms (the migrations have tests of their own: test_schema_check)."""
     from amohook.store import open_store
 
+    path = tmp_path_factory.mktemp("template") / "amohook.db"
+    open_store(f"sqlite:///{path}").close()
+    return path
+
+
+def copy_template(template: Path, url: str) -> None:
+    """Put a copy of the migrated template where ``url`` points, as `open_store` leaves a new store:
+    mode 0600, each schema version applied now."""
+    import shutil
+    import sqlite3
+    import time
+
+    from amohook.store.db import sqlite_file
+
+    path = sqlite_file(url)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with open(fd, "wb") as out, open(template, "rb") as src:
+        shutil.copyfileobj(src, out)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET applied_at = ?", (time.time(),))
+    conn.close()
+
+
+@pytest.fixture
+def store(db_url, request):
+    from amohook.store import open_store
+
+    if db_url.startswith("sqlite:"):
+        copy_template(request.getfixturevalue("sqlite_template"), db_url)
     s = open_store(db_url)
     yield s
     s.close()
@@ -200,8 +231,11 @@ def cli_env(db_url: str, **extra: str) -> dict:
 
 
 # Commands whose tests learn nothing more from a process of their own: they run in this process
-# (about 0.3 s less each). Commands that own signals, logging, threads, prompts or a lease across
-# processes (serve, worker, refresh-token, init-auth, sync-entities) always get a real process.
+# (about 0.3 s of CPU less each, most of the fast loop's cost). `worker --once` and `refresh-token`
+# run here too: one call takes and releases its lease and sets up logging and signals, which
+# ``run_cli_here`` restores after. What needs a process (serve, a running worker, init-auth's
+# prompt, sync-entities' progress on a terminal, handlers imported from files, leases held across
+# processes, signals, kill -9) gets one. AMOHOOK_TEST_SUBPROCESS=1 runs every command in a process.
 IN_PROCESS = {
     "status",
     "events",
@@ -213,7 +247,18 @@ IN_PROCESS = {
     "pipelines",
     "users",
     "task-types",
+    "refresh-token",
 }
+
+
+def in_process(args: list[str]) -> bool:
+    """Whether ``run_cli`` runs ``args`` here: the commands above, `worker --once` without
+    ``--handler`` (a handler module imported here would stay in this process's ``sys.modules``)."""
+    if not args or os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
+        return False
+    if args[0] == "worker":
+        return "--once" in args and not any(a == "--handler" or a.startswith("--handler=") for a in args)
+    return args[0] in IN_PROCESS
 
 
 def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -222,14 +267,22 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
     test (and each pytest-xdist worker, a process of its own) runs one command at a time."""
     import contextlib
     import io
+    import logging
+    import signal
 
     from amohook.cli.app import run
+    from amohook.cli.logs import LIBRARIES
 
     class Captured(io.StringIO):
         encoding = "utf-8"  # as a pipe from a UTF-8 locale: the output may hold ✓ and Cyrillic
 
     out, err = Captured(), Captured()
     saved = dict(os.environ)
+    # What a command sets up for its process: the handlers and levels of logging, and signals.
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in ("amohook", *LIBRARIES))]
+    levels = [(logger, logger.level) for logger in loggers]
+    handlers = logging.getLogger().handlers[:]
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         os.environ.clear()
         os.environ.update(env if env is not None else cli_env(db_url))
@@ -238,13 +291,18 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        logging.getLogger().handlers[:] = handlers
+        for logger, level in levels:
+            logger.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
     return subprocess.CompletedProcess(["amohook", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str | None = None, timeout: float = 60):
     """Run the real `amohook`, as cron or an admin would: in a subprocess, or in this process for
-    the commands in ``IN_PROCESS`` (same entry point, same exit codes and output)."""
-    if input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
+    the commands ``in_process`` names (same entry point, same exit codes and output)."""
+    if input is None and in_process(args):
         return run_cli_here(args, db_url, env)
     return subprocess.run(
         [sys.executable, "-m", "amohook", *args],
