@@ -127,7 +127,7 @@ def test_the_readme_service_setup_makes_private_files(tmp_path):
     assert (mode("etc/amohook.env"), mode("etc/rules.toml"), mode("state")) == (0o600, 0o640, 0o700)
 
 
-def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):  # noqa: F811 (crm is a fixture)
+def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):
     """The "Use it from Python" block, as written (the port moved to a free one), in its own
     process: a webhook in, the rule's task and the handler's call out, and SIGTERM stops it."""
     import os
