@@ -97,6 +97,10 @@ class ActionKind:
     def summary(self, compiled: Any) -> dict:
         return {}
 
+    def preview(self, planned: PlannedAction, compiled: Any, rule) -> str:
+        """One line saying what this planned action would do (``rules test``, ``rules explain``)."""
+        return self.describe(compiled, rule)
+
     def moves_to(self, compiled: Any, rule) -> tuple[int | None, int] | None:
         """The (pipeline, stage) this action moves a lead to, if it does (cycle check)."""
         return None

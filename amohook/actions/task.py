@@ -19,6 +19,7 @@ from amohook.rules.template import (
     responsible_of,
     template_fields,
     template_values,
+    utc_minute,
 )
 
 
@@ -87,6 +88,10 @@ class CreateTask(CreateKind):
 
     def summary(self, compiled):
         return {"task_type_id": compiled.task_type_id, "responsible": compiled.responsible_user_id or "lead"}
+
+    def preview(self, planned, compiled, rule):
+        p = planned.payload
+        return f"task {p['text']!r} due {utc_minute(p['complete_till'])} for user {p['responsible_user_id']}"
 
     def needs_lead(self, rule, compiled, change):
         # A task needs a responsible user; the template may need the lead's name.

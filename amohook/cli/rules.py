@@ -1,4 +1,4 @@
-"""`amohook rules check`: validate a rules file against the synced store."""
+"""`amohook rules`: check a rules file, rehearse it over amoCRM's history, explain a lead."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state
+from amohook.cli.common import CONTEXT_SETTINGS, iso, print_json, say, state
 
 rules_app = typer.Typer(
     no_args_is_help=True,
@@ -41,6 +41,99 @@ def check(
         where = f"pipeline {r.pipeline_name!r}" if r.pipeline_name else "any pipeline"
         say(f"ok  {r.name}: {r.spec.when} in {where} → {describe_actions(r)}")
     say(f"{len(compiled)} rule{'s' if len(compiled) != 1 else ''} valid")
+
+
+SinceOpt = Annotated[str, typer.Option("--since", help="How far back to look (30m, 2h, 7d).")]
+SubdomainOpt = Annotated[
+    str | None, typer.Option("--subdomain", "-s", help="The account (default: the only one stored).")
+]
+EXAMPLES = 3  # actions shown per rule in the text output; --json lists them all
+
+
+def _compiled(ctx: typer.Context, rules: str | None):
+    from amohook.errors import ConfigError
+    from amohook.rules import load_and_compile
+
+    if not rules:
+        raise ConfigError("no rules file — give --rules FILE or set AMOHOOK_RULES")
+    store = state(ctx).store()
+    return store, load_and_compile(rules)
+
+
+def _window(since: str) -> tuple[int, int]:
+    import time
+
+    from amohook.settings import parse_duration
+
+    seconds = parse_duration(since, option="--since")
+    if seconds is None:
+        from amohook.errors import ConfigError
+
+        raise ConfigError(f"--since '{since}' — give how far back to look, e.g. 7d")
+    now = int(time.time())
+    return now - int(seconds), now
+
+
+@rules_app.command("test")
+def test(
+    ctx: typer.Context,
+    rules: RulesOpt = None,
+    since: SinceOpt = "7d",
+    subdomain: SubdomainOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+):
+    """Show what the rules would have done over amoCRM's events log, doing nothing (reads only)."""
+    from amohook.amocrm.client import client_for
+    from amohook.recovery.rehearse import CANNOT_KNOW, rehearse
+    from amohook.tokens import get_account
+
+    store, compiled = _compiled(ctx, rules)
+    account = get_account(subdomain)
+    window_from, window_to = _window(since)
+    result = rehearse(
+        client_for(store, account.subdomain),
+        compiled,
+        account.subdomain,
+        window_from=window_from,
+        window_to=window_to,
+        timezone=account.timezone,
+    )
+    if as_json:
+        print_json(
+            {
+                "window": {"from": iso(result.window_from), "to": iso(result.window_to)},
+                "changes": result.changes,
+                "rules": [
+                    {"name": r.name, "matched": r.matched, "actions": [a.as_dict() for a in r.actions]}
+                    for r in result.rules
+                ],
+            }
+        )
+        return
+    from amohook.cli.common import fmt_time
+
+    say(
+        f"{account.subdomain}: {result.changes} lead change(s) in amoCRM's events log from "
+        f"{fmt_time(result.window_from)} to {fmt_time(result.window_to)} ({result.requests} read request(s); "
+        "nothing was sent, queued or recorded)"
+    )
+    total = 0
+    for r in result.rules:
+        total += len(r.actions)
+        if not r.rehearsed:
+            say(f"-   {r.name}: {r.when} — not rehearsed (the events log cannot replay it)")
+            continue
+        mark = "*" if r.actions else "-"
+        say(f"{mark}   {r.name}: matched {r.matched} change(s), would plan {len(r.actions)} action(s)")
+        for a in r.actions[:EXAMPLES]:
+            flag = " — skipped by the loop guard" if a.skipped else ""
+            say(f"      {fmt_time(a.at)}  lead {a.lead}: {a.summary}{flag}")
+        if len(r.actions) > EXAMPLES:
+            say(f"      … and {len(r.actions) - EXAMPLES} more (--json lists them all)")
+        for note in sorted(set(r.notes))[:EXAMPLES]:
+            say(f"      note: {note}")
+    say(f"total: {total} action(s) from {len(result.rules)} rule(s)")
+    say(f"what this cannot know: {CANNOT_KNOW}; chains of rules (a rule's own move) are not followed")
 
 
 def register(app: typer.Typer) -> None:

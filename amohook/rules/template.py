@@ -130,6 +130,11 @@ def due_timestamp(due: str, base: float, tz: str | None) -> int:
     return int(at.timestamp())
 
 
+def utc_minute(ts: float) -> str:
+    """A due time in a one-line preview: ISO 8601 to the minute, UTC."""
+    return datetime.fromtimestamp(ts, ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%MZ")
+
+
 def _zone(tz: str | None):
     try:
         return ZoneInfo(tz) if tz else ZoneInfo("UTC")

@@ -1,0 +1,125 @@
+"""`rules test` and `rules explain`: the rules over amoCRM's history, doing nothing; why a lead got no task.
+
+The history lives in the fake amoCRM's events log; `rules test`, `rules explain`, `reconcile` and
+the worker run as the real CLI. Every test runs on SQLite, MariaDB and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from amohook.store.models import Action, ChangeSeen, Delivery, Event, ReconcileState
+from tests.conftest import run_cli
+from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
+
+RULES = """
+[[rule]]
+name = "call qualified leads"
+when = "lead.stage_changed"
+pipeline = "Sales"
+to_stage = "Qualified"
+[rule.create_task]
+type = "Call"
+text = "Call {lead.name} about the offer"
+due = "+1d"
+
+[[rule]]
+name = "note a lead that left Qualified"
+when = "lead.stage_changed"
+pipeline = "Sales"
+from_stage = "Qualified"
+[rule.add_note]
+text = "{lead.name} left Qualified"
+
+[[rule]]
+name = "after a call"
+when = "task.completed"
+task_type = "Call"
+[rule.add_note]
+text = "called"
+"""
+
+
+def history(fake, crm) -> dict[str, int]:
+    """Three leads over the last hour: A into Qualified, out, in again; B in; C in and out; D stays New."""
+    start = int(time.time()) - 3600
+    ids = {}
+    for i, name in enumerate("ABCD"):
+        ids[name] = fake.add_lead(f"Lead {name}", crm["pipeline"], crm["new"], crm["anna"], lead_id=7001 + i)["id"]
+    moves = [
+        ("A", crm["qualified"]),
+        ("A", crm["new"]),
+        ("B", crm["qualified"]),
+        ("C", crm["qualified"]),
+        ("A", crm["qualified"]),
+        ("C", crm["new"]),
+    ]
+    for n, (name, stage) in enumerate(moves):
+        fake.move_lead(ids[name], stage, crm["pipeline"], at=start + 60 * n)
+    return ids
+
+
+def rules_file(tmp_path) -> str:
+    path = tmp_path / "rehearse.toml"
+    path.write_text(RULES)
+    return str(path)
+
+
+def store_rows() -> dict[str, int]:
+    return {m.__name__: m.select().count() for m in (Delivery, Event, Action, ChangeSeen, ReconcileState)}
+
+
+def test_rules_test_gives_exact_counts_writes_nothing_and_a_real_run_then_does_everything(store, fake, crm, tmp_path):
+    ids = history(fake, crm)
+    rules = rules_file(tmp_path)
+    fake.clear_requests()
+    before = store_rows()
+
+    result = run_cli(["rules", "test", "--rules", rules, "--since", "2h", "--json"], store.url)
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"window", "changes", "rules"}
+    assert set(report["window"]) == {"from", "to"} and report["window"]["to"].endswith("Z")
+    assert report["changes"] == 6
+    by_name = {r["name"]: r for r in report["rules"]}
+    calls = by_name["call qualified leads"]
+    assert calls["matched"] == 4
+    assert sorted(a["lead"] for a in calls["actions"]) == sorted([ids["A"], ids["A"], ids["B"], ids["C"]])
+    assert all(set(a) == {"lead", "kind", "summary"} and a["kind"] == "create_task" for a in calls["actions"])
+    assert "Call Lead B about the offer" in next(a["summary"] for a in calls["actions"] if a["lead"] == ids["B"])
+    left = by_name["note a lead that left Qualified"]
+    assert left["matched"] == 2 and sorted(a["lead"] for a in left["actions"]) == sorted([ids["A"], ids["C"]])
+    assert by_name["after a call"] == {"name": "after a call", "matched": 0, "actions": []}
+    # Reads only, and nothing of amohook's written: the fake saw GETs, the store holds what it held.
+    assert fake.requests and {r.method for r in fake.requests} == {"GET"}
+    assert store_rows() == before
+
+    # Running the rules for real afterwards still does everything the rehearsal showed.
+    assert run_cli(["reconcile", "--since", "2h", "--json"], store.url).returncode == 0
+    worker = run_cli(["worker", "--rules", rules, "--once", "--reconcile", "off"], store.url)
+    assert worker.returncode == 0, worker.stderr
+    tasks = sorted(t["entity_id"] for t in fake.tasks.values())
+    assert tasks == sorted(a["lead"] for a in calls["actions"])
+    notes = sorted(
+        n["entity_id"] for n in fake.notes.values() if n.get("params", {}).get("text", "").endswith("left Qualified")
+    )
+    assert notes == sorted(a["lead"] for a in left["actions"])
+
+
+def test_rules_test_costs_a_page_of_the_log_and_a_batched_lead_read(store, fake, crm, tmp_path):
+    history(fake, crm)
+    fake.clear_requests()
+
+    result = run_cli(["rules", "test", "--rules", rules_file(tmp_path), "--since", "2h"], store.url)
+
+    assert result.returncode == 0, result.stderr
+    paths = sorted(r.path for r in fake.requests)
+    assert paths == ["/api/v4/events", "/api/v4/leads"]
+    out = result.stdout
+    assert "6 lead change(s)" in out
+    assert "call qualified leads: matched 4 change(s), would plan 4 action(s)" in out
+    assert "… and 1 more" in out
+    assert "after a call: task.completed — not rehearsed" in out
+    assert "judged on the leads as they are now" in out
