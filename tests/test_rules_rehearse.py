@@ -123,3 +123,110 @@ def test_rules_test_costs_a_page_of_the_log_and_a_batched_lead_read(store, fake,
     assert "… and 1 more" in out
     assert "after a call: task.completed — not rehearsed" in out
     assert "judged on the leads as they are now" in out
+
+
+EXPLAIN_RULES = """
+[[rule]]
+name = "call qualified leads"
+when = "lead.stage_changed"
+pipeline = "Sales"
+to_stage = "Qualified"
+[rule.create_task]
+type = "Call"
+text = "Call {lead.name}"
+
+[[rule]]
+name = "big deals"
+when = "lead.stage_changed"
+pipeline = "Sales"
+to_stage = "Qualified"
+[[rule.condition]]
+field = "Budget"
+equals = "big"
+[rule.add_note]
+text = "a big one"
+
+[[rule]]
+name = "back to New"
+when = "lead.stage_changed"
+pipeline = "Sales"
+to_stage = "New"
+[rule.add_note]
+text = "back"
+"""
+
+
+def with_budget(store, fake) -> dict:
+    """A "Budget" lead field in the fake, synced into the store (the rules' condition names it)."""
+    from amohook.amocrm.client import client_for
+    from amohook.sync import sync_entities
+
+    budget = fake.add_custom_field("Budget")
+    sync_entities(store, client_for(store, "example"))
+    return budget
+
+
+def explain(store, tmp_path, lead: int, *extra: str):
+    path = tmp_path / "explain.toml"
+    path.write_text(EXPLAIN_RULES)
+    return run_cli(["rules", "explain", "--rules", str(path), "--lead", str(lead), *extra], store.url)
+
+
+def test_explain_names_the_failing_condition_with_the_value_seen_and_what_fired(store, fake, crm, tmp_path):
+    from tests.test_reconcile import deliver
+
+    budget = with_budget(store, fake)
+    lead = fake.add_lead("Acme", crm["pipeline"], crm["new"], crm["anna"], lead_id=7101)
+    item = fake.move_lead(lead["id"], crm["qualified"], crm["pipeline"], at=int(time.time()) - 600)
+    item["custom_fields"] = [{"id": str(budget["id"]), "name": "Budget", "values": [{"value": "small"}]}]
+    deliver(store, fake, "status", [item])
+    path = tmp_path / "explain.toml"
+    path.write_text(EXPLAIN_RULES)
+    worker = run_cli(["worker", "--rules", str(path), "--once", "--reconcile", "off"], store.url)
+    assert worker.returncode == 0, worker.stderr
+    [task_id] = fake.tasks
+    fake.clear_requests()
+
+    result = explain(store, tmp_path, lead["id"], "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    [change] = report["changes"]
+    assert change["kind"] == "stage_changed" and "'New' → 'Qualified'" in change["what"]
+    assert change["seen"][0].startswith("webhook")
+    verdicts = {v["name"]: v for v in change["rules"]}
+    assert verdicts["call qualified leads"]["fired"] is True
+    assert verdicts["call qualified leads"]["actions"][0]["amocrm_id"] == task_id
+    assert verdicts["call qualified leads"]["actions"][0]["status"] == "done"
+    assert verdicts["big deals"]["fired"] is False
+    assert verdicts["big deals"]["reason"] == "condition failed: 'Budget' equals 'big' — the value seen was 'small'"
+    assert verdicts["back to New"]["reason"].startswith("another stage: the lead entered 'Qualified'")
+    assert {r.method for r in fake.requests} == {"GET"}
+
+    text = explain(store, tmp_path, lead["id"])
+    assert text.returncode == 0, text.stderr
+    assert f"fired  call qualified leads: create_task done (amoCRM id {task_id})" in text.stdout
+    assert "no     big deals: condition failed: 'Budget' equals 'big' — the value seen was 'small'" in text.stdout
+
+
+def test_explain_shows_a_change_only_the_events_log_holds_and_one_still_queued(store, fake, crm, tmp_path):
+    from tests.test_reconcile import deliver
+
+    with_budget(store, fake)
+    lead = fake.add_lead("Acme", crm["pipeline"], crm["new"], crm["anna"], lead_id=7102)
+    now = int(time.time())
+    queued = fake.move_lead(lead["id"], crm["qualified"], crm["pipeline"], at=now - 900)
+    deliver(store, fake, "status", [queued])  # received, not yet handled by a worker
+    fake.move_lead(lead["id"], crm["new"], crm["pipeline"], at=now - 300)  # its webhook never came
+
+    result = explain(store, tmp_path, lead["id"], "--json")
+
+    assert result.returncode == 0, result.stderr
+    first, second = json.loads(result.stdout)["changes"]
+    assert first["seen"][0].startswith("webhook") and first["seen"][1].startswith("events log")  # one change
+    calls = next(v for v in first["rules"] if v["name"] == "call qualified leads")
+    assert calls["fired"] is False and calls["reason"].startswith("still pending: the worker has not handled event")
+    assert second["seen"] == []
+    back = next(v for v in second["rules"] if v["name"] == "back to New")
+    assert back["fired"] is False and back["reason"].startswith("amohook never saw this change")
+    assert store_rows()["Action"] == 0

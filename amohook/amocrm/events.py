@@ -35,6 +35,7 @@ def fetch_events(
     created_to: int,
     entity: str | None = None,
     max_pages: int = 1000,
+    entity_id: int | None = None,
 ) -> list[dict]:
     """Every event of ``types`` with ``created_from <= created_at <= created_to``, sorted by (created_at, id).
 
@@ -43,7 +44,13 @@ def fetch_events(
     found = [
         event
         for page in iter_event_pages(
-            client, types=types, created_from=created_from, created_to=created_to, entity=entity, max_pages=max_pages
+            client,
+            types=types,
+            created_from=created_from,
+            created_to=created_to,
+            entity=entity,
+            max_pages=max_pages,
+            entity_id=entity_id,
         )
         for event in page
     ]

@@ -136,5 +136,59 @@ def test(
     say(f"what this cannot know: {CANNOT_KNOW}; chains of rules (a rule's own move) are not followed")
 
 
+@rules_app.command("explain")
+def explain(
+    ctx: typer.Context,
+    lead: Annotated[int, typer.Option("--lead", help="The lead's amoCRM id.", min=1)],
+    rules: RulesOpt = None,
+    since: SinceOpt = "7d",
+    subdomain: SubdomainOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+):
+    """Why did a lead get (or not get) a task: each of its changes, each rule, what it did or why not."""
+    from amohook.amocrm.client import client_for
+    from amohook.recovery.explain import explain_lead
+    from amohook.tokens import get_account
+
+    store, compiled = _compiled(ctx, rules)
+    account = get_account(subdomain)
+    window_from, window_to = _window(since)
+    changes = explain_lead(
+        client_for(store, account.subdomain),
+        compiled,
+        account.subdomain,
+        lead,
+        window_from=window_from,
+        window_to=window_to,
+    )
+    if as_json:
+        print_json(
+            {
+                "lead": lead,
+                "window": {"from": iso(window_from), "to": iso(window_to)},
+                "changes": [c.as_dict(iso) for c in changes],
+            }
+        )
+        return
+    from amohook.cli.common import fmt_time
+
+    say(
+        f"lead {lead} in {account.subdomain}: {len(changes)} change(s) "
+        f"from {fmt_time(window_from)} to {fmt_time(window_to)}"
+    )
+    for c in changes:
+        seen = ", ".join(c.seen) if c.seen else "not seen by amohook (only in amoCRM's events log)"
+        say(f"{fmt_time(c.at)}  {c.kind}: {c.what} — {seen}")
+        for v in c.rules:
+            done = "; ".join(
+                f"{a['kind']} {a['status']}" + (f" (amoCRM id {a['amocrm_id']})" if a["amocrm_id"] else "")
+                for a in v.actions
+            )
+            if v.fired:
+                say(f"  fired  {v.rule}: {done}" + (f" — {v.reason}" if v.reason else ""))
+            else:
+                say(f"  no     {v.rule}: {v.reason}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(rules_app, name="rules")
