@@ -42,7 +42,8 @@ text = "called"
 
 
 def history(fake, crm) -> dict[str, int]:
-    """Three leads over the last hour: A into Qualified, out, in again; B in; C in and out; D stays New."""
+    """Over the last hour: A into Qualified, out, in again; B in; C in and out; D stays New but changes
+    hands; E is created."""
     start = int(time.time()) - 3600
     ids = {}
     for i, name in enumerate("ABCD"):
@@ -57,6 +58,9 @@ def history(fake, crm) -> dict[str, int]:
     ]
     for n, (name, stage) in enumerate(moves):
         fake.move_lead(ids[name], stage, crm["pipeline"], at=start + 60 * n)
+    # Changes no rule here acts on: a lead created in New, D handed to another user.
+    fake.create_lead("Lead E", crm["pipeline"], crm["new"], crm["anna"], at=start + 600)
+    fake.change_responsible(ids["D"], fake.add_user("Boris", "boris@example.com")["id"], at=start + 660)
     return ids
 
 
@@ -82,7 +86,7 @@ def test_rules_test_gives_exact_counts_writes_nothing_and_a_real_run_then_does_e
     report = json.loads(result.stdout)
     assert set(report) == {"window", "changes", "rules"}
     assert set(report["window"]) == {"from", "to"} and report["window"]["to"].endswith("Z")
-    assert report["changes"] == 6
+    assert report["changes"] == 8
     by_name = {r["name"]: r for r in report["rules"]}
     calls = by_name["call qualified leads"]
     assert calls["matched"] == 4
@@ -118,7 +122,7 @@ def test_rules_test_costs_a_page_of_the_log_and_a_batched_lead_read(store, fake,
     paths = sorted(r.path for r in fake.requests)
     assert paths == ["/api/v4/events", "/api/v4/leads"]
     out = result.stdout
-    assert "6 lead change(s)" in out
+    assert "8 lead change(s)" in out
     assert "call qualified leads: matched 4 change(s), would plan 4 action(s)" in out
     assert "… and 1 more" in out
     assert "after a call: task.completed — not rehearsed" in out

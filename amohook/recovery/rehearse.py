@@ -16,7 +16,6 @@ holds only what really happened; ``task.completed`` rules are not rehearsed (the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,10 +101,12 @@ def rehearse(
         for page in pages:
             result.entries += len(page)
             for entry in page:
-                lead_id = _lead_of(entry, [r for r, _ in active])
-                if lead_id is None:
-                    continue
+                changes = _changes_of(entry)
+                result.changes += len(changes)
+                if not any(might_match(r, c) and _may_match_here(r, c) for r, _ in active for c in changes):
+                    continue  # no rule can fire for it, whatever the lead holds: its lead is not read
                 entries.append(entry)
+                lead_id = int(entry["entity_id"])
                 if lead_id not in asked:
                     asked.add(lead_id)
                     unread.append(lead_id)
@@ -122,7 +123,6 @@ def rehearse(
         if shaped is None:
             continue
         for change in lead_changes("leads", *shaped):
-            result.changes += 1
             for rule, preview in active:
                 if not matches(rule, change):
                     continue
@@ -139,18 +139,15 @@ def _order(entry: dict) -> tuple[int, str]:
     return int(entry["created_at"]), str(entry.get("id"))
 
 
-def _lead_of(entry: dict, rules: Iterable[CompiledRule]) -> int | None:
-    """The entry's lead when some rule might fire for it (judged on the entry alone), else None."""
+def _changes_of(entry: dict) -> list[LeadChange]:
+    """The lead changes one log entry reports, judged on the entry alone (no lead read)."""
     try:
         shaped = webhook_item(entry, None)
         if shaped is None or not str(entry.get("entity_id")).isdecimal():
-            return None
-        changes = lead_changes("leads", *shaped)
+            return []
+        return lead_changes("leads", *shaped)
     except (TypeError, ValueError):  # a shape amoCRM does not document: passed over, as reconciliation does
-        return None
-    if not any(might_match(r, c) and _may_match_here(r, c) for r in rules for c in changes):
-        return None
-    return int(entry["entity_id"])
+        return []
 
 
 def _may_match_here(rule: CompiledRule, change: LeadChange) -> bool:
