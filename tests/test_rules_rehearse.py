@@ -234,3 +234,24 @@ def test_explain_shows_a_change_only_the_events_log_holds_and_one_still_queued(s
     back = next(v for v in second["rules"] if v["name"] == "back to New")
     assert back["fired"] is False and back["reason"].startswith("amohook never saw this change")
     assert store_rows()["Action"] == 0
+
+
+def test_rules_test_replays_the_loop_guard_for_a_lead_bouncing_between_stages(store, fake, crm, tmp_path):
+    lead = fake.add_lead("Bouncy", crm["pipeline"], crm["new"], crm["anna"], lead_id=7201)
+    start = int(time.time()) - 3600
+    for n in range(6):  # into Qualified six times within ten minutes
+        fake.move_lead(lead["id"], crm["qualified"], crm["pipeline"], at=start + 90 * n)
+        fake.move_lead(lead["id"], crm["new"], crm["pipeline"], at=start + 90 * n + 30)
+    path = tmp_path / "tag.toml"
+    path.write_text(
+        '[[rule]]\nname = "tag qualified"\nwhen = "lead.stage_changed"\npipeline = "Sales"\n'
+        'to_stage = "Qualified"\n[rule.set_field]\ntag = "hot"\n'
+    )
+
+    result = run_cli(["rules", "test", "--rules", str(path), "--since", "2h", "--json"], store.url)
+
+    assert result.returncode == 0, result.stderr
+    [rule] = json.loads(result.stdout)["rules"]
+    assert rule["matched"] == 6
+    summaries = [a["summary"] for a in rule["actions"]]
+    assert [s.startswith("skipped (loop guard") for s in summaries] == [False] * 5 + [True]
