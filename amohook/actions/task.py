@@ -91,7 +91,10 @@ class CreateTask(CreateKind):
 
     def preview(self, planned, compiled, rule):
         p = planned.payload
-        return f"task {p['text']!r} due {utc_minute(p['complete_till'])} for user {p['responsible_user_id']}"
+        user = p["responsible_user_id"]
+        return (
+            f"task {p['text']!r} due {utc_minute(p['complete_till'])} for {rule.user_names.get(user) or f'user {user}'}"
+        )
 
     def needs_lead(self, rule, compiled, change):
         # A task needs a responsible user; the template may need the lead's name.

@@ -16,7 +16,7 @@ holds only what really happened; ``task.completed`` rules are not rehearsed (the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from amohook.amocrm.events import iter_event_pages
@@ -48,6 +48,8 @@ class PreviewAction:
     summary: str
     at: int  # when the change that planned it happened (amoCRM's created_at)
     skipped: str | None = None  # the loop guard's reason, had it stopped this one
+    order: tuple = ()  # (at, log entry id, rule's place, action's place): the order changes happened
+    changes_lead: bool = False  # counted by the loop guard
 
     def as_dict(self) -> dict:
         summary = self.summary if self.skipped is None else f"skipped ({self.skipped}): {self.summary}"
@@ -81,7 +83,11 @@ class Rehearsal:
 def rehearse(
     client, rules: list[CompiledRule], account: str, *, window_from: int, window_to: int, timezone: str | None
 ) -> Rehearsal:
-    """Run ``rules`` over ``account``'s events log for the window; reads only (see the module doc)."""
+    """Run ``rules`` over ``account``'s events log for the window; reads only (see the module doc).
+
+    Each entry is planned as soon as its lead is read, so the work fits in the rate limit's waits;
+    the loop guard, which needs the changes in the order they happened, is replayed at the end.
+    """
     mine = [r for r in rules if r.account == account]
     result = Rehearsal(account, int(window_from), int(window_to))
     result.rules = [RulePreview(r.name, r.spec.when, rehearsed=r.spec.when in REHEARSED) for r in mine]
@@ -89,54 +95,57 @@ def rehearse(
         if not preview.rehearsed:
             result.notes.append(f"rule '{preview.name}' ({preview.when}) is not rehearsed: the log cannot replay it")
     active = [(r, p) for r, p in zip(mine, result.rules, strict=True) if p.rehearsed]
+    if not active:
+        return result
+    # The stage part of each rule (``matches`` without its conditions): decides before a lead read
+    # whether a rule could fire at all; the conditions need the lead.
+    where = [replace(r, spec=replace(r.spec, conditions=())) if r.spec.conditions else r for r, _ in active]
     before = client.requests_made
-    entries: list[dict] = []
     leads: dict[int, dict] = {}
-    unread: list[int] = []
-    asked: set[int] = set()
-    if active:
-        pages = iter_event_pages(
-            client, types=list(EVENT_ACTIONS), created_from=window_from, created_to=window_to, entity="lead"
-        )
-        for page in pages:
-            result.entries += len(page)
-            for entry in page:
-                changes = _changes_of(entry)
-                result.changes += len(changes)
-                if not any(might_match(r, c) and _may_match_here(r, c) for r, _ in active for c in changes):
-                    continue  # no rule can fire for it, whatever the lead holds: its lead is not read
-                entries.append(entry)
-                lead_id = int(entry["entity_id"])
-                if lead_id not in asked:
-                    asked.add(lead_id)
-                    unread.append(lead_id)
-            # Read the leads as soon as a batch is waiting, so memory holds entries, not pending ids.
-            while len(unread) >= LEAD_BATCH:
-                leads.update(fetch_leads(client, unread[:LEAD_BATCH]))
-                unread = unread[LEAD_BATCH:]
-        if unread:
-            leads.update(fetch_leads(client, unread))
-    guard = _Guard()
-    for entry in sorted(entries, key=_order):
-        lead = leads.get(int(entry["entity_id"]))
-        shaped = webhook_item(entry, lead)
-        if shaped is None:
-            continue
-        for change in lead_changes("leads", *shaped):
-            for rule, preview in active:
-                if not matches(rule, change):
-                    continue
-                preview.matched += 1
-                if lead is None:
-                    preview.notes.append(f"lead {change.lead_id} is gone (deleted, or no right to read it)")
-                    continue
-                _plan(rule, preview, change, entry, lead, timezone, guard)
+    read: set[int] = set()  # leads read (those amoCRM did not return are gone)
+    unread: list[int] = []  # leads asked for, waiting for a full batch
+    waiting: list[dict] = []  # entries whose lead is not read yet
+    plan = _Planner(active, timezone)
+
+    def read_batch(ids: list[int]) -> None:
+        nonlocal waiting
+        leads.update(fetch_leads(client, ids))
+        read.update(ids)
+        still = []
+        for entry in waiting:
+            if int(entry["entity_id"]) in read:
+                plan.entry(entry, leads.get(int(entry["entity_id"])))
+            else:
+                still.append(entry)
+        waiting = still
+
+    pages = iter_event_pages(
+        client, types=list(EVENT_ACTIONS), created_from=window_from, created_to=window_to, entity="lead"
+    )
+    for page in pages:
+        result.entries += len(page)
+        for entry in page:
+            changes = _changes_of(entry)
+            result.changes += len(changes)
+            if not any(
+                might_match(r, c) and matches(w, c) for (r, _), w in zip(active, where, strict=True) for c in changes
+            ):
+                continue  # no rule can fire for it, whatever the lead holds: its lead is not read
+            lead_id = int(entry["entity_id"])
+            if lead_id in read:
+                plan.entry(entry, leads.get(lead_id))
+                continue
+            waiting.append(entry)
+            if lead_id not in unread:
+                unread.append(lead_id)
+        while len(unread) >= LEAD_BATCH:
+            batch, unread = unread[:LEAD_BATCH], unread[LEAD_BATCH:]
+            read_batch(batch)
+    if unread:
+        read_batch(unread)
+    plan.replay_guard()
     result.requests = client.requests_made - before
     return result
-
-
-def _order(entry: dict) -> tuple[int, str]:
-    return int(entry["created_at"]), str(entry.get("id"))
 
 
 def _changes_of(entry: dict) -> list[LeadChange]:
@@ -150,54 +159,52 @@ def _changes_of(entry: dict) -> list[LeadChange]:
         return []
 
 
-def _may_match_here(rule: CompiledRule, change: LeadChange) -> bool:
-    """``matches`` before the lead is read: the stage part only (conditions need the lead)."""
-    return matches(rule, change) if not rule.spec.conditions else matches(_without_conditions(rule), change)
+class _Planner:
+    """Matches and plans entries as their leads arrive; replays the loop guard once all are in."""
 
+    def __init__(self, active: list[tuple[CompiledRule, RulePreview]], timezone: str | None):
+        from amohook.actions import kinds
 
-def _without_conditions(rule: CompiledRule) -> CompiledRule:
-    from dataclasses import replace
+        self.active = active
+        self.timezone = timezone
+        self.registry = kinds()
 
-    return replace(rule, spec=replace(rule.spec, conditions=()))
+    def entry(self, entry: dict, lead: dict | None) -> None:
+        shaped = webhook_item(entry, lead)
+        if shaped is None:
+            return
+        at = int(entry["created_at"])
+        for change in lead_changes("leads", *shaped):
+            for index, (rule, preview) in enumerate(self.active):
+                if not matches(rule, change):
+                    continue
+                preview.matched += 1
+                if lead is None:
+                    preview.notes.append(f"lead {change.lead_id} is gone (deleted, or no right to read it)")
+                    continue
+                ctx = PlanContext(at, self.timezone, f"events_log:{entry.get('id')}", lead)
+                planned, notes = plan_actions(rule, change, ctx)
+                preview.notes.extend(notes)
+                for n, p in enumerate(planned):
+                    kind = self.registry[p.kind]
+                    summary = kind.preview(p, rule.action(p.kind), rule)
+                    order = (at, str(entry.get("id")), index, n)
+                    preview.actions.append(
+                        PreviewAction(p.kind, p.lead_id, summary, at, None, order, kind.changes_lead)
+                    )
 
-
-class _Guard:
-    """The loop guard replayed in memory: rule-made lead changes per lead, by change time."""
-
-    def __init__(self):
-        self.times: dict[int, list[int]] = {}
-
-    def reason(self, lead: int, at: int) -> str | None:
-        recent = [t for t in self.times.get(lead, []) if at - WINDOW <= t <= at]
-        return stop_reason(len(recent)) if len(recent) >= MAX_CHANGES else None
-
-    def count(self, lead: int, at: int) -> None:
-        self.times.setdefault(lead, []).append(at)
-
-
-def _plan(
-    rule: CompiledRule,
-    preview: RulePreview,
-    change: LeadChange,
-    entry: dict,
-    lead: dict,
-    timezone: str | None,
-    guard: _Guard,
-) -> None:
-    from amohook.actions import kinds
-
-    registry = kinds()
-    at = int(entry["created_at"])
-    ctx = PlanContext(base_time=at, timezone=timezone, fallback=f"events_log:{entry.get('id')}", lead=lead)
-    planned, notes = plan_actions(rule, change, ctx)
-    preview.notes.extend(notes)
-    for p in planned:
-        kind = registry[p.kind]
-        skipped = None
-        if kind.changes_lead:
-            skipped = guard.reason(p.lead_id, at)
-            if skipped is None:
-                guard.count(p.lead_id, at)
-        preview.actions.append(
-            PreviewAction(p.kind, p.lead_id, kind.preview(p, rule.action(p.kind), rule), at, skipped)
-        )
+    def replay_guard(self) -> None:
+        """The actions in the order their changes happened, the loop guard's skips marked."""
+        for _, preview in self.active:
+            preview.actions.sort(key=lambda a: a.order)
+        changing = [
+            (a.order, preview, i) for _, preview in self.active for i, a in enumerate(preview.actions) if a.changes_lead
+        ]
+        times: dict[int, list[int]] = {}
+        for _, preview, i in sorted(changing, key=lambda c: c[0]):
+            action = preview.actions[i]
+            recent = [t for t in times.get(action.lead, []) if action.at - WINDOW <= t <= action.at]
+            if len(recent) >= MAX_CHANGES:
+                preview.actions[i] = replace(action, skipped=stop_reason(len(recent)))
+            else:
+                times.setdefault(action.lead, []).append(action.at)
