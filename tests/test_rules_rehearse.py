@@ -157,6 +157,13 @@ pipeline = "Sales"
 to_stage = "New"
 [rule.add_note]
 text = "back"
+
+[[rule]]
+name = "after the call"
+when = "task.completed"
+task_type = "Call"
+[rule.add_note]
+text = "called"
 """
 
 
@@ -206,6 +213,20 @@ def test_explain_names_the_failing_condition_with_the_value_seen_and_what_fired(
     assert verdicts["big deals"]["reason"] == "condition failed: 'Budget' equals 'big' — the value seen was 'small'"
     assert verdicts["back to New"]["reason"].startswith("another stage: the lead entered 'Qualified'")
     assert {r.method for r in fake.requests} == {"GET"}
+
+    assert verdicts["after the call"]["reason"] == "the rule is for task.completed; this change is lead.stage_changed"
+
+    # The call is completed: a task hook names the lead as its element; the worker adds the note.
+    from tests.test_rules_actions_e2e import deliver as deliver_entity
+
+    deliver_entity(store, fake, "task", "update", [fake.complete_task(task_id)])
+    worker = run_cli(["worker", "--rules", str(path), "--once", "--reconcile", "off"], store.url)
+    assert worker.returncode == 0, worker.stderr
+    [note_id] = [n for n, note in fake.notes.items() if note["params"]["text"] == "called"]
+    _, completed = json.loads(explain(store, tmp_path, lead["id"], "--json").stdout)["changes"]
+    assert completed["kind"] == "task_completed" and completed["what"] == f"task {task_id} completed"
+    after = next(v for v in completed["rules"] if v["name"] == "after the call")
+    assert after["fired"] is True and after["actions"][0]["amocrm_id"] == note_id
 
     text = explain(store, tmp_path, lead["id"])
     assert text.returncode == 0, text.stderr

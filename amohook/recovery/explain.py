@@ -71,6 +71,8 @@ def explain_lead(
         except ValueError:
             continue
         for change in rule_changes(event.entity, event.action, data):
+            if change.lead_id != lead_id:
+                continue
             key_at = _key_at(account, change, event)
             named = change if key_at is None else replace(change, changed_at=str(key_at))
             ident = (change.kind, change.status_id, change.old_status_id, change.responsible_user_id, key_at)
@@ -111,14 +113,22 @@ def explain_lead(
 
 
 def _events(account: str, lead_id: int, window_from: int, window_to: int) -> list[Any]:
-    query = Event.select().where(
-        (Event.entity == "leads")
-        & (Event.entity_id == str(lead_id))
-        & ((Event.account == account) | Event.account.is_null())
+    """The lead's queued events in the window: its own, and task updates on it (``element_id``)."""
+    window = (
+        ((Event.account == account) | Event.account.is_null())
         & (Event.received_at >= window_from)
         & (Event.received_at < window_to + 1)  # the window's end is a whole second; receipt times are not
     )
-    return list(query.order_by(Event.received_at, Event.id))
+    own = Event.select().where(window & (Event.entity == "leads") & (Event.entity_id == str(lead_id)))
+    # A task hook's item is stored as compact JSON of strings (amohook.inbox): a LIKE narrows the
+    # task updates to this lead's; rule_changes then checks the element exactly.
+    tasks = Event.select().where(
+        window
+        & (Event.entity == "tasks")
+        & (Event.action == "update")
+        & Event.data.contains(f'"element_id":"{int(lead_id)}"')
+    )
+    return sorted([*own, *tasks], key=lambda e: (e.received_at, e.id))
 
 
 def _log(client, lead_id: int, window_from: int, window_to: int) -> list[dict]:
