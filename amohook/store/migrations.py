@@ -103,11 +103,18 @@ def _add_missing_indexes(store: Store, *tables) -> None:
                 store.db.execute(index)
 
 
+def _v5_watchdog_removals(store: Store) -> None:
+    """subscription.removed_at (what the watchdog removed itself, to re-add), action(event_id)."""
+    _add_columns(store, 5, models.Subscription, "removed_at")
+    _add_missing_indexes(store, models.Action)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (1, _v1_initial),
     (2, _v2_refresh_marker),
     (3, _v3_reconciliation),
     (4, _v4_store_setting),
+    (5, _v5_watchdog_removals),
 ]
 LATEST = MIGRATIONS[-1][0]
 

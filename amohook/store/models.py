@@ -244,7 +244,8 @@ class Action(BaseModel):
     updated_at = DoubleField(default=now)
 
     class Meta:
-        indexes = ((("status", "updated_at"), False),)  # retention
+        # retention: finished actions by age; whether an event still has a failed action
+        indexes = ((("status", "updated_at"), False), (("event_id",), False))
 
 
 class ChangeSeen(BaseModel):
@@ -305,6 +306,9 @@ class Subscription(BaseModel):
     events = TextField(default="[]")  # JSON list of amoCRM event codes
     created_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
+    # Set (before the DELETE is sent) while amohook itself has removed the destination to switch it
+    # back on, cleared once it is seen again: the watchdog re-adds it instead of calling it missing.
+    removed_at = DoubleField(null=True)
 
     class Meta:
         indexes = ((("account", "destination_sha256"), True),)
