@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from amohook.recovery.identity import TOLERANCE, Sighting, _candidates, _match, describe, is_known, sighting_of
 from amohook.recovery.reconcile import EVENT_ACTIONS, webhook_item
+from amohook.recovery.rehearse import log_changes
 from amohook.rules.changes import LeadChange, lead_changes, rule_changes
 from amohook.rules.match import condition_holds, trigger_of
 from amohook.store.models import Action, Event, Pipeline, Stage
@@ -89,13 +90,10 @@ def explain_lead(
     lead: dict | None = None
     lead_read = False
     for entry in _log(client, lead_id, window_from, window_to):
-        shaped = webhook_item(entry, None)
-        if shaped is None:
-            continue
-        changes = lead_changes("leads", *shaped)
+        changes = log_changes(entry)
         if all(_known(account, c) for c in changes):
             continue  # amohook saw it: explained above from the store
-        queued = [q for c in changes if (q := _queued(unregistered, account, c)) is not None]
+        queued = [q for c in changes if (q := _queued(unregistered, c)) is not None]
         if queued and len(queued) == len(changes):
             for q in queued:
                 q.seen.append(f"events log (entry {str(entry.get('id'))[:40]})")
@@ -104,8 +102,8 @@ def explain_lead(
             from amohook.amocrm.leads import fetch_leads
 
             lead, lead_read = fetch_leads(client, [lead_id]).get(lead_id), True
-        shaped = webhook_item(entry, lead) or shaped
-        for change in lead_changes("leads", *shaped):
+        shaped = webhook_item(entry, lead)
+        for change in lead_changes("leads", *shaped) if shaped else changes:
             explained = ChangeExplained(int(entry["created_at"]), change.kind, names.what(change), [])
             explained.rules = [_unseen_verdict(r, change, names) for r in mine]
             found[("log", str(entry.get("id")), change.kind)] = explained
@@ -149,6 +147,7 @@ def _key_at(account: str, change: LeadChange, event) -> int | None:
     if change.kind == "task_completed":
         return None
     s = sighting_of(account, change, source=event.source, received_at=event.received_at)
+    # identify()'s own matching, without its lock and its write: explain records nothing.
     row, _ = _match(_candidates(s), s)
     return None if row is None else int(row.key_at)
 
@@ -161,9 +160,7 @@ def _known(account: str, change: LeadChange) -> bool:
     )
 
 
-def _queued(
-    unregistered: list[tuple[Sighting, ChangeExplained]], account: str, change: LeadChange
-) -> ChangeExplained | None:
+def _queued(unregistered: list[tuple[Sighting, ChangeExplained]], change: LeadChange) -> ChangeExplained | None:
     """The queued, not yet handled change this log entry reports (as the registry would join them)."""
     target, origin = describe(change)
     at = int(change.changed_at or 0)

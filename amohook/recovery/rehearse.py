@@ -125,7 +125,7 @@ def rehearse(
     for page in pages:
         result.entries += len(page)
         for entry in page:
-            changes = _changes_of(entry)
+            changes = log_changes(entry)
             result.changes += len(changes)
             if not any(
                 might_match(r, c) and matches(w, c) for (r, _), w in zip(active, where, strict=True) for c in changes
@@ -148,7 +148,7 @@ def rehearse(
     return result
 
 
-def _changes_of(entry: dict) -> list[LeadChange]:
+def log_changes(entry: dict) -> list[LeadChange]:
     """The lead changes one log entry reports, judged on the entry alone (no lead read)."""
     try:
         shaped = webhook_item(entry, None)
