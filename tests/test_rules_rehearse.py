@@ -276,3 +276,23 @@ def test_rules_test_replays_the_loop_guard_for_a_lead_bouncing_between_stages(st
     assert rule["matched"] == 6
     summaries = [a["summary"] for a in rule["actions"]]
     assert [s.startswith("skipped (loop guard") for s in summaries] == [False] * 5 + [True]
+
+
+def test_rules_test_judges_a_condition_on_the_lead_as_it_is_now(store, fake, crm, tmp_path):
+    budget = with_budget(store, fake)
+    start = int(time.time()) - 3600
+    for lead_id, value in ((7301, "big"), (7302, "small")):
+        fields = [{"field_id": budget["id"], "field_name": "Budget", "values": [{"value": value}]}]
+        fake.add_lead(f"Lead {lead_id}", crm["pipeline"], crm["new"], crm["anna"], lead_id=lead_id)
+        fake.leads[lead_id]["custom_fields_values"] = fields
+        fake.move_lead(lead_id, crm["qualified"], crm["pipeline"], at=start)
+    path = tmp_path / "explain.toml"
+    path.write_text(EXPLAIN_RULES)
+
+    result = run_cli(["rules", "test", "--rules", str(path), "--since", "2h", "--json"], store.url)
+
+    assert result.returncode == 0, result.stderr
+    by_name = {r["name"]: r for r in json.loads(result.stdout)["rules"]}
+    assert by_name["call qualified leads"]["matched"] == 2
+    assert by_name["big deals"]["matched"] == 1
+    assert [a["lead"] for a in by_name["big deals"]["actions"]] == [7301]
