@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from amohook.recovery.identity import TOLERANCE, Sighting, _candidates, _match, describe, is_known, sighting_of
+from amohook.recovery.identity import TOLERANCE, Sighting, describe, is_known, peek, sighting_of
 from amohook.recovery.reconcile import EVENT_ACTIONS, webhook_item
 from amohook.recovery.rehearse import log_changes
 from amohook.rules.changes import LeadChange, lead_changes, rule_changes
@@ -147,9 +147,7 @@ def _key_at(account: str, change: LeadChange, event) -> int | None:
     if change.kind == "task_completed":
         return None
     s = sighting_of(account, change, source=event.source, received_at=event.received_at)
-    # identify()'s own matching, without its lock and its write: explain records nothing.
-    row, _ = _match(_candidates(s), s)
-    return None if row is None else int(row.key_at)
+    return int(peek(s)) if is_known(s) else None  # None: queued, not handled yet
 
 
 def _known(account: str, change: LeadChange) -> bool:
