@@ -11,10 +11,11 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import typer
 
+from amohook.durations import MAX_SECONDS
 from amohook.redact import printable
 from amohook.settings import Settings
 
@@ -95,6 +96,36 @@ _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 def print_json(data: Any) -> None:
     text = json.dumps(data, ensure_ascii=False, indent=2, default=str)
     sys.stdout.write(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+
+
+@overload
+def duration(
+    ctx: typer.Context, name: str, *, low: float = ..., high: float = ..., off: Literal[True] = ..., why_low: str = ...
+) -> float | None: ...
+@overload
+def duration(
+    ctx: typer.Context, name: str, *, low: float = ..., high: float = ..., off: Literal[False], why_low: str = ...
+) -> float: ...
+def duration(
+    ctx: typer.Context,
+    name: str,
+    *,
+    low: float = 1.0,
+    high: float = MAX_SECONDS,
+    off: bool = True,
+    why_low: str = "",
+) -> float | None:
+    """Duration option ``name`` of this command, read by the one grammar (amohook.durations);
+    None only for ``off`` where ``off`` is accepted. A refused value's message names the flag, or
+    the environment variable it came from, and the range [``low``, ``high``]."""
+    from amohook.durations import parse_duration
+
+    param = next(p for p in ctx.command.params if p.name == name)
+    label = param.opts[0]
+    source = ctx.get_parameter_source(name)
+    if source is not None and source.name == "ENVIRONMENT" and isinstance(param.envvar, str):
+        label = param.envvar
+    return parse_duration(ctx.params[name], option=label, low=low, high=high, off=off, why_low=why_low)
 
 
 def fmt_time(ts: float | None) -> str:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from amohook.cli.common import CONTEXT_SETTINGS, fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, duration, fmt_duration, fmt_time, iso, print_json, say, state, warn
 
 SubdomainOpt = Annotated[str | None, typer.Option("--subdomain", help="The account (default: the only one stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -70,19 +70,21 @@ def _account(subdomain: str | None) -> str:
 def reconcile(
     ctx: typer.Context,
     subdomain: SubdomainOpt = None,
-    since: Annotated[str, typer.Option("--since", help="How far back the first pass looks (30m, 1h, 1d).")] = "1h",
+    since: Annotated[
+        str, typer.Option("--since", help="How far back the first pass looks: 30m, 1h, 1d (1s to 366d).")
+    ] = "1h",
     max_lookback: Annotated[
-        str, typer.Option("--max-lookback", help="Never read further back than this, however old the cursor (7d).")
+        str,
+        typer.Option("--max-lookback", help="Never read further back than this, however old the cursor (1s to 366d)."),
     ] = "7d",
     as_json: JsonOpt = False,
 ):
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
     from amohook.amocrm.client import client_for
     from amohook.reconcile import reconcilable_accounts, reconcile_account
-    from amohook.settings import parse_duration
 
-    since_s = parse_duration(since, option="--since") or 3600
-    lookback_s = parse_duration(max_lookback, option="--max-lookback") or 7 * 86400
+    since_s = duration(ctx, "since", off=False)
+    lookback_s = duration(ctx, "max_lookback", off=False)
     store = state(ctx).store()
     accounts = [_account(subdomain)] if subdomain else reconcilable_accounts()
     if not accounts:
