@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from amohook.durations import format_duration
 from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease
 from amohook.store.models import Account
@@ -299,7 +300,7 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
     if age is not None and age < 0:
         if age < -SKEW_WARN:
             warnings.append(
-                f"the tokens were issued {_span(-age)} after this host's current time — this host's clock "
+                f"the tokens were issued {format_duration(-age)} after this host's current time — this host's clock "
                 "is behind (or was ahead at the last refresh); set it right (NTP)"
             )
         age = 0.0
@@ -313,10 +314,10 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
         else:
             warnings.append("the access token has expired — run `amohook refresh-token` (is cron running?)")
     if age is not None and age >= REFRESH_TOKEN_WARN_AGE:
-        days_left = max(0, int((REFRESH_TOKEN_LIFETIME - age) // 86400))
+        left = format_duration(max(0.0, REFRESH_TOKEN_LIFETIME - age))
         warnings.append(
-            f"the refresh token is {int(age // 86400)} days old; amoCRM revokes it after 3 months unused "
-            f"(about {days_left} days left) — check that cron runs `amohook refresh-token`"
+            f"the refresh token is {format_duration(age)} old; amoCRM revokes it after 3 months unused "
+            f"(about {left} left) — check that cron runs `amohook refresh-token`"
         )
     if account.refresh_sent_at is not None:
         from amohook.store.lease import owner_gone
@@ -333,7 +334,7 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
     skew = account.clock_skew
     if skew is not None and abs(skew) >= SKEW_WARN:
         warnings.append(
-            f"at the last token answer this host's clock was {_span(abs(skew))} "
+            f"at the last token answer this host's clock was {format_duration(abs(skew))} "
             f"{'ahead of' if skew > 0 else 'behind'} amoCRM's — set it right (NTP); token times are amoCRM's"
         )
     return TokenStatus(
@@ -355,12 +356,3 @@ def refresh_holder(account: Account) -> tuple[str, float] | None:
     from amohook.store.lease import holder_info
 
     return holder_info(f"refresh:{account.subdomain}")
-
-
-def _span(seconds: float) -> str:
-    s = int(seconds)
-    if s >= 86400:
-        return f"{s // 86400} days"
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 60} min {s % 60} s"

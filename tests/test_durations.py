@@ -131,3 +131,20 @@ def test_options_take_the_grammar_where_they_took_plain_seconds(sqlite_url):
     )
     assert result.returncode == 0, result.stderr
     assert "processed 0 event(s)" in result.stdout
+
+
+def test_one_duration_formatter_and_one_parser():
+    """Issue 16 #4: durations are formatted and parsed in amohook/durations.py only; no module
+    does its own arithmetic on days and hours for people, nor reads units from text."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "amohook"
+    own = re.compile(r"// 86400|% 86400|// 3600\b|% 3600\b|\"w\": 7 \* 86400|units\s*=\s*\{")
+    offenders = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.rglob("*.py")
+        if path.name != "durations.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if own.search(line)
+    ]
+    assert not offenders, "\n".join(offenders)

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import fmt_time, iso, print_json, say, state, warn
+from amohook.durations import format_duration
 from amohook.settings import DOMAINS, ENV_CLIENT_SECRET
 
 # The domains amoCRM and Kommo serve accounts under, as a choice `--help` lists and Click checks.
@@ -258,9 +259,9 @@ def status(
         table.add_column(col)
     for r in rows:
         tokens = "long-lived" if r.long_lived else ("yes" if r.has_tokens else "no")
-        expires = fmt_time(r.expires_at) + (f" (in {fmt_duration(r.expires_at - now)})" if r.expires_at else "")
+        expires = fmt_time(r.expires_at) + (f" (in {format_duration(r.expires_at - now)})" if r.expires_at else "")
         due = "never" if r.long_lived else fmt_time(r.refresh_due_at)
-        table.add_row(plain(r.subdomain), tokens, expires, due, fmt_duration(r.refresh_token_age), plain(r.warning))
+        table.add_row(plain(r.subdomain), tokens, expires, due, format_duration(r.refresh_token_age), plain(r.warning))
     console().print(table)
     for r in rows:
         if r.subdomain in recon:

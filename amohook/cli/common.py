@@ -134,20 +134,6 @@ def fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    sign = "-" if seconds < 0 else ""
-    s = abs(int(seconds))
-    if s >= 86400:
-        return f"{sign}{s // 86400}d {s % 86400 // 3600}h"
-    if s >= 3600:
-        return f"{sign}{s // 3600}h {s % 3600 // 60}m"
-    if s >= 60:
-        return f"{sign}{s // 60}m"
-    return f"{sign}{s}s"
-
-
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None

@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from amohook.cli.common import CONTEXT_SETTINGS, duration, fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, duration, fmt_time, iso, print_json, say, state, warn
+from amohook.durations import format_duration
 
 SubdomainOpt = Annotated[str | None, typer.Option("--subdomain", help="The account (default: the only one stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -299,7 +300,7 @@ def reconcile_rows(now: float) -> list[dict]:
 
 
 def describe_row(row: dict) -> str:
-    lag = "never run" if row["cursor_lag_seconds"] is None else f"lag {fmt_duration(row['cursor_lag_seconds'])}"
+    lag = "never run" if row["cursor_lag_seconds"] is None else f"lag {format_duration(row['cursor_lag_seconds'])}"
     text = (
         f"{row['subdomain']}: reconciliation {lag}, {row['recovered_24h']} change(s) recovered in 24 h, "
         f"subscriptions {row['subscription']}"

@@ -9,6 +9,7 @@ import typer
 
 from amohook.cli.common import duration, say, state
 from amohook.cli.logs import Level
+from amohook.durations import format_duration
 
 HandlerOpt = Annotated[
     list[str] | None,
@@ -215,7 +216,7 @@ def serve(
         url,
         url,
         len(runner.workers),
-        "every " + _seconds(interval) if runner.reconciling else "off",
+        "every " + format_duration(interval) if runner.reconciling else "off",
     )
     log.info(
         "status page and metrics: %s",
@@ -279,7 +280,7 @@ def worker(
     runner.start()
     started = (
         f"worker started: {threads} thread(s), handlers: {', '.join(runner.registry.names())}; "
-        f"reconciliation: {'every ' + _seconds(interval) if runner.reconciling else 'off'}"
+        f"reconciliation: {'every ' + format_duration(interval) if runner.reconciling else 'off'}"
     )
     say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
     log.info("%s", started)
@@ -287,15 +288,6 @@ def worker(
     stop.log_signal(log)
     runner.stop()
     log.info("stopped")
-
-
-def _seconds(interval: float | None) -> str:
-    if not interval:
-        return "off"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if interval >= size and interval % size == 0:
-            return f"{int(interval // size)}{unit}"
-    return f"{interval:g}s"
 
 
 def register(app: typer.Typer) -> None:

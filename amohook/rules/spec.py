@@ -166,7 +166,7 @@ def _due_days(digits: str | None, due: str) -> int:
     if not digits:
         return 0
     seconds = parse_duration(f"{digits}d", option="due", low=0.0, high=MAX_DUE_DAYS * 86400.0, off=False, shown=due)
-    return int(seconds // 86400)
+    return round(seconds / 86400)  # whole days; float() read the digits, however many
 
 
 def due_timestamp(due: str, base: float, tz: str | None) -> int:

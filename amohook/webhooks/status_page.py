@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from amohook import doctor
+from amohook.durations import format_duration
 from amohook.errors import ConfigError
 from amohook.webhooks import metrics as metrics_module
 from amohook.webhooks.overview import OverviewReader, Snapshot
@@ -193,21 +194,6 @@ def _when(ts: float | None) -> str:
     return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    s = int(abs(seconds))
-    if s >= 86400:
-        text = f"{s // 86400}d {s % 86400 // 3600}h"
-    elif s >= 3600:
-        text = f"{s // 3600}h {s % 3600 // 60}m"
-    elif s >= 60:
-        text = f"{s // 60}m {s % 60}s"
-    else:
-        text = f"{s}s"
-    return text
-
-
 def _table(headings: list[str], rows: list[list[str]], empty: str) -> str:
     """``rows`` hold HTML already escaped; a cell starting with "\\0n" is right-aligned (a number)."""
     if not rows:
@@ -261,7 +247,9 @@ def token_checks(snapshot: Snapshot) -> list:
         elif token.warning:
             checks.append(doctor.Check("token", False, "warning", token.warning, "", view.subdomain))
         else:
-            left = "" if token.expires_at is None else f", expires in {_ago(token.expires_at - snapshot.read_at)}"
+            left = ""
+            if token.expires_at is not None:
+                left = f", expires in {format_duration(token.expires_at - snapshot.read_at)}"
             checks.append(doctor.Check("token", True, "ok", f"stored{left}", "", view.subdomain))
     return checks
 
@@ -288,7 +276,7 @@ def render_page(
         f'<p class="muted">{esc(_when(now))} {esc(tz)} · refreshes every {REFRESH_SECONDS} s',
     ]
     if snapshot is not None:
-        parts.append(f" · store read {esc(_ago(now - snapshot.read_at))} ago")
+        parts.append(f" · store read {esc(format_duration(now - snapshot.read_at))} ago")
     parts.append("</p></header>\n")
     if error:
         parts.append(
@@ -333,15 +321,16 @@ def _accounts(snap: Snapshot) -> str:
         elif token.expires_at is None:
             access = "long-lived, no expiry" if token.long_lived else "no expiry stored"
         elif token.expires_at <= snap.read_at:
-            access = f'<span class="error">expired {esc(_ago(snap.read_at - token.expires_at))} ago</span>'
+            access = f'<span class="error">expired {esc(format_duration(snap.read_at - token.expires_at))} ago</span>'
         else:
-            access = f"expires in {esc(_ago(token.expires_at - snap.read_at))}"
+            access = f"expires in {esc(format_duration(token.expires_at - snap.read_at))}"
         if token.long_lived:
             access += " (long-lived)"
-        refresh = "—" if token.refresh_token_age is None else f"issued {esc(_ago(token.refresh_token_age))} ago"
+        age = token.refresh_token_age
+        refresh = "—" if age is None else f"issued {esc(format_duration(age))} ago"
         reconcile = (
-            f"last pass {esc(_ago(None if rec.last_pass_at is None else snap.read_at - rec.last_pass_at))}"
-            f" ago; lag {esc(_ago(rec.lag))}; recovered in 24 h: {esc(rec.recovered_24h)}"
+            f"last pass {esc(format_duration(None if rec.last_pass_at is None else snap.read_at - rec.last_pass_at))}"
+            f" ago; lag {esc(format_duration(rec.lag))}; recovered in 24 h: {esc(rec.recovered_24h)}"
         )
         if rec.last_pass_at is None:
             reconcile = "never ran"
@@ -373,7 +362,7 @@ def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
             ("running", q.running),
             ("dead", q.dead),
             ("done (until pruned)", snap.events_by_status.get("done", 0)),
-            ("oldest pending", "—" if q.oldest_pending_age is None else _ago(q.oldest_pending_age) + " old"),
+            ("oldest pending", "—" if q.oldest_pending_age is None else format_duration(q.oldest_pending_age) + " old"),
             ("actions", ", ".join(f"{k} {v}" for k, v in snap.actions_by_status.items())),
         ]
     health = committer.health()
