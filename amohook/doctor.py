@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from amohook.durations import format_duration
 from amohook.errors import AccountBlocked, AmohookError, ConfigError, ReauthRequired, StoreError
+from amohook.times import human_time
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -74,10 +75,6 @@ def _split_fix(message: str, default_fix: str) -> tuple[str, str]:
     """amohook's messages end in "— the fix"; split it off so the report shows it on its own line."""
     head, sep, tail = message.rpartition(" — ")
     return (head, tail) if sep and head else (message, default_fix)
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 def _one_line(exc: BaseException, url: str | None = None) -> str:
@@ -226,18 +223,18 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
         if left <= 0:
             return _error(
                 name,
-                f"the long-lived token expired on {_when(account.expires_at)}",
+                f"the long-lived token expired on {human_time(account.expires_at)}",
                 "generate a new one and run `amohook init-auth --long-lived-token`",
                 sub,
             )
         if left < LONG_LIVED_WARN:
             return _warn(
                 name,
-                f"the long-lived token expires on {_when(account.expires_at)} (in {format_duration(left)})",
+                f"the long-lived token expires on {human_time(account.expires_at)} (in {format_duration(left)})",
                 "generate a new one and run `amohook init-auth --long-lived-token`",
                 sub,
             )
-        return _ok(name, f"long-lived token, expires on {_when(account.expires_at)}", sub)
+        return _ok(name, f"long-lived token, expires on {human_time(account.expires_at)}", sub)
     if not account.refresh_token:
         return _error(name, "no refresh token stored", reauth, sub)
     if account.last_refresh_error:

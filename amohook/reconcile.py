@@ -30,6 +30,7 @@ from amohook.changes import Sighting, describe, is_known
 from amohook.rules import lead_changes
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
+from amohook.times import human_time, iso_time
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -71,7 +72,11 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Times as ISO 8601 (UTC), as in every `--json` of amohook."""
+        data = asdict(self)
+        for name in ("window_from", "window_to", "left_out_from", "left_out_to"):
+            data[name] = iso_time(data[name])
+        return data
 
 
 def synthetic_sha(account: str, event_id: str) -> str:
@@ -275,8 +280,8 @@ def reconcile_account(
             result.left_out_from, result.left_out_to = start + (OVERLAP if state and state.cursor else 0), floor
             start = floor
             result.notes.append(
-                f"changes between {_iso(result.left_out_from)} and {_iso(floor)} are older than --max-lookback "
-                "and were not read"
+                f"changes between {human_time(result.left_out_from)} and {human_time(floor)} are older than "
+                "--max-lookback and were not read"
             )
         result.window_from, result.window_to = start, now
         todo: list[dict] = []
@@ -333,10 +338,6 @@ def _save(store: Store, account: str, *, cursor: int | None, result: PassResult,
 def _one_line(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
-
-
-def _iso(ts: float | None) -> str:
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
 def reconcilable_accounts(subdomain: str | None = None) -> list[str]:

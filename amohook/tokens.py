@@ -19,6 +19,7 @@ from amohook.durations import format_duration
 from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease
 from amohook.store.models import Account
+from amohook.times import human_time
 
 if TYPE_CHECKING:  # requests and the OAuth module load only when a refresh is really sent:
     import requests  # cron's `refresh-token` with nothing due should cost little more than Python
@@ -145,14 +146,10 @@ def token_timeout(lease_ttl: float) -> tuple[float, float]:
     return connect, max(1.0, lease_ttl - margin - connect)
 
 
-def _utc(ts: float | None) -> str:
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
 def lost_answer_warning(account: Account, detail: str | None = None) -> str:
     what = f" ({detail})" if detail else ""
     return (
-        f"a refresh was sent at {_utc(account.refresh_sent_at)} and no usable answer came back{what}; amoCRM "
+        f"a refresh was sent at {human_time(account.refresh_sent_at)} and no usable answer came back{what}; amoCRM "
         "may already have spent the stored refresh token — the next `amohook refresh-token` "
         "tells: if it says revoked, run `amohook init-auth`"
     )
@@ -324,8 +321,8 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
 
         if refresh_holder is not None and not owner_gone(refresh_holder[0]):
             warnings.append(
-                f"a refresh is in progress: sent at {_utc(account.refresh_sent_at)}, waiting for amoCRM's "
-                f"answer (by {refresh_holder[0].rsplit(':', 2)[0]}, lease until {_utc(now + refresh_holder[1])})"
+                f"a refresh is in progress: sent at {human_time(account.refresh_sent_at)}, waiting for amoCRM's "
+                f"answer (by {refresh_holder[0].rsplit(':', 2)[0]}, lease until {human_time(now + refresh_holder[1])})"
             )
         else:
             warnings.append(account.last_refresh_error or lost_answer_warning(account, "the process ended first"))

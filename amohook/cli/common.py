@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -126,15 +125,3 @@ def duration(
     if source is not None and source.name == "ENVIRONMENT" and isinstance(param.envvar, str):
         label = param.envvar
     return parse_duration(ctx.params[name], option=label, low=low, high=high, off=off, why_low=why_low)
-
-
-def fmt_time(ts: float | None) -> str:
-    if ts is None:
-        return "—"
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

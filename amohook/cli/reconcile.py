@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
-from amohook.cli.common import CONTEXT_SETTINGS, duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, duration, print_json, say, state, warn
 from amohook.durations import format_duration
+from amohook.times import human_time, iso_time
 
 SubdomainOpt = Annotated[str | None, typer.Option("--subdomain", help="The account (default: the only one stored).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -107,12 +108,12 @@ def reconcile(
             say(f"{r.account}: another amohook process is running a pass right now; skipped")
             continue
         say(
-            f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
+            f"{r.account}: read {r.read} event(s) from {human_time(r.window_from)} to {human_time(r.window_to)}: "
             f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))"
         )
         if r.left_out_from is not None:
             warn(
-                f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
+                f"warning: {r.account}: changes from {human_time(r.left_out_from)} to {human_time(r.left_out_to)} were "
                 "left out (older than --max-lookback); raise it to read them"
             )
         if r.subscription:
@@ -288,7 +289,7 @@ def reconcile_rows(now: float) -> list[dict]:
         rows.append(
             {
                 "subdomain": st.account,
-                "last_pass_at": iso(st.last_pass_at),
+                "last_pass_at": iso_time(st.last_pass_at),
                 "cursor_lag_seconds": None if st.lag is None else round(st.lag),
                 "recovered_24h": st.recovered_24h,
                 "subscription": st.subscription,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from amohook import doctor
 from amohook.durations import format_duration
 from amohook.errors import ConfigError
+from amohook.times import human_time
 from amohook.webhooks import metrics as metrics_module
 from amohook.webhooks.overview import OverviewReader, Snapshot
 
@@ -190,10 +191,6 @@ def _clip(value: object, limit: int = 200) -> str:
     return first[:limit] + ("…" if len(first) > limit or len(text) > len(first) else "")
 
 
-def _when(ts: float | None) -> str:
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def _table(headings: list[str], rows: list[list[str]], empty: str) -> str:
     """``rows`` hold HTML already escaped; a cell starting with "\\0n" is right-aligned (a number)."""
     if not rows:
@@ -259,7 +256,6 @@ def render_page(
 ) -> str:
     """The whole page. ``snapshot`` None: the store was never read; the page says why."""
     now = time.time() if now is None else now
-    tz = time.strftime("%Z (UTC%z)", time.localtime(now))
     checks = []
     if snapshot is not None:  # as doctor orders them: the database, each account, then the queue
         checks = [c for c in snapshot.checks if c.name in ("database", "accounts")]
@@ -273,7 +269,7 @@ def render_page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         f"<title>amohook: {esc(state)}</title>\n<style>{STYLE}</style>\n</head><body>\n",
         f'<header><h1>amohook status <span class="badge {esc(state)}" id="state">{esc(state)}</span></h1>\n',
-        f'<p class="muted">{esc(_when(now))} {esc(tz)} · refreshes every {REFRESH_SECONDS} s',
+        f'<p class="muted">{esc(human_time(now))} · refreshes every {REFRESH_SECONDS} s',
     ]
     if snapshot is not None:
         parts.append(f" · store read {esc(format_duration(now - snapshot.read_at))} ago")
@@ -381,7 +377,7 @@ def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
 def _today(snap: Snapshot) -> str:
     rows = [
         [
-            esc(time.strftime("%H:%M:%S", time.localtime(a.updated_at))),
+            esc(human_time(a.updated_at)),
             esc(a.account),
             esc("task" if a.kind == "create_task" else "note"),
             esc(a.rule),
@@ -399,7 +395,7 @@ def _today(snap: Snapshot) -> str:
     )
     return (
         f'<section id="today"><h2>Tasks and notes created today{shown}</h2>\n'
-        f'<p class="muted">since {esc(_when(snap.today_since))}</p>\n'
+        f'<p class="muted">since {esc(human_time(snap.today_since))}</p>\n'
         + _table(["time", "account", "kind", "rule", "lead", "text", "amoCRM id", "event"], rows, "None yet today.")
         + "</section>\n"
     )
@@ -417,7 +413,7 @@ def _events(title: str, anchor: str, events: list, read_at: float) -> str:
         rows.append(
             [
                 _num(e.id),
-                esc(_when(e.received_at)),
+                esc(human_time(e.received_at)),
                 esc(e.account or "—"),
                 what,
                 esc(e.name or ""),
