@@ -10,7 +10,9 @@ from amohook.cli.common import CONTEXT_SETTINGS, duration, print_json, say, stat
 from amohook.durations import format_duration
 from amohook.times import human_time, iso_time
 
-SubdomainOpt = Annotated[str | None, typer.Option("--subdomain", help="The account (default: the only one stored).")]
+SubdomainOpt = Annotated[
+    str | None, typer.Option("--subdomain", "-s", help="The account (default: the only one stored).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 # amoCRM's webhook event codes (amoCRM docs: crm_platform/webhooks-api).

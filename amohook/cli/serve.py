@@ -239,7 +239,13 @@ def worker(
     lease: LeaseOpt = "5m",
     max_attempts: MaxAttemptsOpt = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
-    threads: Annotated[int, typer.Option("--threads", min=1, max=64, help="Worker threads in this process.")] = 1,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=64, help="Worker threads in this process [default: 1].")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, max=64, help="Deprecated: the old name of --workers (works, with a note)."),
+    ] = None,
     poll: Annotated[str, typer.Option("--poll", help="Time between looks at an empty queue; 0.05s to 1h.")] = "1s",
     once: Annotated[bool, typer.Option("--once", help="Process what is due now, then exit.")] = False,
     log_level: LogLevelOpt = Level.info,
@@ -252,6 +258,7 @@ def worker(
     from amohook.runner import Runner, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
+    workers = _workers(workers, threads)
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
@@ -260,7 +267,7 @@ def worker(
         store,
         rules=rules,
         handlers=handler or [],
-        threads=threads,
+        threads=workers,
         reconcile_every=interval,
         keep=keep_seconds(ctx),
         lease_seconds=duration(ctx, "lease", high=MAX_LEASE, off=False),
@@ -279,7 +286,7 @@ def worker(
         return
     runner.start()
     started = (
-        f"worker started: {threads} thread(s), handlers: {', '.join(runner.registry.names())}; "
+        f"worker started: {workers} worker thread(s), handlers: {', '.join(runner.registry.names())}; "
         f"reconciliation: {'every ' + format_duration(interval) if runner.reconciling else 'off'}"
     )
     say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
@@ -288,6 +295,22 @@ def worker(
     stop.log_signal(log)
     runner.stop()
     log.info("stopped")
+
+
+def _workers(workers: int | None, threads: int | None) -> int:
+    """`worker --workers`, or its old name `--threads`: one name for worker threads in `serve` and
+    `worker` (`serve --threads` would read as the listener's own threads). The old name keeps
+    working for the units and scripts that use it, with a one-line note on stderr."""
+    if threads is None:
+        return workers or 1
+    from amohook.cli.common import warn
+
+    if workers is not None and workers != threads:
+        from amohook.errors import ConfigError
+
+        raise ConfigError(f"--workers {workers} and --threads {threads} disagree — give --workers only")
+    warn(f"warning: `worker --threads` is deprecated — write `--workers {threads}` (same meaning)")
+    return threads
 
 
 def register(app: typer.Typer) -> None:
