@@ -251,19 +251,23 @@ def status(
 
         say(f"no accounts in {redact_url(st.settings.db_url)} — run `amohook init-auth` to add one")
         return
-    from rich.table import Table
+    from amohook.cli.common import console, plain, table
 
-    from amohook.cli.common import console, plain
-
-    table = Table(title="amohook accounts")
-    for col in ("account", "tokens", "access token expires", "next refresh", "refresh token age", "warning"):
-        table.add_column(col)
+    columns = (
+        ("account", "text"),
+        ("tokens", "text"),
+        ("access token expires", "time"),
+        ("next refresh", "time"),
+        ("refresh token age", "text"),
+        ("warning", "text"),
+    )
+    cells = []
     for r in rows:
         tokens = "long-lived" if r.long_lived else ("yes" if r.has_tokens else "no")
         expires = human_time(r.expires_at) + (f" (in {format_duration(r.expires_at - now)})" if r.expires_at else "")
         due = "never" if r.long_lived else human_time(r.refresh_due_at)
-        table.add_row(plain(r.subdomain), tokens, expires, due, format_duration(r.refresh_token_age), plain(r.warning))
-    console().print(table)
+        cells.append((plain(r.subdomain), tokens, expires, due, format_duration(r.refresh_token_age), plain(r.warning)))
+    console().print(table("amohook accounts", columns, cells))
     for r in rows:
         if r.subdomain in recon:
             say(describe_row(recon[r.subdomain]))

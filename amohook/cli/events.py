@@ -68,27 +68,33 @@ def list_(
     if not rows:
         say("no events" + (f" with status {status}" if status else "") + (f" for {entity}" if entity else ""))
         return
-    from rich.table import Table
+    from amohook.cli.common import console, plain, table
 
-    from amohook.cli.common import console, plain
-
-    table = Table(title="events (newest first)")
-    for column in ("id", "received", "entity", "action", "entity id", "account", "status", "attempts", "last error"):
-        table.add_column(column)
-    for e in rows:
-        # Everything but the numbers came from outside (the webhook, amoCRM's answers): plain text.
-        table.add_row(
+    columns = (
+        ("id", "id"),
+        ("received", "time"),
+        ("event", "text"),
+        ("entity id", "id"),
+        ("account", "text"),
+        ("status", "text"),
+        ("tries", "number"),
+        ("last error", "text"),
+    )
+    # Everything but the numbers came from outside (the webhook, amoCRM's answers): plain text.
+    cells = [
+        (
             str(e.id),
             human_time(e.received_at),
-            plain(e.entity),
-            plain(e.action),
+            plain(f"{e.entity} {e.action}"),
             plain(e.entity_id),
             plain(e.account),
             plain(e.status),
             str(e.attempts),
             plain((e.last_error or "")[:80]),
         )
-    console().print(table)
+        for e in rows
+    ]
+    console().print(table("events (newest first)", columns, cells))
 
 
 @events_app.command("show")
