@@ -19,3 +19,30 @@ def test_rules_check_shows_the_task_types_name_even_when_the_rule_gives_its_id(s
     assert f"task type {crm['call']}" not in result.stdout
     as_json = run_cli(["rules", "check", "--rules", str(rules), "--json"], store.url)
     assert '"task_type": "Call"' in as_json.stdout and f'"task_type_id": {crm["call"]}' in as_json.stdout
+
+
+def test_worker_once_exits_6_when_events_went_dead_in_its_run(store, tmp_path):
+    """Cron's `worker --once` must not report success while events it ran went dead: exit 6
+    (UNHEALTHY, a person must look), one line naming them; a later run with nothing dead is 0."""
+    import os
+    from urllib.parse import urlencode
+
+    from amohook.inbox import Incoming, store_deliveries
+    from amohook.webhooks.parse import parse_webhook
+    from tests.conftest import ROOT, cli_env
+
+    (tmp_path / "deadhook.py").write_text(
+        "from amohook.worker import PermanentError\n\n"
+        "def handle(event, ctx):\n    raise PermanentError('this event cannot be handled')\n"
+    )
+    form = "application/x-www-form-urlencoded"
+    body = urlencode({"account[subdomain]": "example", "leads[add][0][id]": "5001"}).encode()
+    store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, form), content_type=form)])
+    env = cli_env(store.url, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    args = ["worker", "--handler", "deadhook:handle", "--once", "--reconcile", "off", "--log-level", "error"]
+    first = run_cli(args, store.url, env=env)
+    assert first.returncode == 6, (first.returncode, first.stderr)
+    assert "processed 1 event(s)" in first.stdout
+    assert "error: 1 event(s) went dead in this run (1) — `amohook events show ID` says why" in first.stderr
+    again = run_cli(args, store.url, env=env)  # the dead event is not this run's
+    assert again.returncode == 0 and "went dead" not in again.stderr, again.stderr

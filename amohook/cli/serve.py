@@ -280,9 +280,13 @@ def worker(
         raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
     stop = stop_on_signals()
     if once:
+        import time
+
+        started_at = time.time()
         processed = runner.run_once(stop, reconcile=interval is not None and reconcile is not None)
         stop.log_signal(log)
         say(f"processed {processed} event(s)")
+        _exit_if_dead(store, started_at)
         return
     runner.start()
     started = (
@@ -295,6 +299,27 @@ def worker(
     stop.log_signal(log)
     runner.stop()
     log.info("stopped")
+
+
+def _exit_if_dead(store, started_at: float) -> None:
+    """`worker --once` (cron) exits 6, UNHEALTHY, when events went dead during its run: retrying
+    will not help, a person has to look (and `events replay` them). Not 2: nothing was wrong with
+    the command line, and the next run with the same one may be fine."""
+    import sys
+
+    from amohook.cli.logs import stderr_line
+    from amohook.errors import ExitCode
+    from amohook.inbox.queries import went_dead
+
+    dead = went_dead(store, since=started_at)
+    if dead:
+        shown = ", ".join(str(i) for i in dead[:10]) + (", …" if len(dead) > 10 else "")
+        line = (
+            f"error: {len(dead)} event(s) went dead in this run ({shown}) — `amohook events show ID` says why, "
+            "`amohook events replay ID` queues one again"
+        )
+        sys.stderr.write(stderr_line(line, logging.ERROR) + "\n")
+        raise typer.Exit(int(ExitCode.UNHEALTHY))
 
 
 def _workers(workers: int | None, threads: int | None) -> int:
