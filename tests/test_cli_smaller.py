@@ -46,3 +46,16 @@ def test_worker_once_exits_6_when_events_went_dead_in_its_run(store, tmp_path):
     assert "error: 1 event(s) went dead in this run (1) — `amohook events show ID` says why" in first.stderr
     again = run_cli(args, store.url, env=env)  # the dead event is not this run's
     assert again.returncode == 0 and "went dead" not in again.stderr, again.stderr
+
+
+def test_an_events_log_delivery_says_where_it_came_from(store, fake, crm):
+    import json
+
+    lead = fake.add_lead("Acme", crm["pipeline"], crm["new"], crm["anna"], lead_id=7001)
+    fake.move_lead(lead["id"], crm["qualified"], crm["pipeline"])
+    assert run_cli(["reconcile", "--since", "1h"], store.url).returncode == 0
+    shown = run_cli(["events", "show", "1"], store.url)
+    assert shown.returncode == 0, shown.stderr
+    assert "from amoCRM's events log (reconciliation)" in shown.stdout and "from ?" not in shown.stdout
+    as_json = json.loads(run_cli(["events", "show", "1", "--json"], store.url).stdout)
+    assert as_json["source"] == "events_log" and as_json["delivery"]["remote_addr"] is None

@@ -34,6 +34,7 @@ def _row(event) -> dict:
         "entity_id": event.entity_id,
         "account": event.account,
         "account_id": event.account_id,
+        "source": event.source or "webhook",  # or "events_log": recovered by reconciliation
         "status": event.status,
         "attempt_count": event.attempts,
         "received_at": iso_time(event.received_at),
@@ -171,7 +172,7 @@ def show(
     if delivery is not None and delivery_json is not None:
         say(
             f"delivery {delivery.id}: received {delivery_json['times_received']} time(s), first at "
-            f"{human_time(delivery.received_at)} from {delivery.remote_addr or '?'}, "
+            f"{human_time(delivery.received_at)} from {_origin(event, delivery)}, "
             f"{delivery.content_type or 'no content type'}"
         )
         for name, value in sorted(delivery_json["headers"].items()):
@@ -224,6 +225,14 @@ def replay(
             warn(f"event {event_id}: {why}")
     if result.skipped:
         raise typer.Exit(int(ExitCode.ERROR))
+
+
+def _origin(event, delivery) -> str:
+    """Where a delivery came from: the sender's address, or amoCRM's events log for what
+    reconciliation recovered (no address: amohook read it)."""
+    if (event.source or "webhook") == "events_log":
+        return "amoCRM's events log (reconciliation)"
+    return delivery.remote_addr or "an unknown address"
 
 
 def _ids(ids: list[int], limit: int = 20) -> str:
