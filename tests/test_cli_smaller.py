@@ -59,3 +59,58 @@ def test_an_events_log_delivery_says_where_it_came_from(store, fake, crm):
     assert "from amoCRM's events log (reconciliation)" in shown.stdout and "from ?" not in shown.stdout
     as_json = json.loads(run_cli(["events", "show", "1", "--json"], store.url).stdout)
     assert as_json["source"] == "events_log" and as_json["delivery"]["remote_addr"] is None
+
+
+README = (__import__("pathlib").Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_option_of_every_command_is_in_the_readme():
+    import re
+
+    from tests.test_docs import all_commands
+
+    missing = sorted(
+        {
+            opt
+            for _, command in all_commands()
+            for param in command.params
+            for opt in param.opts
+            if opt.startswith("--") and opt != "--help" and not re.search(rf"{re.escape(opt)}(?![\w-])", README)
+        }
+    )
+    assert not missing, f"options missing from README.md: {missing}"
+    import typer.main
+
+    from amohook.cli.app import app
+
+    root = typer.main.get_command(app)
+    assert all(opt in README for param in root.params for opt in param.opts if opt.startswith("--"))
+
+
+def test_the_readmes_shell_lines_work_where_editor_is_unset():
+    """A fresh VPS often has no $EDITOR: `$EDITOR rules.toml` would run `rules.toml`."""
+    import re
+
+    blocks = re.findall(r"```(?:sh|bash|console)?\n(.*?)```", README, re.S)
+    bare = [line for block in blocks for line in block.splitlines() if re.search(r"\$EDITOR\b|\$\{EDITOR\}", line)]
+    assert not bare, bare
+    assert "${EDITOR:-nano} rules.toml" in README
+
+
+def test_every_readme_section_cited_exists():
+    """What cites a README section by name (examples, cron file, docs, code) names one that is there."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    headings = [h.strip() for h in re.findall(r"^#{2,4} (.+)$", README, re.M)]
+    files = [*root.glob("examples/*"), root / "crontab.example", *root.glob("docs/*.md"), *root.glob("amohook/**/*.py")]
+    cited = [
+        (path.relative_to(root), name)
+        for path in files
+        if path.is_file()
+        for name in re.findall(r"README(?:\.md)?(?:'s)?,? \"([^\"]+)\"", path.read_text(encoding="utf-8"))
+    ]
+    assert any(str(path) == "examples/rules.toml" for path, _ in cited), cited
+    wrong = [(str(path), name) for path, name in cited if not any(h.startswith(name) for h in headings)]
+    assert not wrong, (wrong, headings)
