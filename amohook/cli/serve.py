@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from amohook.cli.common import duration, say, state
-from amohook.cli.logs import Level
+from amohook.cli.logs import Level, announce
 from amohook.durations import format_duration
 
 HandlerOpt = Annotated[
@@ -207,8 +207,7 @@ def serve(
             f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port"
         ) from None
     url = runner.url
-    say(f"listening on {url}")  # on stdout as well: scripts and tests wait for this line
-    log.info("listening on %s", url)
+    announce(log, f"listening on {url}")  # on stdout as well (not twice in the journal): scripts wait for it
     log.info(
         "webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
         "%d worker thread(s); reconciliation: %s",
@@ -293,8 +292,7 @@ def worker(
         f"worker started: {workers} worker thread(s), handlers: {', '.join(runner.registry.names())}; "
         f"reconciliation: {'every ' + format_duration(interval) if runner.reconciling else 'off'}"
     )
-    say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
-    log.info("%s", started)
+    announce(log, started)  # like `serve`'s "listening on"
     runner.wait(stop)
     stop.log_signal(log)
     runner.stop()
