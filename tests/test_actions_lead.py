@@ -18,9 +18,9 @@ import time
 import pytest
 
 from amohook.actions import ActionSender, record_planned
+from amohook.actions.base import PlannedAction
 from amohook.actions.notify import idempotency_key
 from amohook.amocrm.client import client_for
-from amohook.rules import PlannedAction
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env
 

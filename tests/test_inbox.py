@@ -336,7 +336,7 @@ def test_fail_schedules_a_retry_or_marks_dead(store):
         "boom",
         None,
     )
-    assert two.status == "dead" and len(two.last_error) == inbox.ERROR_MAX
+    assert two.status == "dead" and len(two.last_error) == inbox.receive.ERROR_MAX
     assert [a.outcome for a in Attempt.select().order_by(Attempt.id)] == ["retry", "dead"]
 
 

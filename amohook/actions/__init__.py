@@ -8,25 +8,19 @@ and hands each batch to its kind.
 from amohook.actions.registry import kind_names, kinds, lead_changing_kinds, noun
 from amohook.actions.sender import (
     BATCH_SIZE,
-    HUMAN_WAIT,
     LEASE_SECONDS,
     MAX_ATTEMPTS,
     ActionSender,
     SendStats,
-    backoff,
-    definitely_refused,
     record_planned,
 )
 
 __all__ = [
     "BATCH_SIZE",
-    "HUMAN_WAIT",
     "LEASE_SECONDS",
     "MAX_ATTEMPTS",
     "ActionSender",
     "SendStats",
-    "backoff",
-    "definitely_refused",
     "kind_names",
     "kinds",
     "lead_changing_kinds",

@@ -16,8 +16,7 @@ from datetime import time as dtime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from amohook.actions.base import LeadPatchKind
-from amohook.rules.plan import PlannedAction, action_key
+from amohook.actions.base import LeadPatchKind, PlannedAction, action_key
 
 TEXT_TYPES = {"text", "textarea", "url", "streetaddress"}
 SELECT_TYPES = {"select", "radiobutton", "multiselect"}

@@ -20,9 +20,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from amohook.actions.base import ActionKind
-from amohook.rules.plan import PlannedAction, action_key, render, responsible_of, rule_user, template_values
-from amohook.rules.spec import check_template
+from amohook.actions.base import ActionKind, PlannedAction, action_key
+from amohook.rules.template import check_template, render, responsible_of, rule_user, template_values
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -125,8 +124,7 @@ class Notify(ActionKind):
         return {"notify_url_env": compiled.url_env}
 
     def needs_lead(self, rule, compiled, change):
-        from amohook.rules.plan import needs_fields
-        from amohook.rules.spec import template_fields
+        from amohook.rules.template import needs_fields, template_fields
 
         texts: list[str] = []
         _templates(compiled.json, texts)

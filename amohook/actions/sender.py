@@ -37,7 +37,6 @@ import requests
 
 from amohook.actions.registry import kinds
 from amohook.errors import (
-    AmoApiError,
     AmohookError,
     AmoTemporaryError,
     RateLimited,
@@ -57,7 +56,6 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 LEASE_SECONDS = 300.0
 MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
-HUMAN_WAIT = PERSON_WAIT  # a revoked grant or a blocked account waits for a person; not an attempt
 
 
 def record_planned(
@@ -100,17 +98,6 @@ def record_planned(
             # the unique key and ON CONFLICT DO NOTHING keep it to one row either way.
             Action.insert(**row).on_conflict_ignore().execute()
     return len(fresh)
-
-
-def backoff(attempt: int) -> float:
-    """The sender's retry delay: the project's one policy (``amohook.retry.ACTIONS``)."""
-    return ACTIONS.delay(attempt)
-
-
-def definitely_refused(exc: BaseException) -> bool:
-    """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
-    status = getattr(exc, "status", None)
-    return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
 
 
 @dataclass
@@ -238,7 +225,7 @@ class ActionSender:
                 if attempts >= self.max_attempts:
                     self.fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                     continue
-                delay = wait if wait is not None else backoff(attempts)
+                delay = wait if wait is not None else ACTIONS.delay(attempts)
                 Action.update(
                     status="sending" if maybe_sent else "pending",
                     attempts=attempts,
@@ -285,7 +272,7 @@ class ActionSender:
         elif isinstance(exc, RateLimited):
             self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
         elif needs_person(exc):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=HUMAN_WAIT, counts=False)
+            self.later(actions, message, maybe_sent=maybe_sent, wait=PERSON_WAIT, counts=False)
             self.stats.errors.append(message)
         else:
             self.later(actions, message, maybe_sent=maybe_sent, counts=counts)

@@ -24,9 +24,11 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ):
-    """Delete old done events, deliveries, attempts and finished actions; keys stay while duplicates can arrive."""
-    from amohook.retention import MIN_KEEP, MIN_KEEP_WHY, PruneResult
-    from amohook.retention import prune as run_prune
+    """Delete old done events, deliveries, attempts and finished actions; keys stay while duplicates can arrive.
+
+    One prune at a time across the database (serve's and worker's hourly pruning too): while
+    another holds the lease this exits 4 naming the holder and when its lease runs out."""
+    from amohook.ops.retention import MIN_KEEP, MIN_KEEP_WHY, PruneResult, prune_by_hand
 
     keep = duration(ctx, "older_than", low=MIN_KEEP, why_low=MIN_KEEP_WHY)
     if keep is None:  # off: keep everything, as `serve --keep off` does
@@ -35,7 +37,7 @@ def prune(
         else:
             say("retention is off (--older-than/AMOHOOK_KEEP is 'off'): nothing deleted")
         return
-    result = run_prune(state(ctx).store(), keep=keep, dry_run=dry_run)
+    result = prune_by_hand(state(ctx).store(), keep=keep, dry_run=dry_run)
     if as_json:
         print_json({**result.as_dict(), "keep_seconds": keep})
         return

@@ -111,7 +111,7 @@ def reconcile_interval(ctx: typer.Context, has_work: bool) -> float | None:
 
 def keep_seconds(ctx: typer.Context) -> float | None:
     """--keep as seconds (None: off), checked before anything starts."""
-    from amohook.retention import MIN_KEEP, MIN_KEEP_WHY
+    from amohook.ops.retention import MIN_KEEP, MIN_KEEP_WHY
 
     return duration(ctx, "keep", low=MIN_KEEP, why_low=MIN_KEEP_WHY)
 
@@ -131,7 +131,8 @@ def serve(
             envvar="AMOHOOK_WEBHOOK_SECRET",
             show_envvar=True,
             help="The webhook secret (the URL is /webhook/SECRET), at least 16 characters. Prefer the "
-            "environment variable: command lines are visible in `ps`.",
+            "environment variable: command lines are visible in `ps`. Unset: a secret generated once and "
+            "kept in the store (`amohook webhooks url` prints the URL).",
         ),
     ] = None,
     workers: Annotated[
@@ -164,25 +165,36 @@ def serve(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.ops.status_page import check_status_password
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
     from amohook.webhooks.server import ServerConfig, check_secret
-    from amohook.webhooks.status_page import check_status_password
 
+    explicit = secret_from(secret, ENV_WEBHOOK_SECRET)
+    if explicit is not None:
+        explicit = check_secret(explicit)
+    status_password = check_status_password(secret_from(None, ENV_STATUS_PASSWORD))
+    _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (explicit, status_password))))
+    log = logging.getLogger("amohook.serve")
+    store = state(ctx).store()
+    webhook_secret = explicit
+    if webhook_secret is None:
+        # The quick start sets no secret: keep one in the store, where `webhooks url` finds it.
+        from amohook.webhooks.secret import keep_secret
+
+        webhook_secret = keep_secret(store)
+        _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (webhook_secret, status_password))))
     config = ServerConfig(
-        secret=check_secret(secret_from(secret, ENV_WEBHOOK_SECRET)),
+        secret=webhook_secret,
         host=host,
         port=port,
         max_body=max_body,
         socket_timeout=duration(ctx, "request_timeout", low=MIN_TIMEOUT, high=MAX_TIMEOUT, off=False),
         read_deadline=duration(ctx, "read_deadline", low=MIN_TIMEOUT, high=MAX_TIMEOUT, off=False),
-        status_password=check_status_password(secret_from(None, ENV_STATUS_PASSWORD)),
+        status_password=status_password,
     )
-    _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (config.secret, config.status_password))))
-    log = logging.getLogger("amohook.serve")
-    store = state(ctx).store()
     interval = reconcile_interval(ctx, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],
@@ -208,6 +220,12 @@ def serve(
         ) from None
     url = runner.url
     announce(log, f"listening on {url}")  # on stdout as well (not twice in the journal): scripts wait for it
+    log.info(
+        "webhook secret: %s",
+        f"from {ENV_WEBHOOK_SECRET}"
+        if explicit is not None
+        else "the one kept in the store (`amohook webhooks url --public-url https://…` prints the URL for amoCRM)",
+    )
     log.info(
         "webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
         "%d worker thread(s); reconciliation: %s",
@@ -254,7 +272,7 @@ def worker(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
     workers = _workers(workers, threads)
@@ -262,7 +280,7 @@ def worker(
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
     interval = reconcile_interval(ctx, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],

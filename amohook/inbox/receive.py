@@ -122,18 +122,12 @@ def check_storable(body: bytes, parsed: ParsedWebhook) -> None:
             raise BodyRejected(f"NUL character in {name}")
 
 
-def write_txn(store: Store):
-    """The inbox's write transaction: ``store.write()`` (which queues this process's threads on
-    SQLite before they meet at its lock)."""
-    return store.write()
-
-
 def store_deliveries(store: Store, items: Sequence[Incoming]) -> list[Stored]:
     """Store deliveries and their events in ONE transaction; known bodies only count a resend."""
     if not items:
         return []
     try:
-        with write_txn(store):
+        with store.write():
             with driver_errors_as_peewee():  # as the ORM's own queries raise them
                 return store_in_txn(store, items)
     except peewee.PeeweeException as exc:

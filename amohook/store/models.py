@@ -244,11 +244,12 @@ class Action(BaseModel):
     updated_at = DoubleField(default=now)
 
     class Meta:
-        indexes = ((("status", "updated_at"), False),)  # retention
+        # retention: finished actions by age; whether an event still has a failed action
+        indexes = ((("status", "updated_at"), False), (("event_id",), False))
 
 
 class ChangeSeen(BaseModel):
-    """One lead change as amohook first saw it, whichever way it came (see ``amohook.changes``).
+    """One lead change as amohook first saw it, whichever way it came (see ``amohook.recovery.identity``).
 
     A change may arrive as a timed webhook (``hook_at`` = its last_modified), as a webhook without
     a time (Digital Pipeline; ``untimed_at`` = when it was received) and as an events-log entry
@@ -305,9 +306,24 @@ class Subscription(BaseModel):
     events = TextField(default="[]")  # JSON list of amoCRM event codes
     created_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
+    # Set (before the DELETE is sent) while amohook itself has removed the destination to switch it
+    # back on, cleared once it is seen again: the watchdog re-adds it instead of calling it missing.
+    removed_at = DoubleField(null=True)
 
     class Meta:
         indexes = ((("account", "destination_sha256"), True),)
+
+
+class StoreSetting(BaseModel):
+    """A value the store itself must keep (it moves with the store): the webhook secret `serve`
+    made up when none was configured, so the URL given to amoCRM can always be printed again."""
+
+    name = CharField(max_length=190, primary_key=True)
+    value = TextField()
+    created_at = DoubleField(default=now)
+
+    class Meta:
+        table_name = "store_setting"
 
 
 ALL_MODELS = [
@@ -328,4 +344,5 @@ ALL_MODELS = [
     ChangeSeen,
     ReconcileState,
     Subscription,
+    StoreSetting,
 ]
