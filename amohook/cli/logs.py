@@ -116,9 +116,10 @@ def announce(log: logging.Logger, message: str) -> None:
             sys.stdout.write(prefixed(message, priority(logging.INFO)) + "\n")
             sys.stdout.flush()
         return
-    from amohook.cli.common import say
+    from amohook.redact import printable
 
-    say(message)
+    sys.stdout.write(printable(message, multiline=True) + "\n")  # as cli.common.say writes
+    sys.stdout.flush()
     log.info("%s", message)
 
 
