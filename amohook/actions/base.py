@@ -117,6 +117,7 @@ class ActionKind:
     key_suffix = ""  # appended to the change's key text: tells kinds apart (tasks: none, for old keys)
     batch_size = BATCH
     changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
+    creates = False  # its effect is something amoCRM creates: listed on the status page when done
 
     # -- the rules file -----------------------------------------------------------------------
     def parse(self, raw: dict, label: str, problems: list[str]) -> Any:
@@ -136,6 +137,11 @@ class ActionKind:
 
     def summary(self, compiled: Any) -> dict:
         return {}
+
+    def shown(self, payload: dict) -> tuple[int | None, str]:
+        """(the lead, one line of text) the status page shows for an action of this kind."""
+        lead = payload.get("entity_id")
+        return (lead if isinstance(lead, int) else None), ""
 
     def moves_to(self, compiled: Any, rule) -> tuple[int | None, int] | None:
         """The (pipeline, stage) this action moves a lead to, if it does (cycle check)."""
@@ -224,6 +230,7 @@ def send_batch(
 class CreateKind(ActionKind):
     """Something amoCRM creates: POST a batch with request ids; look up before a repeat."""
 
+    creates = True
     path = ""  # where it is POSTed and listed
     list_key = ""  # under which key amoCRM lists it
 

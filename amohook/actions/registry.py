@@ -35,6 +35,11 @@ def lead_changing_kinds() -> list[str]:
     return [name for name, kind in kinds().items() if kind.changes_lead]
 
 
+def created_kinds() -> list[str]:
+    """The kinds whose effect is something amoCRM creates (the status page lists those done today)."""
+    return [name for name, kind in kinds().items() if kind.creates]
+
+
 def noun(kind_name: str) -> str:
     """What an action of this kind makes, in a word ("task", "note", …), for listings."""
     kind = kinds().get(kind_name)
