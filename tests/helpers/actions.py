@@ -120,13 +120,18 @@ class Receiver:
         self.messages: list[tuple[str, dict]] = []
         self.seen: set[str] = set()
         self.answers: list[int | str] = []  # per request: a status, or "drop" (read, then hang up)
+        self.refuse: set[str] = set()  # texts of messages answered 400 (a message the receiver refuses)
+        self.keys: list[str] = []  # the Idempotency-Key of every request, in order
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = self.headers.get("Idempotency-Key", "")
+                receiver.keys.append(key)
                 answer = receiver.answers.pop(0) if receiver.answers else 200
+                if json.loads(body).get("text") in receiver.refuse:
+                    answer = 400
                 if answer in (200, "drop") and key not in receiver.seen:
                     receiver.seen.add(key)
                     receiver.messages.append((key, json.loads(body)))
