@@ -55,7 +55,8 @@ class Contract:
         raise NotImplementedError
 
     def lose_answer(self) -> None:
-        """The next request is carried out, and its connection dropped before the answer."""
+        """The next request (notify: each message's first) is carried out, and its connection
+        dropped before the answer."""
         self.fake.fail(self.path, drop=True, after_effect=True, method=self.method)
 
     def effects(self) -> int:
@@ -125,7 +126,7 @@ class NotifyContract(Contract):
         return notify(self.sales["leads"][i], text=text)
 
     def lose_answer(self):
-        self.receiver.answers.append("drop")
+        self.receiver.lose_first = True  # each message's first answer (a receiver then rests a while)
 
     def effects(self):
         return len(self.receiver.messages)  # one per Idempotency-Key: the receiver honours it
@@ -177,21 +178,20 @@ def test_every_contract_is_of_a_registered_kind():
 def test_a_lost_answer_is_recognised_and_not_repeated(store, contract):
     clock = Clock()
     record_planned(store, [contract.action(i) for i in range(N)], event_id=1)
-    for _ in range(N if contract.by_key else 1):  # notify: one request per message
-        contract.lose_answer()
+    contract.lose_answer()
     s = new_sender(store, contract, clock)
     s.drain()
-    assert contract.effects() == N  # carried out; we never heard
-    assert statuses() == ["sending"] * N  # may have happened: recognised before anything is sent again
-    sent = contract.requests()
-    clock.advance(3600 * 2)
-    s.drain()
+    assert contract.effects() >= 1  # carried out; we never heard
+    assert "done" not in statuses()  # may have happened: recognised before anything is sent again
+    for _ in range(2 * N):  # notify: one message per round (a receiver that gave no answer rests)
+        clock.advance(3600 * 2)
+        s.drain()
     assert statuses() == ["done"] * N
     assert contract.effects() == N
-    if contract.by_key:  # sent again, each under the key it had: the receiver sees N messages
+    if contract.by_key:  # each sent again under the key it had: the receiver sees N messages
         assert contract.requests() == 2 * N and len(set(contract.receiver.keys)) == N
     else:
-        assert contract.requests() == sent == 1 and s.stats.adopted == N
+        assert contract.requests() == 1 and s.stats.adopted == N
 
 
 class Crash(BaseException):

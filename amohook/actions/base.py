@@ -8,8 +8,9 @@ deterministic key (``plan``), sends a claimed batch (``send``) and recognises an
 already have happened before it is sent again (``recognise``). While it sends, the sender
 (``amohook.actions.sender``) offers it ``SenderPort`` and nothing more: the outcomes to record
 (``done``, ``skip``, ``fail``, ``later``, ``reschedule``), the lease check before a request (``hold``),
-the store (outcomes grouped in one ``store.write()``), counters, a log, and notify's environment
-and HTTP session. Every kind must pass the contract suite (tests/test_action_contract.py).
+the store (outcomes grouped in one ``store.write()``), the clock, counters, a log, and what notify
+needs to post (environment, HTTP session and deadline, which receivers rest). Every kind must pass
+the contract suite (tests/test_action_contract.py).
 
 ``CreateKind``: something amoCRM creates (a task, a note) — POSTed in batches with a
 ``request_id`` per item; recognised by looking it up and adopting what an earlier attempt made.
@@ -85,10 +86,17 @@ class SenderPort(Protocol):
     """
 
     store: Store
-    stats: SendStats  # counted by the kind: posts, lookups, created, adopted, failed, skipped
+    clock: Callable[[], float]  # the time outcomes are written with
     log: Callable[[str], None]  # one line per noteworthy outcome (an adoption, a skip)
     env: Mapping[str, str]  # where notify reads its URLs
-    http: requests.Session  # what notify posts with
+    http: requests.Session  # what notify posts with, within ``http_deadline`` seconds each
+    http_deadline: float
+    resting: dict[str, float]  # servers other than amoCRM that gave no answer: until when they rest
+
+    @property
+    def stats(self) -> SendStats:
+        """Counted by the kind: posts, lookups, created, adopted, failed, skipped."""
+        ...
 
     def done(self, action_id: int, result_id: int | None, note: str | None = None) -> None: ...
 
@@ -118,6 +126,9 @@ class ActionKind:
     batch_size = BATCH
     changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
     creates = False  # its effect is something amoCRM creates: listed on the status page when done
+    # Which sender thread carries it: kinds talking to other servers than amoCRM get a lane of
+    # their own, so one slow server never holds up another's actions (``ActionSender.lanes``).
+    lane = "amocrm"
 
     # -- the rules file -----------------------------------------------------------------------
     def parse(self, raw: dict, label: str, problems: list[str]) -> Any:

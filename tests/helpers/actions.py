@@ -116,15 +116,21 @@ def set_field(lead_id: int, *, field_id=None, value=None, tag=None, key=None) ->
 class Receiver:
     """A real HTTP server on 127.0.0.1: records messages, answers as told, honours Idempotency-Key."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         self.messages: list[tuple[str, dict]] = []
         self.seen: set[str] = set()
         self.answers: list[int | str] = []  # per request: a status, or "drop" (read, then hang up)
         self.refuse: set[str] = set()  # texts of messages answered 400 (a message the receiver refuses)
         self.keys: list[str] = []  # the Idempotency-Key of every request, in order
+        self.lose_first = False  # take each message's first request, then hang up without an answer
+        self.connections = 0
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def setup(self):
+                receiver.connections += 1
+                super().setup()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = self.headers.get("Idempotency-Key", "")
@@ -132,6 +138,8 @@ class Receiver:
                 answer = receiver.answers.pop(0) if receiver.answers else 200
                 if json.loads(body).get("text") in receiver.refuse:
                     answer = 400
+                if receiver.lose_first and key not in receiver.seen:
+                    answer = "drop"
                 if answer in (200, "drop") and key not in receiver.seen:
                     receiver.seen.add(key)
                     receiver.messages.append((key, json.loads(body)))
@@ -146,8 +154,9 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/s3cr3t-token"
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/hook/s3cr3t-token"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
