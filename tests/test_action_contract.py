@@ -18,6 +18,9 @@ one message (a refused message fails only itself).
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -25,7 +28,9 @@ from amohook.actions import LEASE_SECONDS, ActionSender, kinds, record_planned
 from amohook.actions.base import PlannedAction
 from amohook.amocrm.client import client_for
 from amohook.store.models import Action
+from tests.conftest import ROOT, cli_env
 from tests.helpers.actions import (
+    CRASHING_SENDER,
     Clock,
     Receiver,
     make_sales,
@@ -58,6 +63,13 @@ class Contract:
         """The next request (notify: each message's first) is carried out, and its connection
         dropped before the answer."""
         self.fake.fail(self.path, drop=True, after_effect=True, method=self.method)
+
+    def hang(self) -> None:
+        """Requests are carried out and never answered (the sender waits until it is killed)."""
+        self.fake.fail(self.path, hang=True, after_effect=True, method=self.method, times=None)
+
+    def answer_again(self) -> None:
+        self.fake.clear_faults()
 
     def effects(self) -> int:
         """How many times the effect happened, as a person looking at amoCRM would count."""
@@ -127,6 +139,12 @@ class NotifyContract(Contract):
 
     def lose_answer(self):
         self.receiver.lose_first = True  # each message's first answer (a receiver then rests a while)
+
+    def hang(self):
+        self.receiver.hang_first = True
+
+    def answer_again(self):
+        self.receiver.hang_first = False
 
     def effects(self):
         return len(self.receiver.messages)  # one per Idempotency-Key: the receiver honours it
@@ -239,3 +257,34 @@ def test_a_400_naming_some_items_fails_only_those(store, contract):
     rejected = Action.get(Action.key == bad.key)
     assert rejected.last_error  # says what amoCRM refused
     assert contract.effects() == 2
+
+
+@pytest.mark.slow
+def test_a_sender_killed_between_send_and_record_does_not_repeat_the_effect(store, contract):
+    """As above, with a real process killed while it waits for the answer."""
+    record_planned(store, [contract.action(i) for i in range(N)], event_id=1)
+    contract.hang()
+    env = cli_env(store.url, CHAT_URL=contract.receiver.url)
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_SENDER, store.url], env=env, cwd=str(ROOT))
+    try:
+        deadline = time.time() + 30
+        while contract.effects() < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # what else it would do, it does now: it is still waiting for its answer
+    finally:
+        proc.kill()
+        proc.wait()
+    carried_out = contract.effects()
+    assert carried_out == (1 if contract.by_key else N)
+    assert "done" not in statuses()
+    contract.answer_again()
+    clock = Clock()
+    clock.advance(LEASE_SECONDS + 1)  # the dead sender's lease runs out
+    fresh = new_sender(store, contract, clock)
+    fresh.drain()
+    assert statuses() == ["done"] * N
+    assert contract.effects() == N
+    if contract.by_key:
+        assert contract.requests() == N + 1 and len(set(contract.receiver.keys)) == N
+    else:
+        assert contract.requests() == 1 and fresh.stats.adopted == N

@@ -123,6 +123,8 @@ class Receiver:
         self.refuse: set[str] = set()  # texts of messages answered 400 (a message the receiver refuses)
         self.keys: list[str] = []  # the Idempotency-Key of every request, in order
         self.lose_first = False  # take each message's first request, then hang up without an answer
+        self.hang_first = False  # take each message's first request, then never answer (until closed)
+        self.closing = threading.Event()
         self.connections = 0
         receiver = self
 
@@ -138,12 +140,15 @@ class Receiver:
                 answer = receiver.answers.pop(0) if receiver.answers else 200
                 if json.loads(body).get("text") in receiver.refuse:
                     answer = 400
-                if receiver.lose_first and key not in receiver.seen:
+                first = key not in receiver.seen
+                if (receiver.lose_first or receiver.hang_first) and first:
                     answer = "drop"
                 if answer in (200, "drop") and key not in receiver.seen:
                     receiver.seen.add(key)
                     receiver.messages.append((key, json.loads(body)))
                 if answer == "drop":
+                    if receiver.hang_first and first:
+                        receiver.closing.wait()
                     self.close_connection = True
                     self.connection.close()
                     return
@@ -161,6 +166,7 @@ class Receiver:
         self.thread.start()
 
     def close(self):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
