@@ -162,7 +162,9 @@ class Receiver:
         self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}/hook/s3cr3t-token"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), daemon=True
+        )  # stops in 0.05 s, not 0.5
         self.thread.start()
 
     def close(self):
