@@ -217,7 +217,7 @@ class Supervisor:
             if self.reconcile_every is not None:
                 from amohook.recovery.reconcile import Reconciler
 
-                self.reconciler = Reconciler(self.store, self.reconcile_every)
+                self.reconciler = Reconciler(self.store, self.reconcile_every, listening=self.listen is not None)
                 self.reconciler.start(self._background)
         if self.keep is not None:
             from amohook.ops.retention import Pruner
