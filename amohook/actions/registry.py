@@ -26,7 +26,7 @@ def kinds() -> Mapping[str, ActionKind]:
     return {k.name: k for k in every}
 
 
-def kind_names() -> frozenset:
+def kind_names() -> frozenset[str]:
     return frozenset(kinds())
 
 
