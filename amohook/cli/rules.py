@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import CONTEXT_SETTINGS, iso, print_json, say, state
+from amohook.cli.common import CONTEXT_SETTINGS, duration, print_json, say, state
+from amohook.times import human_time, iso_time
 
 rules_app = typer.Typer(
     no_args_is_help=True,
@@ -60,16 +61,11 @@ def _compiled(ctx: typer.Context, rules: str | None):
     return store, load_and_compile(rules)
 
 
-def _window(since: str) -> tuple[int, int]:
+def _window(ctx: typer.Context) -> tuple[int, int]:
+    """``--since`` as a closed window ending now (Unix seconds)."""
     import time
 
-    from amohook.settings import parse_duration
-
-    seconds = parse_duration(since, option="--since")
-    if seconds is None:
-        from amohook.errors import ConfigError
-
-        raise ConfigError(f"--since '{since}' — give how far back to look, e.g. 7d")
+    seconds = duration(ctx, "since", off=False)
     now = int(time.time())
     return now - int(seconds), now
 
@@ -89,7 +85,7 @@ def test(
 
     store, compiled = _compiled(ctx, rules)
     account = get_account(subdomain)
-    window_from, window_to = _window(since)
+    window_from, window_to = _window(ctx)
     result = rehearse(
         client_for(store, account.subdomain),
         compiled,
@@ -101,7 +97,7 @@ def test(
     if as_json:
         print_json(
             {
-                "window": {"from": iso(result.window_from), "to": iso(result.window_to)},
+                "window": {"from": iso_time(result.window_from), "to": iso_time(result.window_to)},
                 "changes": result.changes,
                 "rules": [
                     {"name": r.name, "matched": r.matched, "actions": [a.as_dict() for a in r.actions]}
@@ -110,11 +106,9 @@ def test(
             }
         )
         return
-    from amohook.cli.common import fmt_time
-
     say(
         f"{account.subdomain}: {result.changes} lead change(s) in amoCRM's events log from "
-        f"{fmt_time(result.window_from)} to {fmt_time(result.window_to)} ({result.requests} read request(s); "
+        f"{human_time(result.window_from)} to {human_time(result.window_to)} ({result.requests} read request(s); "
         "nothing was sent, queued or recorded)"
     )
     total = 0
@@ -127,7 +121,7 @@ def test(
         say(f"{mark}   {r.name}: matched {r.matched} change(s), would plan {len(r.actions)} action(s)")
         for a in r.actions[:EXAMPLES]:
             flag = " — skipped by the loop guard" if a.skipped else ""
-            say(f"      {fmt_time(a.at)}  lead {a.lead}: {a.summary}{flag}")
+            say(f"      {human_time(a.at)}  lead {a.lead}: {a.summary}{flag}")
         if len(r.actions) > EXAMPLES:
             say(f"      … and {len(r.actions) - EXAMPLES} more (--json lists them all)")
         for note in sorted(set(r.notes))[:EXAMPLES]:
@@ -152,7 +146,7 @@ def explain(
 
     store, compiled = _compiled(ctx, rules)
     account = get_account(subdomain)
-    window_from, window_to = _window(since)
+    window_from, window_to = _window(ctx)
     changes = explain_lead(
         client_for(store, account.subdomain),
         compiled,
@@ -165,20 +159,18 @@ def explain(
         print_json(
             {
                 "lead": lead,
-                "window": {"from": iso(window_from), "to": iso(window_to)},
-                "changes": [c.as_dict(iso) for c in changes],
+                "window": {"from": iso_time(window_from), "to": iso_time(window_to)},
+                "changes": [c.as_dict(iso_time) for c in changes],
             }
         )
         return
-    from amohook.cli.common import fmt_time
-
     say(
         f"lead {lead} in {account.subdomain}: {len(changes)} change(s) "
-        f"from {fmt_time(window_from)} to {fmt_time(window_to)}"
+        f"from {human_time(window_from)} to {human_time(window_to)}"
     )
     for c in changes:
         seen = ", ".join(c.seen) if c.seen else "not seen by amohook (only in amoCRM's events log)"
-        say(f"{fmt_time(c.at)}  {c.kind}: {c.what} — {seen}")
+        say(f"{human_time(c.at)}  {c.kind}: {c.what} — {seen}")
         for v in c.rules:
             done = "; ".join(
                 f"{a['kind']} {a['status']}" + (f" (amoCRM id {a['amocrm_id']})" if a["amocrm_id"] else "")
