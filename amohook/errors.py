@@ -51,6 +51,17 @@ class SchemaMismatch(ConfigError):
     amohook made it): retrying cannot help, a person has to restore, upgrade or re-point it."""
 
 
+class StoreMissing(ConfigError):
+    """No amohook store where the settings point: only `init-auth` (and `auth-url`, `serve`) make
+    one; every other command says so instead of starting an empty store at a mistyped place."""
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(
+            f"no amohook store at {where} — run `amohook init-auth` first (or fix --db-url / AMOHOOK_DB_URL)"
+        )
+
+
 class AccountNotFound(ConfigError):
     def __init__(self, subdomain: str | None):
         self.subdomain = subdomain

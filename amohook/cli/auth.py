@@ -104,7 +104,9 @@ def init_auth(
     url = base_url_for(sub, domain.value, base_url)
     st = state(ctx)
     if long_lived_token:
-        account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
+        account = authorize_with_long_lived_token(
+            st.store(create=True), subdomain=sub, base_url=url, token=long_lived_token
+        )
         expires = f", expires {fmt_time(account.expires_at)}" if account.expires_at else ""
         say(
             f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); "
@@ -124,7 +126,7 @@ def init_auth(
     if not code.strip():
         raise ConfigError("the authorization code is empty — copy it from the integration's Keys tab")
     client = Client(client_id.strip(), secret, redirect_uri.strip())
-    account = authorize_with_code(st.store(), subdomain=sub, base_url=url, client=client, code=code)
+    account = authorize_with_code(st.store(create=True), subdomain=sub, base_url=url, client=client, code=code)
     say(
         f"authorized {sub} (amoCRM account {account.amo_account_id}); access token valid until "
         f"{fmt_time(account.expires_at)}. Add `amohook refresh-token` to cron (see crontab.example)."
@@ -165,7 +167,9 @@ def auth_url(
 
         base_url = base_url_for("x", base_url=base_url)
     client = Client(client_id.strip(), _client_secret(client_secret), redirect_uri.strip())
-    url, _state = start_authorization(state(ctx).store(), client=client, domain=domain.value, base_url=base_url)
+    url, _state = start_authorization(
+        state(ctx).store(create=True), client=client, domain=domain.value, base_url=base_url
+    )
     say(url)
 
 

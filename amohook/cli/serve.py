@@ -181,7 +181,7 @@ def serve(
     )
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (config.secret, config.status_password))))
     log = logging.getLogger("amohook.serve")
-    store = state(ctx).store()
+    store = state(ctx).store(create=True)  # its /oauth/callback completes `auth-url` on a new store
     interval = reconcile_interval(reconcile, bool(handler or rules))
     runner = Runner(
         store,
@@ -255,7 +255,7 @@ def worker(
 
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
-    store = state(ctx).store()
+    store = state(ctx).store(create=True)  # started beside `serve` in any order, on one store
     interval = reconcile_interval(reconcile, bool(handler or rules))
     runner = Runner(
         store,

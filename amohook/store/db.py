@@ -16,9 +16,8 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
 import peewee
-from playhouse.db_url import connect
 
-from amohook.errors import ConfigError, StoreError
+from amohook.errors import ConfigError, StoreError, StoreMissing
 from amohook.store import models
 from amohook.store.migrations import migrate
 
@@ -110,20 +109,11 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def sqlite_file(url: str) -> Path:
-    """The file an ``sqlite://`` URL names; an in-memory or empty one is refused.
+    """The absolute file an ``sqlite://`` URL names (``dburl.sqlite_path``: relative and in-memory
+    ones are refused)."""
+    from amohook.dburl import sqlite_path
 
-    An in-memory store forgets every acknowledged webhook with the process and is private to one
-    connection, so `serve` would answer 503 for ever: there is no use for it here.
-    """
-    rest = url.split("://", 1)[1] if "://" in url else ""
-    rest = rest.split("?", 1)[0]
-    if rest.startswith("/"):
-        rest = rest[1:]  # sqlite:///relative/path, sqlite:////absolute/path
-    if not rest or rest == ":memory:" or rest.startswith("file::memory:") or "mode=memory" in url:
-        raise ConfigError(
-            f"'{url}' names no database file — give a path: sqlite:///relative.db or sqlite:////absolute/path.db"
-        )
-    return Path(rest).expanduser()
+    return sqlite_path(url)
 
 
 def _refuse(path: Path, what: str) -> ConfigError:
@@ -133,14 +123,16 @@ def _refuse(path: Path, what: str) -> ConfigError:
     )
 
 
-def _prepare_sqlite_file(path: Path) -> None:
-    """Make sure ``path`` is an SQLite store amohook may use, creating it (dir 0700, file 0600) if new.
+def _prepare_sqlite_file(path: Path, create: bool = True) -> None:
+    """Make sure ``path`` is an SQLite store amohook may use, creating it (dir 0700, file 0600) if
+    new and ``create`` (else a missing store is ``StoreMissing``).
 
     Modes are set only on what this function creates: the store holds the client secret and the
     tokens, but a typo in root's crontab must never chmod a system directory or someone's file.
-    An existing path that is not an SQLite database (a directory, a symlink, a text file, a
-    device) is refused before anything is touched; an existing store with loose permissions is
-    left as it is and reported by ``loose_permissions()``.
+    An existing path that is not amohook's SQLite database (a directory, a symlink, a text file,
+    an empty file, a device, another program's database) is refused before anything is touched —
+    opening it through peewee would already switch it to WAL; an existing store with loose
+    permissions is left as it is and reported by ``loose_permissions()``.
     """
     try:
         st = path.lstat()
@@ -149,18 +141,10 @@ def _prepare_sqlite_file(path: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot inspect the database path '{path}': {exc.strerror}") from None
     if st is None:
-        directory = path.parent
-        if os.path.lexists(directory) and not directory.is_dir():
-            raise _refuse(directory, "not a directory")
-        if not os.path.lexists(directory):
-            directory.mkdir(parents=True, mode=0o700)
-        try:
-            # O_EXCL | O_NOFOLLOW: if something appeared at the path meanwhile, it is not ours.
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            return _prepare_sqlite_file(path)
-        os.close(fd)
-        return
+        if not create:
+            raise StoreMissing(str(path))
+        _create_sqlite_file(path)
+        return _prepare_sqlite_file(path, create)
     if stat.S_ISLNK(st.st_mode):
         raise _refuse(path, "a symbolic link")
     if stat.S_ISDIR(st.st_mode):
@@ -168,7 +152,9 @@ def _prepare_sqlite_file(path: Path) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise _refuse(path, "a special file")
     if st.st_size == 0:
-        return  # an empty file is an empty SQLite database (e.g. made with `install -m 600 /dev/null`)
+        # amohook never leaves one (a new store is made whole, then linked into place), so an
+        # empty file is someone else's: `touch`, a failed copy, a truncated backup.
+        raise _refuse(path, "an empty file")
     try:
         with open(path, "rb") as fh:
             header = fh.read(len(SQLITE_HEADER))
@@ -176,6 +162,60 @@ def _prepare_sqlite_file(path: Path) -> None:
         raise ConfigError(f"cannot read the database file '{path}': {exc.strerror}") from None
     if header != SQLITE_HEADER:
         raise _refuse(path, "a file that is not an SQLite database")
+    tables = _sqlite_tables(path)
+    if not tables and not create:
+        raise StoreMissing(str(path))
+    if tables and models.SchemaVersion._meta.table_name not in tables:
+        raise _refuse(path, "another program's SQLite database")
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of an existing SQLite file, read without changing it (no pragma, no WAL switch;
+    ``mode=rw`` never creates a file that vanished meanwhile)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise _refuse(path, f"an unreadable SQLite database ({exc})") from None
+    return {row[0] for row in rows}
+
+
+def _create_sqlite_file(path: Path) -> None:
+    """A new, valid SQLite file at ``path`` (mode 0600, its directory 0700 if new), or nothing if
+    something appeared there meanwhile: written beside it, then linked into place (never replacing),
+    so no process ever sees a half-made or empty store."""
+    import sqlite3
+
+    directory = path.parent
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise _refuse(directory, "not a directory")
+    if not os.path.lexists(directory):
+        directory.mkdir(parents=True, mode=0o700)
+    temp = directory / f".{path.name}.new-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+    try:
+        conn = sqlite3.connect(str(temp))
+        try:
+            conn.execute("PRAGMA journal_mode=wal")  # writes the header: the file is a database now
+        finally:
+            conn.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    finally:
+        for leftover in (temp, Path(f"{temp}-wal"), Path(f"{temp}-shm")):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def loose_permissions(path: Path) -> str | None:
@@ -201,24 +241,23 @@ def _lock_wait(timeout: float) -> int:
     return max(1, int(timeout * 0.8))
 
 
-def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
+def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT, *, create: bool = True) -> peewee.Database:
     """The database ``url`` names, with every wait on it bounded by ``timeout`` seconds.
 
     MySQL: PyMySQL's connect/read/write timeouts (a server that accepts and then says nothing,
     e.g. a stopped one, otherwise blocks a read for ever). PostgreSQL: libpq's connect_timeout,
     server-side statement and lock timeouts, and a psycopg2 wait callback that gives up on a
     server that stops answering mid-query (only the client can notice a stopped server).
+    ``create=False``: a missing SQLite store is ``StoreMissing``, never made.
     """
     scheme = url.split(":", 1)[0].lower()
     kwargs: dict = {}
     if scheme.startswith("sqlite"):
         path = sqlite_file(url)
-        _prepare_sqlite_file(path)
-        url = f"sqlite:///{path}"
-        kwargs["pragmas"] = SQLITE_PRAGMAS
-        kwargs["field_types"] = {"LONGTEXT": "TEXT"}
-        kwargs["timeout"] = 10
-        return connect(url, **kwargs)
+        _prepare_sqlite_file(path, create)
+        # Built directly, not through playhouse.db_url: that imports every backend's extension
+        # (~20 ms a command start) and would cut a path holding '#' or '?'.
+        return peewee.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, field_types={"LONGTEXT": "TEXT"}, timeout=10)
     from amohook.dburl import check_server_url, redact
 
     check_server_url(url)
@@ -243,6 +282,8 @@ def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
         kwargs["keepalives_interval"] = 5
         kwargs["keepalives_count"] = 3
         _bound_psycopg2_waits(timeout)
+    from playhouse.db_url import connect
+
     try:
         db = connect(url, unquote_password=True, unquote_user=True, **kwargs)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
@@ -333,8 +374,13 @@ def _note_loose_permissions(store: Store) -> None:
         logging.getLogger("amohook.store").warning("%s", warning)
 
 
-def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Store:
+def open_store(
+    url: str, *, migrate_schema: bool = True, timeout: float = DEFAULT_TIMEOUT, create: bool = True
+) -> Store:
     """Open the database at ``url`` and make sure its schema is current (idempotent).
+
+    ``create=False`` (every command but those that start a store): where there is no amohook
+    store yet — no SQLite file, an empty database — raise ``StoreMissing`` and make nothing.
 
     The models are bound process-wide, so a process works with one store: opening the same URL
     again returns it (threads then get their own connections from peewee), and opening another
@@ -345,7 +391,7 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
         _note_loose_permissions(_current)
         return _current
     try:
-        db = connect_url(url, timeout)
+        db = connect_url(url, timeout, create=create)
         db.connect(reuse_if_open=True)
     except (OSError, peewee.PeeweeException, ImportError) as exc:
         raise _open_error(exc, url, timeout) from None
@@ -357,7 +403,7 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
     _current = None
     if migrate_schema:
         try:
-            migrate(store)
+            migrate(store, create=create)
         except peewee.PeeweeException as exc:
             raise _open_error(exc, url, timeout) from None
     _current = store
