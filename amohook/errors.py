@@ -162,7 +162,17 @@ class RefusedBeforeRefresh(AmoApiError):
 
 
 class Forbidden(AmoApiError):
-    """403 with a JSON body: the token's user lacks the right (e.g. /users needs an admin)."""
+    """403 with a JSON body: the token's user lacks the right (e.g. /users needs an admin), or the
+    account refuses this IP (code 113). Retrying cannot help: a person grants the right."""
+
+    exit_code = ExitCode.USAGE
+
+
+class PaymentRequired(AmoApiError):
+    """402: the account is not paid or its subscription is over; only its owner can fix that.
+    https://www.amocrm.ru/developers/content/crm_platform/error-codes"""
+
+    exit_code = ExitCode.USAGE
 
 
 class ValidationFailed(AmoApiError):
@@ -186,9 +196,10 @@ class RefreshOutcomeUnknown(AmoTemporaryError):
 
 def needs_person(exc: BaseException) -> bool:
     """True when only a person can make the next try succeed: the grant is revoked, expired or
-    missing (a new `amohook init-auth`), or amoCRM blocked the account's API access. Retrying
+    missing (a new `amohook init-auth`), amoCRM blocked the account's API access, or the account is
+    not paid. Retrying
     sooner cannot help, so callers wait long and say so once instead of hammering amoCRM."""
-    return isinstance(exc, (ReauthRequired, AccountBlocked))
+    return isinstance(exc, (ReauthRequired, AccountBlocked, PaymentRequired))
 
 
 def describe(exc: BaseException) -> str:

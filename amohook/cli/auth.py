@@ -178,7 +178,7 @@ def refresh_token(
     subdomain: SubdomainOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Refresh now, even if not due.")] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print nothing when nothing was due (for cron).")
+        bool, typer.Option("--quiet", "-q", help="Print nothing unless a person is needed (for cron).")
     ] = False,
 ):
     """Renew the tokens once half of the access token's life has passed (run it from cron)."""
@@ -194,12 +194,14 @@ def refresh_token(
     for account in accounts:
 
         def on_wait(msg: str, s: str = account.subdomain) -> None:
-            warn(f"{s}: {msg}")
+            if not quiet:  # waiting is routine; if the wait fails, the error says so
+                warn(f"{s}: {msg}")
 
         result = refresh_tokens(store, account.subdomain, force=force, on_wait=on_wait)
         acc = result.account
         if result.outcome == "refreshed":
-            say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")
+            if not quiet:
+                say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")
         elif result.outcome == "long_lived":
             if not quiet:
                 say(f"{acc.subdomain}: long-lived token, nothing to refresh")

@@ -162,11 +162,44 @@ def _prepare_sqlite_file(path: Path, create: bool = True) -> None:
         raise ConfigError(f"cannot read the database file '{path}': {exc.strerror}") from None
     if header != SQLITE_HEADER:
         raise _refuse(path, "a file that is not an SQLite database")
+    _check_writable(path, st)
     tables = _sqlite_tables(path)
     if not tables and not create:
         raise StoreMissing(str(path))
     if tables and models.SchemaVersion._meta.table_name not in tables:
         raise _refuse(path, "another program's SQLite database")
+
+
+def _check_writable(path: Path, st: os.stat_result) -> None:
+    """Every command may write (a token refresh, a queued event) and SQLite keeps its journal
+    beside the file, so a store this user cannot write — cron or a unit under another user than the
+    store's owner — is a person's mistake, said at once rather than as a failing write later."""
+    if os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise ConfigError(
+            f"the store '{path}' is on a read-only file system — mount it read-write, or under systemd give "
+            f"the unit write access to '{path.parent}' (StateDirectory= or ReadWritePaths=)"
+        )
+    what = f"the file '{path}'" if not os.access(path, os.R_OK | os.W_OK) else f"its directory '{path.parent}'"
+    raise ConfigError(
+        f"the store '{path}' cannot be written by this user ({_user(os.getuid())}): {what} belongs to "
+        f"{_user(st.st_uid if what.startswith('the file') else path.parent.stat().st_uid)} — run amohook as that "
+        "user (cron: its crontab; systemd: User=), or give this user the store"
+    )
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _sqlite_tables(path: Path) -> set[str]:
@@ -182,7 +215,9 @@ def _sqlite_tables(path: Path) -> set[str]:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        raise _refuse(path, f"an unreadable SQLite database ({exc})") from None
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise _refuse(path, f"an unreadable SQLite database ({exc})") from None
+        raise  # disk full, I/O, locked: open_store tells a person's problem from a passing one
     return {row[0] for row in rows}
 
 
@@ -390,10 +425,12 @@ def open_store(
     if _current is not None and _current.url == url:
         _note_loose_permissions(_current)
         return _current
+    import sqlite3
+
     try:
         db = connect_url(url, timeout, create=create)
         db.connect(reuse_if_open=True)
-    except (OSError, peewee.PeeweeException, ImportError) as exc:
+    except (OSError, peewee.PeeweeException, ImportError, sqlite3.Error) as exc:
         raise _open_error(exc, url, timeout) from None
     if _current is not None:
         _current.close()
@@ -413,7 +450,7 @@ def open_store(
 def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
     from amohook.dburl import redact
 
-    missing = missing_database(exc, url)
+    missing = missing_database(exc, url) or needs_person(exc, url)
     if missing is not None:
         return missing
     text = _describe(exc)
@@ -471,6 +508,81 @@ def missing_database(exc: BaseException, url: str) -> ConfigError | None:
             f"superuser (e.g. in `sudo -u postgres psql`): {create}; then run the command again"
         )
     return None
+
+
+# Driver codes of failures that only a person can end (a retry by cron would fail the same way).
+MYSQL_LOGIN_REFUSED = {1045, 1698}  # ER_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR
+MYSQL_READ_ONLY = {1290, 1792, 1836}  # --read-only, a read-only transaction, read-only mode
+MYSQL_FULL = {1021, 1114}  # ER_DISK_FULL, ER_RECORD_FILE_FULL ("The table is full")
+MYSQL_DENIED = {1142, 1143}  # ER_TABLEACCESS_DENIED_ERROR, ER_COLUMNACCESS_DENIED_ERROR
+PG_LOGIN_REFUSED = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
+PG_READ_ONLY = {"25006"}  # read_only_sql_transaction (a standby, default_transaction_read_only)
+PG_FULL = {"53100"}  # disk_full
+PG_DENIED = {"42501"}  # insufficient_privilege
+
+
+def needs_person(exc: BaseException, url: str) -> ConfigError | None:
+    """A database failure that retrying cannot end — the login is refused, the store is read-only
+    or its disk is full, the user lacks a right — as a ConfigError (exit 2) naming the fix; None
+    for anything else (an outage stays temporary, exit 4).
+
+    Told by the driver's code where it has one (PyMySQL's number, psycopg2's SQLSTATE), else by
+    the text SQLite, libpq and the servers send (libpq's connection errors carry no SQLSTATE).
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from amohook.dburl import redact
+
+    code, text = _driver_code(exc), str(exc)
+    low = text.lower()
+    scheme = url.split(":", 1)[0].lower()
+    full = "disk is full" in low or "no space left" in low
+    if scheme.startswith("sqlite"):
+        where = f"the store '{sqlite_file(url)}'"
+        # SQLite reports a full disk met while making its journal or shared memory as an I/O error.
+        full = full or ("disk i/o error" in low and _no_space_beside(sqlite_file(url)))
+    else:
+        parts = urlsplit(url)
+        where = f"the database '{unquote(parts.path[1:])}' on {parts.netloc.rsplit('@', 1)[-1] or 'the local server'}"
+    if (
+        code in MYSQL_LOGIN_REFUSED
+        or code in PG_LOGIN_REFUSED
+        or "password authentication failed" in low
+        or "no pg_hba.conf entry" in low
+        or ("role " in low and "does not exist" in low)
+        or "no password supplied" in low
+    ):
+        user = unquote(urlsplit(url).username or "")
+        return ConfigError(
+            f"the database server refused the login{f' of {user!r}' if user else ''} to {where} — check the user "
+            f"name and password in --db-url / AMOHOOK_DB_URL ({redact(url)}; special characters percent-encoded) "
+            "and that the user may connect from this host"
+        )
+    if code in MYSQL_READ_ONLY or code in PG_READ_ONLY or "readonly database" in low or "read-only" in low:
+        return ConfigError(
+            f"{where} cannot be written (read-only: {_describe(exc)}) — run amohook as the user that owns the "
+            "store, or point --db-url / AMOHOOK_DB_URL at a primary server that accepts writes"
+        )
+    if code in MYSQL_FULL or code in PG_FULL or full:
+        return ConfigError(
+            f"{where} cannot grow: its disk is full ({_describe(exc)}) — free space on it (`amohook prune` "
+            "deletes old events once there is room to work), then run the command again"
+        )
+    if code in MYSQL_DENIED or code in PG_DENIED:
+        return ConfigError(
+            f"the database user may not use amohook's tables in {where} ({_describe(exc)}) — grant it all "
+            "privileges on that database"
+        )
+    return None
+
+
+def _no_space_beside(path: Path) -> bool:
+    """Less than 64 KiB free for this user where the store and its journal live."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 PG_QUOTE = '"'
