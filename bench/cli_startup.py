@@ -59,7 +59,9 @@ def compile_amohook() -> None:
 
 def timed(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cwd=ROOT: `python -m` puts the working directory first on the path, so run from elsewhere it
+    # could time another checkout's amohook than the one under test.
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     return time.perf_counter() - start
 
 
