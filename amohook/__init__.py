@@ -3,7 +3,7 @@
 The names below are imported on first use (PEP 562), so ``import amohook`` — and every CLI
 command that needs none of them, like the `refresh-token` cron runs — stays cheap::
 
-    from amohook import Runner, open_store, stop_on_signals
+    from amohook import Supervisor, open_store, stop_on_signals
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ __url__ = "https://github.com/amohook/amohook"  # the project page: metadata and
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Runner": "amohook.runner",
-    "StopEvent": "amohook.runner",
-    "build_registry": "amohook.runner",
-    "stop_on_signals": "amohook.runner",
+    "Supervisor": "amohook.runtime.supervisor",
+    "StopEvent": "amohook.runtime.supervisor",
+    "build_registry": "amohook.runtime.supervisor",
+    "stop_on_signals": "amohook.runtime.supervisor",
     "Store": "amohook.store",
     "open_store": "amohook.store",
     "ServerConfig": "amohook.webhooks.server",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from amohook.errors import ConfigError
+from amohook.redact import hold_secret
 
 # What a URL's query may set, per backend. Anything else is refused rather than handed to the
 # driver (an unknown keyword is a TypeError in PyMySQL; timeouts come from AMOHOOK_DB_TIMEOUT).
@@ -72,6 +73,7 @@ def check_server_url(url: str) -> None:
     if "#" in rest:
         raise _bad(url, "has a '#' part", "remove it (a '#' in the password is written %23)")
     parts = urlsplit(url)
+    hold_secret(parts.password, unquote(parts.password or ""))  # the drivers' logs may show it
     try:
         port = parts.port
     except ValueError:

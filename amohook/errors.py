@@ -202,6 +202,12 @@ def needs_person(exc: BaseException) -> bool:
     return isinstance(exc, (ReauthRequired, AccountBlocked, PaymentRequired))
 
 
+def definitely_refused(exc: BaseException) -> bool:
+    """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
+    status = getattr(exc, "status", None)
+    return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
+
+
 def describe(exc: BaseException) -> str:
     """The exception's type and the first line of its message, at most 200 characters: enough
     for a log line, never a multi-line driver dump."""

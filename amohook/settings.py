@@ -15,6 +15,7 @@ from amohook.errors import ConfigError
 
 ENV_DB_URL = "AMOHOOK_DB_URL"
 ENV_DATA_DIR = "AMOHOOK_DATA_DIR"
+ENV_STATE_DIRECTORY = "STATE_DIRECTORY"  # systemd's, from StateDirectory= (systemd.exec(5))
 ENV_CLIENT_SECRET = "AMOHOOK_CLIENT_SECRET"
 ENV_LONG_LIVED_TOKEN = "AMOHOOK_LONG_LIVED_TOKEN"
 ENV_WEBHOOK_SECRET = "AMOHOOK_WEBHOOK_SECRET"
@@ -30,7 +31,9 @@ DOMAINS = ("amocrm.ru", "amocrm.com", "kommo.com")
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The per-user data directory: $AMOHOOK_DATA_DIR, else $XDG_DATA_HOME/amohook, else ~/.local/share/amohook."""
+    """Where the default SQLite store lives: $AMOHOOK_DATA_DIR, else systemd's $STATE_DIRECTORY
+    (set by a unit's ``StateDirectory=``, so a service and the commands run for it share one store),
+    else $XDG_DATA_HOME/amohook, else ~/.local/share/amohook."""
     env = os.environ if environ is None else environ
     if env.get(ENV_DATA_DIR):
         path = Path(env[ENV_DATA_DIR]).expanduser()
@@ -40,6 +43,9 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
                 f"is started from — give an absolute one (e.g. {os.path.abspath(path)})"
             )
         return path
+    if env.get(ENV_STATE_DIRECTORY):
+        # systemd.exec(5): several StateDirectory= entries arrive colon-separated; the first is ours.
+        return Path(env[ENV_STATE_DIRECTORY].split(":", 1)[0])
     base = env.get("XDG_DATA_HOME") or ""
     if not Path(base).expanduser().is_absolute():
         base = str(Path.home() / ".local" / "share")  # the XDG spec: a relative value is ignored
@@ -51,7 +57,7 @@ def default_db_url(environ: Mapping[str, str] | None = None) -> str:
 
 
 def resolve_db_url(flag: str | None, environ: Mapping[str, str] | None = None) -> str:
-    """--db-url, then $AMOHOOK_DB_URL, then an SQLite file in the per-user data directory."""
+    """--db-url, then $AMOHOOK_DB_URL, then an SQLite file in ``data_dir()``."""
     env = os.environ if environ is None else environ
     url = flag or env.get(ENV_DB_URL) or default_db_url(env)
     scheme = url.split(":", 1)[0].lower()

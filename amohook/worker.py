@@ -42,7 +42,6 @@ __all__ = [
     "Registry",
     "RetryPolicy",
     "Worker",
-    "backoff_delay",
     "load_handler",
     "retry_delay",
 ]
@@ -75,11 +74,6 @@ class RetryPolicy:
         return Backoff(base=self.base, cap=self.cap, factor=self.factor, jitter=self.jitter)
 
 
-def backoff_delay(attempt: int, policy: RetryPolicy, rand: float) -> float:
-    """Delay after failed attempt number ``attempt`` (1-based); ``rand`` in [0, 1) gives the jitter."""
-    return policy.backoff.delay(attempt, rand)
-
-
 def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: float) -> float | None:
     """Seconds until the next attempt after ``attempt`` failed with ``error``; None means dead."""
     if isinstance(error, PermanentError) or attempt >= policy.max_attempts:
@@ -89,8 +83,8 @@ def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: f
         wait = error.retry_after if error.retry_after is not None else policy.rate_limit_floor
         return max(wait, policy.rate_limit_floor) + rand
     if needs_person(error):
-        return max(policy.reauth_delay, backoff_delay(attempt, policy, rand))
-    return backoff_delay(attempt, policy, rand)
+        return max(policy.reauth_delay, policy.backoff.delay(attempt, rand))
+    return policy.backoff.delay(attempt, rand)
 
 
 def error_excerpt(name: str, error: BaseException, limit: int = 1000) -> str:

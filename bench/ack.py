@@ -84,8 +84,8 @@ def run_naive_server(db_url: str) -> None:
         def submit(self, item, timeout):
             try:
                 with store.write():
-                    with inbox.driver_errors_as_peewee():
-                        return inbox.store_in_txn(store, [item])[0]
+                    with inbox.receive.driver_errors_as_peewee():
+                        return inbox.receive.store_in_txn(store, [item])[0]
             except Exception as exc:
                 raise inbox.StoreUnavailable(str(exc)) from None
             finally:

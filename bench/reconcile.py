@@ -113,9 +113,9 @@ def one_round(moves: int) -> dict:
 
 def idle_cost(passes: int = 5) -> tuple[float, float]:
     """Requests per pass for an account with nothing new, and per hour at the default 5m."""
-    from amohook.reconcile import Reconciler
+    from amohook.recovery.reconcile import Reconciler
+    from amohook.recovery.watchdog import CHECK_EVERY, remember
     from amohook.store import open_store
-    from amohook.watchdog import CHECK_EVERY, remember
 
     with tempfile.TemporaryDirectory() as tmpdir, FakeAmo() as fake:
         db_url, _ = prepare(Path(tmpdir), fake, 0)

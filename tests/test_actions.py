@@ -11,8 +11,8 @@ import time
 import pytest
 
 from amohook.actions import ActionSender, kinds, record_planned
+from amohook.actions.base import PlannedAction
 from amohook.amocrm.client import client_for
-from amohook.rules import PlannedTask
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env
 
@@ -20,7 +20,7 @@ RESPONSIBLE = 581651  # an existing user of the fake account
 TASK_TYPE = 1
 
 
-def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None) -> PlannedTask:
+def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None) -> PlannedAction:
     key = key or hashlib.sha256(f"{rule}|{lead_id}".encode()).hexdigest()
     payload = {
         "text": text or f"Call lead {lead_id}",
@@ -31,7 +31,7 @@ def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None)
         "responsible_user_id": RESPONSIBLE,
         "request_id": key[:32],
     }
-    return PlannedTask(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload, kind="create_task")
+    return PlannedAction(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload, kind="create_task")
 
 
 class Clock:
@@ -271,10 +271,10 @@ def test_an_expired_lease_is_not_used_to_post(store, fake, account):
     assert not fake.requests_to("/api/v4/tasks", "POST")
 
 
-def planned_note(lead_id: int, text: str = "Moved to Qualified") -> PlannedTask:
+def planned_note(lead_id: int, text: str = "Moved to Qualified") -> PlannedAction:
     key = hashlib.sha256(f"note|{lead_id}".encode()).hexdigest()
     payload = {"entity_id": lead_id, "note_type": "common", "params": {"text": text}, "request_id": key[:32]}
-    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
+    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
 
 
 def test_notes_and_tasks_go_in_batches_of_their_own_kind(store, fake, account):
@@ -309,13 +309,13 @@ def test_a_note_whose_answer_was_lost_is_adopted_not_added_twice(store, fake, ac
 
 
 # -- found by review: lookups must not take another change's task or note -------------------
-def change_note(lead_id: int, change: str, text: str = "Website deal moved to Negotiation") -> PlannedTask:
+def change_note(lead_id: int, change: str, text: str = "Website deal moved to Negotiation") -> PlannedAction:
     key = hashlib.sha256(f"note|{lead_id}|{change}".encode()).hexdigest()
     payload = {"entity_id": lead_id, "note_type": "common", "params": {"text": text}, "request_id": key[:32]}
-    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
+    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
 
 
-def change_task(lead_id: int, change: str, complete_till: int = 1_900_000_000) -> PlannedTask:
+def change_task(lead_id: int, change: str, complete_till: int = 1_900_000_000) -> PlannedAction:
     # due = "end_of_day" (or "10:00"): two changes of one lead on one day share complete_till
     key = hashlib.sha256(f"task|{lead_id}|{change}".encode()).hexdigest()
     payload = {
@@ -327,7 +327,7 @@ def change_task(lead_id: int, change: str, complete_till: int = 1_900_000_000) -
         "responsible_user_id": RESPONSIBLE,
         "request_id": key[:32],
     }
-    return PlannedTask(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="create_task")
+    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="create_task")
 
 
 def test_a_note_of_a_later_change_is_not_adopted_by_an_earlier_action(store, fake, account):

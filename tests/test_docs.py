@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from amohook.errors import ExitCode
@@ -51,7 +52,8 @@ def test_the_readme_rules_example_is_the_tested_file():
 
 
 def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
-    """The quick start's listener line, as written (the port moved to a free one)."""
+    """The quick start's listener lines, as written (the port moved to a free one): `serve` with
+    no secret configured, then `webhooks url` prints the URL that the listener answers."""
     import os
     import re
     import subprocess
@@ -61,13 +63,20 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
 
     quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in quick.split("```sh")[1:]]
-    [run_line] = [line for b in blocks for line in b.splitlines() if "amohook serve" in line]
-    command = run_line.replace(".venv/bin/amohook", f"{sys.executable} -m amohook")
+    [run_line] = [line for b in blocks for line in b.splitlines() if line.startswith("amohook serve")]
+    [url_line] = [line for b in blocks for line in b.splitlines() if line.startswith("amohook webhooks url")]
+    python = f"{sys.executable} -m amohook"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
     env.update(HOME=str(tmp_path), AMOHOOK_PORT="0", PYTHONPATH=str(ROOT))
-    env.pop("XDG_DATA_HOME", None)
+    for name in ("XDG_DATA_HOME", "STATE_DIRECTORY"):
+        env.pop(name, None)
     proc = subprocess.Popen(
-        ["bash", "-c", command], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", "-c", run_line.replace("amohook", python, 1)],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()
@@ -76,42 +85,60 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
         health = requests.get(match.group(1) + "/healthz", timeout=5)
         assert health.status_code == 200 and health.json()["database"] == "ok"
         assert (tmp_path / ".local" / "share" / "amohook" / "amohook.db").exists()
+        printed = subprocess.run(
+            ["bash", "-c", url_line.replace("amohook", python, 1)],
+            env=env,
+            cwd=str(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert printed.returncode == 0, printed.stderr
+        [url] = printed.stdout.splitlines()
+        assert url.startswith("https://hooks.example.com/webhook/")
+        path = url.removeprefix("https://hooks.example.com")
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        answer = requests.post(match.group(1) + path, data=b"leads[add][0][id]=1", headers=form, timeout=5)
+        assert answer.status_code == 200
     finally:
         proc.terminate()
         proc.wait(15)
 
 
-def test_the_readme_keeps_secrets_off_command_lines_and_out_of_the_unit():
-    """An authorization code on a command line is in `ps` for its 20 minutes; a secret in the
+def test_the_readme_keeps_secrets_off_command_lines_and_out_of_the_units():
+    """An authorization code on a command line is in `ps` for its 20 minutes; a secret in a
     unit's Environment= is readable by every user (and printed by `systemctl show`)."""
     import re
 
     assert not re.search(r"--code\s+['\"]?[\w…]", README), "the README passes a literal code with --code"
     assert "Environment=AMOHOOK_WEBHOOK_SECRET" not in README
     assert "AMOHOOK_AUTH_CODE" in README and "hidden prompt" in README
-    unit = README.split("# /etc/systemd/system/amohook.service", 1)[1].split("```", 1)[0]
-    assert "EnvironmentFile=/etc/amohook/amohook.env" in unit
+    for unit in sorted((ROOT / "deploy" / "systemd").glob("*.service")):
+        text = unit.read_text()
+        assert "EnvironmentFile=/etc/amohook/amohook.env" in text, unit.name
+        assert not re.search(r"^Environment=.*(SECRET|PASSWORD|TOKEN|DB_URL)", text, re.M), unit.name
 
 
-def test_the_readme_env_file_commands_make_a_private_file_with_a_usable_secret(tmp_path):
-    """The commands that create /etc/amohook/amohook.env, run as written (into a temporary
-    directory, without sudo, chown or systemctl)."""
+def test_the_readme_service_setup_makes_private_files(tmp_path):
+    """The commands that create /etc/amohook and /var/lib/amohook, run as written (into a
+    temporary directory, without sudo and the owners)."""
     import os
     import stat
     import subprocess
 
-    from amohook.webhooks.server import check_secret
+    section = README.split("## From the quick start to a service", 1)[1].split("\n## ", 1)[0]
+    block = section.split("**1. The user", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("sudo install")]
+    script = "\n".join(lines).replace("sudo ", "")
+    script = re.sub(r"-o \w+ -g \w+ ", "", script)
+    script = script.replace("/etc/amohook", str(tmp_path / "etc")).replace("/var/lib/amohook", str(tmp_path / "state"))
+    (tmp_path / "rules.toml").write_text("")
+    subprocess.run(["sh", "-ec", script], check=True, timeout=30, cwd=str(tmp_path))
 
-    block = README.split("sudo install -d -m 0755 /etc/amohook", 1)[1].split("```", 1)[0]
-    lines = [line for line in block.splitlines() if line.startswith("sudo ") and "systemctl" not in line]
-    script = "\n".join(lines).replace("sudo ", "").replace("-o root -g root ", "")
-    script = script.replace("/etc/amohook", str(tmp_path))
-    subprocess.run(["sh", "-ec", script], check=True, timeout=30)
-    env_file = tmp_path / "amohook.env"
-    assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
-    [line] = env_file.read_text().splitlines()
-    name, _, value = line.partition("=")
-    assert name == "AMOHOOK_WEBHOOK_SECRET" and check_secret(value) == value
+    def mode(path):
+        return stat.S_IMODE(os.stat(tmp_path / path).st_mode)
+
+    assert (mode("etc/amohook.env"), mode("etc/rules.toml"), mode("state")) == (0o600, 0o640, 0o700)
 
 
 def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):  # noqa: F811 (crm is a fixture)

@@ -15,9 +15,9 @@ import pytest
 from amohook.amocrm.client import client_for
 from amohook.errors import ExitCode
 from amohook.inbox import Incoming, store_deliveries
+from amohook.recovery.watchdog import remember
 from amohook.store.models import Account, Action, Event, ReconcileState, SchemaVersion
 from amohook.sync import sync_entities
-from amohook.watchdog import remember
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import run_cli
 from tests.test_rules_e2e import RULES
@@ -277,7 +277,7 @@ def test_a_missing_sqlite_file_is_reported_not_created(tmp_path):
 def test_little_disk_space_beside_an_sqlite_store_fails(store, fake, healthy, monkeypatch):
     if not store.is_sqlite:
         pytest.skip("disk space is checked beside an SQLite store only")
-    from amohook import doctor as doc
+    from amohook.ops import doctor as doc
 
     checks = doc.run_checks(store, rules_path=healthy["rules"])
     assert [c.name for c in checks if not c.ok] == []

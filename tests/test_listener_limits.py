@@ -187,7 +187,7 @@ def test_requests_without_the_secret_may_take_only_their_share_of_the_threads(sq
     """Health checks that hang (here: until released) hold at most ``max_untrusted`` threads and
     wait in a line of their own (full: 503 at once), and a webhook still gets a thread and its 200
     at once."""
-    from amohook.webhooks import health
+    from amohook.ops import health
 
     release = threading.Event()
     real_answer = health.answer

@@ -8,6 +8,7 @@ as the real CLI. Every test runs on SQLite, MariaDB and PostgreSQL.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from amohook.amocrm.client import client_for
 from amohook.inbox import Incoming, store_deliveries
-from amohook.reconcile import OVERLAP, reconcile_account
+from amohook.recovery.reconcile import OVERLAP, reconcile_account
 from amohook.store.models import Account, Action, ChangeSeen, Event, ReconcileState
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import ROOT, cli_env, run_cli
@@ -143,7 +144,7 @@ def test_a_lead_moved_back_and_forth_gets_a_task_per_entry(store, fake, crm):
 
 
 def test_handlers_see_where_an_event_came_from(store, fake, crm):
-    from amohook.changes import ChangeJournal
+    from amohook.recovery.identity import ChangeJournal
     from amohook.worker import Registry, Worker
 
     [a, b] = new_leads(fake, crm, 2)
@@ -193,7 +194,7 @@ def test_an_outage_longer_than_the_look_back_is_capped_and_said(store, fake, crm
 
 def test_a_crash_mid_pass_is_finished_by_the_next_pass_without_repeats(store, fake, crm):
     from amohook.amocrm.events import fetch_events
-    from amohook.reconcile import EVENT_ACTIONS, _queue, webhook_item
+    from amohook.recovery.reconcile import EVENT_ACTIONS, _queue, webhook_item
 
     leads = new_leads(fake, crm, 30)
     start = int(time.time()) - 600
@@ -290,6 +291,41 @@ def test_a_removed_subscription_is_reported_missing(store, fake, crm):
     assert "another-secret-value" not in result.stdout + result.stderr
 
 
+def test_a_subscription_the_watchdog_removed_is_added_back_when_its_post_failed(store, fake, crm):
+    """Switching on ends with DELETE then POST; a 502 on that POST must not leave the destination
+    gone for good, nor later passes blame a person for removing it (#15.6)."""
+    fake.reenable_on_repost = False  # re-posting leaves it off: the watchdog removes and adds it
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    assert run_cli(["webhooks", "subscribe", "--url", url, "--rules", crm["rules"]], store.url).returncode == 0
+    fake.disable_webhook(url)
+    fake.fail("/api/v4/webhooks", 502, method="POST", skip=1)  # the re-post passes, the re-add fails
+    first = reconcile(store)
+    assert "subscription check failed" in first["subscription_note"]
+    assert fake.webhooks == []  # gone, by amohook's own DELETE
+    second = reconcile(store)
+    assert second["subscription"] == "re-enabled", second
+    [hook] = fake.webhooks
+    assert hook["destination"] == url and not hook["disabled"] and hook["settings"] == ["status_lead"]
+    third = reconcile(store)
+    assert third["subscription"] == "ok" and not third["subscription_note"]
+    fake.webhooks.clear()  # now someone else removes it: that is reported, not undone
+    assert reconcile(store)["subscription"] == "missing" and fake.webhooks == []
+
+
+def test_the_watchdog_looks_on_every_background_pass(store, fake, crm):
+    from amohook.recovery.reconcile import Reconciler
+
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    assert run_cli(["webhooks", "subscribe", "--url", url], store.url).returncode == 0
+    fake.clear_requests()
+    reconciler = Reconciler(store, 60, client_factory=lambda s, a: client_for(s, a))
+    reconciler.run_once()
+    fake.disable_webhook(url)
+    [result] = reconciler.run_once()
+    assert len(fake.requests_to("/api/v4/webhooks", "GET")) >= 2
+    assert result.subscription == "re-enabled" and not fake.webhooks[0]["disabled"]
+
+
 def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
     [lead] = new_leads(fake, crm, 1)
     access, refresh = fake.issue_tokens(admin=False)
@@ -299,7 +335,7 @@ def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
     result = run_cli(["webhooks", "subscribe", "--url", url], store.url)
     assert result.returncode != 0 and "admin" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    from amohook.watchdog import remember
+    from amohook.recovery.watchdog import remember
 
     remember(store, "example", url, ["status_lead"])  # as if an admin had subscribed it before
     fake.move_lead(lead, crm["qualified"], crm["pipeline"])
@@ -402,7 +438,7 @@ def test_odd_log_entries_are_passed_over_not_fatal(store, fake, crm):
 
 
 def test_a_failing_subscription_check_does_not_hold_the_cursor_back(store, fake, crm):
-    from amohook.watchdog import remember
+    from amohook.recovery.watchdog import remember
 
     [lead] = new_leads(fake, crm, 1)
     remember(store, "example", "https://hooks.example.com/webhook/x", ["status_lead"])
@@ -428,3 +464,87 @@ def test_the_webhook_secret_is_filled_in_from_the_environment_not_the_command_li
         ["webhooks", "unsubscribe", "--url", "https://hooks.example.com/webhook/{secret}"], store.url, env=env
     )
     assert gone.returncode == 0 and fake.webhooks == []
+
+
+def test_a_huge_log_entry_is_stored_bounded_and_odd_ones_are_noted_within_bounds(store, fake, crm):
+    """An entry of megabytes (here 3 MB in value_before, 1 MB in created_by) is not stored verbatim."""
+    from amohook.recovery.reconcile import ENTRY_MAX, NOTES_MAX
+    from amohook.store.models import Delivery
+
+    [lead, other] = new_leads(fake, crm, 2)
+    now = int(time.time())
+    after = [{"lead_status": {"id": crm["qualified"], "pipeline_id": crm["pipeline"]}}]
+    before = [{"lead_status": {"id": crm["new"], "pipeline_id": crm["pipeline"]}, "junk": "x" * 3_000_000}]
+    fake.add_event("lead_status_changed", lead, value_after=after, value_before=before, at=now)
+    fake.add_event("lead_status_changed", other, value_after=after, created_by="9" * 1_000_000, at=now)
+    for i in range(NOTES_MAX + 5):
+        fake.add_event("lead_status_changed", other + 1 + i, value_after=after, created_by="7" * 100, at=now)
+    summary = reconcile(store)
+    assert summary["queued"] == 1, summary
+    [event] = Event.select().where(Event.source == "events_log")
+    assert event.entity_id == str(lead) and len(event.data) < 2000
+    body = Delivery.get_by_id(event.delivery_id).body
+    assert len(body.encode()) <= ENTRY_MAX and json.loads(body)["entity_id"] == str(lead)
+    assert "cut to its scalar fields" in body
+    state = ReconcileState.get(ReconcileState.account == "example")
+    assert len(state.last_pass_summary) < 10_000
+    assert json.loads(state.last_pass_summary)["notes"][-1] == "and 6 more note(s)"
+
+
+def test_a_pass_held_by_a_killed_process_says_until_when(store, fake, crm):
+    """A killed pass leaves its lease for up to 15 minutes: a pass then says who and until when."""
+    from amohook.store import lease as leases
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    dead = f"{socket.gethostname()}:{proc.stdout.strip()}:1:deadbeef"
+    assert leases.try_acquire("reconcile:example", dead, 900)
+    result = run_cli(["reconcile"], store.url)
+    assert result.returncode == 0, result.stderr
+    assert "no longer running" in result.stdout and "UTC" in result.stdout and "skipped" in result.stdout
+    summary = json.loads(run_cli(["reconcile", "--json"], store.url).stdout)[0]
+    assert summary["busy"] and "held until" in summary["notes"][0]
+    leases.release("reconcile:example", dead)
+    alive = "otherhost:4242:1:abcd1234"
+    assert leases.try_acquire("reconcile:example", alive, 900)
+    busy = run_cli(["reconcile"], store.url)
+    assert "(otherhost:4242)" in busy.stdout and "runs out at" in busy.stdout
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["secret-in-env", "secret-not-in-env"])
+def test_a_secret_outside_a_webhook_segment_is_never_shown(store, fake, crm, caplog, known):
+    """A proxy may map ``/amo/<secret>`` to the listener: subscribe, list (text and JSON), the
+    watchdog's warnings and its notes (reconcile, status, doctor) cut the secret all the same,
+    whether or not this process has it in its environment."""
+    secret = "Amo-Path-Secret-0123456789xyz"
+    url = f"https://hooks.example.com/amo/{secret}"
+    env = cli_env(store.url, AMOHOOK_WEBHOOK_SECRET=secret) if known else cli_env(store.url)
+    written: list[str] = []
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        result = run_cli(list(args), store.url, env=env)
+        written.append(result.stdout + result.stderr)
+        return result
+
+    subscribed = cli("webhooks", "subscribe", "--url", "https://hooks.example.com/amo/{secret}" if known else url)
+    assert subscribed.returncode == 0, subscribed.stderr
+    assert "https://hooks.example.com/amo/***" in subscribed.stdout
+    assert [h["destination"] for h in fake.webhooks] == [url]
+    assert "https://hooks.example.com/amo/***" in cli("webhooks", "list").stdout
+    [row] = json.loads(cli("webhooks", "list", "--json").stdout)
+    assert row["destination"] == "https://hooks.example.com/amo/***" and row["by_amohook"]
+    fake.disable_webhook(url)
+    with caplog.at_level(logging.WARNING, logger="amohook"):
+        cli("reconcile")
+        cli("status")
+        cli("doctor")
+        fake.webhooks.clear()
+        cli("reconcile", "--json")
+        cli("status", "--json")
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("amohook.")]
+    assert any("hooks.example.com/amo/***" in n for n in notes), notes
+    everything = "\n".join(written + notes)
+    assert "switching it back on" in everything and "is on again" in everything and "missing" in everything
+    assert secret not in everything and secret.lower() not in everything.lower()
+    assert secret[: len(secret) // 2] not in everything

@@ -240,9 +240,9 @@ def test_a_store_made_before_these_columns_is_upgraded(db_url):
     run(migrator.drop_column("account", "refresh_sent_at"), migrator.drop_column("account", "clock_skew"))
     SchemaVersion.delete().where(SchemaVersion.version >= 2).execute()
     store.close()
-    import amohook.store.db as db
+    import amohook.store.open as opening
 
-    db._current = None
+    opening._current = None
     store = open_store(db_url)
     columns = {c.name for c in store.db.get_columns("account")}
     assert {"refresh_sent_at", "clock_skew"} <= columns

@@ -9,12 +9,12 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from amohook.actions import kinds
+from amohook.actions.base import action_key
 from amohook.actions.task import CompiledTask
 from amohook.rules import (
     CompiledRule,
     PlanContext,
     RulesError,
-    action_key,
     check_template,
     due_timestamp,
     lead_changes,

@@ -17,7 +17,6 @@ from amohook.worker import (
     Registry,
     RetryPolicy,
     Worker,
-    backoff_delay,
     error_excerpt,
     load_handler,
     retry_delay,
@@ -30,13 +29,13 @@ POLICY = RetryPolicy(max_attempts=5, base=10.0, factor=2.0, cap=100.0, jitter=0.
 
 # -- the retry policy --------------------------------------------------------------------------
 def test_backoff_doubles_until_the_cap():
-    assert [backoff_delay(n, POLICY, 0.0) for n in range(1, 7)] == [10, 20, 40, 80, 100, 100]
+    assert [POLICY.backoff.delay(n, 0.0) for n in range(1, 7)] == [10, 20, 40, 80, 100, 100]
 
 
 def test_jitter_takes_off_at_most_the_jitter_share():
-    assert backoff_delay(3, POLICY, 0.0) == 40
-    assert backoff_delay(3, POLICY, 0.999) == pytest.approx(20.02)
-    assert backoff_delay(3, POLICY, 0.5) == 30
+    assert POLICY.backoff.delay(3, 0.0) == 40
+    assert POLICY.backoff.delay(3, 0.999) == pytest.approx(20.02)
+    assert POLICY.backoff.delay(3, 0.5) == 30
 
 
 def test_a_rate_limit_waits_what_amocrm_asked_for():

@@ -17,43 +17,27 @@ if TYPE_CHECKING:
     from amohook.actions.registry import kind_names, kinds, lead_changing_kinds, noun
     from amohook.actions.sender import (
         BATCH_SIZE,
-        HUMAN_WAIT,
         LEASE_SECONDS,
         MAX_ATTEMPTS,
         ActionSender,
         SendStats,
-        backoff,
-        definitely_refused,
         record_planned,
     )
 
 _EXPORTS = {
     **dict.fromkeys(("kind_names", "kinds", "lead_changing_kinds", "noun"), "amohook.actions.registry"),
     **dict.fromkeys(
-        (
-            "BATCH_SIZE",
-            "HUMAN_WAIT",
-            "LEASE_SECONDS",
-            "MAX_ATTEMPTS",
-            "ActionSender",
-            "SendStats",
-            "backoff",
-            "definitely_refused",
-            "record_planned",
-        ),
+        ("BATCH_SIZE", "LEASE_SECONDS", "MAX_ATTEMPTS", "ActionSender", "SendStats", "record_planned"),
         "amohook.actions.sender",
     ),
 }
 
 __all__ = [
     "BATCH_SIZE",
-    "HUMAN_WAIT",
     "LEASE_SECONDS",
     "MAX_ATTEMPTS",
     "ActionSender",
     "SendStats",
-    "backoff",
-    "definitely_refused",
     "kind_names",
     "kinds",
     "lead_changing_kinds",

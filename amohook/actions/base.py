@@ -1,5 +1,7 @@
 """What every kind of action implements, and the two protocols the built-in kinds share.
 
+A planned action (``PlannedAction``) carries its deterministic key (``action_key``).
+
 A kind reads and checks its table of the rules file (``parse``), resolves names against the
 store (``compile``), plans one action from a change with a deterministic key (``plan``), sends a
 claimed batch (``send``) and recognises an action that may already have happened before it is
@@ -14,14 +16,56 @@ idempotent by state: recognised by reading the lead (``amohook.amocrm.leads.fetc
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from amohook.actions.sender import definitely_refused
 from amohook.amocrm.leads import fetch_leads
-from amohook.errors import AmoApiError, ValidationFailed
+from amohook.errors import AmoApiError, ValidationFailed, definitely_refused
 from amohook.store.models import Action
 
+if TYPE_CHECKING:
+    from amohook.rules.changes import LeadChange
+    from amohook.rules.compile import CompiledRule
+
 BATCH = 50  # amoCRM's documented batch cap for complex adds; PATCH /api/v4/leads documents none
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    """One effect to carry out once; ``payload`` is fixed now (due times included)."""
+
+    key: str
+    rule: str
+    account: str
+    lead_id: int
+    payload: dict
+    kind: str
+    target_id: int | None = None  # the lead an action changes (counted by the loop guard)
+    skip_reason: str | None = None  # recorded as ``skipped`` with this reason, never sent
+
+
+def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: str = "") -> str:
+    """One key per (rule, lead, change); ``suffix`` tells action kinds apart (tasks have none).
+
+    The change is identified by its target stage, its origin and amoCRM's modification time; a
+    hook without a time (Digital Pipeline: sent once, never retried) falls back to ``fallback``
+    (the delivery). A completed task is identified by the task alone: completing from the task
+    list sends a second update for the result (crm_platform/webhooks-format).
+    """
+    when = change.changed_at or fallback
+    if change.kind == "stage_changed":
+        # The old pipeline is left out: some blocks carry old_pipeline_id and some do not, and a
+        # lead cannot leave two stages with the same id at the same modification time.
+        what = f"{change.pipeline_id}:{change.status_id}<{change.old_status_id}"
+    elif change.kind == "responsible_changed":
+        what = f"resp:{change.responsible_user_id}<{change.old_responsible_user_id}"
+    elif change.kind == "task_completed":
+        what, when = f"task:{change.task_id}", "completed"
+    else:
+        what = "added"
+    raw = f"{rule.account}|{rule.name}|lead:{change.lead_id}|{change.kind}|{what}|at:{when}{suffix}"
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 class ActionKind:
@@ -33,6 +77,9 @@ class ActionKind:
     key_suffix = ""  # appended to the change's key text: tells kinds apart (tasks: none, for old keys)
     batch_size = BATCH
     changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
+    # Which sender thread carries it: kinds talking to other servers than amoCRM get a lane of
+    # their own, so one slow server never holds up another's actions (``ActionSender.lanes``).
+    lane = "amocrm"
 
     # -- the rules file -----------------------------------------------------------------------
     def parse(self, raw: dict, label: str, problems: list[str]) -> Any:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amohook.actions.base import LeadPatchKind
+from amohook.actions.base import LeadPatchKind, PlannedAction, action_key
 from amohook.rules.changes import as_int
-from amohook.rules.plan import PlannedAction, action_key
 
 UNSORTED = 1  # a stage of type 1 ("Неразобранное") is no target: amoCRM refuses it (NotSupportedChoice)
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amohook.actions.base import CreateKind
-from amohook.rules.plan import (
-    PlannedAction,
-    action_key,
+from amohook.actions.base import CreateKind, PlannedAction, action_key
+from amohook.rules.template import (
+    check_template,
     needs_fields,
     render,
     responsible_of,
     rule_user,
+    template_fields,
     template_values,
 )
-from amohook.rules.spec import check_template, template_fields
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from amohook.actions.base import CreateKind
-from amohook.rules.plan import PlannedAction, action_key, needs_fields, render, responsible_of, template_values
-from amohook.rules.spec import check_template, due_timestamp, parse_due, template_fields
+from amohook.actions.base import CreateKind, PlannedAction, action_key
+from amohook.rules.template import (
+    check_template,
+    due_timestamp,
+    needs_fields,
+    parse_due,
+    render,
+    responsible_of,
+    template_fields,
+    template_values,
+)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ class AmoClient:
 
         ``repeat_after_refresh=False``: on a 401 the token is refreshed but the request is not sent
         again (``RefusedBeforeRefresh``) — for callers whose right to send may lapse while a
-        refresh waits on its lease (the task sender).
+        refresh waits on its lease (the action sender).
         """
         is_read = method.upper() in ("GET", "HEAD")
         refreshed = False

@@ -41,7 +41,8 @@ def root(
             "--db-url",
             envvar="AMOHOOK_DB_URL",
             help="Database URL: sqlite:///PATH, mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB. "
-            "Default: an SQLite file in the per-user data directory.",
+            "Default: amohook.db in $AMOHOOK_DATA_DIR, else in systemd's $STATE_DIRECTORY, else in the per-user "
+            "data directory.",
             show_envvar=True,
         ),
     ] = None,
@@ -64,29 +65,15 @@ app.command("refresh-token")(auth.refresh_token)
 app.command("status")(auth.status)
 
 
-def _register_optional() -> None:
-    """Command groups that arrive with later features; each module joins itself to ``app``."""
-    import importlib
+def _register_groups() -> None:
+    """The other command groups: each module joins itself to ``app``, in this order (``--help``'s)."""
+    from amohook.cli import doctor, events, prune, reconcile, rules, serve, sync
 
-    for name in (
-        "amohook.cli.sync",
-        "amohook.cli.serve",
-        "amohook.cli.events",
-        "amohook.cli.rules",
-        "amohook.cli.reconcile",
-        "amohook.cli.prune",
-        "amohook.cli.doctor",
-    ):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in (sync, serve, events, rules, reconcile, prune, doctor):
         module.register(app)
 
 
-_register_optional()
+_register_groups()
 
 
 def _is_click_exception(exc: BaseException) -> bool:
@@ -127,7 +114,7 @@ def run(argv: list[str] | None = None) -> int:
             import peewee
 
             if isinstance(exc, peewee.PeeweeException):
-                from amohook.store.db import needs_person
+                from amohook.store.open import needs_person
 
                 person = needs_person(exc, _db_url) if _db_url else None
                 if person is not None:

@@ -41,8 +41,8 @@ def doctor(
     ] = False,
 ):
     """Check everything (database, tokens, clock, rules, subscriptions, reconciliation, queue, disk) and say the fix."""
-    from amohook.doctor import open_store_checked, run_checks, worst
     from amohook.errors import ExitCode
+    from amohook.ops.doctor import open_store_checked, run_checks, worst
 
     now = time.time()
     store, failed = open_store_checked(state(ctx).settings.db_url)

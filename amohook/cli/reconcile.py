@@ -78,7 +78,7 @@ def reconcile(
 ):
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
     from amohook.amocrm.client import client_for
-    from amohook.reconcile import reconcilable_accounts, reconcile_account
+    from amohook.recovery.reconcile import reconcilable_accounts, reconcile_account
     from amohook.settings import parse_duration
 
     since_s = parse_duration(since, option="--since") or 3600
@@ -101,7 +101,7 @@ def reconcile(
         return
     for r in results:
         if r.busy:
-            say(f"{r.account}: another amohook process is running a pass right now; skipped")
+            say(f"{r.account}: {r.notes[0] if r.notes else 'another amohook process is running a pass; skipped'}")
             continue
         say(
             f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
@@ -151,24 +151,68 @@ def _parse_events(text: str) -> list[str]:
 
 URL_HELP = (
     "The destination amoCRM will POST to, exactly as it should be called. Write {secret} where the "
-    "webhook secret goes: it is read from AMOHOOK_WEBHOOK_SECRET, so the secret never stands on the "
-    "command line (where `ps` shows it)."
+    "webhook secret goes: it is read from AMOHOOK_WEBHOOK_SECRET, else from the store (the one `serve` "
+    "keeps there), so the secret never stands on the command line (where `ps` shows it)."
 )
+PublicUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--public-url",
+        envvar="AMOHOOK_PUBLIC_URL",
+        show_envvar=True,
+        help="The https address amoCRM reaches `serve` at, through your TLS proxy (https://hooks.example.com).",
+    ),
+]
 
 
-def _check_url(url: str) -> str:
-    """The destination with ``{secret}`` filled in from the environment, checked."""
+def _hold_env_secret() -> None:
+    """Hold AMOHOOK_WEBHOOK_SECRET so that no destination printed shows it, wherever it stands."""
     import os
+
+    from amohook.redact import hold_secret
+    from amohook.settings import ENV_WEBHOOK_SECRET
+
+    hold_secret(os.environ.get(ENV_WEBHOOK_SECRET) or None)
+
+
+def _webhook_secret(ctx: typer.Context) -> str:
+    """The secret `serve` uses: AMOHOOK_WEBHOOK_SECRET when set, else the one it keeps in the store."""
+    import os
+
+    from amohook.errors import ConfigError
+    from amohook.redact import hold_secret
+    from amohook.settings import ENV_WEBHOOK_SECRET
+    from amohook.webhooks.secret import stored_secret
+    from amohook.webhooks.server import check_secret
+
+    explicit = os.environ.get(ENV_WEBHOOK_SECRET)
+    if explicit:
+        hold_secret(explicit)
+        return check_secret(explicit)
+    store = state(ctx).store()
+    kept = stored_secret(store)
+    hold_secret(kept)
+    if kept is None:
+        from amohook.dburl import redact
+
+        where = str(store.sqlite_path) if store.sqlite_path is not None else redact(store.url)
+        raise ConfigError(
+            f"no webhook secret: {ENV_WEBHOOK_SECRET} is not set and the store at {where} holds none — "
+            f"start `amohook serve` once without {ENV_WEBHOOK_SECRET} (it makes one and keeps it in the store), "
+            "or set it"
+        )
+    return check_secret(kept)
+
+
+def _check_url(ctx: typer.Context, url: str) -> str:
+    """The destination with ``{secret}`` filled in (environment, else the store), checked."""
     from urllib.parse import urlsplit
 
     from amohook.errors import ConfigError
-    from amohook.settings import ENV_WEBHOOK_SECRET
 
+    _hold_env_secret()
     if "{secret}" in url:
-        secret = os.environ.get(ENV_WEBHOOK_SECRET)
-        if not secret:
-            raise ConfigError(f"--url has {{secret}} but {ENV_WEBHOOK_SECRET} is not set — export it first")
-        url = url.replace("{secret}", secret)
+        url = url.replace("{secret}", _webhook_secret(ctx))
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c in url for c in " \t\r\n"):
         raise ConfigError("--url must be a full http(s) URL such as https://hooks.example.com/webhook/SECRET")
@@ -181,8 +225,9 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     """The account's webhook destinations, their events and whether amoCRM switched them off."""
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import list_webhooks
-    from amohook.watchdog import destination_sha, redact_destination, watched
+    from amohook.recovery.watchdog import destination_sha, redact_destination, watched
 
+    _hold_env_secret()
     store = state(ctx).store()
     account = _account(subdomain)
     hooks = list_webhooks(client_for(store, account))
@@ -208,9 +253,22 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
         say(f"{flag:3}  {row['destination']}{mine}  {','.join(row['events'])}")
 
 
+def webhooks_url(ctx: typer.Context, public_url: PublicUrlOpt = None):
+    """Print the exact URL to give amoCRM for `serve`'s webhooks (the one place the secret is shown)."""
+    from amohook.webhooks.secret import check_public_url, webhook_url
+
+    base = check_public_url(public_url)
+    if not base.startswith("https://"):
+        warn("warning: the URL is not https — amoCRM sends lead data in the clear; put a TLS proxy in front")
+    say(webhook_url(base, _webhook_secret(ctx)))
+
+
 def webhooks_subscribe(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option("--url", help=URL_HELP)],
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help=URL_HELP + " Default: the --public-url address's /webhook/{secret}."),
+    ] = None,
     events: Annotated[
         str | None,
         typer.Option(
@@ -225,14 +283,19 @@ def webhooks_subscribe(
             "--rules", envvar="AMOHOOK_RULES", show_envvar=True, help="Rules file whose triggers pick the events."
         ),
     ] = None,
+    public_url: PublicUrlOpt = None,
     subdomain: SubdomainOpt = None,
 ):
     """Subscribe URL to amoCRM's webhooks (an existing destination is updated); the watchdog then looks after it."""
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import subscribe
-    from amohook.watchdog import redact_destination, remember
+    from amohook.recovery.watchdog import redact_destination, remember
 
-    url = _check_url(url)
+    if url is None:
+        from amohook.webhooks.secret import check_public_url
+
+        url = check_public_url(public_url) + "/webhook/{secret}"
+    url = _check_url(ctx, url)
     codes = _parse_events(events) if events else (_rules_events(rules) if rules else list(DEFAULT_EVENTS))
     if not codes:
         codes = list(DEFAULT_EVENTS)
@@ -259,9 +322,9 @@ def webhooks_unsubscribe(
     from amohook.amocrm.client import client_for
     from amohook.amocrm.subscriptions import unsubscribe
     from amohook.errors import ConfigError
-    from amohook.watchdog import forget, redact_destination
+    from amohook.recovery.watchdog import forget, redact_destination
 
-    url = _check_url(url)
+    url = _check_url(ctx, url)
     store = state(ctx).store()
     account = _account(subdomain)
     removed = unsubscribe(client_for(store, account), url)
@@ -276,7 +339,7 @@ def webhooks_unsubscribe(
 
 def reconcile_rows(now: float) -> list[dict]:
     """Per account, what `status` shows about reconciliation and the subscriptions."""
-    from amohook.reconcile import reconcile_status
+    from amohook.recovery.reconcile import reconcile_status
     from amohook.store.models import Account
 
     rows = []
@@ -309,6 +372,7 @@ def describe_row(row: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("reconcile")(reconcile)
+    webhooks_app.command("url")(webhooks_url)
     webhooks_app.command("list")(webhooks_list)
     webhooks_app.command("subscribe")(webhooks_subscribe)
     webhooks_app.command("unsubscribe")(webhooks_unsubscribe)

@@ -108,7 +108,7 @@ def reconcile_interval(option: str | None, has_work: bool) -> float | None:
 def keep_seconds(keep: str) -> float | None:
     """--keep as seconds (None: off), checked before anything starts."""
     from amohook.errors import ConfigError
-    from amohook.retention import MIN_KEEP
+    from amohook.ops.retention import MIN_KEEP
     from amohook.settings import parse_duration
 
     seconds = parse_duration(keep, option="--keep")
@@ -132,7 +132,8 @@ def serve(
             envvar="AMOHOOK_WEBHOOK_SECRET",
             show_envvar=True,
             help="The webhook secret (the URL is /webhook/SECRET), at least 16 characters. Prefer the "
-            "environment variable: command lines are visible in `ps`.",
+            "environment variable: command lines are visible in `ps`. Unset: a secret generated once and "
+            "kept in the store (`amohook webhooks url` prints the URL).",
         ),
     ] = None,
     workers: Annotated[
@@ -165,25 +166,36 @@ def serve(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.ops.status_page import check_status_password
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_STATUS_PASSWORD, ENV_WEBHOOK_SECRET, secret_from
     from amohook.webhooks.server import ServerConfig, check_secret
-    from amohook.webhooks.status_page import check_status_password
 
+    explicit = secret_from(secret, ENV_WEBHOOK_SECRET)
+    if explicit is not None:
+        explicit = check_secret(explicit)
+    status_password = check_status_password(secret_from(None, ENV_STATUS_PASSWORD))
+    _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (explicit, status_password))))
+    log = logging.getLogger("amohook.serve")
+    store = state(ctx).store(create=True)  # its /oauth/callback completes `auth-url` on a new store
+    webhook_secret = explicit
+    if webhook_secret is None:
+        # The quick start sets no secret: keep one in the store, where `webhooks url` finds it.
+        from amohook.webhooks.secret import keep_secret
+
+        webhook_secret = keep_secret(store)
+        _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (webhook_secret, status_password))))
     config = ServerConfig(
-        secret=check_secret(secret_from(secret, ENV_WEBHOOK_SECRET)),
+        secret=webhook_secret,
         host=host,
         port=port,
         max_body=max_body,
         socket_timeout=request_timeout,
         read_deadline=read_deadline,
-        status_password=check_status_password(secret_from(None, ENV_STATUS_PASSWORD)),
+        status_password=status_password,
     )
-    _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (config.secret, config.status_password))))
-    log = logging.getLogger("amohook.serve")
-    store = state(ctx).store(create=True)  # its /oauth/callback completes `auth-url` on a new store
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],
@@ -210,6 +222,12 @@ def serve(
     url = runner.url
     say(f"listening on {url}")  # on stdout as well: scripts and tests wait for this line
     log.info("listening on %s", url)
+    log.info(
+        "webhook secret: %s",
+        f"from {ENV_WEBHOOK_SECRET}"
+        if explicit is not None
+        else "the one kept in the store (`amohook webhooks url --public-url https://…` prints the URL for amoCRM)",
+    )
     log.info(
         "webhook URL: %s/webhook/<secret>; health: %s/healthz; OAuth redirect: %s/oauth/callback; "
         "%d worker thread(s); reconciliation: %s",
@@ -250,14 +268,14 @@ def worker(
     import os
 
     from amohook.errors import ConfigError
-    from amohook.runner import Runner, stop_on_signals
+    from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store(create=True)  # started beside `serve` in any order, on one store
     interval = reconcile_interval(reconcile, bool(handler or rules))
-    runner = Runner(
+    runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],

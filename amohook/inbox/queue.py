@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from amohook.inbox.receive import ERROR_MAX, write_txn
+from amohook.inbox.receive import ERROR_MAX
 from amohook.store.models import Attempt, Event
 
 if TYPE_CHECKING:
@@ -72,10 +72,10 @@ def claim(
     Due: pending whose time has come, or running whose lease ran out (its worker died or
     stalled). Such an expired run counts as an attempt, recorded as ``expired``; an event whose
     attempts are then used up is marked dead instead of being claimed again, so a body that crashes
-    every worker cannot loop forever. SQLite: ``write_txn`` (BEGIN IMMEDIATE) serialises claimers;
+    every worker cannot loop forever. SQLite: ``store.write()`` (BEGIN IMMEDIATE) serialises claimers;
     MySQL/PostgreSQL: FOR UPDATE SKIP LOCKED lets claimers pass each other's rows.
     """
-    with write_txn(store):
+    with store.write():
         query = (
             Event.select(Event.id, Event.status, Event.attempts, Event.updated_at, Event.lease_owner)
             .where(due_condition(now))
@@ -125,7 +125,7 @@ def _ours(event_id: int, owner: str):
 
 def complete(store: Store, event_id: int, owner: str, *, started_at: float, now: float) -> bool:
     """Mark done if the lease is still ``owner``'s; record the attempt either way."""
-    with write_txn(store):
+    with store.write():
         won = (
             Event.update(
                 status="done",
@@ -161,7 +161,7 @@ def fail(
 ) -> bool:
     """Schedule a retry at ``retry_at``, or mark dead when it is None; lease-checked like ``complete``."""
     error = error[:ERROR_MAX]
-    with write_txn(store):
+    with store.write():
         values: dict[str, Any] = {
             "attempts": Event.attempts + 1,
             "lease_owner": None,
@@ -186,7 +186,7 @@ def release(store: Store, event_ids: Sequence[int], owner: str, *, now: float) -
     """Give back claimed events that were never started: pending again, due at once, no attempt."""
     if not event_ids:
         return 0
-    with write_txn(store):
+    with store.write():
         return (
             Event.update(status="pending", lease_owner=None, lease_until=None, next_attempt_at=now, updated_at=now)
             .where(Event.id.in_(list(event_ids)) & (Event.lease_owner == owner) & (Event.status == "running"))
@@ -198,7 +198,7 @@ def renew(store: Store, event_ids: Sequence[int], owner: str, *, lease_seconds: 
     """Extend the lease on events ``owner`` still holds; returns how many it still holds."""
     if not event_ids:
         return 0
-    with write_txn(store):
+    with store.write():
         return (
             Event.update(lease_until=now + lease_seconds)
             .where(Event.id.in_(list(event_ids)) & (Event.lease_owner == owner) & (Event.status == "running"))
@@ -220,7 +220,7 @@ def replay(store: Store, event_ids: Sequence[int] = (), *, dead: bool = False, n
     """Queue events again (pending, due now, attempts reset); running ones are left to their worker.
 
     An id of no event queues nothing at all: it is a typo, and the rest of the list may be one too."""
-    with write_txn(store):
+    with store.write():
         if dead:
             ids = [row.id for row in Event.select(Event.id).where(Event.status == "dead").order_by(Event.id)]
         else:

@@ -1,8 +1,9 @@
 """Rules: a small TOML file turned into checked, compiled rules, and pure matching of changes.
 
-``spec`` reads the file, ``compile`` resolves names against the store, ``changes`` turns event
-items into changes, ``match`` decides whether a rule fires, ``plan`` turns a match into keyed
-actions (each kind of action lives in ``amohook.actions``), ``handler`` joins them for the worker.
+``spec`` reads the file, ``template`` is the grammar of its templates and due times, ``compile``
+resolves names against the store, ``changes`` turns event items into changes, ``match`` decides
+whether a rule fires, ``plan`` turns a match into keyed actions (each kind of action lives in
+``amohook.actions``), ``handler`` joins them for the worker.
 """
 
 from amohook.rules.changes import LeadChange, as_int, lead_changes, rule_changes, task_changes
@@ -17,34 +18,33 @@ from amohook.rules.compile import (
 from amohook.rules.match import condition_holds, matches, might_match, needs_lead_state, trigger_of
 from amohook.rules.plan import (
     PlanContext,
-    PlannedAction,
-    PlannedTask,
-    action_key,
     needs_lead,
     plan_actions,
-    render,
-    template_values,
 )
 from amohook.rules.spec import (
     BASE_KEYS,
     CONDITION_OPS,
     MAX_CONDITIONS,
-    MAX_DUE_DAYS,
     MAX_NESTING,
     MAX_RULES,
     MAX_RULES_BYTES,
-    PLACEHOLDERS,
     TRIGGERS,
     Condition,
     RulesError,
     RuleSpec,
-    check_template,
-    due_timestamp,
     load_rules_file,
-    parse_due,
     parse_rules,
     read_rules_text,
+)
+from amohook.rules.template import (
+    MAX_DUE_DAYS,
+    PLACEHOLDERS,
+    check_template,
+    due_timestamp,
+    parse_due,
+    render,
     template_fields,
+    template_values,
 )
 
 __all__ = [
@@ -62,11 +62,8 @@ __all__ = [
     "Condition",
     "LeadChange",
     "PlanContext",
-    "PlannedAction",
-    "PlannedTask",
     "RuleSpec",
     "RulesError",
-    "action_key",
     "as_int",
     "check_template",
     "compile_rules",

@@ -9,7 +9,10 @@ is left to the run-time guard (``amohook.rules.guard``).
 
 from __future__ import annotations
 
-from amohook.rules.compile import CompiledRule
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # compile_rules calls cycle_problems: a run-time import back would be a cycle
+    from amohook.rules.compile import CompiledRule
 
 
 def _moves(rule: CompiledRule) -> list[tuple[int | None, int]]:

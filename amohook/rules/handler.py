@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from amohook.actions import lead_changing_kinds, record_planned
-from amohook.changes import identify, sighting_of
+from amohook.recovery.identity import identify, sighting_of
 from amohook.rules.changes import LeadChange, as_int, rule_changes
 from amohook.rules.compile import CompiledRule
 from amohook.rules.guard import recent_changes, stop_reason
@@ -73,7 +73,7 @@ class RulesHandler:
         for change in changes:
             if account and change.kind != "task_completed":
                 # The same change seen as a webhook and in the events log is one change: its
-                # first sighting's time names it in every action key (amohook.changes).
+                # first sighting's time names it in every action key (amohook.recovery.identity).
                 identity = identify(
                     self.store,
                     sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at),

@@ -2,35 +2,19 @@
 
 The key is one per (rule, lead, change, action kind): the same change delivered as
 leads[status] and as leads[update], re-sent by amoCRM or replayed, gives the same key — which is
-what makes effects happen once (``amohook.actions``).
+what makes effects happen once (``amohook.actions``; the key: ``amohook.actions.base.action_key``).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING
 
-from amohook.rules.changes import LeadChange, as_int
+from amohook.rules.changes import LeadChange
 from amohook.rules.compile import CompiledRule
 
-
-@dataclass(frozen=True)
-class PlannedAction:
-    """One effect to carry out once; ``payload`` is fixed now (due times included)."""
-
-    key: str
-    rule: str
-    account: str
-    lead_id: int
-    payload: dict
-    kind: str
-    target_id: int | None = None  # the lead an action changes (counted by the loop guard)
-    skip_reason: str | None = None  # recorded as ``skipped`` with this reason, never sent
-
-
-PlannedTask = PlannedAction  # the name before actions had kinds
+if TYPE_CHECKING:
+    from amohook.actions.base import PlannedAction
 
 
 @dataclass(frozen=True)
@@ -41,68 +25,6 @@ class PlanContext:
     timezone: str | None  # the account's, for "end_of_day" and "10:00"
     fallback: str  # names a change that carries no time (the delivery)
     lead: dict | None = None  # the lead as amoCRM holds it, when it was read
-
-
-def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: str = "") -> str:
-    """One key per (rule, lead, change); ``suffix`` tells action kinds apart (tasks have none).
-
-    The change is identified by its target stage, its origin and amoCRM's modification time; a
-    hook without a time (Digital Pipeline: sent once, never retried) falls back to ``fallback``
-    (the delivery). A completed task is identified by the task alone: completing from the task
-    list sends a second update for the result (crm_platform/webhooks-format).
-    """
-    when = change.changed_at or fallback
-    if change.kind == "stage_changed":
-        # The old pipeline is left out: some blocks carry old_pipeline_id and some do not, and a
-        # lead cannot leave two stages with the same id at the same modification time.
-        what = f"{change.pipeline_id}:{change.status_id}<{change.old_status_id}"
-    elif change.kind == "responsible_changed":
-        what = f"resp:{change.responsible_user_id}<{change.old_responsible_user_id}"
-    elif change.kind == "task_completed":
-        what, when = f"task:{change.task_id}", "completed"
-    else:
-        what = "added"
-    raw = f"{rule.account}|{rule.name}|lead:{change.lead_id}|{change.kind}|{what}|at:{when}{suffix}"
-    return hashlib.sha256(raw.encode()).hexdigest()
-
-
-def render(template: str, values: dict[str, Any]) -> str:
-    ns: dict[str, SimpleNamespace] = {}
-    for dotted, value in values.items():
-        head, attr = dotted.split(".", 1)
-        ns.setdefault(head, SimpleNamespace())
-        setattr(ns[head], attr, "" if value is None else value)
-    return template.format_map(ns)
-
-
-def responsible_of(rule_user: int | None, change: LeadChange, lead: dict | None) -> int | None:
-    """The user an action is for: the rule's, else the lead's (from the hook, else from amoCRM)."""
-    return rule_user or change.responsible_user_id or as_int((lead or {}).get("responsible_user_id"))
-
-
-def template_values(rule: CompiledRule, change: LeadChange, lead: dict | None, responsible: int | None) -> dict:
-    lead = lead or {}
-    name = change.name if change.name is not None else lead.get("name")
-    price = change.price if change.price is not None else lead.get("price")
-    return {
-        "lead.id": change.lead_id,
-        "lead.name": name or "",
-        "lead.price": price if price not in (None, "") else "",
-        "pipeline.id": change.pipeline_id or "",
-        "pipeline.name": rule.pipeline_name or "",
-        "stage.id": change.status_id or "",
-        "stage.name": rule.stage_names.get((change.pipeline_id, change.status_id), ""),
-        "from_stage.id": change.old_status_id or "",
-        "from_stage.name": rule.stage_names.get(
-            (change.old_pipeline_id or change.pipeline_id, change.old_status_id), ""
-        ),
-        "responsible.id": responsible or "",
-        "responsible.name": rule.user_names.get(responsible, "") if responsible else "",
-        "account.subdomain": rule.account,
-        "rule.name": rule.name,
-        "task.id": change.task_id or "",
-        "task.text": change.task_text or "",
-    }
 
 
 def plan_actions(rule: CompiledRule, change: LeadChange, ctx: PlanContext) -> tuple[list[PlannedAction], list[str]]:
@@ -126,21 +48,3 @@ def needs_lead(rule: CompiledRule, change: LeadChange) -> bool:
 
     registry = kinds()
     return any(registry[k].needs_lead(rule, a, change) for k, a in rule.actions)
-
-
-def needs_fields(change: LeadChange, fields: set[str], rule_user: int | None = None) -> bool:
-    """Do these template placeholders ask for what the change does not carry?"""
-    return (
-        change.name is None
-        and bool({"lead.name", "lead.price"} & fields)
-        or (
-            rule_user is None
-            and change.responsible_user_id is None
-            and bool({"responsible.id", "responsible.name"} & fields)
-        )
-    )
-
-
-def rule_user(rule: CompiledRule) -> int | None:
-    """The user a rule names for its actions (a task's ``responsible``), if any."""
-    return next((u for _, a in rule.actions if (u := getattr(a, "responsible_user_id", None))), None)

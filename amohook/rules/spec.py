@@ -1,22 +1,18 @@
-"""The rules file: its keys, parsing and bounds, and the template and due-date grammar. Pure.
+"""The rules file: its keys, parsing and bounds. Pure.
 
 Each action table (``[rule.create_task]``, ``[rule.move_lead]``, …) is read and checked by its
 action kind (``amohook.actions``); this module reads the rule around it: the trigger, where it
-applies, the conditions.
+applies, the conditions. Templates and due times: ``amohook.rules.template``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
-import string
 import tomllib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from amohook.errors import ConfigError
 
@@ -31,34 +27,12 @@ TRIGGERS = {
 # The rule's own keys; each action kind adds its table's name (amohook.actions.kinds()).
 BASE_KEYS = {"name", "when", "account", "pipeline", "to_stage", "from_stage", "stage", "task_type", "condition"}
 CONDITION_OPS = ("equals", "not_equals", "contains", "is_set", "is_empty")
-# What a template may say. Unknown placeholders are errors at `rules check` time, not at 3 a.m.
-PLACEHOLDERS = {
-    "lead.id",
-    "lead.name",
-    "lead.price",
-    "pipeline.id",
-    "pipeline.name",
-    "stage.id",
-    "stage.name",
-    "from_stage.id",
-    "from_stage.name",
-    "responsible.id",
-    "responsible.name",
-    "account.subdomain",
-    "rule.name",
-    "task.id",
-    "task.text",  # task.completed: the completed task
-}
 # What a rules file may ask for. Beyond these a file is refused by `rules check` (and by serve and
 # worker at start), never accepted and then failing at run time.
 MAX_RULES_BYTES = 1024 * 1024
 MAX_RULES = 1000
 MAX_CONDITIONS = 20  # per rule
 MAX_NESTING = 8  # tables and arrays inside one another; a rule needs 5
-MAX_DUE_DAYS = 3650  # ten years ahead, whatever the units
-DUE_RE = re.compile(r"^\+(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
-END_OF_DAY_RE = re.compile(r"^end_of_day(?:\+(\d+)d)?$")
-AT_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?:\+(\d+)d)?$")
 
 
 class RulesError(ConfigError):
@@ -104,100 +78,6 @@ class RuleSpec:
         if name in kind_names():
             return self.action(name)
         raise AttributeError(name)
-
-
-def template_fields(text: str) -> list[str]:
-    """The placeholders of a template; raises ValueError on broken braces."""
-    return [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
-
-
-def _template_specs(text: str) -> list[str]:
-    """Placeholders carrying a format spec or conversion ({x:d}, {x!r}): every value is text."""
-    return [
-        f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
-        for _, name, spec, conv in string.Formatter().parse(text)
-        if name is not None and (spec or conv)
-    ]
-
-
-def check_template(text: str) -> list[str]:
-    """Problems of a template: broken braces or placeholders outside ``PLACEHOLDERS``."""
-    try:
-        names = template_fields(text)
-    except ValueError as exc:
-        return [f"broken braces ({exc}) — write {{{{ and }}}} for literal braces"]
-    problems = [
-        f"{field} has a format spec or conversion — write plain {{name}} placeholders"
-        for field in _template_specs(text)
-    ]
-    for name in names:
-        if name not in PLACEHOLDERS:
-            import difflib
-
-            close = difflib.get_close_matches(name, sorted(PLACEHOLDERS), n=1)
-            hint = f" — did you mean {{{close[0]}}}?" if close else f" — use one of {', '.join(sorted(PLACEHOLDERS))}"
-            problems.append(f"unknown placeholder {{{name}}}{hint}")
-    return problems
-
-
-def parse_due(due: str) -> tuple[str, int, int, int]:
-    """``+1d2h``, ``+30m``, ``end_of_day``, ``end_of_day+1d``, ``10:00+1d`` → (kind, a, b, days).
-
-    At most ``MAX_DUE_DAYS`` ahead: a bigger offset would overflow the date arithmetic at run time.
-    """
-    text = (due or "").strip().replace(" ", "")
-    m = DUE_RE.match(text)
-    if m and any(m.groups()):
-        w, d, h, mins = (_due_number(g, due) for g in m.groups())
-        seconds = (w * 7 + d) * 86400 + h * 3600 + mins * 60
-        _check_due_days(seconds / 86400, due)
-        return ("relative", seconds, 0, 0)
-    m = END_OF_DAY_RE.match(text)
-    if m:
-        days = _due_number(m.group(1), due)
-        _check_due_days(days, due)
-        return ("end_of_day", 0, 0, days)
-    m = AT_TIME_RE.match(text)
-    if m and int(m.group(1)) < 24 and int(m.group(2)) < 60:
-        days = _due_number(m.group(3), due)
-        _check_due_days(days, due)
-        return ("at", int(m.group(1)), int(m.group(2)), days)
-    raise ValueError(f"cannot read due '{due}' — use +30m, +2h, +1d, +1d4h, end_of_day, end_of_day+1d or 10:00+1d")
-
-
-def _due_number(digits: str | None, due: str) -> int:
-    if digits and len(digits) > 9:  # more than ten years in any unit; int() of it could be slow
-        _check_due_days(MAX_DUE_DAYS + 1, due)
-    return int(digits or 0)
-
-
-def _check_due_days(days: float, due: str) -> None:
-    if days > MAX_DUE_DAYS:
-        raise ValueError(f"due '{due}' is more than {MAX_DUE_DAYS} days ahead — use a shorter offset")
-
-
-def due_timestamp(due: str, base: float, tz: str | None) -> int:
-    """When a task is due, from ``base`` (Unix time) in the account's timezone."""
-    kind, a, b, days = parse_due(due)
-    if kind == "relative":
-        return int(base + a)
-    zone = _zone(tz)
-    local = datetime.fromtimestamp(base, zone)
-    if kind == "end_of_day":
-        day = local.date() + timedelta(days=days)
-        return int(datetime(day.year, day.month, day.day, 23, 59, tzinfo=zone).timestamp())
-    day = local.date() + timedelta(days=days)
-    at = datetime(day.year, day.month, day.day, a, b, tzinfo=zone)
-    if days == 0 and at.timestamp() <= base:
-        at += timedelta(days=1)  # "10:00" after 10:00 means tomorrow's
-    return int(at.timestamp())
-
-
-def _zone(tz: str | None):
-    try:
-        return ZoneInfo(tz) if tz else ZoneInfo("UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
 
 
 def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:

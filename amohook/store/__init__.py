@@ -1,5 +1,6 @@
 """The store: every piece of state amohook keeps, in one database reached by URL."""
 
-from amohook.store.db import Store, open_store
+from amohook.store.db import Store
+from amohook.store.open import open_store
 
 __all__ = ["Store", "open_store"]

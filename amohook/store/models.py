@@ -38,13 +38,32 @@ class BaseModel(Model):
         legacy_table_names = False
 
 
+class HoldsSecrets:
+    """A row whose secrets the process holds from the moment it has them (``amohook.redact``):
+    read or made, they are cut from every log line — peewee's own, when the row is written back."""
+
+    lasting_secrets: tuple[str, ...] = ()  # kept for the life of the process
+    passing_secrets: tuple[str, ...] = ()  # rotate (tokens): the newest are kept
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from amohook.redact import hold_secret
+
+        data = self.__data__  # type: ignore[attr-defined]
+        hold_secret(*(data.get(name) for name in self.lasting_secrets))
+        hold_secret(*(data.get(name) for name in self.passing_secrets), lasting=False)
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DoubleField(default=now)
 
 
-class Account(BaseModel):
+class Account(HoldsSecrets, BaseModel):
     """One connected amoCRM account and its OAuth grant. Tokens are TEXT: they exceed 255 chars."""
+
+    lasting_secrets = ("client_secret",)
+    passing_secrets = ("access_token", "refresh_token")
 
     id = AutoField()
     subdomain = CharField(max_length=190, unique=True)
@@ -78,8 +97,11 @@ class Lease(BaseModel):
     expires_at = DoubleField(default=0)
 
 
-class OAuthState(BaseModel):
+class OAuthState(HoldsSecrets, BaseModel):
     """An authorization started by `auth-url`, waiting for amoCRM's redirect with this state."""
+
+    lasting_secrets = ("client_secret",)
+    passing_secrets = ("state",)
 
     state = CharField(max_length=64, primary_key=True)
     client_id = CharField(max_length=255)
@@ -164,6 +186,10 @@ class CustomField(BaseModel):
     code = CharField(max_length=64, null=True)
     type = CharField(max_length=64, null=True)
     sort = IntegerField(default=0)
+    # JSON [{"id": …, "value": "…"}, …]: the options of a select, radiobutton or multiselect field
+    # as amoCRM lists them (`enums`), so `rules check` can refuse a value amoCRM would refuse.
+    # None: the field has none, or they were not synced (a store from before schema version 6).
+    enums = LongTextField(null=True)
 
     class Meta:
         indexes = ((("account", "entity_type", "amo_id"), True),)
@@ -244,11 +270,12 @@ class Action(BaseModel):
     updated_at = DoubleField(default=now)
 
     class Meta:
-        indexes = ((("status", "updated_at"), False),)  # retention
+        # retention: finished actions by age; whether an event still has a failed action
+        indexes = ((("status", "updated_at"), False), (("event_id",), False))
 
 
 class ChangeSeen(BaseModel):
-    """One lead change as amohook first saw it, whichever way it came (see ``amohook.changes``).
+    """One lead change as amohook first saw it, whichever way it came (see ``amohook.recovery.identity``).
 
     A change may arrive as a timed webhook (``hook_at`` = its last_modified), as a webhook without
     a time (Digital Pipeline; ``untimed_at`` = when it was received) and as an events-log entry
@@ -305,9 +332,24 @@ class Subscription(BaseModel):
     events = TextField(default="[]")  # JSON list of amoCRM event codes
     created_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
+    # Set (before the DELETE is sent) while amohook itself has removed the destination to switch it
+    # back on, cleared once it is seen again: the watchdog re-adds it instead of calling it missing.
+    removed_at = DoubleField(null=True)
 
     class Meta:
         indexes = ((("account", "destination_sha256"), True),)
+
+
+class StoreSetting(BaseModel):
+    """A value the store itself must keep (it moves with the store): the webhook secret `serve`
+    made up when none was configured, so the URL given to amoCRM can always be printed again."""
+
+    name = CharField(max_length=190, primary_key=True)
+    value = TextField()
+    created_at = DoubleField(default=now)
+
+    class Meta:
+        table_name = "store_setting"
 
 
 ALL_MODELS = [
@@ -328,4 +370,5 @@ ALL_MODELS = [
     ChangeSeen,
     ReconcileState,
     Subscription,
+    StoreSetting,
 ]

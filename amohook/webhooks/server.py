@@ -8,7 +8,7 @@ committed. Storing is handed to one writer thread that commits many requests per
 (``inbox.GroupCommitter``); processing happens later, in the worker.
 
 Routes: ``POST /webhook/<secret>``, ``GET /healthz``, ``GET /oauth/callback``, and with a password
-``GET /status`` and ``GET /metrics`` (webhooks/status_page.py); anything else 404/405, answered by
+``GET /status`` and ``GET /metrics`` (ops/status_page.py); anything else 404/405, answered by
 the event loop from the request line without taking a thread (``WebhookHTTPServer.route_head``).
 Only a webhook with the right secret may take any handler thread; the other routes share a few.
 """
@@ -30,8 +30,8 @@ from urllib.parse import parse_qs
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, describe
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
-from amohook.redact import redact_target
-from amohook.webhooks import health, metrics, status_page
+from amohook.ops import health, metrics, status_page
+from amohook.redact import MIN_SECRET_LENGTH, hold_secret, redact_target
 from amohook.webhooks.http_server import TRUSTED, UNTRUSTED, Answer, HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amohook.server")
 
-MIN_SECRET_LENGTH = 16
 _SECRET_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -84,13 +83,8 @@ def check_secret(secret: str | None) -> str:
         )
     if not set(secret) <= _SECRET_CHARS:
         raise ConfigError("the webhook secret goes into the URL: use only letters, digits and - . _ ~")
+    hold_secret(secret)
     return secret
-
-
-def _redact(target: object, secret: str | None) -> str:
-    """The request target as the log may show it: never the secret, nor anything after a path
-    segment like ``webhook`` (a proxy prefix, a typo, %2F, absolute form), never the query."""
-    return redact_target(target, secret)
 
 
 # The OAuth page: the address carries a one-time code, so keep it out of caches and other sites'
@@ -115,7 +109,7 @@ def log_answer(client_ip: str, command: str, target: str, code: object, secret: 
     level = logging.DEBUG if code in (100, 200) else logging.INFO
     if log.isEnabledFor(level):
         command = redact_target(command or "-", secret, limit=24)
-        log.log(level, "%s %s %s %s", client_ip, command, _redact(target, secret), code)
+        log.log(level, "%s %s %s %s", client_ip, command, redact_target(target, secret), code)
 
 
 _NOT_FOUND = Answer(404, "not found\n")
@@ -141,16 +135,14 @@ class _Handler(HardenedRequestHandler):
                 return super().handle_expect_100()
         return True
 
-    # -- answers (HardenedRequestHandler's; the routes below call them by these names) ----------
-    _reply = HardenedRequestHandler.reply
-    _reply_quietly = HardenedRequestHandler.reply_quietly
-
     def log_request(self, code="-", size="-") -> None:
+        if code in (401, 429) and self.path.split("?", 1)[0] in status_page.ROUTES:
+            return  # a failed password: the throttle sums these up (one line a minute at most)
         log_answer(self.client_address[0], self.command, self.path, code, self.server.config.secret)
 
     def log_message(self, format: str, *args) -> None:
         if log.isEnabledFor(logging.DEBUG):  # the standard library's messages may quote the request line
-            log.debug("%s %s", self.client_address[0], _redact(format % args, self.server.config.secret))
+            log.debug("%s %s", self.client_address[0], redact_target(format % args, self.server.config.secret))
 
     # -- routes -------------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -164,9 +156,9 @@ class _Handler(HardenedRequestHandler):
             log.exception(
                 "unexpected error answering %s %s",
                 redact_target(self.command, secret, limit=24),
-                _redact(self.path, secret),
+                redact_target(self.path, secret),
             )
-            self._reply_quietly(500, "internal error\n")
+            self.reply_quietly(500, "internal error\n")
 
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
@@ -179,7 +171,7 @@ class _Handler(HardenedRequestHandler):
         if _is_webhook_route(path) and self.command == "POST":
             try:
                 if isinstance(decision, Answer):
-                    self._reply(decision.status, decision.text, headers=decision.headers)
+                    self.reply(decision.status, decision.text, headers=decision.headers)
                 else:
                     self._webhook(path)
             except Exception:
@@ -187,18 +179,18 @@ class _Handler(HardenedRequestHandler):
                 raise
             return self.server.metrics.webhook_answered(getattr(self, "status_sent", None))
         if isinstance(decision, Answer):
-            return self._reply(decision.status, decision.text, headers=decision.headers)
+            return self.reply(decision.status, decision.text, headers=decision.headers)
         if path == "/healthz":
             return self._healthz()
         if path == "/oauth/callback":
             return self._oauth_callback()
         if path in status_page.ROUTES:
-            return self._reply(*self.server.admin.answer(self.command, path, self.headers))
-        self._reply(_NOT_FOUND.status, _NOT_FOUND.text)  # not reached: decide() answers every other path
+            return self.reply(*self.server.admin.answer(self.command, path, self.headers, self.client_address[0]))
+        self.reply(_NOT_FOUND.status, _NOT_FOUND.text)  # not reached: decide() answers every other path
 
     def _webhook(self, path: str) -> None:
         if not self.server.secret_ok(path):
-            return self._reply(_NOT_FOUND.status, _NOT_FOUND.text)
+            return self.reply(_NOT_FOUND.status, _NOT_FOUND.text)
         length = self._content_length()
         if length is None:
             return
@@ -210,7 +202,7 @@ class _Handler(HardenedRequestHandler):
             parsed = parse_webhook(body, content_type)
             inbox.check_storable(body, parsed)
         except BodyRejected as exc:
-            return self._reply(exc.status, exc.reason + "\n")
+            return self.reply(exc.status, exc.reason + "\n")
         item = Incoming(
             body=body,
             parsed=parsed,
@@ -222,23 +214,23 @@ class _Handler(HardenedRequestHandler):
             stored = self.server.committer.submit(item, self.server.config.commit_timeout)
         except StoreUnavailable as exc:
             log.warning("answered 503: %s", exc.message)
-            return self._reply(503, "cannot store the webhook now; retry later\n")
-        self._reply(200, "ok\n" if stored.new else "ok (already stored)\n")
+            return self.reply(503, "cannot store the webhook now; retry later\n")
+        self.reply(200, "ok\n" if stored.new else "ok (already stored)\n")
 
     def _content_length(self) -> int | None:
         if self.headers.get("Transfer-Encoding") is not None:
-            self._reply(411, "send the body with Content-Length (chunked bodies are not accepted)\n")
+            self.reply(411, "send the body with Content-Length (chunked bodies are not accepted)\n")
             return None
         values = [v.strip() for v in self.headers.get_all("Content-Length") or []]
         if not values:
-            self._reply(411, "Content-Length required\n")
+            self.reply(411, "Content-Length required\n")
             return None
         if len(set(values)) != 1 or not values[0].isascii() or not values[0].isdigit() or len(values[0]) > 15:
-            self._reply(400, "invalid Content-Length\n")
+            self.reply(400, "invalid Content-Length\n")
             return None
         length = int(values[0])
         if length > self.server.config.max_body:
-            self._reply(413, f"body larger than {self.server.config.max_body} bytes\n")
+            self.reply(413, f"body larger than {self.server.config.max_body} bytes\n")
             return None
         return length
 
@@ -246,25 +238,25 @@ class _Handler(HardenedRequestHandler):
         try:
             body = self.rfile.read(length) if length else b""
         except TimeoutError:
-            self._reply_quietly(408, "request body not received in time\n")
+            self.reply_quietly(408, "request body not received in time\n")
             return None
         finally:
             self.server.reading_done(self)
         self.body_read = True
         if len(body) < length:
             if self.expired:
-                self._reply_quietly(408, "request body not received in time\n")
+                self.reply_quietly(408, "request body not received in time\n")
             else:
-                self._reply_quietly(400, "body shorter than Content-Length\n")
+                self.reply_quietly(400, "body shorter than Content-Length\n")
             return None
         return body
 
     def _healthz(self) -> None:
-        # From memory only (webhooks/health.py): no database connection per request.
+        # From memory only (ops/health.py): no database connection per request.
         status, payload = health.answer(
             self.server.committer, self.server.queue_watch, connections=self.server.open_connections()
         )
-        self._reply(status, json.dumps(payload) + "\n", "application/json", headers=(("Cache-Control", "no-store"),))
+        self.reply(status, json.dumps(payload) + "\n", "application/json", headers=(("Cache-Control", "no-store"),))
 
     def _oauth_callback(self) -> None:
         if self.command == "HEAD":
@@ -334,7 +326,7 @@ class _Handler(HardenedRequestHandler):
             '<body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">\n'
             f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(message)}</p>\n</body></html>\n"
         )
-        self._reply(
+        self.reply(
             status,
             page,
             "text/html; charset=utf-8",
@@ -381,12 +373,22 @@ class WebhookHTTPServer(HardenedHTTPServer):
     def route_head(self, method: str, target: str, client_ip: str) -> Answer | str:
         """``decide`` in the event loop; an answer given there is logged and counted here, as the
         handler would have."""
-        decision = self.decide(method, target.split("?", 1)[0])
+        path = target.split("?", 1)[0]
+        if path in status_page.ROUTES:
+            barred = self.admin.barred(client_ip)
+            if barred is not None:  # too many failed passwords: answered here, counted, not logged
+                status, text, _type, headers = barred
+                return Answer(status, text, headers)
+        decision = self.decide(method, path)
         if isinstance(decision, Answer):
             if method == "POST" and _is_webhook_route(target.split("?", 1)[0]):
                 self.metrics.webhook_answered(decision.status)
             log_answer(client_ip, method, target, decision.status, self.config.secret)
         return decision
+
+    def _sweep(self, now: float) -> None:
+        super()._sweep(now)
+        self.admin.throttle.tick()
 
     def server_close(self) -> None:
         super().server_close()

@@ -1,14 +1,14 @@
 """What `amohook serve` and `amohook worker` run, wired together and importable without the CLI.
 
-A ``Runner`` holds the store, the handlers (the rules and/or your functions), the task sender,
+A ``Supervisor`` holds the store, the handlers (the rules and/or your functions), the action sender,
 the worker threads, the background reconciliation and pruning, and — when given a
 ``ServerConfig`` — the webhook listener. The CLI parses options and prints; everything else is
 here, so another Python program runs the rules in a few lines::
 
-    from amohook import Runner, open_store, stop_on_signals
+    from amohook import Supervisor, open_store, stop_on_signals
 
     store = open_store("sqlite:////var/lib/amohook/amohook.db")
-    Runner(store, rules="rules.toml").run_until(stop_on_signals())
+    Supervisor(store, rules="rules.toml").run_until(stop_on_signals())
 
 Processing is at least once and actions are keyed (see the README's guarantees); stopping lets a
 running handler finish and releases what was claimed but not started.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
 
 if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
-    from amohook.reconcile import Reconciler
+    from amohook.recovery.reconcile import Reconciler
     from amohook.store import Store
     from amohook.webhooks.server import WebhookService
 
@@ -47,7 +47,7 @@ def build_registry(
     journal: bool = False,
     search_dir: str | None = None,
 ):
-    """The handler registry, and the task sender when there are rules (else None).
+    """The handler registry, and the action sender when there are rules (else None).
 
     Invalid rules or a handler that cannot be imported raise here (``ConfigError``), before
     anything starts. ``journal`` records lead changes for reconciliation when only handlers run.
@@ -63,7 +63,7 @@ def build_registry(
         from amohook.actions import ActionSender
         from amohook.amocrm.client import client_for
         from amohook.rules import load_and_compile
-        from amohook.rules_handler import RulesHandler
+        from amohook.rules.handler import RulesHandler
 
         assert store is not None  # checked above
         compiled = load_and_compile(str(rules))
@@ -77,9 +77,9 @@ def build_registry(
             return clients[sub]
 
         sender = ActionSender(store, client, log=logging.getLogger("amohook.actions").warning)
-        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
+        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wake()))
     elif journal and handlers:
-        from amohook.changes import ChangeJournal
+        from amohook.recovery.identity import ChangeJournal
 
         assert store is not None  # checked above
         registry.register("amohook.changes", ChangeJournal(store))
@@ -97,7 +97,7 @@ def _handler_name(fn: Callable[..., Any]) -> str:
 
 
 class StopEvent(threading.Event):
-    """Set by SIGTERM/SIGINT (``signal`` names which), by ``Runner.stop`` or by a failing worker."""
+    """Set by SIGTERM/SIGINT (``signal`` names which), by ``Supervisor.stop`` or by a failing worker."""
 
     signal: str | None = None
 
@@ -125,12 +125,12 @@ def stop_on_signals() -> StopEvent:
     return stop
 
 
-class Runner:
+class Supervisor:
     """The handlers, the sender, the workers, reconciliation, pruning and (optionally) the listener.
 
     ``rules`` is a rules file (TOML); ``handlers`` are ``"package.module:function"`` strings or
     callables ``fn(event, ctx)``. ``listen`` (a ``webhooks.server.ServerConfig``) adds the webhook
-    listener, as `amohook serve`; without it the runner only processes, as `amohook worker`.
+    listener, as `amohook serve`; without it the supervisor only processes, as `amohook worker`.
     ``reconcile_every`` and ``keep`` are seconds (None: off). Nothing starts until ``start``;
     invalid rules raise in the constructor.
     """
@@ -199,7 +199,7 @@ class Runner:
     def reconciling(self) -> bool:
         return self.reconciler is not None
 
-    def start(self) -> Runner:
+    def start(self) -> Supervisor:
         """Start everything in the background; returns at once. ``OSError``: cannot listen."""
         from amohook.webhooks.server import WebhookService
 
@@ -215,12 +215,12 @@ class Runner:
         if self.workers:
             self._sender_thread = self._start_sender()
             if self.reconcile_every is not None:
-                from amohook.reconcile import Reconciler
+                from amohook.recovery.reconcile import Reconciler
 
                 self.reconciler = Reconciler(self.store, self.reconcile_every)
                 self.reconciler.start(self._background)
         if self.keep is not None:
-            from amohook.retention import Pruner
+            from amohook.ops.retention import Pruner
 
             Pruner(self.store, self.keep).start(self._background)
         self._started = True
@@ -287,7 +287,7 @@ class Runner:
         (`amohook worker --once`). ``reconcile`` first queues what amoCRM's events log has that
         no webhook brought."""
         if reconcile:
-            from amohook.reconcile import Reconciler
+            from amohook.recovery.reconcile import Reconciler
 
             Reconciler(self.store, self.reconcile_every or 300.0).run_once()
         stop = stop or self._stop

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 
 import peewee
 
-from amohook import doctor, inbox
+from amohook import inbox
+from amohook.ops import doctor
+from amohook.ops.reader import OnDemandReader, Unreadable
 from amohook.store.models import Account, Action, Event
-from amohook.webhooks.reader import OnDemandReader, Unreadable
 
 if TYPE_CHECKING:  # for the annotations only: overview must stay cheap to import
-    from amohook.reconcile import AccountReconcileStatus
+    from amohook.recovery.reconcile import AccountReconcileStatus
     from amohook.store import Store
     from amohook.tokens import TokenStatus
 
@@ -98,7 +99,7 @@ class Snapshot:
 
 def read_snapshot(store: Store, now: float) -> Snapshot:
     """Read everything once (a few dozen bounded queries; one more per account)."""
-    from amohook.reconcile import reconcile_status
+    from amohook.recovery.reconcile import reconcile_status
     from amohook.tokens import refresh_holder, token_status
 
     database = doctor.check_database(store)

@@ -8,6 +8,10 @@ the watchdog removes and adds it. Changes made while it was off reach amohook th
 reconciliation. Only destinations amohook subscribed itself (``Subscription``) are watched.
 Only an admin's token may read subscriptions: without one the watchdog says so once and
 reconciliation goes on.
+
+It looks on every reconciliation pass (one ``GET /api/v4/webhooks`` per account when all is well):
+the pass interval (``--reconcile``, 5 minutes by default) is already how often amohook asks amoCRM
+about an account, and a destination switched off loses every webhook until it is back on.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from amohook.store.models import ReconcileState, Subscription
@@ -26,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amohook.watchdog")
 
-CHECK_EVERY = 900.0  # seconds between looks in the background: one cheap request per account
 _said_no_admin: set[str] = set()
 
 
@@ -41,7 +45,7 @@ def remember(
     sha = destination_sha(destination)
     with store.write():
         updated = (
-            Subscription.update(events=json.dumps(list(events)), updated_at=clock())
+            Subscription.update(events=json.dumps(list(events)), updated_at=clock(), removed_at=None)
             .where((Subscription.account == account) & (Subscription.destination_sha256 == sha))
             .execute()
         )
@@ -68,24 +72,18 @@ def watched(account: str) -> list[Subscription]:
 
 
 def check_subscriptions(
-    store: Store, client, account: str, *, force: bool = False, clock: Callable[[], float] = time.time
-) -> tuple[str, str | None] | None:
-    """Look at ``account``'s subscriptions when due (or ``force``); returns (state, note) or None.
+    store: Store, client, account: str, *, clock: Callable[[], float] = time.time
+) -> tuple[str, str | None]:
+    """Look at ``account``'s subscriptions (one GET when all is well); returns (state, note).
 
-    States: ``ok``; ``re-enabled`` (one was off and is on again); ``disabled`` (still off after
-    both ways of switching it on); ``missing`` (amohook subscribed it and it is gone); ``unknown``
-    (no admin token, or nothing amohook subscribed).
+    States: ``ok``; ``re-enabled`` (one was off, or removed by amohook itself, and is on again);
+    ``disabled`` (still off after both ways of switching it on); ``missing`` (amohook subscribed
+    it and someone else removed it); ``unknown`` (no admin token, or nothing amohook subscribed).
+    A request that fails on the way raises; what amohook removed stays marked, so the next pass
+    adds it again.
     """
-    from amohook.amocrm.subscriptions import AdminRequired, list_webhooks, subscribe, unsubscribe
+    from amohook.amocrm.subscriptions import AdminRequired, list_webhooks
 
-    row = ReconcileState.get_or_none(ReconcileState.account == account)
-    if (
-        not force
-        and row is not None
-        and row.subscription_checked_at
-        and clock() - row.subscription_checked_at < CHECK_EVERY
-    ):
-        return None
     ours = watched(account)
     state, note, reenabled = "unknown", None, 0
     if not ours:
@@ -105,27 +103,30 @@ def check_subscriptions(
             for sub in ours:
                 events = json.loads(sub.events or "[]")
                 hook = current.get(sub.destination)
-                if hook is None:
-                    problems.append(f"{_redact(sub.destination)} is missing (removed in amoCRM?)")
+                if hook is not None and sub.removed_at is not None:
+                    _mark_removed(store, sub, None)  # back (or the DELETE never landed)
+                if hook is None and sub.removed_at is not None:
+                    on = _re_add(store, client, account, sub, events)
+                elif hook is None:
+                    problems.append(f"{redact_destination(sub.destination)} is missing (removed in amoCRM?)")
                     state = "missing"
                     log.warning(
                         "watchdog for '%s': the subscription %s is gone from amoCRM — run "
                         "`amohook webhooks subscribe` again if it should exist",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                     continue
-                if not hook.disabled:
+                elif not hook.disabled:
                     continue
-                log.warning(
-                    "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
-                    "deliveries); switching it back on",
-                    account,
-                    _redact(sub.destination),
-                )
-                on = _switch_on(
-                    client, sub.destination, events or list(hook.events), list_webhooks, subscribe, unsubscribe
-                )
+                else:
+                    log.warning(
+                        "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
+                        "deliveries); switching it back on",
+                        account,
+                        redact_destination(sub.destination),
+                    )
+                    on = _switch_on(store, client, sub, events or list(hook.events))
                 if on:
                     reenabled += 1
                     if state == "ok":
@@ -133,16 +134,16 @@ def check_subscriptions(
                     log.warning(
                         "watchdog for '%s': %s is on again; reconciliation brings what it missed",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
                 else:
                     state = "disabled"
-                    problems.append(f"{_redact(sub.destination)} stays switched off")
+                    problems.append(f"{redact_destination(sub.destination)} stays switched off")
                     log.error(
                         "watchdog for '%s': %s stays switched off after re-subscribing — check the "
                         "listener and switch it on in amoCRM's settings",
                         account,
-                        _redact(sub.destination),
+                        redact_destination(sub.destination),
                     )
             note = "; ".join(problems) or None
     with store.write():
@@ -154,13 +155,43 @@ def check_subscriptions(
     return state, note
 
 
-def _switch_on(client, destination: str, events: list[str], list_webhooks, subscribe, unsubscribe) -> bool:
-    """Re-subscribe; if amoCRM keeps it off, remove it and add it again. True when it is on."""
+def _mark_removed(store: Store, sub: Subscription, when: float | None) -> None:
+    with store.write():
+        Subscription.update(removed_at=when).where(Subscription.id == sub.id).execute()
+    sub.removed_at = when
+
+
+def _re_add(store: Store, client, account: str, sub: Subscription, events: list[str]) -> bool:
+    """A destination amohook removed itself (to switch it on) and could not add back: add it now."""
+    from amohook.amocrm.subscriptions import list_webhooks, subscribe
+
+    log.warning(
+        "watchdog for '%s': %s is gone since amohook removed it to switch it back on (adding it again failed); "
+        "adding it again",
+        account,
+        redact_destination(sub.destination),
+    )
+    subscribe(client, sub.destination, events)
+    _mark_removed(store, sub, None)
+    return _is_on(list_webhooks(client, sub.destination), sub.destination)
+
+
+def _switch_on(store: Store, client, sub: Subscription, events: list[str]) -> bool:
+    """Re-subscribe; if amoCRM keeps it off, remove it and add it again. True when it is on.
+
+    The removal is written down before the DELETE is sent and cleared once the POST is answered:
+    a POST that fails (a 502, a timeout, a kill) leaves the mark, and the next look adds the
+    destination back instead of reporting it missing (a person did not remove it)."""
+    from amohook.amocrm.subscriptions import list_webhooks, subscribe, unsubscribe
+
+    destination = sub.destination
     subscribe(client, destination, events)
     if _is_on(list_webhooks(client, destination), destination):
         return True
+    _mark_removed(store, sub, time.time())
     unsubscribe(client, destination)
     subscribe(client, destination, events)
+    _mark_removed(store, sub, None)
     return _is_on(list_webhooks(client, destination), destination)
 
 
@@ -168,18 +199,27 @@ def _is_on(hooks, destination: str) -> bool:
     return any(h.destination == destination and not h.disabled for h in hooks)
 
 
-def _redact(destination: str) -> str:
-    """A destination for logs and output: amohook's own carry the webhook secret after /webhook/,
-    and any query string may carry a token; both are cut."""
-    return redact_destination(destination)
+def redact_destination(destination: str, secrets: Iterable[str] = ()) -> str:
+    """A destination as it may be shown: never the webhook secret, wherever it stands.
 
+    amohook's own destinations carry the secret in the path — after ``/webhook/``, or under any
+    other segment a proxy maps to it (``/amo/<secret>``). Cut: everything after a ``webhook``
+    segment, every path segment as long as a secret may be (``MIN_SECRET_LENGTH``: the listener
+    refuses shorter ones, so this holds even where the secret is not known), the ``secrets`` given
+    and those this process holds, wherever they appear, user info, and the query or fragment.
+    """
+    from amohook.redact import MIN_SECRET_LENGTH, printable, redact_secrets
 
-def redact_destination(destination: str) -> str:
-    base = destination.split("?", 1)[0].split("#", 1)[0]
+    text = str(destination)
+    base = re.split(r"[?#]", text, maxsplit=1)[0]
     parts = base.split("/")
-    for i, part in enumerate(parts):
-        if part.lower() in ("webhook", "webhooks") and i + 1 < len(parts) and i >= 3:
-            parts = parts[: i + 1] + ["***"]
+    if len(parts) > 2 and "@" in parts[2]:
+        parts[2] = "***@" + parts[2].rsplit("@", 1)[1]
+    shown = parts[:3]
+    for i, part in enumerate(parts[3:], start=3):
+        if part.lower() in ("webhook", "webhooks") and i + 1 < len(parts):
+            shown += [part, "***"]
             break
-    shown = "/".join(parts)
-    return shown + ("?***" if "?" in destination else "")
+        shown.append("***" if len(part) >= MIN_SECRET_LENGTH else part)
+    result = "/".join(shown) + ("?***" if len(base) < len(text) else "")
+    return printable(redact_secrets(result, secrets, patterns=False))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from amohook import inbox
-from amohook.webhooks.reader import OnDemandReader
+from amohook.ops.reader import OnDemandReader
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -77,7 +77,7 @@ class QueueWatch:
 
 
 def _reconciliation(now: float) -> list[dict]:
-    from amohook.reconcile import reconcile_status
+    from amohook.recovery.reconcile import reconcile_status
     from amohook.store.models import Account
 
     rows = []

@@ -1,0 +1,1 @@
+"""What runs: the supervisor that `amohook serve` and `amohook worker` start (``supervisor``)."""
