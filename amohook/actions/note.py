@@ -47,6 +47,9 @@ class AddNote(CreateKind):
     def describe(self, compiled, rule):
         return "a note"
 
+    def preview(self, planned, compiled, rule):
+        return f"note {planned.payload['params']['text']!r}"
+
     def needs_lead(self, rule, compiled, change):
         return needs_fields(change, set(template_fields(compiled.text)), rule_user(rule))
 
@@ -58,6 +61,9 @@ class AddNote(CreateKind):
         return PlannedAction(
             key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload, kind=self.name
         )
+
+    def shown(self, payload):
+        return super().shown(payload)[0], str((payload.get("params") or {}).get("text") or "")
 
     def lookup_params(self):
         return {"filter[note_type]": "common"}

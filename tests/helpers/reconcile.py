@@ -37,15 +37,27 @@ def deliver(store, fake, action: str, items: list[dict]) -> None:
     store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, FORM), content_type=FORM)])
 
 
+def deliver_entity(store, fake, entity: str, action: str, items: list[dict]) -> None:
+    """A webhook about ``entity`` (a task, a contact, …) as the listener stores it."""
+    body = fake.webhook_body(action, items, entity=entity)
+    store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, FORM), content_type=FORM)])
+
+
 def work(store, crm, *extra: str) -> None:
     result = run_cli(["worker", "--rules", crm["rules"], "--once", "--reconcile", "off", *extra], store.url)
     assert result.returncode == 0, result.stderr
 
 
 def reconcile(store, *extra: str) -> dict:
+    """One pass's JSON summary, its ISO 8601 times read back as Unix seconds for arithmetic."""
+    from datetime import datetime
+
     result = run_cli(["reconcile", "--json", *extra], store.url)
     assert result.returncode == 0, result.stderr
     [summary] = json.loads(result.stdout)
+    for name in ("window_from", "window_to", "left_out_from", "left_out_to"):
+        if summary[name] is not None:
+            summary[name] = int(datetime.fromisoformat(summary[name]).timestamp())
     return summary
 
 
