@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from amohook.recovery.identity import Sighting, describe, is_known
 from amohook.rules import lead_changes
+from amohook.runtime.loop import Periodic
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
 
@@ -404,7 +404,6 @@ class Reconciler:
         self._clients: dict[str, Any] = {}
         self._said: dict[str, str] = {}
         self.last: dict[str, PassResult] = {}
-        self._thread: threading.Thread | None = None
 
     def client(self, account: str):
         if account not in self._clients:
@@ -445,17 +444,6 @@ class Reconciler:
                     log.warning("reconciliation of '%s': %s", account, note)
         return results
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except Exception as exc:  # the store is down: try again next interval
-                log.warning("reconciliation pass failed: %s", _one_line(exc))
-            finally:
-                self.store.close_quietly()
-            stop.wait(self.interval)
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        self._thread = threading.Thread(target=self.run, args=(stop,), name="amohook-reconcile", daemon=True)
-        self._thread.start()
-        return self._thread
+    def loop(self) -> Periodic:
+        """The background passes of `serve` and `worker`: one at start, then every ``interval``."""
+        return Periodic("reconcile", lambda stop: self.run_once(), self.interval, store=self.store, logger=log)

@@ -218,13 +218,16 @@ class Supervisor:
                 from amohook.recovery.reconcile import Reconciler
 
                 self.reconciler = Reconciler(self.store, self.reconcile_every)
-                self.reconciler.start(self._background)
+                self._start_background(self.reconciler.loop())
         if self.keep is not None:
-            from amohook.ops.retention import Pruner
+            from amohook.ops.retention import pruner
 
-            Pruner(self.store, self.keep).start(self._background)
+            self._start_background(pruner(self.store, self.keep))
         self._started = True
         return self
+
+    def _start_background(self, loop) -> None:
+        threading.Thread(target=loop.run, args=(self._background,), name=f"amohook-{loop.name}", daemon=True).start()
 
     def _run(self, worker: Worker) -> None:
         try:
