@@ -17,7 +17,7 @@ __url__ = "https://github.com/amohook/amohook"  # the project page: metadata and
 # public name -> the module that defines it
 _EXPORTS = {
     "Supervisor": "amohook.runtime.supervisor",
-    "StopEvent": "amohook.runtime.supervisor",
+    "StopEvent": "amohook.runtime.loop",
     "build_registry": "amohook.runtime.supervisor",
     "stop_on_signals": "amohook.runtime.supervisor",
     "Store": "amohook.store",

@@ -31,6 +31,7 @@ from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
 from amohook.inbox import InboxEvent
 from amohook.retry import PERSON_WAIT, Backoff
+from amohook.runtime.loop import on_stop
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -200,21 +201,6 @@ def new_worker_id(label: str = "w") -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{label}:{uuid.uuid4().hex[:6]}"
 
 
-_outcomes: dict[str, int] = {}
-_outcomes_lock = threading.Lock()
-
-
-def _count_outcome(outcome: str) -> None:
-    with _outcomes_lock:
-        _outcomes[outcome] = _outcomes.get(outcome, 0) + 1
-
-
-def outcome_counts() -> dict[str, int]:
-    """Event attempts run by the workers of this process since it started, by outcome (for /metrics)."""
-    with _outcomes_lock:
-        return dict(_outcomes)
-
-
 class Worker:
     """Claims batches of due events and runs them through the registry.
 
@@ -266,6 +252,23 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         self.processed = 0
+        self._outcomes: dict[str, int] = {}  # event attempts by outcome (ok, retry, dead, lost)
+        self._outcomes_lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.worker_id
+
+    def health(self) -> dict[str, Any]:
+        """Events this worker ran since it started, by outcome; how long the current one has run."""
+        with self._outcomes_lock:
+            outcomes = dict(self._outcomes)
+        since = self._current_since
+        return {
+            "processed": self.processed,
+            "outcomes": outcomes,
+            "running_for": None if since is None else round(time.monotonic() - since, 1),
+        }
 
     # -- public -------------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -295,7 +298,9 @@ class Worker:
                     released = inbox.release(self.store, left, self.worker_id, now=self.clock())
                     self.log.info("stopping: released %d claimed events that had not started", released)
                     break
-                _count_outcome(self._process(event))
+                outcome = self._process(event)
+                with self._outcomes_lock:
+                    self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
                 ran += 1
                 with self._held_lock:
                     self._held = [e.id for e in events[position + 1 :]]
@@ -308,6 +313,7 @@ class Worker:
     def run(self, stop_event: threading.Event) -> None:
         """Work until ``stop_event`` is set; the event being run finishes, the rest is released."""
         self._stop = stop_event
+        on_stop(stop_event, self._wake.set)  # asleep until the next poll: hear of the stop at once
         # The store is down: look again from the poll interval up to 30 s, without jitter (the
         # waits are logged as they are).
         store_down = Backoff(base=self.poll_interval, cap=max(30.0, self.poll_interval), jitter=0.0)

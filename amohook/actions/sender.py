@@ -115,6 +115,8 @@ class SendStats:
 class ActionSender:
     """Claims pending actions and sends them in batches; safe to run in many threads and processes."""
 
+    name = "actions"
+
     def __init__(
         self,
         store: Store,
@@ -323,6 +325,13 @@ class ActionSender:
         )
         rows = list(pending)
         return 0 < len(rows) < self.batch_size and rows[0].created_at > now - self.linger
+
+    def health(self) -> dict:
+        """What this sender did since it started (for the status page and /metrics)."""
+        s = self.stats
+        return dict(
+            posts=s.posts, lookups=s.lookups, created=s.created, adopted=s.adopted, failed=s.failed, retried=s.retried
+        )
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         """Send until ``stop``; a batch in flight is always finished (its outcome recorded) first."""

@@ -21,6 +21,7 @@ import html
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from amohook.errors import ConfigError
@@ -107,8 +108,10 @@ class AdminPages:
         listener_metrics: metrics_module.ListenerMetrics,
         *,
         fresh: float | None = None,
+        runtime: Callable[[], dict] | None = None,
     ):
         self.password = check_status_password(password)
+        self.runtime = runtime  # the supervisor's health, when the listener runs under one
         self.server = server  # open_connections() and committer
         self.listener_metrics = listener_metrics
         kwargs = {} if fresh is None else {"fresh": fresh}
@@ -142,6 +145,7 @@ class AdminPages:
                 read_error=error,
                 committer=self.server.committer,
                 connections=self.server.open_connections(),
+                runtime=self.runtime() if self.runtime is not None else None,
             ).decode("utf-8")
             return 200, text, metrics_module.CONTENT_TYPE, SECURITY_HEADERS
         return (200 if snapshot is not None else 503), self._render(snapshot, error), _HTML, SECURITY_HEADERS

@@ -29,7 +29,9 @@ STOP_SECONDS = 9.0
 class Loop(Protocol):
     """One thing the supervisor runs in a thread of its own."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Unique among the supervisor's loops; names its thread and its line on the status page."""
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set, then return (within ``remaining(stop)`` seconds)."""
