@@ -40,6 +40,19 @@ class ConfigError(AmohookError):
     exit_code = ExitCode.USAGE
 
 
+class LoopDied(AmohookError):
+    """A loop of `serve` or `worker` kept dying after its restarts: the process stops (exit 1) so
+    that its service manager (systemd's ``Restart=``) starts it afresh; the log has each traceback."""
+
+    def __init__(self, loop: str, deaths: int, error: BaseException):
+        self.loop = loop
+        self.deaths = deaths
+        super().__init__(
+            f"the {loop} loop died {deaths} time(s), last with {describe(error)} — amohook stopped so that "
+            "its service manager starts it again; the log has the tracebacks"
+        )
+
+
 class StoreError(AmohookError):
     """The database cannot be opened or used."""
 

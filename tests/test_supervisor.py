@@ -6,9 +6,15 @@ import threading
 import time
 
 import pytest
+import requests
 
+from amohook.errors import ConfigError, ExitCode, LoopDied
+from amohook.retry import Backoff
 from amohook.runtime.loop import STOP_SECONDS, Loop, Periodic, StopEvent
 from amohook.runtime.supervisor import Supervisor
+from amohook.webhooks.server import ServerConfig
+
+SECRET = "supervisor-test-secret-0123456789"
 
 
 class Ticking:
@@ -44,7 +50,7 @@ class Dying:
     def run(self, stop: threading.Event) -> None:
         self.runs += 1
         if not stop.wait(self.after):
-            raise self.error
+            raise type(self.error)(*self.error.args)  # a new one each time, as a real fault would
 
     def health(self) -> dict:
         return {"runs": self.runs}
@@ -131,9 +137,81 @@ def test_a_periodic_loop_reports_passes_and_a_failed_pass_without_dying(sqlite_s
     assert "sweep pass failed (next in 0.02s): RuntimeError: the store is down" in caplog.text
 
 
-def test_a_dying_loop_in_worker_mode_stops_the_rest_and_is_raised_by_stop(sqlite_store):
-    ticking = Ticking("ticking")
-    runner = Supervisor(sqlite_store, loops=[ticking, Dying()]).start()
-    assert ticking.ended.wait(5)  # the death stopped its peers
-    with pytest.raises(RuntimeError, match="a bug in a loop"):
+class DiesOnce(Ticking):
+    """Dies on its first run, then ticks like any loop."""
+
+    def __init__(self, name: str = "dies-once"):
+        super().__init__(name)
+        self.runs = 0
+
+    def run(self, stop: threading.Event) -> None:
+        self.runs += 1
+        if self.runs == 1:
+            raise RuntimeError("a passing fault")
+        super().run(stop)
+
+
+def supervisor(store, mode: str, loops: list, **kw) -> Supervisor:
+    """A supervisor as `serve` (with the listener) or as `worker` runs it, with quick restarts."""
+    listen = ServerConfig(secret=SECRET, port=0, **kw) if mode == "serve" else None
+    runner = Supervisor(store, listen=listen, loops=loops)
+    runner.restart_wait = Backoff(base=0.01, cap=0.01, jitter=0.0)
+    return runner
+
+
+@pytest.mark.parametrize("mode", ["serve", "worker"])
+def test_a_loop_that_keeps_dying_is_restarted_three_times_then_stops_the_process(sqlite_store, mode, caplog):
+    ticking, dying = Ticking("ticking"), Dying(after=0.02)
+    runner = supervisor(sqlite_store, mode, [ticking, dying]).start()
+    runner.wait(threading.Event())  # returns by itself: the supervisor gave up
+    assert ticking.ended.wait(5)  # its peers were stopped
+    with pytest.raises(LoopDied, match="the dying loop died 4 time") as raised:
         runner.stop()
+    assert raised.value.exit_code == ExitCode.ERROR  # non-zero: systemd's Restart= takes over
+    assert dying.runs == 4
+    health = runner.health()["loops"]["dying"]
+    assert health["state"] == "died" and health["restarts"] == 3
+    assert "RuntimeError: a bug in a loop" in health["last_error"]
+    deaths = [r for r in caplog.records if r.levelname == "ERROR" and r.getMessage().startswith("the dying loop died")]
+    assert len(deaths) == 4 and all(r.exc_info for r in deaths)  # each traceback is in the log
+
+
+@pytest.mark.parametrize("mode", ["serve", "worker"])
+def test_a_loop_that_dies_once_is_restarted_and_the_process_goes_on(sqlite_store, mode):
+    flaky = DiesOnce()
+    runner = supervisor(sqlite_store, mode, [flaky]).start()
+    try:
+        assert wait_for(lambda: flaky.ticks > 0)
+        health = runner.health()["loops"]["dies-once"]
+        assert not runner.errors
+    finally:
+        runner.stop()  # raises nothing
+    assert flaky.runs == 2 and health["state"] == "running" and health["restarts"] == 1
+
+
+@pytest.mark.parametrize("mode", ["serve", "worker"])
+def test_a_loop_dying_of_bad_configuration_stops_at_once_with_that_error(sqlite_store, mode):
+    dying = Dying(error=ConfigError("no handlers are registered"))
+    runner = supervisor(sqlite_store, mode, [dying]).start()
+    runner.wait(threading.Event())
+    with pytest.raises(ConfigError, match="no handlers are registered"):
+        runner.stop()
+    assert dying.runs == 1
+
+
+def test_the_status_page_and_metrics_show_a_loop_restarting(sqlite_store):
+    password = "correct-horse-battery-staple"
+    dying = Dying(error=RuntimeError("<b>broken</b>"))
+    runner = supervisor(sqlite_store, "serve", [dying], status_password=password)
+    runner.restart_wait = Backoff(base=30.0, cap=30.0, jitter=0.0)  # it waits, restarting, while we look
+    runner.start()
+    try:
+        assert wait_for(lambda: runner.health()["loops"]["dying"]["state"] == "restarting")
+        page = requests.get(runner.url + "/status", auth=("admin", password), timeout=10).text
+        metrics = requests.get(runner.url + "/metrics", auth=("admin", password), timeout=10).text
+    finally:
+        runner.stop()
+    loops = page.split('id="loops"', 1)[1].split("</section>", 1)[0]
+    assert "dying" in loops and "restarting" in loops and "&lt;b&gt;broken&lt;/b&gt;" in loops
+    assert 'amohook_loop_up{loop="dying"} 0.0' in metrics and 'amohook_loop_restarts_total{loop="dying"} 1.0' in metrics
+    assert 'amohook_loop_up{loop="listener"} 1.0' in metrics

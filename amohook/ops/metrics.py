@@ -177,6 +177,19 @@ class _Collector:
             limited.add_metric([account], figures["rate_limited"])
         yield requests
         yield limited
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "amohook_loop_up", "1 while the loop runs (0: restarting after a death, or dead)", labels=["loop"]
+        )
+        restarts = CounterMetricFamily(
+            "amohook_loop_restarts", "Times the loop died and was started again", labels=["loop"]
+        )
+        for name, loop in sorted((self.runtime.get("loops") or {}).items()):
+            up.add_metric([name], 1 if loop.get("state") == "running" else 0)
+            restarts.add_metric([name], loop.get("restarts", 0))
+        yield up
+        yield restarts
 
     def _store(self, snap):
         from prometheus_client.core import GaugeMetricFamily

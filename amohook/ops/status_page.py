@@ -118,7 +118,7 @@ class AdminPages:
         self.reader = OverviewReader(store, **kwargs)
         self._started = False
         self._lock = threading.Lock()
-        self._page: tuple[object, str | None, str] | None = None  # (snapshot, error, rendered page)
+        self._page: tuple[object, object, str] | None = None  # (snapshot, (error, loops), rendered page)
 
     def stop(self) -> None:
         if self._started:
@@ -158,9 +158,10 @@ class AdminPages:
         return self.reader.get()
 
     def _render(self, snapshot: Snapshot | None, error: str | None) -> str:
+        loops = loop_states(self.runtime() if self.runtime is not None else None)
         with self._lock:
             cached = self._page
-            if cached is not None and cached[0] is snapshot and cached[1] == error:
+            if cached is not None and cached[0] is snapshot and cached[1] == (error, loops):
                 return cached[2]
         page = render_page(
             snapshot,
@@ -168,9 +169,10 @@ class AdminPages:
             listener=self.listener_metrics,
             committer=self.server.committer,
             connections=self.server.open_connections(),
+            loops=loops,
         )
         with self._lock:
-            self._page = (snapshot, error, page)
+            self._page = (snapshot, (error, loops), page)
         return page
 
 
@@ -270,8 +272,24 @@ def token_checks(snapshot: Snapshot) -> list:
     return checks
 
 
+def loop_states(runtime: dict | None) -> tuple[tuple[str, str, int, str | None], ...]:
+    """(name, state, restarts, last error) of each of the supervisor's loops, for the page."""
+    loops = (runtime or {}).get("loops") or {}
+    return tuple(
+        (name, str(v.get("state")), int(v.get("restarts") or 0), v.get("last_error"))
+        for name, v in sorted(loops.items())
+    )
+
+
 def render_page(
-    snapshot: Snapshot | None, error: str | None, *, listener, committer, connections: int, now: float | None = None
+    snapshot: Snapshot | None,
+    error: str | None,
+    *,
+    listener,
+    committer,
+    connections: int,
+    loops: tuple = (),
+    now: float | None = None,
 ) -> str:
     """The whole page. ``snapshot`` None: the store was never read; the page says why."""
     now = time.time() if now is None else now
@@ -303,6 +321,8 @@ def render_page(
     if snapshot is not None:
         parts += [_checks(checks), _accounts(snapshot)]
     parts.append(_queue(snapshot, listener, committer, connections))
+    if loops:
+        parts.append(_loops(loops))
     if snapshot is not None:
         parts += [
             _today(snapshot),
@@ -391,6 +411,23 @@ def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
     ]
     body = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
     return f'<section id="queue"><h2>Queue and listener</h2>\n<dl>{body}</dl></section>\n'
+
+
+def _loops(loops: tuple) -> str:
+    rows = [
+        [
+            esc(name),
+            f'<span class="{"ok" if state == "running" else "error"}">{esc(state)}</span>',
+            _num(restarts),
+            esc(_clip(last_error)) if last_error else "",
+        ]
+        for name, state, restarts, last_error in loops
+    ]
+    return (
+        '<section id="loops"><h2>Loops</h2>\n'
+        + _table(["loop", "state", "restarts", "last error"], rows, "")
+        + "</section>\n"
+    )
 
 
 def _today(snap: Snapshot) -> str:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from amohook.errors import ConfigError, LoopDied, describe
+from amohook.retry import Backoff
 from amohook.runtime.clients import ClientPool
 from amohook.runtime.loop import STOP_SECONDS, Loop, StopEvent, remaining
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
@@ -36,6 +38,12 @@ if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
 log = logging.getLogger("amohook.runner")
 
 HandlerSpec = str | Callable[..., Any]  # "package.module:function", or the function itself
+
+# A loop that dies is started again after 1, 2, 4 s, at most 3 times in a row; one that ran for
+# 10 minutes before dying starts the count again. Then the process stops (see Supervisor._run).
+MAX_RESTARTS = 3
+HEALTHY_AFTER = 600.0
+RESTART_WAIT = Backoff(base=1.0, cap=30.0, jitter=0.0)
 
 
 def build_registry(
@@ -176,6 +184,9 @@ class Supervisor:
         self.errors: list[BaseException] = []
         self._stop = StopEvent()  # every loop's; its deadline is the one they all stop within
         self._loops: list[tuple[Loop, threading.Thread]] = []
+        self._states: dict[str, dict[str, Any]] = {}  # per loop: state, restarts, last error
+        self.max_restarts = MAX_RESTARTS
+        self.restart_wait = RESTART_WAIT
         self.reconciler: Reconciler | None = None
         self._started = False
 
@@ -219,6 +230,7 @@ class Supervisor:
             loops.append(pruner(self.store, self.keep))
         loops += self.extra_loops
         for loop in loops:
+            self._states[loop.name] = {"state": "running", "restarts": 0, "last_error": None}
             thread = threading.Thread(target=self._run, args=(loop,), name=f"amohook-{loop.name}", daemon=True)
             self._loops.append((loop, thread))
             thread.start()
@@ -230,14 +242,51 @@ class Supervisor:
         return self.clients.get(account, max_attempts=3)
 
     def _run(self, loop: Loop) -> None:
-        try:
-            loop.run(self._stop)
-        except BaseException as exc:
-            if self.listen is not None:  # `serve`: the listener keeps receiving
-                log.exception("%s stopped with an error", loop.name)
+        """Run ``loop`` until the stop; a death is handled the same way in `serve` and `worker`.
+
+        The traceback goes to the log at ERROR and the loop starts again after a pause
+        (``RESTART_WAIT``), at most ``max_restarts`` times in a row (a loop that ran
+        ``HEALTHY_AFTER`` seconds before dying starts the count again). Then, or at once for a
+        ``ConfigError`` (a person must act), every loop stops and ``stop()`` raises, so the
+        process exits non-zero and systemd's ``Restart=`` starts it afresh. Why not carry on
+        without it: a listener whose workers are all dead answers 200 and processes nothing.
+        """
+        state = self._states[loop.name]
+        in_a_row = 0
+        while True:
+            started = time.monotonic()
+            try:
+                loop.run(self._stop)
+                if self._stop.is_set():
+                    state["state"] = "stopped"
+                    return
+                error: BaseException = RuntimeError("it returned before it was asked to stop")
+            except BaseException as exc:  # SystemExit from a handler too: one loop must not end the process silently
+                error = exc
+            state["last_error"] = describe(error)
+            log.error("the %s loop died: %s", loop.name, describe(error), exc_info=error)
+            if self._stop.is_set():
+                state["state"] = "stopped"
                 return
-            self.errors.append(exc)  # `worker`: raised again by stop() in the caller's thread
-            self._stop.set()
+            if time.monotonic() - started >= HEALTHY_AFTER:
+                in_a_row = 0
+            if isinstance(error, ConfigError) or in_a_row >= self.max_restarts:
+                state["state"] = "died"
+                self.errors.append(
+                    error if isinstance(error, ConfigError) else LoopDied(loop.name, in_a_row + 1, error)
+                )
+                log.error("stopping amohook: the %s loop died %d time(s) in a row", loop.name, in_a_row + 1)
+                self._stop.set()
+                return
+            in_a_row += 1
+            state["restarts"] += 1
+            state["state"] = "restarting"
+            wait = self.restart_wait.delay(in_a_row)
+            log.error("restarting the %s loop in %.0f s (%d of %d)", loop.name, wait, in_a_row, self.max_restarts)
+            if self._stop.wait(wait):
+                state["state"] = "stopped"
+                return
+            state["state"] = "running"
 
     def _wake_workers(self, _count: int) -> None:
         for worker in self.workers:
@@ -249,7 +298,9 @@ class Supervisor:
         processed: dict[str, int] = {}
         for loop, thread in self._loops:
             figures = dict(loop.health())
-            figures["state"] = "running" if thread.is_alive() else "stopped" if self._stop.is_set() else "died"
+            figures.update(self._states[loop.name])
+            if not thread.is_alive() and figures["state"] == "running":
+                figures["state"] = "stopped"
             loops[loop.name] = figures
         for worker in self.workers:
             for outcome, count in worker.health()["outcomes"].items():
@@ -257,20 +308,17 @@ class Supervisor:
         return {"loops": loops, "events_processed": processed, "amocrm": self.clients.health()}
 
     def wait(self, stop: threading.Event) -> None:
-        """Block until ``stop`` is set (or, without a listener, until every worker has ended)."""
-        if self.listen is not None:
-            while not stop.wait(1.0):
-                pass
+        """Block until ``stop`` is set or a loop that kept dying stopped the supervisor."""
+        if not self._loops:
             return
-        workers = [thread for loop, thread in self._loops if isinstance(loop, Worker)]
-        while any(t.is_alive() for t in workers) and not stop.wait(0.1):
+        while not self._stop.is_set() and not stop.wait(0.1):
             pass
 
     def stop(self) -> None:
         """Stop every loop within ``STOP_SECONDS``: running handlers finish, claimed events are
         released, the listener answers and commits what it read, the sender's batch in flight
         usually completes (if not, its actions stay `sending` and are looked up before being sent
-        again). Raises a worker thread's error, if any."""
+        again). Raises ``LoopDied`` (or the ``ConfigError``) when a loop kept dying."""
         self._stop.set()
         for _loop, thread in self._loops:
             thread.join(self._stop.remaining())

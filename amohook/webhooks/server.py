@@ -440,7 +440,11 @@ class WebhookService:
         return self
 
     def run(self, stop: threading.Event) -> None:
-        """As a loop of the supervisor (after ``start``): serve until ``stop``, then stop within its deadline."""
+        """As a loop of the supervisor: serve until ``stop``, then stop within its deadline. The
+        supervisor starts it first (to report a port in use at once); a restart after a death
+        starts it again here."""
+        if self._serve_thread is None or not self._serve_thread.is_alive():
+            self.start()
         try:
             while not stop.wait(0.5):
                 if self._serve_thread is None or not self._serve_thread.is_alive():
