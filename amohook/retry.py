@@ -37,3 +37,8 @@ class Backoff:
 CLIENT_READ = Backoff(base=0.5, cap=30.0)
 # A batch of actions amoCRM did not take: 30 s doubling, capped at 1 h, jittered by half.
 ACTIONS = Backoff(base=30.0, cap=3600.0, jitter=0.5)
+# amoCRM answered 429 (too many requests, docs/amocrm.md §4) without saying how long to wait: the
+# limit is per second, so at least a second, doubling with each 429 in a row up to a minute, so
+# that a client does not earn the ban that repeated violations bring. One answer for every caller:
+# the client inside a request, the worker's handlers and the action sender.
+RATE_LIMITED = Backoff(base=2.0, cap=60.0, jitter=0.5)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
 from amohook.inbox import InboxEvent
-from amohook.retry import PERSON_WAIT, Backoff
+from amohook.retry import PERSON_WAIT, RATE_LIMITED, Backoff
 from amohook.runtime.loop import on_stop
 
 if TYPE_CHECKING:
@@ -81,8 +81,9 @@ def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: f
         return None
     if isinstance(error, RateLimited):
         # amoCRM's Retry-After is the wait it asks for; a little jitter spreads the workers out.
-        wait = error.retry_after if error.retry_after is not None else policy.rate_limit_floor
-        return max(wait, policy.rate_limit_floor) + rand
+        if error.retry_after is None:
+            return RATE_LIMITED.delay(attempt, rand)
+        return max(error.retry_after, policy.rate_limit_floor) + rand
     if needs_person(error):
         return max(policy.reauth_delay, policy.backoff.delay(attempt, rand))
     return policy.backoff.delay(attempt, rand)

@@ -11,6 +11,7 @@ import pytest
 
 from amohook import inbox
 from amohook.errors import AccountBlocked, ConfigError, RateLimited, TokenRevoked
+from amohook.retry import RATE_LIMITED
 from amohook.store.models import Attempt, Event
 from amohook.worker import (
     PermanentError,
@@ -41,7 +42,7 @@ def test_jitter_takes_off_at_most_the_jitter_share():
 def test_a_rate_limit_waits_what_amocrm_asked_for():
     assert retry_delay(1, RateLimited("429", retry_after=7.0), POLICY, 0.0) == 7.0
     assert retry_delay(1, RateLimited("429", retry_after=7.0), POLICY, 0.5) == 7.5
-    assert retry_delay(1, RateLimited("429", retry_after=None), POLICY, 0.0) == POLICY.rate_limit_floor
+    assert retry_delay(1, RateLimited("429", retry_after=None), POLICY, 0.0) == RATE_LIMITED.delay(1, 0.0)
     assert retry_delay(1, RateLimited("429", retry_after=0.0), POLICY, 0.0) == POLICY.rate_limit_floor
 
 

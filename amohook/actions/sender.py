@@ -43,7 +43,7 @@ from amohook.errors import (
     RefusedBeforeRefresh,
     needs_person,
 )
-from amohook.retry import ACTIONS, PERSON_WAIT
+from amohook.retry import ACTIONS, PERSON_WAIT, RATE_LIMITED
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
 
@@ -272,7 +272,8 @@ class ActionSender:
         if isinstance(exc, RefusedBeforeRefresh):
             self.later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
         elif isinstance(exc, RateLimited):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
+            wait = exc.retry_after if exc.retry_after is not None else RATE_LIMITED.delay(1)
+            self.later(actions, message, maybe_sent=maybe_sent, wait=wait, counts=False)
         elif needs_person(exc):
             self.later(actions, message, maybe_sent=maybe_sent, wait=PERSON_WAIT, counts=False)
             self.stats.errors.append(message)

@@ -27,7 +27,7 @@ from amohook.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from amohook.retry import CLIENT_READ
+from amohook.retry import CLIENT_READ, RATE_LIMITED
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class AmoClient:
                 self.rate_limited += 1
                 wait = retry_after_seconds(response.headers.get("Retry-After"))
                 if attempt < self.max_attempts:
-                    self.sleep(wait if wait is not None else 1.0 + CLIENT_READ.delay(attempt))
+                    self.sleep(wait if wait is not None else RATE_LIMITED.delay(attempt))
                     continue
                 raise RateLimited(
                     f"amoCRM kept answering 429 (too many requests) to {method} {path}",
