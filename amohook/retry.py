@@ -42,3 +42,17 @@ ACTIONS = Backoff(base=30.0, cap=3600.0, jitter=0.5)
 # that a client does not earn the ban that repeated violations bring. One answer for every caller:
 # the client inside a request, the worker's handlers and the action sender.
 RATE_LIMITED = Backoff(base=2.0, cap=60.0, jitter=0.5)
+
+
+def parse_retry_after(value: str | None, *, floor: float = 0.0, cap: float) -> float | None:
+    """A ``Retry-After`` header's seconds, within [floor, cap]; None when absent or not a number
+    (an HTTP date is not used by amoCRM and is read as absent: the caller's own wait applies)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if seconds != seconds:  # NaN
+        return None
+    return min(cap, max(floor, seconds))

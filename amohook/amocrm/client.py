@@ -27,7 +27,7 @@ from amohook.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from amohook.retry import CLIENT_READ, RATE_LIMITED
+from amohook.retry import CLIENT_READ, RATE_LIMITED, parse_retry_after
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -35,15 +35,6 @@ if TYPE_CHECKING:
 
 PAGE_LIMIT = 250  # amoCRM's maximum page size (docs/amocrm.md §3)
 MAX_RETRY_AFTER = 60.0
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, min(float(value), MAX_RETRY_AFTER))
-    except ValueError:
-        return None
 
 
 class AmoClient:
@@ -146,7 +137,7 @@ class AmoClient:
                 continue
             if status == 429:
                 self.rate_limited += 1
-                wait = retry_after_seconds(response.headers.get("Retry-After"))
+                wait = parse_retry_after(response.headers.get("Retry-After"), cap=MAX_RETRY_AFTER)
                 if attempt < self.max_attempts:
                     self.sleep(wait if wait is not None else RATE_LIMITED.delay(attempt))
                     continue
