@@ -32,6 +32,7 @@ from amohook.errors import AmohookError, ConfigError, RateLimited, describe, nee
 from amohook.inbox import InboxEvent
 from amohook.retry import PERSON_WAIT, RATE_LIMITED, Backoff
 from amohook.runtime.loop import on_stop
+from amohook.settings import BATCH_SIZE, LEASE_SECONDS, MAX_ATTEMPTS, POLL_SECONDS
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -61,7 +62,7 @@ class PermanentError(AmohookError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 10
+    max_attempts: int = MAX_ATTEMPTS
     base: float = 5.0  # delay after the first failure, before jitter
     factor: float = 2.0
     cap: float = 3600.0
@@ -215,10 +216,10 @@ class Worker:
         registry: Registry,
         worker_id: str | None = None,
         *,
-        lease_seconds: float = 300.0,
-        max_attempts: int = 10,
-        batch_size: int = 10,
-        poll_interval: float = 1.0,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        batch_size: int = BATCH_SIZE,
+        poll_interval: float = POLL_SECONDS,
         policy: RetryPolicy | None = None,
         max_handler_seconds: float = 3600.0,
         client_factory: Callable[[Any, str], Any] | None = None,

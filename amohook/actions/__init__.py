@@ -8,8 +8,6 @@ and hands each batch to its kind.
 from amohook.actions.registry import kind_names, kinds, lead_changing_kinds, noun
 from amohook.actions.sender import (
     BATCH_SIZE,
-    LEASE_SECONDS,
-    MAX_ATTEMPTS,
     ActionSender,
     SendStats,
     record_planned,
@@ -17,8 +15,6 @@ from amohook.actions.sender import (
 
 __all__ = [
     "BATCH_SIZE",
-    "LEASE_SECONDS",
-    "MAX_ATTEMPTS",
     "ActionSender",
     "SendStats",
     "kind_names",

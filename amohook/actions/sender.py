@@ -44,6 +44,7 @@ from amohook.errors import (
     needs_person,
 )
 from amohook.retry import ACTIONS, PERSON_WAIT, RATE_LIMITED
+from amohook.settings import LEASE_SECONDS, MAX_ATTEMPTS
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
 
@@ -54,8 +55,8 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # Longer than one POST can take (connect 5 s + read 20 s, plus the rate limiter). The lease is
 # re-asserted right before each POST, and a POST refused with 401 is not repeated inside it: the
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
-LEASE_SECONDS = 300.0
-MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
+# The action's lease is settings.LEASE_SECONDS; MAX_ATTEMPTS (settings): backoff from 30 s doubling,
+# capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble.
 
 
 def record_planned(

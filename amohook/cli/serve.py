@@ -9,6 +9,7 @@ import typer
 
 from amohook.cli.common import say, state
 from amohook.cli.logs import Level
+from amohook.settings import BATCH_SIZE, LEASE_SECONDS, MAX_ATTEMPTS, POLL_SECONDS, RECONCILE_EVERY
 
 HandlerOpt = Annotated[
     list[str] | None,
@@ -101,7 +102,7 @@ def reconcile_interval(option: str | None, has_work: bool) -> float | None:
     from amohook.settings import parse_duration
 
     if option is None:
-        return 300.0 if has_work else None
+        return RECONCILE_EVERY if has_work else None
     return parse_duration(option, option="--reconcile")
 
 
@@ -143,8 +144,8 @@ def serve(
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
-    lease: LeaseOpt = 300.0,
-    max_attempts: MaxAttemptsOpt = 10,
+    lease: LeaseOpt = LEASE_SECONDS,
+    max_attempts: MaxAttemptsOpt = MAX_ATTEMPTS,
     max_body: Annotated[
         int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")
     ] = 1024 * 1024,
@@ -255,11 +256,13 @@ def worker(
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
-    lease: LeaseOpt = 300.0,
-    max_attempts: MaxAttemptsOpt = 10,
-    batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
+    lease: LeaseOpt = LEASE_SECONDS,
+    max_attempts: MaxAttemptsOpt = MAX_ATTEMPTS,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = BATCH_SIZE,
     threads: Annotated[int, typer.Option("--threads", min=1, max=64, help="Worker threads in this process.")] = 1,
-    poll: Annotated[float, typer.Option("--poll", min=0.05, help="Seconds between looks at an empty queue.")] = 1.0,
+    poll: Annotated[
+        float, typer.Option("--poll", min=0.05, help="Seconds between looks at an empty queue.")
+    ] = POLL_SECONDS,
     once: Annotated[bool, typer.Option("--once", help="Process what is due now, then exit.")] = False,
     log_level: LogLevelOpt = Level.info,
     library_log_level: LibraryLogLevelOpt = Level.warning,

@@ -28,6 +28,16 @@ from amohook.errors import ConfigError, LoopDied, describe
 from amohook.retry import Backoff
 from amohook.runtime.clients import ClientPool
 from amohook.runtime.loop import STOP_SECONDS, Loop, StopEvent, remaining
+from amohook.settings import (
+    BATCH_SIZE,
+    HANDLER_CLIENT_ATTEMPTS,
+    LEASE_SECONDS,
+    MAX_ATTEMPTS,
+    POLL_SECONDS,
+    RECONCILE_CLIENT_ATTEMPTS,
+    RECONCILE_EVERY,
+    SENDER_CLIENT_ATTEMPTS,
+)
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
 
 if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
@@ -78,9 +88,9 @@ def build_registry(
         pool = clients if clients is not None else ClientPool(store)
 
         def client(sub: str):
-            # One attempt: a 429 or a failure comes back to the sender, which reschedules the
-            # batch instead of sleeping inside its lease.
-            return pool.get(sub, max_attempts=1)
+            # A 429 or a failure comes back to the sender, which reschedules the batch instead of
+            # sleeping inside its lease.
+            return pool.get(sub, max_attempts=SENDER_CLIENT_ATTEMPTS)
 
         sender = ActionSender(store, client, log=logging.getLogger("amohook.actions").warning)
         registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
@@ -143,10 +153,10 @@ class Supervisor:
         listen=None,
         reconcile_every: float | None = None,
         keep: float | None = None,
-        lease_seconds: float = 300.0,
-        max_attempts: int = 10,
-        batch_size: int = 10,
-        poll_interval: float = 1.0,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        batch_size: int = BATCH_SIZE,
+        poll_interval: float = POLL_SECONDS,
         journal: bool | None = None,
         search_dir: str | None = None,
         loops: Iterable[Loop] = (),
@@ -202,8 +212,7 @@ class Supervisor:
         return self.reconciler is not None
 
     def _handler_client(self, store: Store, account: str):
-        # A handler's reads are retried inside the request (the client's default of 5 attempts).
-        return self.clients.get(account, max_attempts=5)
+        return self.clients.get(account, max_attempts=HANDLER_CLIENT_ATTEMPTS)
 
     def start(self) -> Supervisor:
         """Start every loop in the background; returns at once. ``OSError``: cannot listen."""
@@ -238,8 +247,7 @@ class Supervisor:
         return self
 
     def _reconcile_client(self, store: Store, account: str):
-        # Reads only; a few attempts inside a pass, the next pass tries again anyway.
-        return self.clients.get(account, max_attempts=3)
+        return self.clients.get(account, max_attempts=RECONCILE_CLIENT_ATTEMPTS)
 
     def _run(self, loop: Loop) -> None:
         """Run ``loop`` until the stop; a death is handled the same way in `serve` and `worker`.
@@ -348,7 +356,9 @@ class Supervisor:
         if reconcile:
             from amohook.recovery.reconcile import Reconciler
 
-            Reconciler(self.store, self.reconcile_every or 300.0, client_factory=self._reconcile_client).run_once()
+            Reconciler(
+                self.store, self.reconcile_every or RECONCILE_EVERY, client_factory=self._reconcile_client
+            ).run_once()
         stop = stop or self._stop
 
         def drain(worker: Worker) -> None:
