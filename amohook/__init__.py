@@ -25,7 +25,7 @@ _EXPORTS = {
     "ServerConfig": "amohook.webhooks.server",
     "InboxEvent": "amohook.inbox",
     "HandlerContext": "amohook.worker",
-    "PermanentError": "amohook.worker",
+    "PermanentError": "amohook.errors",
     "AmohookError": "amohook.errors",
     "ConfigError": "amohook.errors",
     "ExitCode": "amohook.errors",

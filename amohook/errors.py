@@ -40,6 +40,10 @@ class ConfigError(AmohookError):
     exit_code = ExitCode.USAGE
 
 
+class PermanentError(AmohookError):
+    """Raised by a handler when retrying cannot help: the event goes dead at once."""
+
+
 class LoopDied(AmohookError):
     """A loop of `serve` or `worker` kept dying after its restarts: the process stops (exit 1) so
     that its service manager (systemd's ``Restart=``) starts it afresh; the log has each traceback."""

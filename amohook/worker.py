@@ -8,7 +8,7 @@ event runs again elsewhere, so handlers must be idempotent. Handlers are plain c
 * ``PermanentError`` — dead at once (retrying cannot help: bad data, a rule that cannot apply);
 * anything else — retried with exponential backoff and jitter, dead after ``max_attempts``.
 
-Delays are pure functions (``retry_delay``) so the policy is tested without clocks.
+The delays are ``amohook.retry.decide``'s, the same decision the action sender takes.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amohook import inbox
-from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
+from amohook.errors import AmohookError, ConfigError, PermanentError, describe
 from amohook.inbox import InboxEvent
-from amohook.retry import PERSON_WAIT, RATE_LIMITED, Backoff
+from amohook.retry import EVENTS, Backoff, RetryPolicy, decide
 from amohook.runtime.loop import on_stop
 from amohook.settings import BATCH_SIZE, LEASE_SECONDS, MAX_ATTEMPTS, POLL_SECONDS
 
@@ -42,10 +42,8 @@ __all__ = [
     "InboxEvent",
     "PermanentError",
     "Registry",
-    "RetryPolicy",
     "Worker",
     "load_handler",
-    "retry_delay",
 ]
 
 log = logging.getLogger("amohook.worker")
@@ -53,41 +51,7 @@ log = logging.getLogger("amohook.worker")
 Handler = Callable[[InboxEvent, "HandlerContext"], Any]
 
 
-class PermanentError(AmohookError):
-    """Raised by a handler when retrying cannot help: the event goes dead at once."""
-
-
-# --- retry policy (pure) -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = MAX_ATTEMPTS
-    base: float = 5.0  # delay after the first failure, before jitter
-    factor: float = 2.0
-    cap: float = 3600.0
-    jitter: float = 0.5  # the delay is drawn from [d * (1 - jitter), d]
-    # Waiting for a human (new authorization, amoCRM unblocking the account): no point hurrying.
-    reauth_delay: float = PERSON_WAIT
-    rate_limit_floor: float = 1.0
-
-    @property
-    def backoff(self) -> Backoff:
-        return Backoff(base=self.base, cap=self.cap, factor=self.factor, jitter=self.jitter)
-
-
-def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: float) -> float | None:
-    """Seconds until the next attempt after ``attempt`` failed with ``error``; None means dead."""
-    if isinstance(error, PermanentError) or attempt >= policy.max_attempts:
-        return None
-    if isinstance(error, RateLimited):
-        # amoCRM's Retry-After is the wait it asks for; a little jitter spreads the workers out.
-        if error.retry_after is None:
-            return RATE_LIMITED.delay(attempt, rand)
-        return max(error.retry_after, policy.rate_limit_floor) + rand
-    if needs_person(error):
-        return max(policy.reauth_delay, policy.backoff.delay(attempt, rand))
-    return policy.backoff.delay(attempt, rand)
+# --- the attempt log ---------------------------------------------------------------------------
 
 
 def error_excerpt(name: str, error: BaseException, limit: int = 1000) -> str:
@@ -236,7 +200,7 @@ class Worker:
         self.registry = registry
         self.worker_id = worker_id or new_worker_id()
         self.lease_seconds = lease_seconds
-        self.policy = replace(policy or RetryPolicy(), max_attempts=max_attempts)
+        self.policy = replace(policy or EVENTS, max_attempts=max_attempts)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_handler_seconds = max_handler_seconds
@@ -406,7 +370,7 @@ class Worker:
             self.log.warning("event %s finished after its lease was lost; another worker may run it again", event.id)
             return "lost"
         attempt = event.attempts + 1
-        delay = retry_delay(attempt, error, self.policy, self.rand())
+        delay = decide(error, attempt, self.policy, self.rand()).wait
         excerpt = error_excerpt(failed_in, error)
         if isinstance(error, AmohookError):
             self.log.warning("event %s attempt %d failed: %s", event.id, attempt, excerpt)

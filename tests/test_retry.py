@@ -52,11 +52,11 @@ def test_a_429_without_retry_after_waits_one_to_two_seconds_then_doubles():
 
 
 def test_the_worker_answers_a_bare_429_as_the_client_does():
-    from amohook.worker import RetryPolicy, retry_delay
+    from amohook.retry import EVENTS, decide
 
     for attempt in (1, 2, 3):
         for rand in (0.0, 0.5):
-            assert retry_delay(attempt, RateLimited("429"), RetryPolicy(), rand) == RATE_LIMITED.delay(attempt, rand)
+            assert decide(RateLimited("429"), attempt, EVENTS, rand).wait == RATE_LIMITED.delay(attempt, rand)
 
 
 def test_the_client_waits_the_same_between_429s_without_retry_after(store, fake, account):
@@ -95,3 +95,23 @@ def test_the_sender_waits_the_same_after_a_429_without_retry_after(store, fake, 
     action = Action.get()
     assert action.status == "pending" and action.attempts == 0  # a 429 is not an attempt
     assert RATE_LIMITED.delay(1, 0.999999) <= action.lease_until - now <= RATE_LIMITED.delay(1, 0.0)
+
+
+def test_one_decision_for_events_and_actions_differs_only_where_their_policies_say():
+    from amohook.errors import PermanentError, RefusedBeforeRefresh
+    from amohook.retry import ACTIONS_POLICY, EVENTS, Decision, decide
+
+    # an ordinary failure: each policy's backoff, counted, until max_attempts
+    assert decide(RuntimeError("x"), 1, EVENTS, 0.0) == Decision(5.0, True)
+    assert decide(RuntimeError("x"), 1, ACTIONS_POLICY, 0.0) == Decision(30.0, True)
+    assert decide(RuntimeError("x"), 10, EVENTS, 0.0) == decide(RuntimeError("x"), 10, ACTIONS_POLICY, 0.0)
+    assert decide(RuntimeError("x"), 10, EVENTS, 0.0) == Decision(None, True)
+    # a 429: an attempt for an event, not for an action (nothing was wrong with it)
+    assert decide(RateLimited("429", retry_after=7.0), 1, EVENTS, 0.5) == Decision(7.5, True)
+    assert decide(RateLimited("429", retry_after=7.0), 10, ACTIONS_POLICY, 0.5) == Decision(7.0, False)
+    # waiting for a person
+    assert decide(TokenRevoked("example"), 1, ACTIONS_POLICY, 0.0) == Decision(900.0, False)
+    assert decide(TokenRevoked("example"), 1, EVENTS, 0.0) == Decision(900.0, True)
+    # refused before a refresh: again at once, an attempt; a permanent error: give up
+    assert decide(RefusedBeforeRefresh("401"), 1, ACTIONS_POLICY, 0.3) == Decision(0.0, True)
+    assert decide(PermanentError("bad"), 1, EVENTS, 0.0) == Decision(None, True)

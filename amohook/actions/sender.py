@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import requests
@@ -39,11 +40,10 @@ from amohook.actions.registry import kinds
 from amohook.errors import (
     AmohookError,
     AmoTemporaryError,
-    RateLimited,
     RefusedBeforeRefresh,
     needs_person,
 )
-from amohook.retry import ACTIONS, PERSON_WAIT, RATE_LIMITED
+from amohook.retry import ACTIONS_POLICY, RetryPolicy, decide
 from amohook.settings import LEASE_SECONDS, MAX_ATTEMPTS
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
@@ -113,6 +113,10 @@ class SendStats:
     errors: list = field(default_factory=list)
 
 
+class _Unspecified(Exception):
+    """The failure ``later`` was given no exception for: an ordinary one (the backoff, an attempt)."""
+
+
 class ActionSender:
     """Claims pending actions and sends them in batches; safe to run in many threads and processes."""
 
@@ -127,6 +131,7 @@ class ActionSender:
         batch_size: int = BATCH_SIZE,
         lease_seconds: float = LEASE_SECONDS,
         max_attempts: int = MAX_ATTEMPTS,
+        policy: RetryPolicy = ACTIONS_POLICY,
         clock: Callable[[], float] = time.time,
         log: Callable[[str], None] | None = None,
         linger: float = 0.3,
@@ -141,6 +146,7 @@ class ActionSender:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.policy = replace(policy, max_attempts=max_attempts)
         self.clock = clock
         self.log = log or (lambda message: None)
         self.linger = linger
@@ -215,20 +221,33 @@ class ActionSender:
         ).where(self._mine(ids)).execute()
 
     def later(
-        self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
+        self,
+        actions: list[Action],
+        error: str,
+        *,
+        maybe_sent: bool,
+        wait: float | None = None,
+        counts: bool = True,
+        failure: BaseException | None = None,
     ) -> None:
         """Back off; an action whose request may have landed stays ``sending`` so it is looked up first.
 
-        ``counts=False``: waiting for amoCRM's rate limit or for a person is not an attempt.
+        ``failure``: the exception, whose wait and count ``retry.decide`` sets per action (else
+        ``wait``, or the backoff). ``counts=False``: not an attempt whatever the failure (waiting
+        for amoCRM's rate limit or for a person; a batch held up by another action's lookup).
         """
         now = self.clock()
         with self.store.write():  # one commit for the batch, not one per action
             for a in actions:
-                attempts = a.attempts + (1 if counts else 0)
-                if attempts >= self.max_attempts:
+                decision = decide(failure or _Unspecified(), a.attempts + 1, self.policy, random.random())
+                counted = counts and decision.counts
+                attempts = a.attempts + (1 if counted else 0)
+                if counted and decision.wait is None:
                     self.fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                     continue
-                delay = wait if wait is not None else ACTIONS.delay(attempts)
+                delay = wait if wait is not None else decision.wait if failure is not None else None
+                if delay is None:
+                    delay = self.policy.backoff.delay(attempts)
                 Action.update(
                     status="sending" if maybe_sent else "pending",
                     attempts=attempts,
@@ -267,21 +286,15 @@ class ActionSender:
         return claimed
 
     def reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool, counts: bool = True) -> None:
+        """Back off after ``exc``, as ``retry.decide`` says for this sender's policy."""
         if not actions:
             return
         message = exc.message if isinstance(exc, AmohookError) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, RefusedBeforeRefresh):
-            self.later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
-        elif isinstance(exc, RateLimited):
-            wait = exc.retry_after if exc.retry_after is not None else RATE_LIMITED.delay(1)
-            self.later(actions, message, maybe_sent=maybe_sent, wait=wait, counts=False)
-        elif needs_person(exc):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=PERSON_WAIT, counts=False)
+            maybe_sent = False  # amoCRM refused it before the refresh: nothing was created
+        self.later(actions, message, maybe_sent=maybe_sent, counts=counts, failure=exc)
+        if needs_person(exc) or not isinstance(exc, (AmoTemporaryError, RefusedBeforeRefresh)):
             self.stats.errors.append(message)
-        else:
-            self.later(actions, message, maybe_sent=maybe_sent, counts=counts)
-            if not isinstance(exc, AmoTemporaryError):
-                self.stats.errors.append(message)
 
     def hold(self, actions: list[Action]) -> list[Action]:
         """Re-assert our lease right before a POST; send only what is still ours."""
