@@ -203,6 +203,14 @@ def definitely_refused(exc: BaseException) -> bool:
     return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of the exception's message (an ``AmohookError``'s own message), at most
+    ``limit`` characters; the type's name when there is no message. For a sentence that already
+    says what failed; ``describe`` adds the type."""
+    text = (getattr(exc, "message", None) or str(exc)).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def describe(exc: BaseException) -> str:
     """The exception's type and the first line of its message, at most 200 characters: enough
     for a log line, never a multi-line driver dump."""

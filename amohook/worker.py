@@ -121,9 +121,7 @@ def load_handler(spec: str, search_dir: str | None = None) -> Handler:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit too: a module must not end amohook with its own exit code
-        raise ConfigError(
-            f"handler '{spec}': importing module '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}"
-        ) from None
+        raise ConfigError(f"handler '{spec}': importing module '{module_name}' failed: {describe(exc)}") from None
     finally:
         if added and search_dir in sys.path:
             sys.path.remove(search_dir)
@@ -135,11 +133,6 @@ def load_handler(spec: str, search_dir: str | None = None) -> Handler:
     if not callable(obj):
         raise ConfigError(f"handler '{spec}' is not callable")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 class HandlerContext:

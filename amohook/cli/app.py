@@ -106,15 +106,15 @@ def run(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "Abort":
             sys.stderr.write("aborted\n")
             return int(ExitCode.INTERRUPTED)
-        from amohook.errors import StoreError
+        from amohook.errors import StoreError, first_line
 
         try:
             import peewee
 
             if isinstance(exc, peewee.PeeweeException):
-                first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                 err = StoreError(
-                    f"database error: {first_line} — check --db-url / AMOHOOK_DB_URL and that the database server is up"
+                    f"database error: {first_line(exc)} — check --db-url / AMOHOOK_DB_URL and that the database "
+                    "server is up"
                 )
                 _report(exc, f"error: {err.message}")
                 return int(err.exit_code)

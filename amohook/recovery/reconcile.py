@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from amohook.errors import first_line
 from amohook.recovery.identity import Sighting, describe, is_known
 from amohook.rules import lead_changes
 from amohook.runtime.loop import Periodic
@@ -299,7 +300,7 @@ def reconcile_account(
             try:
                 finding = check_subscriptions(store, client, account, force=bool(watchdog), clock=clock)
             except Exception as exc:  # the watchdog must never hold the cursor back: the log was read
-                result.subscription_note = f"the subscription check failed: {_one_line(exc)}"
+                result.subscription_note = f"the subscription check failed: {first_line(exc, 300)}"
                 log.warning("watchdog for '%s': %s", account, result.subscription_note)
                 finding = None
             if finding is not None:
@@ -308,7 +309,7 @@ def reconcile_account(
         _save(store, account, cursor=now, result=result, clock=clock)
         return result
     except Exception as exc:
-        result.error = _one_line(exc)
+        result.error = first_line(exc, 300)
         result.requests = client.requests_made - requests_before
         try:
             _save(store, account, cursor=None, result=result, clock=clock)
@@ -328,11 +329,6 @@ def _save(store: Store, account: str, *, cursor: int | None, result: PassResult,
         if cursor is not None:
             fields.update(cursor=cursor, last_pass_at=clock())
         ReconcileState.update(**fields).where(ReconcileState.account == account).execute()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _iso(ts: float | None) -> str:
@@ -423,7 +419,7 @@ class Reconciler:
                     self.store, self.client(account), account, since=self.since, max_lookback=self.max_lookback
                 )
             except Exception as exc:
-                message = _one_line(exc)
+                message = first_line(exc, 300)
                 if self._said.get(account) != message:
                     log.warning("reconciliation of '%s' failed: %s", account, message)
                     self._said[account] = message

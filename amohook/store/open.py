@@ -11,7 +11,7 @@ import logging
 
 import peewee
 
-from amohook.errors import ConfigError, StoreError
+from amohook.errors import ConfigError, StoreError, first_line
 from amohook.store import models
 from amohook.store.db import DEFAULT_TIMEOUT, Store, connect_url, loose_permissions
 from amohook.store.migrations import migrate
@@ -65,7 +65,7 @@ def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
     missing = missing_database(exc, url)
     if missing is not None:
         return missing
-    text = _describe(exc)
+    text = first_line(exc)
     if "invalid dsn" in text or "invalid connection option" in text:
         return ConfigError(f"the database URL '{redact(url)}' is refused by the PostgreSQL driver: {text}")
     if "timed out" in text.lower() or "timeout expired" in text.lower():
@@ -142,8 +142,3 @@ def _driver_code(exc: BaseException) -> int | str | None:
         if candidate.args and isinstance(candidate.args[0], int):
             return candidate.args[0]
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
