@@ -30,7 +30,7 @@ from amohook.recovery.identity import Sighting, describe, is_known
 from amohook.rules import lead_changes
 from amohook.runtime.loop import Periodic
 from amohook.store import lease as leases
-from amohook.store.models import Account, Delivery, Event, ReconcileState
+from amohook.store.models import Account, Delivery, ReconcileState
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -211,38 +211,30 @@ def _recover(
 
 
 def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], now: float) -> int:
-    """Store each log entry as a delivery of its own with one event; duplicates are skipped."""
+    """Store each log entry as a delivery of its own with one event (through the inbox's one
+    writer, ``CHUNK`` per transaction); an entry already stored adds nothing."""
+    from amohook.inbox import Incoming, store_deliveries
+    from amohook.webhooks.parse import ParsedWebhook, WebhookEvent
+
     queued = 0
     for i in range(0, len(entries), CHUNK):
-        with store.write():
-            for event, action, item in entries[i : i + CHUNK]:
-                sha = synthetic_sha(account, str(event.get("id")))
-                if Delivery.select(Delivery.id).where(Delivery.body_sha256 == sha).exists():
-                    continue
-                delivery = Delivery.create(
-                    body_sha256=sha,
-                    body=json.dumps(event, ensure_ascii=False, sort_keys=True),
+        items = []
+        for event, action, item in entries[i : i + CHUNK]:
+            shaped = WebhookEvent(
+                entity="leads", action=action, entity_id=item["id"], index=0, block="leads", data=item
+            )
+            items.append(
+                Incoming(
+                    body=json.dumps(event, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                    parsed=ParsedWebhook(account, item.get("account_id"), [shaped], {}),
                     content_type="application/json",
-                    headers=json.dumps({"x-amohook-source": SOURCE}),
-                    remote_addr=None,
+                    headers={"x-amohook-source": SOURCE},
                     received_at=now,
-                )
-                Event.create(
-                    delivery_id=delivery.id,
-                    idx=0,
-                    entity="leads",
-                    action=action,
-                    entity_id=item["id"],
-                    account=account,
-                    account_id=item.get("account_id"),
-                    data=json.dumps(item, ensure_ascii=False, separators=(",", ":")),
-                    status="pending",
-                    received_at=now,
-                    updated_at=now,
-                    next_attempt_at=0,
+                    key=synthetic_sha(account, str(event.get("id"))),
                     source=SOURCE,
                 )
-                queued += 1
+            )
+        queued += sum(1 for stored in store_deliveries(store, items) if stored.new)
     return queued
 
 
