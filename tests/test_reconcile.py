@@ -290,6 +290,41 @@ def test_a_removed_subscription_is_reported_missing(store, fake, crm):
     assert "another-secret-value" not in result.stdout + result.stderr
 
 
+def test_a_subscription_the_watchdog_removed_is_added_back_when_its_post_failed(store, fake, crm):
+    """Switching on ends with DELETE then POST; a 502 on that POST must not leave the destination
+    gone for good, nor later passes blame a person for removing it (#15.6)."""
+    fake.reenable_on_repost = False  # re-posting leaves it off: the watchdog removes and adds it
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    assert run_cli(["webhooks", "subscribe", "--url", url, "--rules", crm["rules"]], store.url).returncode == 0
+    fake.disable_webhook(url)
+    fake.fail("/api/v4/webhooks", 502, method="POST", skip=1)  # the re-post passes, the re-add fails
+    first = reconcile(store)
+    assert "subscription check failed" in first["subscription_note"]
+    assert fake.webhooks == []  # gone, by amohook's own DELETE
+    second = reconcile(store)
+    assert second["subscription"] == "re-enabled", second
+    [hook] = fake.webhooks
+    assert hook["destination"] == url and not hook["disabled"] and hook["settings"] == ["status_lead"]
+    third = reconcile(store)
+    assert third["subscription"] == "ok" and not third["subscription_note"]
+    fake.webhooks.clear()  # now someone else removes it: that is reported, not undone
+    assert reconcile(store)["subscription"] == "missing" and fake.webhooks == []
+
+
+def test_the_watchdog_looks_on_every_background_pass(store, fake, crm):
+    from amohook.recovery.reconcile import Reconciler
+
+    url = "https://hooks.example.com/webhook/s3cret-s3cret-s3cret"
+    assert run_cli(["webhooks", "subscribe", "--url", url], store.url).returncode == 0
+    fake.clear_requests()
+    reconciler = Reconciler(store, 60, client_factory=lambda s, a: client_for(s, a))
+    reconciler.run_once()
+    fake.disable_webhook(url)
+    [result] = reconciler.run_once()
+    assert len(fake.requests_to("/api/v4/webhooks", "GET")) >= 2
+    assert result.subscription == "re-enabled" and not fake.webhooks[0]["disabled"]
+
+
 def test_without_an_admin_token_reconciliation_still_runs(store, fake, crm):
     [lead] = new_leads(fake, crm, 1)
     access, refresh = fake.issue_tokens(admin=False)
@@ -428,3 +463,49 @@ def test_the_webhook_secret_is_filled_in_from_the_environment_not_the_command_li
         ["webhooks", "unsubscribe", "--url", "https://hooks.example.com/webhook/{secret}"], store.url, env=env
     )
     assert gone.returncode == 0 and fake.webhooks == []
+
+
+def test_a_huge_log_entry_is_stored_bounded_and_odd_ones_are_noted_within_bounds(store, fake, crm):
+    """An entry of megabytes (here 3 MB in value_before, 1 MB in created_by) is not stored verbatim."""
+    from amohook.recovery.reconcile import ENTRY_MAX, NOTES_MAX
+    from amohook.store.models import Delivery
+
+    [lead, other] = new_leads(fake, crm, 2)
+    now = int(time.time())
+    after = [{"lead_status": {"id": crm["qualified"], "pipeline_id": crm["pipeline"]}}]
+    before = [{"lead_status": {"id": crm["new"], "pipeline_id": crm["pipeline"]}, "junk": "x" * 3_000_000}]
+    fake.add_event("lead_status_changed", lead, value_after=after, value_before=before, at=now)
+    fake.add_event("lead_status_changed", other, value_after=after, created_by="9" * 1_000_000, at=now)
+    for i in range(NOTES_MAX + 5):
+        fake.add_event("lead_status_changed", other + 1 + i, value_after=after, created_by="7" * 100, at=now)
+    summary = reconcile(store)
+    assert summary["queued"] == 1, summary
+    [event] = Event.select().where(Event.source == "events_log")
+    assert event.entity_id == str(lead) and len(event.data) < 2000
+    body = Delivery.get_by_id(event.delivery_id).body
+    assert len(body.encode()) <= ENTRY_MAX and json.loads(body)["entity_id"] == str(lead)
+    assert "cut to its scalar fields" in body
+    state = ReconcileState.get(ReconcileState.account == "example")
+    assert len(state.last_pass_summary) < 10_000
+    assert json.loads(state.last_pass_summary)["notes"][-1] == "and 6 more note(s)"
+
+
+def test_a_pass_held_by_a_killed_process_says_until_when(store, fake, crm):
+    """A killed pass leaves its lease for up to 15 minutes: a pass then says who and until when."""
+    from amohook.store import lease as leases
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    dead = f"{socket.gethostname()}:{proc.stdout.strip()}:1:deadbeef"
+    assert leases.try_acquire("reconcile:example", dead, 900)
+    result = run_cli(["reconcile"], store.url)
+    assert result.returncode == 0, result.stderr
+    assert "no longer running" in result.stdout and "UTC" in result.stdout and "skipped" in result.stdout
+    summary = json.loads(run_cli(["reconcile", "--json"], store.url).stdout)[0]
+    assert summary["busy"] and "held until" in summary["notes"][0]
+    leases.release("reconcile:example", dead)
+    alive = "otherhost:4242:1:abcd1234"
+    assert leases.try_acquire("reconcile:example", alive, 900)
+    busy = run_cli(["reconcile"], store.url)
+    assert "(otherhost:4242)" in busy.stdout and "runs out at" in busy.stdout

@@ -236,3 +236,121 @@ def test_a_finished_action_whose_event_lives_on_does_not_stall_the_rest(store):
                 updated_at=now - 40 * DAY,
             )
     assert prune(store, keep=30 * DAY, batch=2).actions == 5
+
+
+def test_prune_leaves_events_a_replay_queued_between_its_read_and_its_delete(store):
+    """The interleaving forced: prune reads a batch of old done events, a replay queues them
+    again and commits, then prune deletes. They (and their attempts and deliveries) must stay."""
+    from amohook.inbox import replay
+
+    ids = stored(store, 3, age=40 * DAY)
+    other = stored(store, 2, start=50, age=40 * DAY)
+    replayed: list[int] = []
+
+    def replay_now(batch: list[int]) -> None:
+        if replayed:
+            return
+        if store.is_sqlite:  # one writer at a time: the same connection stands in for the other process
+            replayed.extend(replay(store, ids, now=time.time()).queued)
+            return
+        thread = threading.Thread(target=lambda: replayed.extend(replay(store, ids, now=time.time()).queued))
+        thread.start()
+        thread.join(30)
+        store_thread_done = not thread.is_alive()
+        assert store_thread_done, "the replay waited for the pruner: no interleaving"
+
+    result = prune(store, keep=30 * DAY, before_delete=replay_now)
+    assert sorted(replayed) == sorted(ids)
+    assert result.events == 2
+    left = {e.id: e.status for e in Event.select()}
+    assert left == {i: "pending" for i in ids}
+    assert not set(other) & set(left)
+    assert {a.event_id for a in Attempt.select()} == set(ids)
+    assert Delivery.select().count() == 3
+
+
+def test_an_event_with_a_failed_action_stays_so_doctors_replay_works(store):
+    """A done event whose action gave up is kept past --keep: doctor's `events replay N` must find it."""
+    [event_id] = stored(store, 1, age=40 * DAY)
+    [gone] = stored(store, 1, start=60, age=40 * DAY)
+    old = time.time() - 35 * DAY
+    with store.write():
+        Action.create(
+            key="f",
+            account="example",
+            rule="r",
+            event_id=event_id,
+            kind="create_task",
+            status="failed",
+            last_error="amoCRM answered 502",
+            created_at=old,
+            updated_at=old,
+        )
+    assert prune(store, keep=30 * DAY, dry_run=True).events == 1
+    assert prune(store, keep=30 * DAY).events == 1
+    assert {e.id for e in Event.select()} == {event_id} and gone != event_id
+    doctor = run_cli(["doctor"], store.url)
+    assert f"amohook events replay {event_id}" in doctor.stdout, doctor.stdout
+    replayed = run_cli(["events", "replay", str(event_id)], store.url)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert Event.get_by_id(event_id).status == "pending"
+    # Once the failed action has had its 90 days, both go.
+    with store.write():
+        Event.update(status="done", updated_at=old).execute()
+        Action.update(updated_at=time.time() - DEAD_KEEP - DAY).execute()
+    later = prune(store, keep=30 * DAY, clock=lambda: time.time() + EXACTLY_ONCE)
+    assert later.actions == 1
+    assert later.events + prune(store, keep=30 * DAY).events == 1  # the event at the next run at the latest
+
+
+def test_prune_by_hand_waits_its_turn_and_names_the_holder(store):
+    from amohook.ops.retention import LEASE
+    from amohook.store import lease as leases
+
+    stored(store, 2, age=40 * DAY)
+    owner = "otherhost:4242:1:abcd1234"
+    assert leases.try_acquire(LEASE, owner, 600)
+    busy = run_cli(["prune"], store.url)
+    assert busy.returncode == 4, busy.stdout + busy.stderr
+    assert "otherhost:4242" in busy.stderr and "runs out at" in busy.stderr and "UTC" in busy.stderr
+    assert Event.select().count() == 2
+    dry = run_cli(["prune", "--dry-run", "--json"], store.url)  # counting takes no lease
+    assert dry.returncode == 0 and json.loads(dry.stdout)["events"] == 2
+    leases.release(LEASE, owner)
+    done = run_cli(["prune"], store.url)
+    assert done.returncode == 0 and Event.select().count() == 0
+    assert leases.holder_info(LEASE) is None  # released after the run
+
+
+def test_doctor_names_only_events_that_can_be_replayed(store):
+    """A failed action whose event an older amohook pruned: doctor's command must still work."""
+    [kept] = stored(store, 1, age=DAY)
+    with store.write():
+        for key, event_id in (("a", kept), ("b", 999_999)):
+            Action.create(key=key, account="example", rule="r", event_id=event_id, kind="create_task", status="failed")
+    doctor = run_cli(["doctor"], store.url)
+    assert f"amohook events replay {kept}`" in doctor.stdout, doctor.stdout
+    assert "999999" not in doctor.stdout and "1 of their events were pruned already" in doctor.stdout
+    assert run_cli(["events", "replay", str(kept)], store.url).returncode == 0
+
+
+def test_doctor_warns_rather_than_fails_for_failed_actions_nothing_can_retry(store):
+    with store.write():
+        Action.create(key="x", account="example", rule="r", event_id=424242, kind="create_task", status="failed")
+    doctor = run_cli(["doctor"], store.url)
+    line = next(line for line in doctor.stdout.splitlines() if "failed actions" in line)
+    assert line.startswith("!"), doctor.stdout
+    assert "replay 424242" not in doctor.stdout and "cannot be retried" in doctor.stdout
+
+
+def test_doctors_replay_command_for_many_events_runs_as_shown(store):
+    ids = stored(store, 12, age=DAY)
+    with store.write():
+        for event_id in ids:
+            Action.create(
+                key=f"m{event_id}", account="example", rule="r", event_id=event_id, kind="create_task", status="failed"
+            )
+    doctor = run_cli(["doctor"], store.url)
+    command = doctor.stdout.split("`amohook events replay ", 1)[1].split("`", 1)[0]
+    assert "…" not in command and "(the first 10 of 12)" in doctor.stdout
+    assert run_cli(["events", "replay", *command.split()], store.url).returncode == 0

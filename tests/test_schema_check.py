@@ -53,6 +53,13 @@ def build(url: str, *, versions, drop_columns=(), drop_tables=(), extra_versions
     db.close()
 
 
+def recorded_versions() -> list[int]:
+    """The versions a store made by today's migrations records (a number may be skipped)."""
+    from amohook.store.migrations import MIGRATIONS
+
+    return [version for version, _ in MIGRATIONS]
+
+
 def holds(url: str):
     """(versions, {table: columns}, account subdomains) as they are now, read on a connection of its own."""
     from amohook.store import models
@@ -165,19 +172,17 @@ def test_a_migration_that_finds_its_table_missing_says_so(db_url):
 def test_an_older_version_with_later_columns_already_there_is_upgraded(db_url):
     """Version 1 recorded, but event.source and one refresh column already present (a store an
     interrupted or earlier upgrade left): each step adds only what is missing."""
-    from amohook.store.migrations import LATEST
 
     build(db_url, versions=[1], drop_columns=[("account", "clock_skew")], drop_tables=RECONCILIATION_TABLES)
     result = run_cli(["status", "--json"], db_url)
     assert result.returncode == 0, result.stderr
     versions, tables, accounts = holds(db_url)
-    assert versions == list(range(1, LATEST + 1)) and accounts == ["example"]
+    assert versions == recorded_versions() and accounts == ["example"]
     assert {"refresh_sent_at", "clock_skew"} <= tables["account"]
     assert set(RECONCILIATION_TABLES) <= set(tables)
 
 
 def test_an_old_store_is_upgraded_and_a_fresh_store_works(db_url):
-    from amohook.store.migrations import LATEST
 
     build(
         db_url,
@@ -187,9 +192,21 @@ def test_an_old_store_is_upgraded_and_a_fresh_store_works(db_url):
     )
     assert run_cli(["status", "--json"], db_url).returncode == 0
     versions, tables, accounts = holds(db_url)
-    assert versions == list(range(1, LATEST + 1)) and accounts == ["example"]
+    assert versions == recorded_versions() and accounts == ["example"]
     assert "source" in tables["event"] and {"refresh_sent_at", "clock_skew"} <= tables["account"]
+    assert "enums" in tables["custom_field"]
     assert run_cli(["status", "--json"], db_url).returncode == 0
+
+
+def test_a_store_of_version_3_gets_the_options_of_select_fields(db_url):
+    """Version 6 adds custom_field.enums to a store made before it; its rows keep None until the
+    next sync-entities, and `rules check` leaves their values to amoCRM meanwhile."""
+    build(db_url, versions=[1, 2, 3], drop_columns=[("custom_field", "enums")])
+    assert "enums" not in tables_of(db_url)["custom_field"]
+    assert run_cli(["status", "--json"], db_url).returncode == 0
+    versions, tables, accounts = holds(db_url)
+    assert versions == recorded_versions() and 6 in versions and accounts == ["example"]
+    assert "enums" in tables["custom_field"]
 
 
 def test_a_fresh_store_is_made_and_passes_its_own_check(db_url):
@@ -203,7 +220,7 @@ def test_a_store_of_a_newer_amohook_is_refused(db_url):
 
     build(db_url, versions=range(1, LATEST + 1), extra_versions=[LATEST + 1])
     refused(run_cli(["status"], db_url), f"schema version {LATEST + 1}", f"knows ({LATEST})", "upgrade")
-    assert holds(db_url)[0] == list(range(1, LATEST + 2))
+    assert holds(db_url)[0] == [*recorded_versions(), LATEST + 1]
 
 
 def test_a_database_holding_someone_elses_tables_is_not_touched(db_url):
@@ -275,3 +292,13 @@ def test_a_refused_connection_stays_temporary(scheme):
     url = f"{scheme}://amohook@127.0.0.1:1/amohook"
     result = run_cli(["status"], url, env=cli_env(url, AMOHOOK_DB_TIMEOUT="3"))
     assert result.returncode == ExitCode.TEMPORARY, result.stderr
+
+
+def test_a_version_3_store_gets_the_watchdogs_removal_mark(db_url):
+    """Version 5 adds subscription.removed_at (what the watchdog removed itself, to add back)."""
+    build(db_url, versions=[1, 2, 3], drop_columns=[("subscription", "removed_at")])
+    assert "removed_at" not in tables_of(db_url)["subscription"]
+    result = run_cli(["status", "--json"], db_url)
+    assert result.returncode == 0, result.stderr
+    versions, tables, _ = holds(db_url)
+    assert 5 in versions and "removed_at" in tables["subscription"]

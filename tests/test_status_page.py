@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -141,6 +142,76 @@ def test_a_short_password_stops_serve_with_one_line_that_does_not_show_it(sqlite
     assert "AMOHOOK_STATUS_PASSWORD is 10 characters; use at least 12" in result.stderr
     assert "tooshort99" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("password", "says"),
+    [
+        (" " * 12, "is only whitespace"),
+        ("\t \n" * 5, "is only whitespace"),
+        ("a" * 16, "repeats too few characters (1 different)"),
+        ("abababababab", "repeats too few characters (2 different)"),
+    ],
+)
+def test_a_weak_password_stops_serve_with_exit_2(sqlite_url, password, says):
+    env = cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET, AMOHOOK_STATUS_PASSWORD=password)
+    result = run_cli(["serve", "--port", "0"], sqlite_url, env=env, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert says in line and "token_urlsafe" in line and "Traceback" not in line
+    if password.strip():
+        assert password not in line
+
+
+def test_failed_passwords_are_slowed_down_per_address_and_summed_up_in_the_log(svc, caplog):
+    """After ten failures an address gets 429 with Retry-After from the event loop (no thread, no
+    password check: the right password is barred too), and the log has one line, not one per guess."""
+    caplog.set_level(logging.DEBUG, logger="amohook")
+    wrong = basic("admin", "not-the-password")
+    for _ in range(10):
+        assert get(svc, "/status", wrong)[0] == 401
+    assert get(svc, "/metrics", wrong)[0] == 401  # the eleventh: barred from now on, 1 s
+    status, headers, body = get(svc, "/status", basic("admin", PASSWORD))
+    assert status == 429 and int(headers["Retry-After"]) >= 1 and "too many failed passwords" in body
+    handled = svc.httpd.admin.reader.reads
+    for _ in range(30):
+        assert get(svc, "/metrics", wrong)[0] == 429
+    assert svc.httpd.admin.reader.reads == handled
+    time.sleep(1.2)
+    assert get(svc, "/status", wrong)[0] == 401  # the bar ran out; the next failure bars for 2 s
+    assert get(svc, "/status", basic("admin", PASSWORD))[0] == 429
+    time.sleep(2.2)
+    assert get(svc, "/status", basic("admin", PASSWORD))[0] == 200  # and a success clears the address
+    assert get(svc, "/status", wrong)[0] == 401
+    lines = [r.getMessage() for r in caplog.records if r.name == "amohook.server"]
+    assert not [line for line in lines if re.match(r"127\.0\.0\.1 \S+ /\S+ (401|429)$", line)], lines
+    told = [line for line in lines if line.startswith("status pages:")]
+    assert 1 <= len(told) <= 2, lines
+
+
+def test_the_throttle_doubles_the_bar_forgets_quiet_addresses_and_bounds_its_memory():
+    from amohook.ops.throttle import LoginThrottle, client_key
+
+    now = [1000.0]
+    throttle = LoginThrottle(free=3, max_delay=8, quiet=100, max_clients=5, clock=lambda: now[0])
+    for _ in range(3):
+        throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 0
+    waits = []
+    for _ in range(5):
+        throttle.failed("10.0.0.1")
+        waits.append(throttle.retry_after("10.0.0.1"))
+    assert waits == [1, 2, 4, 8, 8]
+    assert throttle.retry_after("10.0.0.2") == 0  # per address
+    now[0] += 8 + 101  # quiet for longer than `quiet`: a fresh start
+    throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 0
+    # IPv6 per /64: one subscriber's addresses share one count.
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") != client_key("2001:db8:1:3::1")
+    assert client_key("::ffff:10.0.0.1") == "10.0.0.1"
+    for i in range(50):
+        throttle.failed(f"192.0.2.{i}")
+    assert len(throttle._clients) == 5
 
 
 # -- what the page shows ---------------------------------------------------------------------

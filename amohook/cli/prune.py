@@ -24,10 +24,12 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ):
-    """Delete old done events, deliveries, attempts and finished actions; keys stay while duplicates can arrive."""
+    """Delete old done events, deliveries, attempts and finished actions; keys stay while duplicates can arrive.
+
+    One prune at a time across the database (serve's and worker's hourly pruning too): while
+    another holds the lease this exits 4 naming the holder and when its lease runs out."""
     from amohook.errors import ConfigError
-    from amohook.ops.retention import MIN_KEEP
-    from amohook.ops.retention import prune as run_prune
+    from amohook.ops.retention import MIN_KEEP, prune_by_hand
     from amohook.settings import parse_duration
 
     keep = parse_duration(older_than, option="--older-than")
@@ -35,7 +37,7 @@ def prune(
         raise ConfigError(
             f"--older-than '{older_than}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)"
         )
-    result = run_prune(state(ctx).store(), keep=keep, dry_run=dry_run)
+    result = prune_by_hand(state(ctx).store(), keep=keep, dry_run=dry_run)
     if as_json:
         print_json(result.as_dict())
         return

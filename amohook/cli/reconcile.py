@@ -101,7 +101,7 @@ def reconcile(
         return
     for r in results:
         if r.busy:
-            say(f"{r.account}: another amohook process is running a pass right now; skipped")
+            say(f"{r.account}: {r.notes[0] if r.notes else 'another amohook process is running a pass; skipped'}")
             continue
         say(
             f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "

@@ -439,7 +439,7 @@ def check_pending_events(now: float) -> Check:
 
 
 def check_failed_actions() -> Check:
-    from amohook.store.models import Action
+    from amohook.store.models import Action, Event
 
     failed = list(
         Action.select(Action.event_id, Action.last_error)
@@ -449,15 +449,28 @@ def check_failed_actions() -> Check:
     )
     if not failed:
         return _ok("failed actions", "none")
-    events = sorted({a.event_id for a in failed if a.event_id is not None})
-    shown = " ".join(str(e) for e in events[:10]) + (" …" if len(events) > 10 else "")
+    wanted = {a.event_id for a in failed if a.event_id is not None}
+    # Only events still stored can be replayed (retention keeps an event with a failed action;
+    # an older amohook did not, and `events replay` refuses a list with an id of no event).
+    events = sorted(row.id for row in Event.select(Event.id).where(Event.id.in_(list(wanted)))) if wanted else []
     error = f"; the latest: {failed[0].last_error.splitlines()[0][:200]}" if failed[0].last_error else ""
     count = Action.select().where(Action.status == "failed").count()
+    orphans = len(wanted) - len(events)
+    gone = (
+        f"{orphans} of their events were pruned already (by an older amohook), so those actions cannot be "
+        "retried: they are deleted 90 days after they gave up"
+    )
+    if not events and orphans:  # nothing anyone can do: said, but not a failure for ever
+        return _warn("failed actions", f"{count} rule action(s) gave up{error}", gone)
+    # A command that runs as shown: at most ten ids, never an ellipsis among them.
     fix = (
-        "once the cause is fixed, replay their events: " + f"`amohook events replay {shown}`"
+        f"once the cause is fixed, replay their events: `amohook events replay {' '.join(map(str, events[:10]))}`"
+        + (f" (the first 10 of {len(events)})" if len(events) > 10 else "")
         if events
         else "see `amohook events list` and replay their events"
     )
+    if orphans:
+        fix += f"; {gone}"
     return _error(
         "failed actions",
         f"{count} rule action(s) gave up{error}",

@@ -6,6 +6,8 @@ batches (each its own short transaction, so the listener's commits are never hel
 - done events last changed more than ``keep`` ago, their attempts, and then deliveries that have
   no event left;
 - dead events and their attempts after ``DEAD_KEEP`` (90 days), unless replayed before;
+- but never an event with a failed action: replaying the event is how that action is retried
+  (``doctor`` says so), so the event stays as long as the failed action (``DEAD_KEEP``);
 - finished actions (done, rejected, skipped; failed ones after ``DEAD_KEEP``) and the change
   registry (``change_seen``) once they are older than ``EXACTLY_ONCE`` *and* than
   ``EXACTLY_ONCE`` before the oldest event still stored: a replay of any stored event, or a
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from peewee import fn
 
+from amohook.errors import LockBusy
 from amohook.runtime.loop import Periodic
 from amohook.store import lease as leases
 from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
@@ -44,6 +47,7 @@ MIN_KEEP = 86400.0  # a day: below that, amoCRM's own retries could outlive the 
 BATCH = 100
 PRUNE_EVERY = 3600.0
 LEASE = "prune"
+LEASE_TTL = 1800.0  # a pruner that died blocks pruning for this long at most
 
 
 @dataclass
@@ -65,6 +69,10 @@ class PruneResult:
         return self.events + self.dead_events + self.deliveries + self.attempts + self.actions + self.changes
 
 
+class PruneBusy(LockBusy):
+    """Another process holds the prune lease: one prune at a time across the database."""
+
+
 def _ids(query, batch: int) -> list[int]:
     return [row.id for row in query.limit(batch)]
 
@@ -78,8 +86,13 @@ def prune(
     pause: float | None = None,
     clock: Callable[[], float] = time.time,
     stop: threading.Event | None = None,
+    before_delete: Callable[[list[int]], None] | None = None,
 ) -> PruneResult:
     """Delete what is older than the retention periods; ``dry_run`` counts instead.
+
+    Every DELETE re-checks its condition in the statement itself: a batch's ids are read first,
+    and on MySQL/PostgreSQL a replay may commit in between (``before_delete``, called with a
+    batch's event ids inside its transaction, lets tests force that interleaving).
 
     Between batches the pruner steps aside for at least ``pause`` seconds and twice as long as
     the batch took, so it holds the database at most a third of the time: on SQLite the
@@ -94,8 +107,10 @@ def prune(
     result = PruneResult(dry_run=dry_run)
     done_before, dead_before = now - keep, now - DEAD_KEEP
     keys_before = now - max(keep, EXACTLY_ONCE)
-    old_done = (Event.status == "done") & (Event.updated_at < done_before)
-    old_dead = (Event.status == "dead") & (Event.updated_at < dead_before)
+    # An event with a failed action stays: replaying it is the only way to retry that action.
+    failed_action = Action.select(Action.id).where((Action.event_id == Event.id) & (Action.status == "failed"))
+    old_done = (Event.status == "done") & (Event.updated_at < done_before) & ~fn.EXISTS(failed_action)
+    old_dead = (Event.status == "dead") & (Event.updated_at < dead_before) & ~fn.EXISTS(failed_action)
 
     def keys_cut() -> float:
         """Keys and change records older than this cannot belong to a change any stored event (or a
@@ -137,8 +152,16 @@ def prune(
                 if not ids:
                     break
                 deliveries = {row.delivery_id for row in Event.select(Event.delivery_id).where(Event.id.in_(ids))}
-                result.attempts += Attempt.delete().where(Attempt.event_id.in_(ids)).execute()
-                setattr(result, field, getattr(result, field) + Event.delete().where(Event.id.in_(ids)).execute())
+                if before_delete is not None:
+                    before_delete(ids)
+                # The condition again, in the DELETE itself: an event replayed since it was read
+                # (pending again) is not deleted, nor are its attempts and delivery.
+                deleted = Event.delete().where(Event.id.in_(ids) & condition).execute()
+                setattr(result, field, getattr(result, field) + deleted)
+                left = Event.select(Event.id).where(Event.id.in_(ids))
+                result.attempts += (
+                    Attempt.delete().where(Attempt.event_id.in_(ids) & Attempt.event_id.not_in(left)).execute()
+                )
                 still_used = {
                     row.delivery_id
                     for row in Event.select(Event.delivery_id).where(Event.delivery_id.in_(list(deliveries)))
@@ -154,7 +177,8 @@ def prune(
             doomed = _ids(Action.select(Action.id).where(finished(cut)).order_by(Action.id), batch)
             if not doomed:
                 break
-            result.actions += Action.delete().where(Action.id.in_(doomed)).execute()
+            # Re-checked: a replay may have brought a failed action back since it was read.
+            result.actions += Action.delete().where(Action.id.in_(doomed) & finished(cut)).execute()
         step_aside(started)
     while not stopped():
         started = time.monotonic()
@@ -164,7 +188,9 @@ def prune(
             )
             if not ids:
                 break
-            result.changes += ChangeSeen.delete().where(ChangeSeen.id.in_(ids)).execute()
+            result.changes += (
+                ChangeSeen.delete().where(ChangeSeen.id.in_(ids) & (ChangeSeen.created_at < cut)).execute()
+            )
         step_aside(started)
     return result
 
@@ -182,10 +208,24 @@ def prune_once(
 ) -> PruneResult:
     """One pruning run under the cross-process lease; a busy lease means another process prunes."""
     owner = leases.new_owner()
-    if not leases.try_acquire(LEASE, owner, 1800.0):
+    if not leases.try_acquire(LEASE, owner, LEASE_TTL):
         return PruneResult(busy=True)
     try:
         return prune(store, keep=keep, stop=stop, pause=pause)
+    finally:
+        leases.release(LEASE, owner)
+
+
+def prune_by_hand(store: Store, keep: float, *, dry_run: bool = False) -> PruneResult:
+    """`amohook prune`: the same lease as the background pruner, so one prune runs at a time;
+    ``PruneBusy`` names the holder and when its lease runs out. A dry run only counts: no lease."""
+    if dry_run:
+        return prune(store, keep=keep, dry_run=True)
+    owner = leases.new_owner()
+    if not leases.try_acquire(LEASE, owner, LEASE_TTL):
+        raise PruneBusy(f"{leases.describe_busy(LEASE, 'pruning')} — try again later")
+    try:
+        return prune(store, keep=keep)
     finally:
         leases.release(LEASE, owner)
 

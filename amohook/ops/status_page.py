@@ -3,9 +3,11 @@
 Both are off unless ``AMOHOOK_STATUS_PASSWORD`` is set: without it the routes answer 404, the
 same as any unknown path, so a listener on the internet shows nothing it was not asked to. With
 it they want HTTP Basic auth: any user name (the README says "admin"), that password, compared in
-constant time. Nothing is read before the password checks out, and what is read comes from the
-overview thread's cached snapshot (``overview.OverviewReader``), never one read per request; the
-rendered page is kept with its snapshot.
+constant time; failures are slowed down per client address (``throttle``: 429 from the event
+loop after ten) and summed up in the log, not written one by one. Nothing is read before the
+password checks out, and what is read comes from the overview thread's cached snapshot
+(``overview.OverviewReader``), never one read per request; the rendered page is kept with its
+snapshot.
 
 The page is plain HTML: no script (the CSP forbids any), one stylesheet allowed by its hash, a
 ``<meta refresh>`` every 30 s. Everything that came from amoCRM or a webhook — account names,
@@ -28,12 +30,14 @@ from amohook.errors import ConfigError
 from amohook.ops import doctor
 from amohook.ops import metrics as metrics_module
 from amohook.ops.overview import OverviewReader, Snapshot
+from amohook.ops.throttle import LoginThrottle
 
 if TYPE_CHECKING:
     from amohook.store import Store
 
 ROUTES = ("/status", "/metrics")
 MIN_PASSWORD_LENGTH = 12
+MIN_DISTINCT = 6  # different characters in the password
 REFRESH_SECONDS = 30
 REALM = "amohook"
 
@@ -66,15 +70,26 @@ _TEXT = "text/plain; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
 
 
+_MAKE_ONE = '(e.g. `python3 -c "import secrets; print(secrets.token_urlsafe(18))"`)'
+
+
 def check_status_password(password: str | None) -> str | None:
-    """None (the pages are off) or a password long enough to stand on the internet."""
+    """None (the pages are off) or a password fit to stand on the internet: at least
+    ``MIN_PASSWORD_LENGTH`` characters, not only whitespace, at least ``MIN_DISTINCT`` different
+    characters (twelve spaces or ``aaaaaaaaaaaa`` are long but guessed first). The message never
+    shows the password."""
     if not password:
         return None
+    problem = None
     if len(password) < MIN_PASSWORD_LENGTH:
+        problem = f"is {len(password)} characters; use at least {MIN_PASSWORD_LENGTH}"
+    elif not password.strip():
+        problem = "is only whitespace; use a random one"
+    elif len(set(password)) < MIN_DISTINCT:
+        problem = f"repeats too few characters ({len(set(password))} different); use a random one"
+    if problem:
         raise ConfigError(
-            f"AMOHOOK_STATUS_PASSWORD is {len(password)} characters; use at least {MIN_PASSWORD_LENGTH} "
-            '(e.g. `python3 -c "import secrets; print(secrets.token_urlsafe(18))"`), or unset it to turn '
-            "/status and /metrics off"
+            f"AMOHOOK_STATUS_PASSWORD {problem} {_MAKE_ONE}, or unset it to turn /status and /metrics off"
         )
     return password
 
@@ -108,9 +123,11 @@ class AdminPages:
         listener_metrics: metrics_module.ListenerMetrics,
         *,
         fresh: float | None = None,
+        throttle: LoginThrottle | None = None,
         runtime: Callable[[], dict] | None = None,
     ):
         self.password = check_status_password(password)
+        self.throttle = throttle or LoginThrottle()
         self.runtime = runtime  # the supervisor's health, when the listener runs under one
         self.server = server  # open_connections() and committer
         self.listener_metrics = listener_metrics
@@ -121,16 +138,37 @@ class AdminPages:
         self._page: tuple[object, object, str] | None = None  # (snapshot, (error, loops), rendered page)
 
     def stop(self) -> None:
+        self.throttle.flush()
         if self._started:
             self.reader.stop()
 
-    def answer(self, method: str, path: str, headers) -> tuple[int, str, str, tuple]:
+    def barred(self, client_ip: str) -> tuple[int, str, str, tuple] | None:
+        """The 429 for an address that failed too often (``throttle``), else None; no thread needed."""
+        if self.password is None:
+            return None
+        wait = self.throttle.retry_after(client_ip)
+        if not wait:
+            return None
+        return (
+            429,
+            "too many failed passwords from your address; try again later\n",
+            _TEXT,
+            (("Retry-After", str(wait)),),
+        )
+
+    def answer(self, method: str, path: str, headers, client_ip: str = "?") -> tuple[int, str, str, tuple]:
         """(status, body, content type, headers) for a request to one of ``ROUTES``."""
         if self.password is None:
             return 404, "not found\n", _TEXT, ()
         if method not in ("GET", "HEAD"):
             return 405, "use GET\n", _TEXT, (("Allow", "GET, HEAD"),)
-        if not authorized(headers.get("Authorization"), self.password):
+        barred = self.barred(client_ip)
+        if barred is not None:
+            return barred
+        if authorized(headers.get("Authorization"), self.password):
+            self.throttle.succeeded(client_ip)
+        else:
+            self.throttle.failed(client_ip)
             return (
                 401,
                 "authentication required\n",

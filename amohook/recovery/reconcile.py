@@ -50,6 +50,10 @@ PASS_LEASE_TTL = 900.0  # a dead holder blocks passes for this long at most
 CHUNK = 250  # queued events committed per transaction
 LEAD_BATCH = 250  # leads per read (amoCRM's page maximum): entries are recovered in groups this size
 SOURCE = "events_log"
+ENTRY_MAX = 64 * 1024  # bytes of an events-log entry kept in its delivery (amoCRM's are < 2 KB)
+ENTRY_KEYS = ("id", "type", "entity_id", "entity_type", "created_at", "created_by", "account_id")
+VALUE_MAX = 64  # characters of an id or time taken from an entry (amoCRM's ids: 26 at most)
+NOTES_MAX = 20  # notes kept in a pass's summary; the rest are counted
 
 
 @dataclass
@@ -179,6 +183,8 @@ def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]
             if shaped is None or not str(event.get("entity_id")).isdecimal():
                 result.known += 1  # not a change the rules act on (another entity, or not a lead id)
                 continue
+            if any(len(value) > VALUE_MAX for value in shaped[1].values() if isinstance(value, str)):
+                raise ValueError("an id or time far longer than amoCRM's")  # never stored verbatim
             sightings = _sightings(account, *shaped)
         except (TypeError, ValueError):  # an entry of a shape amoCRM does not document: pass it over
             result.known += 1
@@ -210,6 +216,21 @@ def _recover(
     return queued
 
 
+def stored_entry(event: dict) -> str:
+    """The log entry as its delivery keeps it (for `events show`), at most ``ENTRY_MAX`` bytes.
+
+    What the rules use is already in the event's item; an entry larger than any amoCRM documents
+    (a 50 MB ``value_after``) keeps its scalar fields, each cut short, and says what was left out.
+    """
+    text = json.dumps(event, ensure_ascii=False, sort_keys=True)
+    if len(text) <= ENTRY_MAX:  # characters: at most 4 bytes each, so checked again in bytes below
+        if len(text.encode("utf-8")) <= ENTRY_MAX:
+            return text
+    kept = {key: str(event.get(key))[:80] for key in ENTRY_KEYS if event.get(key) is not None}
+    kept["amohook_note"] = f"entry of {len(text.encode('utf-8'))} bytes cut to its scalar fields"
+    return json.dumps(kept, ensure_ascii=False, sort_keys=True)
+
+
 def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], now: float) -> int:
     """Store each log entry as a delivery of its own with one event (through the inbox's one
     writer, ``CHUNK`` per transaction); an entry already stored adds nothing."""
@@ -225,7 +246,7 @@ def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], no
             )
             items.append(
                 Incoming(
-                    body=json.dumps(event, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                    body=stored_entry(event).encode("utf-8"),
                     parsed=ParsedWebhook(account, item.get("account_id"), [shaped], {}),
                     content_type="application/json",
                     headers={"x-amohook-source": SOURCE},
@@ -245,10 +266,11 @@ def reconcile_account(
     *,
     since: float = DEFAULT_SINCE,
     max_lookback: float = DEFAULT_MAX_LOOKBACK,
-    watchdog: bool | None = None,
+    watchdog: bool = True,
     clock: Callable[[], float] = time.time,
 ) -> PassResult:
-    """One pass over ``account``'s events log; ``watchdog`` None: check subscriptions when due."""
+    """One pass over ``account``'s events log, and (unless ``watchdog`` is False) a look at the
+    subscriptions amohook made."""
     from amohook.amocrm.events import iter_event_pages
 
     result = PassResult(account=account)
@@ -256,7 +278,8 @@ def reconcile_account(
     name = f"reconcile:{account}"
     if not leases.try_acquire(name, owner, PASS_LEASE_TTL):  # the database's clock: hosts may disagree
         result.busy = True
-        result.notes.append("another amohook process is running a pass for this account; skipped")
+        # Who and until when: a killed pass blocks passes until its lease runs out (PASS_LEASE_TTL).
+        result.notes.append(f"{leases.describe_busy(name, 'running a pass for this account')}; skipped")
         return result
     requests_before = client.requests_made
     try:
@@ -286,17 +309,14 @@ def reconcile_account(
                 todo = todo[LEAD_BATCH:]
         if todo:
             result.queued += _recover(store, client, account, todo, result, clock)
-        if watchdog is not False:
+        if watchdog:
             from amohook.recovery.watchdog import check_subscriptions
 
             try:
-                finding = check_subscriptions(store, client, account, force=bool(watchdog), clock=clock)
+                result.subscription, result.subscription_note = check_subscriptions(store, client, account, clock=clock)
             except Exception as exc:  # the watchdog must never hold the cursor back: the log was read
                 result.subscription_note = f"the subscription check failed: {first_line(exc, 300)}"
                 log.warning("watchdog for '%s': %s", account, result.subscription_note)
-                finding = None
-            if finding is not None:
-                result.subscription, result.subscription_note = finding
         result.requests = client.requests_made - requests_before
         _save(store, account, cursor=now, result=result, clock=clock)
         return result
@@ -313,8 +333,12 @@ def reconcile_account(
 
 
 def _save(store: Store, account: str, *, cursor: int | None, result: PassResult, clock: Callable[[], float]) -> None:
-    """Move the cursor (only after the pass's events are committed) and keep its summary."""
-    summary = json.dumps(result.as_dict(), ensure_ascii=False)
+    """Move the cursor (only after the pass's events are committed) and keep its summary (its notes
+    bounded: a window of odd entries must not make a row of megabytes)."""
+    figures = result.as_dict()
+    if len(result.notes) > NOTES_MAX:
+        figures["notes"] = result.notes[:NOTES_MAX] + [f"and {len(result.notes) - NOTES_MAX} more note(s)"]
+    summary = json.dumps(figures, ensure_ascii=False)
     with store.write():
         ReconcileState.insert(account=account).on_conflict_ignore().execute()
         fields: dict[str, Any] = {"last_pass_summary": summary, "last_error": result.error}

@@ -8,6 +8,10 @@ the watchdog removes and adds it. Changes made while it was off reach amohook th
 reconciliation. Only destinations amohook subscribed itself (``Subscription``) are watched.
 Only an admin's token may read subscriptions: without one the watchdog says so once and
 reconciliation goes on.
+
+It looks on every reconciliation pass (one ``GET /api/v4/webhooks`` per account when all is well):
+the pass interval (``--reconcile``, 5 minutes by default) is already how often amohook asks amoCRM
+about an account, and a destination switched off loses every webhook until it is back on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amohook.watchdog")
 
-CHECK_EVERY = 900.0  # seconds between looks in the background: one cheap request per account
 _said_no_admin: set[str] = set()
 
 
@@ -41,7 +44,7 @@ def remember(
     sha = destination_sha(destination)
     with store.write():
         updated = (
-            Subscription.update(events=json.dumps(list(events)), updated_at=clock())
+            Subscription.update(events=json.dumps(list(events)), updated_at=clock(), removed_at=None)
             .where((Subscription.account == account) & (Subscription.destination_sha256 == sha))
             .execute()
         )
@@ -68,24 +71,18 @@ def watched(account: str) -> list[Subscription]:
 
 
 def check_subscriptions(
-    store: Store, client, account: str, *, force: bool = False, clock: Callable[[], float] = time.time
-) -> tuple[str, str | None] | None:
-    """Look at ``account``'s subscriptions when due (or ``force``); returns (state, note) or None.
+    store: Store, client, account: str, *, clock: Callable[[], float] = time.time
+) -> tuple[str, str | None]:
+    """Look at ``account``'s subscriptions (one GET when all is well); returns (state, note).
 
-    States: ``ok``; ``re-enabled`` (one was off and is on again); ``disabled`` (still off after
-    both ways of switching it on); ``missing`` (amohook subscribed it and it is gone); ``unknown``
-    (no admin token, or nothing amohook subscribed).
+    States: ``ok``; ``re-enabled`` (one was off, or removed by amohook itself, and is on again);
+    ``disabled`` (still off after both ways of switching it on); ``missing`` (amohook subscribed
+    it and someone else removed it); ``unknown`` (no admin token, or nothing amohook subscribed).
+    A request that fails on the way raises; what amohook removed stays marked, so the next pass
+    adds it again.
     """
-    from amohook.amocrm.subscriptions import AdminRequired, list_webhooks, subscribe, unsubscribe
+    from amohook.amocrm.subscriptions import AdminRequired, list_webhooks
 
-    row = ReconcileState.get_or_none(ReconcileState.account == account)
-    if (
-        not force
-        and row is not None
-        and row.subscription_checked_at
-        and clock() - row.subscription_checked_at < CHECK_EVERY
-    ):
-        return None
     ours = watched(account)
     state, note, reenabled = "unknown", None, 0
     if not ours:
@@ -105,7 +102,11 @@ def check_subscriptions(
             for sub in ours:
                 events = json.loads(sub.events or "[]")
                 hook = current.get(sub.destination)
-                if hook is None:
+                if hook is not None and sub.removed_at is not None:
+                    _mark_removed(store, sub, None)  # back (or the DELETE never landed)
+                if hook is None and sub.removed_at is not None:
+                    on = _re_add(store, client, account, sub, events)
+                elif hook is None:
                     problems.append(f"{redact_destination(sub.destination)} is missing (removed in amoCRM?)")
                     state = "missing"
                     log.warning(
@@ -115,17 +116,16 @@ def check_subscriptions(
                         redact_destination(sub.destination),
                     )
                     continue
-                if not hook.disabled:
+                elif not hook.disabled:
                     continue
-                log.warning(
-                    "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
-                    "deliveries); switching it back on",
-                    account,
-                    redact_destination(sub.destination),
-                )
-                on = _switch_on(
-                    client, sub.destination, events or list(hook.events), list_webhooks, subscribe, unsubscribe
-                )
+                else:
+                    log.warning(
+                        "watchdog for '%s': amoCRM switched the subscription %s off (too many failed "
+                        "deliveries); switching it back on",
+                        account,
+                        redact_destination(sub.destination),
+                    )
+                    on = _switch_on(store, client, sub, events or list(hook.events))
                 if on:
                     reenabled += 1
                     if state == "ok":
@@ -154,13 +154,43 @@ def check_subscriptions(
     return state, note
 
 
-def _switch_on(client, destination: str, events: list[str], list_webhooks, subscribe, unsubscribe) -> bool:
-    """Re-subscribe; if amoCRM keeps it off, remove it and add it again. True when it is on."""
+def _mark_removed(store: Store, sub: Subscription, when: float | None) -> None:
+    with store.write():
+        Subscription.update(removed_at=when).where(Subscription.id == sub.id).execute()
+    sub.removed_at = when
+
+
+def _re_add(store: Store, client, account: str, sub: Subscription, events: list[str]) -> bool:
+    """A destination amohook removed itself (to switch it on) and could not add back: add it now."""
+    from amohook.amocrm.subscriptions import list_webhooks, subscribe
+
+    log.warning(
+        "watchdog for '%s': %s is gone since amohook removed it to switch it back on (adding it again failed); "
+        "adding it again",
+        account,
+        redact_destination(sub.destination),
+    )
+    subscribe(client, sub.destination, events)
+    _mark_removed(store, sub, None)
+    return _is_on(list_webhooks(client, sub.destination), sub.destination)
+
+
+def _switch_on(store: Store, client, sub: Subscription, events: list[str]) -> bool:
+    """Re-subscribe; if amoCRM keeps it off, remove it and add it again. True when it is on.
+
+    The removal is written down before the DELETE is sent and cleared once the POST is answered:
+    a POST that fails (a 502, a timeout, a kill) leaves the mark, and the next look adds the
+    destination back instead of reporting it missing (a person did not remove it)."""
+    from amohook.amocrm.subscriptions import list_webhooks, subscribe, unsubscribe
+
+    destination = sub.destination
     subscribe(client, destination, events)
     if _is_on(list_webhooks(client, destination), destination):
         return True
+    _mark_removed(store, sub, time.time())
     unsubscribe(client, destination)
     subscribe(client, destination, events)
+    _mark_removed(store, sub, None)
     return _is_on(list_webhooks(client, destination), destination)
 
 

@@ -103,6 +103,22 @@ def owner_gone(owner: str) -> bool:
     return False
 
 
+def describe_busy(name: str, doing: str, clock: Callable[[], float] | None = None) -> str:
+    """Who holds lease ``name`` and until when, in one line: "another amohook process (host:pid) is
+    pruning; its 'prune' lease runs out at T", or that the holder is a dead process of this host."""
+    info = holder_info(name, clock)
+    if info is None:  # released (or run out) just now
+        return f"another amohook process was {doing} a moment ago"
+    other, left = info
+    who = other.rsplit(":", 2)[0]
+    if owner_gone(other):
+        return (
+            f"the '{name}' lease is held until {_until(left)} by process {who.split(':', 1)[1]} of this host, "
+            "which is no longer running (killed?); it runs out then"
+        )
+    return f"another amohook process ({who}) is {doing}; its '{name}' lease runs out at {_until(left)}"
+
+
 def _until(seconds_left: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + seconds_left))
 

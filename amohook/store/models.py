@@ -164,6 +164,10 @@ class CustomField(BaseModel):
     code = CharField(max_length=64, null=True)
     type = CharField(max_length=64, null=True)
     sort = IntegerField(default=0)
+    # JSON [{"id": …, "value": "…"}, …]: the options of a select, radiobutton or multiselect field
+    # as amoCRM lists them (`enums`), so `rules check` can refuse a value amoCRM would refuse.
+    # None: the field has none, or they were not synced (a store from before schema version 6).
+    enums = LongTextField(null=True)
 
     class Meta:
         indexes = ((("account", "entity_type", "amo_id"), True),)
@@ -244,7 +248,8 @@ class Action(BaseModel):
     updated_at = DoubleField(default=now)
 
     class Meta:
-        indexes = ((("status", "updated_at"), False),)  # retention
+        # retention: finished actions by age; whether an event still has a failed action
+        indexes = ((("status", "updated_at"), False), (("event_id",), False))
 
 
 class ChangeSeen(BaseModel):
@@ -305,6 +310,9 @@ class Subscription(BaseModel):
     events = TextField(default="[]")  # JSON list of amoCRM event codes
     created_at = DoubleField(default=now)
     updated_at = DoubleField(default=now)
+    # Set (before the DELETE is sent) while amohook itself has removed the destination to switch it
+    # back on, cleared once it is seen again: the watchdog re-adds it instead of calling it missing.
+    removed_at = DoubleField(null=True)
 
     class Meta:
         indexes = ((("account", "destination_sha256"), True),)

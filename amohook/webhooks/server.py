@@ -137,6 +137,8 @@ class _Handler(HardenedRequestHandler):
         return True
 
     def log_request(self, code="-", size="-") -> None:
+        if code in (401, 429) and self.path.split("?", 1)[0] in status_page.ROUTES:
+            return  # a failed password: the throttle sums these up (one line a minute at most)
         log_answer(self.client_address[0], self.command, self.path, code, self.server.config.secret)
 
     def log_message(self, format: str, *args) -> None:
@@ -184,7 +186,7 @@ class _Handler(HardenedRequestHandler):
         if path == "/oauth/callback":
             return self._oauth_callback()
         if path in status_page.ROUTES:
-            return self.reply(*self.server.admin.answer(self.command, path, self.headers))
+            return self.reply(*self.server.admin.answer(self.command, path, self.headers, self.client_address[0]))
         self.reply(_NOT_FOUND.status, _NOT_FOUND.text)  # not reached: decide() answers every other path
 
     def _webhook(self, path: str) -> None:
@@ -374,12 +376,22 @@ class WebhookHTTPServer(HardenedHTTPServer):
     def route_head(self, method: str, target: str, client_ip: str) -> Answer | str:
         """``decide`` in the event loop; an answer given there is logged and counted here, as the
         handler would have."""
-        decision = self.decide(method, target.split("?", 1)[0])
+        path = target.split("?", 1)[0]
+        if path in status_page.ROUTES:
+            barred = self.admin.barred(client_ip)
+            if barred is not None:  # too many failed passwords: answered here, counted, not logged
+                status, text, _type, headers = barred
+                return Answer(status, text, headers)
+        decision = self.decide(method, path)
         if isinstance(decision, Answer):
             if method == "POST" and _is_webhook_route(target.split("?", 1)[0]):
                 self.metrics.webhook_answered(decision.status)
             log_answer(client_ip, method, target, decision.status, self.config.secret)
         return decision
+
+    def _sweep(self, now: float) -> None:
+        super()._sweep(now)
+        self.admin.throttle.tick()
 
     def server_close(self) -> None:
         super().server_close()

@@ -195,6 +195,7 @@ class Fault:
     retry_after: Any
     content_type: str
     after_effect: bool | None
+    skip: int = 0  # matching requests let through untouched before the fault applies
     hits: int = 0
 
     def matches(self, rec: RecordedRequest) -> bool:
@@ -867,11 +868,15 @@ class FakeAmo:
         content_type: str = PROBLEM,
         after_effect: bool | None = None,
         method: str | None = None,
+        skip: int = 0,
     ) -> Fault:
-        """Program a fault for requests whose path starts with ``path`` (and of ``method``)."""
+        """Program a fault for requests whose path starts with ``path`` (and of ``method``); the
+        first ``skip`` of them are answered normally (a fault mid-sequence: the second POST)."""
         if status is None and not (delay or hang or drop):
             status = 500  # a bare fail(path) is a server error; `delay` alone only delays
-        fault = Fault(path, method, status, body, times, delay, hang, drop, retry_after, content_type, after_effect)
+        fault = Fault(
+            path, method, status, body, times, delay, hang, drop, retry_after, content_type, after_effect, skip
+        )
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -949,6 +954,9 @@ class FakeAmo:
         rec = self._record(h)
         with self._lock:
             fault = next((f for f in self._faults if f.matches(rec)), None)
+            if fault is not None and fault.skip > 0:
+                fault.skip -= 1
+                fault = None
             if fault is not None:
                 fault.hits += 1
                 if fault.times is not None:
