@@ -154,3 +154,11 @@ def parse_duration(text: str, *, option: str) -> float | None:
     if not 1 <= seconds <= 366 * 86400:
         raise ConfigError(f"{option} '{text}' is out of range — between 1s and 366d")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as ``parse_duration`` reads it back: 5m, 1h, 1d, 30s (the largest whole unit)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

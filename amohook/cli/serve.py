@@ -9,7 +9,7 @@ import typer
 
 from amohook.cli.common import say, state
 from amohook.cli.logs import Level
-from amohook.settings import BATCH_SIZE, LEASE_SECONDS, MAX_ATTEMPTS, POLL_SECONDS, RECONCILE_EVERY
+from amohook.settings import BATCH_SIZE, LEASE_SECONDS, MAX_ATTEMPTS, POLL_SECONDS, RECONCILE_EVERY, format_duration
 
 HandlerOpt = Annotated[
     list[str] | None,
@@ -313,12 +313,7 @@ def worker(
 
 
 def _seconds(interval: float | None) -> str:
-    if not interval:
-        return "off"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if interval >= size and interval % size == 0:
-            return f"{int(interval // size)}{unit}"
-    return f"{interval:g}s"
+    return format_duration(interval) if interval else "off"
 
 
 def register(app: typer.Typer) -> None:

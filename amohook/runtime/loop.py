@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from amohook.errors import describe
+from amohook.settings import format_duration
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -96,14 +97,6 @@ def on_stop(stop: threading.Event, callback: Callable[[], None]) -> None:
         stop.on_set(callback)
 
 
-def every_text(seconds: float) -> str:
-    """An interval as the CLI writes it: 5m, 1h, 30s."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
 class Periodic:
     """A background pass every ``every`` seconds (the first after ``first_after``).
 
@@ -148,7 +141,9 @@ class Periodic:
             except Exception as exc:  # the store or amoCRM is down: the next pass tries again
                 self.failures += 1
                 self.last_error = describe(exc)
-                self.log.warning("%s pass failed (next in %s): %s", self.name, every_text(self.every), describe(exc))
+                self.log.warning(
+                    "%s pass failed (next in %s): %s", self.name, format_duration(self.every), describe(exc)
+                )
             finally:
                 if self.store is not None:
                     self.store.close_quietly()
