@@ -77,6 +77,9 @@ class ActionKind:
     key_suffix = ""  # appended to the change's key text: tells kinds apart (tasks: none, for old keys)
     batch_size = BATCH
     changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
+    # Which sender thread carries it: kinds talking to other servers than amoCRM get a lane of
+    # their own, so one slow server never holds up another's actions (``ActionSender.lanes``).
+    lane = "amocrm"
 
     # -- the rules file -----------------------------------------------------------------------
     def parse(self, raw: dict, label: str, problems: list[str]) -> Any:
@@ -117,6 +120,32 @@ class ActionKind:
 
     def send(self, out, client, actions: list[Action], payloads: dict) -> None:
         raise NotImplementedError
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def recovered_changes(actions: list[Action]) -> dict[int, int]:
+    """{action id: the change's time} for the actions planned from an events-log entry (a change
+    no webhook brought): amoCRM's ``created_at`` of the entry, which queued it as ``last_modified``."""
+    import json
+
+    from amohook.store.models import Event
+
+    event_ids = {a.event_id for a in actions if a.event_id is not None}
+    if not event_ids:
+        return {}
+    times: dict[int, int] = {}
+    for row in Event.select(Event.id, Event.data).where(Event.id.in_(list(event_ids)) & (Event.source == "events_log")):
+        try:
+            times[row.id] = int(json.loads(row.data).get("last_modified"))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return {a.id: times[a.event_id] for a in actions if a.event_id in times}
 
 
 def details(exc: AmoApiError) -> str:
@@ -183,14 +212,25 @@ class CreateKind(ActionKind):
     def same(self, found: dict, payload: dict, recorded_at: float) -> bool:
         raise NotImplementedError
 
+    def same_effect(self, found: dict, payload: dict, changed_at: int) -> bool:
+        """Is ``found`` this change's effect, made by anyone (another store on the account)? Only
+        for changes that came from the events log alone; the fields another store fixes differently
+        (due time, a responsible user chosen at its own planning) are not compared."""
+        return False
+
     def recognise(self, out, client, actions, payloads) -> set[int]:
-        """Find what earlier attempts may have created; mark those actions done."""
+        """Find what earlier attempts (or another store, for a change only the events log brought)
+        may have created; mark those actions done."""
         lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
         found: list[dict] = []
         for start in range(0, len(lead_ids), 50):
             out.stats.lookups += 1
             params = {"filter[entity_id][]": lead_ids[start : start + 50], **self.lookup_params()}
             found.extend(client.iter_pages(self.path, self.list_key, params))
+        found = [f for f in found if isinstance(f, dict)]
+        # The oldest first: of two effects of two changes, each change adopts the one made for it.
+        found.sort(key=lambda f: (_int(f.get("created_at")), _int(f.get("id"))))
+        recovered = recovered_changes(actions)
         # What is already recorded as another action's result is that action's, even when it
         # looks the same (a fixed text and an absolute due time repeat across changes).
         with out.store.write():  # the check of what is taken and the adoption, together
@@ -204,15 +244,25 @@ class CreateKind(ActionKind):
                 )
             }
             adopted: set[int] = set()
-            for a in actions:
+            for a in sorted(actions, key=lambda a: (recovered.get(a.id, 0), a.id)):
+                changed_at = recovered.get(a.id)
                 for item in found:
-                    if item.get("id") not in taken and self.same(item, payloads[a.id], a.created_at):
-                        taken.add(item["id"])
-                        adopted.add(a.id)
-                        out.done(a.id, item["id"])
-                        out.stats.adopted += 1
-                        out.log(f"action {a.id}: adopted {self.noun} {item['id']} created by an earlier attempt")
-                        break
+                    if item.get("id") in taken:
+                        continue
+                    if self.same(item, payloads[a.id], a.created_at):
+                        note = f"{self.noun} {item['id']} was already in amoCRM (an earlier attempt made it)"
+                    elif changed_at is not None and self.same_effect(item, payloads[a.id], changed_at):
+                        note = (
+                            f"{self.noun} {item['id']} was already in amoCRM for this change "
+                            "(made by another store or an earlier run); not made again"
+                        )
+                    else:
+                        continue
+                    taken.add(item["id"])
+                    adopted.add(a.id)
+                    out.done(a.id, item["id"], note)
+                    out.stats.adopted += 1
+                    break
         return adopted
 
     def send(self, out, client, actions, payloads) -> None:
@@ -282,8 +332,6 @@ class LeadPatchKind(ActionKind):
                     out.skip([a.id], note or "skipped")
                     out.stats.skipped += 1
                     settled.add(a.id)
-                if note:
-                    out.log(f"action {a.id}: {note}")
         return settled
 
     def send(self, out, client, actions, payloads) -> None:

@@ -21,11 +21,18 @@ fake and, as far as we know, amoCRM create nothing then — but that is not docu
 An action goes back from ``sending`` to ``pending`` only on a definite answer that nothing was
 created: a 4xx (including 429) to its POST, or a lookup that completed and did not find it. Any
 other failure keeps it ``sending``, so the next attempt looks first.
+
+Each lane (``ActionKind.lane``: amoCRM's kinds, and notify's receivers) has a sender of its own
+with its own thread (``lanes``, ``run``, ``drain``): a receiver that answers slowly holds up its
+own lane only. The claims and leases are the same for all, so exactly-once holds across lanes as
+it does across processes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import random
 import threading
@@ -57,15 +64,28 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 # The action's lease is settings.LEASE_SECONDS; MAX_ATTEMPTS (settings): backoff from 30 s doubling,
 # capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble.
+HTTP_DEADLINE = 30.0  # the longest one request to a server other than amoCRM (notify) may take
+DEFAULT_LANE = "amocrm"  # the lane of every kind that does not name another, and of unknown kinds
+# One INFO line per action carried out (rule, lead, kind, what amoCRM made or changed): routine,
+# so never above INFO; what needs a person goes through ``log`` (WARNING).
+effects = logging.getLogger("amohook.actions")
 
 
 def record_planned(
-    store: Store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time
+    store: Store,
+    planned: Iterable,
+    event_id: int | None,
+    clock: Callable[[], float] = time.time,
+    *,
+    look_first: bool = False,
 ) -> int:
     """Record planned actions under their keys; returns how many were new (the rest were duplicates).
 
     An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
     The lead an action changes is kept in ``result_id`` from the start (the guard counts them).
+    ``look_first``: the change may have been acted on already (it came only from the events log):
+    the action starts as one whose answer was lost — ``sending`` with an expired lease — so the
+    sender looks it up in amoCRM (``recognise``) before it sends anything.
     """
     rows = [
         dict(
@@ -75,7 +95,8 @@ def record_planned(
             event_id=event_id,
             kind=p.kind,
             payload=json.dumps(p.payload, ensure_ascii=False, sort_keys=True),
-            status="skipped" if getattr(p, "skip_reason", None) else "pending",
+            status="skipped" if getattr(p, "skip_reason", None) else ("sending" if look_first else "pending"),
+            lease_until=0 if look_first else None,
             last_error=getattr(p, "skip_reason", None),
             result_id=getattr(p, "target_id", None),
             created_at=clock(),
@@ -101,6 +122,21 @@ def record_planned(
     return len(fresh)
 
 
+def _lead_of(action: Action) -> str:
+    """The lead an action is for: from its payload (tasks, notes, lead changes), else its event."""
+    try:
+        payload = json.loads(action.payload)
+        lead = payload.get("entity_id") or (payload.get("patch") or {}).get("id")
+    except (ValueError, AttributeError):
+        lead = None
+    if lead is None and action.event_id is not None:
+        from amohook.store.models import Event
+
+        row = Event.get_or_none(Event.id == action.event_id)
+        lead = row.entity_id if row is not None else None
+    return "?" if lead is None else str(lead)
+
+
 @dataclass
 class SendStats:
     posts: int = 0
@@ -110,7 +146,19 @@ class SendStats:
     failed: int = 0
     retried: int = 0
     skipped: int = 0
+    answer_bytes: int = 0  # read of the answers of servers other than amoCRM (notify)
     errors: list = field(default_factory=list)
+
+    def __add__(self, other: SendStats) -> SendStats:
+        total = SendStats(errors=self.errors + other.errors)
+        for name in ("posts", "lookups", "created", "adopted", "failed", "retried", "skipped", "answer_bytes"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+
+def lane_names() -> list[str]:
+    """Every lane, the default one first."""
+    return [DEFAULT_LANE, *sorted({k.lane for k in kinds().values()} - {DEFAULT_LANE})]
 
 
 class _Unspecified(Exception):
@@ -137,9 +185,15 @@ class ActionSender:
         linger: float = 0.3,
         env: Mapping[str, str] | None = None,
         http=None,
+        http_deadline: float = HTTP_DEADLINE,
+        lane: str | None = None,
     ):
         """``env``: where ``notify`` reads its URLs (default: this process's environment);
-        ``http``: the ``requests.Session`` it posts them with."""
+        ``http``: the ``requests.Session`` it posts them with (made to obey ``http_deadline``, the
+        most one such request may take, whole); ``lane``: send only that lane's kinds (None: all,
+        each lane in its own thread)."""
+        from amohook.actions.deadline import with_deadline
+
         self.store = store
         self.client_for = client_for
         self.owner = owner or new_owner()
@@ -150,11 +204,57 @@ class ActionSender:
         self.clock = clock
         self.log = log or (lambda message: None)
         self.linger = linger
-        self.stats = SendStats()
+        self._stats = SendStats()
         self.env = env if env is not None else os.environ
-        self.http = http or requests.Session()
+        self.http = with_deadline(http or requests.Session())
+        self.http_deadline = http_deadline
+        self.resting: dict[str, float] = {}  # servers other than amoCRM that gave no answer: until when they rest
+        self.lane = lane
+        self._lanes: list[ActionSender] | None = None
         self.wakeup = threading.Event()
         self._last_flush = float("-inf")  # monotonic time of the last batch claimed
+        self._batch: dict[int, Action] = {}  # the claimed batch by id: what ``done`` says in its log line
+
+    # -- lanes ---------------------------------------------------------------------------------
+    @property
+    def stats(self) -> SendStats:
+        """What this sender did, its lanes' included."""
+        total = self._stats
+        for sender in self._lanes or []:
+            total = total + sender._stats
+        return total
+
+    def lanes(self) -> list[ActionSender]:
+        """The senders that carry the actions, one per lane (made once; just this one if it has a lane)."""
+        if self.lane is not None:
+            return [self]
+        if self._lanes is None:
+            self._lanes = [self._for_lane(name) for name in lane_names()]
+        return self._lanes
+
+    def _for_lane(self, lane: str) -> ActionSender:
+        sender = copy.copy(self)
+        sender.lane, sender._lanes, sender._stats = lane, None, SendStats()
+        sender.wakeup = threading.Event()
+        sender._last_flush = float("-inf")
+        if all(k.batch_size <= 1 for k in kinds().values() if k.lane == lane):
+            sender.linger = 0.0  # one action per request: there is no batch to wait for
+        return sender
+
+    def wake(self) -> None:
+        """New actions were recorded: every lane looks now."""
+        self.wakeup.set()
+        for sender in self._lanes or []:
+            sender.wakeup.set()
+
+    def _in_lane(self):
+        """The condition on ``Action.kind`` for this sender's lane (None: every kind)."""
+        if self.lane is None:
+            return None
+        if self.lane == DEFAULT_LANE:  # with the kinds it does not know: they are failed there
+            others = [name for name, kind in kinds().items() if kind.lane != self.lane]
+            return Action.kind.not_in(others) if others else None
+        return Action.kind.in_([name for name, kind in kinds().items() if kind.lane == self.lane])
 
     # -- claiming ------------------------------------------------------------------------------
     def claim(self) -> tuple[list[Action], set[int]]:
@@ -166,6 +266,9 @@ class ActionSender:
         due = ((Action.status == "pending") & (Action.lease_until.is_null() | (Action.lease_until <= now))) | (
             (Action.status == "sending") & (Action.lease_until < now)
         )
+        lane = self._in_lane()
+        if lane is not None:
+            due = due & lane
         with self.store.write():
             first = self.store.for_update(
                 Action.select(Action.id, Action.account, Action.kind).where(due).order_by(Action.id).limit(1),
@@ -195,30 +298,73 @@ class ActionSender:
         return Action.id.in_(list(ids)) & (Action.lease_owner == self.owner)
 
     def done(self, action_id: int, result_id: int | None, note: str | None = None) -> None:
-        """Settled: ``result_id`` is what it created (or the lead it changed); ``note`` says how."""
-        Action.update(
-            status="done",
-            result_id=result_id,
-            lease_owner=None,
-            lease_until=None,
-            last_error=note,
-            updated_at=self.clock(),
-        ).where(self._mine([action_id])).execute()
+        """Settled: ``result_id`` is what it created (or the lead it changed); ``note`` says how.
+
+        Logs the one INFO line of the action: rule, lead, kind and amoCRM's id.
+        """
+        changed = (
+            Action.update(
+                status="done",
+                result_id=result_id,
+                lease_owner=None,
+                lease_until=None,
+                last_error=note,
+                updated_at=self.clock(),
+            )
+            .where(self._mine([action_id]))
+            .execute()
+        )
+        action = self._batch.get(action_id)
+        if changed and action is not None and effects.isEnabledFor(logging.INFO):
+            effects.info(
+                "rule %r, lead %s: %s done, amoCRM id %s%s",
+                action.rule,
+                _lead_of(action),
+                action.kind,
+                "—" if result_id is None else result_id,
+                f" ({note})" if note else "",
+            )
 
     def skip(self, ids, note: str) -> None:
         """Settled without an effect, on purpose (the lead moved on; the loop guard); ``note`` says why."""
         self.fail(ids, note, status="skipped")
 
     def fail(self, ids, error: str, status: str = "failed", **fields) -> None:
-        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself."""
-        Action.update(
-            status=status,
-            lease_owner=None,
-            lease_until=None,
-            last_error=error[:2000],
-            updated_at=self.clock(),
-            **fields,
-        ).where(self._mine(ids)).execute()
+        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself.
+
+        One line per action: WARNING (a person must look) when it failed or was rejected, INFO when
+        it was skipped on purpose.
+        """
+        ids = list(ids)
+        changed = (
+            Action.update(
+                status=status,
+                lease_owner=None,
+                lease_until=None,
+                last_error=error[:2000],
+                updated_at=self.clock(),
+                **fields,
+            )
+            .where(self._mine(ids))
+            .execute()
+        )
+        level = logging.INFO if status == "skipped" else logging.WARNING
+        if not changed or not effects.isEnabledFor(level):
+            return
+        for action_id in ids:
+            action = self._batch.get(action_id)
+            if action is None:
+                effects.log(level, "action %s %s: %s", action_id, status, error[:300])
+            else:
+                effects.log(
+                    level,
+                    "rule %r, lead %s: %s %s: %s",
+                    action.rule,
+                    _lead_of(action),
+                    action.kind,
+                    status,
+                    error[:300],
+                )
 
     def later(
         self,
@@ -265,6 +411,7 @@ class ActionSender:
         if not actions:
             return 0
         self._last_flush = time.monotonic()
+        self._batch = {a.id: a for a in actions}
         claimed = len(actions)
         kind = kinds().get(actions[0].kind)
         if kind is None:  # written by a newer version, or the kind was removed: say so, keep the row
@@ -314,6 +461,34 @@ class ActionSender:
 
     # -- loop ----------------------------------------------------------------------------------
     def drain(self, max_batches: int = 10_000) -> int:
+        """Send what is due now, each lane in its own thread; returns how many actions were handled."""
+        lanes = self.lanes()
+        if lanes == [self]:
+            return self._drain(max_batches)
+        counts = [0] * len(lanes)
+        errors: list[BaseException] = []
+
+        def drain_lane(i: int) -> None:
+            try:
+                counts[i] = lanes[i]._drain(max_batches)
+            except BaseException as exc:  # raised again in the caller's thread, as without lanes
+                errors.append(exc)
+            finally:
+                self.store.close_quietly()  # this thread's connection ends with it
+
+        threads = [
+            threading.Thread(target=drain_lane, args=(i,), name=f"amohook-actions-{s.lane}")
+            for i, s in enumerate(lanes)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return sum(counts)
+
+    def _drain(self, max_batches: int) -> int:
         total = 0
         for _ in range(max_batches):
             n = self.flush_once()
@@ -332,9 +507,11 @@ class ActionSender:
         if self.linger <= 0 or time.monotonic() - self._last_flush > self.linger:
             return False
         now = self.clock()
+        waiting = (Action.status == "pending") & (Action.lease_until.is_null())
+        lane = self._in_lane()
         pending = (
             Action.select(Action.id, Action.created_at)
-            .where((Action.status == "pending") & (Action.lease_until.is_null()))
+            .where(waiting if lane is None else waiting & lane)
             .order_by(Action.id)
             .limit(self.batch_size)
         )
@@ -349,7 +526,26 @@ class ActionSender:
         )
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
-        """Send until ``stop``; a batch in flight is always finished (its outcome recorded) first."""
+        """Send until ``stop``, each lane in its own thread (the first in this one); a batch in
+        flight is always finished (its outcome recorded) first."""
+        first, *others = self.lanes()
+
+        def run_lane(sender: ActionSender) -> None:
+            try:
+                sender._run(stop, idle)
+            finally:
+                self.store.close_quietly()  # this thread's connection ends with it
+
+        threads = [
+            threading.Thread(target=run_lane, args=(s,), name=f"amohook-actions-{s.lane}", daemon=True) for s in others
+        ]
+        for thread in threads:
+            thread.start()
+        first._run(stop, idle)
+        for thread in threads:
+            thread.join()
+
+    def _run(self, stop: threading.Event, idle: float) -> None:
         while not stop.is_set():
             try:
                 if self.should_wait():

@@ -93,7 +93,7 @@ def build_registry(
             return pool.get(sub, max_attempts=SENDER_CLIENT_ATTEMPTS)
 
         sender = ActionSender(store, client, log=logging.getLogger("amohook.actions").warning)
-        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
+        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wake()))
     elif journal and handlers:
         from amohook.recovery.identity import ChangeJournal
 
@@ -231,7 +231,12 @@ class Supervisor:
             if self.reconcile_every is not None:
                 from amohook.recovery.reconcile import Reconciler
 
-                self.reconciler = Reconciler(self.store, self.reconcile_every, client_factory=self._reconcile_client)
+                self.reconciler = Reconciler(
+                    self.store,
+                    self.reconcile_every,
+                    client_factory=self._reconcile_client,
+                    listening=self.listen is not None,
+                )
                 loops.append(self.reconciler.loop())
         if self.keep is not None:
             from amohook.ops.retention import pruner
