@@ -48,11 +48,19 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     else $XDG_DATA_HOME/amohook, else ~/.local/share/amohook."""
     env = os.environ if environ is None else environ
     if env.get(ENV_DATA_DIR):
-        return Path(env[ENV_DATA_DIR]).expanduser()
+        path = Path(env[ENV_DATA_DIR]).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(
+                f"{ENV_DATA_DIR} '{env[ENV_DATA_DIR]}' is a relative path, which depends on the directory amohook "
+                f"is started from — give an absolute one (e.g. {os.path.abspath(path)})"
+            )
+        return path
     if env.get(ENV_STATE_DIRECTORY):
         # systemd.exec(5): several StateDirectory= entries arrive colon-separated; the first is ours.
         return Path(env[ENV_STATE_DIRECTORY].split(":", 1)[0])
-    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    base = env.get("XDG_DATA_HOME") or ""
+    if not Path(base).expanduser().is_absolute():
+        base = str(Path.home() / ".local" / "share")  # the XDG spec: a relative value is ignored
     return Path(base).expanduser() / "amohook"
 
 
@@ -70,7 +78,11 @@ def resolve_db_url(flag: str | None, environ: Mapping[str, str] | None = None) -
             f"unsupported database URL '{redact_url(url)}' — use sqlite:///PATH, "
             "mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB"
         )
-    if not scheme.startswith("sqlite"):
+    if scheme.startswith("sqlite"):
+        from amohook.dburl import sqlite_path
+
+        sqlite_path(url)
+    else:
         from amohook.dburl import check_server_url
 
         check_server_url(url)
@@ -136,29 +148,3 @@ class Settings:
     db_url: str
     traceback: bool = False
     db_timeout: float = DEFAULT_DB_TIMEOUT
-
-
-def parse_duration(text: str, *, option: str) -> float | None:
-    """``30s``, ``5m``, ``2h``, ``1d``, ``1w`` or ``off`` (None): every duration option reads this way."""
-    value = (text or "").strip().lower()
-    if value in ("off", "no", "none", "0"):
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    number, unit = value[:-1], value[-1:]
-    if unit.isdigit():
-        number, unit = value, "s"
-    try:
-        seconds = float(number) * units[unit]
-    except (KeyError, ValueError):
-        raise ConfigError(f"{option} '{text}' is not a duration — write 30s, 5m, 2h, 1d (or off)") from None
-    if not 1 <= seconds <= 366 * 86400:
-        raise ConfigError(f"{option} '{text}' is out of range — between 1s and 366d")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """A duration as ``parse_duration`` reads it back: 5m, 1h, 1d, 30s (the largest whole unit)."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"

@@ -22,6 +22,7 @@ from amohook.errors import (
     AmoTemporaryError,
     Forbidden,
     MalformedAnswer,
+    PaymentRequired,
     RateLimited,
     RefusedBeforeRefresh,
     TokenMissing,
@@ -209,7 +210,7 @@ class AmoClient:
         if status == 400 and fields.get("validation-errors") is not None:
             return ValidationFailed(f"amoCRM rejected {method} {path}: {what}", **info)
         if status == 402:
-            return AmoApiError(
+            return PaymentRequired(
                 f"amoCRM answered 402 for {method} {path}: the account's subscription is not paid", **info
             )
         if status >= 500:

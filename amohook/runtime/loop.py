@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from amohook.durations import format_duration
 from amohook.errors import describe
-from amohook.settings import format_duration
 
 if TYPE_CHECKING:
     from amohook.store import Store
