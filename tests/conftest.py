@@ -231,11 +231,10 @@ def cli_env(db_url: str, **extra: str) -> dict:
 
 
 # Commands whose tests learn nothing more from a process of their own: they run in this process
-# (about 0.3 s of CPU less each, most of the fast loop's cost). `worker --once` and `refresh-token`
-# run here too: one call takes and releases its lease and sets up logging and signals, which
-# ``run_cli_here`` restores after. What needs a process (serve, a running worker, init-auth's
-# prompt, sync-entities' progress on a terminal, handlers imported from files, leases held across
-# processes, signals, kill -9) gets one. AMOHOOK_TEST_SUBPROCESS=1 runs every command in a process.
+# (about 0.3 s less each). Commands that own signals, logging, threads, prompts or a lease across
+# processes (serve, worker, refresh-token, init-auth, sync-entities) always get a real process:
+# run in the test's process, `worker --once` met state an earlier test left there (a second
+# store's test then saw no task), and `refresh-token` the test's own open store.
 IN_PROCESS = {
     "status",
     "events",
@@ -247,18 +246,7 @@ IN_PROCESS = {
     "pipelines",
     "users",
     "task-types",
-    "refresh-token",
 }
-
-
-def in_process(args: list[str]) -> bool:
-    """Whether ``run_cli`` runs ``args`` here: the commands above, `worker --once` without
-    ``--handler`` (a handler module imported here would stay in this process's ``sys.modules``)."""
-    if not args or os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
-        return False
-    if args[0] == "worker":
-        return "--once" in args and not any(a == "--handler" or a.startswith("--handler=") for a in args)
-    return args[0] in IN_PROCESS
 
 
 def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -301,8 +289,8 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
 
 def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str | None = None, timeout: float = 60):
     """Run the real `amohook`, as cron or an admin would: in a subprocess, or in this process for
-    the commands ``in_process`` names (same entry point, same exit codes and output)."""
-    if input is None and in_process(args):
+    the commands in ``IN_PROCESS`` (same entry point, same exit codes and output)."""
+    if input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
         return run_cli_here(args, db_url, env)
     return subprocess.run(
         [sys.executable, "-m", "amohook", *args],
