@@ -51,7 +51,8 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: st
     The change is identified by its target stage, its origin and amoCRM's modification time; a
     hook without a time (Digital Pipeline: sent once, never retried) falls back to ``fallback``
     (the delivery). A completed task is identified by the task alone: completing from the task
-    list sends a second update for the result (crm_platform/webhooks-format).
+    list sends a second update for the result (crm_platform/webhooks-format). A stale lead is
+    identified by its stay (pipeline, stage, the time it entered).
     """
     when = change.changed_at or fallback
     if change.kind == "stage_changed":
@@ -62,6 +63,10 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: st
         what = f"resp:{change.responsible_user_id}<{change.old_responsible_user_id}"
     elif change.kind == "task_completed":
         what, when = f"task:{change.task_id}", "completed"
+    elif change.kind == "stale":
+        # The stay: lead, pipeline, stage and when it entered (``when``). Not `after`: a rule fires
+        # once per stay, even if its `after` is edited later.
+        what = f"stale:{change.pipeline_id}:{change.status_id}"
     else:
         what = "added"
     raw = f"{rule.account}|{rule.name}|lead:{change.lead_id}|{change.kind}|{what}|at:{when}{suffix}"

@@ -418,8 +418,12 @@ class Reconciler:
         since: float = DEFAULT_SINCE,
         max_lookback: float = DEFAULT_MAX_LOOKBACK,
         on_queued: Callable[[int], None] | None = None,
+        after_pass: Callable[[str, Any], object] | None = None,
     ):
+        """``after_pass(account, client)`` runs after each account's pass (the stale check of
+        lead.stale rules: the change registry has just caught up with the log)."""
         self.store = store
+        self.after_pass = after_pass
         self.interval = interval
         self.since = since
         self.max_lookback = max_lookback
@@ -467,6 +471,8 @@ class Reconciler:
             for note in result.notes:
                 if not result.busy:
                     log.warning("reconciliation of '%s': %s", account, note)
+            if self.after_pass is not None:
+                self.after_pass(account, self.client(account))
         return results
 
     def run(self, stop: threading.Event) -> None:

@@ -71,7 +71,7 @@ class RulesHandler:
         single = len({r.account for r in self.rules}) == 1
         account = event.account or (self.rules[0].account if single and self.rules else None)
         for change in changes:
-            if account and change.kind != "task_completed":
+            if account and change.kind not in ("task_completed", "stale"):  # identified by themselves
                 # The same change seen as a webhook and in the events log is one change: its
                 # first sighting's time names it in every action key (amohook.recovery.identity).
                 identity = identify(

@@ -109,12 +109,19 @@ def _v5_watchdog_removals(store: Store) -> None:
     _add_missing_indexes(store, models.Action)
 
 
+def _v8_stale_entries(store: Store) -> None:
+    """stale_entry: when a lead entered the stage a lead.stale rule watches (versions 6 and 7 are
+    other branches' work; each step is recorded by its own number, so the order they land in is free)."""
+    store.db.create_tables([models.StaleEntry], safe=True)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (1, _v1_initial),
     (2, _v2_refresh_marker),
     (3, _v3_reconciliation),
     (4, _v4_store_setting),
     (5, _v5_watchdog_removals),
+    (8, _v8_stale_entries),
 ]
 LATEST = MIGRATIONS[-1][0]
 
