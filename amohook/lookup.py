@@ -128,12 +128,13 @@ def _resolve(
     raise NotFound(kind, given, suggest(text, names), where=where, hint=miss_hint)
 
 
-def suggest(given: str, names: Iterable[str], n: int = MAX_SUGGESTIONS) -> list[str]:
-    """The known names closest to ``given`` (difflib, ignoring case), best first."""
+def suggest(given: str, names: Iterable[str], n: int = MAX_SUGGESTIONS, cutoff: float = SUGGESTION_CUTOFF) -> list[str]:
+    """The known names closest to ``given`` (difflib, ignoring case), best first; ``cutoff=0``:
+    the closest ones however far."""
     by_norm: dict[str, str] = {}
     for name in names:
         by_norm.setdefault(normalize(name), name)
-    close = difflib.get_close_matches(normalize(given), list(by_norm), n=n, cutoff=SUGGESTION_CUTOFF)
+    close = difflib.get_close_matches(normalize(given), list(by_norm), n=n, cutoff=cutoff)
     return [by_norm[c] for c in close]
 
 

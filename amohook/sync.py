@@ -12,6 +12,7 @@ Only the library lives here: no typer, no rich. Progress goes to an optional cal
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -235,8 +236,30 @@ def custom_field_rows(items: Iterable[dict], entity_type: str = "leads") -> dict
             code=_text(item.get("code"), 64),
             type=_text(item.get("type"), 64),
             sort=_int(item.get("sort")),
+            enums=_options(item.get("enums")),
         )
     return rows
+
+
+MAX_OPTIONS_JSON = 1024 * 1024  # characters of one field's stored options
+
+
+def _options(enums: Any) -> str | None:
+    """A field's options (amoCRM's ``enums``: null or [{id, value, sort, code}]) as stored in
+    ``CustomField.enums``: JSON [{"id", "value"}] in amoCRM's order. None when there are none, or
+    when the list is not what the docs describe or is absurdly large: then `rules check` leaves
+    the value to amoCRM, which checks it anyway (https://www.amocrm.ru/developers/content/crm_platform/custom-fields)."""
+    if not isinstance(enums, list):
+        return None
+    options = []
+    for option in enums:
+        if not isinstance(option, dict) or not isinstance(option.get("value"), str):
+            return None
+        option_id = option.get("id")
+        options.append({"id": option_id if type(option_id) is int else None, "value": option["value"]})
+    # ASCII JSON: every backend stores it, whatever the names hold (a lone surrogate, a NUL).
+    text = json.dumps(options, separators=(",", ":"))
+    return text if len(text) <= MAX_OPTIONS_JSON else None
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def lead_body(lead_id: int, action: str = "status", items: int = 1) -> bytes:
     return ("&".join(parts) + "&account%5Bsubdomain%5D=example&account%5Bid%5D=42").encode()
 
 
+def unforeseen(lead_id: int) -> Incoming:
+    """A delivery no backend can store that skipped the listener's checks: a lone surrogate in its
+    event data (``check_storable`` refuses it at the door), so it fails after its delivery row."""
+    return incoming(b'{"leads": {"add": [{"id": "%d", "name": "\\ud800"}]}}' % lead_id, "application/json")
+
+
 def queue(store, count: int, *, received_at: float = NOW) -> list[int]:
     inbox.store_deliveries(store, [incoming(lead_body(1000 + i), received_at=received_at) for i in range(count)])
     return [e.id for e in Event.select(Event.id).order_by(Event.id)]
@@ -84,9 +90,8 @@ def test_a_body_without_entity_items_is_stored_with_no_events(store):
 
 def test_a_failing_batch_stores_nothing_at_all(store):
     good = incoming(lead_body(1))
-    bad = incoming(lead_body(2))
-    bad.body = b"\xff" + bad.body  # fails while the batch is half written
-    with pytest.raises(UnicodeDecodeError):
+    bad = unforeseen(2)  # fails while the batch is half written
+    with pytest.raises(UnicodeEncodeError):
         inbox.store_deliveries(store, [good, bad])
     assert Delivery.select().count() == 0 and Event.select().count() == 0
 
@@ -100,13 +105,10 @@ def test_thousands_of_events_in_one_body_are_inserted_in_chunks(store):
 @pytest.mark.parametrize(
     "body, reason",
     [
-        (b"leads%5Badd%5D%5B0%5D%5Bid%5D=1&x=\x00", "NUL byte"),
         (("e" * 65 + "%5Badd%5D%5B0%5D%5Bid%5D=1").encode(), "entity longer than 64"),
         (b"leads%5B" + b"a" * 65 + b"%5D%5B0%5D%5Bid%5D=1", "action longer than 64"),
         (b"leads%5Badd%5D%5B0%5D%5Bid%5D=" + b"9" * 65, "entity_id longer than 64"),
         (b"leads%5Badd%5D%5B0%5D%5Bid%5D=1&account%5Bsubdomain%5D=" + b"s" * 191, "account longer than 190"),
-        # A NUL ends a name, as in PHP (so no entity or action holds one); a value keeps it.
-        (b"leads%5Badd%5D%5B0%5D%5Bid%5D=1%002", "NUL character in entity_id"),
     ],
 )
 def test_what_no_backend_could_store_is_refused_as_a_bad_request(body, reason):
@@ -229,8 +231,7 @@ def test_a_store_failure_is_reported_to_every_waiter_and_retried_first(store, mo
 def test_one_delivery_that_cannot_be_stored_does_not_fail_the_others_in_its_batch(store):
     committer = GatedCommitter(store).start()
     outcome = {}
-    poisoned = incoming(lead_body(3))
-    poisoned.body = b"\xff" + poisoned.body  # something the checks did not foresee
+    poisoned = unforeseen(3)
 
     def send(name, item):
         try:

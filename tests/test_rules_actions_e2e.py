@@ -11,7 +11,7 @@ import pytest
 
 from amohook.amocrm.client import client_for
 from amohook.inbox import Incoming, store_deliveries
-from amohook.store.models import Action
+from amohook.store.models import Action, CustomField
 from amohook.sync import sync_entities
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import cli_env, run_cli
@@ -223,6 +223,31 @@ def test_rules_check_refuses_what_would_go_wrong(store, fake, crm, text, env, ne
     assert result.returncode != 0
     assert needle in result.stderr, result.stderr
     assert "s3cr3t" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "value, hint",
+    [
+        ("Phon", "the closest is 'Phone'"),
+        ("website", "the closest is 'Website'"),
+        ("Сайт", "they are 'Phone', 'Website'"),  # nothing alike: the options are named
+    ],
+)
+def test_rules_check_refuses_a_value_outside_a_select_fields_options(store, fake, crm, value, hint):
+    """amoCRM refuses it with NotSupportedChoice when the change is sent (docs/amocrm.md §10.4)."""
+    text = CALL_DONE.replace('value = "Phone"', f'value = "{value}"')
+    result = run_cli(["rules", "check", "--rules", rules_file(crm, text)], store.url)
+    assert result.returncode == 2, result.stderr
+    assert "field 'Source' (select)" in result.stderr
+    assert f"'{value}' is not one of its 2 options — {hint}" in result.stderr
+
+
+def test_rules_check_takes_an_option_and_leaves_unsynced_options_to_amocrm(store, fake, crm):
+    assert run_cli(["rules", "check", "--rules", rules_file(crm, CALL_DONE)], store.url).returncode == 0
+    with store.write():
+        CustomField.update(enums=None).execute()  # a store upgraded to version 6, not synced since
+    text = CALL_DONE.replace('value = "Phone"', 'value = "Fax"')
+    assert run_cli(["rules", "check", "--rules", rules_file(crm, text)], store.url).returncode == 0
 
 
 def test_rules_check_shows_what_each_rule_does(store, fake, crm):

@@ -123,6 +123,28 @@ def test_changes_are_applied_and_vanished_entities_removed(store, client, amo):
     assert CustomField.select().where(CustomField.name == "Source").count() == 0
 
 
+def test_the_options_of_select_fields_are_stored_and_follow_amocrm(store, client, amo):
+    """`rules check` compares a set_field value with them (GET /api/v4/leads/custom_fields: `enums`)."""
+    field = amo.add_custom_field("Lost because", "select", enums=["Price", "Timing", "Цена"])
+    sync_entities(store, client)
+    stored = CustomField.get(CustomField.amo_id == field["id"])
+    assert json.loads(stored.enums) == [{"id": e["id"], "value": e["value"]} for e in field["enums"]]
+    assert CustomField.get(CustomField.name == "Budget").enums is None  # amoCRM sends null
+    field["enums"][1]["value"] = "Too early"
+    field["enums"].append({"id": 1, "value": "Other", "sort": 9})
+    assert counts(sync_entities(store, client))["custom_fields"] == (0, 1, 0, 3)
+    values = [o["value"] for o in json.loads(CustomField.get(CustomField.amo_id == field["id"]).enums)]
+    assert values == ["Price", "Too early", "Цена", "Other"]
+
+
+@pytest.mark.parametrize("enums", [[{"id": 1}], ["Price"], {"1": "Price"}, [{"id": 1, "value": 5}]])
+def test_options_not_as_documented_are_not_stored(store, client, amo, enums):
+    field = amo.add_custom_field("Odd", "select")
+    field["enums"] = enums
+    assert sync_entities(store, client).ok
+    assert CustomField.get(CustomField.amo_id == field["id"]).enums is None
+
+
 def test_accounts_do_not_see_each_others_rows(store, client, amo):
     with store.write():
         Pipeline.create(account="other", amo_id=1, name="Theirs")

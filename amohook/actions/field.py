@@ -1,15 +1,17 @@
 """``[rule.set_field]``: set a lead custom field and/or add a tag (PATCH /api/v4/leads, in batches).
 
 The value is checked against the synced field's type by `rules check` (text, numeric, checkbox,
-select by option name, date). Option names of select fields are not synced: amoCRM checks them
-when the change is sent, and refuses a wrong one (the action is then ``rejected`` with amoCRM's
-reason). A tag is added with ``tags_to_add``, which keeps the lead's other tags —
+select by option name, date). The options of select fields are synced with the fields
+(``CustomField.enums``), and a value that is none of them is refused there with the closest one:
+amoCRM would refuse it with ``NotSupportedChoice`` when the change is sent (docs/amocrm.md §10.4).
+A tag is added with ``tags_to_add``, which keeps the lead's other tags —
 ``_embedded.tags`` would replace them all (crm_platform/leads-api, crm_platform/tags-api).
 Idempotent by state: before a repeat the lead is read; already so → done.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import date, datetime
 from datetime import time as dtime
@@ -24,6 +26,7 @@ DATE_TYPES = {"date", "date_time", "birthday"}
 SETTABLE = TEXT_TYPES | SELECT_TYPES | DATE_TYPES | {"numeric", "checkbox"}
 MAX_VALUE = 4000  # characters of a text value
 MAX_TAG = 100
+MAX_OPTIONS_SHOWN = 10  # options named when a value is none of them and none is close
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class SetField(LeadPatchKind):
                 return None
             try:
                 value = convert(row.type or "text", spec.value, ctx.timezone)
+                if row.type in SELECT_TYPES:
+                    check_option(row.enums, value)
             except ValueError as exc:
                 problems.append(f"{label}: field '{row.name}' ({row.type}): {exc}")
                 return None
@@ -170,6 +175,33 @@ def convert(field_type: str, value: Any, tz: str | None) -> Any:
         return _timestamp(value, tz)
     raise ValueError(
         f"fields of type {field_type} cannot be set by rules yet — use one of {', '.join(sorted(SETTABLE))}"
+    )
+
+
+def check_option(enums: str | None, value: str) -> None:
+    """ValueError naming the closest option when ``value`` is none of a select field's options
+    (``CustomField.enums``); nothing to check when they were not synced."""
+    if enums is None:
+        return
+    try:
+        options = [option["value"] for option in json.loads(enums)]
+    except (ValueError, TypeError, KeyError):
+        return  # not what sync writes: leave the value to amoCRM
+    if value in options:
+        return
+    if not options:
+        raise ValueError(f"{value!r} is not an option: the field has none in amoCRM")
+    from amohook import lookup
+
+    close = lookup.suggest(value, options, n=1)
+    if close:
+        hint = f"the closest is {close[0]!r}"
+    else:  # nothing alike: name the options instead of a closest one that is not close
+        shown = ", ".join(repr(option) for option in options[:MAX_OPTIONS_SHOWN])
+        more = f" and {len(options) - MAX_OPTIONS_SHOWN} more" if len(options) > MAX_OPTIONS_SHOWN else ""
+        hint = f"they are {shown}{more}"
+    raise ValueError(
+        f"{value!r} is not one of its {len(options)} options — {hint} (run `amohook sync-entities` if it is new)"
     )
 
 

@@ -99,12 +99,12 @@ def useful_headers(headers: Iterable[tuple[str, str]]) -> dict:
 def check_storable(body: bytes, parsed: ParsedWebhook) -> None:
     """Refuse (``BodyRejected``, 400) what every backend could not store as sent.
 
-    PostgreSQL text cannot hold NUL, no backend takes a lone UTF-16 surrogate (JSON can write
-    one as ``"\\ud800"``), and the event columns have fixed sizes; amoCRM sends none of these, so
-    such a body is a bad request, not a reason to fail the batch it would join.
+    No backend takes a lone UTF-16 surrogate (JSON can write one as ``"\\ud800"``), and the
+    event columns have fixed sizes; amoCRM sends none of these (its bodies are forms), so such a
+    body is a bad request, not a reason to fail the batch it would join. Bytes that are not UTF-8
+    and NUL are no reason: the parser replaces the first, ``store_in_txn`` the second where
+    PostgreSQL's text could not hold it (a refusal counts toward amoCRM switching the webhook off).
     """
-    if b"\x00" in body:
-        raise BodyRejected("NUL byte in body")
     if b"\\u" in body and b"\\ud" in body.lower():  # cheap test first: only JSON escapes make surrogates
         try:
             json.dumps(parsed.payload, ensure_ascii=False).encode("utf-8")
@@ -114,12 +114,29 @@ def check_storable(body: bytes, parsed: ParsedWebhook) -> None:
     for event in parsed.events:
         values += [("entity", event.entity), ("action", event.action), ("entity_id", event.entity_id)]
     for name, value in values:
-        if value is None:
-            continue
-        if len(value) > _LIMITS[name]:
+        if value is not None and len(value) > _LIMITS[name]:
             raise BodyRejected(f"{name} longer than {_LIMITS[name]} characters")
-        if "\x00" in value:
-            raise BodyRejected(f"NUL character in {name}")
+
+
+def body_text(body: bytes) -> str:
+    """The body for its text column: bytes that are not UTF-8 and NUL (which PostgreSQL's text
+    refuses) as U+FFFD, as the parser read them. The dedup key is the hash of the bytes as sent."""
+    text = bytes(body).decode("utf-8", "replace")
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _may_hold_nul(body: bytes) -> bool:
+    """Whether a parsed value may hold NUL: a raw one, ``%00`` (form) or ``\\u0000`` (JSON)."""
+    return b"\x00" in body or b"%00" in body or b"\\u0000" in body
+
+
+def _same(value: str | None) -> str | None:
+    return value
+
+
+def _text(value: str | None) -> str | None:
+    """A value for a short text column: NUL (a ``%00`` in an id) as U+FFFD, for PostgreSQL."""
+    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
 
 
 def store_deliveries(store: Store, items: Sequence[Incoming]) -> list[Stored]:
@@ -284,7 +301,7 @@ def store_in_txn(store: Store, items: Sequence[Incoming]) -> list[Stored]:
         new_rows.append(
             (
                 sha,
-                item.body.decode("utf-8"),  # the parser accepted it, so it is strict UTF-8
+                body_text(item.body),
                 _printable(item.content_type, 255),
                 _headers_json(item.headers),
                 _printable(item.remote_addr, 64),
@@ -297,16 +314,18 @@ def store_in_txn(store: Store, items: Sequence[Incoming]) -> list[Stored]:
     event_rows: list[tuple] = []
     for sha, item in fresh.items():
         parsed = item.parsed
+        clean = _text if _may_hold_nul(item.body) else _same
+        account, account_id = clean(parsed.account_subdomain), clean(parsed.account_id)
         for idx, ev in enumerate(parsed.events):
             event_rows.append(
                 (
                     ids[sha],
                     idx,
-                    ev.entity,
-                    ev.action,
-                    ev.entity_id,
-                    parsed.account_subdomain,
-                    parsed.account_id,
+                    clean(ev.entity),
+                    clean(ev.action),
+                    clean(ev.entity_id),
+                    account,
+                    account_id,
                     _data_json(ev.data),
                     "pending",
                     0,

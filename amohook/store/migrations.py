@@ -68,6 +68,11 @@ def _v4_store_setting(store: Store) -> None:
     store.db.create_tables([models.StoreSetting], safe=True)
 
 
+def _v6_field_options(store: Store) -> None:
+    """custom_field.enums: the options of select fields, for `rules check` (a fresh v1 already has it)."""
+    _add_columns(store, 6, models.CustomField, "enums")
+
+
 def _add_columns(store: Store, version: int, model: type[models.BaseModel], *names: str) -> None:
     """Add the model's columns ``names`` where they are missing; the table itself must be there."""
     from playhouse.migrate import SchemaMigrator
@@ -121,6 +126,7 @@ MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (3, _v3_reconciliation),
     (4, _v4_store_setting),
     (5, _v5_watchdog_removals),
+    (6, _v6_field_options),
     (8, _v8_stale_entries),
 ]
 LATEST = MIGRATIONS[-1][0]

@@ -164,6 +164,10 @@ class CustomField(BaseModel):
     code = CharField(max_length=64, null=True)
     type = CharField(max_length=64, null=True)
     sort = IntegerField(default=0)
+    # JSON [{"id": …, "value": "…"}, …]: the options of a select, radiobutton or multiselect field
+    # as amoCRM lists them (`enums`), so `rules check` can refuse a value amoCRM would refuse.
+    # None: the field has none, or they were not synced (a store from before schema version 6).
+    enums = LongTextField(null=True)
 
     class Meta:
         indexes = ((("account", "entity_type", "amo_id"), True),)

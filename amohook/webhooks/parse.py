@@ -16,7 +16,7 @@ import re
 from binascii import a2b_qp
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 from amohook.errors import AmohookError
 
@@ -90,10 +90,7 @@ def parse_form(body: bytes, *, max_fields: int = MAX_FIELDS, max_depth: int = MA
     # id(container) -> (container, the key `[]` appends at next), once `[]` was used there; the
     # container is held so that its id is not reused by another while the parse runs.
     appends: dict[int, tuple[dict, int]] = {}
-    fields, decoded = _fields(body, text)
-    for raw_key, raw_value in fields:
-        key = raw_key if decoded else _unquote(raw_key)
-        value = raw_value if decoded else _unquote(raw_value)
+    for key, value in _fields(body, text):
         plain = _PLAIN.fullmatch(key)
         if plain is not None and "__" not in key and key.count("[") <= max_depth:
             # The usual name (leads[status][0][id]), which PHP reads as written: no need for the
@@ -230,21 +227,24 @@ def _is_int(key: str) -> bool:
 _ODD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
 
 
-def _fields(body: bytes, text: str) -> tuple[list[tuple[str, str]], bool]:
-    """The non-empty fields as (key, value), and whether they are already percent-decoded.
+def _fields(body: bytes, text: str) -> list[tuple[str, str]]:
+    """The non-empty fields as percent-decoded (key, value).
 
-    Percent-decoding key by key costs a Python loop per escape (``urllib.parse.unquote``), and a
-    body of bracket keys has dozens of escapes per field. Instead, the raw keys and values are
-    joined with NUL (when the body has neither a NUL nor "%00", so a NUL after decoding can only
-    be a separator) and decoded in one C call: ``binascii.a2b_qp`` with the body's own '=' written
-    "=3D" and every '%' turned into '=' — when every '%' starts an escape, every '=' is then
-    followed by two hex digits, and quoted-printable decoding is exactly percent-decoding. UTF-8
-    sequences never contain ASCII bytes, so the strict decoding of the whole accepts exactly what
-    the strict decoding of each key and value accepts. Any other body (or one whose decoded bytes
-    are not UTF-8, so that the error names the same field as before) is decoded field by field.
+    As PHP does, escapes are decoded to bytes; the bytes are then read as UTF-8, and what is not
+    UTF-8 (a note cut in the middle of a character) becomes U+FFFD, so that such a body is kept
+    and processed rather than refused (a refusal counts toward amoCRM switching the webhook off).
+
+    Percent-decoding key by key costs a Python loop per escape, and a body of bracket keys has
+    dozens of escapes per field. Instead, the raw keys and values are joined with NUL (when the
+    body has neither a NUL nor "%00", so a NUL after decoding can only be a separator) and decoded
+    in one C call: ``binascii.a2b_qp`` with the body's own '=' written "=3D" and every '%' turned
+    into '=' — when every '%' starts an escape, every '=' is then followed by two hex digits, and
+    quoted-printable decoding is exactly percent-decoding. UTF-8's replacement never takes an
+    ASCII byte into a bad sequence, so decoding the whole gives what decoding each key and value
+    gives. Any other body is decoded field by field.
     """
     if "%" not in text:
-        return _split_fields(text.replace("+", " ") if "+" in text else text), True
+        return _split_fields(text.replace("+", " ") if "+" in text else text)
     raw = bytes(body)
     if b"\x00" not in raw and _ODD_PERCENT.search(raw) is None:
         parts: list[bytes] = []
@@ -253,14 +253,15 @@ def _fields(body: bytes, text: str) -> tuple[list[tuple[str, str]], bool]:
                 key, _, value = field.partition(b"=")  # no '=': a blank value, like parse_qsl
                 parts += (key, value)
         joined = b"\x00".join(parts).replace(b"+", b" ").replace(b"=", b"=3D").replace(b"%", b"=")
-        try:
-            decoded = a2b_qp(joined).decode("utf-8").split("\x00")
-        except UnicodeDecodeError:
-            pass
-        else:
-            pairs = iter(decoded)
-            return list(zip(pairs, pairs, strict=False)), True  # pairs; a lone last key is dropped
-    return _split_fields(text), False
+        decoded = a2b_qp(joined).decode("utf-8", "replace").split("\x00")
+        pairs = iter(decoded)
+        return list(zip(pairs, pairs, strict=False))  # pairs; a lone last key is dropped
+    fields = []
+    for field in raw.replace(b"+", b" ").split(b"&"):
+        if field:
+            key, _, value = field.partition(b"=")
+            fields.append((_unquote(key), _unquote(value)))
+    return fields
 
 
 def _split_fields(text: str) -> list[tuple[str, str]]:
@@ -273,20 +274,14 @@ def _split_fields(text: str) -> list[tuple[str, str]]:
 
 
 def _decode_utf8(body: bytes) -> str:
+    """The body as text; bytes that are not UTF-8 become U+FFFD (PHP takes any bytes)."""
     if not isinstance(body, (bytes, bytearray, memoryview)):
         raise TypeError(f"body must be bytes, not {type(body).__name__}")
-    try:
-        return bytes(body).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BodyRejected(f"invalid UTF-8 at byte {exc.start}") from None
+    return bytes(body).decode("utf-8", "replace")
 
 
-def _unquote(raw: str) -> str:
-    # Percent-decoded bytes must be UTF-8 as well: a lossy decode would silently change names/ids.
-    try:
-        return unquote(raw.replace("+", " "), encoding="utf-8", errors="strict")
-    except UnicodeDecodeError:
-        raise BodyRejected("invalid UTF-8 in a percent-encoded key or value") from None
+def _unquote(raw: bytes) -> str:
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -319,7 +314,8 @@ def to_lists(tree: object) -> object:
 
 
 def parse_json(body: bytes, *, max_depth: int = MAX_DEPTH) -> dict:
-    """Parse a JSON object body (strict UTF-8, no NaN/Infinity) with the same depth limit as forms.
+    """Parse a JSON object body (no NaN/Infinity) with the same depth limit as forms; bytes that are
+    not UTF-8 become U+FFFD, as in form bodies.
 
     Depth counts containers below the top-level object, so ``{"a": {"b": 1}}`` has depth 1, like
     the form key ``a[b]``.
@@ -372,7 +368,7 @@ def _check_depth(tree: dict, max_depth: int) -> None:
 
 
 def parse_body(body: bytes, content_type: str | None) -> dict:
-    """Parse by media type; parameters such as ``charset`` are ignored (UTF-8 is enforced)."""
+    """Parse by media type; parameters such as ``charset`` are ignored (bodies are read as UTF-8)."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     # amoCRM always sends form (docs/amocrm.md §5 "Transport"), so a missing type is read as form.
     if media_type in ("", FORM_TYPE):
