@@ -134,6 +134,9 @@ def complete_authorization(
     Every parameter is checked before the state is spent, so a malformed redirect (or a stray
     request to the address) cannot use up the admin's authorization.
     """
+    from amohook.redact import hold_secret
+
+    hold_secret(state, code, lasting=False)  # the state is looked up next: peewee's log shows it
     if not code or not code.strip():
         raise ConfigError("amoCRM's redirect carried no code — start again with `amohook auth-url`")
     if not referer:

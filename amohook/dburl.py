@@ -8,9 +8,10 @@ replaced. Standard library only: the CLI checks the URL at start-up, before peew
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from amohook.errors import ConfigError
+from amohook.redact import hold_secret
 
 # What a URL's query may set, per backend. Anything else is refused rather than handed to the
 # driver (an unknown keyword is a TypeError in PyMySQL; timeouts come from AMOHOOK_DB_TIMEOUT).
@@ -70,6 +71,7 @@ def check_server_url(url: str) -> None:
     if "#" in rest:
         raise _bad(url, "has a '#' part", "remove it (a '#' in the password is written %23)")
     parts = urlsplit(url)
+    hold_secret(parts.password, unquote(parts.password or ""))  # the drivers' logs may show it
     try:
         port = parts.port
     except ValueError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterable
 from urllib.parse import unquote
 
@@ -81,13 +82,92 @@ _SECRET_PATTERNS = [
 ]
 
 
-def redact_secrets(text: str, known: Iterable[str] = ()) -> str:
-    """``text`` without the ``known`` secret values (in any case) nor anything shaped like a token."""
+MIN_SECRET_LENGTH = 16  # the webhook secret's least length (the listener refuses a shorter one)
+_MIN_HELD = 6  # a shorter value would cut ordinary words out of every line
+_MAX_PASSING = 256  # tokens rotate: the newest this many are kept (older ones have expired)
+
+
+class HeldSecrets:
+    """The secrets this process holds, so every log line (a library's too) and every printed
+    destination can lose them: whoever reads or receives a secret hands it in (``hold``).
+
+    Lasting ones (the client secret, the webhook secret, a password, a notify URL's path) are
+    kept for the life of the process; passing ones (tokens) only the newest ``_MAX_PASSING``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lasting: dict[str, None] = {}
+        self._passing: dict[str, None] = {}
+        self._patterns: tuple[re.Pattern, re.Pattern] | None = None
+        self._empty = True
+
+    def hold(self, *values: object, lasting: bool = True) -> None:
+        fresh = [v for v in values if isinstance(v, str) and len(v.strip()) >= _MIN_HELD]
+        if not fresh:
+            return
+        with self._lock:
+            changed = False
+            for value in fresh:
+                if value in self._lasting or value in self._passing:
+                    continue
+                (self._lasting if lasting else self._passing)[value] = None
+                changed = True
+            while len(self._passing) > _MAX_PASSING:
+                del self._passing[next(iter(self._passing))]
+            if changed:
+                self._patterns = None
+                self._empty = False
+
+    def values(self) -> list[str]:
+        with self._lock:
+            return [*self._lasting, *self._passing]
+
+    def patterns(self) -> tuple[re.Pattern, re.Pattern] | None:
+        """A quick test — any held value's first ``_MIN_HELD`` characters (tokens share theirs, so
+        it stays short) — and one alternation of every held value, longest first (a secret holding
+        another is cut whole), run only on a line that passes the test."""
+        if self._empty:
+            return None
+        with self._lock:
+            if self._patterns is None:
+                values = sorted({*self._lasting, *self._passing}, key=len, reverse=True)
+                starts = sorted({v[:_MIN_HELD].lower() for v in values})
+                self._patterns = (
+                    re.compile("|".join(re.escape(v) for v in starts), re.IGNORECASE),
+                    re.compile("|".join(re.escape(v) for v in values), re.IGNORECASE),
+                )
+            return self._patterns
+
+    def forget_all(self) -> None:
+        """Tests only: a process that starts over."""
+        with self._lock:
+            self._lasting.clear()
+            self._passing.clear()
+            self._patterns = None
+            self._empty = True
+
+
+HELD = HeldSecrets()
+
+
+def hold_secret(*values: object, lasting: bool = True) -> None:
+    """Remember secrets this process holds: no log line and no printed destination shows them."""
+    HELD.hold(*values, lasting=lasting)
+
+
+def redact_secrets(text: str, known: Iterable[str] = (), *, patterns: bool = True) -> str:
+    """``text`` without the ``known`` secret values nor those the process holds (in any case), and
+    (``patterns``) without anything shaped like a token."""
     for value in known:
         if value:
             text = re.sub(re.escape(value), _REDACTED, text, flags=re.IGNORECASE)
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + _REDACTED, text)
+    held = HELD.patterns()
+    if held is not None and held[0].search(text):
+        text = held[1].sub(_REDACTED, text)
+    if patterns:
+        for pattern in _SECRET_PATTERNS:
+            text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + _REDACTED, text)
     return text
 
 

@@ -102,6 +102,15 @@ def make_database(backend: str, tmp_path: Path):
 
 
 @pytest.fixture(autouse=True)
+def held_secrets_forgotten():
+    """What one test's process held as secrets (``amohook.redact.HELD``) does not cut another's output."""
+    yield
+    from amohook.redact import HELD
+
+    HELD.forget_all()
+
+
+@pytest.fixture(autouse=True)
 def alone_under_xdist(request, tmp_path_factory):
     """Tests marked ``alone`` (rates, latencies and CPU measured against wall-clock bounds) run
     while no other test does, when pytest-xdist runs tests in parallel (``-n``, pyproject's

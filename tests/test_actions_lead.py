@@ -22,7 +22,7 @@ from amohook.actions.base import PlannedAction
 from amohook.actions.notify import idempotency_key
 from amohook.amocrm.client import client_for
 from amohook.store.models import Action
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, run_cli
 
 
 class Clock:
@@ -241,13 +241,18 @@ def test_an_option_amocrm_does_not_know_is_rejected_with_its_reason(store, fake,
 class Receiver:
     """A real HTTP server on 127.0.0.1: records messages, answers as told, honours Idempotency-Key."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         self.messages: list[tuple[str, dict]] = []
         self.seen: set[str] = set()
         self.answers: list[int | str] = []  # per request: a status, or "drop" (read, then hang up)
+        self.connections = 0
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def setup(self):
+                receiver.connections += 1
+                super().setup()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = self.headers.get("Idempotency-Key", "")
@@ -266,8 +271,9 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook/s3cr3t-token"
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/hook/s3cr3t-token"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -344,3 +350,58 @@ def test_a_missing_url_waits_for_a_person_and_never_posts(store, account, receiv
     action = Action.get()
     assert action.status == "pending" and "CHAT_URL is not set" in action.last_error and action.attempts == 0
     assert receiver.messages == []
+
+
+NOTIFY_RULE = """
+[[rule]]
+name = "new leads to the chat"
+when = "lead.added"
+[rule.notify]
+url_env = "CHAT_URL"
+json = { text = "New: {lead.name}" }
+"""
+
+
+def test_a_backslash_cannot_pass_a_remote_http_url_off_as_localhost(store, account, receiver, tmp_path):
+    """urlsplit reads the host after the ``@``; requests (urllib3's parse_url) stops the host at
+    the backslash and connects to the host before it. The check must read it as requests does."""
+    port = receiver.server.server_address[1]
+    tricky = f"http://127.0.0.2:{port}\\@127.0.0.1/x"
+    rules = tmp_path / "rules.toml"
+    rules.write_text(NOTIFY_RULE)
+    result = run_cli(["rules", "check", "--rules", str(rules)], store.url, env=cli_env(store.url, CHAT_URL=tricky))
+    assert result.returncode == 2 and "CHAT_URL" in result.stderr, result.stderr
+    assert "127.0.0.2" not in result.stderr and "Traceback" not in result.stderr
+    # A URL changed after `rules check`: the sender checks again and never connects.
+    second = Receiver(host="127.0.0.2")
+    try:
+        record_planned(store, [notify(5)], event_id=1)
+        sender(store, env={"CHAT_URL": f"http://127.0.0.2:{second.port}\\@127.0.0.1/x"}).drain()
+        action = Action.get()
+        assert action.status == "pending" and "CHAT_URL" in action.last_error
+        assert second.connections == 0 and second.messages == []
+    finally:
+        second.close()
+
+
+@pytest.mark.parametrize(
+    "url, ok",
+    [
+        ("http://127.0.0.1:8080/hook", True),
+        ("http://LOCALHOST/hook", True),
+        ("http://[::1]:81/hook", True),
+        ("https://chat.example.com/hook/s3cr3t", True),
+        ("http://127.0.0.2:8080\\@127.0.0.1/x", False),
+        ("http://127.0.0.1@chat.example.com/x", False),
+        ("http://chat.example.com#@127.0.0.1/", False),
+        ("http://127.0.0.1/x\n", False),
+        (" http://127.0.0.1/x", False),
+        ("http://localhost.evil.com/x", False),
+        ("ftp://127.0.0.1/x", False),
+        ("127.0.0.1/x", False),
+    ],
+)
+def test_the_url_check_reads_the_host_requests_connects_to(url, ok):
+    from amohook.actions.notify import url_problem
+
+    assert (url_problem(url) is None) == ok, url_problem(url)

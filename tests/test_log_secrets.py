@@ -134,3 +134,88 @@ def test_a_debug_level_run_logs_no_token_code_or_secret(db_url, fake, tmp_path):
         tail = value[len(value) // 2 :]
         for piece in {tail[i : i + 24] for i in range(0, max(1, len(tail) - 24), 97)}:
             assert piece not in log, f"part of the {name} is in the log"
+
+
+NOTIFY_RULES = """
+[[rule]]
+name = "new leads to the chat"
+when = "lead.added"
+[rule.notify]
+url_env = "CHAT_URL"
+json = { text = "New lead {lead.id}" }
+"""
+
+
+def test_library_debug_logs_hold_no_secret_of_the_oauth_callback_nor_the_notify_url(db_url, fake, tmp_path):
+    """--library-log-level debug opens peewee's statements with their parameters and urllib3's
+    request lines: the client secret stored by /oauth/callback, the state, the code, the tokens,
+    the webhook secret, the status password and the notify URL's secret path must not be in them."""
+    from amohook.amocrm.oauth import Client
+    from amohook.auth import start_authorization
+    from amohook.inbox import Incoming, store_deliveries
+    from amohook.store.models import Action
+    from amohook.webhooks.parse import parse_webhook
+    from tests.test_actions_lead import Receiver
+
+    chat_secret = "chat-path-Secret-7f3a9c2e51"
+    receiver = Receiver()
+    chat_url = f"http://127.0.0.1:{receiver.port}/hooks/{chat_secret}?token=query-Secret-88e1b0"
+    password = "status-Password-4d2f8a"
+    debug = {
+        "AMOHOOK_LOG_LEVEL": "debug",
+        "AMOHOOK_WEBHOOK_SECRET": SECRET,
+        "AMOHOOK_STATUS_PASSWORD": password,
+        "CHAT_URL": chat_url,
+    }
+    env = cli_env(db_url, **debug)
+    store = open_store(db_url)
+    written: list[str] = []
+    try:
+        _, state = start_authorization(
+            store, client=Client(fake.client_id, fake.client_secret, fake.redirect_uri), base_url=fake.base_url
+        )
+        code = fake.issue_code()
+
+        def authorize(url: str) -> None:
+            page = requests.get(
+                f"{url}/oauth/callback",
+                params={"code": code, "state": state, "referer": "example.amocrm.ru"},
+                timeout=20,
+            )
+            assert page.status_code == 200 and "amohook is connected" in page.text, page.text
+            assert requests.get(f"{url}/status", auth=("admin", password), timeout=20).status_code == 200
+
+        written.append(serve_until(db_url, ["--workers", "0", "--library-log-level", "debug"], env, authorize))
+        rules = tmp_path / "rules.toml"
+        rules.write_text(NOTIFY_RULES)
+        body = fake.webhook_body("add", [{"id": 7001, "name": "Acme"}], entity="leads")
+        form = "application/x-www-form-urlencoded"
+        store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, form), content_type=form)])
+        result = run_cli(
+            ["worker", "--rules", str(rules), "--once", "--reconcile", "off", "--library-log-level", "debug"],
+            db_url,
+            env=env,
+        )
+        written.append(result.stdout + result.stderr)
+        assert result.returncode == 0, result.stderr
+        assert Action.get(Action.kind == "notify").status == "done" and len(receiver.messages) == 1
+    finally:
+        store.close()
+        receiver.close()
+
+    log = "\n".join(written)
+    assert "DEBUG peewee" in log and "DEBUG urllib3" in log  # the libraries really logged
+    assert 'INSERT INTO "account"' in log or "INSERT INTO `account`" in log  # the statement that held it
+    account = Account.get(Account.subdomain == "example")
+    secrets = {
+        "client secret": fake.client_secret,
+        "state": state,
+        "authorization code": code,
+        "access token": account.access_token,
+        "refresh token": account.refresh_token,
+        "webhook secret": SECRET,
+        "status password": password,
+        "notify path": chat_secret,
+        "notify query": "query-Secret-88e1b0",
+    }
+    assert [name for name, value in secrets.items() if value.lower() in log.lower()] == []

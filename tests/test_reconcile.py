@@ -8,6 +8,7 @@ as the real CLI. Every test runs on SQLite, MariaDB and PostgreSQL.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -509,3 +510,41 @@ def test_a_pass_held_by_a_killed_process_says_until_when(store, fake, crm):
     assert leases.try_acquire("reconcile:example", alive, 900)
     busy = run_cli(["reconcile"], store.url)
     assert "(otherhost:4242)" in busy.stdout and "runs out at" in busy.stdout
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["secret-in-env", "secret-not-in-env"])
+def test_a_secret_outside_a_webhook_segment_is_never_shown(store, fake, crm, caplog, known):
+    """A proxy may map ``/amo/<secret>`` to the listener: subscribe, list (text and JSON), the
+    watchdog's warnings and its notes (reconcile, status, doctor) cut the secret all the same,
+    whether or not this process has it in its environment."""
+    secret = "Amo-Path-Secret-0123456789xyz"
+    url = f"https://hooks.example.com/amo/{secret}"
+    env = cli_env(store.url, AMOHOOK_WEBHOOK_SECRET=secret) if known else cli_env(store.url)
+    written: list[str] = []
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        result = run_cli(list(args), store.url, env=env)
+        written.append(result.stdout + result.stderr)
+        return result
+
+    subscribed = cli("webhooks", "subscribe", "--url", "https://hooks.example.com/amo/{secret}" if known else url)
+    assert subscribed.returncode == 0, subscribed.stderr
+    assert "https://hooks.example.com/amo/***" in subscribed.stdout
+    assert [h["destination"] for h in fake.webhooks] == [url]
+    assert "https://hooks.example.com/amo/***" in cli("webhooks", "list").stdout
+    [row] = json.loads(cli("webhooks", "list", "--json").stdout)
+    assert row["destination"] == "https://hooks.example.com/amo/***" and row["by_amohook"]
+    fake.disable_webhook(url)
+    with caplog.at_level(logging.WARNING, logger="amohook"):
+        cli("reconcile")
+        cli("status")
+        cli("doctor")
+        fake.webhooks.clear()
+        cli("reconcile", "--json")
+        cli("status", "--json")
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("amohook.")]
+    assert any("hooks.example.com/amo/***" in n for n in notes), notes
+    everything = "\n".join(written + notes)
+    assert "switching it back on" in everything and "is on again" in everything and "missing" in everything
+    assert secret not in everything and secret.lower() not in everything.lower()
+    assert secret[: len(secret) // 2] not in everything

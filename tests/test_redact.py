@@ -73,3 +73,49 @@ def test_the_formatter_redacts_messages_exceptions_and_known_secrets():
     assert SECRET not in out and SECRET.upper() not in out
     assert "\x1b" not in out and "\\x1b[31m" in out
     assert "Traceback" in out and "\n" in out  # a traceback keeps its lines
+
+
+@pytest.mark.parametrize(
+    "destination, shown",
+    [
+        ("https://h.example.com/amo/Amo-Path-Secret-0123456789", "https://h.example.com/amo/***"),
+        ("https://h.example.com/Amo-Path-Secret-0123456789/in", "https://h.example.com/***/in"),
+        ("https://h.example.com/webhook/short", "https://h.example.com/webhook/***"),
+        ("https://user:pw@h.example.com/amo/x?token=1", "https://***@h.example.com/amo/x?***"),
+        ("https://h.example.com/hooks/amocrm", "https://h.example.com/hooks/amocrm"),
+    ],
+)
+def test_a_destination_is_shown_without_anything_that_may_be_the_secret(destination, shown):
+    from amohook.recovery.watchdog import redact_destination
+
+    assert redact_destination(destination) == shown
+
+
+def test_a_held_secret_is_cut_from_a_destination_wherever_it_stands():
+    from amohook.recovery.watchdog import redact_destination
+    from amohook.redact import hold_secret
+
+    hold_secret("short-s3cret")  # shorter than a segment that is cut anyway
+    assert redact_destination("https://short-s3cret.example.com/a/SHORT-S3CRET") == "https://***.example.com/a/***"
+
+
+def test_a_held_secret_leaves_every_log_line_a_library_writes():
+    from amohook.redact import hold_secret
+
+    hold_secret("Client-Secret-Held-0042")
+    hold_secret("abc")  # too short to hold: it would cut ordinary words from every line
+    record = logging.LogRecord(
+        "peewee", logging.DEBUG, __file__, 1, "%r", (("UPDATE x", ["client-secret-held-0042", "abc"]),), None
+    )
+    line = RedactingFormatter("%(name)s: %(message)s").format(record)
+    assert "Held-0042".lower() not in line.lower() and "'abc'" in line and "***" in line
+
+
+def test_tokens_are_held_while_they_are_recent():
+    from amohook.redact import _MAX_PASSING, HELD, hold_secret
+
+    hold_secret("lasting-secret-value")
+    for i in range(_MAX_PASSING + 5):
+        hold_secret(f"token-{i:06d}", lasting=False)
+    held = HELD.values()
+    assert "lasting-secret-value" in held and f"token-{_MAX_PASSING + 4:06d}" in held and "token-000000" not in held

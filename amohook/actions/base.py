@@ -82,6 +82,9 @@ class ActionKind:
     key_suffix = ""  # appended to the change's key text: tells kinds apart (tasks: none, for old keys)
     batch_size = BATCH
     changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
+    # Which sender thread carries it: kinds talking to other servers than amoCRM get a lane of
+    # their own, so one slow server never holds up another's actions (``ActionSender.lanes``).
+    lane = "amocrm"
 
     # -- the rules file -----------------------------------------------------------------------
     def parse(self, raw: dict, label: str, problems: list[str]) -> Any:

@@ -21,10 +21,16 @@ fake and, as far as we know, amoCRM create nothing then — but that is not docu
 An action goes back from ``sending`` to ``pending`` only on a definite answer that nothing was
 created: a 4xx (including 429) to its POST, or a lookup that completed and did not find it. Any
 other failure keeps it ``sending``, so the next attempt looks first.
+
+Each lane (``ActionKind.lane``: amoCRM's kinds, and notify's receivers) has a sender of its own
+with its own thread (``lanes``, ``run``, ``drain``): a receiver that answers slowly holds up its
+own lane only. The claims and leases are the same for all, so exactly-once holds across lanes as
+it does across processes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -55,6 +61,8 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # re-asserted right before each POST, and a POST refused with 401 is not repeated inside it: the
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
 LEASE_SECONDS = 300.0
+HTTP_DEADLINE = 30.0  # the longest one request to a server other than amoCRM (notify) may take
+DEFAULT_LANE = "amocrm"  # the lane of every kind that does not name another, and of unknown kinds
 MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
 
 
@@ -109,7 +117,19 @@ class SendStats:
     failed: int = 0
     retried: int = 0
     skipped: int = 0
+    answer_bytes: int = 0  # read of the answers of servers other than amoCRM (notify)
     errors: list = field(default_factory=list)
+
+    def __add__(self, other: SendStats) -> SendStats:
+        total = SendStats(errors=self.errors + other.errors)
+        for name in ("posts", "lookups", "created", "adopted", "failed", "retried", "skipped", "answer_bytes"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+
+def lane_names() -> list[str]:
+    """Every lane, the default one first."""
+    return [DEFAULT_LANE, *sorted({k.lane for k in kinds().values()} - {DEFAULT_LANE})]
 
 
 class ActionSender:
@@ -129,9 +149,15 @@ class ActionSender:
         linger: float = 0.3,
         env: Mapping[str, str] | None = None,
         http=None,
+        http_deadline: float = HTTP_DEADLINE,
+        lane: str | None = None,
     ):
         """``env``: where ``notify`` reads its URLs (default: this process's environment);
-        ``http``: the ``requests.Session`` it posts them with."""
+        ``http``: the ``requests.Session`` it posts them with (made to obey ``http_deadline``, the
+        most one such request may take, whole); ``lane``: send only that lane's kinds (None: all,
+        each lane in its own thread)."""
+        from amohook.actions.deadline import with_deadline
+
         self.store = store
         self.client_for = client_for
         self.owner = owner or new_owner()
@@ -141,11 +167,56 @@ class ActionSender:
         self.clock = clock
         self.log = log or (lambda message: None)
         self.linger = linger
-        self.stats = SendStats()
+        self._stats = SendStats()
         self.env = env if env is not None else os.environ
-        self.http = http or requests.Session()
+        self.http = with_deadline(http or requests.Session())
+        self.http_deadline = http_deadline
+        self.resting: dict[str, float] = {}  # servers other than amoCRM that gave no answer: until when they rest
+        self.lane = lane
+        self._lanes: list[ActionSender] | None = None
         self.wakeup = threading.Event()
         self._last_flush = float("-inf")  # monotonic time of the last batch claimed
+
+    # -- lanes ---------------------------------------------------------------------------------
+    @property
+    def stats(self) -> SendStats:
+        """What this sender did, its lanes' included."""
+        total = self._stats
+        for sender in self._lanes or []:
+            total = total + sender._stats
+        return total
+
+    def lanes(self) -> list[ActionSender]:
+        """The senders that carry the actions, one per lane (made once; just this one if it has a lane)."""
+        if self.lane is not None:
+            return [self]
+        if self._lanes is None:
+            self._lanes = [self._for_lane(name) for name in lane_names()]
+        return self._lanes
+
+    def _for_lane(self, lane: str) -> ActionSender:
+        sender = copy.copy(self)
+        sender.lane, sender._lanes, sender._stats = lane, None, SendStats()
+        sender.wakeup = threading.Event()
+        sender._last_flush = float("-inf")
+        if all(k.batch_size <= 1 for k in kinds().values() if k.lane == lane):
+            sender.linger = 0.0  # one action per request: there is no batch to wait for
+        return sender
+
+    def wake(self) -> None:
+        """New actions were recorded: every lane looks now."""
+        self.wakeup.set()
+        for sender in self._lanes or []:
+            sender.wakeup.set()
+
+    def _in_lane(self):
+        """The condition on ``Action.kind`` for this sender's lane (None: every kind)."""
+        if self.lane is None:
+            return None
+        if self.lane == DEFAULT_LANE:  # with the kinds it does not know: they are failed there
+            others = [name for name, kind in kinds().items() if kind.lane != self.lane]
+            return Action.kind.not_in(others) if others else None
+        return Action.kind.in_([name for name, kind in kinds().items() if kind.lane == self.lane])
 
     # -- claiming ------------------------------------------------------------------------------
     def claim(self) -> tuple[list[Action], set[int]]:
@@ -157,6 +228,9 @@ class ActionSender:
         due = ((Action.status == "pending") & (Action.lease_until.is_null() | (Action.lease_until <= now))) | (
             (Action.status == "sending") & (Action.lease_until < now)
         )
+        lane = self._in_lane()
+        if lane is not None:
+            due = due & lane
         with self.store.write():
             first = self.store.for_update(
                 Action.select(Action.id, Action.account, Action.kind).where(due).order_by(Action.id).limit(1),
@@ -297,6 +371,34 @@ class ActionSender:
 
     # -- loop ----------------------------------------------------------------------------------
     def drain(self, max_batches: int = 10_000) -> int:
+        """Send what is due now, each lane in its own thread; returns how many actions were handled."""
+        lanes = self.lanes()
+        if lanes == [self]:
+            return self._drain(max_batches)
+        counts = [0] * len(lanes)
+        errors: list[BaseException] = []
+
+        def drain_lane(i: int) -> None:
+            try:
+                counts[i] = lanes[i]._drain(max_batches)
+            except BaseException as exc:  # raised again in the caller's thread, as without lanes
+                errors.append(exc)
+            finally:
+                self.store.close_quietly()  # this thread's connection ends with it
+
+        threads = [
+            threading.Thread(target=drain_lane, args=(i,), name=f"amohook-actions-{s.lane}")
+            for i, s in enumerate(lanes)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return sum(counts)
+
+    def _drain(self, max_batches: int) -> int:
         total = 0
         for _ in range(max_batches):
             n = self.flush_once()
@@ -315,9 +417,11 @@ class ActionSender:
         if self.linger <= 0 or time.monotonic() - self._last_flush > self.linger:
             return False
         now = self.clock()
+        waiting = (Action.status == "pending") & (Action.lease_until.is_null())
+        lane = self._in_lane()
         pending = (
             Action.select(Action.id, Action.created_at)
-            .where((Action.status == "pending") & (Action.lease_until.is_null()))
+            .where(waiting if lane is None else waiting & lane)
             .order_by(Action.id)
             .limit(self.batch_size)
         )
@@ -325,7 +429,26 @@ class ActionSender:
         return 0 < len(rows) < self.batch_size and rows[0].created_at > now - self.linger
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
-        """Send until ``stop``; a batch in flight is always finished (its outcome recorded) first."""
+        """Send until ``stop``, each lane in its own thread (the first in this one); a batch in
+        flight is always finished (its outcome recorded) first."""
+        first, *others = self.lanes()
+
+        def run_lane(sender: ActionSender) -> None:
+            try:
+                sender._run(stop, idle)
+            finally:
+                self.store.close_quietly()  # this thread's connection ends with it
+
+        threads = [
+            threading.Thread(target=run_lane, args=(s,), name=f"amohook-actions-{s.lane}", daemon=True) for s in others
+        ]
+        for thread in threads:
+            thread.start()
+        first._run(stop, idle)
+        for thread in threads:
+            thread.join()
+
+    def _run(self, stop: threading.Event, idle: float) -> None:
         while not stop.is_set():
             try:
                 if self.should_wait():

@@ -34,6 +34,11 @@ class TokenPair:
     issued_at: float  # amoCRM's time of the answer (server_time, else Date), else this host's
     clock_skew: float | None = None  # this host's clock minus amoCRM's, when amoCRM's time was known
 
+    def __post_init__(self) -> None:
+        from amohook.redact import hold_secret
+
+        hold_secret(self.access_token, self.refresh_token, lasting=False)  # before any log line may hold them
+
     @property
     def expires_at(self) -> float:
         return self.issued_at + self.expires_in
@@ -46,6 +51,11 @@ class Client:
     client_id: str
     client_secret: str
     redirect_uri: str
+
+    def __post_init__(self) -> None:
+        from amohook.redact import hold_secret
+
+        hold_secret(self.client_secret)  # before any log line may hold it
 
     def __repr__(self) -> str:  # never show the secret, even in a traceback
         return f"Client(client_id={self.client_id!r}, redirect_uri={self.redirect_uri!r})"

@@ -165,20 +165,33 @@ PublicUrlOpt = Annotated[
 ]
 
 
+def _hold_env_secret() -> None:
+    """Hold AMOHOOK_WEBHOOK_SECRET so that no destination printed shows it, wherever it stands."""
+    import os
+
+    from amohook.redact import hold_secret
+    from amohook.settings import ENV_WEBHOOK_SECRET
+
+    hold_secret(os.environ.get(ENV_WEBHOOK_SECRET) or None)
+
+
 def _webhook_secret(ctx: typer.Context) -> str:
     """The secret `serve` uses: AMOHOOK_WEBHOOK_SECRET when set, else the one it keeps in the store."""
     import os
 
     from amohook.errors import ConfigError
+    from amohook.redact import hold_secret
     from amohook.settings import ENV_WEBHOOK_SECRET
     from amohook.webhooks.secret import stored_secret
     from amohook.webhooks.server import check_secret
 
     explicit = os.environ.get(ENV_WEBHOOK_SECRET)
     if explicit:
+        hold_secret(explicit)
         return check_secret(explicit)
     store = state(ctx).store()
     kept = stored_secret(store)
+    hold_secret(kept)
     if kept is None:
         from amohook.dburl import redact
 
@@ -197,6 +210,7 @@ def _check_url(ctx: typer.Context, url: str) -> str:
 
     from amohook.errors import ConfigError
 
+    _hold_env_secret()
     if "{secret}" in url:
         url = url.replace("{secret}", _webhook_secret(ctx))
     parts = urlsplit(url)
@@ -213,6 +227,7 @@ def webhooks_list(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: J
     from amohook.amocrm.subscriptions import list_webhooks
     from amohook.recovery.watchdog import destination_sha, redact_destination, watched
 
+    _hold_env_secret()
     store = state(ctx).store()
     account = _account(subdomain)
     hooks = list_webhooks(client_for(store, account))

@@ -90,6 +90,9 @@ def check_status_password(password: str | None) -> str | None:
         raise ConfigError(
             f"AMOHOOK_STATUS_PASSWORD {problem} {_MAKE_ONE}, or unset it to turn /status and /metrics off"
         )
+    from amohook.redact import hold_secret
+
+    hold_secret(password)
     return password
 
 

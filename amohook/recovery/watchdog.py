@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from amohook.store.models import ReconcileState, Subscription
@@ -198,14 +199,27 @@ def _is_on(hooks, destination: str) -> bool:
     return any(h.destination == destination and not h.disabled for h in hooks)
 
 
-def redact_destination(destination: str) -> str:
-    """A destination for logs and output: amohook's own carry the webhook secret after /webhook/,
-    and any query string may carry a token; both are cut."""
-    base = destination.split("?", 1)[0].split("#", 1)[0]
+def redact_destination(destination: str, secrets: Iterable[str] = ()) -> str:
+    """A destination as it may be shown: never the webhook secret, wherever it stands.
+
+    amohook's own destinations carry the secret in the path — after ``/webhook/``, or under any
+    other segment a proxy maps to it (``/amo/<secret>``). Cut: everything after a ``webhook``
+    segment, every path segment as long as a secret may be (``MIN_SECRET_LENGTH``: the listener
+    refuses shorter ones, so this holds even where the secret is not known), the ``secrets`` given
+    and those this process holds, wherever they appear, user info, and the query or fragment.
+    """
+    from amohook.redact import MIN_SECRET_LENGTH, printable, redact_secrets
+
+    text = str(destination)
+    base = re.split(r"[?#]", text, maxsplit=1)[0]
     parts = base.split("/")
-    for i, part in enumerate(parts):
-        if part.lower() in ("webhook", "webhooks") and i + 1 < len(parts) and i >= 3:
-            parts = parts[: i + 1] + ["***"]
+    if len(parts) > 2 and "@" in parts[2]:
+        parts[2] = "***@" + parts[2].rsplit("@", 1)[1]
+    shown = parts[:3]
+    for i, part in enumerate(parts[3:], start=3):
+        if part.lower() in ("webhook", "webhooks") and i + 1 < len(parts):
+            shown += [part, "***"]
             break
-    shown = "/".join(parts)
-    return shown + ("?***" if "?" in destination else "")
+        shown.append("***" if len(part) >= MIN_SECRET_LENGTH else part)
+    result = "/".join(shown) + ("?***" if len(base) < len(text) else "")
+    return printable(redact_secrets(result, secrets, patterns=False))

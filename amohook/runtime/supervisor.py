@@ -77,7 +77,7 @@ def build_registry(
             return clients[sub]
 
         sender = ActionSender(store, client, log=logging.getLogger("amohook.actions").warning)
-        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wakeup.set()))
+        registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wake()))
     elif journal and handlers:
         from amohook.recovery.identity import ChangeJournal
 

@@ -38,13 +38,32 @@ class BaseModel(Model):
         legacy_table_names = False
 
 
+class HoldsSecrets:
+    """A row whose secrets the process holds from the moment it has them (``amohook.redact``):
+    read or made, they are cut from every log line — peewee's own, when the row is written back."""
+
+    lasting_secrets: tuple[str, ...] = ()  # kept for the life of the process
+    passing_secrets: tuple[str, ...] = ()  # rotate (tokens): the newest are kept
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from amohook.redact import hold_secret
+
+        data = self.__data__  # type: ignore[attr-defined]
+        hold_secret(*(data.get(name) for name in self.lasting_secrets))
+        hold_secret(*(data.get(name) for name in self.passing_secrets), lasting=False)
+
+
 class SchemaVersion(BaseModel):
     version = IntegerField(primary_key=True)
     applied_at = DoubleField(default=now)
 
 
-class Account(BaseModel):
+class Account(HoldsSecrets, BaseModel):
     """One connected amoCRM account and its OAuth grant. Tokens are TEXT: they exceed 255 chars."""
+
+    lasting_secrets = ("client_secret",)
+    passing_secrets = ("access_token", "refresh_token")
 
     id = AutoField()
     subdomain = CharField(max_length=190, unique=True)
@@ -78,8 +97,11 @@ class Lease(BaseModel):
     expires_at = DoubleField(default=0)
 
 
-class OAuthState(BaseModel):
+class OAuthState(HoldsSecrets, BaseModel):
     """An authorization started by `auth-url`, waiting for amoCRM's redirect with this state."""
+
+    lasting_secrets = ("client_secret",)
+    passing_secrets = ("state",)
 
     state = CharField(max_length=64, primary_key=True)
     client_id = CharField(max_length=255)

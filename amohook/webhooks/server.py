@@ -31,7 +31,7 @@ from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, describe
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
 from amohook.ops import health, metrics, status_page
-from amohook.redact import redact_target
+from amohook.redact import MIN_SECRET_LENGTH, hold_secret, redact_target
 from amohook.webhooks.http_server import TRUSTED, UNTRUSTED, Answer, HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amohook.server")
 
-MIN_SECRET_LENGTH = 16
 _SECRET_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -84,6 +83,7 @@ def check_secret(secret: str | None) -> str:
         )
     if not set(secret) <= _SECRET_CHARS:
         raise ConfigError("the webhook secret goes into the URL: use only letters, digits and - . _ ~")
+    hold_secret(secret)
     return secret
 
 
