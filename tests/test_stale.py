@@ -230,3 +230,47 @@ def test_the_readme_stale_example_parses():
     [rule] = parse_rules(block)
     assert (rule.when, rule.pipeline, rule.stage, rule.after) == ("lead.stale", "Sales", "Proposal", 3 * 86400)
     assert rule.create_task.due == "end_of_day"
+
+
+def second_store(tmp_path, fake):
+    """Another store on the same amoCRM account (a second installation), synced and authorized."""
+    from amohook.amocrm.oauth import Client, TokenPair
+    from amohook.store import open_store
+    from amohook.sync import sync_entities
+    from amohook.tokens import save_authorization
+
+    other = open_store(f"sqlite:///{tmp_path / 'other.db'}")
+    access, refresh = fake.issue_tokens()
+    save_authorization(
+        other,
+        subdomain="example",
+        base_url=fake.base_url,
+        client=Client(fake.client_id, fake.client_secret, fake.redirect_uri),
+        pair=TokenPair(access_token=access, refresh_token=refresh, expires_in=86400, issued_at=time.time()),
+    )
+    sync_entities(other, client_for(other, "example"))
+    return other
+
+
+def test_a_second_store_on_the_account_recognises_the_task_of_the_stay(store, fake, stale, tmp_path):
+    """Store A saw the webhook (its time names the stay); store B, started later, learns the entry
+    from the log three seconds apart: B's task would be due at another time, and is still not made."""
+    now = int(time.time())
+    lead_id = lead(fake, stale, 8501, "Shared")
+    item = fake.move_lead(lead_id, stale["qualified"], stale["pipeline"], at=now - 120, log_offset=3)
+    deliver(store, fake, "status", [item])
+    work(store, stale)
+    assert check(store, stale["rules"], now).queued == 1
+    work(store, stale)
+    assert len(fake.tasks) == 1
+    other = second_store(tmp_path, fake)
+    try:
+        result = check(other, stale["rules"], now + 90)
+        assert (result.looked_up, result.queued) == (1, 1)
+        assert StaleEntry.get().entered_at == now - 117  # the log's time, not the webhook's
+        work(other, stale)
+        assert len(fake.tasks) == 1
+        [action] = Action.select()
+        assert action.status == "done" and "already in amoCRM for this stay" in action.last_error
+    finally:
+        other.close()

@@ -127,6 +127,32 @@ class ActionKind:
         raise NotImplementedError
 
 
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def stale_stays(actions: list[Action]) -> dict[int, int]:
+    """{action id: when the lead entered the stage} for the actions of a stale lead's stay (events
+    the stale check queued, ``source = "stale"``): another store may have acted on the same stay."""
+    import json
+
+    from amohook.store.models import Event
+
+    event_ids = {a.event_id for a in actions if a.event_id is not None}
+    if not event_ids:
+        return {}
+    times: dict[int, int] = {}
+    for row in Event.select(Event.id, Event.data).where(Event.id.in_(list(event_ids)) & (Event.source == "stale")):
+        try:
+            times[row.id] = int(json.loads(row.data).get("entered_at"))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return {a.id: times[a.event_id] for a in actions if a.event_id in times}
+
+
 def details(exc: AmoApiError) -> str:
     """amoCRM's validation errors, in short (path: detail)."""
     parts = []
@@ -191,14 +217,25 @@ class CreateKind(ActionKind):
     def same(self, found: dict, payload: dict, recorded_at: float) -> bool:
         raise NotImplementedError
 
+    def same_effect(self, found: dict, payload: dict, changed_at: int) -> bool:
+        """Is ``found`` this change's effect, made by anyone (another store on the account)? Only
+        for a stale lead's stay (``changed_at``: when it entered); the fields another store fixes
+        differently (the due time, counted from its own check) are not compared."""
+        return False
+
     def recognise(self, out, client, actions, payloads) -> set[int]:
-        """Find what earlier attempts may have created; mark those actions done."""
+        """Find what earlier attempts (or another store, for a stale lead's stay) may have
+        created; mark those actions done."""
         lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
         found: list[dict] = []
         for start in range(0, len(lead_ids), 50):
             out.stats.lookups += 1
             params = {"filter[entity_id][]": lead_ids[start : start + 50], **self.lookup_params()}
             found.extend(client.iter_pages(self.path, self.list_key, params))
+        found = [f for f in found if isinstance(f, dict)]
+        # The oldest first: of two effects of two stays, each stay adopts the one made for it.
+        found.sort(key=lambda f: (_int(f.get("created_at")), _int(f.get("id"))))
+        stays = stale_stays(actions)
         # What is already recorded as another action's result is that action's, even when it
         # looks the same (a fixed text and an absolute due time repeat across changes).
         with out.store.write():  # the check of what is taken and the adoption, together
@@ -212,15 +249,26 @@ class CreateKind(ActionKind):
                 )
             }
             adopted: set[int] = set()
-            for a in actions:
+            for a in sorted(actions, key=lambda a: (stays.get(a.id, 0), a.id)):
+                changed_at = stays.get(a.id)
                 for item in found:
-                    if item.get("id") not in taken and self.same(item, payloads[a.id], a.created_at):
-                        taken.add(item["id"])
-                        adopted.add(a.id)
-                        out.done(a.id, item["id"])
-                        out.stats.adopted += 1
-                        out.log(f"action {a.id}: adopted {self.noun} {item['id']} created by an earlier attempt")
-                        break
+                    if item.get("id") in taken:
+                        continue
+                    if self.same(item, payloads[a.id], a.created_at):
+                        note = f"{self.noun} {item['id']} was already in amoCRM (an earlier attempt made it)"
+                    elif changed_at is not None and self.same_effect(item, payloads[a.id], changed_at):
+                        note = (
+                            f"{self.noun} {item['id']} was already in amoCRM for this stay "
+                            "(made by another store or an earlier run); not made again"
+                        )
+                    else:
+                        continue
+                    taken.add(item["id"])
+                    adopted.add(a.id)
+                    out.done(a.id, item["id"], note)
+                    out.stats.adopted += 1
+                    out.log(f"action {a.id}: {note}")
+                    break
         return adopted
 
     def send(self, out, client, actions, payloads) -> None:

@@ -67,12 +67,21 @@ MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to
 
 
 def record_planned(
-    store: Store, planned: Iterable, event_id: int | None, clock: Callable[[], float] = time.time
+    store: Store,
+    planned: Iterable,
+    event_id: int | None,
+    clock: Callable[[], float] = time.time,
+    *,
+    look_first: bool = False,
 ) -> int:
     """Record planned actions under their keys; returns how many were new (the rest were duplicates).
 
     An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
     The lead an action changes is kept in ``result_id`` from the start (the guard counts them).
+    ``look_first``: the change may have been acted on already (a stale lead's stay, which another
+    store on the account may have found too): the action starts as one whose answer was lost —
+    ``sending`` with an expired lease — so the sender looks it up in amoCRM (``recognise``) before
+    it sends anything.
     """
     rows = [
         dict(
@@ -82,7 +91,8 @@ def record_planned(
             event_id=event_id,
             kind=p.kind,
             payload=json.dumps(p.payload, ensure_ascii=False, sort_keys=True),
-            status="skipped" if getattr(p, "skip_reason", None) else "pending",
+            status="skipped" if getattr(p, "skip_reason", None) else ("sending" if look_first else "pending"),
+            lease_until=0 if look_first else None,
             last_error=getattr(p, "skip_reason", None),
             result_id=getattr(p, "target_id", None),
             created_at=clock(),

@@ -121,6 +121,9 @@ class CreateTask(CreateKind):
     def same(self, found, payload, recorded_at):
         return same_task(found, payload)
 
+    def same_effect(self, found, payload, changed_at):
+        return same_task_for_change(found, payload, changed_at)
+
 
 def same_task(found: dict, payload: dict) -> bool:
     """Is a task amoCRM holds the one this action sent? Every compared field was fixed at record time."""
@@ -131,3 +134,20 @@ def same_task(found: dict, payload: dict) -> bool:
         and int(found.get("task_type_id") or 0) == int(payload["task_type_id"])
         and int(found.get("responsible_user_id") or 0) == int(payload["responsible_user_id"])
     )
+
+
+def same_task_for_change(found: dict, payload: dict, changed_at: int) -> bool:
+    """Is a task amoCRM holds this change's task, whoever made it? Same lead, rule text and task
+    type, created at or after the change (amoCRM's clock on both sides). Due time and responsible
+    are not compared: another store fixed them at its own planning."""
+    try:
+        created = int(found.get("created_at") or 0)
+        return (
+            int(found.get("entity_id") or 0) == int(payload["entity_id"])
+            and (found.get("entity_type") in (None, "leads"))
+            and (found.get("text") or "") == payload["text"]
+            and int(found.get("task_type_id") or 0) == int(payload["task_type_id"])
+            and created >= int(changed_at)
+        )
+    except (TypeError, ValueError):
+        return False

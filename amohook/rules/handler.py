@@ -20,6 +20,7 @@ from amohook.rules.compile import CompiledRule
 from amohook.rules.guard import recent_changes, stop_reason
 from amohook.rules.match import matches, might_match, needs_lead_state
 from amohook.rules.plan import PlanContext, needs_lead, plan_actions
+from amohook.rules.stale import SOURCE as STALE_SOURCE
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -113,7 +114,9 @@ class RulesHandler:
                 for note in notes:
                     ctx.logger.warning("rule %r: %s", rule.name, note)
                 planned.extend(actions)
-        new = record_planned(self.store, self.guard(planned, ctx), event.id)
+        # A stale lead's stay may have been acted on by another store on the account: look first.
+        look_first = getattr(event, "source", None) == STALE_SOURCE
+        new = record_planned(self.store, self.guard(planned, ctx), event.id, look_first=look_first)
         if new and self.on_recorded:
             self.on_recorded(new)
         return new
