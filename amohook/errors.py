@@ -127,6 +127,11 @@ class AmoTemporaryError(AmoApiError):
     exit_code = ExitCode.TEMPORARY
 
 
+class MalformedAnswer(AmoTemporaryError):
+    """amoCRM answered 2xx with a body that breaks its documented shape (a list for an object, a
+    paging loop, a 414 for one id): amoCRM's fault, not ours — exit 4, and the next run reads again."""
+
+
 class RateLimited(AmoTemporaryError):
     def __init__(self, message: str, *, retry_after: float | None = None, **kw):
         super().__init__(message, **kw)

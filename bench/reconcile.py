@@ -35,12 +35,16 @@ def prepare(tmp: Path, fake: FakeAmo, moves: int) -> tuple[str, list[int]]:
     """The burst benchmark's account, the cursor of a pass from a day ago, and ``moves`` leads moved
     into Qualified over the day since (in the events log only: their webhooks were lost)."""
     from amohook.store import open_store
-    from amohook.store.models import ReconcileState
+    from amohook.store.models import Account, ReconcileState, SchemaVersion
 
     db_url, pipeline, new, qualified, user = burst.prepare(tmp, fake)
     now = int(time.time())
     store = open_store(db_url)
     with store.write():
+        # A store in service for a week before the outage (a store reads nothing from before it
+        # was connected).
+        Account.update(created_at=now - 7 * 86400).execute()
+        SchemaVersion.update(applied_at=now - 7 * 86400).execute()
         ReconcileState.insert(account=fake.subdomain, cursor=now - 86400 - 60).execute()
     store.close()
     leads = []

@@ -26,6 +26,25 @@ from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, A
 FORM = "application/x-www-form-urlencoded"
 
 
+def connected_ago(store, seconds: float) -> None:
+    """Make the store look as if the account was connected to it ``seconds`` ago (and the store
+    made then): its first look at the events log starts there."""
+    from amohook.store.models import SchemaVersion
+
+    with store.write():
+        Account.update(created_at=time.time() - seconds).execute()
+        SchemaVersion.update(applied_at=time.time() - seconds).execute()
+
+
+@pytest.fixture(autouse=True)
+def store_in_service(request):
+    """These tests model a store in service for a while (connected two hours ago): reconciliation
+    reads nothing from before the connection (tests/test_reconcile_stores.py: fresh stores)."""
+    if "crm" in request.fixturenames:
+        request.getfixturevalue("crm")
+        connected_ago(request.getfixturevalue("store"), 7200)
+
+
 def amohook_process(db_url: str, args: list[str]) -> subprocess.Popen:
     """A real `amohook` process (for what needs one: concurrency, signals, the worker loop)."""
     return subprocess.Popen(
@@ -162,12 +181,14 @@ def test_handlers_see_where_an_event_came_from(store, fake, crm):
 
 
 def test_the_cursor_survives_a_restart_and_the_next_pass_overlaps_it(store, fake, crm):
-    first = reconcile(store, "--since", "2h")
-    assert first["window_to"] - first["window_from"] == 7200
+    first = reconcile(store, "--since", "2h")  # as far back as the store's connection, two hours ago
+    assert 7200 <= first["window_to"] - first["window_from"] <= 7205
     cursor = ReconcileState.get(ReconcileState.account == "example").cursor
     assert cursor == first["window_to"]
-    second = reconcile(store, "--since", "2h")  # a new process: reads from the stored cursor
+    second = reconcile(store)  # a new process: reads from the stored cursor
     assert second["window_from"] == cursor - OVERLAP
+    third = reconcile(store, "--since", "2h")  # the explicit catch-up reaches back further
+    assert 7200 <= third["window_to"] - third["window_from"] <= 7205
 
 
 def test_an_idle_account_costs_one_request_per_pass(store, fake, crm):
@@ -182,6 +203,7 @@ def test_an_idle_account_costs_one_request_per_pass(store, fake, crm):
 def test_an_outage_longer_than_the_look_back_is_capped_and_said(store, fake, crm):
     [lead] = new_leads(fake, crm, 1)
     now = int(time.time())
+    connected_ago(store, 30 * 86400)
     with store.write():
         ReconcileState.insert(account="example", cursor=now - 10 * 86400).execute()
     fake.move_lead(lead, crm["qualified"], crm["pipeline"], at=now - 3 * 86400)  # outside a 1-day look-back
@@ -231,7 +253,7 @@ def test_two_processes_reconciling_at_once_make_one_pass(store, fake, crm):
     leads = new_leads(fake, crm, 3)
     for lead in leads:
         fake.move_lead(lead, crm["qualified"], crm["pipeline"])
-    fake.fail("/api/v4/events", delay=2.0, times=1)  # the first pass is slow to read the log
+    fake.fail("/api/v4/events", delay=6.0, times=1)  # a slow first pass, even when loaded
     procs = [amohook_process(store.url, ["reconcile", "--json"]) for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]

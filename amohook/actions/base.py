@@ -134,9 +134,11 @@ def _int(value: Any) -> int:
         return 0
 
 
-def stale_stays(actions: list[Action]) -> dict[int, int]:
-    """{action id: when the lead entered the stage} for the actions of a stale lead's stay (events
-    the stale check queued, ``source = "stale"``): another store may have acted on the same stay."""
+def recovered_changes(actions: list[Action]) -> dict[int, int]:
+    """{action id: the change's time} for the actions planned from an events-log entry (a change
+    no webhook brought): amoCRM's ``created_at`` of the entry, which queued it as ``last_modified``;
+    and for the actions of a stale lead's stay (``source = "stale"``): when the lead entered the
+    stage, which another store may have settled a few seconds apart."""
     import json
 
     from amohook.store.models import Event
@@ -145,9 +147,12 @@ def stale_stays(actions: list[Action]) -> dict[int, int]:
     if not event_ids:
         return {}
     times: dict[int, int] = {}
-    for row in Event.select(Event.id, Event.data).where(Event.id.in_(list(event_ids)) & (Event.source == "stale")):
+    stamp = {"events_log": "last_modified", "stale": "entered_at"}
+    for row in Event.select(Event.id, Event.data, Event.source).where(
+        Event.id.in_(list(event_ids)) & Event.source.in_(list(stamp))
+    ):
         try:
-            times[row.id] = int(json.loads(row.data).get("entered_at"))
+            times[row.id] = int(json.loads(row.data).get(stamp[row.source or ""]))
         except (TypeError, ValueError, AttributeError):
             continue
     return {a.id: times[a.event_id] for a in actions if a.event_id in times}
@@ -219,13 +224,14 @@ class CreateKind(ActionKind):
 
     def same_effect(self, found: dict, payload: dict, changed_at: int) -> bool:
         """Is ``found`` this change's effect, made by anyone (another store on the account)? Only
-        for a stale lead's stay (``changed_at``: when it entered); the fields another store fixes
-        differently (the due time, counted from its own check) are not compared."""
+        for changes that came from the events log alone, and a stale lead's stay; the fields another
+        store fixes differently (due time, a responsible user chosen at its own planning) are not
+        compared."""
         return False
 
     def recognise(self, out, client, actions, payloads) -> set[int]:
-        """Find what earlier attempts (or another store, for a stale lead's stay) may have
-        created; mark those actions done."""
+        """Find what earlier attempts (or another store, for a change only the events log brought)
+        may have created; mark those actions done."""
         lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
         found: list[dict] = []
         for start in range(0, len(lead_ids), 50):
@@ -233,9 +239,9 @@ class CreateKind(ActionKind):
             params = {"filter[entity_id][]": lead_ids[start : start + 50], **self.lookup_params()}
             found.extend(client.iter_pages(self.path, self.list_key, params))
         found = [f for f in found if isinstance(f, dict)]
-        # The oldest first: of two effects of two stays, each stay adopts the one made for it.
+        # The oldest first: of two effects of two changes, each change adopts the one made for it.
         found.sort(key=lambda f: (_int(f.get("created_at")), _int(f.get("id"))))
-        stays = stale_stays(actions)
+        recovered = recovered_changes(actions)
         # What is already recorded as another action's result is that action's, even when it
         # looks the same (a fixed text and an absolute due time repeat across changes).
         with out.store.write():  # the check of what is taken and the adoption, together
@@ -249,8 +255,8 @@ class CreateKind(ActionKind):
                 )
             }
             adopted: set[int] = set()
-            for a in sorted(actions, key=lambda a: (stays.get(a.id, 0), a.id)):
-                changed_at = stays.get(a.id)
+            for a in sorted(actions, key=lambda a: (recovered.get(a.id, 0), a.id)):
+                changed_at = recovered.get(a.id)
                 for item in found:
                     if item.get("id") in taken:
                         continue
@@ -258,7 +264,7 @@ class CreateKind(ActionKind):
                         note = f"{self.noun} {item['id']} was already in amoCRM (an earlier attempt made it)"
                     elif changed_at is not None and self.same_effect(item, payloads[a.id], changed_at):
                         note = (
-                            f"{self.noun} {item['id']} was already in amoCRM for this stay "
+                            f"{self.noun} {item['id']} was already in amoCRM for this change "
                             "(made by another store or an earlier run); not made again"
                         )
                     else:
@@ -267,7 +273,6 @@ class CreateKind(ActionKind):
                     adopted.add(a.id)
                     out.done(a.id, item["id"], note)
                     out.stats.adopted += 1
-                    out.log(f"action {a.id}: {note}")
                     break
         return adopted
 
@@ -338,8 +343,6 @@ class LeadPatchKind(ActionKind):
                     out.skip([a.id], note or "skipped")
                     out.stats.skipped += 1
                     settled.add(a.id)
-                if note:
-                    out.log(f"action {a.id}: {note}")
         return settled
 
     def send(self, out, client, actions, payloads) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import threading
 import time
@@ -64,6 +65,9 @@ LEASE_SECONDS = 300.0
 HTTP_DEADLINE = 30.0  # the longest one request to a server other than amoCRM (notify) may take
 DEFAULT_LANE = "amocrm"  # the lane of every kind that does not name another, and of unknown kinds
 MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
+# One INFO line per action carried out (rule, lead, kind, what amoCRM made or changed): routine,
+# so never above INFO; what needs a person goes through ``log`` (WARNING).
+effects = logging.getLogger("amohook.actions")
 
 
 def record_planned(
@@ -78,10 +82,10 @@ def record_planned(
 
     An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
     The lead an action changes is kept in ``result_id`` from the start (the guard counts them).
-    ``look_first``: the change may have been acted on already (a stale lead's stay, which another
-    store on the account may have found too): the action starts as one whose answer was lost —
-    ``sending`` with an expired lease — so the sender looks it up in amoCRM (``recognise``) before
-    it sends anything.
+    ``look_first``: the change may have been acted on already (it came only from the events log,
+    or it is a stale lead's stay another store may have found too):
+    the action starts as one whose answer was lost — ``sending`` with an expired lease — so the
+    sender looks it up in amoCRM (``recognise``) before it sends anything.
     """
     rows = [
         dict(
@@ -116,6 +120,21 @@ def record_planned(
             # the unique key and ON CONFLICT DO NOTHING keep it to one row either way.
             Action.insert(**row).on_conflict_ignore().execute()
     return len(fresh)
+
+
+def _lead_of(action: Action) -> str:
+    """The lead an action is for: from its payload (tasks, notes, lead changes), else its event."""
+    try:
+        payload = json.loads(action.payload)
+        lead = payload.get("entity_id") or (payload.get("patch") or {}).get("id")
+    except (ValueError, AttributeError):
+        lead = None
+    if lead is None and action.event_id is not None:
+        from amohook.store.models import Event
+
+        row = Event.get_or_none(Event.id == action.event_id)
+        lead = row.entity_id if row is not None else None
+    return "?" if lead is None else str(lead)
 
 
 @dataclass
@@ -186,6 +205,7 @@ class ActionSender:
         self._lanes: list[ActionSender] | None = None
         self.wakeup = threading.Event()
         self._last_flush = float("-inf")  # monotonic time of the last batch claimed
+        self._batch: dict[int, Action] = {}  # the claimed batch by id: what ``done`` says in its log line
 
     # -- lanes ---------------------------------------------------------------------------------
     @property
@@ -270,30 +290,73 @@ class ActionSender:
         return Action.id.in_(list(ids)) & (Action.lease_owner == self.owner)
 
     def done(self, action_id: int, result_id: int | None, note: str | None = None) -> None:
-        """Settled: ``result_id`` is what it created (or the lead it changed); ``note`` says how."""
-        Action.update(
-            status="done",
-            result_id=result_id,
-            lease_owner=None,
-            lease_until=None,
-            last_error=note,
-            updated_at=self.clock(),
-        ).where(self._mine([action_id])).execute()
+        """Settled: ``result_id`` is what it created (or the lead it changed); ``note`` says how.
+
+        Logs the one INFO line of the action: rule, lead, kind and amoCRM's id.
+        """
+        changed = (
+            Action.update(
+                status="done",
+                result_id=result_id,
+                lease_owner=None,
+                lease_until=None,
+                last_error=note,
+                updated_at=self.clock(),
+            )
+            .where(self._mine([action_id]))
+            .execute()
+        )
+        action = self._batch.get(action_id)
+        if changed and action is not None and effects.isEnabledFor(logging.INFO):
+            effects.info(
+                "rule %r, lead %s: %s done, amoCRM id %s%s",
+                action.rule,
+                _lead_of(action),
+                action.kind,
+                "—" if result_id is None else result_id,
+                f" ({note})" if note else "",
+            )
 
     def skip(self, ids, note: str) -> None:
         """Settled without an effect, on purpose (the lead moved on; the loop guard); ``note`` says why."""
         self.fail(ids, note, status="skipped")
 
     def fail(self, ids, error: str, status: str = "failed", **fields) -> None:
-        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself."""
-        Action.update(
-            status=status,
-            lease_owner=None,
-            lease_until=None,
-            last_error=error[:2000],
-            updated_at=self.clock(),
-            **fields,
-        ).where(self._mine(ids)).execute()
+        """``failed``: gave up (an event replay revives it); ``rejected``: amoCRM refused the action itself.
+
+        One line per action: WARNING (a person must look) when it failed or was rejected, INFO when
+        it was skipped on purpose.
+        """
+        ids = list(ids)
+        changed = (
+            Action.update(
+                status=status,
+                lease_owner=None,
+                lease_until=None,
+                last_error=error[:2000],
+                updated_at=self.clock(),
+                **fields,
+            )
+            .where(self._mine(ids))
+            .execute()
+        )
+        level = logging.INFO if status == "skipped" else logging.WARNING
+        if not changed or not effects.isEnabledFor(level):
+            return
+        for action_id in ids:
+            action = self._batch.get(action_id)
+            if action is None:
+                effects.log(level, "action %s %s: %s", action_id, status, error[:300])
+            else:
+                effects.log(
+                    level,
+                    "rule %r, lead %s: %s %s: %s",
+                    action.rule,
+                    _lead_of(action),
+                    action.kind,
+                    status,
+                    error[:300],
+                )
 
     def later(
         self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
@@ -327,6 +390,7 @@ class ActionSender:
         if not actions:
             return 0
         self._last_flush = time.monotonic()
+        self._batch = {a.id: a for a in actions}
         claimed = len(actions)
         kind = kinds().get(actions[0].kind)
         if kind is None:  # written by a newer version, or the kind was removed: say so, keep the row

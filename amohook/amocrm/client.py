@@ -22,6 +22,7 @@ from amohook.errors import (
     AmoApiError,
     AmoTemporaryError,
     Forbidden,
+    MalformedAnswer,
     RateLimited,
     RefusedBeforeRefresh,
     TokenMissing,
@@ -88,6 +89,9 @@ class AmoClient:
         self.sleep = sleep
         self.requests_made = 0
         self.rate_limited = 0
+        # This host's clock minus amoCRM's at the last answer that carried a Date header (seconds),
+        # None until one did: reconciliation bounds its window by amoCRM's clock with it.
+        self.clock_skew: float | None = None
 
     # -- account and token -------------------------------------------------------------------
     def _account(self) -> Account:
@@ -146,6 +150,7 @@ class AmoClient:
                 hint = "" if is_read else " (a write is never re-sent automatically: it may have reached amoCRM)"
                 raise AmoTemporaryError(f"no answer from amoCRM for {method} {path}: {what}{hint}", url=url) from None
 
+            self._note_clock(response)
             status = response.status_code
             if status < 300:
                 return response
@@ -179,6 +184,20 @@ class AmoClient:
                 self.sleep(CLIENT_READ.delay(attempt))
                 continue
             raise self._error(response, method, path, account)
+
+    def _note_clock(self, response: requests.Response) -> None:
+        """Keep amoCRM's clock as its ``Date`` header gave it (RFC 9110: whole seconds, so the middle
+        of that second is taken)."""
+        date = response.headers.get("Date")
+        if not date:
+            return
+        from email.utils import parsedate_to_datetime
+
+        try:
+            amo = parsedate_to_datetime(date).timestamp() + 0.5
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return
+        self.clock_skew = self.clock() - amo
 
     def _error(self, response: requests.Response, method: str, path: str, account: Account) -> AmoApiError:
         status = response.status_code
@@ -257,13 +276,15 @@ class AmoClient:
             first = False
             if page is None:
                 return
-            yield from (page.get("_embedded") or {}).get(key) or []
-            href = ((page.get("_links") or {}).get("next") or {}).get("href")
+            items, href = _hal_page(page, path, key)
+            yield from items
             if not href:
                 return
             ref = self._url("", href)
             if ref in seen:
-                raise AmoApiError(f"amoCRM's paging for {path} points back to a page already read ({ref}); stopped")
+                raise MalformedAnswer(
+                    f"amoCRM's paging for {path} points back to a page already read ({short(ref, 120)}); stopped"
+                )
             seen.add(ref)
             next_ref = ref
 
@@ -273,6 +294,28 @@ class AmoClient:
         if data is None:
             raise AmoApiError("amoCRM answered /api/v4/account with no content")
         return data
+
+
+def _hal_page(page: Any, path: str, key: str) -> tuple[list, str | None]:
+    """(``_embedded[key]``, the ``next`` href) of a HAL page; any other shape is amoCRM's fault."""
+
+    def bad(what: str) -> MalformedAnswer:
+        return MalformedAnswer(f"amoCRM answered GET {path} with {what}, not the documented HAL page")
+
+    if not isinstance(page, dict):
+        raise bad(f"a JSON {type(page).__name__} instead of an object")
+    embedded = page.get("_embedded") or {}
+    items = embedded.get(key) if isinstance(embedded, dict) else None
+    if not isinstance(embedded, dict) or not isinstance(items, (list, type(None))):
+        raise bad(f"`_embedded.{key}` that is not a list")
+    links = page.get("_links") or {}
+    link = links.get("next") if isinstance(links, dict) else None
+    if not isinstance(links, dict) or not isinstance(link, (dict, type(None))):
+        raise bad("a `next` link that is not an object")
+    href = (link or {}).get("href")
+    if not isinstance(href, (str, type(None))):
+        raise bad("a `next` href that is not a URL")
+    return items or [], href or None
 
 
 def json_body(response: requests.Response, method: str, path: str) -> Any:

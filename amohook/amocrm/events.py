@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from amohook.errors import AmoApiError
+from amohook.errors import AmoApiError, MalformedAnswer
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def iter_event_pages(
         seen_pages.add(page_no)
         page = client.get(EVENTS_PATH, {**params, "limit": EVENT_PAGE_LIMIT, "page": page_no})
         pages_read += 1
-        items = ((page or {}).get("_embedded") or {}).get("events") or []
+        items = _page_events(page, page_no)
         fresh: list[dict] = []
         for event in items:
             if not isinstance(event, dict) or event.get("id") in (None, ""):
@@ -122,10 +122,43 @@ def iter_event_pages(
         if next_page is None:
             break
         if next_page in seen_pages:
-            raise AmoApiError(
-                f"amoCRM's paging for {EVENTS_PATH} points back to page {next_page}, already read; stopped"
+            raise MalformedAnswer(
+                f"amoCRM's paging for {EVENTS_PATH} points back to page {next_page}, already read; stopped "
+                "(a paging loop in amoCRM's answer; the next pass reads the window again)"
             )
         page_no = next_page
+
+
+def _malformed(page_no: int, what: str) -> MalformedAnswer:
+    return MalformedAnswer(
+        f"amoCRM answered page {page_no} of {EVENTS_PATH} with {what}, not the documented HAL page; "
+        "nothing of the window was queued past it — the next pass reads it again"
+    )
+
+
+def _kind(value: object) -> str:
+    """A JSON value's kind, for a message (never the value: it may be large or hostile)."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _page_events(page: object, page_no: int) -> list:
+    """The page's ``_embedded.events``; a page that is not shaped as documented is amoCRM's fault."""
+    if page is None:  # 204 or an empty body: no (more) events
+        return []
+    if not isinstance(page, dict):
+        raise _malformed(page_no, f"{_kind(page)} instead of an object")
+    embedded = page.get("_embedded")
+    if embedded is None:
+        return []
+    if not isinstance(embedded, dict):
+        raise _malformed(page_no, f"`_embedded` as {_kind(embedded)}")
+    events = embedded.get("events")
+    if events is None:
+        return []
+    if not isinstance(events, list):
+        raise _malformed(page_no, f"`_embedded.events` as {_kind(events)}")
+    return events
 
 
 def _next_page(page: dict, current: int) -> int | None:
@@ -135,11 +168,26 @@ def _next_page(page: dict, current: int) -> int | None:
     Only the page number is taken from the link: the filters (and the fixed upper bound) are always
     our own, whatever amoCRM chose to repeat in the link.
     """
-    href = ((page.get("_links") or {}).get("next") or {}).get("href")
-    if not href:
+    links = page.get("_links")
+    if links is None:
         return None
+    if not isinstance(links, dict):
+        raise _malformed(current, f"`_links` as {_kind(links)}")
+    link = links.get("next")
+    if link is None:
+        return None
+    if not isinstance(link, dict):
+        raise _malformed(current, f"a `next` link that is {_kind(link)}, not an object")
+    href = link.get("href")
+    if href is None or href == "":
+        return None
+    if not isinstance(href, str):
+        raise _malformed(current, f"a `next` href that is {_kind(href)}, not a URL")
     values = parse_qs(urlsplit(href).query).get("page") or [""]
     try:
-        return int(values[0])
+        number = int(values[0])
     except (TypeError, ValueError):
         return current + 1
+    if number < 1:
+        raise _malformed(current, f"a `next` link to page {number}")
+    return number

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from amohook.amocrm.client import PAGE_LIMIT
-from amohook.errors import AmoApiError
+from amohook.errors import AmoApiError, MalformedAnswer
 
 LEADS_PATH = "/api/v4/leads"
 # One batch of ids fills one page: 250 is the leads list's maximum `limit`
@@ -44,8 +44,13 @@ def fetch_leads(client, ids: Iterable[int], *, batch: int = LEAD_BATCH) -> dict[
         try:
             leads = list(client.iter_pages(LEADS_PATH, "leads", {"filter[id][]": chunk}, limit=PAGE_LIMIT))
         except AmoApiError as exc:
-            if exc.status != 414 or len(chunk) == 1:
+            if exc.status != 414:
                 raise
+            if len(chunk) == 1:
+                raise MalformedAnswer(
+                    f"amoCRM (or a proxy before it) refused GET {LEADS_PATH} for one lead id as too long (414); "
+                    "a URL that short is not too long — amoCRM's fault, try again later"
+                ) from None
             half = len(chunk) // 2
             chunks[:0] = [chunk[:half], chunk[half:]]
             continue

@@ -70,10 +70,34 @@ def _account(subdomain: str | None) -> str:
 def reconcile(
     ctx: typer.Context,
     subdomain: SubdomainOpt = None,
-    since: Annotated[str, typer.Option("--since", help="How far back the first pass looks (30m, 1h, 1d).")] = "1h",
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Catch up: also read this far back (30m, 1h, 1d), even before the account was connected to this "
+            "store. Without it a pass reads from where the last one stopped, the first from the connection.",
+        ),
+    ] = None,
     max_lookback: Annotated[
         str, typer.Option("--max-lookback", help="Never read further back than this, however old the cursor (7d).")
     ] = "7d",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show what the pass would do — changes found, which are known, what the rules would plan — "
+            "and write nothing.",
+        ),
+    ] = False,
+    rules: Annotated[
+        str | None,
+        typer.Option(
+            "--rules",
+            envvar="AMOHOOK_RULES",
+            show_envvar=True,
+            help="With --dry-run: the rules file whose plans to show.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ):
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
@@ -81,7 +105,7 @@ def reconcile(
     from amohook.recovery.reconcile import reconcilable_accounts, reconcile_account
     from amohook.settings import parse_duration
 
-    since_s = parse_duration(since, option="--since") or 3600
+    since_s = parse_duration(since, option="--since") if since is not None else None
     lookback_s = parse_duration(max_lookback, option="--max-lookback") or 7 * 86400
     store = state(ctx).store()
     accounts = [_account(subdomain)] if subdomain else reconcilable_accounts()
@@ -89,6 +113,9 @@ def reconcile(
         from amohook.errors import AccountNotFound
 
         raise AccountNotFound(None)
+    if dry_run:
+        _dry_run(store, accounts, rules, since_s, lookback_s, as_json)
+        return
     results = []
     for account in accounts:
         results.append(
@@ -107,6 +134,14 @@ def reconcile(
             f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
             f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))"
         )
+        if r.skipped:
+            skipped = [n for n in r.notes if n.startswith("skipped events-log entry")]
+            warn(
+                f"warning: {r.account}: {r.skipped} events-log entr{'y' if r.skipped == 1 else 'ies'} could not be "
+                f"stored and were skipped ({skipped[0] if skipped else 'see --json'}"
+                + (f"; and {len(skipped) - 1} more" if len(skipped) > 1 else "")
+                + ")"
+            )
         if r.left_out_from is not None:
             warn(
                 f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
@@ -117,6 +152,58 @@ def reconcile(
                 f"{r.account}: webhook subscriptions: {r.subscription}"
                 + (f" — {r.subscription_note}" if r.subscription_note else "")
             )
+
+
+def _dry_run(store, accounts: list[str], rules: str | None, since: float | None, lookback: float, as_json: bool):
+    """`reconcile --dry-run`: one preview per account, nothing written."""
+    from amohook.amocrm.client import client_for
+    from amohook.recovery.reconcile import preview_account
+
+    compiled = None
+    if rules:
+        from amohook.rules import load_and_compile
+
+        compiled = load_and_compile(rules)
+    previews = [
+        preview_account(store, client_for(store, a), a, rules=compiled, since=since, max_lookback=lookback)
+        for a in accounts
+    ]
+    if as_json:
+        for p in previews:
+            for key in ("window_from", "window_to", "first_look"):
+                p[key] = iso(p[key])
+            for change in p["changes"]:
+                change["at"] = iso(change["at"])
+        print_json(previews)
+        return
+    for p in previews:
+        say(
+            f"{p['account']} (dry run, nothing written): would read {fmt_time(p['window_from'])} to "
+            f"{fmt_time(p['window_to'])}: {p['read']} event(s), {p['known']} already known, "
+            f"{p['new']} new, {p['skipped']} skipped"
+        )
+        for known in p["known_changes"]:
+            say(f"  known: lead {known['lead_id']} {known['type']} (event {known['event_id']})")
+        for change in p["changes"]:
+            say(f"  new:   lead {change['lead_id']} {change['type']} at {fmt_time(change['at'])}")
+            if compiled is not None and not change["actions"]:
+                say("         no rule fires")
+            for action in change["actions"]:
+                state_note = (
+                    " (already recorded: not again)"
+                    if action["already_recorded"]
+                    else (f" (would be skipped: {action['skip_reason']})" if action["skip_reason"] else "")
+                )
+                what = action["payload"].get("text") or (action["payload"].get("params") or {}).get("text")
+                say(
+                    f"         rule '{action['rule']}' would plan {action['kind']}"
+                    + (f": {what!r}" if what else "")
+                    + state_note
+                )
+        if compiled is None and p["changes"]:
+            say("  (give --rules or AMOHOOK_RULES to see what the rules would plan)")
+        for note in p["notes"]:
+            say(f"  note: {note}")
 
 
 def _rules_events(rules: str) -> list[str]:

@@ -12,6 +12,7 @@ shared rate limit), and nothing shows a token, a secret or the database password
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +31,9 @@ PENDING_WARN = 600.0  # an event due this long and not taken: no worker running?
 # Reconciliation runs every 5 minutes by default (serve/worker --reconcile); three missed passes
 # plus the 10-minute overlap a pass re-reads is when "behind" stops being noise.
 RECONCILE_LAG_WARN = 3 * 300.0 + 600.0
+# A cursor further ahead of amoCRM's clock than this (the Date header's second, network delay, a
+# pass that finished a moment ago) was set by a clock ahead of amoCRM's.
+CURSOR_AHEAD_FAIL = 60.0
 LONG_LIVED_WARN = 30 * 86400.0
 DISK_ERROR_BYTES = 100 * 2**20
 DISK_WARN_BYTES = 2**30
@@ -180,8 +184,11 @@ def _default_client(store: Store, subdomain: str):
     return client_for(store, subdomain, max_attempts=2)
 
 
-def check_account(store: Store, account, now: float, client_factory: Callable) -> list[Check]:
-    """The token works (one request), the refresh token's age, and our clock against amoCRM's."""
+def check_account(
+    store: Store, account, now: float, client_factory: Callable, skews: dict[str, float] | None = None
+) -> list[Check]:
+    """The token works (one request), the refresh token's age, and our clock against amoCRM's
+    (kept in ``skews`` by subdomain, for the reconciliation check)."""
     from amohook.store.models import Account
 
     sub = account.subdomain
@@ -220,6 +227,9 @@ def check_account(store: Store, account, now: float, client_factory: Callable) -
         clock = check_clock(response.headers.get("Date"), (started + finished) / 2, sub)
         if clock is not None:
             checks.append(clock)
+        skew = date_skew(response.headers.get("Date"), (started + finished) / 2)
+        if skews is not None and skew is not None:
+            skews[sub] = skew
     return checks
 
 
@@ -284,16 +294,23 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
     return _ok(name, f"issued {shown} ago (amoCRM revokes one unused for 3 months)", sub)
 
 
-def check_clock(date_header: str | None, local: float, account: str | None = None) -> Check | None:
-    """Our clock against amoCRM's ``Date`` header; None when amoCRM sent none."""
+def date_skew(date_header: str | None, local: float) -> float | None:
+    """This host's clock minus amoCRM's by its ``Date`` header; None without a readable one."""
     if not date_header:
         return None
     try:
         # Date has whole seconds: amoCRM's time was somewhere in [Date, Date + 1).
         remote = parsedate_to_datetime(date_header).timestamp() + 0.5
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    skew = local - remote
+    return local - remote
+
+
+def check_clock(date_header: str | None, local: float, account: str | None = None) -> Check | None:
+    """Our clock against amoCRM's ``Date`` header; None when amoCRM sent none."""
+    skew = date_skew(date_header, local)
+    if skew is None:
+        return None
     direction = "ahead of" if skew > 0 else "behind"
     detail = f"this machine's clock is {abs(skew):.0f} s {direction} amoCRM's"
     if abs(skew) > CLOCK_SKEW_WARN:
@@ -367,14 +384,32 @@ def check_subscriptions(account: str, now: float) -> Check | None:
     )
 
 
-def check_reconciliation(account: str, now: float) -> Check | None:
-    """How far behind the events log is read; None when reconciliation never ran for the account."""
+def check_reconciliation(account: str, now: float, skew: float | None = None) -> Check | None:
+    """How far behind the events log is read; None when reconciliation never ran for the account.
+
+    ``skew``: this host's clock minus amoCRM's, from the ``Date`` header of the token check's
+    request just now. The cursor is amoCRM's time: one ahead of amoCRM's clock means a pass read
+    the log's future (a clock ahead of amoCRM's, before passes were bounded by amoCRM's clock, or
+    another host's amohook) and what happened meanwhile was never read — blind, so it fails.
+    """
     from amohook.store.models import ReconcileState
 
     row = ReconcileState.get_or_none(ReconcileState.account == account)
     if row is None or (row.last_pass_at is None and not row.last_error):
         return None
     name = "reconciliation"
+    amo_now = now - (skew or 0.0)
+    if skew is not None and row.cursor is not None and row.cursor > amo_now + CURSOR_AHEAD_FAIL:
+        ahead = row.cursor - amo_now
+        return _error(
+            name,
+            f"the events log was read up to {_when(row.cursor)}, {_age(ahead)} ahead of amoCRM's clock (its Date "
+            "header just now): a pass ran on a clock ahead of amoCRM's and read the log's future, so changes "
+            "made in amoCRM since then were never read",
+            f"set the clock right (`timedatectl set-ntp true`), then `amohook reconcile --subdomain {account} "
+            f"--since {math.ceil((ahead + 3600) / 3600)}h` reads them (tasks amoCRM already holds are not made again)",
+            account,
+        )
     if row.last_error:
         return _warn(
             name,
@@ -382,8 +417,9 @@ def check_reconciliation(account: str, now: float) -> Check | None:
             f"run `amohook reconcile --subdomain {account}` to see whether it still fails",
             account,
         )
+    # The cursor is amoCRM's time: the lag is measured on amoCRM's clock where it is known.
     seen = row.cursor if row.cursor is not None else row.last_pass_at  # not None: the early return above
-    lag = now - seen if seen is not None else 0.0
+    lag = max(0.0, (amo_now if row.cursor is not None else now) - seen) if seen is not None else 0.0
     if lag > RECONCILE_LAG_WARN:
         return _warn(
             name,
@@ -528,12 +564,14 @@ def run_checks(
     accounts = list(Account.select().order_by(Account.subdomain))
     if not accounts:
         checks.append(_error("accounts", "no account in the store", "run `amohook init-auth` to connect one"))
+    skews: dict[str, float] = {}
     for account in accounts:
-        checks.extend(check_account(store, account, now, factory))
+        checks.extend(check_account(store, account, now, factory, skews))
     if rules_path:
         checks.append(check_rules(rules_path))
     for account in accounts:
-        for check in (check_subscriptions(account.subdomain, now), check_reconciliation(account.subdomain, now)):
+        reconciliation = check_reconciliation(account.subdomain, now, skews.get(account.subdomain))
+        for check in (check_subscriptions(account.subdomain, now), reconciliation):
             if check is not None:
                 checks.append(check)
     checks += [check_dead_events(), check_pending_events(now), check_failed_actions()]

@@ -132,6 +132,13 @@ def is_known(s: Sighting) -> bool:
     return _match(_candidates(s), s)[0] is not None
 
 
+def peek(s: Sighting) -> int:
+    """The time that would name this sighting's change (``identify``'s ``key_at``), recording
+    nothing: a preview's stand-in for ``identify``."""
+    row = _match(_candidates(s), s)[0]
+    return row.key_at if row is not None else s.at
+
+
 def identify(store: Store, s: Sighting, clock=time.time) -> Identity:
     """Join ``s`` to the change it reports, recording it; the first sighting creates the change."""
     with lead_lock(store, s.account, s.lead_id):
@@ -188,6 +195,24 @@ def lead_lock(store: Store, account: str, lead_id: int):
         return
     with store.write():
         yield
+
+
+def connected_at(account: str, skew: float | None = None) -> float | None:
+    """When the account was connected to this store, in amoCRM's time (None: no such account).
+
+    ``init-auth`` creates the account row (a new grant for a known account keeps it), and the
+    change registry that tells known changes apart arrived with schema version 3: the later of the
+    two, turned into amoCRM's time by the clock skew seen at the last token answer (``skew``, this
+    host's clock minus amoCRM's seen since, where none was stored).
+    """
+    from amohook.store.models import Account, SchemaVersion
+
+    row = Account.get_or_none(Account.subdomain == account)
+    if row is None:
+        return None
+    registry = SchemaVersion.get_or_none(SchemaVersion.version == 3)
+    since = max(row.created_at or 0.0, registry.applied_at if registry is not None else 0.0)
+    return since - (row.clock_skew if row.clock_skew is not None else (skew or 0.0))
 
 
 def recovered_since(account: str, since: float) -> int:

@@ -13,6 +13,16 @@ order and grows while it is read), starting ``OVERLAP`` seconds before the curso
 bounds' inclusivity and its delay are not documented, and a re-read event costs a lookup, not an
 effect. The cursor moves only after everything the pass queued is committed. Passes for one
 account never overlap, across processes (a lease).
+
+A store's first look starts when the account was connected to *this* store (``init-auth`` stored
+it): a fresh, moved or wiped store creates nothing for changes from before it existed, and the
+overlap never reaches back past that point either. ``--since`` is the explicit catch-up; even then
+an action whose change came only from the log is looked up in amoCRM before it is sent
+(``amohook.actions``), so a task another store made for it is recognised, not made again.
+
+Both ends of the window are amoCRM's time: the upper bound and the cursor never pass amoCRM's
+clock (its ``Date`` header), so a host clock running fast cannot make a pass read amoCRM's future
+and skip what happens meanwhile; an empty or inverted window is "nothing yet".
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from amohook.recovery.identity import Sighting, describe, is_known
+from amohook.recovery.identity import Sighting, connected_at, describe, is_known
 from amohook.rules import lead_changes
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
@@ -43,7 +53,8 @@ EVENT_ACTIONS = {
     "entity_responsible_changed": "responsible",
 }
 OVERLAP = 600  # seconds re-read before the cursor on every pass
-DEFAULT_SINCE = 3600  # the first pass's look-back
+DEFAULT_SINCE = 3600  # kept for callers of the old API; the first look now starts at the connection
+MAX_ID = 2**63 - 1  # the largest id the store's BIGINT columns hold (SQLite, MariaDB, PostgreSQL)
 DEFAULT_MAX_LOOKBACK = 7 * 86400
 PASS_LEASE_TTL = 900.0  # a dead holder blocks passes for this long at most
 CHUNK = 250  # queued events committed per transaction
@@ -65,6 +76,7 @@ class PassResult:
     read: int = 0
     known: int = 0
     queued: int = 0
+    skipped: int = 0  # entries that cannot be stored (an id too long, negative, not a number): noted
     left_out_from: int | None = None  # the part of an outage older than --max-lookback
     left_out_to: int | None = None
     busy: bool = False  # another process was running a pass for this account
@@ -72,6 +84,7 @@ class PassResult:
     subscription: str | None = None  # the watchdog's finding, when it looked
     subscription_note: str | None = None
     requests: int = 0
+    clock_skew: float | None = None  # this host's clock minus amoCRM's, by the Date headers of this pass
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -149,6 +162,47 @@ def webhook_item(event: dict, lead: dict | None) -> tuple[str, dict] | None:
     return action, {k: v for k, v in item.items() if v is not None}
 
 
+def _id_problem(value: Any, *, zero: bool = False) -> str | None:
+    """Why ``value`` is no id the store can hold (None: it is one): an integer, or a string of
+    ASCII digits, from 1 (0 with ``zero``) to 2^63 - 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return "is not a whole number"
+    text = str(value)
+    if not text.isascii() or not text.isdigit():
+        return "is negative" if text.startswith("-") else "is not a whole number"
+    if len(text) > 19 or int(text) > MAX_ID:
+        return f"has {len(text)} digits (more than the store's 64-bit ids hold)"
+    if int(text) == 0 and not zero:
+        return "is 0"
+    return None
+
+
+def unstorable(event: dict) -> str | None:
+    """What in a log entry of a type reconciliation acts on the store could not hold, or None.
+
+    Checked before anything is looked up or written: one such entry is skipped and noted, and
+    never fails the pass or the chunk it came in (amoCRM documents ids as integers; an entry that
+    breaks that is not a change amohook can act on).
+    """
+    problem = _id_problem(event.get("entity_id"))
+    if problem:
+        return f"entity_id {problem}"
+    if event.get("account_id") is not None and (problem := _id_problem(event.get("account_id"))):
+        return f"account_id {problem}"
+    for side in ("value_after", "value_before"):
+        for key, fields in (("lead_status", ("id", "pipeline_id")), ("responsible_user", ("id",))):
+            block = _block(event.get(side), key)
+            for name in fields:
+                if block.get(name) is not None and (problem := _id_problem(block.get(name), zero=True)):
+                    return f"{side}'s {key}.{name} {problem}"
+    return None
+
+
+def _skip(result: PassResult, event: dict, why: str) -> None:
+    result.skipped += 1
+    result.notes.append(f"skipped events-log entry {str(event.get('id'))[:40]!r}: {why[:200]}")
+
+
 def _sightings(account: str, action: str, item: dict) -> list[Sighting]:
     out = []
     for change in lead_changes("leads", action, item):
@@ -177,10 +231,13 @@ def _unknown(account: str, events: list[dict], result: PassResult) -> list[dict]
         if str(event.get("id")) in queued_before:
             result.known += 1
             continue
+        if EVENT_ACTIONS.get(str(event.get("type"))) is not None and (why := unstorable(event)):
+            _skip(result, event, why)
+            continue
         try:
             shaped = webhook_item(event, None)
-            if shaped is None or not str(event.get("entity_id")).isdecimal():
-                result.known += 1  # not a change the rules act on (another entity, or not a lead id)
+            if shaped is None:
+                result.known += 1  # not a change the rules act on (another entity, no new stage)
                 continue
             if any(len(value) > VALUE_MAX for value in shaped[1].values() if isinstance(value, str)):
                 raise ValueError("an id or time far longer than amoCRM's")  # never stored verbatim
@@ -210,8 +267,9 @@ def _recover(
         shaped = webhook_item(event, leads.get(int(event["entity_id"])))
         if shaped is not None:
             entries.append((event, shaped[0], shaped[1]))
-    queued = _queue(store, account, entries, clock())
-    result.known += len(events) - queued
+    skipped_before = result.skipped
+    queued = _queue(store, account, entries, clock(), result)
+    result.known += len(events) - queued - (result.skipped - skipped_before)
     return queued
 
 
@@ -230,40 +288,148 @@ def stored_entry(event: dict) -> str:
     return json.dumps(kept, ensure_ascii=False, sort_keys=True)
 
 
-def _queue(store: Store, account: str, entries: list[tuple[dict, str, dict]], now: float) -> int:
-    """Store each log entry as a delivery of its own with one event; duplicates are skipped."""
+# What a database refuses for one row's values (too long, out of range), as opposed to the
+# database being unreachable: only these make a chunk fall back to row by row.
+def _row_refused() -> tuple[type[BaseException], ...]:
+    import peewee
+
+    return (peewee.DataError, peewee.IntegrityError, OverflowError)
+
+
+def _queue(
+    store: Store, account: str, entries: list[tuple[dict, str, dict]], now: float, result: PassResult | None = None
+) -> int:
+    """Store each log entry as a delivery of its own with one event; duplicates are skipped.
+
+    A chunk is one transaction; should the database refuse one row's values anyway, the chunk is
+    written again row by row and only that row is skipped (and noted).
+    """
     queued = 0
+    refused = _row_refused()
     for i in range(0, len(entries), CHUNK):
-        with store.write():
-            for event, action, item in entries[i : i + CHUNK]:
-                sha = synthetic_sha(account, str(event.get("id")))
-                if Delivery.select(Delivery.id).where(Delivery.body_sha256 == sha).exists():
-                    continue
-                delivery = Delivery.create(
-                    body_sha256=sha,
-                    body=stored_entry(event),
-                    content_type="application/json",
-                    headers=json.dumps({"x-amohook-source": SOURCE}),
-                    remote_addr=None,
-                    received_at=now,
-                )
-                Event.create(
-                    delivery_id=delivery.id,
-                    idx=0,
-                    entity="leads",
-                    action=action,
-                    entity_id=item["id"],
-                    account=account,
-                    account_id=item.get("account_id"),
-                    data=json.dumps(item, ensure_ascii=False, separators=(",", ":")),
-                    status="pending",
-                    received_at=now,
-                    updated_at=now,
-                    next_attempt_at=0,
-                    source=SOURCE,
-                )
-                queued += 1
+        chunk = entries[i : i + CHUNK]
+        outcomes: list[bool | None] = []
+        try:
+            with store.write():
+                outcomes = [_queue_one(account, entry, now) for entry in chunk]
+        except refused:
+            outcomes = []
+            for entry in chunk:
+                try:
+                    with store.write():
+                        outcomes.append(_queue_one(account, entry, now))
+                except refused as exc:
+                    outcomes.append(None)
+                    if result is not None:
+                        _skip(result, entry[0], f"the database refused it ({type(exc).__name__}: {str(exc)[:120]})")
+        queued += sum(1 for o in outcomes if o)
     return queued
+
+
+def _queue_one(account: str, entry: tuple[dict, str, dict], now: float) -> bool:
+    """Queue one entry; False when it was queued before."""
+    event, action, item = entry
+    sha = synthetic_sha(account, str(event.get("id")))
+    if Delivery.select(Delivery.id).where(Delivery.body_sha256 == sha).exists():
+        return False
+    delivery = Delivery.create(
+        body_sha256=sha,
+        body=stored_entry(event),
+        content_type="application/json",
+        headers=json.dumps({"x-amohook-source": SOURCE}),
+        remote_addr=None,
+        received_at=now,
+    )
+    Event.create(
+        delivery_id=delivery.id,
+        idx=0,
+        entity="leads",
+        action=action,
+        entity_id=item["id"],
+        account=account,
+        account_id=item.get("account_id"),
+        data=json.dumps(item, ensure_ascii=False, separators=(",", ":")),
+        status="pending",
+        received_at=now,
+        updated_at=now,
+        next_attempt_at=0,
+        source=SOURCE,
+    )
+    return True
+
+
+@dataclass
+class Window:
+    """The part of the log one pass reads, in amoCRM's time: ``[start, end]``; empty when start > end."""
+
+    start: int
+    end: int
+    first_look: int  # when the account was connected to this store: nothing before it is read unasked
+    skew: float  # this host's clock minus amoCRM's, as far as known (0 when unknown)
+    left_out: tuple[int, int] | None = None  # older than --max-lookback
+
+    @property
+    def empty(self) -> bool:
+        return self.start > self.end
+
+
+def known_skew(client, account: str) -> float | None:
+    """This host's clock minus amoCRM's, as last seen: by this client, by the last pass (its
+    summary keeps it), or at the last token answer; None when nothing ever told it."""
+    if getattr(client, "clock_skew", None) is not None:
+        return client.clock_skew
+    state = ReconcileState.get_or_none(ReconcileState.account == account)
+    try:
+        last = json.loads(state.last_pass_summary).get("clock_skew") if state and state.last_pass_summary else None
+    except (ValueError, AttributeError):
+        last = None
+    if isinstance(last, (int, float)) and not isinstance(last, bool):
+        return float(last)
+    row = Account.get_or_none(Account.subdomain == account)
+    return row.clock_skew if row is not None else None
+
+
+def _whole(skew: float | None) -> float:
+    """A skew the ``Date`` header can tell (it has whole seconds): under a second counts as none."""
+    return 0.0 if skew is None or abs(skew) < 1.0 else skew
+
+
+def learn_clock(client, account: str) -> None:
+    """Make sure amoCRM's clock is known before a window is planned: the window's end, and a
+    store's first look (at the connection), are amoCRM's time. One request, and only while
+    nothing has told the clock yet (no pass recorded it, no token answer carried it)."""
+    if known_skew(client, account) is None:
+        client.request("GET", "/api/v4/account")
+
+
+def plan_window(
+    client, account: str, *, since: float | None, max_lookback: float, local_now: float
+) -> tuple[Window, list[str]]:
+    """Where this pass reads: from the cursor (less the overlap), or from when the account was
+    connected to this store; ``since`` reaches back further on purpose (the explicit catch-up).
+    Never past amoCRM's clock, never before ``max_lookback``. Returns the window and its notes."""
+    state = ReconcileState.get_or_none(ReconcileState.account == account)
+    skew = _whole(known_skew(client, account))
+    end = int(min(local_now, local_now - skew))  # amoCRM's now; never later than ours
+    first = connected_at(account, skew)
+    first_look = int(first) if first is not None else end
+    cursor = state.cursor if state is not None else None
+    if cursor is not None:
+        # A cursor in amoCRM's future was set by a clock running fast: read from amoCRM's now.
+        start = min(int(cursor), end) - OVERLAP
+    else:
+        start = first_look
+    start = max(start, first_look)  # the overlap never reaches back before this store existed
+    if since is not None:
+        start = min(start, end - int(since))
+    notes = []
+    window = Window(start=start, end=end, first_look=first_look, skew=skew)
+    floor = end - int(max_lookback)
+    if start < floor:
+        window.left_out = (start, floor)
+        window.start = floor
+        notes.append(f"changes between {_iso(start)} and {_iso(floor)} are older than --max-lookback and were not read")
+    return window, notes
 
 
 def reconcile_account(
@@ -271,13 +437,17 @@ def reconcile_account(
     client,
     account: str,
     *,
-    since: float = DEFAULT_SINCE,
+    since: float | None = None,
     max_lookback: float = DEFAULT_MAX_LOOKBACK,
     watchdog: bool = True,
     clock: Callable[[], float] = time.time,
 ) -> PassResult:
     """One pass over ``account``'s events log, and (unless ``watchdog`` is False) a look at the
-    subscriptions amohook made."""
+    subscriptions amohook made.
+
+    ``since``: also read this many seconds back (the explicit catch-up); None: from the cursor, or
+    on the first pass from when the account was connected to this store.
+    """
     from amohook.amocrm.events import iter_event_pages
 
     result = PassResult(account=account)
@@ -290,32 +460,37 @@ def reconcile_account(
         return result
     requests_before = client.requests_made
     try:
-        state = ReconcileState.get_or_none(ReconcileState.account == account)
-        now = int(clock())
-        start = (state.cursor - OVERLAP) if state is not None and state.cursor is not None else now - int(since)
-        floor = now - int(max_lookback)
-        if start < floor:
-            result.left_out_from, result.left_out_to = start + (OVERLAP if state and state.cursor else 0), floor
-            start = floor
-            result.notes.append(
-                f"changes between {_iso(result.left_out_from)} and {_iso(floor)} are older than --max-lookback "
-                "and were not read"
-            )
-        result.window_from, result.window_to = start, now
-        todo: list[dict] = []
-        for page in iter_event_pages(
-            client, types=list(EVENT_ACTIONS), created_from=start, created_to=now, entity="lead"
-        ):
-            result.read += len(page)
-            leases.renew(name, owner, PASS_LEASE_TTL)  # a long backlog must not let a second pass start
-            todo += _unknown(account, page, result)
-            # Queue as soon as a lead read's worth is waiting: workers and the action sender start on
-            # the first changes while the rest of the window is still being read.
-            while len(todo) >= LEAD_BATCH:
-                result.queued += _recover(store, client, account, todo[:LEAD_BATCH], result, clock)
-                todo = todo[LEAD_BATCH:]
-        if todo:
-            result.queued += _recover(store, client, account, todo, result, clock)
+        learn_clock(client, account)
+        local = clock()
+        window, notes = plan_window(client, account, since=since, max_lookback=max_lookback, local_now=local)
+        result.notes += notes
+        if window.left_out is not None:
+            result.left_out_from, result.left_out_to = window.left_out
+        result.window_from, result.window_to = window.start, window.end
+        cursor: int | None = None
+        if window.empty:
+            # amoCRM's clock has not reached the window yet (the account was connected moments
+            # ago, or an earlier pass ran on a clock ahead of amoCRM's): nothing to read yet.
+            log.info("reconciliation of '%s': nothing to read yet (amoCRM's clock is before the window)", account)
+        else:
+            todo: list[dict] = []
+            for page in iter_event_pages(
+                client, types=list(EVENT_ACTIONS), created_from=window.start, created_to=window.end, entity="lead"
+            ):
+                result.read += len(page)
+                leases.renew(name, owner, PASS_LEASE_TTL)  # a long backlog must not let a second pass start
+                todo += _unknown(account, page, result)
+                # Queue as soon as a lead read's worth is waiting: workers and the action sender start on
+                # the first changes while the rest of the window is still being read.
+                while len(todo) >= LEAD_BATCH:
+                    result.queued += _recover(store, client, account, todo[:LEAD_BATCH], result, clock)
+                    todo = todo[LEAD_BATCH:]
+            if todo:
+                result.queued += _recover(store, client, account, todo, result, clock)
+            # What amoCRM's clock said when the window was read (its Date header, now known for sure):
+            # the cursor never passes it, so whatever happened after the read is read next time.
+            seen_skew = getattr(client, "clock_skew", None)
+            cursor = window.end if seen_skew is None else min(window.end, int(local - _whole(seen_skew)))
         if watchdog:
             from amohook.recovery.watchdog import check_subscriptions
 
@@ -325,7 +500,9 @@ def reconcile_account(
                 result.subscription_note = f"the subscription check failed: {_one_line(exc)}"
                 log.warning("watchdog for '%s': %s", account, result.subscription_note)
         result.requests = client.requests_made - requests_before
-        _save(store, account, cursor=now, result=result, clock=clock)
+        if getattr(client, "clock_skew", None) is not None:
+            result.clock_skew = round(client.clock_skew, 1)
+        _save(store, account, cursor=cursor, result=result, clock=clock, passed=True)
         return result
     except Exception as exc:
         result.error = _one_line(exc)
@@ -339,18 +516,154 @@ def reconcile_account(
         leases.release(name, owner)
 
 
-def _save(store: Store, account: str, *, cursor: int | None, result: PassResult, clock: Callable[[], float]) -> None:
-    """Move the cursor (only after the pass's events are committed) and keep its summary (its notes
-    bounded: a window of odd entries must not make a row of megabytes)."""
+class _Notes:
+    """A logger for planning that keeps what the rules say instead of logging it (a preview)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def warning(self, message: str, *args: Any) -> None:
+        self.lines.append(message % args if args else message)
+
+    info = debug = warning
+
+
+def preview_account(
+    store: Store,
+    client,
+    account: str,
+    *,
+    rules: list | None = None,
+    since: float | None = None,
+    max_lookback: float = DEFAULT_MAX_LOOKBACK,
+    clock: Callable[[], float] = time.time,
+) -> dict:
+    """What a pass would do, writing nothing of amohook's (no event, change, action or cursor;
+    amoCRM is only read): the window, every change it finds and whether amohook knows it, and
+    for the new ones which rules would fire and what they would plan (`reconcile --dry-run`).
+
+    ``rules``: compiled rules (``amohook.rules.load_and_compile``); None: changes only.
+    """
+    from types import SimpleNamespace
+
+    from amohook.amocrm.events import iter_event_pages
+    from amohook.amocrm.leads import fetch_leads
+    from amohook.recovery.identity import peek
+    from amohook.rules.handler import RulesHandler
+    from amohook.store.models import Action
+
+    learn_clock(client, account)
+    window, notes = plan_window(client, account, since=since, max_lookback=max_lookback, local_now=clock())
+    out: dict[str, Any] = {
+        "account": account,
+        "window_from": window.start,
+        "window_to": window.end,
+        "first_look": window.first_look,
+        "read": 0,
+        "known": 0,
+        "new": 0,
+        "skipped": 0,
+        "changes": [],
+        "known_changes": [],
+        "notes": notes,
+    }
+    if window.empty:
+        out["notes"].append("nothing to read yet: amoCRM's clock is before the window")
+        return out
+    scratch = PassResult(account=account)
+    fresh: list[dict] = []
+    for page in iter_event_pages(
+        client, types=list(EVENT_ACTIONS), created_from=window.start, created_to=window.end, entity="lead"
+    ):
+        out["read"] += len(page)
+        new = _unknown(account, page, scratch)
+        new_ids = {str(e.get("id")) for e in new}
+        out.setdefault("known_changes", []).extend(
+            {
+                "event_id": str(e.get("id"))[:40],
+                "lead_id": str(e.get("entity_id"))[:40],
+                "type": str(e.get("type"))[:40],
+            }
+            for e in page
+            if str(e.get("id")) not in new_ids
+        )
+        fresh += new
+    out["known"], out["skipped"], out["new"] = scratch.known, scratch.skipped, len(fresh)
+    out["notes"] += scratch.notes
+    handler = RulesHandler([r for r in rules or [] if r.account == account], store) if rules else None
+    lines = _Notes()
+    ctx = SimpleNamespace(client=lambda sub=None: client, logger=lines)
+    for start in range(0, len(fresh), LEAD_BATCH):
+        batch = fresh[start : start + LEAD_BATCH]
+        leads = fetch_leads(client, {int(e["entity_id"]) for e in batch})
+        for entry in batch:
+            shaped = webhook_item(entry, leads.get(int(entry["entity_id"])))
+            if shaped is None:
+                continue
+            action, item = shaped
+            change: dict[str, Any] = {
+                "event_id": str(entry.get("id")),
+                "lead_id": int(entry["entity_id"]),
+                "type": str(entry.get("type")),
+                "at": int(entry["created_at"]),
+                "actions": [],
+            }
+            if handler is not None:
+                event = SimpleNamespace(
+                    id=None,
+                    delivery_id=0,
+                    entity="leads",
+                    action=action,
+                    entity_id=item["id"],
+                    account=account,
+                    account_id=item.get("account_id"),
+                    data=item,
+                    received_at=clock(),
+                    attempts=0,
+                    source=SOURCE,
+                )
+                planned = handler.guard(handler.plan(event, ctx, peek), ctx)
+                recorded = {
+                    a.key for a in Action.select(Action.key).where(Action.key.in_([p.key for p in planned] or [""]))
+                }
+                change["actions"] = [
+                    {
+                        "rule": p.rule,
+                        "kind": p.kind,
+                        "lead_id": p.lead_id,
+                        "already_recorded": p.key in recorded,
+                        "skip_reason": p.skip_reason,
+                        "payload": {k: v for k, v in p.payload.items() if k not in ("request_id", "url_env")},
+                    }
+                    for p in planned
+                ]
+            out["changes"].append(change)
+    out["notes"] += lines.lines
+    return out
+
+
+def _save(
+    store: Store,
+    account: str,
+    *,
+    cursor: int | None,
+    result: PassResult,
+    clock: Callable[[], float],
+    passed: bool = False,
+) -> None:
+    """Move the cursor (only after the pass's events are committed) and keep its summary;
+    ``passed``: the pass completed (with nothing to read yet, the cursor stays where it was)."""
     figures = result.as_dict()
-    if len(result.notes) > NOTES_MAX:
+    if len(result.notes) > NOTES_MAX:  # a window of odd entries must not make a row of megabytes
         figures["notes"] = result.notes[:NOTES_MAX] + [f"and {len(result.notes) - NOTES_MAX} more note(s)"]
     summary = json.dumps(figures, ensure_ascii=False)
     with store.write():
         ReconcileState.insert(account=account).on_conflict_ignore().execute()
         fields: dict[str, Any] = {"last_pass_summary": summary, "last_error": result.error}
+        if passed:
+            fields.update(last_pass_at=clock())
         if cursor is not None:
-            fields.update(cursor=cursor, last_pass_at=clock())
+            fields.update(cursor=cursor)
         ReconcileState.update(**fields).where(ReconcileState.account == account).execute()
 
 
@@ -415,15 +728,19 @@ class Reconciler:
         interval: float,
         *,
         client_factory: Callable | None = None,
-        since: float = DEFAULT_SINCE,
+        since: float | None = None,
         max_lookback: float = DEFAULT_MAX_LOOKBACK,
         on_queued: Callable[[int], None] | None = None,
+        listening: bool = False,
         after_pass: Callable[[str, Any], object] | None = None,
     ):
-        """``after_pass(account, client)`` runs after each account's pass (the stale check of
+        """``listening``: this process runs the webhook listener (`serve`), so webhooks are expected.
+        ``after_pass(account, client)`` runs after each account's pass (the stale check of
         lead.stale rules: the change registry has just caught up with the log)."""
         self.store = store
+        self.listening = listening
         self.after_pass = after_pass
+        self._expected: dict[str, tuple[float, bool]] = {}
         self.interval = interval
         self.since = since
         self.max_lookback = max_lookback
@@ -461,10 +778,16 @@ class Reconciler:
             self.last[account] = result
             results.append(result)
             if result.queued:
-                log.warning(
-                    "reconciliation of '%s': %d change(s) found in amoCRM's events log that no webhook brought; queued",
+                # Worker-only mode reads every change from the log: routine. Where a webhook was
+                # expected and did not come, a person should look at the subscription.
+                expected = self.webhooks_expected(account)
+                log.log(
+                    logging.WARNING if expected else logging.INFO,
+                    "reconciliation of '%s': %d change(s) found in amoCRM's events log that no webhook "
+                    "brought; queued%s",
                     account,
                     result.queued,
+                    " — webhooks are expected for this account: look at `amohook webhooks list`" if expected else "",
                 )
                 if self.on_queued:
                     self.on_queued(result.queued)
@@ -474,6 +797,30 @@ class Reconciler:
             if self.after_pass is not None:
                 self.after_pass(account, self.client(account))
         return results
+
+    def webhooks_expected(self, account: str, now: float | None = None) -> bool:
+        """Should webhooks have brought this account's changes? Yes when this process listens for
+        them (`serve`), when amohook subscribed a destination for the account (`webhooks
+        subscribe`), or when a webhook for it was stored within ``DEFAULT_MAX_LOOKBACK``. Worker-only
+        mode has none of these: there the log is the only way changes come. Cached 10 minutes."""
+        if self.listening:
+            return True
+        now = time.time() if now is None else now
+        cached = self._expected.get(account)
+        if cached is not None and now - cached[0] < 600:
+            return cached[1]
+        from amohook.store.models import Subscription
+
+        expected = (
+            Subscription.select(Subscription.id).where(Subscription.account == account).exists()
+            or Event.select(Event.id)
+            .where(
+                (Event.account == account) & Event.source.is_null() & (Event.received_at >= now - DEFAULT_MAX_LOOKBACK)
+            )
+            .exists()
+        )
+        self._expected[account] = (now, expected)
+        return expected
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -14,7 +14,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from amohook.actions import lead_changing_kinds, record_planned
-from amohook.recovery.identity import identify, sighting_of
+from amohook.actions.base import PlannedAction
+from amohook.recovery.identity import Sighting, identify, sighting_of
 from amohook.rules.changes import LeadChange, as_int, rule_changes
 from amohook.rules.compile import CompiledRule
 from amohook.rules.guard import recent_changes, stop_reason
@@ -54,6 +55,7 @@ class RulesHandler:
         self.store = store
         self.on_recorded = on_recorded
         self._timezones: dict[str, tuple[float, str | None]] = {}
+        self._connected: dict[str, tuple[float, float | None]] = {}
 
     def timezone(self, account: str) -> str | None:
         cached = self._timezones.get(account)
@@ -65,21 +67,56 @@ class RulesHandler:
         return tz
 
     def __call__(self, event, ctx) -> int:
+        planned = self.plan(event, ctx, lambda s: identify(self.store, s).key_at)
+        if not planned:
+            return 0
+        new = record_planned(self.store, self.guard(planned, ctx), event.id, look_first=self.look_first(event))
+        if new and self.on_recorded:
+            self.on_recorded(new)
+        return new
+
+    def look_first(self, event) -> bool:
+        """Should this event's actions be looked up in amoCRM before they are sent? Yes for a change
+        only the events log brought from before this store was connected (a `reconcile --since`
+        catch-up): another store may have acted on it. Then its actions start as ones whose answer
+        was lost (``amohook.actions``). Changes since the connection are this store's alone: no
+        lookup, so worker-only mode costs no extra request. A stale lead's stay (``source =
+        "stale"``) always looks first: another store on the account may have found the same stay
+        (one task lookup per batch of up to 50)."""
+        if getattr(event, "source", None) == STALE_SOURCE:
+            return True
+        if getattr(event, "source", None) != "events_log" or not event.account:
+            return False
+        try:
+            changed_at = int(event.data.get("last_modified"))
+        except (TypeError, ValueError, AttributeError):
+            return True  # cannot tell when: look
+        cached = self._connected.get(event.account)
+        if cached is None or time.monotonic() - cached[0] > 300:
+            from amohook.recovery.identity import connected_at
+
+            cached = (time.monotonic(), connected_at(event.account))
+            self._connected[event.account] = cached
+        return cached[1] is None or changed_at < cached[1]
+
+    def plan(self, event, ctx, identify_change: Callable[[Sighting], int]) -> list[PlannedAction]:
+        """The actions the rules plan for ``event``, recording nothing; ``identify_change`` names a
+        lead change (the time of its first sighting): ``amohook.recovery.identity.identify`` when handling,
+        a read-only look when previewing (`reconcile --dry-run`)."""
         changes = rule_changes(event.entity, event.action, event.data)
         if not changes:
-            return 0
-        planned = []
+            return []
+        planned: list[PlannedAction] = []
         single = len({r.account for r in self.rules}) == 1
         account = event.account or (self.rules[0].account if single and self.rules else None)
         for change in changes:
             if account and change.kind not in ("task_completed", "stale"):  # identified by themselves
                 # The same change seen as a webhook and in the events log is one change: its
                 # first sighting's time names it in every action key (amohook.recovery.identity).
-                identity = identify(
-                    self.store,
-                    sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at),
+                key_at = identify_change(
+                    sighting_of(account, change, source=getattr(event, "source", None), received_at=event.received_at)
                 )
-                change = replace(change, changed_at=str(identity.key_at))
+                change = replace(change, changed_at=str(key_at))
             leads: dict[str, dict | None] = {}
 
             def lead_of(rule: CompiledRule, leads=leads, change=change) -> dict | None:  # this change's leads
@@ -114,12 +151,7 @@ class RulesHandler:
                 for note in notes:
                     ctx.logger.warning("rule %r: %s", rule.name, note)
                 planned.extend(actions)
-        # A stale lead's stay may have been acted on by another store on the account: look first.
-        look_first = getattr(event, "source", None) == STALE_SOURCE
-        new = record_planned(self.store, self.guard(planned, ctx), event.id, look_first=look_first)
-        if new and self.on_recorded:
-            self.on_recorded(new)
-        return new
+        return planned
 
     def guard(self, planned: list, ctx) -> list:
         """Stop a chain of rule-made changes to one lead (``amohook.rules.guard``)."""

@@ -234,7 +234,12 @@ class Supervisor:
             if self.reconcile_every is not None:
                 from amohook.recovery.reconcile import Reconciler
 
-                self.reconciler = Reconciler(self.store, self.reconcile_every, after_pass=self._after_pass())
+                self.reconciler = Reconciler(
+                    self.store,
+                    self.reconcile_every,
+                    listening=self.listen is not None,
+                    after_pass=self._after_pass(),
+                )
                 self.reconciler.start(self._background)
             elif self.stale is not None:
                 log.warning(

@@ -854,6 +854,14 @@ class FakeAmo:
                 return "used"
             return "expired" if info["exp"] <= self._clock() else "valid"
 
+    def set_clock_behind(self, seconds: float) -> None:
+        """amoCRM's clock runs ``seconds`` behind this host's (a host clock that is fast): the Date
+        header and every time amoCRM stamps — events, tasks, tokens, ``server_time`` — follow it."""
+        with self._lock:
+            base = self._clock
+            self._clock = lambda: base() - seconds
+            self.date_offset -= seconds
+
     # ---------------------------------------------------------------- faults and inspection
     def fail(
         self,
