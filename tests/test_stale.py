@@ -271,6 +271,6 @@ def test_a_second_store_on_the_account_recognises_the_task_of_the_stay(store, fa
         work(other, stale)
         assert len(fake.tasks) == 1
         [action] = Action.select()
-        assert action.status == "done" and "already in amoCRM for this stay" in action.last_error
+        assert action.status == "done" and "already in amoCRM for this change" in action.last_error
     finally:
         other.close()
