@@ -164,7 +164,7 @@ def test_kill_9_while_serving_makes_no_second_task(store, fake, stale):
     leads = [lead(fake, stale, 8400 + i, f"Lead {i}") for i in range(20)]
     for i, lead_id in enumerate(leads):
         enter(store, fake, stale, lead_id, now - 120 - i, webhook=False)
-    args = ["worker", "--rules", stale["rules"], "--reconcile", "1s", "--log-level", "warning"]
+    args = ["worker", "--rules", stale["rules"], "--reconcile", "1s", "--lease", "2", "--log-level", "warning"]
     for _ in range(2):
         proc = amohook_process(store.url, args)
         deadline = time.monotonic() + 30
@@ -172,6 +172,10 @@ def test_kill_9_while_serving_makes_no_second_task(store, fake, stale):
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+    # Time passes: the killed sender's batch in flight is free again (its lease ran out), and is
+    # looked up in amoCRM before anything is sent again.
+    with store.write():
+        Action.update(lease_until=0).where(Action.status == "sending").execute()
     proc = amohook_process(store.url, args)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(fake.tasks) < len(leads):
@@ -274,3 +278,14 @@ def test_a_second_store_on_the_account_recognises_the_task_of_the_stay(store, fa
         assert action.status == "done" and "already in amoCRM for this change" in action.last_error
     finally:
         other.close()
+
+
+def test_a_fast_host_clock_does_not_fire_early(store, fake, stale):
+    """Entry times are amoCRM's: with this host's clock two minutes ahead of amoCRM's, a lead that
+    entered 40 s ago (amoCRM's time) is not a minute in the stage yet."""
+    fake.set_clock_behind(120)
+    amo_now = int(fake._clock())
+    lead_id = lead(fake, stale, 8601)
+    enter(store, fake, stale, lead_id, amo_now - 40)
+    assert check(store, stale["rules"], time.time()).queued == 0
+    assert check(store, stale["rules"], time.time() + 30).queued == 1

@@ -90,6 +90,7 @@ class StaleCheck:
         self.rules = stale_rules(rules)
         self.clock = clock
         self.last: dict[str, StaleResult] = {}
+        self._renew: Callable[[], object] = lambda: None
         self._said: dict[str, str] = {}
 
     def __bool__(self) -> bool:
@@ -138,11 +139,13 @@ class StaleCheck:
             result.notes.append(f"{leases.describe_busy(name, 'checking for stale leads')}; skipped")
             return result
         before = client.requests_made
+        # A first look at a big stage reads the log for minutes: the lease is renewed as it goes.
+        self._renew = lambda: leases.renew(name, owner, CHECK_LEASE_TTL)
         try:
             for (pipeline_id, status_id), afters in stages.items():
                 result.stages += 1
                 self._check_stage(account, client, pipeline_id, status_id, afters, result)
-                leases.renew(name, owner, CHECK_LEASE_TTL)
+                self._renew()
         finally:
             result.requests = client.requests_made - before
             leases.release(name, owner)
@@ -164,10 +167,16 @@ class StaleCheck:
                 leads[lead_id] = lead
         result.in_stage += len(leads)
         entered = self._entered(account, client, pipeline_id, status_id, leads, result)
-        now = self.clock()
+        now = self._amo_now(client)
         due = [(lead_id, at, after) for lead_id, at in entered.items() for after in afters if at + after <= now]
         result.queued += self._queue(account, pipeline_id, status_id, leads, due, now)
         self._forget(account, pipeline_id, status_id, set(leads))
+
+    def _amo_now(self, client) -> float:
+        """Now on amoCRM's clock: entry times are amoCRM's, and the client learns this host's skew
+        from each answer's Date header, so a fast host clock does not fire early."""
+        skew = getattr(client, "clock_skew", None)
+        return self.clock() - (skew if isinstance(skew, (int, float)) else 0.0)
 
     def _entered(
         self, account: str, client, pipeline_id: int, status_id: int, leads: dict[int, dict], result: StaleResult
@@ -217,7 +226,7 @@ class StaleCheck:
         if unknown:
             result.looked_up += len(unknown)
             found = self._from_log(client, pipeline_id, status_id, unknown)
-            now = self.clock()
+            now = self._amo_now(client)
             for lead_id in unknown:
                 lead, seen = leads[lead_id], latest.get(lead_id)
                 at = found.get(lead_id)
@@ -241,6 +250,8 @@ class StaleCheck:
         """{lead: the latest log entry into the stage}; {-lead: 1} when its latest move went elsewhere."""
         out: dict[int, int] = {}
         for start in range(0, len(lead_ids), LOG_IDS):
+            if start and start % (LOG_IDS * 100) == 0:
+                self._renew()
             chunk = lead_ids[start : start + LOG_IDS]
             params = {"filter[type]": "lead_status_changed", "filter[entity]": "lead", "filter[entity_id][]": chunk}
             latest: dict[int, tuple[int, str, Any]] = {}
