@@ -124,21 +124,3 @@ class Settings:
     db_url: str
     traceback: bool = False
     db_timeout: float = DEFAULT_DB_TIMEOUT
-
-
-def parse_duration(text: str, *, option: str) -> float | None:
-    """``30s``, ``5m``, ``2h``, ``1d``, ``1w`` or ``off`` (None): every duration option reads this way."""
-    value = (text or "").strip().lower()
-    if value in ("off", "no", "none", "0"):
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    number, unit = value[:-1], value[-1:]
-    if unit.isdigit():
-        number, unit = value, "s"
-    try:
-        seconds = float(number) * units[unit]
-    except (KeyError, ValueError):
-        raise ConfigError(f"{option} '{text}' is not a duration — write 30s, 5m, 2h, 1d (or off)") from None
-    if not 1 <= seconds <= 366 * 86400:
-        raise ConfigError(f"{option} '{text}' is out of range — between 1s and 366d")
-    return seconds

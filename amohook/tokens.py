@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from amohook.durations import format_duration
 from amohook.errors import AccountNotFound, AmbiguousAccount, RefreshOutcomeUnknown, TokenMissing, TokenRevoked
 from amohook.store.lease import lease
 from amohook.store.models import Account
+from amohook.times import human_time
 
 if TYPE_CHECKING:  # requests and the OAuth module load only when a refresh is really sent:
     import requests  # cron's `refresh-token` with nothing due should cost little more than Python
@@ -144,14 +146,10 @@ def token_timeout(lease_ttl: float) -> tuple[float, float]:
     return connect, max(1.0, lease_ttl - margin - connect)
 
 
-def _utc(ts: float | None) -> str:
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
 def lost_answer_warning(account: Account, detail: str | None = None) -> str:
     what = f" ({detail})" if detail else ""
     return (
-        f"a refresh was sent at {_utc(account.refresh_sent_at)} and no usable answer came back{what}; amoCRM "
+        f"a refresh was sent at {human_time(account.refresh_sent_at)} and no usable answer came back{what}; amoCRM "
         "may already have spent the stored refresh token — the next `amohook refresh-token` "
         "tells: if it says revoked, run `amohook init-auth`"
     )
@@ -299,7 +297,7 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
     if age is not None and age < 0:
         if age < -SKEW_WARN:
             warnings.append(
-                f"the tokens were issued {_span(-age)} after this host's current time — this host's clock "
+                f"the tokens were issued {format_duration(-age)} after this host's current time — this host's clock "
                 "is behind (or was ahead at the last refresh); set it right (NTP)"
             )
         age = 0.0
@@ -313,18 +311,18 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
         else:
             warnings.append("the access token has expired — run `amohook refresh-token` (is cron running?)")
     if age is not None and age >= REFRESH_TOKEN_WARN_AGE:
-        days_left = max(0, int((REFRESH_TOKEN_LIFETIME - age) // 86400))
+        left = format_duration(max(0.0, REFRESH_TOKEN_LIFETIME - age))
         warnings.append(
-            f"the refresh token is {int(age // 86400)} days old; amoCRM revokes it after 3 months unused "
-            f"(about {days_left} days left) — check that cron runs `amohook refresh-token`"
+            f"the refresh token is {format_duration(age)} old; amoCRM revokes it after 3 months unused "
+            f"(about {left} left) — check that cron runs `amohook refresh-token`"
         )
     if account.refresh_sent_at is not None:
         from amohook.store.lease import owner_gone
 
         if refresh_holder is not None and not owner_gone(refresh_holder[0]):
             warnings.append(
-                f"a refresh is in progress: sent at {_utc(account.refresh_sent_at)}, waiting for amoCRM's "
-                f"answer (by {refresh_holder[0].rsplit(':', 2)[0]}, lease until {_utc(now + refresh_holder[1])})"
+                f"a refresh is in progress: sent at {human_time(account.refresh_sent_at)}, waiting for amoCRM's "
+                f"answer (by {refresh_holder[0].rsplit(':', 2)[0]}, lease until {human_time(now + refresh_holder[1])})"
             )
         else:
             warnings.append(account.last_refresh_error or lost_answer_warning(account, "the process ended first"))
@@ -333,7 +331,7 @@ def token_status(account: Account, now: float, refresh_holder: tuple[str, float]
     skew = account.clock_skew
     if skew is not None and abs(skew) >= SKEW_WARN:
         warnings.append(
-            f"at the last token answer this host's clock was {_span(abs(skew))} "
+            f"at the last token answer this host's clock was {format_duration(abs(skew))} "
             f"{'ahead of' if skew > 0 else 'behind'} amoCRM's — set it right (NTP); token times are amoCRM's"
         )
     return TokenStatus(
@@ -355,12 +353,3 @@ def refresh_holder(account: Account) -> tuple[str, float] | None:
     from amohook.store.lease import holder_info
 
     return holder_info(f"refresh:{account.subdomain}")
-
-
-def _span(seconds: float) -> str:
-    s = int(seconds)
-    if s >= 86400:
-        return f"{s // 86400} days"
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 60} min {s % 60} s"

@@ -72,7 +72,7 @@ def one_round(moves: int) -> dict:
                 str(tmp / "rules.toml"),
                 "--reconcile",
                 "1h",
-                "--threads",
+                "--workers",
                 "2",
                 "--batch",
                 "50",

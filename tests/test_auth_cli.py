@@ -163,7 +163,7 @@ def test_status_warns_well_before_the_refresh_token_dies(sqlite_url, fake):
     Account.update(issued_at=long_ago, expires_at=long_ago + 86400).execute()
     store.close()
     rows = json.loads(run_cli(["status", "--json"], sqlite_url).stdout)
-    assert "70 days old" in rows[0]["warning"] and "3 months" in rows[0]["warning"]
+    assert "70d old" in rows[0]["warning"] and "3 months" in rows[0]["warning"]
 
 
 def test_status_with_empty_store_tells_what_to_do(sqlite_url):

@@ -5,6 +5,7 @@ the list, an unknown event id is a usage error, one JSON shape for an event."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -113,3 +114,35 @@ def test_events_list_and_show_json_share_one_shape(filled):  # noqa: F811
         assert set(item) == set(shown) - HEAVY
         assert {key: shown[key] for key in item} == item
     assert listed[1]["attempt_count"] == 1 and isinstance(shown["attempts"], list)
+
+
+def test_every_subdomain_option_takes_s_as_well():
+    """`-s` is `--subdomain` on every command that takes one (reconcile and webhooks lacked it)."""
+    missing = [
+        name
+        for name, command in all_commands()
+        for param in command.params
+        if "--subdomain" in param.opts and "-s" not in param.opts
+    ]
+    assert not missing, missing
+
+
+def test_reconcile_and_webhooks_take_s(sqlite_url):
+    for args in (["reconcile", "-s", "nosuch"], ["webhooks", "list", "-s", "nosuch"]):
+        result = run_cli_here(args, sqlite_url)
+        assert result.returncode == 2 and "no account 'nosuch'" in result.stderr, (args, result.stderr)
+
+
+def test_worker_threads_is_the_deprecated_old_name_of_workers(sqlite_url):
+    """One name for worker threads in `serve` and `worker`: --workers. Units and scripts in the
+    field say `worker --threads N`: it keeps working, marked deprecated in --help, with one note."""
+    base = ["worker", "--handler", "os.path:basename", "--once", "--reconcile", "off"]
+    old = run_cli([*base, "--threads", "2"], sqlite_url)
+    assert old.returncode == 0 and "processed 0 event(s)" in old.stdout, old.stderr
+    assert old.stderr.strip() == "warning: `worker --threads` is deprecated — write `--workers 2` (same meaning)"
+    new = run_cli([*base, "--workers", "2"], sqlite_url)
+    assert new.returncode == 0 and new.stderr == "", new.stderr
+    both = run_cli([*base, "--workers", "2", "--threads", "3"], sqlite_url)
+    assert both.returncode == 2 and "disagree" in both.stderr, both.stderr
+    shown = run_cli_here(["worker", "--help"], sqlite_url, env=cli_env(sqlite_url, **WIDE)).stdout
+    assert re.search(r"--threads .*Deprecated", shown) and re.search(r"--workers .*Worker threads", shown), shown

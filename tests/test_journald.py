@@ -179,3 +179,34 @@ def test_worker_logs_its_start_sigterm_and_stop_with_priorities(sqlite_url, tmp_
     assert any(line.startswith("<6>") and "received SIGTERM; stopping" in line for line in lines), lines
     assert lines and lines[-1].startswith("<6>") and lines[-1].endswith("stopped"), lines
     assert all(PRIORITY.match(line) for line in lines if line) and not TIMESTAMP.search("\n".join(lines))
+
+
+@pytest.mark.parametrize("log_level", ["info", "warning"])
+def test_under_systemd_listening_on_is_written_once_with_its_priority(sqlite_url, tmp_path, log_level):
+    """systemd connects stdout and stderr to one journal stream (StandardOutput=journal, stderr
+    inherits): the start line scripts read on stdout must not reach the journal a second time
+    without a priority; it is the log line (or, with INFO hidden, stdout's line with <6>)."""
+    path = tmp_path / "journal"
+    with open(path, "wb") as journal:
+        env = journal_env(sqlite_url, journal)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "amohook", "serve", "--port", "0", "--workers", "0", "--log-level", log_level],
+            env=env,
+            cwd=str(ROOT),
+            stdout=journal,
+            stderr=journal,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in path.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in path.read_text().splitlines() if line]
+    listening = [line for line in lines if "listening on http://" in line]
+    assert len(listening) == 1 and listening[0].startswith("<6>"), lines
+    assert all(PRIORITY.match(line) for line in lines), lines

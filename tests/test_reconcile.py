@@ -77,9 +77,15 @@ def work(store, crm, *extra: str) -> None:
 
 
 def reconcile(store, *extra: str) -> dict:
+    """One pass's JSON summary, its ISO 8601 times read back as Unix seconds for arithmetic."""
+    from datetime import datetime
+
     result = run_cli(["reconcile", "--json", *extra], store.url)
     assert result.returncode == 0, result.stderr
     [summary] = json.loads(result.stdout)
+    for name in ("window_from", "window_to", "left_out_from", "left_out_to"):
+        if summary[name] is not None:
+            summary[name] = int(datetime.fromisoformat(summary[name]).timestamp())
     return summary
 
 

@@ -199,7 +199,7 @@ def test_a_refresh_under_a_clock_100_days_ahead_uses_amocrms_time_and_warns(stor
     assert abs(stored.clock_skew - ahead) < 60
     row = status_row(store.url)
     assert 0 <= row["refresh_token_age_days"] < 0.01
-    assert "100 days ahead of amoCRM's" in row["warning"]
+    assert "100d ahead of amoCRM's" in row["warning"]
 
 
 def test_without_server_time_the_date_header_anchors_the_expiry(fake):

@@ -36,6 +36,7 @@ class CompiledTask:
     spec: TaskSpec
     task_type_id: int
     responsible_user_id: int | None  # None: the lead's responsible user
+    task_type_name: str = ""  # from the synced reference data, for `rules check`
 
 
 class CreateTask(CreateKind):
@@ -70,9 +71,10 @@ class CreateTask(CreateKind):
     def compile(self, spec, ctx, label, problems):
         from amohook import lookup
 
-        task_type_id, responsible_id = 0, None
+        task_type_id, type_name, responsible_id = 0, "", None
         try:
-            task_type_id = ctx.catalog.task_type(spec.type).amo_id
+            found = ctx.catalog.task_type(spec.type)
+            task_type_id, type_name = found.amo_id, found.name
         except lookup.LookupFailed as exc:
             problems.append(f"{label}: {exc.message}")
         if str(spec.responsible).strip().lower() != "lead":
@@ -80,13 +82,17 @@ class CreateTask(CreateKind):
                 responsible_id = ctx.catalog.user(spec.responsible).amo_id
             except lookup.LookupFailed as exc:
                 problems.append(f"{label}: {exc.message}")
-        return CompiledTask(spec, task_type_id, responsible_id)
+        return CompiledTask(spec, task_type_id, responsible_id, type_name)
 
     def describe(self, compiled, rule):
-        return f"task type {compiled.task_type_id}"
+        return f"a task of type {compiled.task_type_name or compiled.task_type_id!r}"
 
     def summary(self, compiled):
-        return {"task_type_id": compiled.task_type_id, "responsible": compiled.responsible_user_id or "lead"}
+        return {
+            "task_type_id": compiled.task_type_id,
+            "task_type": compiled.task_type_name,
+            "responsible": compiled.responsible_user_id or "lead",
+        }
 
     def needs_lead(self, rule, compiled, change):
         # A task needs a responsible user; the template may need the lead's name.

@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import print_json, say, state, warn
+from amohook.durations import format_duration
 from amohook.settings import DOMAINS, ENV_CLIENT_SECRET
+from amohook.times import human_time, iso_time
 
 # The domains amoCRM and Kommo serve accounts under, as a choice `--help` lists and Click checks.
 Domain = Enum("Domain", {name: name for name in DOMAINS}, type=str)  # type: ignore[misc]  # built from DOMAINS
@@ -105,7 +107,7 @@ def init_auth(
     st = state(ctx)
     if long_lived_token:
         account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
-        expires = f", expires {fmt_time(account.expires_at)}" if account.expires_at else ""
+        expires = f", expires {human_time(account.expires_at)}" if account.expires_at else ""
         say(
             f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); "
             "it is never refreshed"
@@ -127,7 +129,7 @@ def init_auth(
     account = authorize_with_code(st.store(), subdomain=sub, base_url=url, client=client, code=code)
     say(
         f"authorized {sub} (amoCRM account {account.amo_account_id}); access token valid until "
-        f"{fmt_time(account.expires_at)}. Add `amohook refresh-token` to cron (see crontab.example)."
+        f"{human_time(account.expires_at)}. Add `amohook refresh-token` to cron (see crontab.example)."
     )
 
 
@@ -195,7 +197,7 @@ def refresh_token(
         result = refresh_tokens(store, account.subdomain, force=force, on_wait=on_wait)
         acc = result.account
         if result.outcome == "refreshed":
-            say(f"{acc.subdomain}: refreshed; access token valid until {fmt_time(acc.expires_at)}")
+            say(f"{acc.subdomain}: refreshed; access token valid until {human_time(acc.expires_at)}")
         elif result.outcome == "long_lived":
             if not quiet:
                 say(f"{acc.subdomain}: long-lived token, nothing to refresh")
@@ -205,7 +207,7 @@ def refresh_token(
         elif not quiet:
             from amohook.tokens import refresh_due_at
 
-            say(f"{acc.subdomain}: not due; next refresh after {fmt_time(refresh_due_at(acc))}")
+            say(f"{acc.subdomain}: not due; next refresh after {human_time(refresh_due_at(acc))}")
 
 
 def status(
@@ -232,8 +234,8 @@ def status(
                     "account_id": r.amo_account_id,
                     "has_tokens": r.has_tokens,
                     "long_lived": r.long_lived,
-                    "expires_at": iso(r.expires_at),
-                    "refresh_due_at": iso(r.refresh_due_at),
+                    "expires_at": iso_time(r.expires_at),
+                    "refresh_due_at": iso_time(r.refresh_due_at),
                     "refresh_token_age_days": None
                     if r.refresh_token_age is None
                     else round(r.refresh_token_age / 86400, 2),
@@ -249,19 +251,23 @@ def status(
 
         say(f"no accounts in {redact_url(st.settings.db_url)} — run `amohook init-auth` to add one")
         return
-    from rich.table import Table
+    from amohook.cli.common import console, plain, table
 
-    from amohook.cli.common import console, plain
-
-    table = Table(title="amohook accounts")
-    for col in ("account", "tokens", "access token expires", "next refresh", "refresh token age", "warning"):
-        table.add_column(col)
+    columns = (
+        ("account", "text"),
+        ("tokens", "text"),
+        ("access token expires", "time"),
+        ("next refresh", "time"),
+        ("refresh token age", "text"),
+        ("warning", "text"),
+    )
+    cells = []
     for r in rows:
         tokens = "long-lived" if r.long_lived else ("yes" if r.has_tokens else "no")
-        expires = fmt_time(r.expires_at) + (f" (in {fmt_duration(r.expires_at - now)})" if r.expires_at else "")
-        due = "never" if r.long_lived else fmt_time(r.refresh_due_at)
-        table.add_row(plain(r.subdomain), tokens, expires, due, fmt_duration(r.refresh_token_age), plain(r.warning))
-    console().print(table)
+        expires = human_time(r.expires_at) + (f" (in {format_duration(r.expires_at - now)})" if r.expires_at else "")
+        due = "never" if r.long_lived else human_time(r.refresh_due_at)
+        cells.append((plain(r.subdomain), tokens, expires, due, format_duration(r.refresh_token_age), plain(r.warning)))
+    console().print(table("amohook accounts", columns, cells))
     for r in rows:
         if r.subdomain in recon:
             say(describe_row(recon[r.subdomain]))

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import iso, print_json, say, state
+from amohook.cli.common import print_json, say, state
+from amohook.times import iso_time
 
 MARKS = {"ok": "✓", "warning": "!", "error": "✗"}
 ASCII_MARKS = {"ok": "ok", "warning": "warn", "error": "FAIL"}
@@ -49,7 +50,7 @@ def doctor(
     checks = [failed] if store is None else run_checks(store, rules_path=rules, now=now)
     overall = worst(checks)
     if as_json:
-        print_json({"status": overall, "checked_at": iso(now), "checks": [c.as_dict() for c in checks]})
+        print_json({"status": overall, "checked_at": iso_time(now), "checks": [c.as_dict() for c in checks]})
     else:
         marks = _marks()
         for c in checks:

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from amohook.actions.registry import noun
-from amohook.cli.common import CONTEXT_SETTINGS, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state, warn
+from amohook.times import human_time, iso_time
 
 events_app = typer.Typer(
     no_args_is_help=True,
@@ -33,13 +34,14 @@ def _row(event) -> dict:
         "entity_id": event.entity_id,
         "account": event.account,
         "account_id": event.account_id,
+        "source": event.source or "webhook",  # or "events_log": recovered by reconciliation
         "status": event.status,
         "attempt_count": event.attempts,
-        "received_at": iso(event.received_at),
-        "next_attempt_at": iso(event.next_attempt_at) if event.status == "pending" else None,
-        "updated_at": iso(event.updated_at),
+        "received_at": iso_time(event.received_at),
+        "next_attempt_at": iso_time(event.next_attempt_at) if event.status == "pending" else None,
+        "updated_at": iso_time(event.updated_at),
         "lease_owner": event.lease_owner if event.status == "running" else None,
-        "lease_until": iso(event.lease_until) if event.status == "running" else None,
+        "lease_until": iso_time(event.lease_until) if event.status == "running" else None,
         "last_error": event.last_error,
     }
 
@@ -67,27 +69,33 @@ def list_(
     if not rows:
         say("no events" + (f" with status {status}" if status else "") + (f" for {entity}" if entity else ""))
         return
-    from rich.table import Table
+    from amohook.cli.common import console, plain, table
 
-    from amohook.cli.common import console, plain
-
-    table = Table(title="events (newest first)")
-    for column in ("id", "received", "entity", "action", "entity id", "account", "status", "attempts", "last error"):
-        table.add_column(column)
-    for e in rows:
-        # Everything but the numbers came from outside (the webhook, amoCRM's answers): plain text.
-        table.add_row(
+    columns = (
+        ("id", "id"),
+        ("received", "time"),
+        ("event", "text"),
+        ("entity id", "id"),
+        ("account", "text"),
+        ("status", "text"),
+        ("tries", "number"),
+        ("last error", "text"),
+    )
+    # Everything but the numbers came from outside (the webhook, amoCRM's answers): plain text.
+    cells = [
+        (
             str(e.id),
-            fmt_time(e.received_at),
-            plain(e.entity),
-            plain(e.action),
+            human_time(e.received_at),
+            plain(f"{e.entity} {e.action}"),
             plain(e.entity_id),
             plain(e.account),
             plain(e.status),
             str(e.attempts),
             plain((e.last_error or "")[:80]),
         )
-    console().print(table)
+        for e in rows
+    ]
+    console().print(table("events (newest first)", columns, cells))
 
 
 @events_app.command("show")
@@ -113,8 +121,8 @@ def show(
     attempts = [
         {
             "worker": a.worker,
-            "started_at": iso(a.started_at),
-            "finished_at": iso(a.finished_at),
+            "started_at": iso_time(a.started_at),
+            "finished_at": iso_time(a.finished_at),
             "outcome": a.outcome,
             "error": a.error,
         }
@@ -128,7 +136,7 @@ def show(
             headers = {}
         delivery_json = {
             "id": delivery.id,
-            "received_at": iso(delivery.received_at),
+            "received_at": iso_time(delivery.received_at),
             "times_received": delivery.times_received,
             "content_type": delivery.content_type,
             "remote_addr": delivery.remote_addr,
@@ -152,11 +160,11 @@ def show(
         return
     say(f"event {event.id}: {event.entity} {event.action} {event.entity_id or ''} (account {event.account or '?'})")
     say(f"  status: {event.status}, attempts: {event.attempts}")
-    say(f"  received: {fmt_time(event.received_at)}, updated: {fmt_time(event.updated_at)}")
+    say(f"  received: {human_time(event.received_at)}, updated: {human_time(event.updated_at)}")
     if event.status == "pending":
-        say(f"  next attempt: {fmt_time(event.next_attempt_at)}")
+        say(f"  next attempt: {human_time(event.next_attempt_at)}")
     if event.status == "running":
-        say(f"  held by {event.lease_owner} until {fmt_time(event.lease_until)}")
+        say(f"  held by {event.lease_owner} until {human_time(event.lease_until)}")
     if event.last_error:
         say(f"  last error: {event.last_error}")
     say("data:")
@@ -164,7 +172,7 @@ def show(
     if delivery is not None and delivery_json is not None:
         say(
             f"delivery {delivery.id}: received {delivery_json['times_received']} time(s), first at "
-            f"{fmt_time(delivery.received_at)} from {delivery.remote_addr or '?'}, "
+            f"{human_time(delivery.received_at)} from {_origin(event, delivery)}, "
             f"{delivery.content_type or 'no content type'}"
         )
         for name, value in sorted(delivery_json["headers"].items()):
@@ -173,7 +181,7 @@ def show(
         say(delivery.body)
     say(f"attempts ({len(attempts)}):")
     for a in detail.attempts:
-        say(f"  {fmt_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
+        say(f"  {human_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
     if actions:
         say(f"rule actions ({len(actions)}):")
         for act in actions:
@@ -217,6 +225,14 @@ def replay(
             warn(f"event {event_id}: {why}")
     if result.skipped:
         raise typer.Exit(int(ExitCode.ERROR))
+
+
+def _origin(event, delivery) -> str:
+    """Where a delivery came from: the sender's address, or amoCRM's events log for what
+    reconciliation recovered (no address: amohook read it)."""
+    if (event.source or "webhook") == "events_log":
+        return "amoCRM's events log (reconciliation)"
+    return delivery.remote_addr or "an unknown address"
 
 
 def _ids(ids: list[int], limit: int = 20) -> str:

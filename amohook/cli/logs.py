@@ -104,6 +104,25 @@ def _numeric(level) -> int:
     return numeric
 
 
+def announce(log: logging.Logger, message: str) -> None:
+    """A start line (`listening on URL`, `worker started: …`): on stdout, where scripts wait for
+    it, and in the log. Under systemd stdout is the journal too (StandardOutput=journal, stderr
+    inherits it): there it is written once, as the log line with its priority — or, when the log
+    level hides INFO, on stdout with the info priority's prefix."""
+    if journal_stderr(stream=sys.stdout):
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", message)
+        else:
+            sys.stdout.write(prefixed(message, priority(logging.INFO)) + "\n")
+            sys.stdout.flush()
+        return
+    from amohook.redact import printable
+
+    sys.stdout.write(printable(message, multiline=True) + "\n")  # as cli.common.say writes
+    sys.stdout.flush()
+    log.info("%s", message)
+
+
 def stderr_line(text: str, levelno: int) -> str:
     """A line written to stderr outside logging (an error, a warning of a one-shot command), with
     the journal's priority prefix when stderr is the journal."""

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import print_json, say, state
+from amohook.cli.common import duration, print_json, say, state
 
 
 def prune(
@@ -18,7 +18,7 @@ def prune(
             envvar="AMOHOOK_KEEP",
             show_envvar=True,
             help="Delete done events, their deliveries and attempts, and finished actions older than "
-            "this (at least 1d; dead events and failed actions: 90 days).",
+            "this (1d to 366d; dead events and failed actions: 90 days). `off` deletes nothing.",
         ),
     ] = "30d",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
@@ -28,18 +28,18 @@ def prune(
 
     One prune at a time across the database (serve's and worker's hourly pruning too): while
     another holds the lease this exits 4 naming the holder and when its lease runs out."""
-    from amohook.errors import ConfigError
-    from amohook.ops.retention import MIN_KEEP, prune_by_hand
-    from amohook.settings import parse_duration
+    from amohook.ops.retention import MIN_KEEP, MIN_KEEP_WHY, PruneResult, prune_by_hand
 
-    keep = parse_duration(older_than, option="--older-than")
-    if keep is None or keep < MIN_KEEP:
-        raise ConfigError(
-            f"--older-than '{older_than}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)"
-        )
+    keep = duration(ctx, "older_than", low=MIN_KEEP, why_low=MIN_KEEP_WHY)
+    if keep is None:  # off: keep everything, as `serve --keep off` does
+        if as_json:
+            print_json({**PruneResult(dry_run=dry_run).as_dict(), "keep_seconds": None})
+        else:
+            say("retention is off (--older-than/AMOHOOK_KEEP is 'off'): nothing deleted")
+        return
     result = prune_by_hand(state(ctx).store(), keep=keep, dry_run=dry_run)
     if as_json:
-        print_json(result.as_dict())
+        print_json({**result.as_dict(), "keep_seconds": keep})
         return
     verb = "would delete" if dry_run else "deleted"
     say(

@@ -6,9 +6,13 @@ from typing import Annotated, Any
 
 import typer
 
-from amohook.cli.common import CONTEXT_SETTINGS, fmt_duration, fmt_time, iso, print_json, say, state, warn
+from amohook.cli.common import CONTEXT_SETTINGS, duration, print_json, say, state, warn
+from amohook.durations import format_duration
+from amohook.times import human_time, iso_time
 
-SubdomainOpt = Annotated[str | None, typer.Option("--subdomain", help="The account (default: the only one stored).")]
+SubdomainOpt = Annotated[
+    str | None, typer.Option("--subdomain", "-s", help="The account (default: the only one stored).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 # amoCRM's webhook event codes (amoCRM docs: crm_platform/webhooks-api).
@@ -74,12 +78,14 @@ def reconcile(
         str | None,
         typer.Option(
             "--since",
-            help="Catch up: also read this far back (30m, 1h, 1d), even before the account was connected to this "
-            "store. Without it a pass reads from where the last one stopped, the first from the connection.",
+            help="Catch up: also read this far back (30m, 1h, 1d; 1s to 366d), even before the account was "
+            "connected to this store. Without it a pass reads from where the last one stopped, the first from "
+            "the connection.",
         ),
     ] = None,
     max_lookback: Annotated[
-        str, typer.Option("--max-lookback", help="Never read further back than this, however old the cursor (7d).")
+        str,
+        typer.Option("--max-lookback", help="Never read further back than this, however old the cursor (1s to 366d)."),
     ] = "7d",
     dry_run: Annotated[
         bool,
@@ -103,10 +109,9 @@ def reconcile(
     """Queue the lead changes in amoCRM's events log that no webhook brought (one pass per account)."""
     from amohook.amocrm.client import client_for
     from amohook.recovery.reconcile import reconcilable_accounts, reconcile_account
-    from amohook.settings import parse_duration
 
-    since_s = parse_duration(since, option="--since") if since is not None else None
-    lookback_s = parse_duration(max_lookback, option="--max-lookback") or 7 * 86400
+    since_s = duration(ctx, "since", off=False) if since is not None else None
+    lookback_s = duration(ctx, "max_lookback", off=False)
     store = state(ctx).store()
     accounts = [_account(subdomain)] if subdomain else reconcilable_accounts()
     if not accounts:
@@ -131,7 +136,7 @@ def reconcile(
             say(f"{r.account}: {r.notes[0] if r.notes else 'another amohook process is running a pass; skipped'}")
             continue
         say(
-            f"{r.account}: read {r.read} event(s) from {fmt_time(r.window_from)} to {fmt_time(r.window_to)}: "
+            f"{r.account}: read {r.read} event(s) from {human_time(r.window_from)} to {human_time(r.window_to)}: "
             f"{r.known} already known, {r.queued} recovered and queued ({r.requests} request(s))"
         )
         if r.skipped:
@@ -144,7 +149,7 @@ def reconcile(
             )
         if r.left_out_from is not None:
             warn(
-                f"warning: {r.account}: changes from {fmt_time(r.left_out_from)} to {fmt_time(r.left_out_to)} were "
+                f"warning: {r.account}: changes from {human_time(r.left_out_from)} to {human_time(r.left_out_to)} were "
                 "left out (older than --max-lookback); raise it to read them"
             )
         if r.subscription:
@@ -171,21 +176,21 @@ def _dry_run(store, accounts: list[str], rules: str | None, since: float | None,
     if as_json:
         for p in previews:
             for key in ("window_from", "window_to", "first_look"):
-                p[key] = iso(p[key])
+                p[key] = iso_time(p[key])
             for change in p["changes"]:
-                change["at"] = iso(change["at"])
+                change["at"] = iso_time(change["at"])
         print_json(previews)
         return
     for p in previews:
         say(
-            f"{p['account']} (dry run, nothing written): would read {fmt_time(p['window_from'])} to "
-            f"{fmt_time(p['window_to'])}: {p['read']} event(s), {p['known']} already known, "
+            f"{p['account']} (dry run, nothing written): would read {human_time(p['window_from'])} to "
+            f"{human_time(p['window_to'])}: {p['read']} event(s), {p['known']} already known, "
             f"{p['new']} new, {p['skipped']} skipped"
         )
         for known in p["known_changes"]:
             say(f"  known: lead {known['lead_id']} {known['type']} (event {known['event_id']})")
         for change in p["changes"]:
-            say(f"  new:   lead {change['lead_id']} {change['type']} at {fmt_time(change['at'])}")
+            say(f"  new:   lead {change['lead_id']} {change['type']} at {human_time(change['at'])}")
             if compiled is not None and not change["actions"]:
                 say("         no rule fires")
             for action in change["actions"]:
@@ -435,7 +440,7 @@ def reconcile_rows(now: float) -> list[dict]:
         rows.append(
             {
                 "subdomain": st.account,
-                "last_pass_at": iso(st.last_pass_at),
+                "last_pass_at": iso_time(st.last_pass_at),
                 "cursor_lag_seconds": None if st.lag is None else round(st.lag),
                 "recovered_24h": st.recovered_24h,
                 "subscription": st.subscription,
@@ -447,7 +452,7 @@ def reconcile_rows(now: float) -> list[dict]:
 
 
 def describe_row(row: dict) -> str:
-    lag = "never run" if row["cursor_lag_seconds"] is None else f"lag {fmt_duration(row['cursor_lag_seconds'])}"
+    lag = "never run" if row["cursor_lag_seconds"] is None else f"lag {format_duration(row['cursor_lag_seconds'])}"
     text = (
         f"{row['subdomain']}: reconciliation {lag}, {row['recovered_24h']} change(s) recovered in 24 h, "
         f"subscriptions {row['subscription']}"

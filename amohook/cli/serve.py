@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from amohook.cli.common import say, state
-from amohook.cli.logs import Level
+from amohook.cli.common import duration, say, state
+from amohook.cli.logs import Level, announce
+from amohook.durations import format_duration
 
 HandlerOpt = Annotated[
     list[str] | None,
@@ -19,11 +20,10 @@ HandlerOpt = Annotated[
     ),
 ]
 LeaseOpt = Annotated[
-    float,
+    str,
     typer.Option(
         "--lease",
-        min=1.0,
-        help="Seconds a claimed event stays reserved; renewed while its handler runs. "
+        help="How long a claimed event stays reserved (1s to 1d); renewed while its handler runs. "
         "A crashed worker's events are claimed again after it.",
     ),
 ]
@@ -61,7 +61,7 @@ ReconcileOpt = Annotated[
         "--reconcile",
         envvar="AMOHOOK_RECONCILE",
         show_envvar=True,
-        help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h or off. "
+        help="How often to read amoCRM's events log for changes no webhook brought: 30s, 5m, 1h (1s to 366d) or off. "
         "Default: 5m when --rules or --handler is given, else off.",
     ),
 ]
@@ -72,7 +72,7 @@ KeepOpt = Annotated[
         envvar="AMOHOOK_KEEP",
         show_envvar=True,
         help="Prune done events, deliveries, attempts and finished actions older than this, every hour "
-        "(at least 1d; `off` keeps everything).",
+        "(1d to 366d; `off` keeps everything).",
     ),
 ]
 RulesOpt = Annotated[
@@ -96,25 +96,24 @@ def _setup_logging(level: Level, library_level: Level, secrets: tuple[str, ...] 
     setup_logging(level.value, library_level.value, secrets)
 
 
-def reconcile_interval(option: str | None, has_work: bool) -> float | None:
+# The bounds of the duration options below; every one is read by amohook.durations.
+MAX_LEASE = 86400.0
+MIN_TIMEOUT, MAX_TIMEOUT = 0.1, 3600.0
+MIN_POLL, MAX_POLL = 0.05, 3600.0
+
+
+def reconcile_interval(ctx: typer.Context, has_work: bool) -> float | None:
     """Seconds between background reconciliation passes, or None (off)."""
-    from amohook.settings import parse_duration
-
-    if option is None:
+    if ctx.params["reconcile"] is None:
         return 300.0 if has_work else None
-    return parse_duration(option, option="--reconcile")
+    return duration(ctx, "reconcile")
 
 
-def keep_seconds(keep: str) -> float | None:
+def keep_seconds(ctx: typer.Context) -> float | None:
     """--keep as seconds (None: off), checked before anything starts."""
-    from amohook.errors import ConfigError
-    from amohook.ops.retention import MIN_KEEP
-    from amohook.settings import parse_duration
+    from amohook.ops.retention import MIN_KEEP, MIN_KEEP_WHY
 
-    seconds = parse_duration(keep, option="--keep")
-    if seconds is not None and seconds < MIN_KEEP:
-        raise ConfigError(f"--keep '{keep}' is too short — keep at least 1d (amoCRM retries for ~95 minutes)")
-    return seconds
+    return duration(ctx, "keep", low=MIN_KEEP, why_low=MIN_KEEP_WHY)
 
 
 def serve(
@@ -143,18 +142,18 @@ def serve(
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
-    lease: LeaseOpt = 300.0,
+    lease: LeaseOpt = "5m",
     max_attempts: MaxAttemptsOpt = 10,
     max_body: Annotated[
         int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")
     ] = 1024 * 1024,
     request_timeout: Annotated[
-        float,
-        typer.Option("--request-timeout", min=0.1, help="Seconds of silence after which a request is dropped (408)."),
-    ] = 10.0,
+        str,
+        typer.Option("--request-timeout", help="Silence after which a request is dropped (408); 0.1s to 1h."),
+    ] = "10s",
     read_deadline: Annotated[
-        float, typer.Option("--read-deadline", min=0.1, help="Seconds in which a whole request must arrive (408).")
-    ] = 30.0,
+        str, typer.Option("--read-deadline", help="Time in which a whole request must arrive (408); 0.1s to 1h.")
+    ] = "30s",
     log_level: LogLevelOpt = Level.info,
     library_log_level: LibraryLogLevelOpt = Level.warning,
 ):
@@ -190,11 +189,11 @@ def serve(
         host=host,
         port=port,
         max_body=max_body,
-        socket_timeout=request_timeout,
-        read_deadline=read_deadline,
+        socket_timeout=duration(ctx, "request_timeout", low=MIN_TIMEOUT, high=MAX_TIMEOUT, off=False),
+        read_deadline=duration(ctx, "read_deadline", low=MIN_TIMEOUT, high=MAX_TIMEOUT, off=False),
         status_password=status_password,
     )
-    interval = reconcile_interval(reconcile, bool(handler or rules))
+    interval = reconcile_interval(ctx, bool(handler or rules))
     runner = Supervisor(
         store,
         rules=rules,
@@ -202,8 +201,8 @@ def serve(
         threads=workers,
         listen=config,
         reconcile_every=interval,
-        keep=keep_seconds(keep),
-        lease_seconds=lease,
+        keep=keep_seconds(ctx),
+        lease_seconds=duration(ctx, "lease", high=MAX_LEASE, off=False),
         max_attempts=max_attempts,
         search_dir=os.getcwd(),
     )
@@ -220,8 +219,7 @@ def serve(
             f"cannot listen on {host}:{port}: {exc.strerror or exc} — pick another --host/--port"
         ) from None
     url = runner.url
-    say(f"listening on {url}")  # on stdout as well: scripts and tests wait for this line
-    log.info("listening on %s", url)
+    announce(log, f"listening on {url}")  # on stdout as well (not twice in the journal): scripts wait for it
     log.info(
         "webhook secret: %s",
         f"from {ENV_WEBHOOK_SECRET}"
@@ -235,7 +233,7 @@ def serve(
         url,
         url,
         len(runner.workers),
-        "every " + _seconds(interval) if runner.reconciling else "off",
+        "every " + format_duration(interval) if runner.reconciling else "off",
     )
     log.info(
         "status page and metrics: %s",
@@ -255,11 +253,17 @@ def worker(
     rules: RulesOpt = None,
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
-    lease: LeaseOpt = 300.0,
+    lease: LeaseOpt = "5m",
     max_attempts: MaxAttemptsOpt = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
-    threads: Annotated[int, typer.Option("--threads", min=1, max=64, help="Worker threads in this process.")] = 1,
-    poll: Annotated[float, typer.Option("--poll", min=0.05, help="Seconds between looks at an empty queue.")] = 1.0,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=64, help="Worker threads in this process [default: 1].")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, max=64, help="Deprecated: the old name of --workers (works, with a note)."),
+    ] = None,
+    poll: Annotated[str, typer.Option("--poll", help="Time between looks at an empty queue; 0.05s to 1h.")] = "1s",
     once: Annotated[bool, typer.Option("--once", help="Process what is due now, then exit.")] = False,
     log_level: LogLevelOpt = Level.info,
     library_log_level: LibraryLogLevelOpt = Level.warning,
@@ -271,51 +275,83 @@ def worker(
     from amohook.runtime.supervisor import Supervisor, stop_on_signals
     from amohook.settings import ENV_WEBHOOK_SECRET, secret_from
 
+    workers = _workers(workers, threads)
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
     store = state(ctx).store()
-    interval = reconcile_interval(reconcile, bool(handler or rules))
+    interval = reconcile_interval(ctx, bool(handler or rules))
     runner = Supervisor(
         store,
         rules=rules,
         handlers=handler or [],
-        threads=threads,
+        threads=workers,
         reconcile_every=interval,
-        keep=keep_seconds(keep),
-        lease_seconds=lease,
+        keep=keep_seconds(ctx),
+        lease_seconds=duration(ctx, "lease", high=MAX_LEASE, off=False),
         max_attempts=max_attempts,
         batch_size=batch,
-        poll_interval=poll,
+        poll_interval=duration(ctx, "poll", low=MIN_POLL, high=MAX_POLL, off=False),
         search_dir=os.getcwd(),
     )
     if not len(runner.registry):
         raise ConfigError("nothing to run — give --rules FILE and/or --handler package.module:function")
     stop = stop_on_signals()
     if once:
+        import time
+
+        started_at = time.time()
         processed = runner.run_once(stop, reconcile=interval is not None and reconcile is not None)
         stop.log_signal(log)
         say(f"processed {processed} event(s)")
+        _exit_if_dead(store, started_at)
         return
     runner.start()
     started = (
-        f"worker started: {threads} thread(s), handlers: {', '.join(runner.registry.names())}; "
-        f"reconciliation: {'every ' + _seconds(interval) if runner.reconciling else 'off'}"
+        f"worker started: {workers} worker thread(s), handlers: {', '.join(runner.registry.names())}; "
+        f"reconciliation: {'every ' + format_duration(interval) if runner.reconciling else 'off'}"
     )
-    say(started)  # on stdout as well, like `serve`'s "listening on": scripts wait for it
-    log.info("%s", started)
+    announce(log, started)  # like `serve`'s "listening on"
     runner.wait(stop)
     stop.log_signal(log)
     runner.stop()
     log.info("stopped")
 
 
-def _seconds(interval: float | None) -> str:
-    if not interval:
-        return "off"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if interval >= size and interval % size == 0:
-            return f"{int(interval // size)}{unit}"
-    return f"{interval:g}s"
+def _exit_if_dead(store, started_at: float) -> None:
+    """`worker --once` (cron) exits 6, UNHEALTHY, when events went dead during its run: retrying
+    will not help, a person has to look (and `events replay` them). Not 2: nothing was wrong with
+    the command line, and the next run with the same one may be fine."""
+    import sys
+
+    from amohook.cli.logs import stderr_line
+    from amohook.errors import ExitCode
+    from amohook.inbox.queries import went_dead
+
+    dead = went_dead(store, since=started_at)
+    if dead:
+        shown = ", ".join(str(i) for i in dead[:10]) + (", …" if len(dead) > 10 else "")
+        line = (
+            f"error: {len(dead)} event(s) went dead in this run ({shown}) — `amohook events show ID` says why, "
+            "`amohook events replay ID` queues one again"
+        )
+        sys.stderr.write(stderr_line(line, logging.ERROR) + "\n")
+        raise typer.Exit(int(ExitCode.UNHEALTHY))
+
+
+def _workers(workers: int | None, threads: int | None) -> int:
+    """`worker --workers`, or its old name `--threads`: one name for worker threads in `serve` and
+    `worker` (`serve --threads` would read as the listener's own threads). The old name keeps
+    working for the units and scripts that use it, with a one-line note on stderr."""
+    if threads is None:
+        return workers or 1
+    from amohook.cli.common import warn
+
+    if workers is not None and workers != threads:
+        from amohook.errors import ConfigError
+
+        raise ConfigError(f"--workers {workers} and --threads {threads} disagree — give --workers only")
+    warn(f"warning: `worker --threads` is deprecated — write `--workers {threads}` (same meaning)")
+    return threads
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,6 @@ import typer
 from amohook.cli.common import console, err_console, plain, print_json, say, state, warn
 
 if TYPE_CHECKING:  # annotations only: the CLI imports rich and the models late, to start fast
-    from rich.console import JustifyMethod
     from rich.progress import TaskID
 
     from amohook.store.models import Stage
@@ -20,6 +19,7 @@ SubdomainOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
+NUMBERS = ("added", "changed", "removed", "unchanged", "total")
 LABELS = {
     "pipelines": "pipelines",
     "stages": "stages",
@@ -69,21 +69,16 @@ def _progress_display(enabled: bool):
 
 
 def _summary(report) -> None:
-    from rich.table import Table
+    from amohook.cli.common import table
 
-    table = Table(title=plain(f"sync-entities: {report.account}"))
-    table.add_column("kind")
-    for col in ("added", "changed", "removed", "unchanged", "total"):
-        table.add_column(col, justify="right")
-    table.add_column("note")
-    for r in report.results:
-        if r.status == "ok":
-            table.add_row(
-                LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), ""
-            )
-        else:
-            table.add_row(LABELS[r.kind], "—", "—", "—", "—", "—", plain(r.status))
-    console().print(table)
+    columns = [("kind", "text"), *((col, "number") for col in NUMBERS), ("note", "text")]
+    cells = [
+        (LABELS[r.kind], str(r.added), str(r.changed), str(r.removed), str(r.unchanged), str(r.total), "")
+        if r.status == "ok"
+        else (LABELS[r.kind], "—", "—", "—", "—", "—", plain(r.status))
+        for r in report.results
+    ]
+    console().print(table(plain(f"sync-entities: {report.account}"), columns, cells))
     limited = f", {report.rate_limited} answered 429" if report.rate_limited else ""
     say(f"{report.requests} requests in {report.seconds:.1f} s{limited}")
     failed = [LABELS[r.kind] for r in report.results if r.status == "failed"]
@@ -173,30 +168,23 @@ def pipelines(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonO
         return
     if not rows:
         return _nothing_stored(sub, "pipelines")
-    from rich.table import Table
+    from amohook.cli.common import table
 
-    table = Table(title=plain(f"pipelines of {sub}"))
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("pipeline id", "right"),
-        ("pipeline", "left"),
-        ("stage id", "right"),
-        ("stage", "left"),
-    )
-    for col, justify in columns:
-        table.add_column(col, justify=justify)
+    cells = []
     for p in rows:
         flags = [f for f, on in (("main", p.is_main), ("archived", p.is_archive)) if on]
         label = p.name + (f" ({', '.join(flags)})" if flags else "")
         members: list[Stage | None] = [*(stages.get(p.amo_id) or [])] or [None]
         for i, s in enumerate(members):
-            table.add_row(
+            row = (
                 str(p.amo_id) if i == 0 else "",
                 plain(label if i == 0 else ""),
                 "" if s is None else str(s.amo_id),
                 plain("" if s is None else s.name),
-                end_section=i == len(members) - 1,
             )
-    console().print(table)
+            cells.append({"cells": row, "end_section": i == len(members) - 1})
+    columns = (("pipeline id", "id"), ("pipeline", "text"), ("stage id", "id"), ("stage", "text"))
+    console().print(table(plain(f"pipelines of {sub}"), columns, cells))
 
 
 def task_types(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
@@ -210,15 +198,11 @@ def task_types(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: Json
         return
     if not rows:
         return _nothing_stored(sub, "task types")
-    from rich.table import Table
+    from amohook.cli.common import table
 
-    table = Table(title=plain(f"task types of {sub}"))
-    table.add_column("id", justify="right")
-    for col in ("name", "code", "color"):
-        table.add_column(col)
-    for t in rows:
-        table.add_row(str(t.amo_id), plain(t.name), plain(t.code), plain(t.color))
-    console().print(table)
+    columns = (("id", "id"), ("name", "text"), ("code", "text"), ("color", "text"))
+    cells = [(str(t.amo_id), plain(t.name), plain(t.code), plain(t.color)) for t in rows]
+    console().print(table(plain(f"task types of {sub}"), columns, cells))
 
 
 def users(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt = False):
@@ -237,17 +221,14 @@ def users(ctx: typer.Context, subdomain: SubdomainOpt = None, as_json: JsonOpt =
         return
     if not rows:
         return _nothing_stored(sub, "users")
-    from rich.table import Table
+    from amohook.cli.common import table
 
-    table = Table(title=plain(f"users of {sub}"))
-    table.add_column("id", justify="right")
-    for col in ("name", "email", "admin", "active"):
-        table.add_column(col)
-    for u in rows:
-        table.add_row(
-            str(u.amo_id), plain(u.name), plain(u.email), "yes" if u.is_admin else "", "yes" if u.is_active else "no"
-        )
-    console().print(table)
+    columns = (("id", "id"), ("name", "text"), ("email", "text"), ("admin", "text"), ("active", "text"))
+    cells = [
+        (str(u.amo_id), plain(u.name), plain(u.email), "yes" if u.is_admin else "", "yes" if u.is_active else "no")
+        for u in rows
+    ]
+    console().print(table(plain(f"users of {sub}"), columns, cells))
 
 
 def register(app: typer.Typer) -> None:

@@ -52,6 +52,12 @@ def list_events(store: Store, *, status: str | None = None, entity: str | None =
     return list(query.order_by(Event.id.desc()).limit(limit))
 
 
+def went_dead(store: Store, *, since: float) -> list[int]:
+    """Events that went dead at ``since`` or later (`worker --once` exits non-zero for them)."""
+    query = Event.select(Event.id).where((Event.status == "dead") & (Event.updated_at >= since))
+    return [row.id for row in query.order_by(Event.id)]
+
+
 @dataclass(frozen=True)
 class EventDetail:
     event: Event

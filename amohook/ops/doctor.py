@@ -21,7 +21,9 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from amohook.durations import format_duration
 from amohook.errors import AccountBlocked, AmohookError, ConfigError, ReauthRequired, StoreError
+from amohook.times import human_time
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -77,21 +79,6 @@ def _split_fix(message: str, default_fix: str) -> tuple[str, str]:
     """amohook's messages end in "— the fix"; split it off so the report shows it on its own line."""
     head, sep, tail = message.rpartition(" — ")
     return (head, tail) if sep and head else (message, default_fix)
-
-
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d {s % 86400 // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    if s >= 60:
-        return f"{s // 60}m"
-    return f"{s}s"
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 def _one_line(exc: BaseException, url: str | None = None) -> str:
@@ -246,18 +233,18 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
         if left <= 0:
             return _error(
                 name,
-                f"the long-lived token expired on {_when(account.expires_at)}",
+                f"the long-lived token expired on {human_time(account.expires_at)}",
                 "generate a new one and run `amohook init-auth --long-lived-token`",
                 sub,
             )
         if left < LONG_LIVED_WARN:
             return _warn(
                 name,
-                f"the long-lived token expires on {_when(account.expires_at)} (in {_age(left)})",
+                f"the long-lived token expires on {human_time(account.expires_at)} (in {format_duration(left)})",
                 "generate a new one and run `amohook init-auth --long-lived-token`",
                 sub,
             )
-        return _ok(name, f"long-lived token, expires on {_when(account.expires_at)}", sub)
+        return _ok(name, f"long-lived token, expires on {human_time(account.expires_at)}", sub)
     if not account.refresh_token:
         return _error(name, "no refresh token stored", reauth, sub)
     if account.last_refresh_error:
@@ -270,16 +257,16 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
     if age is not None and age >= REFRESH_TOKEN_LIFETIME:
         return _error(
             name,
-            f"the refresh token is {int(age // 86400)} days old: amoCRM revokes it after 3 months unused",
+            f"the refresh token is {format_duration(age)} old: amoCRM revokes it after 3 months unused",
             reauth,
             sub,
         )
     if age is not None and age >= REFRESH_TOKEN_WARN_AGE:
-        left = int((REFRESH_TOKEN_LIFETIME - age) // 86400)
+        left = format_duration(REFRESH_TOKEN_LIFETIME - age)
         return _warn(
             name,
-            f"the refresh token is {int(age // 86400)} days old; amoCRM revokes it after 3 months "
-            f"unused (about {left} days left)",
+            f"the refresh token is {format_duration(age)} old; amoCRM revokes it after 3 months "
+            f"unused (about {left} left)",
             "check that cron runs `amohook refresh-token` (see `crontab -l`) and what it prints",
             sub,
         )
@@ -290,7 +277,7 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
             "check that cron runs `amohook refresh-token` every 30 minutes",
             sub,
         )
-    shown = "—" if age is None else _age(age)
+    shown = "—" if age is None else format_duration(age)
     return _ok(name, f"issued {shown} ago (amoCRM revokes one unused for 3 months)", sub)
 
 
@@ -352,7 +339,9 @@ def check_subscriptions(account: str, now: float) -> Check | None:
     row = ReconcileState.get_or_none(ReconcileState.account == account)
     state = (row.subscription_state if row else None) or "unknown"
     note = (row.subscription_note if row else None) or ""
-    checked = f", checked {_age(now - row.subscription_checked_at)} ago" if row and row.subscription_checked_at else ""
+    checked = ""
+    if row and row.subscription_checked_at:
+        checked = f", checked {format_duration(max(0.0, now - row.subscription_checked_at))} ago"
     name = "webhook subscriptions"
     if state == "ok":
         return _ok(name, f"{ours} destination(s) subscribed by amohook, all on{checked}", account)
@@ -403,9 +392,9 @@ def check_reconciliation(account: str, now: float, skew: float | None = None) ->
         ahead = row.cursor - amo_now
         return _error(
             name,
-            f"the events log was read up to {_when(row.cursor)}, {_age(ahead)} ahead of amoCRM's clock (its Date "
-            "header just now): a pass ran on a clock ahead of amoCRM's and read the log's future, so changes "
-            "made in amoCRM since then were never read",
+            f"the events log was read up to {human_time(row.cursor)}, {format_duration(ahead)} ahead of amoCRM's "
+            "clock (its Date header just now): a pass ran on a clock ahead of amoCRM's and read the log's future, "
+            "so changes made in amoCRM since then were never read",
             f"set the clock right (`timedatectl set-ntp true`), then `amohook reconcile --subdomain {account} "
             f"--since {math.ceil((ahead + 3600) / 3600)}h` reads them (tasks amoCRM already holds are not made again)",
             account,
@@ -423,12 +412,12 @@ def check_reconciliation(account: str, now: float, skew: float | None = None) ->
     if lag > RECONCILE_LAG_WARN:
         return _warn(
             name,
-            f"the events log was last read {_age(lag)} ago",
+            f"the events log was last read {format_duration(max(0.0, lag))} ago",
             "is `amohook serve` or `amohook worker` running with reconciliation (`--reconcile 5m`)? "
             f"`amohook reconcile --subdomain {account}` catches up by hand",
             account,
         )
-    return _ok(name, f"the events log was read {_age(lag)} ago", account)
+    return _ok(name, f"the events log was read {format_duration(max(0.0, lag))} ago", account)
 
 
 # -- the queue ------------------------------------------------------------------------------------
@@ -468,10 +457,10 @@ def check_pending_events(now: float) -> Check:
         waited = now - max(oldest.received_at or 0, oldest.next_attempt_at or 0, (oldest.lease_until or 0))
         return _warn(
             "pending events",
-            f"{pending} pending; the oldest has waited {_age(waited)} for a worker",
+            f"{pending} pending; the oldest has waited {format_duration(max(0.0, waited))} for a worker",
             "is a worker running? `systemctl status amohook`, or start `amohook worker` (`amohook serve` runs one too)",
         )
-    return _ok("pending events", f"{pending} pending, none waiting longer than {_age(PENDING_WARN)}")
+    return _ok("pending events", f"{pending} pending, none waiting longer than {format_duration(PENDING_WARN)}")
 
 
 def check_failed_actions() -> Check:

@@ -43,6 +43,7 @@ DEFAULT_KEEP = 30 * 86400.0
 DEAD_KEEP = 90 * 86400.0
 EXACTLY_ONCE = 8 * 86400.0
 MIN_KEEP = 86400.0  # a day: below that, amoCRM's own retries could outlive the delivery
+MIN_KEEP_WHY = "amoCRM retries a webhook for ~95 minutes"
 BATCH = 100
 PRUNE_EVERY = 3600.0
 LEASE = "prune"

@@ -25,11 +25,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from amohook.durations import format_duration
 from amohook.errors import ConfigError
 from amohook.ops import doctor
 from amohook.ops import metrics as metrics_module
 from amohook.ops.overview import OverviewReader, Snapshot
 from amohook.ops.throttle import LoginThrottle
+from amohook.times import human_time
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -230,25 +232,6 @@ def _clip(value: object, limit: int = 200) -> str:
     return first[:limit] + ("…" if len(first) > limit or len(text) > len(first) else "")
 
 
-def _when(ts: float | None) -> str:
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    s = int(abs(seconds))
-    if s >= 86400:
-        text = f"{s // 86400}d {s % 86400 // 3600}h"
-    elif s >= 3600:
-        text = f"{s // 3600}h {s % 3600 // 60}m"
-    elif s >= 60:
-        text = f"{s // 60}m {s % 60}s"
-    else:
-        text = f"{s}s"
-    return text
-
-
 def _table(headings: list[str], rows: list[list[str]], empty: str) -> str:
     """``rows`` hold HTML already escaped; a cell starting with "\\0n" is right-aligned (a number)."""
     if not rows:
@@ -302,7 +285,9 @@ def token_checks(snapshot: Snapshot) -> list:
         elif token.warning:
             checks.append(doctor.Check("token", False, "warning", token.warning, "", view.subdomain))
         else:
-            left = "" if token.expires_at is None else f", expires in {_ago(token.expires_at - snapshot.read_at)}"
+            left = ""
+            if token.expires_at is not None:
+                left = f", expires in {format_duration(token.expires_at - snapshot.read_at)}"
             checks.append(doctor.Check("token", True, "ok", f"stored{left}", "", view.subdomain))
     return checks
 
@@ -312,7 +297,6 @@ def render_page(
 ) -> str:
     """The whole page. ``snapshot`` None: the store was never read; the page says why."""
     now = time.time() if now is None else now
-    tz = time.strftime("%Z (UTC%z)", time.localtime(now))
     checks = []
     if snapshot is not None:  # as doctor orders them: the database, each account, then the queue
         checks = [c for c in snapshot.checks if c.name in ("database", "accounts")]
@@ -326,10 +310,10 @@ def render_page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         f"<title>amohook: {esc(state)}</title>\n<style>{STYLE}</style>\n</head><body>\n",
         f'<header><h1>amohook status <span class="badge {esc(state)}" id="state">{esc(state)}</span></h1>\n',
-        f'<p class="muted">{esc(_when(now))} {esc(tz)} · refreshes every {REFRESH_SECONDS} s',
+        f'<p class="muted">{esc(human_time(now))} · refreshes every {REFRESH_SECONDS} s',
     ]
     if snapshot is not None:
-        parts.append(f" · store read {esc(_ago(now - snapshot.read_at))} ago")
+        parts.append(f" · store read {esc(format_duration(now - snapshot.read_at))} ago")
     parts.append("</p></header>\n")
     if error:
         parts.append(
@@ -374,15 +358,16 @@ def _accounts(snap: Snapshot) -> str:
         elif token.expires_at is None:
             access = "long-lived, no expiry" if token.long_lived else "no expiry stored"
         elif token.expires_at <= snap.read_at:
-            access = f'<span class="error">expired {esc(_ago(snap.read_at - token.expires_at))} ago</span>'
+            access = f'<span class="error">expired {esc(format_duration(snap.read_at - token.expires_at))} ago</span>'
         else:
-            access = f"expires in {esc(_ago(token.expires_at - snap.read_at))}"
+            access = f"expires in {esc(format_duration(token.expires_at - snap.read_at))}"
         if token.long_lived:
             access += " (long-lived)"
-        refresh = "—" if token.refresh_token_age is None else f"issued {esc(_ago(token.refresh_token_age))} ago"
+        age = token.refresh_token_age
+        refresh = "—" if age is None else f"issued {esc(format_duration(age))} ago"
         reconcile = (
-            f"last pass {esc(_ago(None if rec.last_pass_at is None else snap.read_at - rec.last_pass_at))}"
-            f" ago; lag {esc(_ago(rec.lag))}; recovered in 24 h: {esc(rec.recovered_24h)}"
+            f"last pass {esc(format_duration(None if rec.last_pass_at is None else snap.read_at - rec.last_pass_at))}"
+            f" ago; lag {esc(format_duration(rec.lag))}; recovered in 24 h: {esc(rec.recovered_24h)}"
         )
         if rec.last_pass_at is None:
             reconcile = "never ran"
@@ -414,7 +399,7 @@ def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
             ("running", q.running),
             ("dead", q.dead),
             ("done (until pruned)", snap.events_by_status.get("done", 0)),
-            ("oldest pending", "—" if q.oldest_pending_age is None else _ago(q.oldest_pending_age) + " old"),
+            ("oldest pending", "—" if q.oldest_pending_age is None else format_duration(q.oldest_pending_age) + " old"),
             ("actions", ", ".join(f"{k} {v}" for k, v in snap.actions_by_status.items())),
         ]
     health = committer.health()
@@ -433,7 +418,7 @@ def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
 def _today(snap: Snapshot) -> str:
     rows = [
         [
-            esc(time.strftime("%H:%M:%S", time.localtime(a.updated_at))),
+            esc(human_time(a.updated_at)),
             esc(a.account),
             esc("task" if a.kind == "create_task" else "note"),
             esc(a.rule),
@@ -451,7 +436,7 @@ def _today(snap: Snapshot) -> str:
     )
     return (
         f'<section id="today"><h2>Tasks and notes created today{shown}</h2>\n'
-        f'<p class="muted">since {esc(_when(snap.today_since))}</p>\n'
+        f'<p class="muted">since {esc(human_time(snap.today_since))}</p>\n'
         + _table(["time", "account", "kind", "rule", "lead", "text", "amoCRM id", "event"], rows, "None yet today.")
         + "</section>\n"
     )
@@ -469,7 +454,7 @@ def _events(title: str, anchor: str, events: list, read_at: float) -> str:
         rows.append(
             [
                 _num(e.id),
-                esc(_when(e.received_at)),
+                esc(human_time(e.received_at)),
                 esc(e.account or "—"),
                 what,
                 esc(e.name or ""),

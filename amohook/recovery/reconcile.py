@@ -40,6 +40,7 @@ from amohook.recovery.identity import Sighting, connected_at, describe, is_known
 from amohook.rules import lead_changes
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
+from amohook.times import human_time, iso_time
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -88,7 +89,11 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Times as ISO 8601 (UTC), as in every `--json` of amohook."""
+        data = asdict(self)
+        for name in ("window_from", "window_to", "left_out_from", "left_out_to"):
+            data[name] = iso_time(data[name])
+        return data
 
 
 def synthetic_sha(account: str, event_id: str) -> str:
@@ -428,7 +433,10 @@ def plan_window(
     if start < floor:
         window.left_out = (start, floor)
         window.start = floor
-        notes.append(f"changes between {_iso(start)} and {_iso(floor)} are older than --max-lookback and were not read")
+        notes.append(
+            f"changes between {human_time(start)} and {human_time(floor)} are older than --max-lookback "
+            "and were not read"
+        )
     return window, notes
 
 
@@ -670,10 +678,6 @@ def _save(
 def _one_line(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
-
-
-def _iso(ts: float | None) -> str:
-    return "—" if ts is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
 def reconcilable_accounts(subdomain: str | None = None) -> list[str]:

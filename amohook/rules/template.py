@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from amohook.durations import parse_duration
 from amohook.rules.changes import as_int
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ PLACEHOLDERS = {
     "task.text",  # task.completed: the completed task
 }
 MAX_DUE_DAYS = 3650  # ten years ahead, whatever the units
-DUE_RE = re.compile(r"^\+(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?$")
 END_OF_DAY_RE = re.compile(r"^end_of_day(?:\+(\d+)d)?$")
 AT_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?:\+(\d+)d)?$")
 
@@ -80,37 +80,30 @@ def check_template(text: str) -> list[str]:
 def parse_due(due: str) -> tuple[str, int, int, int]:
     """``+1d2h``, ``+30m``, ``end_of_day``, ``end_of_day+1d``, ``10:00+1d`` → (kind, a, b, days).
 
-    At most ``MAX_DUE_DAYS`` ahead: a bigger offset would overflow the date arithmetic at run time.
+    The offset after ``+`` is a duration in amohook's one grammar (amohook.durations), from 0s to
+    ``MAX_DUE_DAYS`` days: a bigger offset would overflow the date arithmetic at run time.
     """
     text = (due or "").strip().replace(" ", "")
-    m = DUE_RE.match(text)
-    if m and any(m.groups()):
-        w, d, h, mins = (_due_number(g, due) for g in m.groups())
-        seconds = (w * 7 + d) * 86400 + h * 3600 + mins * 60
-        _check_due_days(seconds / 86400, due)
-        return ("relative", seconds, 0, 0)
+    if text.startswith("+") and text[1:]:
+        seconds = parse_duration(text[1:], option="due", low=0.0, high=MAX_DUE_DAYS * 86400.0, off=False, shown=due)
+        return ("relative", int(seconds), 0, 0)
     m = END_OF_DAY_RE.match(text)
     if m:
-        days = _due_number(m.group(1), due)
-        _check_due_days(days, due)
+        days = _due_days(m.group(1), due)
         return ("end_of_day", 0, 0, days)
     m = AT_TIME_RE.match(text)
     if m and int(m.group(1)) < 24 and int(m.group(2)) < 60:
-        days = _due_number(m.group(3), due)
-        _check_due_days(days, due)
+        days = _due_days(m.group(3), due)
         return ("at", int(m.group(1)), int(m.group(2)), days)
     raise ValueError(f"cannot read due '{due}' — use +30m, +2h, +1d, +1d4h, end_of_day, end_of_day+1d or 10:00+1d")
 
 
-def _due_number(digits: str | None, due: str) -> int:
-    if digits and len(digits) > 9:  # more than ten years in any unit; int() of it could be slow
-        _check_due_days(MAX_DUE_DAYS + 1, due)
-    return int(digits or 0)
-
-
-def _check_due_days(days: float, due: str) -> None:
-    if days > MAX_DUE_DAYS:
-        raise ValueError(f"due '{due}' is more than {MAX_DUE_DAYS} days ahead — use a shorter offset")
+def _due_days(digits: str | None, due: str) -> int:
+    """The whole days after ``end_of_day+`` or ``HH:MM+``, bounded as every offset is."""
+    if not digits:
+        return 0
+    seconds = parse_duration(f"{digits}d", option="due", low=0.0, high=MAX_DUE_DAYS * 86400.0, off=False, shown=due)
+    return round(seconds / 86400)  # whole days; float() read the digits, however many
 
 
 def due_timestamp(due: str, base: float, tz: str | None) -> int:

@@ -25,6 +25,7 @@ from peewee import IntegrityError
 
 from amohook.errors import LockBusy
 from amohook.store.models import Lease
+from amohook.times import human_time
 
 _local_owner = f"{socket.gethostname()}:{os.getpid()}"
 # A normal wait (another process refreshing) takes well under a second; say why only past this.
@@ -110,17 +111,13 @@ def describe_busy(name: str, doing: str, clock: Callable[[], float] | None = Non
     if info is None:  # released (or run out) just now
         return f"another amohook process was {doing} a moment ago"
     other, left = info
-    who = other.rsplit(":", 2)[0]
+    who, until = other.rsplit(":", 2)[0], human_time(time.time() + left)
     if owner_gone(other):
         return (
-            f"the '{name}' lease is held until {_until(left)} by process {who.split(':', 1)[1]} of this host, "
+            f"the '{name}' lease is held until {until} by process {who.split(':', 1)[1]} of this host, "
             "which is no longer running (killed?); it runs out then"
         )
-    return f"another amohook process ({who}) is {doing}; its '{name}' lease runs out at {_until(left)}"
-
-
-def _until(seconds_left: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + seconds_left))
+    return f"another amohook process ({who}) is {doing}; its '{name}' lease runs out at {until}"
 
 
 @contextmanager
@@ -154,17 +151,17 @@ def lease(
             other, left = info
             if owner_gone(other):
                 raise LockBusy(
-                    f"the '{name}' lease is held until {_until(left)} by process {other.split(':')[1]} "
-                    "of this host, which is no longer running — try again after that time"
+                    f"the '{name}' lease is held until {human_time(time.time() + left)} by process "
+                    f"{other.split(':')[1]} of this host, which is no longer running — try again after that time"
                 )
         if info is not None and tell and on_wait is not None:
             told = True
             on_wait(
                 f"waiting up to {wait:.0f} s for the '{name}' lease, held by "
-                f"{info[0].rsplit(':', 2)[0]} until {_until(info[1])}"
+                f"{info[0].rsplit(':', 2)[0]} until {human_time(time.time() + info[1])}"
             )
         if expired:
-            until = f" until {_until(info[1])}" if info else ""
+            until = f" until {human_time(time.time() + info[1])}" if info else ""
             raise LockBusy(
                 f"another amohook process holds the '{name}' lease{until} (if it died, the lease "
                 "runs out then) — try again later"
