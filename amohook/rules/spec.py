@@ -191,7 +191,7 @@ def _where_problems(raw: dict, when: Any, label: str) -> list[str]:
 
 def _stale_after(raw: dict, when: Any, label: str, problems: list[str]) -> int | None:
     """``after`` of a lead.stale rule in seconds (at least a minute), read by the one duration parser."""
-    from amohook.settings import parse_duration
+    from amohook.durations import DurationError, parse_duration
 
     if when != "lead.stale":
         if "after" in raw:
@@ -202,12 +202,11 @@ def _stale_after(raw: dict, when: Any, label: str, problems: list[str]) -> int |
         problems.append(f"{label}: when = 'lead.stale' needs after = \"3d\" (how long in the stage; 1m or more)")
         return None
     try:
-        seconds = parse_duration(text, option="after")
-    except ConfigError as exc:
+        seconds = parse_duration(
+            text, option="after", low=MIN_STALE_AFTER, off=False, why_low="the check runs every few minutes"
+        )
+    except DurationError as exc:
         problems.append(f"{label}: {exc.message}")
-        return None
-    if seconds is None or seconds < MIN_STALE_AFTER:
-        problems.append(f"{label}: after '{text}' is too short — a lead.stale rule waits 1m or more (30m, 3d, 1w)")
         return None
     return int(seconds)
 
