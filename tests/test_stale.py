@@ -289,3 +289,14 @@ def test_a_fast_host_clock_does_not_fire_early(store, fake, stale):
     enter(store, fake, stale, lead_id, amo_now - 40)
     assert check(store, stale["rules"], time.time()).queued == 0
     assert check(store, stale["rules"], time.time() + 30).queued == 1
+
+
+def test_with_reconciliation_off_stale_rules_say_they_never_fire(store, stale, caplog):
+    from amohook.runtime.supervisor import Supervisor
+
+    runner = Supervisor(store, rules=stale["rules"], reconcile_every=None)
+    assert runner.stale is not None
+    with caplog.at_level("WARNING", logger="amohook.runner"):
+        runner.start()
+        runner.stop()
+    assert any("--reconcile is off" in r.getMessage() for r in caplog.records)
