@@ -8,6 +8,8 @@ replaced. Standard library only: the CLI checks the URL at start-up, before peew
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from amohook.errors import ConfigError
@@ -100,3 +102,29 @@ def check_server_url(url: str) -> None:
                 raise _bad(url, f"asks for the unknown charset '{value[:40]}'", "use charset=utf8mb4 or leave it out")
         if key == "sslmode" and value not in SSLMODES:
             raise _bad(url, f"asks for the unknown sslmode '{value[:40]}'", f"use one of {', '.join(sorted(SSLMODES))}")
+
+
+def sqlite_path(url: str) -> Path:
+    """The absolute file an ``sqlite://`` URL names; in-memory, empty and relative ones are refused.
+
+    An in-memory store forgets every acknowledged webhook with the process and is private to one
+    connection, so `serve` would answer 503 for ever: there is no use for it here. A relative path
+    is looked up from the directory amohook starts in, which differs between a shell, cron
+    (``$HOME``) and systemd (``WorkingDirectory=``): two stores, each missing what the other holds.
+    """
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    rest = rest.split("?", 1)[0]
+    if rest.startswith("/"):
+        rest = rest[1:]  # sqlite:////absolute/path; sqlite:///relative/path
+    if not rest or rest == ":memory:" or rest.startswith("file::memory:") or "mode=memory" in url:
+        raise ConfigError(f"'{url}' names no database file — give an absolute path: sqlite:////absolute/path.db")
+    path = Path(rest).expanduser()
+    if not path.is_absolute():
+        here = os.path.abspath(rest)
+        meant = f"sqlite:////{rest} if you meant /{rest}, or " if not rest.startswith(("./", "../")) else ""
+        raise ConfigError(
+            f"the SQLite URL '{url}' names the relative path '{rest}', which depends on the directory "
+            f"amohook is started from (cron's and systemd's differ) — write an absolute path (four slashes): "
+            f"{meant}sqlite:///{here} for the file under the current directory"
+        )
+    return path

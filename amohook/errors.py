@@ -51,6 +51,17 @@ class SchemaMismatch(ConfigError):
     amohook made it): retrying cannot help, a person has to restore, upgrade or re-point it."""
 
 
+class StoreMissing(ConfigError):
+    """No amohook store where the settings point: only `init-auth` (and `auth-url`, `serve`) make
+    one; every other command says so instead of starting an empty store at a mistyped place."""
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(
+            f"no amohook store at {where} — run `amohook init-auth` first (or fix --db-url / AMOHOOK_DB_URL)"
+        )
+
+
 class AccountNotFound(ConfigError):
     def __init__(self, subdomain: str | None):
         self.subdomain = subdomain
@@ -156,7 +167,17 @@ class RefusedBeforeRefresh(AmoApiError):
 
 
 class Forbidden(AmoApiError):
-    """403 with a JSON body: the token's user lacks the right (e.g. /users needs an admin)."""
+    """403 with a JSON body: the token's user lacks the right (e.g. /users needs an admin), or the
+    account refuses this IP (code 113). Retrying cannot help: a person grants the right."""
+
+    exit_code = ExitCode.USAGE
+
+
+class PaymentRequired(AmoApiError):
+    """402: the account is not paid or its subscription is over; only its owner can fix that.
+    https://www.amocrm.ru/developers/content/crm_platform/error-codes"""
+
+    exit_code = ExitCode.USAGE
 
 
 class ValidationFailed(AmoApiError):
@@ -180,9 +201,10 @@ class RefreshOutcomeUnknown(AmoTemporaryError):
 
 def needs_person(exc: BaseException) -> bool:
     """True when only a person can make the next try succeed: the grant is revoked, expired or
-    missing (a new `amohook init-auth`), or amoCRM blocked the account's API access. Retrying
+    missing (a new `amohook init-auth`), amoCRM blocked the account's API access, or the account is
+    not paid. Retrying
     sooner cannot help, so callers wait long and say so once instead of hammering amoCRM."""
-    return isinstance(exc, (ReauthRequired, AccountBlocked))
+    return isinstance(exc, (ReauthRequired, AccountBlocked, PaymentRequired))
 
 
 def definitely_refused(exc: BaseException) -> bool:

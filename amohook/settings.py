@@ -36,11 +36,19 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     else $XDG_DATA_HOME/amohook, else ~/.local/share/amohook."""
     env = os.environ if environ is None else environ
     if env.get(ENV_DATA_DIR):
-        return Path(env[ENV_DATA_DIR]).expanduser()
+        path = Path(env[ENV_DATA_DIR]).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(
+                f"{ENV_DATA_DIR} '{env[ENV_DATA_DIR]}' is a relative path, which depends on the directory amohook "
+                f"is started from — give an absolute one (e.g. {os.path.abspath(path)})"
+            )
+        return path
     if env.get(ENV_STATE_DIRECTORY):
         # systemd.exec(5): several StateDirectory= entries arrive colon-separated; the first is ours.
         return Path(env[ENV_STATE_DIRECTORY].split(":", 1)[0])
-    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    base = env.get("XDG_DATA_HOME") or ""
+    if not Path(base).expanduser().is_absolute():
+        base = str(Path.home() / ".local" / "share")  # the XDG spec: a relative value is ignored
     return Path(base).expanduser() / "amohook"
 
 
@@ -58,7 +66,11 @@ def resolve_db_url(flag: str | None, environ: Mapping[str, str] | None = None) -
             f"unsupported database URL '{redact_url(url)}' — use sqlite:///PATH, "
             "mysql://USER:PASS@HOST/DB or postgresql://USER:PASS@HOST/DB"
         )
-    if not scheme.startswith("sqlite"):
+    if scheme.startswith("sqlite"):
+        from amohook.dburl import sqlite_path
+
+        sqlite_path(url)
+    else:
         from amohook.dburl import check_server_url
 
         check_server_url(url)

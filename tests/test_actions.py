@@ -15,38 +15,16 @@ from amohook.actions.base import PlannedAction
 from amohook.amocrm.client import client_for
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env
-
-RESPONSIBLE = 581651  # an existing user of the fake account
-TASK_TYPE = 1
-
-
-def planned(lead_id: int, *, rule="r", text=None, task_type=TASK_TYPE, key=None) -> PlannedAction:
-    key = key or hashlib.sha256(f"{rule}|{lead_id}".encode()).hexdigest()
-    payload = {
-        "text": text or f"Call lead {lead_id}",
-        "complete_till": 1_900_000_000 + lead_id,
-        "entity_id": lead_id,
-        "entity_type": "leads",
-        "task_type_id": task_type,
-        "responsible_user_id": RESPONSIBLE,
-        "request_id": key[:32],
-    }
-    return PlannedAction(key=key, rule=rule, account="example", lead_id=lead_id, payload=payload, kind="create_task")
-
-
-class Clock:
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-def sender(store, clock=None, **kw) -> ActionSender:
-    return ActionSender(store, lambda sub: client_for(store, sub), clock=clock or time.time, **kw)
+from tests.helpers.actions import (
+    CRASHING_SENDER,
+    RESPONSIBLE,
+    TASK_TYPE,
+    Clock,
+    planned,
+    planned_note,
+    quick_sender,
+    sender,
+)
 
 
 def tasks_for(fake, lead_id):
@@ -150,16 +128,6 @@ def test_two_senders_never_send_the_same_action(store, fake, account):
     assert len(fake.tasks) == 200
 
 
-CRASHING_SENDER = """
-import sys
-from amohook.actions import ActionSender
-from amohook.amocrm.client import client_for
-from amohook.store import open_store
-store = open_store(sys.argv[1])
-ActionSender(store, lambda sub: client_for(store, sub), lease_seconds=2).drain()
-"""
-
-
 @pytest.mark.slow
 def test_crash_between_post_and_commit_creates_one_task(store, fake, account):
     record_planned(store, [planned(i) for i in range(1, 4)], event_id=1)
@@ -180,11 +148,6 @@ def test_crash_between_post_and_commit_creates_one_task(store, fake, account):
     assert len(fake.tasks) == 3
     assert s.stats.adopted == 3
     assert Action.select().where(Action.status == "done").count() == 3
-
-
-def quick_sender(store, clock) -> ActionSender:
-    """A sender whose client does not sleep through amoCRM's waits (the clock is fake)."""
-    return ActionSender(store, lambda sub: client_for(store, sub, sleep=lambda s: None, max_attempts=1), clock=clock)
 
 
 def test_a_failed_lookup_keeps_the_action_maybe_sent(store, fake, account):
@@ -269,12 +232,6 @@ def test_an_expired_lease_is_not_used_to_post(store, fake, account):
         s, client_for(store, "example"), actions, {a.id: json.loads(a.payload) for a in actions}
     )
     assert not fake.requests_to("/api/v4/tasks", "POST")
-
-
-def planned_note(lead_id: int, text: str = "Moved to Qualified") -> PlannedAction:
-    key = hashlib.sha256(f"note|{lead_id}".encode()).hexdigest()
-    payload = {"entity_id": lead_id, "note_type": "common", "params": {"text": text}, "request_id": key[:32]}
-    return PlannedAction(key=key, rule="r", account="example", lead_id=lead_id, payload=payload, kind="add_note")
 
 
 def test_notes_and_tasks_go_in_batches_of_their_own_kind(store, fake, account):

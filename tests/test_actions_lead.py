@@ -7,62 +7,32 @@ and a real local HTTP receiver for notify.
 
 from __future__ import annotations
 
-import hashlib
-import http.server
-import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from amohook.actions import ActionSender, record_planned
+from amohook.actions import record_planned
 from amohook.actions.base import PlannedAction
 from amohook.actions.notify import idempotency_key
-from amohook.amocrm.client import client_for
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env, run_cli
-
-
-class Clock:
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-def sender(store, clock=None, **kw) -> ActionSender:
-    return ActionSender(store, lambda sub: client_for(store, sub), clock=clock or time.time, **kw)
+from tests.helpers.actions import (
+    CRASHING_SENDER,
+    Clock,
+    Receiver,
+    make_sales,
+    move,
+    notify,
+    sender,
+    set_field,
+)
 
 
 @pytest.fixture
 def sales(fake, account):
-    pipeline = fake.add_pipeline("Sales", ["New", "Qualified", "Proposal"])
-    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
-    leads = [
-        fake.add_lead(f"Lead {i}", pipeline["id"], stages["Qualified"], 581651, lead_id=9001 + i)["id"]
-        for i in range(3)
-    ]
-    return dict(pipeline=pipeline["id"], leads=leads, **stages)
-
-
-def move(sales, lead_id: int, to: str = "Proposal", *, key: str | None = None) -> PlannedAction:
-    key = key or hashlib.sha256(f"move|{lead_id}|{to}".encode()).hexdigest()
-    patch = {"id": lead_id, "status_id": sales[to], "pipeline_id": sales["pipeline"], "request_id": key[:32]}
-    return PlannedAction(
-        key=key,
-        rule="r",
-        account="example",
-        lead_id=lead_id,
-        kind="move_lead",
-        payload={"patch": patch, "from": [sales["pipeline"], sales["Qualified"]]},
-        target_id=lead_id,
-    )
+    return make_sales(fake)
 
 
 def patches(fake) -> int:
@@ -135,16 +105,6 @@ def test_a_lost_answer_with_nothing_done_is_sent_again(store, fake, sales):
     assert Action.get().status == "done"
 
 
-CRASHING_SENDER = """
-import sys
-from amohook.actions import ActionSender
-from amohook.amocrm.client import client_for
-from amohook.store import open_store
-store = open_store(sys.argv[1])
-ActionSender(store, lambda sub: client_for(store, sub), lease_seconds=2).drain()
-"""
-
-
 @pytest.mark.slow
 def test_crash_between_patch_and_commit_moves_each_lead_once(store, fake, sales):
     record_planned(store, [move(sales, lead) for lead in sales["leads"]], event_id=1)
@@ -183,24 +143,6 @@ def test_one_refused_move_is_rejected_and_the_rest_go(store, fake, sales):
 
 
 # -- set_field ---------------------------------------------------------------------------------
-def set_field(lead_id: int, *, field_id=None, value=None, tag=None, key=None) -> PlannedAction:
-    key = key or hashlib.sha256(f"field|{lead_id}|{field_id}|{tag}".encode()).hexdigest()
-    patch = {"id": lead_id, "request_id": key[:32]}
-    if field_id:
-        patch["custom_fields_values"] = [{"field_id": field_id, "values": [{"value": value}]}]
-    if tag:
-        patch["tags_to_add"] = [{"name": tag}]
-    return PlannedAction(
-        key=key,
-        rule="r",
-        account="example",
-        lead_id=lead_id,
-        kind="set_field",
-        payload={"patch": patch, "from": None},
-        target_id=lead_id,
-    )
-
-
 def test_a_field_and_a_tag_are_set_without_touching_other_tags(store, fake, sales):
     source = fake.add_custom_field("Source", "select", enums=["Phone", "Website"])
     lead = sales["leads"][0]
@@ -238,71 +180,11 @@ def test_an_option_amocrm_does_not_know_is_rejected_with_its_reason(store, fake,
 
 
 # -- notify ------------------------------------------------------------------------------------
-class Receiver:
-    """A real HTTP server on 127.0.0.1: records messages, answers as told, honours Idempotency-Key."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.messages: list[tuple[str, dict]] = []
-        self.seen: set[str] = set()
-        self.answers: list[int | str] = []  # per request: a status, or "drop" (read, then hang up)
-        self.connections = 0
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def setup(self):
-                receiver.connections += 1
-                super().setup()
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                key = self.headers.get("Idempotency-Key", "")
-                answer = receiver.answers.pop(0) if receiver.answers else 200
-                if answer in (200, "drop") and key not in receiver.seen:
-                    receiver.seen.add(key)
-                    receiver.messages.append((key, json.loads(body)))
-                if answer == "drop":
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                self.send_response(answer)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://{host}:{self.port}/hook/s3cr3t-token"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver():
     r = Receiver()
     yield r
     r.close()
-
-
-def notify(lead_id: int, text: str = "Won: Acme") -> PlannedAction:
-    key = hashlib.sha256(f"notify|{lead_id}".encode()).hexdigest()
-    return PlannedAction(
-        key=key,
-        rule="r",
-        account="example",
-        lead_id=lead_id,
-        kind="notify",
-        payload={
-            "url_env": "CHAT_URL",
-            "json": {"text": text, "lead": {"id": lead_id}},
-            "idempotency_key": idempotency_key(key),
-        },
-    )
 
 
 def test_a_message_is_posted_once_with_its_idempotency_key(store, account, receiver):

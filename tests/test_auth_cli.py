@@ -167,6 +167,9 @@ def test_status_warns_well_before_the_refresh_token_dies(sqlite_url, fake):
 
 
 def test_status_with_empty_store_tells_what_to_do(sqlite_url):
+    from amohook.store import open_store
+
+    open_store(sqlite_url).close()
     result = run_cli(["status"], sqlite_url)
     assert result.returncode == 0
     assert "init-auth" in result.stdout
@@ -203,6 +206,9 @@ def test_unreachable_database_is_a_temporary_error_without_password():
 
 
 def test_traceback_flag_shows_the_stack(sqlite_url):
+    from amohook.store import open_store
+
+    open_store(sqlite_url).close()
     result = run_cli(["--traceback", "refresh-token"], sqlite_url)
     assert result.returncode == ExitCode.USAGE
     assert "Traceback" in result.stderr and "AccountNotFound" in result.stderr

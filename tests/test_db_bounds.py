@@ -70,6 +70,9 @@ def test_a_percent_encoded_password_reaches_the_server_decoded(tmp_path):
             cur.execute(f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s", ("a/b?c#d@e%f",))
             cur.execute(f"GRANT ALL ON `{p.path[1:]}`.* TO '{user}'@'%'")
         encoded = urlunsplit((p.scheme, f"{user}:a%2Fb%3Fc%23d%40e%25f@{p.hostname}:{p.port or 3306}", p.path, "", ""))
+        from amohook.store import open_store
+
+        open_store(url).close()  # the store (`status` makes none)
         result = run_cli(["status", "--json"], encoded, timeout=60)
         assert result.returncode == 0, result.stderr
     finally:

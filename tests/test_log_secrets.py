@@ -155,7 +155,7 @@ def test_library_debug_logs_hold_no_secret_of_the_oauth_callback_nor_the_notify_
     from amohook.inbox import Incoming, store_deliveries
     from amohook.store.models import Action
     from amohook.webhooks.parse import parse_webhook
-    from tests.test_actions_lead import Receiver
+    from tests.helpers.actions import Receiver
 
     chat_secret = "chat-path-Secret-7f3a9c2e51"
     receiver = Receiver()

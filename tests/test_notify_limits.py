@@ -18,8 +18,7 @@ from amohook.actions import ActionSender, record_planned
 from amohook.actions.notify import MAX_ANSWER_BYTES
 from amohook.amocrm.client import client_for
 from amohook.store.models import Action
-from tests.test_actions import planned
-from tests.test_actions_lead import notify
+from tests.helpers.actions import notify, planned
 
 
 class RawReceiver:
@@ -175,7 +174,7 @@ def test_a_huge_refusal_is_read_only_far_enough_to_say_why(store, account, recei
 def test_a_receiver_that_timed_out_rests_so_others_messages_go_first(store, account, receivers):
     """Three messages to a trickling receiver, then one to another: the other's is not queued
     behind three deadlines — after one, the slow receiver's messages wait their turn."""
-    from tests.test_actions_lead import Receiver
+    from tests.helpers.actions import Receiver
 
     slow = receivers(trickle)
     good = Receiver()

@@ -225,9 +225,11 @@ def test_migrations_are_idempotent_and_recorded(db_url):
 
 @pytest.mark.slow
 def test_many_processes_creating_the_schema_at_once_agree(db_url):
+    # As serve and worker starting together on a new store (only the commands that start a store make it).
+    start = "import sys; from amohook.store import open_store; open_store(sys.argv[1]); print('[]')"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "amohook", "status", "--json"],
+            [sys.executable, "-c", start, db_url],
             env=cli_env(db_url),
             cwd=str(ROOT),
             stdout=subprocess.PIPE,
@@ -240,6 +242,7 @@ def test_many_processes_creating_the_schema_at_once_agree(db_url):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
         assert out.strip() == "[]"
+    assert run_cli(["status", "--json"], db_url).stdout.strip() == "[]"
 
 
 def test_sqlite_file_and_directory_are_private(tmp_path):
@@ -248,8 +251,10 @@ def test_sqlite_file_and_directory_are_private(tmp_path):
     env = cli_env("unused")
     env.pop("AMOHOOK_DB_URL")
     env["AMOHOOK_DATA_DIR"] = str(tmp_path / "data")
+    env["AMOHOOK_CLIENT_SECRET"] = "secret"
+    args = ["auth-url", "--client-id", "id", "--redirect-uri", "https://example.org/oauth/callback"]  # makes a store
     result = subprocess.run(
-        [sys.executable, "-m", "amohook", "status"], env=env, capture_output=True, text=True, cwd=str(ROOT), timeout=60
+        [sys.executable, "-m", "amohook", *args], env=env, capture_output=True, text=True, cwd=str(ROOT), timeout=60
     )
     assert result.returncode == 0, result.stderr
     directory = tmp_path / "data"

@@ -15,7 +15,7 @@ from amohook.store.models import Action, CustomField
 from amohook.sync import sync_entities
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import cli_env, run_cli
-from tests.test_actions_lead import Receiver
+from tests.helpers.actions import Receiver
 
 FORM = "application/x-www-form-urlencoded"
 

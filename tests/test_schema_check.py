@@ -9,6 +9,7 @@ holds someone else's tables. Each is then opened by the real CLI.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -210,6 +211,14 @@ def test_a_store_of_version_3_gets_the_options_of_select_fields(db_url):
 
 
 def test_a_fresh_store_is_made_and_passes_its_own_check(db_url):
+    from amohook.store import open_store
+
+    refused(run_cli(["status", "--json"], db_url), "no amohook store at", "init-auth")  # only a start makes it
+    if db_url.startswith("sqlite"):
+        assert not os.path.exists(db_url[len("sqlite:///") :])
+    else:
+        assert tables_of(db_url) == {}
+    open_store(db_url).close()
     result = run_cli(["status", "--json"], db_url)
     assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
     assert run_cli(["status", "--json"], db_url).returncode == 0
@@ -227,6 +236,21 @@ def test_a_database_holding_someone_elses_tables_is_not_touched(db_url):
     """No schema_version but a table named like one of ours: another application's database."""
     from amohook.store.db import connect_url
 
+    if db_url.startswith("sqlite"):
+        import sqlite3
+
+        path = db_url[len("sqlite:///") :]
+        conn = sqlite3.connect(path)
+        conn.execute('CREATE TABLE "user" (login VARCHAR(40), pw VARCHAR(80))')
+        conn.commit()
+        conn.close()
+        # Refused before peewee opens it: not even switched to WAL.
+        refused(run_cli(["status"], db_url), "another program's SQLite database", "nothing was changed")
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("user",)]
+        conn.close()
+        return
     db = connect_url(db_url)
     quote = "`" if db_url.startswith("mysql") else '"'
     db.execute_sql(f"CREATE TABLE {quote}user{quote} (login VARCHAR(40), pw VARCHAR(80))")

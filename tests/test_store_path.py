@@ -78,9 +78,16 @@ def test_a_dangling_symlink_is_not_followed_to_create_a_file(tmp_path):
     assert not (tmp_path / "elsewhere.db").exists()
 
 
+def _create(url: str) -> None:
+    """Make the store as the commands that start one do (init-auth, auth-url, serve, worker)."""
+    from amohook.store import open_store
+
+    open_store(url).close()
+
+
 def test_an_existing_store_with_loose_permissions_is_warned_about_not_changed(tmp_path):
     db = tmp_path / "amohook.db"
-    assert _status(f"sqlite:///{db}").returncode == 0
+    _create(f"sqlite:///{db}")
     assert _mode(db) == 0o600  # created by amohook: private
     os.chmod(db, 0o644)
     result = _status(f"sqlite:///{db}")
@@ -93,8 +100,7 @@ def test_an_existing_directory_of_a_new_store_keeps_its_mode(tmp_path):
     parent = tmp_path / "shared"
     parent.mkdir()
     os.chmod(parent, 0o755)
-    result = _status(f"sqlite:///{parent / 'amohook.db'}")
-    assert result.returncode == 0, result.stderr
+    _create(f"sqlite:///{parent / 'amohook.db'}")
     assert _mode(parent) == 0o755
     assert _mode(parent / "amohook.db") == 0o600
 

@@ -100,6 +100,11 @@ def test_keep_secret_makes_one_secret_and_keeps_it(store):
 
 
 def test_webhooks_url_says_what_is_missing(sqlite_url):
+    from amohook.store import open_store
+
+    missing = run_cli(["webhooks", "url", "--public-url", PUBLIC], sqlite_url)  # no store: none is made
+    assert missing.returncode == ExitCode.USAGE and "no amohook store at" in missing.stderr
+    open_store(sqlite_url).close()  # a store whose serve never ran
     none = run_cli(["webhooks", "url", "--public-url", PUBLIC], sqlite_url)
     assert none.returncode == ExitCode.USAGE
     assert "amohook serve" in none.stderr and sqlite_url.split("///", 1)[1] in none.stderr

@@ -2,11 +2,15 @@
 
 A planned action (``PlannedAction``) carries its deterministic key (``action_key``).
 
-A kind reads and checks its table of the rules file (``parse``), resolves names against the
-store (``compile``), plans one action from a change with a deterministic key (``plan``), sends a
-claimed batch (``send``) and recognises an action that may already have happened before it is
-sent again (``recognise``). The sender (``amohook.actions.sender``) passes itself as ``out``: the
-outcomes are its public methods (``done``, ``skip``, ``fail``, ``later``, ``reschedule``, ``hold``).
+The plug-in contract is ``ActionKind``: a kind reads and checks its table of the rules file
+(``parse``), resolves names against the store (``compile``), plans one action from a change with a
+deterministic key (``plan``), sends a claimed batch (``send``) and recognises an action that may
+already have happened before it is sent again (``recognise``). While it sends, the sender
+(``amohook.actions.sender``) offers it ``SenderPort`` and nothing more: the outcomes to record
+(``done``, ``skip``, ``fail``, ``later``, ``reschedule``), the lease check before a request (``hold``),
+the store (outcomes grouped in one ``store.write()``), the clock, counters, and what notify
+needs to post (environment, HTTP session and deadline, which receivers rest). Every kind must pass
+the contract suite (tests/test_action_contract.py).
 
 ``CreateKind``: something amoCRM creates (a task, a note) — POSTed in batches with a
 ``request_id`` per item; recognised by looking it up and adopting what an earlier attempt made.
@@ -17,16 +21,22 @@ idempotent by state: recognised by reading the lead (``amohook.amocrm.leads.fetc
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import requests
 
 from amohook.amocrm.leads import fetch_leads
 from amohook.errors import AmoApiError, ValidationFailed, definitely_refused
 from amohook.store.models import Action
 
 if TYPE_CHECKING:
+    from amohook.actions.sender import SendStats
+    from amohook.amocrm.client import AmoClient
     from amohook.rules.changes import LeadChange
     from amohook.rules.compile import CompiledRule
+    from amohook.store import Store
 
 BATCH = 50  # amoCRM's documented batch cap for complex adds; PATCH /api/v4/leads documents none
 
@@ -73,8 +83,45 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: st
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+class SenderPort(Protocol):
+    """What the sender offers a kind while it sends (``ActionSender`` is the one implementation).
+
+    Every outcome is written only while the action is still leased to this sender; a kind groups
+    the outcomes of a batch in one ``store.write()``.
+    """
+
+    store: Store
+    clock: Callable[[], float]  # the time outcomes are written with
+    env: Mapping[str, str]  # where notify reads its URLs
+    http: requests.Session  # what notify posts with, within ``http_deadline`` seconds each
+    http_deadline: float
+    resting: dict[str, float]  # servers other than amoCRM that gave no answer: until when they rest
+
+    @property
+    def stats(self) -> SendStats:
+        """Counted by the kind: posts, lookups, created, adopted, failed, skipped."""
+        ...
+
+    def done(self, action_id: int, result_id: int | None, note: str | None = None) -> None: ...
+
+    def skip(self, ids: list[int], note: str) -> None: ...
+
+    def fail(self, ids: list[int], error: str, status: str = "failed") -> None: ...
+
+    def later(
+        self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
+    ) -> None: ...
+
+    def reschedule(
+        self, actions: list[Action], exc: BaseException, *, maybe_sent: bool, counts: bool = True
+    ) -> None: ...
+
+    def hold(self, actions: list[Action]) -> list[Action]: ...
+
+
 class ActionKind:
-    """One kind of action. Subclasses set the class attributes and override what they need."""
+    """One kind of action: the plug-in contract. Subclasses set the class attributes and override
+    what they need; one instance serves every thread. Listed in ``amohook.actions.registry``."""
 
     name = ""  # the [rule.<name>] table and Action.kind
     noun = ""  # what it makes, in a word
@@ -82,6 +129,7 @@ class ActionKind:
     key_suffix = ""  # appended to the change's key text: tells kinds apart (tasks: none, for old keys)
     batch_size = BATCH
     changes_lead = False  # its effect is a change of the lead (loop guard, cycle check)
+    creates = False  # its effect is something amoCRM creates: listed on the status page when done
     # Which sender thread carries it: kinds talking to other servers than amoCRM get a lane of
     # their own, so one slow server never holds up another's actions (``ActionSender.lanes``).
     lane = "amocrm"
@@ -105,6 +153,11 @@ class ActionKind:
     def summary(self, compiled: Any) -> dict:
         return {}
 
+    def shown(self, payload: dict) -> tuple[int | None, str]:
+        """(the lead, one line of text) the status page shows for an action of this kind."""
+        lead = payload.get("entity_id")
+        return (lead if isinstance(lead, int) else None), ""
+
     def moves_to(self, compiled: Any, rule) -> tuple[int | None, int] | None:
         """The (pipeline, stage) this action moves a lead to, if it does (cycle check)."""
         return None
@@ -119,11 +172,19 @@ class ActionKind:
         raise NotImplementedError
 
     # -- sending ------------------------------------------------------------------------------
-    def recognise(self, out, client, actions: list[Action], payloads: dict) -> set[int]:
-        """Settle the actions that already happened; returns their ids. Raise if unsure."""
+    def recognise(
+        self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]
+    ) -> set[int]:
+        """Settle the actions that already happened; returns their ids. Raise if unsure.
+
+        Called before ``send`` for the actions that may have reached amoCRM (a lost answer, an
+        expired lease); what it does not settle is sent.
+        """
         return set()
 
-    def send(self, out, client, actions: list[Action], payloads: dict) -> None:
+    def send(self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]) -> None:
+        """Send a claimed batch (``payloads`` by action id) and record each action's outcome with
+        ``out``: ``hold`` right before the request; a 400 naming items fails only those items."""
         raise NotImplementedError
 
 
@@ -180,7 +241,9 @@ def invalid_items(exc: ValidationFailed, pending: list[Action], request_ids: dic
     return bad
 
 
-def send_batch(out, actions: list[Action], request_ids: dict, call, noun: str):
+def send_batch(
+    out: SenderPort, actions: list[Action], request_ids: dict[int, str], call: Callable[[], dict | None], noun: str
+) -> dict | None:
     """POST/PATCH one batch; on a 400 naming items, reject those and retry the rest after a look.
 
     Returns amoCRM's answer, or None when the batch's outcome was already recorded.
@@ -213,6 +276,7 @@ def send_batch(out, actions: list[Action], request_ids: dict, call, noun: str):
 class CreateKind(ActionKind):
     """Something amoCRM creates: POST a batch with request ids; look up before a repeat."""
 
+    creates = True
     path = ""  # where it is POSTed and listed
     list_key = ""  # under which key amoCRM lists it
 
@@ -229,7 +293,9 @@ class CreateKind(ActionKind):
         compared."""
         return False
 
-    def recognise(self, out, client, actions, payloads) -> set[int]:
+    def recognise(
+        self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]
+    ) -> set[int]:
         """Find what earlier attempts (or another store, for a change only the events log brought)
         may have created; mark those actions done."""
         lead_ids = sorted({payloads[a.id]["entity_id"] for a in actions})
@@ -276,7 +342,7 @@ class CreateKind(ActionKind):
                     break
         return adopted
 
-    def send(self, out, client, actions, payloads) -> None:
+    def send(self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]) -> None:
         actions = out.hold(actions)
         if not actions:
             return
@@ -321,7 +387,9 @@ class LeadPatchKind(ActionKind):
         """Before a repeat: ``("done", note)`` already so, ``("skip", note)`` leave it, ``("send", None)``."""
         raise NotImplementedError
 
-    def recognise(self, out, client, actions, payloads) -> set[int]:
+    def recognise(
+        self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]
+    ) -> set[int]:
         out.stats.lookups += 1
         leads = fetch_leads(client, [payloads[a.id]["patch"]["id"] for a in actions])
         settled: set[int] = set()
@@ -345,7 +413,7 @@ class LeadPatchKind(ActionKind):
                     settled.add(a.id)
         return settled
 
-    def send(self, out, client, actions, payloads) -> None:
+    def send(self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]) -> None:
         # Two actions on one lead in one batch could not be told apart in the answer (matched by
         # id): the second waits for the next batch.
         first: dict[int, Action] = {}

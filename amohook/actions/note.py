@@ -59,6 +59,9 @@ class AddNote(CreateKind):
             key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload, kind=self.name
         )
 
+    def shown(self, payload):
+        return super().shown(payload)[0], str((payload.get("params") or {}).get("text") or "")
+
     def lookup_params(self):
         return {"filter[note_type]": "common"}
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import requests
@@ -30,10 +30,14 @@ from requests.models import PreparedRequest
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from amohook.actions.base import ActionKind, PlannedAction, action_key
+from amohook.actions.base import ActionKind, PlannedAction, SenderPort, action_key
 from amohook.actions.deadline import deadline
 from amohook.redact import hold_secret, printable, redact_secrets
 from amohook.rules.template import check_template, render, responsible_of, rule_user, template_values
+
+if TYPE_CHECKING:
+    from amohook.amocrm.client import AmoClient
+    from amohook.store.models import Action
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -197,11 +201,11 @@ class Notify(ActionKind):
         )
 
     # A message that may have been sent is sent again under the same Idempotency-Key.
-    def send(self, out, client, actions, payloads) -> None:
+    def send(self, out: SenderPort, client: AmoClient, actions: list[Action], payloads: dict[int, dict]) -> None:
         for action in out.hold(actions):
             self._post(out, action, payloads[action.id])
 
-    def _post(self, out, action, payload: dict) -> None:
+    def _post(self, out: SenderPort, action: Action, payload: dict) -> None:
         name = payload["url_env"]
         # A receiver (by variable) that gave no answer rests: one slow receiver costs the lane one
         # deadline per REST_SECONDS, not one per message.
@@ -214,7 +218,7 @@ class Notify(ActionKind):
         if url:
             hold_url(url)
         problem = "is not set" if not url else url_problem(url)
-        if problem:  # the environment changed since `rules check`: wait for a person to fix it
+        if problem or not url:  # the environment changed since `rules check`: wait for a person to fix it
             out.later([action], f"the URL in {name} {problem}", maybe_sent=False, wait=900.0, counts=False)
             return
         out.stats.posts += 1

@@ -5,11 +5,16 @@ Adding a kind is one module with one ``ActionKind`` subclass, listed here; nothi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from amohook.actions.base import ActionKind
 
 
 @lru_cache(maxsize=1)
-def kinds() -> dict:
+def kinds() -> Mapping[str, ActionKind]:
     """Every action kind, by name (the ``[rule.<name>]`` table and ``Action.kind``), in file order."""
     from amohook.actions.field import SetField
     from amohook.actions.move import MoveLead
@@ -17,16 +22,22 @@ def kinds() -> dict:
     from amohook.actions.notify import Notify
     from amohook.actions.task import CreateTask
 
-    return {k.name: k for k in (CreateTask(), AddNote(), MoveLead(), SetField(), Notify())}
+    every: tuple[ActionKind, ...] = (CreateTask(), AddNote(), MoveLead(), SetField(), Notify())
+    return {k.name: k for k in every}
 
 
-def kind_names() -> frozenset:
+def kind_names() -> frozenset[str]:
     return frozenset(kinds())
 
 
 def lead_changing_kinds() -> list[str]:
     """The kinds whose effect is a change of the lead (counted by the loop guard)."""
     return [name for name, kind in kinds().items() if kind.changes_lead]
+
+
+def created_kinds() -> list[str]:
+    """The kinds whose effect is something amoCRM creates (the status page lists those done today)."""
+    return [name for name, kind in kinds().items() if kind.creates]
 
 
 def noun(kind_name: str) -> str:

@@ -55,6 +55,7 @@ from amohook.store.lease import new_owner
 from amohook.store.models import Action
 
 if TYPE_CHECKING:
+    from amohook.amocrm.client import AmoClient
     from amohook.store import Store
 
 BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (complex leads)
@@ -167,7 +168,7 @@ class ActionSender:
     def __init__(
         self,
         store: Store,
-        client_for: Callable[[str], object],
+        client_for: Callable[[str], AmoClient],
         *,
         owner: str | None = None,
         batch_size: int = BATCH_SIZE,

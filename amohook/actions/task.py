@@ -121,6 +121,9 @@ class CreateTask(CreateKind):
             key=key, rule=rule.name, account=rule.account, lead_id=change.lead_id, payload=payload, kind=self.name
         )
 
+    def shown(self, payload):
+        return super().shown(payload)[0], str(payload.get("text") or "")
+
     def lookup_params(self):
         return {"filter[entity_type]": "leads"}
 

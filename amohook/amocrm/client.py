@@ -23,6 +23,7 @@ from amohook.errors import (
     AmoTemporaryError,
     Forbidden,
     MalformedAnswer,
+    PaymentRequired,
     RateLimited,
     RefusedBeforeRefresh,
     TokenMissing,
@@ -237,7 +238,7 @@ class AmoClient:
         if status == 400 and fields.get("validation-errors") is not None:
             return ValidationFailed(f"amoCRM rejected {method} {path}: {what}", **info)
         if status == 402:
-            return AmoApiError(
+            return PaymentRequired(
                 f"amoCRM answered 402 for {method} {path}: the account's subscription is not paid", **info
             )
         if status >= 500:

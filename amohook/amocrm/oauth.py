@@ -18,7 +18,9 @@ from amohook.errors import (
     AccountBlocked,
     AmoApiError,
     AmoTemporaryError,
+    Forbidden,
     OAuthError,
+    PaymentRequired,
     RefreshOutcomeUnknown,
     TokenRevoked,
 )
@@ -235,6 +237,19 @@ def _explain(response, base_url, client: Client, *, grant: str, subdomain: str) 
             return _outcome_unknown(base_url, subdomain, f"HTTP {status}")
         return AmoTemporaryError(
             f"amoCRM answered the token request with HTTP {status} — try again in a minute", **info
+        )
+    if status == 402:
+        return PaymentRequired(
+            f"amoCRM answered the token request with 402: the account at {base_url} is not paid or its "
+            "subscription is over — its owner renews it in amoCRM (the stored tokens are unchanged)",
+            **info,
+        )
+    if status == 403:
+        return Forbidden(
+            f"amoCRM refused the token request with 403 ({short(hint or detail or fields.get('title'), 80)}): "
+            "access to the account is forbidden from this address or to this integration — check the account's "
+            "IP restrictions and that the integration is still installed",
+            **info,
         )
     if grant == "refresh_token" and (
         "revoked" in low or "invalid refresh" in low or status == 401 and "client" not in low

@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 
 _traceback_requested = False
+_db_url: str | None = None  # the resolved database URL, for the funnel's messages
 
 
 def _version(value: bool):
@@ -52,9 +53,10 @@ def root(
 ):
     from amohook.settings import Settings, resolve_db_timeout, resolve_db_url
 
-    global _traceback_requested
+    global _traceback_requested, _db_url
     _traceback_requested = traceback
-    ctx.obj = State(Settings(db_url=resolve_db_url(db_url), traceback=traceback, db_timeout=resolve_db_timeout()))
+    _db_url = resolve_db_url(db_url)
+    ctx.obj = State(Settings(db_url=_db_url, traceback=traceback, db_timeout=resolve_db_timeout()))
 
 
 app.command("init-auth")(auth.init_auth)
@@ -112,6 +114,12 @@ def run(argv: list[str] | None = None) -> int:
             import peewee
 
             if isinstance(exc, peewee.PeeweeException):
+                from amohook.store.open import needs_person
+
+                person = needs_person(exc, _db_url) if _db_url else None
+                if person is not None:
+                    _report(exc, f"error: {person.message}")
+                    return int(person.exit_code)
                 first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                 err = StoreError(
                     f"database error: {first_line} — check --db-url / AMOHOOK_DB_URL and that the database server is up"

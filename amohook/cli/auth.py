@@ -106,7 +106,9 @@ def init_auth(
     url = base_url_for(sub, domain.value, base_url)
     st = state(ctx)
     if long_lived_token:
-        account = authorize_with_long_lived_token(st.store(), subdomain=sub, base_url=url, token=long_lived_token)
+        account = authorize_with_long_lived_token(
+            st.store(create=True), subdomain=sub, base_url=url, token=long_lived_token
+        )
         expires = f", expires {human_time(account.expires_at)}" if account.expires_at else ""
         say(
             f"stored the long-lived token for {sub} (amoCRM account {account.amo_account_id}{expires}); "
@@ -126,7 +128,7 @@ def init_auth(
     if not code.strip():
         raise ConfigError("the authorization code is empty — copy it from the integration's Keys tab")
     client = Client(client_id.strip(), secret, redirect_uri.strip())
-    account = authorize_with_code(st.store(), subdomain=sub, base_url=url, client=client, code=code)
+    account = authorize_with_code(st.store(create=True), subdomain=sub, base_url=url, client=client, code=code)
     say(
         f"authorized {sub} (amoCRM account {account.amo_account_id}); access token valid until "
         f"{human_time(account.expires_at)}. Add `amohook refresh-token` to cron (see crontab.example)."
@@ -167,7 +169,9 @@ def auth_url(
 
         base_url = base_url_for("x", base_url=base_url)
     client = Client(client_id.strip(), _client_secret(client_secret), redirect_uri.strip())
-    url, _state = start_authorization(state(ctx).store(), client=client, domain=domain.value, base_url=base_url)
+    url, _state = start_authorization(
+        state(ctx).store(create=True), client=client, domain=domain.value, base_url=base_url
+    )
     say(url)
 
 
@@ -176,7 +180,7 @@ def refresh_token(
     subdomain: SubdomainOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Refresh now, even if not due.")] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print nothing when nothing was due (for cron).")
+        bool, typer.Option("--quiet", "-q", help="Print nothing unless a person is needed (for cron).")
     ] = False,
 ):
     """Renew the tokens once half of the access token's life has passed (run it from cron)."""
@@ -192,12 +196,14 @@ def refresh_token(
     for account in accounts:
 
         def on_wait(msg: str, s: str = account.subdomain) -> None:
-            warn(f"{s}: {msg}")
+            if not quiet:  # waiting is routine; if the wait fails, the error says so
+                warn(f"{s}: {msg}")
 
         result = refresh_tokens(store, account.subdomain, force=force, on_wait=on_wait)
         acc = result.account
         if result.outcome == "refreshed":
-            say(f"{acc.subdomain}: refreshed; access token valid until {human_time(acc.expires_at)}")
+            if not quiet:
+                say(f"{acc.subdomain}: refreshed; access token valid until {human_time(acc.expires_at)}")
         elif result.outcome == "long_lived":
             if not quiet:
                 say(f"{acc.subdomain}: long-lived token, nothing to refresh")

@@ -28,11 +28,14 @@ class State:
     settings: Settings
     _store: Any = field(default=None)
 
-    def store(self):
+    def store(self, *, create: bool = False):
+        """The store the settings name. Only the commands that start one (``create``: init-auth,
+        auth-url, serve, worker) make it; the rest say there is none, so a mistyped path or another
+        working directory never yields a second, empty store that looks fine."""
         if self._store is None:
             from amohook.store import open_store
 
-            self._store = open_store(self.settings.db_url, timeout=self.settings.db_timeout)
+            self._store = open_store(self.settings.db_url, timeout=self.settings.db_timeout, create=create)
             for note in self._store.notes:
                 warn(f"warning: {note}")
         return self._store

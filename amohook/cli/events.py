@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from amohook.actions.registry import noun
 from amohook.cli.common import CONTEXT_SETTINGS, print_json, say, state, warn
 from amohook.times import human_time, iso_time
 
@@ -183,6 +182,8 @@ def show(
     for a in detail.attempts:
         say(f"  {human_time(a.started_at)}  {a.outcome:<8} {a.worker}" + (f"  {a.error}" if a.error else ""))
     if actions:
+        from amohook.actions.registry import noun
+
         say(f"rule actions ({len(actions)}):")
         for act in actions:
             task = f" → {noun(act['kind'])} {act['task_id']}" if act["task_id"] else ""

@@ -176,7 +176,7 @@ def serve(
     status_password = check_status_password(secret_from(None, ENV_STATUS_PASSWORD))
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, (explicit, status_password))))
     log = logging.getLogger("amohook.serve")
-    store = state(ctx).store()
+    store = state(ctx).store(create=True)  # its /oauth/callback completes `auth-url` on a new store
     webhook_secret = explicit
     if webhook_secret is None:
         # The quick start sets no secret: keep one in the store, where `webhooks url` finds it.
@@ -278,7 +278,7 @@ def worker(
     workers = _workers(workers, threads)
     _setup_logging(log_level, library_log_level, secrets=tuple(filter(None, [secret_from(None, ENV_WEBHOOK_SECRET)])))
     log = logging.getLogger("amohook.worker")
-    store = state(ctx).store()
+    store = state(ctx).store(create=True)  # started beside `serve` in any order, on one store
     interval = reconcile_interval(ctx, bool(handler or rules))
     runner = Supervisor(
         store,

@@ -110,21 +110,8 @@ def open_store_checked(url: str):
     from amohook.settings import redact_url
     from amohook.store import open_store
 
-    if url.split(":", 1)[0].lower().startswith("sqlite"):
-        from amohook.store.db import sqlite_file
-
-        try:
-            path = sqlite_file(url)
-        except ConfigError as exc:
-            return None, _error("database", *_split_fix(exc.message, DB_FIX))
-        if not path.exists():
-            return None, _error(
-                "database",
-                f"no database file at {path}",
-                "check --db-url / AMOHOOK_DB_URL; a new store is made by `amohook init-auth`",
-            )
     try:
-        return open_store(url, migrate_schema=False), None
+        return open_store(url, migrate_schema=False, create=False), None
     except (StoreError, ConfigError) as exc:
         head, fix = _split_fix(_one_line(exc, url), DB_FIX)
         return None, _error("database", f"{head} ({redact_url(url)})", fix)
@@ -141,6 +128,8 @@ def check_database(store: Store) -> Check:
         version = current_version(store, found)
     except Exception as exc:  # peewee's and the drivers' errors: the database is not reachable
         return _error("database", f"cannot reach the database {where}: {_one_line(exc, store.url)}", DB_FIX)
+    if version == 0 and "schema_version" not in found:
+        return _error("database", f"no amohook store at {where}", "run `amohook init-auth` first")
     if version < LATEST:
         return _error(
             "database",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import peewee
 
 from amohook import inbox
+from amohook.actions.registry import created_kinds, kinds
 from amohook.ops import doctor
 from amohook.ops.reader import OnDemandReader, Unreadable
 from amohook.store.models import Account, Action, Event
@@ -204,7 +205,7 @@ def _name(data: str | None) -> str | None:
 
 def _today_query(since: float):
     return Action.select().where(
-        (Action.status == "done") & (Action.kind.in_(["create_task", "add_note"])) & (Action.updated_at >= since)
+        (Action.status == "done") & (Action.kind.in_(created_kinds())) & (Action.updated_at >= since)
     )
 
 
@@ -217,8 +218,8 @@ def _today(since: float, limit: int) -> list[ActionRow]:
             payload = {}
         if not isinstance(payload, dict):
             payload = {}
-        text = payload.get("text") if a.kind == "create_task" else (payload.get("params") or {}).get("text")
-        entity = payload.get("entity_id")
+        kind = kinds().get(a.kind)
+        entity, text = kind.shown(payload) if kind else (None, "")
         rows.append(
             ActionRow(
                 id=a.id,
@@ -228,8 +229,8 @@ def _today(since: float, limit: int) -> list[ActionRow]:
                 kind=a.kind,
                 result_id=a.result_id,
                 event_id=a.event_id,
-                entity_id=entity if isinstance(entity, int) else None,
-                text=str(text or ""),
+                entity_id=entity,
+                text=text,
             )
         )
     return rows

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from amohook.actions.registry import noun
 from amohook.durations import format_duration
 from amohook.errors import ConfigError
 from amohook.ops import doctor
@@ -420,7 +421,7 @@ def _today(snap: Snapshot) -> str:
         [
             esc(human_time(a.updated_at)),
             esc(a.account),
-            esc("task" if a.kind == "create_task" else "note"),
+            esc(noun(a.kind)),
             esc(a.rule),
             _num(a.entity_id if a.entity_id is not None else "—"),
             esc(_clip(a.text, 160)),

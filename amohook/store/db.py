@@ -15,9 +15,8 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
 import peewee
-from playhouse.db_url import connect
 
-from amohook.errors import ConfigError
+from amohook.errors import ConfigError, StoreMissing
 
 # WAL lets readers (healthz, status) run beside the writer; busy_timeout makes a writer wait for
 # the lock instead of failing at once. synchronous=FULL: a committed webhook survives power loss,
@@ -107,20 +106,11 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def sqlite_file(url: str) -> Path:
-    """The file an ``sqlite://`` URL names; an in-memory or empty one is refused.
+    """The absolute file an ``sqlite://`` URL names (``dburl.sqlite_path``: relative and in-memory
+    ones are refused)."""
+    from amohook.dburl import sqlite_path
 
-    An in-memory store forgets every acknowledged webhook with the process and is private to one
-    connection, so `serve` would answer 503 for ever: there is no use for it here.
-    """
-    rest = url.split("://", 1)[1] if "://" in url else ""
-    rest = rest.split("?", 1)[0]
-    if rest.startswith("/"):
-        rest = rest[1:]  # sqlite:///relative/path, sqlite:////absolute/path
-    if not rest or rest == ":memory:" or rest.startswith("file::memory:") or "mode=memory" in url:
-        raise ConfigError(
-            f"'{url}' names no database file — give a path: sqlite:///relative.db or sqlite:////absolute/path.db"
-        )
-    return Path(rest).expanduser()
+    return sqlite_path(url)
 
 
 def _refuse(path: Path, what: str) -> ConfigError:
@@ -130,14 +120,16 @@ def _refuse(path: Path, what: str) -> ConfigError:
     )
 
 
-def _prepare_sqlite_file(path: Path) -> None:
-    """Make sure ``path`` is an SQLite store amohook may use, creating it (dir 0700, file 0600) if new.
+def _prepare_sqlite_file(path: Path, create: bool = True) -> None:
+    """Make sure ``path`` is an SQLite store amohook may use, creating it (dir 0700, file 0600) if
+    new and ``create`` (else a missing store is ``StoreMissing``).
 
     Modes are set only on what this function creates: the store holds the client secret and the
     tokens, but a typo in root's crontab must never chmod a system directory or someone's file.
-    An existing path that is not an SQLite database (a directory, a symlink, a text file, a
-    device) is refused before anything is touched; an existing store with loose permissions is
-    left as it is and reported by ``loose_permissions()``.
+    An existing path that is not amohook's SQLite database (a directory, a symlink, a text file,
+    an empty file, a device, another program's database) is refused before anything is touched —
+    opening it through peewee would already switch it to WAL; an existing store with loose
+    permissions is left as it is and reported by ``loose_permissions()``.
     """
     try:
         st = path.lstat()
@@ -146,18 +138,10 @@ def _prepare_sqlite_file(path: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot inspect the database path '{path}': {exc.strerror}") from None
     if st is None:
-        directory = path.parent
-        if os.path.lexists(directory) and not directory.is_dir():
-            raise _refuse(directory, "not a directory")
-        if not os.path.lexists(directory):
-            directory.mkdir(parents=True, mode=0o700)
-        try:
-            # O_EXCL | O_NOFOLLOW: if something appeared at the path meanwhile, it is not ours.
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            return _prepare_sqlite_file(path)
-        os.close(fd)
-        return
+        if not create:
+            raise StoreMissing(str(path))
+        _create_sqlite_file(path)
+        return _prepare_sqlite_file(path, create)
     if stat.S_ISLNK(st.st_mode):
         raise _refuse(path, "a symbolic link")
     if stat.S_ISDIR(st.st_mode):
@@ -165,7 +149,9 @@ def _prepare_sqlite_file(path: Path) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise _refuse(path, "a special file")
     if st.st_size == 0:
-        return  # an empty file is an empty SQLite database (e.g. made with `install -m 600 /dev/null`)
+        # amohook never leaves one (a new store is made whole, then linked into place), so an
+        # empty file is someone else's: `touch`, a failed copy, a truncated backup.
+        raise _refuse(path, "an empty file")
     try:
         with open(path, "rb") as fh:
             header = fh.read(len(SQLITE_HEADER))
@@ -173,6 +159,95 @@ def _prepare_sqlite_file(path: Path) -> None:
         raise ConfigError(f"cannot read the database file '{path}': {exc.strerror}") from None
     if header != SQLITE_HEADER:
         raise _refuse(path, "a file that is not an SQLite database")
+    _check_writable(path, st)
+    tables = _sqlite_tables(path)
+    if not tables and not create:
+        raise StoreMissing(str(path))
+    if tables and "schema_version" not in tables:  # models.SchemaVersion, the first table a store gets
+        raise _refuse(path, "another program's SQLite database")
+
+
+def _check_writable(path: Path, st: os.stat_result) -> None:
+    """Every command may write (a token refresh, a queued event) and SQLite keeps its journal
+    beside the file, so a store this user cannot write — cron or a unit under another user than the
+    store's owner — is a person's mistake, said at once rather than as a failing write later."""
+    if os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise ConfigError(
+            f"the store '{path}' is on a read-only file system — mount it read-write, or under systemd give "
+            f"the unit write access to '{path.parent}' (StateDirectory= or ReadWritePaths=)"
+        )
+    what = f"the file '{path}'" if not os.access(path, os.R_OK | os.W_OK) else f"its directory '{path.parent}'"
+    raise ConfigError(
+        f"the store '{path}' cannot be written by this user ({_user(os.getuid())}): {what} belongs to "
+        f"{_user(st.st_uid if what.startswith('the file') else path.parent.stat().st_uid)} — run amohook as that "
+        "user (cron: its crontab; systemd: User=), or give this user the store"
+    )
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    """The tables of an existing SQLite file, read without changing it (no pragma, no WAL switch;
+    ``mode=rw`` never creates a file that vanished meanwhile)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, timeout=10)
+        try:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise _refuse(path, f"an unreadable SQLite database ({exc})") from None
+        raise  # disk full, I/O, locked: open_store tells a person's problem from a passing one
+    return {row[0] for row in rows}
+
+
+def _create_sqlite_file(path: Path) -> None:
+    """A new, valid SQLite file at ``path`` (mode 0600, its directory 0700 if new), or nothing if
+    something appeared there meanwhile: written beside it, then linked into place (never replacing),
+    so no process ever sees a half-made or empty store."""
+    import sqlite3
+
+    directory = path.parent
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise _refuse(directory, "not a directory")
+    if not os.path.lexists(directory):
+        directory.mkdir(parents=True, mode=0o700)
+    temp = directory / f".{path.name}.new-{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+    try:
+        conn = sqlite3.connect(str(temp))
+        try:
+            conn.execute("PRAGMA journal_mode=wal")  # writes the header: the file is a database now
+        finally:
+            conn.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    finally:
+        for leftover in (temp, Path(f"{temp}-wal"), Path(f"{temp}-shm")):
+            try:
+                leftover.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def loose_permissions(path: Path) -> str | None:
@@ -198,24 +273,23 @@ def _lock_wait(timeout: float) -> int:
     return max(1, int(timeout * 0.8))
 
 
-def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
+def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT, *, create: bool = True) -> peewee.Database:
     """The database ``url`` names, with every wait on it bounded by ``timeout`` seconds.
 
     MySQL: PyMySQL's connect/read/write timeouts (a server that accepts and then says nothing,
     e.g. a stopped one, otherwise blocks a read for ever). PostgreSQL: libpq's connect_timeout,
     server-side statement and lock timeouts, and a psycopg2 wait callback that gives up on a
     server that stops answering mid-query (only the client can notice a stopped server).
+    ``create=False``: a missing SQLite store is ``StoreMissing``, never made.
     """
     scheme = url.split(":", 1)[0].lower()
     kwargs: dict = {}
     if scheme.startswith("sqlite"):
         path = sqlite_file(url)
-        _prepare_sqlite_file(path)
-        url = f"sqlite:///{path}"
-        kwargs["pragmas"] = SQLITE_PRAGMAS
-        kwargs["field_types"] = {"LONGTEXT": "TEXT"}
-        kwargs["timeout"] = 10
-        return connect(url, **kwargs)
+        _prepare_sqlite_file(path, create)
+        # Built directly, not through playhouse.db_url: that imports every backend's extension
+        # (~20 ms a command start) and would cut a path holding '#' or '?'.
+        return peewee.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, field_types={"LONGTEXT": "TEXT"}, timeout=10)
     from amohook.dburl import check_server_url, redact
 
     check_server_url(url)
@@ -240,6 +314,8 @@ def connect_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> peewee.Database:
         kwargs["keepalives_interval"] = 5
         kwargs["keepalives_count"] = 3
         _bound_psycopg2_waits(timeout)
+    from playhouse.db_url import connect
+
     try:
         db = connect(url, unquote_password=True, unquote_user=True, **kwargs)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:

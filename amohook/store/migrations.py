@@ -288,17 +288,22 @@ def _schema_lock(store: Store):
         yield  # SQLite: BEGIN IMMEDIATE below is the lock
 
 
-def migrate(store: Store) -> int:
+def migrate(store: Store, *, create: bool = True) -> int:
     """Apply every missing migration and check the result against the models; returns the schema
     version. Cheap when already current: one catalogue query and one version read.
 
-    Raises ``SchemaMismatch`` for a store this amohook cannot use as it is.
+    Raises ``SchemaMismatch`` for a store this amohook cannot use as it is, and ``StoreMissing``
+    for a database amohook never set up when not ``create``.
     """
     found = read_schema(store)
     version = current_version(store, found)
     if version < LATEST:
         if models.SchemaVersion._meta.table_name not in found:
             _refuse_foreign(store, found)
+            if not create:
+                from amohook.errors import StoreMissing
+
+                raise StoreMissing(_where(store).strip("'"))
         _upgrade(store)
         found = read_schema(store)
         version = current_version(store, found)

@@ -8,12 +8,14 @@ import each other.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import peewee
 
 from amohook.errors import ConfigError, StoreError
 from amohook.store import models
-from amohook.store.db import DEFAULT_TIMEOUT, Store, connect_url, loose_permissions
+from amohook.store.db import DEFAULT_TIMEOUT, Store, connect_url, loose_permissions, sqlite_file
 from amohook.store.migrations import migrate
 
 _current: Store | None = None
@@ -28,8 +30,13 @@ def _note_loose_permissions(store: Store) -> None:
         logging.getLogger("amohook.store").warning("%s", warning)
 
 
-def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Store:
+def open_store(
+    url: str, *, migrate_schema: bool = True, timeout: float = DEFAULT_TIMEOUT, create: bool = True
+) -> Store:
     """Open the database at ``url`` and make sure its schema is current (idempotent).
+
+    ``create=False`` (every command but those that start a store): where there is no amohook
+    store yet — no SQLite file, an empty database — raise ``StoreMissing`` and make nothing.
 
     The models are bound process-wide, so a process works with one store: opening the same URL
     again returns it (threads then get their own connections from peewee), and opening another
@@ -39,10 +46,12 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
     if _current is not None and _current.url == url:
         _note_loose_permissions(_current)
         return _current
+    import sqlite3
+
     try:
-        db = connect_url(url, timeout)
+        db = connect_url(url, timeout, create=create)
         db.connect(reuse_if_open=True)
-    except (OSError, peewee.PeeweeException, ImportError) as exc:
+    except (OSError, peewee.PeeweeException, ImportError, sqlite3.Error) as exc:
         raise _open_error(exc, url, timeout) from None
     if _current is not None:
         _current.close()
@@ -52,7 +61,7 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
     _current = None
     if migrate_schema:
         try:
-            migrate(store)
+            migrate(store, create=create)
         except peewee.PeeweeException as exc:
             raise _open_error(exc, url, timeout) from None
     _current = store
@@ -62,7 +71,7 @@ def open_store(url: str, *, migrate_schema: bool = True, timeout: float = DEFAUL
 def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
     from amohook.dburl import redact
 
-    missing = missing_database(exc, url)
+    missing = missing_database(exc, url) or needs_person(exc, url)
     if missing is not None:
         return missing
     text = _describe(exc)
@@ -120,6 +129,81 @@ def missing_database(exc: BaseException, url: str) -> ConfigError | None:
             f"superuser (e.g. in `sudo -u postgres psql`): {create}; then run the command again"
         )
     return None
+
+
+# Driver codes of failures that only a person can end (a retry by cron would fail the same way).
+MYSQL_LOGIN_REFUSED = {1045, 1698}  # ER_ACCESS_DENIED_ERROR, ER_ACCESS_DENIED_NO_PASSWORD_ERROR
+MYSQL_READ_ONLY = {1290, 1792, 1836}  # --read-only, a read-only transaction, read-only mode
+MYSQL_FULL = {1021, 1114}  # ER_DISK_FULL, ER_RECORD_FILE_FULL ("The table is full")
+MYSQL_DENIED = {1142, 1143}  # ER_TABLEACCESS_DENIED_ERROR, ER_COLUMNACCESS_DENIED_ERROR
+PG_LOGIN_REFUSED = {"28P01", "28000"}  # invalid_password, invalid_authorization_specification
+PG_READ_ONLY = {"25006"}  # read_only_sql_transaction (a standby, default_transaction_read_only)
+PG_FULL = {"53100"}  # disk_full
+PG_DENIED = {"42501"}  # insufficient_privilege
+
+
+def needs_person(exc: BaseException, url: str) -> ConfigError | None:
+    """A database failure that retrying cannot end — the login is refused, the store is read-only
+    or its disk is full, the user lacks a right — as a ConfigError (exit 2) naming the fix; None
+    for anything else (an outage stays temporary, exit 4).
+
+    Told by the driver's code where it has one (PyMySQL's number, psycopg2's SQLSTATE), else by
+    the text SQLite, libpq and the servers send (libpq's connection errors carry no SQLSTATE).
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from amohook.dburl import redact
+
+    code, text = _driver_code(exc), str(exc)
+    low = text.lower()
+    scheme = url.split(":", 1)[0].lower()
+    full = "disk is full" in low or "no space left" in low
+    if scheme.startswith("sqlite"):
+        where = f"the store '{sqlite_file(url)}'"
+        # SQLite reports a full disk met while making its journal or shared memory as an I/O error.
+        full = full or ("disk i/o error" in low and _no_space_beside(sqlite_file(url)))
+    else:
+        parts = urlsplit(url)
+        where = f"the database '{unquote(parts.path[1:])}' on {parts.netloc.rsplit('@', 1)[-1] or 'the local server'}"
+    if (
+        code in MYSQL_LOGIN_REFUSED
+        or code in PG_LOGIN_REFUSED
+        or "password authentication failed" in low
+        or "no pg_hba.conf entry" in low
+        or ("role " in low and "does not exist" in low)
+        or "no password supplied" in low
+    ):
+        user = unquote(urlsplit(url).username or "")
+        return ConfigError(
+            f"the database server refused the login{f' of {user!r}' if user else ''} to {where} — check the user "
+            f"name and password in --db-url / AMOHOOK_DB_URL ({redact(url)}; special characters percent-encoded) "
+            "and that the user may connect from this host"
+        )
+    if code in MYSQL_READ_ONLY or code in PG_READ_ONLY or "readonly database" in low or "read-only" in low:
+        return ConfigError(
+            f"{where} cannot be written (read-only: {_describe(exc)}) — run amohook as the user that owns the "
+            "store, or point --db-url / AMOHOOK_DB_URL at a primary server that accepts writes"
+        )
+    if code in MYSQL_FULL or code in PG_FULL or full:
+        return ConfigError(
+            f"{where} cannot grow: its disk is full ({_describe(exc)}) — free space on it (`amohook prune` "
+            "deletes old events once there is room to work), then run the command again"
+        )
+    if code in MYSQL_DENIED or code in PG_DENIED:
+        return ConfigError(
+            f"the database user may not use amohook's tables in {where} ({_describe(exc)}) — grant it all "
+            "privileges on that database"
+        )
+    return None
+
+
+def _no_space_beside(path: Path) -> bool:
+    """Less than 64 KiB free for this user where the store and its journal live."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 PG_QUOTE = '"'
