@@ -156,6 +156,10 @@ def test_a_replayed_stale_event_and_a_second_worker_make_no_second_task(store, f
     shown = run_cli(["events", "show", str(event.id), "--json"], store.url)
     assert shown.returncode == 0, shown.stderr
     assert '"stale"' in shown.stdout
+    shown = run_cli(["events", "show", str(event.id)], store.url)  # as a person reads it
+    assert shown.returncode == 0 and "stale" in shown.stdout, shown.stderr
+    listed = run_cli(["events", "list"], store.url)
+    assert listed.returncode == 0 and "stale" in listed.stdout, listed.stderr
 
 
 def test_kill_9_while_serving_makes_no_second_task(store, fake, stale):
