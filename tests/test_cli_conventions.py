@@ -128,6 +128,9 @@ def test_every_subdomain_option_takes_s_as_well():
 
 
 def test_reconcile_and_webhooks_take_s(sqlite_url):
+    from amohook.store import open_store
+
+    open_store(sqlite_url).db.close()  # a store without that account: the refusal names the account
     for args in (["reconcile", "-s", "nosuch"], ["webhooks", "list", "-s", "nosuch"]):
         result = run_cli_here(args, sqlite_url)
         assert result.returncode == 2 and "no account 'nosuch'" in result.stderr, (args, result.stderr)

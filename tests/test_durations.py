@@ -104,6 +104,9 @@ def test_every_duration_option_refuses_in_one_format_naming_its_range(sqlite_url
 
 
 def test_a_rules_due_date_is_refused_in_the_same_format(sqlite_url, tmp_path):
+    from amohook.store import open_store
+
+    open_store(sqlite_url).db.close()  # `rules check` reads the store's reference data
     rules = tmp_path / "rules.toml"
     rules.write_text(
         "[[rule]]\nname = 'a'\nwhen = 'lead.added'\n[rule.create_task]\ntype = 1\ntext = 'x'\ndue = '+3651d'\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -92,7 +93,15 @@ def test_an_existing_store_with_loose_permissions_is_warned_about_not_changed(tm
     os.chmod(db, 0o644)
     result = _status(f"sqlite:///{db}")
     assert result.returncode == 0, result.stderr
-    assert "chmod 600" in result.stderr
+    assert result.stderr.count("chmod 600") == 1, result.stderr  # said once, not once per layer
+    doctor = run_cli(["doctor"], f"sqlite:///{db}")
+    assert (doctor.stdout + doctor.stderr).count("chmod 600") == 1, doctor  # as the database check's warning
+    [database] = [
+        c
+        for c in json.loads(run_cli(["doctor", "--json"], f"sqlite:///{db}").stdout)["checks"]
+        if c["name"] == "database"
+    ]
+    assert database["severity"] == "warning" and database["fix"] == f"run: chmod 600 '{db}'", database
     assert _mode(db) == 0o644
 
 

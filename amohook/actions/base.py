@@ -153,6 +153,10 @@ class ActionKind:
     def summary(self, compiled: Any) -> dict:
         return {}
 
+    def preview(self, planned: PlannedAction, compiled: Any, rule) -> str:
+        """One line saying what this planned action would do (``rules test``, ``rules explain``)."""
+        return self.describe(compiled, rule)
+
     def shown(self, payload: dict) -> tuple[int | None, str]:
         """(the lead, one line of text) the status page shows for an action of this kind."""
         lead = payload.get("entity_id")

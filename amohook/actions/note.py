@@ -47,6 +47,9 @@ class AddNote(CreateKind):
     def describe(self, compiled, rule):
         return "a note"
 
+    def preview(self, planned, compiled, rule):
+        return f"note {planned.payload['params']['text']!r}"
+
     def needs_lead(self, rule, compiled, change):
         return needs_fields(change, set(template_fields(compiled.text)), rule_user(rule))
 

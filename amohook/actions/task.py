@@ -20,6 +20,7 @@ from amohook.rules.template import (
     template_fields,
     template_values,
 )
+from amohook.times import iso_time
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,13 @@ class CreateTask(CreateKind):
             "task_type": compiled.task_type_name,
             "responsible": compiled.responsible_user_id or "lead",
         }
+
+    def preview(self, planned, compiled, rule):
+        p = planned.payload
+        user = p["responsible_user_id"]
+        return (
+            f"task {p['text']!r} due {iso_time(p['complete_till'])} for {rule.user_names.get(user) or f'user {user}'}"
+        )
 
     def needs_lead(self, rule, compiled, change):
         # A task needs a responsible user; the template may need the lead's name.

@@ -22,12 +22,15 @@ _current: Store | None = None
 
 
 def _note_loose_permissions(store: Store) -> None:
-    """Tell (never fix) that the store file can be read by other users: it holds the tokens."""
+    """Tell (never fix) that the store file can be read by other users: it holds the tokens.
+
+    The note goes to ``store.notes``, which the CLI prints once; logging it as a warning too made
+    every command say it twice (the log line and the CLI's own)."""
     path = store.sqlite_path
     warning = loose_permissions(path) if path is not None else None
     store.notes = [warning] if warning else []
     if warning:
-        logging.getLogger("amohook.store").warning("%s", warning)
+        logging.getLogger("amohook.store").debug("%s", warning)
 
 
 def open_store(

@@ -1623,8 +1623,16 @@ class FakeAmo:
                 and (high is None or e["created_at"] <= high)
             )
 
-        items = [self._render_event(e) for e in self.events if wanted(e)]
-        return self._page(rec, "events", items, totals=False, max_limit=EVENT_PAGE_MAX, over_limit=EVENT_PAGE_OVER)
+        items = [e for e in self.events if wanted(e)]
+        return self._page(
+            rec,
+            "events",
+            items,
+            totals=False,
+            max_limit=EVENT_PAGE_MAX,
+            over_limit=EVENT_PAGE_OVER,
+            render=self._render_event,
+        )
 
     def _h_event(self, rec: RecordedRequest, eid: str, token: dict) -> Response:
         event = next((e for e in self.events if e["id"] == eid and self._visible(e)), None)
