@@ -158,6 +158,12 @@ def test_a_replayed_stale_event_and_a_second_worker_make_no_second_task(store, f
     assert '"stale"' in shown.stdout
     shown = run_cli(["events", "show", str(event.id)], store.url)  # as a person reads it
     assert shown.returncode == 0 and "stale" in shown.stdout, shown.stderr
+    explained = run_cli(["rules", "explain", "--rules", stale["rules"], "--lead", str(lead_id), "--json"], store.url)
+    assert explained.returncode == 0, explained.stderr
+    [stay] = [c for c in json.loads(explained.stdout)["changes"] if c["kind"] == "stale"]
+    assert stay["what"] == "in 'Qualified' of 'Sales' for 1m" and stay["seen"] == [f"stale check (event {event.id})"]
+    [verdict] = stay["rules"]
+    assert verdict["fired"] and [a["amocrm_id"] for a in verdict["actions"]] == list(fake.tasks)
     listed = run_cli(["events", "list"], store.url)
     assert listed.returncode == 0 and "stale" in listed.stdout, listed.stderr
 
