@@ -17,7 +17,7 @@ __url__ = "https://github.com/amohook/amohook"  # the project page: metadata and
 # public name -> the module that defines it
 _EXPORTS = {
     "Supervisor": "amohook.runtime.supervisor",
-    "StopEvent": "amohook.runtime.supervisor",
+    "StopEvent": "amohook.runtime.loop",
     "build_registry": "amohook.runtime.supervisor",
     "stop_on_signals": "amohook.runtime.supervisor",
     "Store": "amohook.store",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "ServerConfig": "amohook.webhooks.server",
     "InboxEvent": "amohook.inbox",
     "HandlerContext": "amohook.worker",
-    "PermanentError": "amohook.worker",
+    "PermanentError": "amohook.errors",
     "AmohookError": "amohook.errors",
     "ConfigError": "amohook.errors",
     "ExitCode": "amohook.errors",

@@ -40,6 +40,23 @@ class ConfigError(AmohookError):
     exit_code = ExitCode.USAGE
 
 
+class PermanentError(AmohookError):
+    """Raised by a handler when retrying cannot help: the event goes dead at once."""
+
+
+class LoopDied(AmohookError):
+    """A loop of `serve` or `worker` kept dying after its restarts: the process stops (exit 1) so
+    that its service manager (systemd's ``Restart=``) starts it afresh; the log has each traceback."""
+
+    def __init__(self, loop: str, deaths: int, error: BaseException):
+        self.loop = loop
+        self.deaths = deaths
+        super().__init__(
+            f"the {loop} loop died {deaths} time(s), last with {describe(error)} — amohook stopped so that "
+            "its service manager starts it again; the log has the tracebacks"
+        )
+
+
 class StoreError(AmohookError):
     """The database cannot be opened or used."""
 
@@ -211,6 +228,14 @@ def definitely_refused(exc: BaseException) -> bool:
     """Did amoCRM answer in a way that proves it created nothing? Only a 4xx (429 included) does."""
     status = getattr(exc, "status", None)
     return isinstance(exc, AmoApiError) and status is not None and 400 <= status < 500
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of the exception's message (an ``AmohookError``'s own message), at most
+    ``limit`` characters; the type's name when there is no message. For a sentence that already
+    says what failed; ``describe`` adds the type."""
+    text = (getattr(exc, "message", None) or str(exc)).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def describe(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Where configuration is resolved: one place, one written-down lookup order.
 
 Lookup order for every setting: command-line flag, then the ``AMOHOOK_*`` environment variable,
-then the default. Only the CLI calls into this module; the library takes settings as arguments.
+then the default. Only the CLI resolves settings here; the library takes them as arguments, and
+takes its defaults from the constants below (each declared once, for the CLI and the library).
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ ENV_DB_TIMEOUT = "AMOHOOK_DB_TIMEOUT"
 DEFAULT_DB_TIMEOUT = 30.0
 
 DOMAINS = ("amocrm.ru", "amocrm.com", "kommo.com")
+
+# -- defaults shared by the CLI (`serve`, `worker`), the Supervisor, the worker and the sender --
+MAX_ATTEMPTS = 10  # an event's attempts before it is dead; an action's before it has failed
+LEASE_SECONDS = 300.0  # how long a claimed event or action stays reserved (renewed while it runs)
+BATCH_SIZE = 10  # events a worker claims at a time
+POLL_SECONDS = 1.0  # between a worker's looks at an empty queue
+RECONCILE_EVERY = 300.0  # between reconciliation passes, when --rules or --handler is given
+# Attempts of one request inside the amoCRM client, per caller (runtime/clients.py):
+HANDLER_CLIENT_ATTEMPTS = 5  # a handler's reads are retried within the request
+SENDER_CLIENT_ATTEMPTS = 1  # a 429 or a failure comes back to the sender, which reschedules the batch
+RECONCILE_CLIENT_ATTEMPTS = 3  # reads only; the next pass tries again anyway
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:

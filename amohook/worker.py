@@ -8,7 +8,7 @@ event runs again elsewhere, so handlers must be idempotent. Handlers are plain c
 * ``PermanentError`` — dead at once (retrying cannot help: bad data, a rule that cannot apply);
 * anything else — retried with exponential backoff and jitter, dead after ``max_attempts``.
 
-Delays are pure functions (``retry_delay``) so the policy is tested without clocks.
+The delays are ``amohook.retry.decide``'s, the same decision the action sender takes.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amohook import inbox
-from amohook.errors import AmohookError, ConfigError, RateLimited, describe, needs_person
+from amohook.errors import AmohookError, ConfigError, PermanentError, describe
 from amohook.inbox import InboxEvent
-from amohook.retry import PERSON_WAIT, Backoff
+from amohook.retry import EVENTS, Backoff, RetryPolicy, decide
+from amohook.runtime.loop import on_stop
+from amohook.settings import BATCH_SIZE, LEASE_SECONDS, MAX_ATTEMPTS, POLL_SECONDS
 
 if TYPE_CHECKING:
     from amohook.store import Store
@@ -40,10 +42,8 @@ __all__ = [
     "InboxEvent",
     "PermanentError",
     "Registry",
-    "RetryPolicy",
     "Worker",
     "load_handler",
-    "retry_delay",
 ]
 
 log = logging.getLogger("amohook.worker")
@@ -51,40 +51,7 @@ log = logging.getLogger("amohook.worker")
 Handler = Callable[[InboxEvent, "HandlerContext"], Any]
 
 
-class PermanentError(AmohookError):
-    """Raised by a handler when retrying cannot help: the event goes dead at once."""
-
-
-# --- retry policy (pure) -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 10
-    base: float = 5.0  # delay after the first failure, before jitter
-    factor: float = 2.0
-    cap: float = 3600.0
-    jitter: float = 0.5  # the delay is drawn from [d * (1 - jitter), d]
-    # Waiting for a human (new authorization, amoCRM unblocking the account): no point hurrying.
-    reauth_delay: float = PERSON_WAIT
-    rate_limit_floor: float = 1.0
-
-    @property
-    def backoff(self) -> Backoff:
-        return Backoff(base=self.base, cap=self.cap, factor=self.factor, jitter=self.jitter)
-
-
-def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: float) -> float | None:
-    """Seconds until the next attempt after ``attempt`` failed with ``error``; None means dead."""
-    if isinstance(error, PermanentError) or attempt >= policy.max_attempts:
-        return None
-    if isinstance(error, RateLimited):
-        # amoCRM's Retry-After is the wait it asks for; a little jitter spreads the workers out.
-        wait = error.retry_after if error.retry_after is not None else policy.rate_limit_floor
-        return max(wait, policy.rate_limit_floor) + rand
-    if needs_person(error):
-        return max(policy.reauth_delay, policy.backoff.delay(attempt, rand))
-    return policy.backoff.delay(attempt, rand)
+# --- the attempt log ---------------------------------------------------------------------------
 
 
 def error_excerpt(name: str, error: BaseException, limit: int = 1000) -> str:
@@ -154,9 +121,7 @@ def load_handler(spec: str, search_dir: str | None = None) -> Handler:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit too: a module must not end amohook with its own exit code
-        raise ConfigError(
-            f"handler '{spec}': importing module '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}"
-        ) from None
+        raise ConfigError(f"handler '{spec}': importing module '{module_name}' failed: {describe(exc)}") from None
     finally:
         if added and search_dir in sys.path:
             sys.path.remove(search_dir)
@@ -168,11 +133,6 @@ def load_handler(spec: str, search_dir: str | None = None) -> Handler:
     if not callable(obj):
         raise ConfigError(f"handler '{spec}' is not callable")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 class HandlerContext:
@@ -200,21 +160,6 @@ def new_worker_id(label: str = "w") -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{label}:{uuid.uuid4().hex[:6]}"
 
 
-_outcomes: dict[str, int] = {}
-_outcomes_lock = threading.Lock()
-
-
-def _count_outcome(outcome: str) -> None:
-    with _outcomes_lock:
-        _outcomes[outcome] = _outcomes.get(outcome, 0) + 1
-
-
-def outcome_counts() -> dict[str, int]:
-    """Event attempts run by the workers of this process since it started, by outcome (for /metrics)."""
-    with _outcomes_lock:
-        return dict(_outcomes)
-
-
 class Worker:
     """Claims batches of due events and runs them through the registry.
 
@@ -228,10 +173,10 @@ class Worker:
         registry: Registry,
         worker_id: str | None = None,
         *,
-        lease_seconds: float = 300.0,
-        max_attempts: int = 10,
-        batch_size: int = 10,
-        poll_interval: float = 1.0,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        batch_size: int = BATCH_SIZE,
+        poll_interval: float = POLL_SECONDS,
         policy: RetryPolicy | None = None,
         max_handler_seconds: float = 3600.0,
         client_factory: Callable[[Any, str], Any] | None = None,
@@ -248,7 +193,7 @@ class Worker:
         self.registry = registry
         self.worker_id = worker_id or new_worker_id()
         self.lease_seconds = lease_seconds
-        self.policy = replace(policy or RetryPolicy(), max_attempts=max_attempts)
+        self.policy = replace(policy or EVENTS, max_attempts=max_attempts)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.max_handler_seconds = max_handler_seconds
@@ -266,6 +211,23 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         self.processed = 0
+        self._outcomes: dict[str, int] = {}  # event attempts by outcome (ok, retry, dead, lost)
+        self._outcomes_lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.worker_id
+
+    def health(self) -> dict[str, Any]:
+        """Events this worker ran since it started, by outcome; how long the current one has run."""
+        with self._outcomes_lock:
+            outcomes = dict(self._outcomes)
+        since = self._current_since
+        return {
+            "processed": self.processed,
+            "outcomes": outcomes,
+            "running_for": None if since is None else round(time.monotonic() - since, 1),
+        }
 
     # -- public -------------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -295,7 +257,9 @@ class Worker:
                     released = inbox.release(self.store, left, self.worker_id, now=self.clock())
                     self.log.info("stopping: released %d claimed events that had not started", released)
                     break
-                _count_outcome(self._process(event))
+                outcome = self._process(event)
+                with self._outcomes_lock:
+                    self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
                 ran += 1
                 with self._held_lock:
                     self._held = [e.id for e in events[position + 1 :]]
@@ -308,6 +272,7 @@ class Worker:
     def run(self, stop_event: threading.Event) -> None:
         """Work until ``stop_event`` is set; the event being run finishes, the rest is released."""
         self._stop = stop_event
+        on_stop(stop_event, self._wake.set)  # asleep until the next poll: hear of the stop at once
         # The store is down: look again from the poll interval up to 30 s, without jitter (the
         # waits are logged as they are).
         store_down = Backoff(base=self.poll_interval, cap=max(30.0, self.poll_interval), jitter=0.0)
@@ -398,7 +363,7 @@ class Worker:
             self.log.warning("event %s finished after its lease was lost; another worker may run it again", event.id)
             return "lost"
         attempt = event.attempts + 1
-        delay = retry_delay(attempt, error, self.policy, self.rand())
+        delay = decide(error, attempt, self.policy, self.rand()).wait
         excerpt = error_excerpt(failed_in, error)
         if isinstance(error, AmohookError):
             self.log.warning("event %s attempt %d failed: %s", event.id, attempt, excerpt)

@@ -24,9 +24,10 @@ import time
 
 import pytest
 
-from amohook.actions import LEASE_SECONDS, ActionSender, kinds, record_planned
+from amohook.actions import ActionSender, kinds, record_planned
 from amohook.actions.base import PlannedAction
 from amohook.amocrm.client import client_for
+from amohook.settings import LEASE_SECONDS
 from amohook.store.models import Action
 from tests.conftest import ROOT, cli_env
 from tests.helpers.actions import (

@@ -164,11 +164,12 @@ def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path
 
 
 def test_the_background_pruner_prunes_and_stops(store):
-    from amohook.ops.retention import Pruner
+    from amohook.ops.retention import pruner
 
     stored(store, 5, age=40 * DAY)
     stop = threading.Event()
-    thread = Pruner(store, 30 * DAY, every=0.1, first_after=0.1).start(stop)
+    thread = threading.Thread(target=pruner(store, 30 * DAY, every=0.1, first_after=0.1).run, args=(stop,))
+    thread.start()
     deadline = time.time() + 10
     while time.time() < deadline and Event.select().count():
         time.sleep(0.05)

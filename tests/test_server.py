@@ -18,7 +18,6 @@ from amohook import inbox
 from amohook.store.models import Account, Delivery, Event
 from amohook.webhooks import server as server_module
 from amohook.webhooks.server import ServerConfig, WebhookService, check_secret
-from amohook.worker import Registry, Worker
 from tests.test_inbox import FORM, fixture_body, lead_body
 
 SECRET = "test-secret-0123456789"
@@ -503,6 +502,8 @@ def test_the_secret_must_be_long_and_url_safe(secret, message):
 
 
 def test_worker_threads_in_the_listener_process_events_as_they_arrive(store):
+    from amohook.runtime.supervisor import Supervisor
+
     done = threading.Event()
     seen = []
 
@@ -510,16 +511,18 @@ def test_worker_threads_in_the_listener_process_events_as_they_arrive(store):
         seen.append(event.entity_id)
         done.set()
 
-    registry = Registry()
-    registry.register("h", handler)
-    worker = Worker(store, registry, "serve0", poll_interval=30)  # only the commit's wake-up can be in time
-    svc = WebhookService(store, ServerConfig(secret=SECRET, port=0), workers=[worker]).start()
+    # Polling only every 30 s: only the commit's wake-up can be in time.
+    runner = Supervisor(
+        store, handlers=[handler], listen=ServerConfig(secret=SECRET, port=0), poll_interval=30, keep=None
+    )
+    runner.start()
     try:
         time.sleep(0.3)  # the worker has looked once and now sleeps until woken
-        post(svc, lead_body(77))
+        assert runner.service is not None
+        post(runner.service, lead_body(77))
         assert done.wait(5) and seen == ["77"]
     finally:
-        svc.stop(5)
+        runner.stop()
     deadline = time.monotonic() + 2
     while Event.get().status != "done" and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -11,20 +11,24 @@ import pytest
 
 from amohook import inbox
 from amohook.errors import AccountBlocked, ConfigError, RateLimited, TokenRevoked
+from amohook.retry import RATE_LIMITED, RetryPolicy, decide
 from amohook.store.models import Attempt, Event
 from amohook.worker import (
     PermanentError,
     Registry,
-    RetryPolicy,
     Worker,
     error_excerpt,
     load_handler,
-    retry_delay,
 )
 from tests.conftest import cli_env, run_cli
 from tests.test_inbox import NOW, incoming, lead_body
 
 POLICY = RetryPolicy(max_attempts=5, base=10.0, factor=2.0, cap=100.0, jitter=0.5)
+
+
+def retry_delay(attempt: int, error: BaseException, policy: RetryPolicy, rand: float) -> float | None:
+    """The wait ``retry.decide`` sets for an event (None: dead)."""
+    return decide(error, attempt, policy, rand).wait
 
 
 # -- the retry policy --------------------------------------------------------------------------
@@ -41,7 +45,7 @@ def test_jitter_takes_off_at_most_the_jitter_share():
 def test_a_rate_limit_waits_what_amocrm_asked_for():
     assert retry_delay(1, RateLimited("429", retry_after=7.0), POLICY, 0.0) == 7.0
     assert retry_delay(1, RateLimited("429", retry_after=7.0), POLICY, 0.5) == 7.5
-    assert retry_delay(1, RateLimited("429", retry_after=None), POLICY, 0.0) == POLICY.rate_limit_floor
+    assert retry_delay(1, RateLimited("429", retry_after=None), POLICY, 0.0) == RATE_LIMITED.delay(1, 0.0)
     assert retry_delay(1, RateLimited("429", retry_after=0.0), POLICY, 0.0) == POLICY.rate_limit_floor
 
 

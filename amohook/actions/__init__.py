@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from amohook.actions.registry import kind_names, kinds, lead_changing_kinds, noun
     from amohook.actions.sender import (
         BATCH_SIZE,
-        LEASE_SECONDS,
-        MAX_ATTEMPTS,
         ActionSender,
         SendStats,
         record_planned,
@@ -27,15 +25,13 @@ if TYPE_CHECKING:
 _EXPORTS = {
     **dict.fromkeys(("kind_names", "kinds", "lead_changing_kinds", "noun"), "amohook.actions.registry"),
     **dict.fromkeys(
-        ("BATCH_SIZE", "LEASE_SECONDS", "MAX_ATTEMPTS", "ActionSender", "SendStats", "record_planned"),
+        ("BATCH_SIZE", "ActionSender", "SendStats", "record_planned"),
         "amohook.actions.sender",
     ),
 }
 
 __all__ = [
     "BATCH_SIZE",
-    "LEASE_SECONDS",
-    "MAX_ATTEMPTS",
     "ActionSender",
     "SendStats",
     "kind_names",

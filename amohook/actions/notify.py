@@ -33,6 +33,7 @@ from urllib3.util import parse_url
 from amohook.actions.base import ActionKind, PlannedAction, SenderPort, action_key
 from amohook.actions.deadline import deadline
 from amohook.redact import hold_secret, printable, redact_secrets
+from amohook.retry import PERSON_WAIT, parse_retry_after
 from amohook.rules.template import check_template, render, responsible_of, rule_user, template_values
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ class Notify(ActionKind):
             hold_url(url)
         problem = "is not set" if not url else url_problem(url)
         if problem or not url:  # the environment changed since `rules check`: wait for a person to fix it
-            out.later([action], f"the URL in {name} {problem}", maybe_sent=False, wait=900.0, counts=False)
+            out.later([action], f"the URL in {name} {problem}", maybe_sent=False, wait=PERSON_WAIT, counts=False)
             return
         out.stats.posts += 1
         # The whole exchange within a deadline; the answer's status decides, its body is read
@@ -253,7 +254,9 @@ class Notify(ActionKind):
                 out.done(action.id, None, f"${name} answered {status}")
             out.stats.created += 1
         elif status >= 500 or status in RETRY_STATUSES:
-            wait = _retry_after(response.headers.get("Retry-After")) if status == 429 else None
+            wait = (
+                parse_retry_after(response.headers.get("Retry-After"), floor=1.0, cap=3600.0) if status == 429 else None
+            )
             out.later([action], f"${name} answered {status}", maybe_sent=True, wait=wait)
         else:
             with out.store.write():
@@ -288,10 +291,3 @@ def _reason(answer: bytes) -> str:
 def idempotency_key(action_key_hex: str) -> str:
     """The header value: derived from the action key, not the key itself (it names no rule)."""
     return hashlib.sha256(f"amohook-notify:{action_key_hex}".encode()).hexdigest()[:40]
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return min(3600.0, max(1.0, float(value))) if value else None
-    except ValueError:
-        return None

@@ -34,10 +34,11 @@ import copy
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import requests
@@ -46,11 +47,11 @@ from amohook.actions.registry import kinds
 from amohook.errors import (
     AmohookError,
     AmoTemporaryError,
-    RateLimited,
     RefusedBeforeRefresh,
     needs_person,
 )
-from amohook.retry import ACTIONS, PERSON_WAIT
+from amohook.retry import ACTIONS_POLICY, RetryPolicy, decide
+from amohook.settings import LEASE_SECONDS, MAX_ATTEMPTS
 from amohook.store.lease import new_owner
 from amohook.store.models import Action
 
@@ -62,10 +63,10 @@ BATCH_SIZE = 50  # a conservative batch: amoCRM's documented batch caps are 50 (
 # Longer than one POST can take (connect 5 s + read 20 s, plus the rate limiter). The lease is
 # re-asserted right before each POST, and a POST refused with 401 is not repeated inside it: the
 # refresh may wait minutes for its own lease, after which this sender may no longer own the work.
-LEASE_SECONDS = 300.0
+# The action's lease is settings.LEASE_SECONDS; MAX_ATTEMPTS (settings): backoff from 30 s doubling,
+# capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble.
 HTTP_DEADLINE = 30.0  # the longest one request to a server other than amoCRM (notify) may take
 DEFAULT_LANE = "amocrm"  # the lane of every kind that does not name another, and of unknown kinds
-MAX_ATTEMPTS = 10  # backoff from 30 s doubling, capped at 1 h, jittered: 1.5 to 3 hours of amoCRM trouble
 # One INFO line per action carried out (rule, lead, kind, what amoCRM made or changed): routine,
 # so never above INFO; what needs a person goes through ``log`` (WARNING).
 effects = logging.getLogger("amohook.actions")
@@ -162,8 +163,14 @@ def lane_names() -> list[str]:
     return [DEFAULT_LANE, *sorted({k.lane for k in kinds().values()} - {DEFAULT_LANE})]
 
 
+class _Unspecified(Exception):
+    """The failure ``later`` was given no exception for: an ordinary one (the backoff, an attempt)."""
+
+
 class ActionSender:
     """Claims pending actions and sends them in batches; safe to run in many threads and processes."""
+
+    name = "actions"
 
     def __init__(
         self,
@@ -174,6 +181,7 @@ class ActionSender:
         batch_size: int = BATCH_SIZE,
         lease_seconds: float = LEASE_SECONDS,
         max_attempts: int = MAX_ATTEMPTS,
+        policy: RetryPolicy = ACTIONS_POLICY,
         clock: Callable[[], float] = time.time,
         log: Callable[[str], None] | None = None,
         linger: float = 0.3,
@@ -194,6 +202,7 @@ class ActionSender:
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.policy = replace(policy, max_attempts=max_attempts)
         self.clock = clock
         self.log = log or (lambda message: None)
         self.linger = linger
@@ -360,20 +369,33 @@ class ActionSender:
                 )
 
     def later(
-        self, actions: list[Action], error: str, *, maybe_sent: bool, wait: float | None = None, counts: bool = True
+        self,
+        actions: list[Action],
+        error: str,
+        *,
+        maybe_sent: bool,
+        wait: float | None = None,
+        counts: bool = True,
+        failure: BaseException | None = None,
     ) -> None:
         """Back off; an action whose request may have landed stays ``sending`` so it is looked up first.
 
-        ``counts=False``: waiting for amoCRM's rate limit or for a person is not an attempt.
+        ``failure``: the exception, whose wait and count ``retry.decide`` sets per action (else
+        ``wait``, or the backoff). ``counts=False``: not an attempt whatever the failure (waiting
+        for amoCRM's rate limit or for a person; a batch held up by another action's lookup).
         """
         now = self.clock()
         with self.store.write():  # one commit for the batch, not one per action
             for a in actions:
-                attempts = a.attempts + (1 if counts else 0)
-                if attempts >= self.max_attempts:
+                decision = decide(failure or _Unspecified(), a.attempts + 1, self.policy, random.random())
+                counted = counts and decision.counts
+                attempts = a.attempts + (1 if counted else 0)
+                if counted and decision.wait is None:
                     self.fail([a.id], f"gave up after {attempts} attempts: {error}", attempts=attempts)
                     continue
-                delay = wait if wait is not None else ACTIONS.delay(attempts)
+                delay = wait if wait is not None else decision.wait if failure is not None else None
+                if delay is None:
+                    delay = self.policy.backoff.delay(attempts)
                 Action.update(
                     status="sending" if maybe_sent else "pending",
                     attempts=attempts,
@@ -413,20 +435,15 @@ class ActionSender:
         return claimed
 
     def reschedule(self, actions: list[Action], exc: BaseException, *, maybe_sent: bool, counts: bool = True) -> None:
+        """Back off after ``exc``, as ``retry.decide`` says for this sender's policy."""
         if not actions:
             return
         message = exc.message if isinstance(exc, AmohookError) else f"{type(exc).__name__}: {exc}"
         if isinstance(exc, RefusedBeforeRefresh):
-            self.later(actions, message, maybe_sent=False, wait=0.0)  # an attempt: a 401 loop must end
-        elif isinstance(exc, RateLimited):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=exc.retry_after or 5.0, counts=False)
-        elif needs_person(exc):
-            self.later(actions, message, maybe_sent=maybe_sent, wait=PERSON_WAIT, counts=False)
+            maybe_sent = False  # amoCRM refused it before the refresh: nothing was created
+        self.later(actions, message, maybe_sent=maybe_sent, counts=counts, failure=exc)
+        if needs_person(exc) or not isinstance(exc, (AmoTemporaryError, RefusedBeforeRefresh)):
             self.stats.errors.append(message)
-        else:
-            self.later(actions, message, maybe_sent=maybe_sent, counts=counts)
-            if not isinstance(exc, AmoTemporaryError):
-                self.stats.errors.append(message)
 
     def hold(self, actions: list[Action]) -> list[Action]:
         """Re-assert our lease right before a POST; send only what is still ours."""
@@ -502,6 +519,13 @@ class ActionSender:
         )
         rows = list(pending)
         return 0 < len(rows) < self.batch_size and rows[0].created_at > now - self.linger
+
+    def health(self) -> dict:
+        """What this sender did since it started (for the status page and /metrics)."""
+        s = self.stats
+        return dict(
+            posts=s.posts, lookups=s.lookups, created=s.created, adopted=s.adopted, failed=s.failed, retried=s.retried
+        )
 
     def run(self, stop: threading.Event, idle: float = 0.5) -> None:
         """Send until ``stop``, each lane in its own thread (the first in this one); a batch in

@@ -7,7 +7,6 @@ same leased refresh as `amohook refresh-token` and repeats the request once.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from amohook.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from amohook.retry import CLIENT_READ
+from amohook.retry import CLIENT_READ, RATE_LIMITED, parse_retry_after
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -38,31 +37,6 @@ if TYPE_CHECKING:
 
 PAGE_LIMIT = 250  # amoCRM's maximum page size (docs/amocrm.md §3)
 MAX_RETRY_AFTER = 60.0
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, min(float(value), MAX_RETRY_AFTER))
-    except ValueError:
-        return None
-
-
-_api_counts: dict[str, list[int]] = {}
-_api_lock = threading.Lock()
-
-
-def _count(subdomain: str, which: int) -> None:
-    with _api_lock:
-        counts = _api_counts.setdefault(subdomain, [0, 0])
-        counts[which] += 1
-
-
-def api_counts() -> dict[str, tuple[int, int]]:
-    """(requests sent, 429s) per account by every client of this process since it started (for /metrics)."""
-    with _api_lock:
-        return {sub: (c[0], c[1]) for sub, c in _api_counts.items()}
 
 
 class AmoClient:
@@ -133,7 +107,6 @@ class AmoClient:
             url = self._url(account.base_url, path)
             self.limiter.acquire(self.subdomain)
             self.requests_made += 1
-            _count(self.subdomain, 0)
             try:
                 response = self.session.request(
                     method,
@@ -170,10 +143,9 @@ class AmoClient:
                 continue
             if status == 429:
                 self.rate_limited += 1
-                _count(self.subdomain, 1)
-                wait = retry_after_seconds(response.headers.get("Retry-After"))
+                wait = parse_retry_after(response.headers.get("Retry-After"), cap=MAX_RETRY_AFTER)
                 if attempt < self.max_attempts:
-                    self.sleep(wait if wait is not None else 1.0 + CLIENT_READ.delay(attempt))
+                    self.sleep(wait if wait is not None else RATE_LIMITED.delay(attempt))
                     continue
                 raise RateLimited(
                     f"amoCRM kept answering 429 (too many requests) to {method} {path}",

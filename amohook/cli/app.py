@@ -108,7 +108,7 @@ def run(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "Abort":
             sys.stderr.write("aborted\n")
             return int(ExitCode.INTERRUPTED)
-        from amohook.errors import StoreError
+        from amohook.errors import StoreError, first_line
 
         try:
             import peewee
@@ -120,9 +120,9 @@ def run(argv: list[str] | None = None) -> int:
                 if person is not None:
                     _report(exc, f"error: {person.message}")
                     return int(person.exit_code)
-                first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                 err = StoreError(
-                    f"database error: {first_line} — check --db-url / AMOHOOK_DB_URL and that the database server is up"
+                    f"database error: {first_line(exc)} — check --db-url / AMOHOOK_DB_URL and that the database "
+                    "server is up"
                 )
                 _report(exc, f"error: {err.message}")
                 return int(err.exit_code)

@@ -10,6 +10,7 @@ import typer
 from amohook.cli.common import duration, say, state
 from amohook.cli.logs import Level, announce
 from amohook.durations import format_duration
+from amohook.settings import BATCH_SIZE, MAX_ATTEMPTS, RECONCILE_EVERY
 
 HandlerOpt = Annotated[
     list[str] | None,
@@ -105,7 +106,7 @@ MIN_POLL, MAX_POLL = 0.05, 3600.0
 def reconcile_interval(ctx: typer.Context, has_work: bool) -> float | None:
     """Seconds between background reconciliation passes, or None (off)."""
     if ctx.params["reconcile"] is None:
-        return 300.0 if has_work else None
+        return RECONCILE_EVERY if has_work else None
     return duration(ctx, "reconcile")
 
 
@@ -143,7 +144,7 @@ def serve(
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
     lease: LeaseOpt = "5m",
-    max_attempts: MaxAttemptsOpt = 10,
+    max_attempts: MaxAttemptsOpt = MAX_ATTEMPTS,
     max_body: Annotated[
         int, typer.Option("--max-body", min=1024, help="Largest body accepted, in bytes (larger: 413).")
     ] = 1024 * 1024,
@@ -254,8 +255,8 @@ def worker(
     reconcile: ReconcileOpt = None,
     keep: KeepOpt = "30d",
     lease: LeaseOpt = "5m",
-    max_attempts: MaxAttemptsOpt = 10,
-    batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = 10,
+    max_attempts: MaxAttemptsOpt = MAX_ATTEMPTS,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=500, help="Events claimed at a time.")] = BATCH_SIZE,
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, max=64, help="Worker threads in this process [default: 1].")
     ] = None,

@@ -1,5 +1,7 @@
-"""The receive path: check what a webhook would store, and store deliveries with their events
-in one transaction (known bodies only count a resend). Also names why the store failed."""
+"""The one writer of the event table: check what a webhook would store, and store deliveries with
+their events in one transaction (known deliveries only count a resend). The listener's writer
+and reconciliation's queueing both store through ``store_deliveries``, so a stored event's
+defaults (pending, due now, no attempts) are set here only. Also names why the store failed."""
 
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ class StoreUnavailable(StoreError):
 
 @dataclass
 class Incoming:
-    """One webhook request that passed the parser, ready to be stored."""
+    """One delivery ready to be stored: a webhook request that passed the parser, or an entry of
+    amoCRM's events log that reconciliation shaped like one (``source``, ``key``)."""
 
     body: bytes
     parsed: ParsedWebhook
@@ -73,10 +76,12 @@ class Incoming:
     headers: dict = field(default_factory=dict)
     remote_addr: str | None = None
     received_at: float = field(default_factory=time.time)
+    key: str | None = None  # the duplicate key (64 hex characters); default: the body's SHA-256
+    source: str | None = None  # where its events came from; None: a webhook
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.body).hexdigest()
+        return self.key or hashlib.sha256(self.body).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ _EVENT_COLUMNS = (
     "next_attempt_at",
     "received_at",
     "updated_at",
+    "source",
 )
 
 
@@ -332,6 +338,7 @@ def store_in_txn(store: Store, items: Sequence[Incoming]) -> list[Stored]:
                     item.received_at,
                     item.received_at,
                     item.received_at,
+                    item.source,
                 )
             )
     _insert_many(cursor, event, _EVENT_COLUMNS, event_rows, q, p, lambda row: len(row[7]) + 256)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amohook.durations import format_duration
-from amohook.errors import AccountBlocked, AmohookError, ConfigError, ReauthRequired, StoreError
+from amohook.errors import AccountBlocked, AmohookError, ConfigError, ReauthRequired, StoreError, first_line
 from amohook.times import human_time
 
 if TYPE_CHECKING:
@@ -82,8 +82,8 @@ def _split_fix(message: str, default_fix: str) -> tuple[str, str]:
 
 
 def _one_line(exc: BaseException, url: str | None = None) -> str:
-    text = getattr(exc, "message", None) or str(exc).strip() or type(exc).__name__
-    text = text.splitlines()[0][:300] if text.strip() else type(exc).__name__
+    """``first_line``, with the database URL's password masked (a driver may quote the URL)."""
+    text = first_line(exc, 300)
     password = _password(url) if url else None
     return text.replace(password, "***") if password else text
 

@@ -75,6 +75,7 @@ def render(
     read_error: str | None,
     committer,
     connections: int,
+    runtime: dict | None = None,
     now: float | None = None,
 ) -> bytes:
     """The whole exposition, for one scrape; ``snapshot`` may be None (the store cannot be read)."""
@@ -82,7 +83,9 @@ def render(
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
-        _Collector(listener, snapshot, read_error, committer, connections, time.time() if now is None else now)
+        _Collector(
+            listener, snapshot, read_error, committer, connections, runtime or {}, time.time() if now is None else now
+        )
     )
     return generate_latest(registry)
 
@@ -92,8 +95,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Collector:
-    def __init__(self, listener, snapshot, read_error, committer, connections, now):
+    def __init__(self, listener, snapshot, read_error, committer, connections, runtime, now):
         self.listener = listener
+        self.runtime = runtime
         self.snapshot = snapshot
         self.read_error = read_error
         self.committer = committer
@@ -153,16 +157,13 @@ class _Collector:
     def _process_wide(self):
         from prometheus_client.core import CounterMetricFamily
 
-        from amohook.amocrm.client import api_counts
-        from amohook.worker import outcome_counts
-
         processed = CounterMetricFamily(
             "amohook_events_processed",
             "Event attempts run by this process's worker threads, by outcome "
             "(ok, retry, dead, lost: its lease ran out)",
             labels=["outcome"],
         )
-        for outcome, count in sorted(outcome_counts().items()):
+        for outcome, count in sorted((self.runtime.get("events_processed") or {}).items()):
             processed.add_metric([outcome], count)
         yield processed
         requests = CounterMetricFamily(
@@ -171,11 +172,24 @@ class _Collector:
         limited = CounterMetricFamily(
             "amohook_amocrm_rate_limited", "amoCRM answers 429 to this process", labels=["account"]
         )
-        for account, (sent, refused) in sorted(api_counts().items()):
-            requests.add_metric([account], sent)
-            limited.add_metric([account], refused)
+        for account, figures in sorted((self.runtime.get("amocrm") or {}).items()):
+            requests.add_metric([account], figures["requests"])
+            limited.add_metric([account], figures["rate_limited"])
         yield requests
         yield limited
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "amohook_loop_up", "1 while the loop runs (0: restarting after a death, or dead)", labels=["loop"]
+        )
+        restarts = CounterMetricFamily(
+            "amohook_loop_restarts", "Times the loop died and was started again", labels=["loop"]
+        )
+        for name, loop in sorted((self.runtime.get("loops") or {}).items()):
+            up.add_metric([name], 1 if loop.get("state") == "running" else 0)
+            restarts.add_metric([name], loop.get("restarts", 0))
+        yield up
+        yield restarts
 
     def _store(self, snap):
         from prometheus_client.core import GaugeMetricFamily

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from peewee import fn
 
 from amohook.errors import LockBusy
+from amohook.runtime.loop import Periodic
 from amohook.store import lease as leases
 from amohook.store.models import Action, Attempt, ChangeSeen, Delivery, Event
 
@@ -230,38 +231,20 @@ def prune_by_hand(store: Store, keep: float, *, dry_run: bool = False) -> PruneR
         leases.release(LEASE, owner)
 
 
-class Pruner:
+def pruner(store: Store, keep: float, every: float = PRUNE_EVERY, first_after: float = 60.0) -> Periodic:
     """The background pruning of `serve` and `worker`: a minute after start, then every hour."""
 
-    def __init__(self, store: Store, keep: float, every: float = PRUNE_EVERY, first_after: float = 60.0):
-        self.store, self.keep, self.every, self.first_after = store, keep, every, first_after
+    def step(stop: threading.Event) -> None:
+        result = prune_once(store, keep, stop=stop)
+        if result.total:
+            log.info(
+                "pruned %d event(s), %d dead event(s), %d deliveries, %d attempt(s), %d action(s), %d change record(s)",
+                result.events,
+                result.dead_events,
+                result.deliveries,
+                result.attempts,
+                result.actions,
+                result.changes,
+            )
 
-    def run(self, stop: threading.Event) -> None:
-        wait = self.first_after
-        while not stop.wait(wait):
-            wait = self.every
-            try:
-                result = prune_once(self.store, self.keep, stop=stop)
-                if result.total:
-                    log.info(
-                        "pruned %d event(s), %d dead event(s), %d deliveries, %d attempt(s), %d action(s), "
-                        "%d change record(s)",
-                        result.events,
-                        result.dead_events,
-                        result.deliveries,
-                        result.attempts,
-                        result.actions,
-                        result.changes,
-                    )
-            except Exception as exc:
-                log.warning(
-                    "pruning failed (tried again in an hour): %s",
-                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                )
-            finally:
-                self.store.close_quietly()
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(stop,), name="amohook-prune", daemon=True)
-        thread.start()
-        return thread
+    return Periodic("prune", step, every, first_after=first_after, store=store, logger=log)

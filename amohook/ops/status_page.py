@@ -23,6 +23,7 @@ import html
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from amohook.actions.registry import noun
@@ -129,16 +130,18 @@ class AdminPages:
         *,
         fresh: float | None = None,
         throttle: LoginThrottle | None = None,
+        runtime: Callable[[], dict] | None = None,
     ):
         self.password = check_status_password(password)
         self.throttle = throttle or LoginThrottle()
+        self.runtime = runtime  # the supervisor's health, when the listener runs under one
         self.server = server  # open_connections() and committer
         self.listener_metrics = listener_metrics
         kwargs = {} if fresh is None else {"fresh": fresh}
         self.reader = OverviewReader(store, **kwargs)
         self._started = False
         self._lock = threading.Lock()
-        self._page: tuple[object, str | None, str] | None = None  # (snapshot, error, rendered page)
+        self._page: tuple[object, object, str] | None = None  # (snapshot, (error, loops), rendered page)
 
     def stop(self) -> None:
         self.throttle.flush()
@@ -186,6 +189,7 @@ class AdminPages:
                 read_error=error,
                 committer=self.server.committer,
                 connections=self.server.open_connections(),
+                runtime=self.runtime() if self.runtime is not None else None,
             ).decode("utf-8")
             return 200, text, metrics_module.CONTENT_TYPE, SECURITY_HEADERS
         return (200 if snapshot is not None else 503), self._render(snapshot, error), _HTML, SECURITY_HEADERS
@@ -198,9 +202,10 @@ class AdminPages:
         return self.reader.get()
 
     def _render(self, snapshot: Snapshot | None, error: str | None) -> str:
+        loops = loop_states(self.runtime() if self.runtime is not None else None)
         with self._lock:
             cached = self._page
-            if cached is not None and cached[0] is snapshot and cached[1] == error:
+            if cached is not None and cached[0] is snapshot and cached[1] == (error, loops):
                 return cached[2]
         page = render_page(
             snapshot,
@@ -208,9 +213,10 @@ class AdminPages:
             listener=self.listener_metrics,
             committer=self.server.committer,
             connections=self.server.open_connections(),
+            loops=loops,
         )
         with self._lock:
-            self._page = (snapshot, error, page)
+            self._page = (snapshot, (error, loops), page)
         return page
 
 
@@ -293,8 +299,24 @@ def token_checks(snapshot: Snapshot) -> list:
     return checks
 
 
+def loop_states(runtime: dict | None) -> tuple[tuple[str, str, int, str | None], ...]:
+    """(name, state, restarts, last error) of each of the supervisor's loops, for the page."""
+    loops = (runtime or {}).get("loops") or {}
+    return tuple(
+        (name, str(v.get("state")), int(v.get("restarts") or 0), v.get("last_error"))
+        for name, v in sorted(loops.items())
+    )
+
+
 def render_page(
-    snapshot: Snapshot | None, error: str | None, *, listener, committer, connections: int, now: float | None = None
+    snapshot: Snapshot | None,
+    error: str | None,
+    *,
+    listener,
+    committer,
+    connections: int,
+    loops: tuple = (),
+    now: float | None = None,
 ) -> str:
     """The whole page. ``snapshot`` None: the store was never read; the page says why."""
     now = time.time() if now is None else now
@@ -325,6 +347,8 @@ def render_page(
     if snapshot is not None:
         parts += [_checks(checks), _accounts(snapshot)]
     parts.append(_queue(snapshot, listener, committer, connections))
+    if loops:
+        parts.append(_loops(loops))
     if snapshot is not None:
         parts += [
             _today(snapshot),
@@ -414,6 +438,23 @@ def _queue(snap: Snapshot | None, listener, committer, connections: int) -> str:
     ]
     body = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items)
     return f'<section id="queue"><h2>Queue and listener</h2>\n<dl>{body}</dl></section>\n'
+
+
+def _loops(loops: tuple) -> str:
+    rows = [
+        [
+            esc(name),
+            f'<span class="{"ok" if state == "running" else "error"}">{esc(state)}</span>',
+            _num(restarts),
+            esc(_clip(last_error)) if last_error else "",
+        ]
+        for name, state, restarts, last_error in loops
+    ]
+    return (
+        '<section id="loops"><h2>Loops</h2>\n'
+        + _table(["loop", "state", "restarts", "last error"], rows, "")
+        + "</section>\n"
+    )
 
 
 def _today(snap: Snapshot) -> str:

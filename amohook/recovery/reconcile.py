@@ -30,14 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from amohook.errors import first_line
 from amohook.recovery.identity import Sighting, connected_at, describe, is_known
 from amohook.rules import lead_changes
+from amohook.runtime.loop import Periodic
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
 from amohook.times import human_time, iso_time
@@ -304,25 +305,27 @@ def _row_refused() -> tuple[type[BaseException], ...]:
 def _queue(
     store: Store, account: str, entries: list[tuple[dict, str, dict]], now: float, result: PassResult | None = None
 ) -> int:
-    """Store each log entry as a delivery of its own with one event; duplicates are skipped.
+    """Store each log entry as a delivery of its own with one event, through the inbox's one writer
+    (``inbox.store_deliveries``); an entry stored before adds nothing.
 
     A chunk is one transaction; should the database refuse one row's values anyway, the chunk is
     written again row by row and only that row is skipped (and noted).
     """
+    from amohook.inbox import store_deliveries
+
     queued = 0
     refused = _row_refused()
     for i in range(0, len(entries), CHUNK):
         chunk = entries[i : i + CHUNK]
+        items = [_incoming(account, entry, now) for entry in chunk]
         outcomes: list[bool | None] = []
         try:
-            with store.write():
-                outcomes = [_queue_one(account, entry, now) for entry in chunk]
+            outcomes = [stored.new for stored in store_deliveries(store, items)]
         except refused:
             outcomes = []
-            for entry in chunk:
+            for entry, one in zip(chunk, items, strict=True):
                 try:
-                    with store.write():
-                        outcomes.append(_queue_one(account, entry, now))
+                    outcomes += [stored.new for stored in store_deliveries(store, [one])]
                 except refused as exc:
                     outcomes.append(None)
                     if result is not None:
@@ -331,36 +334,23 @@ def _queue(
     return queued
 
 
-def _queue_one(account: str, entry: tuple[dict, str, dict], now: float) -> bool:
-    """Queue one entry; False when it was queued before."""
+def _incoming(account: str, entry: tuple[dict, str, dict], now: float):
+    """One log entry as the inbox stores it: a delivery of its own (the entry, its synthetic
+    duplicate key) with one event shaped as its webhook would be, marked ``source = events_log``."""
+    from amohook.inbox import Incoming
+    from amohook.webhooks.parse import ParsedWebhook, WebhookEvent
+
     event, action, item = entry
-    sha = synthetic_sha(account, str(event.get("id")))
-    if Delivery.select(Delivery.id).where(Delivery.body_sha256 == sha).exists():
-        return False
-    delivery = Delivery.create(
-        body_sha256=sha,
-        body=stored_entry(event),
+    shaped = WebhookEvent(entity="leads", action=action, entity_id=item["id"], index=0, block="leads", data=item)
+    return Incoming(
+        body=stored_entry(event).encode("utf-8"),
+        parsed=ParsedWebhook(account, item.get("account_id"), [shaped], {}),
         content_type="application/json",
-        headers=json.dumps({"x-amohook-source": SOURCE}),
-        remote_addr=None,
+        headers={"x-amohook-source": SOURCE},
         received_at=now,
-    )
-    Event.create(
-        delivery_id=delivery.id,
-        idx=0,
-        entity="leads",
-        action=action,
-        entity_id=item["id"],
-        account=account,
-        account_id=item.get("account_id"),
-        data=json.dumps(item, ensure_ascii=False, separators=(",", ":")),
-        status="pending",
-        received_at=now,
-        updated_at=now,
-        next_attempt_at=0,
+        key=synthetic_sha(account, str(event.get("id"))),
         source=SOURCE,
     )
-    return True
 
 
 @dataclass
@@ -505,7 +495,7 @@ def reconcile_account(
             try:
                 result.subscription, result.subscription_note = check_subscriptions(store, client, account, clock=clock)
             except Exception as exc:  # the watchdog must never hold the cursor back: the log was read
-                result.subscription_note = f"the subscription check failed: {_one_line(exc)}"
+                result.subscription_note = f"the subscription check failed: {first_line(exc, 300)}"
                 log.warning("watchdog for '%s': %s", account, result.subscription_note)
         result.requests = client.requests_made - requests_before
         if getattr(client, "clock_skew", None) is not None:
@@ -513,7 +503,7 @@ def reconcile_account(
         _save(store, account, cursor=cursor, result=result, clock=clock, passed=True)
         return result
     except Exception as exc:
-        result.error = _one_line(exc)
+        result.error = first_line(exc, 300)
         result.requests = client.requests_made - requests_before
         try:
             _save(store, account, cursor=None, result=result, clock=clock)
@@ -675,11 +665,6 @@ def _save(
         ReconcileState.update(**fields).where(ReconcileState.account == account).execute()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def reconcilable_accounts(subdomain: str | None = None) -> list[str]:
     """Accounts with a token, in a stable order (``subdomain`` picks one)."""
     query = Account.select(Account.subdomain).where(Account.access_token.is_null(False))
@@ -753,7 +738,6 @@ class Reconciler:
         self._clients: dict[str, Any] = {}
         self._said: dict[str, str] = {}
         self.last: dict[str, PassResult] = {}
-        self._thread: threading.Thread | None = None
 
     def client(self, account: str):
         if account not in self._clients:
@@ -773,7 +757,7 @@ class Reconciler:
                     self.store, self.client(account), account, since=self.since, max_lookback=self.max_lookback
                 )
             except Exception as exc:
-                message = _one_line(exc)
+                message = first_line(exc, 300)
                 if self._said.get(account) != message:
                     log.warning("reconciliation of '%s' failed: %s", account, message)
                     self._said[account] = message
@@ -826,17 +810,6 @@ class Reconciler:
         self._expected[account] = (now, expected)
         return expected
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.run_once()
-            except Exception as exc:  # the store is down: try again next interval
-                log.warning("reconciliation pass failed: %s", _one_line(exc))
-            finally:
-                self.store.close_quietly()
-            stop.wait(self.interval)
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        self._thread = threading.Thread(target=self.run, args=(stop,), name="amohook-reconcile", daemon=True)
-        self._thread.start()
-        return self._thread
+    def loop(self) -> Periodic:
+        """The background passes of `serve` and `worker`: one at start, then every ``interval``."""
+        return Periodic("reconcile", lambda stop: self.run_once(), self.interval, store=self.store, logger=log)

@@ -24,6 +24,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from amohook.errors import ConfigError, LoopDied, describe
+from amohook.retry import Backoff
+from amohook.runtime.clients import ClientPool
+from amohook.runtime.loop import STOP_SECONDS, Loop, StopEvent, remaining
+from amohook.settings import (
+    BATCH_SIZE,
+    HANDLER_CLIENT_ATTEMPTS,
+    LEASE_SECONDS,
+    MAX_ATTEMPTS,
+    POLL_SECONDS,
+    RECONCILE_CLIENT_ATTEMPTS,
+    RECONCILE_EVERY,
+    SENDER_CLIENT_ATTEMPTS,
+)
 from amohook.worker import Registry, Worker, load_handler, new_worker_id
 
 if TYPE_CHECKING:  # imported where used: `worker` runs without the listener
@@ -35,8 +49,11 @@ log = logging.getLogger("amohook.runner")
 
 HandlerSpec = str | Callable[..., Any]  # "package.module:function", or the function itself
 
-SERVE_STOP_SECONDS = 9.0  # the listener's stop: requests answered, commits done, sender's batch
-WORKER_STOP_SECONDS = 8.0  # running handlers finish within this, then the sender stops
+# A loop that dies is started again after 1, 2, 4 s, at most 3 times in a row; one that ran for
+# 10 minutes before dying starts the count again. Then the process stops (see Supervisor._run).
+MAX_RESTARTS = 3
+HEALTHY_AFTER = 600.0
+RESTART_WAIT = Backoff(base=1.0, cap=30.0, jitter=0.0)
 
 
 def build_registry(
@@ -46,13 +63,15 @@ def build_registry(
     *,
     journal: bool = False,
     search_dir: str | None = None,
+    clients: ClientPool | None = None,
 ):
     """The handler registry, and the action sender when there are rules (else None).
 
     Invalid rules or a handler that cannot be imported raise here (``ConfigError``), before
     anything starts. ``journal`` records lead changes for reconciliation when only handlers run.
     ``search_dir`` is where handler modules may also live (the CLI passes the working directory),
-    searched last and only for these imports.
+    searched last and only for these imports. ``clients``: the pool the sender takes its
+    clients from (default: a new one).
     """
     registry = Registry()
     sender = None
@@ -61,20 +80,17 @@ def build_registry(
         raise TypeError("build_registry: rules and the change journal need the store")
     if rules:
         from amohook.actions import ActionSender
-        from amohook.amocrm.client import client_for
         from amohook.rules import load_and_compile
         from amohook.rules.handler import RulesHandler
 
         assert store is not None  # checked above
         compiled = load_and_compile(str(rules))
-        clients: dict = {}
+        pool = clients if clients is not None else ClientPool(store)
 
         def client(sub: str):
-            if sub not in clients:
-                # One attempt: a 429 or a failure comes back to the sender, which reschedules the
-                # batch instead of sleeping inside its lease.
-                clients[sub] = client_for(store, sub, max_attempts=1)
-            return clients[sub]
+            # A 429 or a failure comes back to the sender, which reschedules the batch instead of
+            # sleeping inside its lease.
+            return pool.get(sub, max_attempts=SENDER_CLIENT_ATTEMPTS)
 
         sender = ActionSender(store, client, log=logging.getLogger("amohook.actions").warning)
         registry.register("rules", RulesHandler(compiled, store, on_recorded=lambda n: sender.wake()))
@@ -94,18 +110,6 @@ def build_registry(
 def _handler_name(fn: Callable[..., Any]) -> str:
     module = getattr(fn, "__module__", None) or "?"
     return f"{module}:{getattr(fn, '__qualname__', None) or type(fn).__name__}"
-
-
-class StopEvent(threading.Event):
-    """Set by SIGTERM/SIGINT (``signal`` names which), by ``Supervisor.stop`` or by a failing worker."""
-
-    signal: str | None = None
-
-    def log_signal(self, logger: logging.Logger) -> None:
-        # Logged by the main loop, not in the handler: a handler that writes to stderr while the
-        # main thread is writing there raises "reentrant call" inside the io buffer.
-        if self.signal:
-            logger.info("received %s; stopping (send it again to exit at once)", self.signal)
 
 
 def stop_on_signals() -> StopEvent:
@@ -131,8 +135,12 @@ class Supervisor:
     ``rules`` is a rules file (TOML); ``handlers`` are ``"package.module:function"`` strings or
     callables ``fn(event, ctx)``. ``listen`` (a ``webhooks.server.ServerConfig``) adds the webhook
     listener, as `amohook serve`; without it the supervisor only processes, as `amohook worker`.
-    ``reconcile_every`` and ``keep`` are seconds (None: off). Nothing starts until ``start``;
+    ``reconcile_every`` and ``keep`` are seconds (None: off); ``loops`` are more loops of your own
+    (``runtime.loop.Loop``), run and stopped with the rest. Nothing starts until ``start``;
     invalid rules raise in the constructor.
+
+    Each of these is a loop (``runtime.loop.Loop``) in a thread of its own; ``stop`` ends them all
+    within one deadline (``STOP_SECONDS``), and ``health()`` is what each reports.
     """
 
     def __init__(
@@ -145,29 +153,30 @@ class Supervisor:
         listen=None,
         reconcile_every: float | None = None,
         keep: float | None = None,
-        lease_seconds: float = 300.0,
-        max_attempts: int = 10,
-        batch_size: int = 10,
-        poll_interval: float = 1.0,
+        lease_seconds: float = LEASE_SECONDS,
+        max_attempts: int = MAX_ATTEMPTS,
+        batch_size: int = BATCH_SIZE,
+        poll_interval: float = POLL_SECONDS,
         journal: bool | None = None,
         search_dir: str | None = None,
+        loops: Iterable[Loop] = (),
     ):
         self.store = store
+        self.extra_loops = list(loops)
         self.listen = listen
         self.reconcile_every = reconcile_every
         self.keep = keep
+        self.clients = ClientPool(store)
         self.registry, self.sender = build_registry(
             handlers,
             rules,
             store,
             journal=reconcile_every is not None if journal is None else journal,
             search_dir=search_dir,
+            clients=self.clients,
         )
         prefix = "serve" if listen is not None else "worker"
         count = threads if len(self.registry) else 0  # nothing to run: events stay pending
-        options: dict[str, Any] = (
-            {} if listen is not None else {"batch_size": batch_size, "poll_interval": poll_interval}
-        )
         self.workers = [
             Worker(
                 store,
@@ -175,16 +184,19 @@ class Supervisor:
                 new_worker_id(f"{prefix}{i}"),
                 lease_seconds=lease_seconds,
                 max_attempts=max_attempts,
-                **options,
+                batch_size=batch_size,
+                poll_interval=poll_interval,
+                client_factory=self._handler_client,
             )
             for i in range(count)
         ]
         self.service: WebhookService | None = None
         self.errors: list[BaseException] = []
-        self._stop = StopEvent()  # the workers' (worker mode) and the waiting loop's
-        self._background = threading.Event()  # the sender's, the reconciler's and the pruner's
-        self._threads: list[threading.Thread] = []
-        self._sender_thread: threading.Thread | None = None
+        self._stop = StopEvent()  # every loop's; its deadline is the one they all stop within
+        self._loops: list[tuple[Loop, threading.Thread]] = []
+        self._states: dict[str, dict[str, Any]] = {}  # per loop: state, restarts, last error
+        self.max_restarts = MAX_RESTARTS
+        self.restart_wait = RESTART_WAIT
         self.reconciler: Reconciler | None = None
         self._started = False
 
@@ -216,87 +228,143 @@ class Supervisor:
     def reconciling(self) -> bool:
         return self.reconciler is not None
 
-    def start(self) -> Supervisor:
-        """Start everything in the background; returns at once. ``OSError``: cannot listen."""
-        from amohook.webhooks.server import WebhookService
+    def _handler_client(self, store: Store, account: str):
+        return self.clients.get(account, max_attempts=HANDLER_CLIENT_ATTEMPTS)
 
+    def start(self) -> Supervisor:
+        """Start every loop in the background; returns at once. ``OSError``: cannot listen."""
+        loops: list[Loop] = []
         if self.listen is not None:
-            self.service = WebhookService(self.store, self.listen, workers=self.workers)
+            from amohook.webhooks.server import WebhookService
+
+            self.service = WebhookService(self.store, self.listen, on_commit=self._wake_workers, runtime=self.health)
             self.service.start()
             self.store.close()  # the main thread's connection; every thread of the service opens its own
-        else:
-            for worker in self.workers:
-                thread = threading.Thread(target=self._run, args=(worker,), name=worker.worker_id, daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            loops.append(self.service)
+        loops += self.workers
         if self.workers:
-            self._sender_thread = self._start_sender()
+            if self.sender is not None:
+                loops.append(self.sender)
             if self.reconcile_every is not None:
                 from amohook.recovery.reconcile import Reconciler
 
                 self.reconciler = Reconciler(
                     self.store,
                     self.reconcile_every,
+                    client_factory=self._reconcile_client,
                     listening=self.listen is not None,
                     after_pass=self._after_pass(),
                 )
-                self.reconciler.start(self._background)
+                loops.append(self.reconciler.loop())
             elif self.stale is not None:
                 log.warning(
                     "lead.stale rules are checked after each reconciliation pass: --reconcile is off, so they never"
                     " fire"
                 )
         if self.keep is not None:
-            from amohook.ops.retention import Pruner
+            from amohook.ops.retention import pruner
 
-            Pruner(self.store, self.keep).start(self._background)
+            loops.append(pruner(self.store, self.keep))
+        loops += self.extra_loops
+        for loop in loops:
+            self._states[loop.name] = {"state": "running", "restarts": 0, "last_error": None}
+            thread = threading.Thread(target=self._run, args=(loop,), name=f"amohook-{loop.name}", daemon=True)
+            self._loops.append((loop, thread))
+            thread.start()
         self._started = True
         return self
 
-    def _run(self, worker: Worker) -> None:
-        try:
-            worker.run(self._stop)
-        except BaseException as exc:  # raised again by stop() in the caller's thread
-            self.errors.append(exc)
-            self._stop.set()
+    def _reconcile_client(self, store: Store, account: str):
+        return self.clients.get(account, max_attempts=RECONCILE_CLIENT_ATTEMPTS)
 
-    def _start_sender(self) -> threading.Thread | None:
-        """The thread that sends recorded tasks in batches (only with rules)."""
-        if self.sender is None:
-            return None
-        thread = threading.Thread(target=self.sender.run, args=(self._background,), name="amohook-actions", daemon=True)
-        thread.start()
-        return thread
+    def _run(self, loop: Loop) -> None:
+        """Run ``loop`` until the stop; a death is handled the same way in `serve` and `worker`.
+
+        The traceback goes to the log at ERROR and the loop starts again after a pause
+        (``RESTART_WAIT``), at most ``max_restarts`` times in a row (a loop that ran
+        ``HEALTHY_AFTER`` seconds before dying starts the count again). Then, or at once for a
+        ``ConfigError`` (a person must act), every loop stops and ``stop()`` raises, so the
+        process exits non-zero and systemd's ``Restart=`` starts it afresh. Why not carry on
+        without it: a listener whose workers are all dead answers 200 and processes nothing.
+        """
+        state = self._states[loop.name]
+        in_a_row = 0
+        while True:
+            started = time.monotonic()
+            try:
+                loop.run(self._stop)
+                if self._stop.is_set():
+                    state["state"] = "stopped"
+                    return
+                error: BaseException = RuntimeError("it returned before it was asked to stop")
+            except BaseException as exc:  # SystemExit from a handler too: one loop must not end the process silently
+                error = exc
+            state["last_error"] = describe(error)
+            log.error("the %s loop died: %s", loop.name, describe(error), exc_info=error)
+            if self._stop.is_set():
+                state["state"] = "stopped"
+                return
+            if time.monotonic() - started >= HEALTHY_AFTER:
+                in_a_row = 0
+            if isinstance(error, ConfigError) or in_a_row >= self.max_restarts:
+                state["state"] = "died"
+                self.errors.append(
+                    error if isinstance(error, ConfigError) else LoopDied(loop.name, in_a_row + 1, error)
+                )
+                log.error("stopping amohook: the %s loop died %d time(s) in a row", loop.name, in_a_row + 1)
+                self._stop.set()
+                return
+            in_a_row += 1
+            state["restarts"] += 1
+            state["state"] = "restarting"
+            wait = self.restart_wait.delay(in_a_row)
+            log.error("restarting the %s loop in %.0f s (%d of %d)", loop.name, wait, in_a_row, self.max_restarts)
+            if self._stop.wait(wait):
+                state["state"] = "stopped"
+                return
+            state["state"] = "running"
+
+    def _wake_workers(self, _count: int) -> None:
+        for worker in self.workers:
+            worker.wake()
+
+    def health(self) -> dict[str, Any]:
+        """Each loop's figures and state; the events run by outcome; amoCRM requests per account."""
+        loops: dict[str, dict[str, Any]] = {}
+        processed: dict[str, int] = {}
+        for loop, thread in self._loops:
+            figures = dict(loop.health())
+            figures.update(self._states[loop.name])
+            if not thread.is_alive() and figures["state"] == "running":
+                figures["state"] = "stopped"
+            loops[loop.name] = figures
+        for worker in self.workers:
+            for outcome, count in worker.health()["outcomes"].items():
+                processed[outcome] = processed.get(outcome, 0) + count
+        return {"loops": loops, "events_processed": processed, "amocrm": self.clients.health()}
 
     def wait(self, stop: threading.Event) -> None:
-        """Block until ``stop`` is set (or, without a listener, until every worker has ended)."""
-        if self.listen is not None:
-            while not stop.wait(1.0):
-                pass
+        """Block until ``stop`` is set or a loop that kept dying stopped the supervisor."""
+        if not self._loops:
             return
-        while any(t.is_alive() for t in self._threads) and not stop.wait(0.1):
+        while not self._stop.is_set() and not stop.wait(0.1):
             pass
 
     def stop(self) -> None:
-        """Stop within a few seconds: running handlers finish, claimed events are released, the
-        sender's batch in flight usually completes. Raises a worker thread's error, if any."""
-        if self.listen is not None:
-            deadline = time.monotonic() + SERVE_STOP_SECONDS
-            # A batch in flight usually finishes within the deadline; if not, its actions stay
-            # `sending` and the next sender looks them up before sending anything again.
-            self._background.set()
-            if self.service is not None:
-                self.service.stop(timeout=SERVE_STOP_SECONDS - 1.5)
-            if self._sender_thread is not None:
-                self._sender_thread.join(max(0.1, deadline - time.monotonic()))
-        else:
-            self._stop.set()
-            deadline = time.monotonic() + WORKER_STOP_SECONDS
-            for thread in self._threads:
-                thread.join(max(0.0, deadline - time.monotonic()))
-            self._background.set()
-            if self._sender_thread is not None:
-                self._sender_thread.join(5.0)
+        """Stop every loop within ``STOP_SECONDS``: running handlers finish, claimed events are
+        released, the listener answers and commits what it read, the sender's batch in flight
+        usually completes (if not, its actions stay `sending` and are looked up before being sent
+        again). Raises ``LoopDied`` (or the ``ConfigError``) when a loop kept dying."""
+        self._stop.set()
+        for _loop, thread in self._loops:
+            thread.join(self._stop.remaining())
+        busy = [loop.name for loop, thread in self._loops if thread.is_alive()]
+        if busy:
+            log.warning(
+                "still running after %.0f s: %s; a running event is retried after its lease",
+                STOP_SECONDS,
+                ", ".join(busy),
+            )
         if self.errors:
             raise self.errors[0]
 
@@ -316,7 +384,12 @@ class Supervisor:
         if reconcile:
             from amohook.recovery.reconcile import Reconciler
 
-            Reconciler(self.store, self.reconcile_every or 300.0, after_pass=self._after_pass()).run_once()
+            Reconciler(
+                self.store,
+                self.reconcile_every or RECONCILE_EVERY,
+                client_factory=self._reconcile_client,
+                after_pass=self._after_pass(),
+            ).run_once()
         stop = stop or self._stop
 
         def drain(worker: Worker) -> None:
@@ -331,7 +404,7 @@ class Supervisor:
             thread.start()
         while any(t.is_alive() for t in threads) and not stop.wait(0.1):
             pass
-        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        deadline = time.monotonic() + remaining(stop)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if self.errors:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import peewee
 
-from amohook.errors import ConfigError, StoreError
+from amohook.errors import ConfigError, StoreError, first_line
 from amohook.store import models
 from amohook.store.db import DEFAULT_TIMEOUT, Store, connect_url, loose_permissions, sqlite_file
 from amohook.store.migrations import migrate
@@ -77,7 +77,7 @@ def _open_error(exc: BaseException, url: str, timeout: float) -> Exception:
     missing = missing_database(exc, url) or needs_person(exc, url)
     if missing is not None:
         return missing
-    text = _describe(exc)
+    text = first_line(exc)
     if "invalid dsn" in text or "invalid connection option" in text:
         return ConfigError(f"the database URL '{redact(url)}' is refused by the PostgreSQL driver: {text}")
     if "timed out" in text.lower() or "timeout expired" in text.lower():
@@ -184,17 +184,17 @@ def needs_person(exc: BaseException, url: str) -> ConfigError | None:
         )
     if code in MYSQL_READ_ONLY or code in PG_READ_ONLY or "readonly database" in low or "read-only" in low:
         return ConfigError(
-            f"{where} cannot be written (read-only: {_describe(exc)}) — run amohook as the user that owns the "
+            f"{where} cannot be written (read-only: {first_line(exc)}) — run amohook as the user that owns the "
             "store, or point --db-url / AMOHOOK_DB_URL at a primary server that accepts writes"
         )
     if code in MYSQL_FULL or code in PG_FULL or full:
         return ConfigError(
-            f"{where} cannot grow: its disk is full ({_describe(exc)}) — free space on it (`amohook prune` "
+            f"{where} cannot grow: its disk is full ({first_line(exc)}) — free space on it (`amohook prune` "
             "deletes old events once there is room to work), then run the command again"
         )
     if code in MYSQL_DENIED or code in PG_DENIED:
         return ConfigError(
-            f"the database user may not use amohook's tables in {where} ({_describe(exc)}) — grant it all "
+            f"the database user may not use amohook's tables in {where} ({first_line(exc)}) — grant it all "
             "privileges on that database"
         )
     return None
@@ -229,8 +229,3 @@ def _driver_code(exc: BaseException) -> int | str | None:
         if candidate.args and isinstance(candidate.args[0], int):
             return candidate.args[0]
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from amohook.errors import AmohookError, ConfigError, describe
 from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
 from amohook.ops import health, metrics, status_page
 from amohook.redact import MIN_SECRET_LENGTH, hold_secret, redact_target
+from amohook.runtime.loop import STOP_SECONDS, remaining
 from amohook.webhooks.http_server import TRUSTED, UNTRUSTED, Answer, HardenedHTTPServer, HardenedRequestHandler
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
@@ -338,14 +339,16 @@ class WebhookHTTPServer(HardenedHTTPServer):
     """The hardened server (webhooks/http_server.py) with what the routes need: the secret, the
     store, the group-commit writer and the queue watch behind /healthz."""
 
-    def __init__(self, config: ServerConfig, store: Store, committer: GroupCommitter):
+    def __init__(
+        self, config: ServerConfig, store: Store, committer: GroupCommitter, runtime: Callable[[], dict] | None = None
+    ):
         self.store = store
         self.committer = committer
         self._secret_bytes = check_secret(config.secret).encode("ascii")
         self.queue_watch = health.QueueWatch(store)
         self.metrics = metrics.ListenerMetrics()
         committer.on_batch = self.metrics.observe_commit
-        self.admin = status_page.AdminPages(config.status_password, store, self, self.metrics)
+        self.admin = status_page.AdminPages(config.status_password, store, self, self.metrics, runtime=runtime)
         super().__init__(config, _Handler)
         self.queue_watch.start()
 
@@ -397,20 +400,31 @@ class WebhookHTTPServer(HardenedHTTPServer):
 
 
 class WebhookService:
-    """The listener, its writer thread and (optionally) worker threads, started and stopped together."""
+    """The listener and its writer thread, started and stopped together: one loop of the supervisor.
+
+    ``on_commit`` hears of every commit that stored events (the supervisor wakes its workers);
+    ``runtime`` returns the supervisor's health, which /metrics shows beside the listener's own.
+    """
+
+    name = "listener"
 
     def __init__(
-        self, store: Store, config: ServerConfig, *, workers: Sequence = (), logger: logging.Logger | None = None
+        self,
+        store: Store,
+        config: ServerConfig,
+        *,
+        on_commit: Callable[[int], None] | None = None,
+        runtime: Callable[[], dict] | None = None,
+        logger: logging.Logger | None = None,
     ):
         self.store = store
         self.config = config
-        self.workers = list(workers)
+        self.on_commit = on_commit
+        self.runtime = runtime
         self.log = logger or log
         self.committer: GroupCommitter | None = None
         self.httpd: WebhookHTTPServer | None = None
-        self._threads: list[threading.Thread] = []
         self._serve_thread: threading.Thread | None = None
-        self._worker_stop = threading.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -424,9 +438,10 @@ class WebhookService:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> WebhookService:
-        self.committer = GroupCommitter(self.store, on_commit=self._wake_workers).start()
+        """Bind and serve in the background; ``OSError``: cannot listen."""
+        self.committer = GroupCommitter(self.store, on_commit=self.on_commit).start()
         try:
-            self.httpd = WebhookHTTPServer(self.config, self.store, self.committer)
+            self.httpd = WebhookHTTPServer(self.config, self.store, self.committer, runtime=self.runtime)
         except BaseException:
             self.committer.stop(1.0)
             raise
@@ -434,30 +449,35 @@ class WebhookService:
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="amohook-listener", daemon=True
         )
         self._serve_thread.start()
-        for worker in self.workers:
-            thread = threading.Thread(
-                target=self._run_worker, args=(worker,), name=f"amohook-{worker.worker_id}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
         return self
 
-    def _run_worker(self, worker) -> None:
+    def run(self, stop: threading.Event) -> None:
+        """As a loop of the supervisor: serve until ``stop``, then stop within its deadline. The
+        supervisor starts it first (to report a port in use at once); a restart after a death
+        starts it again here."""
+        if self._serve_thread is None or not self._serve_thread.is_alive():
+            self.start()
         try:
-            worker.run(self._worker_stop)
-        except Exception:
-            self.log.exception("worker %s stopped with an error", worker.worker_id)
+            while not stop.wait(0.5):
+                if self._serve_thread is None or not self._serve_thread.is_alive():
+                    raise RuntimeError("the listener's event loop ended")
+        finally:
+            self.stop(remaining(stop))
 
-    def _wake_workers(self, _count: int) -> None:
-        for worker in self.workers:
-            worker.wake()
+    def health(self) -> dict:
+        if self.committer is None or self.httpd is None:
+            return {"listening": False}
+        commits = self.committer.health()
+        return {
+            "listening": self._serve_thread is not None and self._serve_thread.is_alive(),
+            "connections": self.httpd.open_connections(),
+            "writer_queue": self.committer.queued(),
+            "commits_failing": commits.failing,
+        }
 
-    def stop(self, timeout: float = 9.0) -> None:
-        """Stop accepting, answer what was read, commit it, release claimed events; within ``timeout``."""
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop accepting, answer what was read, commit it; within ``timeout``."""
         deadline = time.monotonic() + timeout
-        self._worker_stop.set()
-        for worker in self.workers:
-            worker.stop()
         if self.httpd is not None:
             self.httpd.shutdown()  # the accept loop ends
             self.httpd.socket.close()  # new connections are refused from now on
@@ -466,8 +486,3 @@ class WebhookService:
             self.httpd.server_close()
         if self.committer is not None:
             self.committer.stop(max(0.1, min(3.0, deadline - time.monotonic())))
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        busy = [t.name for t in self._threads if t.is_alive()]
-        if busy:
-            self.log.warning("a handler is still running in %s; its event is retried after the lease", ", ".join(busy))
