@@ -721,10 +721,14 @@ class Reconciler:
         max_lookback: float = DEFAULT_MAX_LOOKBACK,
         on_queued: Callable[[int], None] | None = None,
         listening: bool = False,
+        after_pass: Callable[[str, Any], object] | None = None,
     ):
-        """``listening``: this process runs the webhook listener (`serve`), so webhooks are expected."""
+        """``listening``: this process runs the webhook listener (`serve`), so webhooks are expected.
+        ``after_pass(account, client)`` runs after each account's pass (the stale check of
+        lead.stale rules: the change registry has just caught up with the log)."""
         self.store = store
         self.listening = listening
+        self.after_pass = after_pass
         self._expected: dict[str, tuple[float, bool]] = {}
         self.interval = interval
         self.since = since
@@ -778,6 +782,8 @@ class Reconciler:
             for note in result.notes:
                 if not result.busy:
                     log.warning("reconciliation of '%s': %s", account, note)
+            if self.after_pass is not None:
+                self.after_pass(account, self.client(account))
         return results
 
     def webhooks_expected(self, account: str, now: float | None = None) -> bool:
