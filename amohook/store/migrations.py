@@ -114,9 +114,8 @@ def _v5_watchdog_removals(store: Store) -> None:
     _add_missing_indexes(store, models.Action)
 
 
-def _v8_stale_entries(store: Store) -> None:
-    """stale_entry: when a lead entered the stage a lead.stale rule watches (versions 6 and 7 are
-    other branches' work; each step is recorded by its own number, so the order they land in is free)."""
+def _v7_stale_entries(store: Store) -> None:
+    """stale_entry: when a lead entered the stage a lead.stale rule watches."""
     store.db.create_tables([models.StaleEntry], safe=True)
 
 
@@ -127,7 +126,7 @@ MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (4, _v4_store_setting),
     (5, _v5_watchdog_removals),
     (6, _v6_field_options),
-    (8, _v8_stale_entries),
+    (7, _v7_stale_entries),
 ]
 LATEST = MIGRATIONS[-1][0]
 
