@@ -729,7 +729,6 @@ class Reconciler:
         self.store = store
         self.listening = listening
         self.after_pass = after_pass
-        self._expected: dict[str, tuple[float, bool]] = {}
         self.interval = interval
         self.since = since
         self.max_lookback = max_lookback
@@ -768,7 +767,7 @@ class Reconciler:
             if result.queued:
                 # Worker-only mode reads every change from the log: routine. Where a webhook was
                 # expected and did not come, a person should look at the subscription.
-                expected = self.webhooks_expected(account)
+                expected = self.webhooks_expected(account, since=result.window_from)
                 log.log(
                     logging.WARNING if expected else logging.INFO,
                     "reconciliation of '%s': %d change(s) found in amoCRM's events log that no webhook "
@@ -786,29 +785,26 @@ class Reconciler:
                 self.after_pass(account, self.client(account))
         return results
 
-    def webhooks_expected(self, account: str, now: float | None = None) -> bool:
+    def webhooks_expected(self, account: str, since: float | None = None) -> bool:
         """Should webhooks have brought this account's changes? Yes when this process listens for
         them (`serve`), when amohook subscribed a destination for the account (`webhooks
-        subscribe`), or when a webhook for it was stored within ``DEFAULT_MAX_LOOKBACK``. Worker-only
-        mode has none of these: there the log is the only way changes come. Cached 10 minutes."""
+        subscribe`), or when webhooks for it are arriving: one was stored since ``since`` (the
+        window the changes were found in), so these would have come too. Worker-only mode has none
+        of these, nor has a worker on a store that once ran `serve` (a moved quick-start store):
+        there the log is the only way changes come, and reading it is routine."""
         if self.listening:
             return True
-        now = time.time() if now is None else now
-        cached = self._expected.get(account)
-        if cached is not None and now - cached[0] < 600:
-            return cached[1]
         from amohook.store.models import Subscription
 
-        expected = (
-            Subscription.select(Subscription.id).where(Subscription.account == account).exists()
-            or Event.select(Event.id)
-            .where(
-                (Event.account == account) & Event.source.is_null() & (Event.received_at >= now - DEFAULT_MAX_LOOKBACK)
-            )
+        if Subscription.select(Subscription.id).where(Subscription.account == account).exists():
+            return True
+        if since is None:
+            return False
+        return (
+            Event.select(Event.id)
+            .where((Event.account == account) & Event.source.is_null() & (Event.received_at >= since))
             .exists()
         )
-        self._expected[account] = (now, expected)
-        return expected
 
     def loop(self) -> Periodic:
         """The background passes of `serve` and `worker`: one at start, then every ``interval``."""
