@@ -291,3 +291,17 @@ def test_init_auth_takes_the_code_from_the_environment_without_a_terminal(sqlite
     without = run_cli(args, sqlite_url, env=init_env(sqlite_url, fake))
     assert without.returncode == ExitCode.USAGE
     assert_one_line_error(without, "--code (or AMOHOOK_AUTH_CODE)")
+
+
+def test_init_auth_points_at_the_readme_for_renewal_not_at_the_service_crontab(sqlite_url, fake):
+    """crontab.example is the service's (STATE_DIRECTORY=/var/lib/amohook, /opt/amohook): a quick
+    start that installed it as its own crontab would renew another store, or none. The success line
+    names the README section that has both the timers and the cron lines, and that section exists."""
+    from tests.conftest import ROOT
+
+    result = run_cli(init_args(fake, fake.issue_code()), sqlite_url, env=init_env(sqlite_url, fake))
+    assert result.returncode == 0, result.stderr
+    assert "crontab.example" not in result.stdout
+    section = "From the quick start to a service"
+    assert f'"{section}"' in result.stdout and "refresh-token" in result.stdout
+    assert f"\n## {section}\n" in (ROOT / "README.md").read_text(encoding="utf-8")

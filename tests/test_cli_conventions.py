@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -33,7 +35,15 @@ def test_every_command_takes_h_as_well_as_help(sqlite_url):
 
 
 def test_shell_completion_is_on_and_completes_commands(sqlite_url):
-    shown = run_cli(["--show-completion", "bash"], sqlite_url)
+    # --show-completion names no shell: typer detects the one it runs under, so run it under bash
+    # (not exec'd: bash stays its parent, whatever runs the tests — xdist, CI's script, a terminal).
+    shown = subprocess.run(
+        ["bash", "-c", '"$0" -m amohook --show-completion; exit $?', sys.executable],
+        env=cli_env(sqlite_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shown.returncode == 0 and "_AMOHOOK_COMPLETE" in shown.stdout, shown.stderr
     env = cli_env(sqlite_url, _AMOHOOK_COMPLETE="complete_bash", COMP_WORDS="amohook eve", COMP_CWORD="1")
     completed = run_cli([], sqlite_url, env=env)

@@ -37,16 +37,23 @@ def test_the_readme_rules_example_is_the_tested_file():
     assert body in README
 
 
-def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
-    """The quick start's listener lines, as written (the port moved to a free one): `serve` with
-    no secret configured, then `webhooks url` prints the URL that the listener answers."""
+def test_the_readme_listener_lines_give_the_first_task(tmp_path, fake):
+    """The quick start's listener lines, as written (the port moved to a free one), after its
+    steps 2-4 (connect, sync, rules.toml in the working directory): `serve` with no secret
+    configured, `webhooks url` prints the URL it answers, and a stage change delivered there is a
+    task in amoCRM — step 6's "within a second, with the listener"."""
     import os
     import re
+    import shutil
     import subprocess
     import sys
+    import time
 
     import requests
 
+    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
+    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
+    fake.add_task_type("Call")
     quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in quick.split("```sh")[1:]]
     [run_line] = [line for b in blocks for line in b.splitlines() if line.startswith("amohook serve")]
@@ -54,8 +61,28 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
     python = f"{sys.executable} -m amohook"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
     env.update(HOME=str(tmp_path), AMOHOOK_PORT="0", PYTHONPATH=str(ROOT))
-    for name in ("XDG_DATA_HOME", "STATE_DIRECTORY"):
+    for name in ("XDG_DATA_HOME", "STATE_DIRECTORY", "JOURNAL_STREAM"):
         env.pop(name, None)
+
+    def run(line: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-c", line.replace("amohook", python, 1)],
+            env={**env, **extra},
+            cwd=str(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    connect = (
+        f"amohook init-auth --subdomain example --base-url {fake.base_url} "
+        f"--client-id {fake.client_id} --redirect-uri {fake.redirect_uri}"
+    )
+    secrets = dict(AMOHOOK_CLIENT_SECRET=fake.client_secret, AMOHOOK_AUTH_CODE=fake.issue_code())
+    done = run(connect, **secrets)
+    assert done.returncode == 0, done.stderr
+    assert run("amohook sync-entities").returncode == 0
+    shutil.copy(ROOT / "examples" / "rules.toml", tmp_path / "rules.toml")
     proc = subprocess.Popen(
         ["bash", "-c", run_line.replace("amohook", python, 1)],
         env=env,
@@ -71,24 +98,23 @@ def test_the_readme_run_command_starts_serve_on_the_sqlite_default(tmp_path):
         health = requests.get(match.group(1) + "/healthz", timeout=5)
         assert health.status_code == 200 and health.json()["database"] == "ok"
         assert (tmp_path / ".local" / "share" / "amohook" / "amohook.db").exists()
-        printed = subprocess.run(
-            ["bash", "-c", url_line.replace("amohook", python, 1)],
-            env=env,
-            cwd=str(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        printed = run(url_line)
         assert printed.returncode == 0, printed.stderr
         [url] = printed.stdout.splitlines()
         assert url.startswith("https://hooks.example.com/webhook/")
         path = url.removeprefix("https://hooks.example.com")
+        fake.add_lead("Acme", pipeline["id"], stages["New"], fake.account["current_user_id"], lead_id=7001)
+        body = fake.webhook_body("status", [fake.move_lead(7001, stages["Qualified"], pipeline["id"])])
         form = {"Content-Type": "application/x-www-form-urlencoded"}
-        answer = requests.post(match.group(1) + path, data=b"leads[add][0][id]=1", headers=form, timeout=5)
+        answer = requests.post(match.group(1) + path, data=body, headers=form, timeout=5)
         assert answer.status_code == 200
+        deadline = time.time() + 30
+        while not fake.tasks and time.time() < deadline:
+            time.sleep(0.05)
     finally:
         proc.terminate()
-        proc.wait(15)
+        _, log = proc.communicate(timeout=15)
+    assert [(t["entity_id"], t["text"]) for t in fake.tasks.values()] == [(7001, "Call Acme about the offer")], log
 
 
 def test_the_readme_keeps_secrets_off_command_lines_and_out_of_the_units():

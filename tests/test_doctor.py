@@ -147,6 +147,8 @@ def test_an_old_refresh_token_warns(store, fake, healthy):
     code, bad, checks = doctor(store, healthy)
     assert (code, bad) == (ExitCode.DEGRADED, {("refresh token", "warning")})
     assert "70d old" in checks["refresh token"]["detail"]
+    # The fix names where the renewal runs in the README's service: its timer (or cron).
+    assert "systemctl list-timers 'amohook-*'" in checks["refresh token"]["fix"]
 
 
 def test_a_refresh_cron_refused_as_revoked_fails_while_the_access_token_still_works(store, fake, healthy):

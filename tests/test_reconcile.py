@@ -18,8 +18,8 @@ import pytest
 from amohook.amocrm.client import client_for
 from amohook.recovery.reconcile import OVERLAP, reconcile_account
 from amohook.store.models import Account, Action, ChangeSeen, Event, ReconcileState
-from tests.conftest import ROOT, cli_env, run_cli
-from tests.helpers.reconcile import connected_ago, deliver, new_leads, reconcile, tasks_per_lead, work
+from tests.conftest import cli_env, run_cli
+from tests.helpers.reconcile import amohook_process, connected_ago, deliver, new_leads, reconcile, tasks_per_lead, work
 
 
 @pytest.fixture(autouse=True)
@@ -29,18 +29,6 @@ def store_in_service(request):
     if "crm" in request.fixturenames:
         request.getfixturevalue("crm")
         connected_ago(request.getfixturevalue("store"), 7200)
-
-
-def amohook_process(db_url: str, args: list[str]) -> subprocess.Popen:
-    """A real `amohook` process (for what needs one: concurrency, signals, the worker loop)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "amohook", *args],
-        env=cli_env(db_url),
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def test_leads_moved_while_the_listener_was_down_each_get_one_task(store, fake, crm):

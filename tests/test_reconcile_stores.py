@@ -26,7 +26,7 @@ from amohook.store.models import Action, ChangeSeen, Delivery, Event, ReconcileS
 from amohook.times import iso_time
 from tests.conftest import ROOT, cli_env, make_database, run_cli
 from tests.helpers.e2e import init_args
-from tests.helpers.reconcile import connected_ago, new_leads, reconcile, tasks_per_lead, work
+from tests.helpers.reconcile import connected_ago, deliver, new_leads, reconcile, tasks_per_lead, work
 
 
 @pytest.fixture(autouse=True)
@@ -343,11 +343,28 @@ def test_recoveries_are_info_in_worker_only_mode_and_a_warning_where_webhooks_we
     from amohook.recovery.watchdog import remember
 
     caplog.set_level(logging.INFO, logger="amohook")
-    leads = new_leads(fake, crm, 3)
+    leads = new_leads(fake, crm, 7)
     fake.move_lead(leads[0], crm["qualified"], crm["pipeline"])
     Reconciler(store, 300).run_once()  # worker-only: no listener, no subscription, no webhook ever
     [record] = [r for r in caplog.records if "no webhook brought" in r.getMessage()]
     assert record.levelno == logging.INFO
+    # A store that once ran `serve` (a moved quick-start store) now under a worker alone: the
+    # webhooks it received days ago do not make every later change a warning.
+    deliver(store, fake, "status", [fake.move_lead(leads[3], crm["qualified"], crm["pipeline"])])
+    Event.update(received_at=time.time() - 3 * 86400).where(Event.source.is_null()).execute()
+    caplog.clear()
+    fake.move_lead(leads[4], crm["qualified"], crm["pipeline"])
+    Reconciler(store, 300).run_once()
+    [record] = [r for r in caplog.records if "no webhook brought" in r.getMessage()]
+    assert record.levelno == logging.INFO, record.getMessage()
+    # Webhooks arriving for the account while a change came only through the log: that one was lost.
+    deliver(store, fake, "status", [fake.move_lead(leads[5], crm["qualified"], crm["pipeline"])])
+    caplog.clear()
+    fake.move_lead(leads[6], crm["qualified"], crm["pipeline"])
+    Reconciler(store, 300).run_once()
+    [record] = [r for r in caplog.records if "no webhook brought" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    Event.update(received_at=time.time() - 3 * 86400).where(Event.source.is_null()).execute()
     caplog.clear()
     fake.move_lead(leads[1], crm["qualified"], crm["pipeline"])
     Reconciler(store, 300, listening=True).run_once()  # serve: webhooks are expected

@@ -61,7 +61,8 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: st
     The change is identified by its target stage, its origin and amoCRM's modification time; a
     hook without a time (Digital Pipeline: sent once, never retried) falls back to ``fallback``
     (the delivery). A completed task is identified by the task alone: completing from the task
-    list sends a second update for the result (crm_platform/webhooks-format).
+    list sends a second update for the result (crm_platform/webhooks-format). A stale lead is
+    identified by its stay (pipeline, stage, the time it entered).
     """
     when = change.changed_at or fallback
     if change.kind == "stage_changed":
@@ -72,6 +73,10 @@ def action_key(rule: CompiledRule, change: LeadChange, fallback: str, suffix: st
         what = f"resp:{change.responsible_user_id}<{change.old_responsible_user_id}"
     elif change.kind == "task_completed":
         what, when = f"task:{change.task_id}", "completed"
+    elif change.kind == "stale":
+        # The stay: lead, pipeline, stage and when it entered (``when``). Not `after`: a rule fires
+        # once per stay, even if its `after` is edited later.
+        what = f"stale:{change.pipeline_id}:{change.status_id}"
     else:
         what = "added"
     raw = f"{rule.account}|{rule.name}|lead:{change.lead_id}|{change.kind}|{what}|at:{when}{suffix}"
@@ -196,7 +201,9 @@ def _int(value: Any) -> int:
 
 def recovered_changes(actions: list[Action]) -> dict[int, int]:
     """{action id: the change's time} for the actions planned from an events-log entry (a change
-    no webhook brought): amoCRM's ``created_at`` of the entry, which queued it as ``last_modified``."""
+    no webhook brought): amoCRM's ``created_at`` of the entry, which queued it as ``last_modified``;
+    and for the actions of a stale lead's stay (``source = "stale"``): when the lead entered the
+    stage, which another store may have settled a few seconds apart."""
     import json
 
     from amohook.store.models import Event
@@ -205,9 +212,12 @@ def recovered_changes(actions: list[Action]) -> dict[int, int]:
     if not event_ids:
         return {}
     times: dict[int, int] = {}
-    for row in Event.select(Event.id, Event.data).where(Event.id.in_(list(event_ids)) & (Event.source == "events_log")):
+    stamp = {"events_log": "last_modified", "stale": "entered_at"}
+    for row in Event.select(Event.id, Event.data, Event.source).where(
+        Event.id.in_(list(event_ids)) & Event.source.in_(list(stamp))
+    ):
         try:
-            times[row.id] = int(json.loads(row.data).get("last_modified"))
+            times[row.id] = int(json.loads(row.data).get(stamp[row.source or ""]))
         except (TypeError, ValueError, AttributeError):
             continue
     return {a.id: times[a.event_id] for a in actions if a.event_id in times}
@@ -282,8 +292,9 @@ class CreateKind(ActionKind):
 
     def same_effect(self, found: dict, payload: dict, changed_at: int) -> bool:
         """Is ``found`` this change's effect, made by anyone (another store on the account)? Only
-        for changes that came from the events log alone; the fields another store fixes differently
-        (due time, a responsible user chosen at its own planning) are not compared."""
+        for changes that came from the events log alone, and a stale lead's stay; the fields another
+        store fixes differently (due time, a responsible user chosen at its own planning) are not
+        compared."""
         return False
 
     def recognise(

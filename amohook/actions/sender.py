@@ -84,7 +84,8 @@ def record_planned(
 
     An action carrying a ``skip_reason`` (the loop guard) is recorded as ``skipped``, never sent.
     The lead an action changes is kept in ``result_id`` from the start (the guard counts them).
-    ``look_first``: the change may have been acted on already (it came only from the events log):
+    ``look_first``: the change may have been acted on already (it came only from the events log,
+    or it is a stale lead's stay another store may have found too):
     the action starts as one whose answer was lost — ``sending`` with an expired lease — so the
     sender looks it up in amoCRM (``recognise``) before it sends anything.
     """

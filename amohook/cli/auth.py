@@ -131,7 +131,8 @@ def init_auth(
     account = authorize_with_code(st.store(create=True), subdomain=sub, base_url=url, client=client, code=code)
     say(
         f"authorized {sub} (amoCRM account {account.amo_account_id}); access token valid until "
-        f"{human_time(account.expires_at)}. Add `amohook refresh-token` to cron (see crontab.example)."
+        f"{human_time(account.expires_at)}. Renew the tokens with `amohook refresh-token` every 30 minutes "
+        '(a systemd timer or cron: README, "From the quick start to a service")'
     )
 
 

@@ -259,7 +259,8 @@ def check_refresh_token(account, now: float, *, refreshed: bool = False) -> Chec
             name,
             f"the refresh token is {format_duration(age)} old; amoCRM revokes it after 3 months "
             f"unused (about {left} left)",
-            "check that cron runs `amohook refresh-token` (see `crontab -l`) and what it prints",
+            "check that `amohook refresh-token` runs (`systemctl list-timers 'amohook-*'`, or `crontab -l`) "
+            "and what it prints",
             sub,
         )
     if refreshed:

@@ -77,14 +77,15 @@ def explain_lead(
             key_at = _key_at(account, change, event)
             named = change if key_at is None else replace(change, changed_at=str(key_at))
             ident = (change.kind, change.status_id, change.old_status_id, change.responsible_user_id, key_at)
-            how = f"{'events log' if event.source == 'events_log' else 'webhook'} (event {event.id})"
+            source = {"events_log": "events log", "stale": "stale check"}.get(event.source or "", "webhook")
+            how = f"{source} (event {event.id})"
             if key_at is not None and ident in found:
                 found[ident].seen.append(how)
                 continue
             explained = ChangeExplained(_when(named, event), change.kind, names.what(change), [how])
             explained.rules = [_verdict(r, named, event, names) for r in mine]
             found[ident if key_at is not None else (ident, event.id)] = explained
-            if key_at is None and change.kind != "task_completed":
+            if key_at is None and change.kind not in ("task_completed", "stale"):
                 s = sighting_of(account, change, source=event.source, received_at=event.received_at)
                 unregistered.append((s, explained))
     lead: dict | None = None
@@ -144,7 +145,7 @@ def _log(client, lead_id: int, window_from: int, window_to: int) -> list[dict]:
 
 def _key_at(account: str, change: LeadChange, event) -> int | None:
     """The time that names this change in action keys, as the change registry holds it (a read)."""
-    if change.kind == "task_completed":
+    if change.kind in ("task_completed", "stale"):  # named by themselves, not by the registry
         return None
     s = sighting_of(account, change, source=event.source, received_at=event.received_at)
     return int(peek(s)) if is_known(s) else None  # None: queued, not handled yet
@@ -209,6 +210,11 @@ class _Names:
             return f"responsible user {change.old_responsible_user_id} → {change.responsible_user_id}"
         if change.kind == "task_completed":
             return f"task {change.task_id} completed"
+        if change.kind == "stale":
+            from amohook.durations import format_duration
+
+            stage = self.stage(change.pipeline_id, change.status_id)
+            return f"in {stage} of {self.pipeline(change.pipeline_id)} for {format_duration(change.stale_after or 0)}"
         return f"added in {self.pipeline(change.pipeline_id)}"
 
 

@@ -721,11 +721,14 @@ class Reconciler:
         max_lookback: float = DEFAULT_MAX_LOOKBACK,
         on_queued: Callable[[int], None] | None = None,
         listening: bool = False,
+        after_pass: Callable[[str, Any], object] | None = None,
     ):
-        """``listening``: this process runs the webhook listener (`serve`), so webhooks are expected."""
+        """``listening``: this process runs the webhook listener (`serve`), so webhooks are expected.
+        ``after_pass(account, client)`` runs after each account's pass (the stale check of
+        lead.stale rules: the change registry has just caught up with the log)."""
         self.store = store
         self.listening = listening
-        self._expected: dict[str, tuple[float, bool]] = {}
+        self.after_pass = after_pass
         self.interval = interval
         self.since = since
         self.max_lookback = max_lookback
@@ -764,7 +767,7 @@ class Reconciler:
             if result.queued:
                 # Worker-only mode reads every change from the log: routine. Where a webhook was
                 # expected and did not come, a person should look at the subscription.
-                expected = self.webhooks_expected(account)
+                expected = self.webhooks_expected(account, since=result.window_from)
                 log.log(
                     logging.WARNING if expected else logging.INFO,
                     "reconciliation of '%s': %d change(s) found in amoCRM's events log that no webhook "
@@ -778,31 +781,30 @@ class Reconciler:
             for note in result.notes:
                 if not result.busy:
                     log.warning("reconciliation of '%s': %s", account, note)
+            if self.after_pass is not None:
+                self.after_pass(account, self.client(account))
         return results
 
-    def webhooks_expected(self, account: str, now: float | None = None) -> bool:
+    def webhooks_expected(self, account: str, since: float | None = None) -> bool:
         """Should webhooks have brought this account's changes? Yes when this process listens for
         them (`serve`), when amohook subscribed a destination for the account (`webhooks
-        subscribe`), or when a webhook for it was stored within ``DEFAULT_MAX_LOOKBACK``. Worker-only
-        mode has none of these: there the log is the only way changes come. Cached 10 minutes."""
+        subscribe`), or when webhooks for it are arriving: one was stored since ``since`` (the
+        window the changes were found in), so these would have come too. Worker-only mode has none
+        of these, nor has a worker on a store that once ran `serve` (a moved quick-start store):
+        there the log is the only way changes come, and reading it is routine."""
         if self.listening:
             return True
-        now = time.time() if now is None else now
-        cached = self._expected.get(account)
-        if cached is not None and now - cached[0] < 600:
-            return cached[1]
         from amohook.store.models import Subscription
 
-        expected = (
-            Subscription.select(Subscription.id).where(Subscription.account == account).exists()
-            or Event.select(Event.id)
-            .where(
-                (Event.account == account) & Event.source.is_null() & (Event.received_at >= now - DEFAULT_MAX_LOOKBACK)
-            )
+        if Subscription.select(Subscription.id).where(Subscription.account == account).exists():
+            return True
+        if since is None:
+            return False
+        return (
+            Event.select(Event.id)
+            .where((Event.account == account) & Event.source.is_null() & (Event.received_at >= since))
             .exists()
         )
-        self._expected[account] = (now, expected)
-        return expected
 
     def loop(self) -> Periodic:
         """The background passes of `serve` and `worker`: one at start, then every ``interval``."""

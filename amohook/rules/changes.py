@@ -3,6 +3,8 @@
 Lead blocks (``leads[status|update|add|responsible]``) give lead changes; a ``task[update]`` item
 that closed a task on a lead gives a ``task_completed`` change (amoCRM's docs,
 crm_platform/webhooks-format: ``action_close`` "1 - при текущем обновлении задача была завершена").
+A ``leads[stale]`` item is amohook's own: the stale check (``amohook.rules.stale``) queues one when
+a lead has stayed in a stage for a rule's ``after``; it gives a ``stale`` change.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ LEAD_ELEMENT_TYPE = "2"  # element_type of a task on a lead in hooks (API v2 cod
 class LeadChange:
     """What happened to a lead, read from one webhook item (API v2 shape: every value a string)."""
 
-    kind: str  # stage_changed, added, responsible_changed, task_completed
+    kind: str  # stage_changed, added, responsible_changed, task_completed, stale
     lead_id: int
     pipeline_id: int | None
     status_id: int | None
@@ -32,6 +34,7 @@ class LeadChange:
     task_id: int | None = None  # task_completed: the task, its type and text
     task_type_id: int | None = None
     task_text: str | None = None
+    stale_after: int | None = None  # stale: the seconds in the stage it was queued for; changed_at: entered
 
 
 def as_int(value: Any) -> int | None:
@@ -140,6 +143,38 @@ def task_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     ]
 
 
+STALE_ACTION = "stale"  # the event action of a stay the stale check found long enough
+
+
+def stale_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
+    """A ``leads[stale]`` item: the lead has been in ``pipeline_id``/``status_id`` since
+    ``entered_at`` for ``stale_after`` seconds. The stay (lead, pipeline, stage, entered_at) is the
+    change: ``changed_at`` is its entry time."""
+    if entity != "leads" or action != STALE_ACTION or not isinstance(data, dict):
+        return []
+    lead_id, after, entered = _int(data.get("id")), _int(data.get("stale_after")), _int(data.get("entered_at"))
+    pipeline_id, status_id = _int(data.get("pipeline_id")), _int(data.get("status_id"))
+    if None in (lead_id, after, entered, pipeline_id, status_id):
+        return []
+    return [
+        LeadChange(
+            kind="stale",
+            lead_id=lead_id,  # type: ignore[arg-type]  # checked above
+            pipeline_id=pipeline_id,
+            status_id=status_id,
+            old_pipeline_id=None,
+            old_status_id=None,
+            responsible_user_id=_int(data.get("responsible_user_id")),
+            old_responsible_user_id=None,
+            name=data.get("name") if isinstance(data.get("name"), str) else None,
+            price=data.get("price") if isinstance(data.get("price"), str) else None,
+            changed_at=str(entered),
+            custom_fields=_custom_fields(data),
+            stale_after=after,
+        )
+    ]
+
+
 def rule_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     """Every change rules may react to in one event item."""
-    return lead_changes(entity, action, data) + task_changes(entity, action, data)
+    return lead_changes(entity, action, data) + task_changes(entity, action, data) + stale_changes(entity, action, data)

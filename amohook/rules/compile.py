@@ -190,6 +190,8 @@ def rule_summaries(rules: Iterable[CompiledRule]) -> list[dict]:
         }
         if r.spec.when == "task.completed":
             summary.update(stage_id=r.stage_id, trigger_task_type_id=r.task_type_id)
+        if r.spec.when == "lead.stale":
+            summary.update(stage_id=r.stage_id, after_seconds=r.spec.after)
         for kind_name, action in r.actions:
             summary.update(registry[kind_name].summary(action))
         out.append(summary)

@@ -21,6 +21,7 @@ from amohook.rules.compile import CompiledRule
 from amohook.rules.guard import recent_changes, stop_reason
 from amohook.rules.match import matches, might_match, needs_lead_state
 from amohook.rules.plan import PlanContext, needs_lead, plan_actions
+from amohook.rules.stale import SOURCE as STALE_SOURCE
 from amohook.store.models import Account
 
 if TYPE_CHECKING:
@@ -79,7 +80,11 @@ class RulesHandler:
         only the events log brought from before this store was connected (a `reconcile --since`
         catch-up): another store may have acted on it. Then its actions start as ones whose answer
         was lost (``amohook.actions``). Changes since the connection are this store's alone: no
-        lookup, so worker-only mode costs no extra request."""
+        lookup, so worker-only mode costs no extra request. A stale lead's stay (``source =
+        "stale"``) always looks first: another store on the account may have found the same stay
+        (one task lookup per batch of up to 50)."""
+        if getattr(event, "source", None) == STALE_SOURCE:
+            return True
         if getattr(event, "source", None) != "events_log" or not event.account:
             return False
         try:
@@ -105,7 +110,7 @@ class RulesHandler:
         single = len({r.account for r in self.rules}) == 1
         account = event.account or (self.rules[0].account if single and self.rules else None)
         for change in changes:
-            if account and change.kind != "task_completed":
+            if account and change.kind not in ("task_completed", "stale"):  # identified by themselves
                 # The same change seen as a webhook and in the events log is one change: its
                 # first sighting's time names it in every action key (amohook.recovery.identity).
                 key_at = identify_change(

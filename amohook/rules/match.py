@@ -9,7 +9,7 @@ from amohook.rules.spec import Condition
 
 def trigger_of(change: LeadChange) -> str:
     """The ``when`` a change answers: ``lead.stage_changed``, …, ``task.completed``."""
-    return "task.completed" if change.kind == "task_completed" else f"lead.{change.kind}"
+    return "task.completed" if change.kind == "task_completed" else f"lead.{change.kind}"  # stale: lead.stale
 
 
 def matches(rule: CompiledRule, change: LeadChange) -> bool:
@@ -18,6 +18,8 @@ def matches(rule: CompiledRule, change: LeadChange) -> bool:
         return False
     if change.kind == "task_completed":
         return _task_matches(rule, change)
+    if change.kind == "stale":
+        return _stale_matches(rule, change)
     if rule.pipeline_id is not None and change.pipeline_id is not None and change.pipeline_id != rule.pipeline_id:
         return False
     if rule.pipeline_id is not None and change.pipeline_id is None and rule.to_stage_id is not None:
@@ -55,6 +57,16 @@ def _task_matches(rule: CompiledRule, change: LeadChange) -> bool:
     if rule.pipeline_id is not None and change.pipeline_id != rule.pipeline_id:
         return False
     if rule.stage_id is not None and change.status_id != rule.stage_id:
+        return False
+    return all(condition_holds(c, rule.field_ids.get(c.field), change) for c in rule.spec.conditions)
+
+
+def _stale_matches(rule: CompiledRule, change: LeadChange) -> bool:
+    # The stale check queues one event per stay and `after`: each rule fires for its own `after`,
+    # in its own pipeline and stage (status ids 142/143 exist in every pipeline).
+    if change.stale_after != rule.spec.after:
+        return False
+    if (change.pipeline_id, change.status_id) != (rule.pipeline_id, rule.stage_id):
         return False
     return all(condition_holds(c, rule.field_ids.get(c.field), change) for c in rule.spec.conditions)
 

@@ -23,9 +23,24 @@ TRIGGERS = {
         "a lead got another responsible user (leads[responsible], or leads[update] with old_responsible_user_id)"
     ),
     "task.completed": "a task on a lead was completed (task[update] with action_close=1)",
+    "lead.stale": "a lead has stayed in one stage for `after` without leaving (checked periodically)",
 }
 # The rule's own keys; each action kind adds its table's name (amohook.actions.kinds()).
-BASE_KEYS = {"name", "when", "account", "pipeline", "to_stage", "from_stage", "stage", "task_type", "condition"}
+BASE_KEYS = {
+    "name",
+    "when",
+    "account",
+    "pipeline",
+    "to_stage",
+    "from_stage",
+    "stage",
+    "task_type",
+    "condition",
+    "after",
+}
+# The rule's `stage`: where the lead must be when its task is completed, or where it stalls.
+STAGE_TRIGGERS = ("task.completed", "lead.stale")
+MIN_STALE_AFTER = 60  # seconds: a check runs every few minutes; less than a minute means nothing
 CONDITION_OPS = ("equals", "not_equals", "contains", "is_set", "is_empty")
 # What a rules file may ask for. Beyond these a file is refused by `rules check` (and by serve and
 # worker at start), never accepted and then failing at run time.
@@ -65,8 +80,9 @@ class RuleSpec:
     account: str | None = None
     conditions: tuple[Condition, ...] = ()
     actions: tuple = ()  # ((kind name, its parsed spec), ...) in the order of the file
-    stage: str | int | None = None  # task.completed: the stage the lead must be in
+    stage: str | int | None = None  # task.completed: the stage the lead must be in; lead.stale: where it stalls
     task_type: str | int | None = None  # task.completed: the completed task's type
+    after: int | None = None  # lead.stale: seconds in the stage before the rule fires
 
     def action(self, kind: str):
         """This rule's spec for an action kind, or None."""
@@ -144,6 +160,7 @@ def parse_rules(text: str, path: str = "rules") -> list[RuleSpec]:
                 actions=tuple(actions),
                 stage=raw.get("stage"),
                 task_type=raw.get("task_type"),
+                after=_stale_after(raw, when, label, problems),
             )
         )
     if problems:
@@ -161,12 +178,37 @@ def _where_problems(raw: dict, when: Any, label: str) -> list[str]:
         problems.append(f"{label}: stages need their pipeline (stage ids like 142 exist in every pipeline)")
     if "from_stage" in raw and when != "lead.stage_changed":
         problems.append(f"{label}: from_stage only makes sense with when = 'lead.stage_changed'")
-    if when == "task.completed" and "to_stage" in raw:
-        problems.append(f"{label}: with when = 'task.completed' write stage = \"…\" (where the lead must be)")
-    for key in ("stage", "task_type"):
-        if key in raw and when != "task.completed":
-            problems.append(f"{label}: {key} only makes sense with when = 'task.completed'")
+    if when in STAGE_TRIGGERS and "to_stage" in raw:
+        problems.append(f"{label}: with when = '{when}' write stage = \"…\" (where the lead must be)")
+    if "stage" in raw and when not in STAGE_TRIGGERS:
+        problems.append(f"{label}: stage only makes sense with when = 'task.completed' or 'lead.stale'")
+    if "task_type" in raw and when != "task.completed":
+        problems.append(f"{label}: task_type only makes sense with when = 'task.completed'")
+    if when == "lead.stale" and not ("pipeline" in raw and "stage" in raw):
+        problems.append(f'{label}: when = \'lead.stale\' needs pipeline = "…" and stage = "…" (where the lead stalls)')
     return problems
+
+
+def _stale_after(raw: dict, when: Any, label: str, problems: list[str]) -> int | None:
+    """``after`` of a lead.stale rule in seconds (at least a minute), read by the one duration parser."""
+    from amohook.durations import DurationError, parse_duration
+
+    if when != "lead.stale":
+        if "after" in raw:
+            problems.append(f"{label}: after only makes sense with when = 'lead.stale'")
+        return None
+    text = raw.get("after")
+    if not isinstance(text, str) or not text.strip():
+        problems.append(f"{label}: when = 'lead.stale' needs after = \"3d\" (how long in the stage; 1m or more)")
+        return None
+    try:
+        seconds = parse_duration(
+            text, option="after", low=MIN_STALE_AFTER, off=False, why_low="the check runs every few minutes"
+        )
+    except DurationError as exc:
+        problems.append(f"{label}: {exc.message}")
+        return None
+    return int(seconds)
 
 
 def _conditions(raw: dict, label: str, problems: list[str]) -> list[Condition]:

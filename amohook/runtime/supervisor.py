@@ -201,6 +201,23 @@ class Supervisor:
         self._started = False
 
     @property
+    def stale(self):
+        """The stale check of the lead.stale rules (``amohook.rules.stale``), or None without any."""
+        from amohook.rules.handler import RulesHandler
+        from amohook.rules.stale import StaleCheck
+
+        for _, handler in self.registry.items():
+            if isinstance(handler, RulesHandler):
+                check = StaleCheck(self.store, handler.rules)
+                return check if check else None
+        return None
+
+    def _after_pass(self):
+        """What runs after each reconciliation pass: the stale check, built once per reconciler."""
+        check = self.stale
+        return check.after_pass if check is not None else None
+
+    @property
     def url(self) -> str:
         """The listener's base URL (with ``listen``, once started)."""
         if self.service is None:
@@ -236,8 +253,14 @@ class Supervisor:
                     self.reconcile_every,
                     client_factory=self._reconcile_client,
                     listening=self.listen is not None,
+                    after_pass=self._after_pass(),
                 )
                 loops.append(self.reconciler.loop())
+            elif self.stale is not None:
+                log.warning(
+                    "lead.stale rules are checked after each reconciliation pass: --reconcile is off, so they never"
+                    " fire"
+                )
         if self.keep is not None:
             from amohook.ops.retention import pruner
 
@@ -362,7 +385,10 @@ class Supervisor:
             from amohook.recovery.reconcile import Reconciler
 
             Reconciler(
-                self.store, self.reconcile_every or RECONCILE_EVERY, client_factory=self._reconcile_client
+                self.store,
+                self.reconcile_every or RECONCILE_EVERY,
+                client_factory=self._reconcile_client,
+                after_pass=self._after_pass(),
             ).run_once()
         stop = stop or self._stop
 

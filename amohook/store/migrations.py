@@ -114,6 +114,11 @@ def _v5_watchdog_removals(store: Store) -> None:
     _add_missing_indexes(store, models.Action)
 
 
+def _v7_stale_entries(store: Store) -> None:
+    """stale_entry: when a lead entered the stage a lead.stale rule watches."""
+    store.db.create_tables([models.StaleEntry], safe=True)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (1, _v1_initial),
     (2, _v2_refresh_marker),
@@ -121,6 +126,7 @@ MIGRATIONS: list[tuple[int, Callable[[Store], None]]] = [
     (4, _v4_store_setting),
     (5, _v5_watchdog_removals),
     (6, _v6_field_options),
+    (7, _v7_stale_entries),
 ]
 LATEST = MIGRATIONS[-1][0]
 

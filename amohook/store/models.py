@@ -352,6 +352,28 @@ class StoreSetting(BaseModel):
         table_name = "store_setting"
 
 
+class StaleEntry(BaseModel):
+    """When a lead entered the stage a lead.stale rule watches, as the stale check settled it.
+
+    Kept once chosen, so one stay keeps one identity (its ``entered_at``) however the check learns
+    it later: from the change registry, the events log, or the lead's creation (``how``). Rows of
+    leads no longer in the stage are removed by the check (``amohook.rules.stale``).
+    """
+
+    id = AutoField()
+    account = CharField(max_length=190)
+    lead_id = BigIntegerField()
+    pipeline_id = BigIntegerField()
+    status_id = BigIntegerField()
+    entered_at = BigIntegerField()  # amoCRM's time
+    how = CharField(max_length=16)  # registry, events_log, created
+    seen_at = DoubleField(default=now)
+
+    class Meta:
+        table_name = "stale_entry"
+        indexes = ((("account", "pipeline_id", "status_id", "lead_id"), True),)
+
+
 ALL_MODELS = [
     SchemaVersion,
     Account,
@@ -371,4 +393,5 @@ ALL_MODELS = [
     ReconcileState,
     Subscription,
     StoreSetting,
+    StaleEntry,
 ]

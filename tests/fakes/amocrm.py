@@ -1453,16 +1453,38 @@ class FakeAmo:
         ]
 
     def _h_leads(self, rec: RecordedRequest, token: dict) -> Response:
+        """GET /api/v4/leads: ``filter[id]`` and ``filter[statuses][N][pipeline_id|status_id]`` pairs
+        (crm_platform/filters-api: a stage is a (pipeline, status) pair; a pair missing either half
+        is refused, as the ids 142/143 exist in every pipeline)."""
         try:
             ids = {int(v) for v in self._multi(rec, "filter[id]")}
         except ValueError:
             return problem(400, "filter[id] must be lead ids")
+        pairs: dict[str, dict[str, int]] = {}
+        for key, values in rec.query.items():
+            m = re.fullmatch(r"filter\[statuses\]\[(\d+)\]\[(pipeline_id|status_id)\]", key)
+            if m:
+                try:
+                    pairs.setdefault(m.group(1), {})[m.group(2)] = int(values[0])
+                except ValueError:
+                    return problem(400, "filter[statuses] takes pipeline and status ids")
+        if any(len(pair) != 2 for pair in pairs.values()):
+            return problem(400, "filter[statuses][N] needs both pipeline_id and status_id")
+        stages = {(pair["pipeline_id"], pair["status_id"]) for pair in pairs.values()}
         items = [
-            {**lead, "_links": self._link(f"/api/v4/leads/{lid}")}
+            lead
             for lid, lead in sorted(self.leads.items())
-            if (not ids or lid in ids) and not lead.get("is_deleted")
+            if (not ids or lid in ids)
+            and (not stages or (lead["pipeline_id"], lead["status_id"]) in stages)
+            and not lead.get("is_deleted")
         ]
-        return self._page(rec, "leads", items, totals=False)
+        return self._page(
+            rec,
+            "leads",
+            items,
+            totals=False,
+            render=lambda lead: {**lead, "_links": self._link(f"/api/v4/leads/{lead['id']}")},
+        )
 
     def _lead_patch_errors(self, item: Any) -> list[dict]:
         def err(code: str, path: str, detail: str) -> dict:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 from amohook.inbox import Incoming, store_deliveries
 from amohook.store.models import Account
 from amohook.webhooks.parse import parse_webhook
-from tests.conftest import run_cli
+from tests.conftest import ROOT, cli_env, run_cli
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -66,3 +68,15 @@ def tasks_per_lead(fake) -> dict[int, int]:
     for task in fake.tasks.values():
         counts[task["entity_id"]] = counts.get(task["entity_id"], 0) + 1
     return counts
+
+
+def amohook_process(db_url: str, args: list[str]) -> subprocess.Popen:
+    """A real `amohook` process (for what needs one: concurrency, signals, the worker loop)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "amohook", *args],
+        env=cli_env(db_url),
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
