@@ -152,10 +152,41 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'amohook.db'}"
 
 
-@pytest.fixture
-def store(db_url):
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A store migrated once per test process, for ``store`` to copy: creating the schema costs
+    20-50 ms, copying the file about 1 ms (the migrations have tests of their own: test_schema_check)."""
     from amohook.store import open_store
 
+    path = tmp_path_factory.mktemp("template") / "amohook.db"
+    open_store(f"sqlite:///{path}").close()
+    return path
+
+
+def copy_template(template: Path, url: str) -> None:
+    """Put a copy of the migrated template where ``url`` points, as `open_store` leaves a new store:
+    mode 0600, each schema version applied now."""
+    import shutil
+    import sqlite3
+    import time
+
+    from amohook.store.db import sqlite_file
+
+    path = sqlite_file(url)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with open(fd, "wb") as out, open(template, "rb") as src:
+        shutil.copyfileobj(src, out)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET applied_at = ?", (time.time(),))
+    conn.close()
+
+
+@pytest.fixture
+def store(db_url, request):
+    from amohook.store import open_store
+
+    if db_url.startswith("sqlite:"):
+        copy_template(request.getfixturevalue("sqlite_template"), db_url)
     s = open_store(db_url)
     yield s
     s.close()
@@ -201,7 +232,9 @@ def cli_env(db_url: str, **extra: str) -> dict:
 
 # Commands whose tests learn nothing more from a process of their own: they run in this process
 # (about 0.3 s less each). Commands that own signals, logging, threads, prompts or a lease across
-# processes (serve, worker, refresh-token, init-auth, sync-entities) always get a real process.
+# processes (serve, worker, refresh-token, init-auth, sync-entities) always get a real process:
+# run in the test's process, `worker --once` met state an earlier test left there (a second
+# store's test then saw no task), and `refresh-token` the test's own open store.
 IN_PROCESS = {
     "status",
     "events",
@@ -222,14 +255,22 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
     test (and each pytest-xdist worker, a process of its own) runs one command at a time."""
     import contextlib
     import io
+    import logging
+    import signal
 
     from amohook.cli.app import run
+    from amohook.cli.logs import LIBRARIES
 
     class Captured(io.StringIO):
         encoding = "utf-8"  # as a pipe from a UTF-8 locale: the output may hold ✓ and Cyrillic
 
     out, err = Captured(), Captured()
     saved = dict(os.environ)
+    # What a command sets up for its process: the handlers and levels of logging, and signals.
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in ("amohook", *LIBRARIES))]
+    levels = [(logger, logger.level) for logger in loggers]
+    handlers = logging.getLogger().handlers[:]
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         os.environ.clear()
         os.environ.update(env if env is not None else cli_env(db_url))
@@ -238,6 +279,11 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        logging.getLogger().handlers[:] = handlers
+        for logger, level in levels:
+            logger.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
     return subprocess.CompletedProcess(["amohook", *args], code, out.getvalue(), err.getvalue())
 
 
@@ -254,4 +300,52 @@ def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str
         text=True,
         timeout=timeout,
         cwd=str(ROOT),
+    )
+
+
+@pytest.fixture
+def filled(sqlite_url):
+    """A SQLite store holding a dead and a pending event (the `events` commands' tests)."""
+    import time
+
+    from amohook import inbox
+    from amohook.store import open_store
+    from tests.helpers.deliveries import claim, fixture_body, incoming
+
+    store = open_store(sqlite_url)
+    inbox.store_deliveries(
+        store,
+        [
+            incoming(fixture_body("01_lead_status_2016.txt"), headers={"user-agent": "amoCRM-WebHook-client/1.0"}),
+            incoming(fixture_body("13_contact_add_2016.txt")),
+        ],
+    )
+    events = claim(store, "w1", now=time.time(), limit=1)
+    inbox.fail(store, events[0].id, "w1", error="handler: boom", retry_at=None, started_at=time.time(), now=time.time())
+    store.close()
+    return sqlite_url
+
+
+@pytest.fixture
+def crm(store, fake, account, tmp_path):
+    """The fake account with a Sales pipeline, a Call task type and Anna, synced into the store."""
+    from amohook.amocrm.client import client_for
+    from amohook.sync import sync_entities
+    from tests.helpers.e2e import RULES
+
+    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
+    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
+    call = fake.add_task_type("Call")
+    anna = fake.add_user("Anna", "anna@example.com")
+    sync_entities(store, client_for(store, "example"))
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    fake.clear_requests()
+    return dict(
+        pipeline=pipeline["id"],
+        new=stages["New"],
+        qualified=stages["Qualified"],
+        call=call["id"],
+        anna=anna["id"],
+        rules=str(rules),
     )

@@ -11,26 +11,11 @@ from amohook.errors import ExitCode
 from amohook.store import open_store
 from amohook.store.models import Account
 from tests.conftest import cli_env, run_cli
+from tests.helpers.e2e import init_args
 
 
 def init_env(db_url, fake, **extra):
     return cli_env(db_url, AMOHOOK_CLIENT_SECRET=fake.client_secret, **extra)
-
-
-def init_args(fake, code):
-    return [
-        "init-auth",
-        "--subdomain",
-        "example",
-        "--base-url",
-        fake.base_url,
-        "--client-id",
-        fake.client_id,
-        "--redirect-uri",
-        fake.redirect_uri,
-        "--code",
-        code,
-    ]
 
 
 def assert_one_line_error(result, *needles):

@@ -12,8 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import cli_env, run_cli, run_cli_here
-from tests.test_docs import all_commands
-from tests.test_inbox import filled  # noqa: F401  (a store with a dead and a pending event)
+from tests.helpers.commands import all_commands
 
 SECRETS = {
     "AMOHOOK_CLIENT_SECRET": "VALUE-OF-CLIENT-SECRET-4711",
@@ -62,7 +61,7 @@ def test_shell_completion_is_on_and_completes_commands(sqlite_url):
     ],
 )
 def test_help_names_the_secrets_variables_but_never_shows_their_values(sqlite_url, command, variables):
-    result = run_cli([command, "--help"], sqlite_url, env=cli_env(sqlite_url, **SECRETS, **WIDE))
+    result = run_cli_here([command, "--help"], sqlite_url, env=cli_env(sqlite_url, **SECRETS, **WIDE))
     assert result.returncode == 0, result.stderr
     for name in variables:
         assert f"env var: {name}" in result.stdout, (name, result.stdout)
@@ -85,25 +84,26 @@ def test_help_names_the_secrets_variables_but_never_shows_their_values(sqlite_ur
     ],
 )
 def test_a_value_outside_a_fixed_choice_is_refused_with_the_choices(sqlite_url, args, choices):
-    result = run_cli(args, sqlite_url, env=cli_env(sqlite_url, **WIDE))
+    # Options are parsed before any command runs: nothing a process adds (as for help).
+    result = run_cli_here(args, sqlite_url, env=cli_env(sqlite_url, **WIDE))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     for choice in choices:
         assert f"'{choice}'" in result.stderr, (choice, result.stderr)
-    help_text = run_cli(
+    help_text = run_cli_here(
         [*args[: 2 if args[0] == "events" else 1], "--help"], sqlite_url, env=cli_env(sqlite_url, **WIDE)
     ).stdout
     assert "|".join(choices) in help_text.replace(" ", "")
 
 
 def test_log_level_from_the_environment_is_checked_and_any_case_is_accepted(sqlite_url):
-    bad = run_cli(["worker"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_LOG_LEVEL="verbose"))
+    bad = run_cli_here(["worker"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_LOG_LEVEL="verbose"))
     assert bad.returncode == 2 and "AMOHOOK_LOG_LEVEL" in bad.stderr and "'warning'" in bad.stderr, bad.stderr
-    upper = run_cli(["worker"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_LOG_LEVEL="DEBUG"))
+    upper = run_cli_here(["worker"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_LOG_LEVEL="DEBUG"))
     assert upper.returncode == 2 and "nothing to run" in upper.stderr, upper.stderr  # DEBUG passed the choice
 
 
-def test_events_replay_of_an_unknown_id_exits_2_and_queues_nothing(filled):  # noqa: F811
+def test_events_replay_of_an_unknown_id_exits_2_and_queues_nothing(filled):
     result = run_cli(["events", "replay", "1", "77"], filled)
     assert result.returncode == 2, result.stderr
     assert "no event 77" in result.stderr and "events list" in result.stderr
@@ -115,7 +115,7 @@ def test_events_replay_of_an_unknown_id_exits_2_and_queues_nothing(filled):  # n
 HEAVY = {"data", "delivery", "attempts", "actions"}
 
 
-def test_events_list_and_show_json_share_one_shape(filled):  # noqa: F811
+def test_events_list_and_show_json_share_one_shape(filled):
     listed = {e["id"]: e for e in json.loads(run_cli(["events", "list", "--json"], filled).stdout)}
     assert set(listed) == {1, 2}
     for event_id, item in listed.items():

@@ -4,7 +4,6 @@ went dead, an events-log delivery says where it came from, the README and the ex
 from __future__ import annotations
 
 from tests.conftest import run_cli
-from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
 
 
 def test_rules_check_shows_the_task_types_name_even_when_the_rule_gives_its_id(store, crm, tmp_path):
@@ -67,7 +66,7 @@ README = (__import__("pathlib").Path(__file__).resolve().parent.parent / "README
 def test_every_option_of_every_command_is_in_the_readme():
     import re
 
-    from tests.test_docs import all_commands
+    from tests.helpers.commands import all_commands
 
     missing = sorted(
         {

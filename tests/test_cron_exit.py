@@ -14,7 +14,7 @@ import pytest
 
 from amohook.errors import ExitCode
 from tests.conftest import MYSQL_URL, POSTGRES_URL, _mysql_admin, run_cli
-from tests.test_refresh import make_due
+from tests.helpers.refresh import make_due
 
 # What README "Exit codes" documents as needing a person.
 PERSON = {ExitCode.USAGE, ExitCode.REAUTH, ExitCode.BLOCKED, ExitCode.UNHEALTHY}

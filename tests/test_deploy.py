@@ -335,6 +335,7 @@ def move(fake, place, lead_id: int) -> dict:
     return fake.move_lead(lead_id, place["stages"]["Qualified"], place["pipeline"])
 
 
+@pytest.mark.slow  # the README's whole path, a dozen processes: about 6 s alone, 20 s on a loaded machine
 def test_the_readme_path_on_sqlite_lands_in_the_state_directory(fake, place):
     home, state, rules = place["home"], place["state"], place["rules"]
     secrets = dict(AMOHOOK_CLIENT_SECRET=fake.client_secret, AMOHOOK_AUTH_CODE=fake.issue_code())
@@ -381,6 +382,7 @@ def test_the_readme_path_on_sqlite_lands_in_the_state_directory(fake, place):
     assert {p.name for p in state.iterdir()} <= {"amohook.db", "amohook.db-wal", "amohook.db-shm"}
 
 
+@pytest.mark.slow  # the README's whole path, a dozen processes: about 6 s alone, 20 s on a loaded machine
 def test_the_readme_moves_a_quick_start_store_with_its_webhook_secret(fake, place):
     home, state, rules = place["home"], place["state"], place["rules"]
     sqlite3 = tool("sqlite3")

@@ -6,24 +6,10 @@ import re
 from pathlib import Path
 
 from amohook.errors import ExitCode
-from tests.test_rules_e2e import crm  # noqa: F401 (the fake account with a Sales pipeline, as a fixture)
+from tests.helpers.commands import all_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-
-
-def all_commands():
-    import typer.main
-
-    from amohook.cli.app import app
-
-    group = typer.main.get_command(app)
-    for name, command in group.commands.items():
-        if hasattr(command, "commands"):
-            for sub, subcommand in command.commands.items():
-                yield f"{name} {sub}", subcommand
-        else:
-            yield name, command
 
 
 def test_every_command_has_help_and_is_in_the_readme():
@@ -167,7 +153,7 @@ def test_the_readme_service_setup_makes_private_files(tmp_path):
     assert (mode("etc/amohook.env"), mode("etc/rules.toml"), mode("state")) == (0o600, 0o640, 0o700)
 
 
-def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):  # noqa: F811 (crm is a fixture)
+def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, crm, tmp_path):
     """The "Use it from Python" block, as written (the port moved to a free one), in its own
     process: a webhook in, the rule's task and the handler's call out, and SIGTERM stops it."""
     import os
@@ -178,7 +164,7 @@ def test_the_readme_python_snippet_runs_the_rules_against_the_fake(store, fake, 
 
     import requests
 
-    from tests.test_rules_e2e import FORM, stage_body
+    from tests.helpers.e2e import FORM, stage_body
 
     block = README.split("## Use it from Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     assert "port=8080" in block

@@ -20,7 +20,7 @@ from amohook.store.models import Account, Action, Event, ReconcileState, SchemaV
 from amohook.sync import sync_entities
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import run_cli
-from tests.test_rules_e2e import RULES
+from tests.helpers.e2e import RULES
 
 FORM = "application/x-www-form-urlencoded"
 SECRET_URL = "https://hooks.example.com/webhook/s3cr3t-webhook-path"

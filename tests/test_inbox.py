@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import peewee
 import pytest
@@ -16,26 +15,7 @@ from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
 from amohook.store.models import Attempt, Delivery, Event
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 from tests.conftest import run_cli
-
-FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
-FORM = "application/x-www-form-urlencoded"
-NOW = 1_800_000_000.0
-
-
-def fixture_body(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes().partition(b"\n\n")[2].rstrip(b"\n")
-
-
-def incoming(body: bytes, content_type: str = FORM, **kw) -> Incoming:
-    return Incoming(body=body, parsed=parse_webhook(body, content_type), content_type=content_type, **kw)
-
-
-def lead_body(lead_id: int, action: str = "status", items: int = 1) -> bytes:
-    parts = [
-        f"leads%5B{action}%5D%5B{i}%5D%5Bid%5D={lead_id + i}&leads%5B{action}%5D%5B{i}%5D%5Bstatus_id%5D=142"
-        for i in range(items)
-    ]
-    return ("&".join(parts) + "&account%5Bsubdomain%5D=example&account%5Bid%5D=42").encode()
+from tests.helpers.deliveries import FORM, NOW, claim, fixture_body, incoming, lead_body
 
 
 def unforeseen(lead_id: int) -> Incoming:
@@ -268,8 +248,6 @@ def test_after_stop_nothing_is_accepted(store):
 
 
 # -- claiming ----------------------------------------------------------------------------------
-def claim(store, owner, now=NOW, limit=10, lease=60.0, max_attempts=5):
-    return inbox.claim(store, owner, limit=limit, lease_seconds=lease, max_attempts=max_attempts, now=now)
 
 
 def test_claimed_events_are_leased_to_one_worker_only(store):
@@ -398,22 +376,6 @@ def test_queue_stats_of_an_empty_queue(store):
 
 
 # -- the events commands -----------------------------------------------------------------------
-@pytest.fixture
-def filled(sqlite_url):
-    from amohook.store import open_store
-
-    store = open_store(sqlite_url)
-    inbox.store_deliveries(
-        store,
-        [
-            incoming(fixture_body("01_lead_status_2016.txt"), headers={"user-agent": "amoCRM-WebHook-client/1.0"}),
-            incoming(fixture_body("13_contact_add_2016.txt")),
-        ],
-    )
-    events = claim(store, "w1", now=time.time(), limit=1)
-    inbox.fail(store, events[0].id, "w1", error="handler: boom", retry_at=None, started_at=time.time(), now=time.time())
-    store.close()
-    return sqlite_url
 
 
 def test_events_list_json_has_the_documented_fields(filled):

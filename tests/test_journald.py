@@ -17,11 +17,11 @@ import pytest
 import requests
 
 from tests.conftest import ROOT, cli_env
+from tests.helpers.deliveries import fixture_body
 
 SECRET = "journal-secret-0123456789abcdef"
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}")
 PRIORITY = re.compile(r"^<[0-7]>")
-from tests.test_inbox import fixture_body  # noqa: E402
 
 BODY = fixture_body("01_lead_status_2016.txt")
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

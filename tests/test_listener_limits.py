@@ -19,26 +19,8 @@ import pytest
 from amohook.store import open_store
 from amohook.store.models import Event
 from tests.conftest import ROOT, cli_env
-from tests.test_inbox import FORM, lead_body
-from tests.test_server import HOOK, SECRET, post, raw, start, status_of
-
-
-def webhook_bytes(n: int) -> bytes:
-    body = lead_body(n)
-    return (
-        f"POST {HOOK} HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode() + body
-
-
-def timed_post(address, n: int) -> tuple[int, float]:
-    started = time.monotonic()
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(webhook_bytes(n))
-        answer = b""
-        while chunk := sock.recv(4096):
-            answer += chunk
-    return status_of(answer), time.monotonic() - started
+from tests.helpers.deliveries import lead_body
+from tests.helpers.listener import HOOK, SECRET, post, raw, start, status_of, timed_post
 
 
 def open_idle(address, count: int) -> list[socket.socket]:
@@ -361,7 +343,7 @@ import json, logging, resource, subprocess, sys, tempfile, time
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 from amohook.store import open_store
 from amohook.webhooks.server import ServerConfig, WebhookService
-from tests.test_listener_limits import timed_post
+from tests.helpers.listener import timed_post
 logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
 svc = WebhookService(open_store(sys.argv[1]), ServerConfig(secret=sys.argv[2], port=0)).start()
 others = [open("/dev/null") for _ in range(120)]  # something else in the process holds files too

@@ -5,7 +5,6 @@ and every byte any of them wrote is searched for every token, code and secret.""
 from __future__ import annotations
 
 import subprocess
-import sys
 from urllib.parse import urlencode
 
 import pytest
@@ -13,9 +12,8 @@ import requests
 
 from amohook.store import open_store
 from amohook.store.models import Account
-from tests.conftest import ROOT, cli_env, run_cli
-from tests.test_auth_cli import init_args
-from tests.test_rules_e2e import RULES, settle
+from tests.conftest import cli_env, run_cli
+from tests.helpers.e2e import RULES, init_args, serve_until, settle
 
 SECRET = "log-secret-0123456789abcdef"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -34,26 +32,6 @@ def ids_only_hook(lead_id: int, pipeline: dict, stages: dict) -> bytes:
             "account[subdomain]": "example",
         }
     ).encode()
-
-
-def serve_until(db_url: str, args: list[str], env: dict, work) -> str:
-    """Run `serve` with ``args``, call ``work(url)``, stop it; returns everything it wrote."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "amohook", "serve", "--port", "0", *args],
-        env=env,
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, line + proc.stderr.read()
-        work(line.split("listening on ", 1)[1].strip())
-    finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=20)
-    return line + out + err
 
 
 @pytest.mark.slow

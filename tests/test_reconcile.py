@@ -16,24 +16,10 @@ import time
 import pytest
 
 from amohook.amocrm.client import client_for
-from amohook.inbox import Incoming, store_deliveries
 from amohook.recovery.reconcile import OVERLAP, reconcile_account
 from amohook.store.models import Account, Action, ChangeSeen, Event, ReconcileState
-from amohook.webhooks.parse import parse_webhook
-from tests.conftest import ROOT, cli_env, run_cli
-from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
-
-FORM = "application/x-www-form-urlencoded"
-
-
-def connected_ago(store, seconds: float) -> None:
-    """Make the store look as if the account was connected to it ``seconds`` ago (and the store
-    made then): its first look at the events log starts there."""
-    from amohook.store.models import SchemaVersion
-
-    with store.write():
-        Account.update(created_at=time.time() - seconds).execute()
-        SchemaVersion.update(applied_at=time.time() - seconds).execute()
+from tests.conftest import cli_env, run_cli
+from tests.helpers.reconcile import amohook_process, connected_ago, deliver, new_leads, reconcile, tasks_per_lead, work
 
 
 @pytest.fixture(autouse=True)
@@ -43,57 +29,6 @@ def store_in_service(request):
     if "crm" in request.fixturenames:
         request.getfixturevalue("crm")
         connected_ago(request.getfixturevalue("store"), 7200)
-
-
-def amohook_process(db_url: str, args: list[str]) -> subprocess.Popen:
-    """A real `amohook` process (for what needs one: concurrency, signals, the worker loop)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "amohook", *args],
-        env=cli_env(db_url),
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def new_leads(fake, crm, n: int, start: int = 7001) -> list[int]:
-    ids = []
-    for i in range(n):
-        lead = fake.add_lead(f"Lead {i}", crm["pipeline"], crm["new"], crm["anna"], lead_id=start + i)
-        ids.append(lead["id"])
-    return ids
-
-
-def deliver(store, fake, action: str, items: list[dict]) -> None:
-    """A webhook as the listener stores it (the body amoCRM would POST)."""
-    body = fake.webhook_body(action, items)
-    store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, FORM), content_type=FORM)])
-
-
-def work(store, crm, *extra: str) -> None:
-    result = run_cli(["worker", "--rules", crm["rules"], "--once", "--reconcile", "off", *extra], store.url)
-    assert result.returncode == 0, result.stderr
-
-
-def reconcile(store, *extra: str) -> dict:
-    """One pass's JSON summary, its ISO 8601 times read back as Unix seconds for arithmetic."""
-    from datetime import datetime
-
-    result = run_cli(["reconcile", "--json", *extra], store.url)
-    assert result.returncode == 0, result.stderr
-    [summary] = json.loads(result.stdout)
-    for name in ("window_from", "window_to", "left_out_from", "left_out_to"):
-        if summary[name] is not None:
-            summary[name] = int(datetime.fromisoformat(summary[name]).timestamp())
-    return summary
-
-
-def tasks_per_lead(fake) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for task in fake.tasks.values():
-        counts[task["entity_id"]] = counts.get(task["entity_id"], 0) + 1
-    return counts
 
 
 def test_leads_moved_while_the_listener_was_down_each_get_one_task(store, fake, crm):
@@ -434,7 +369,7 @@ def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, 
 def test_healthz_shows_reconciliation_per_account(store, fake, crm):
     import requests
 
-    from tests.test_rules_e2e import Serve
+    from tests.helpers.e2e import Serve
 
     [lead] = new_leads(fake, crm, 1)
     fake.move_lead(lead, crm["qualified"], crm["pipeline"])

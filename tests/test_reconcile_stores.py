@@ -25,9 +25,8 @@ from amohook.store import open_store
 from amohook.store.models import Action, ChangeSeen, Delivery, Event, ReconcileState
 from amohook.times import iso_time
 from tests.conftest import ROOT, cli_env, make_database, run_cli
-from tests.test_auth_cli import init_args
-from tests.test_reconcile import connected_ago, deliver, new_leads, reconcile, tasks_per_lead, work
-from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
+from tests.helpers.e2e import init_args
+from tests.helpers.reconcile import connected_ago, deliver, new_leads, reconcile, tasks_per_lead, work
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +136,7 @@ def test_a_task_from_before_the_change_is_not_taken_for_its_task(store, fake, cr
 
 
 def test_a_dry_run_shows_the_catch_up_and_writes_nothing(store, fake, crm):
-    from tests.test_reconcile import deliver
+    from tests.helpers.reconcile import deliver
 
     [seen, lost] = new_leads(fake, crm, 2)
     at = int(time.time()) - 300
@@ -421,7 +420,7 @@ def test_the_readme_says_what_happens_when_a_store_is_moved_or_wiped():
 
 def test_an_action_amocrm_refuses_is_one_warning_and_the_rest_one_info_line_each(store, fake, account, caplog):
     from amohook.actions import record_planned
-    from tests.test_actions import planned, sender
+    from tests.helpers.actions import planned, sender
 
     caplog.set_level(logging.INFO, logger="amohook")
     record_planned(store, [planned(1), planned(2), planned(3, task_type=987654)], event_id=1)

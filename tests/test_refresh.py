@@ -16,23 +16,7 @@ from amohook.store.lease import try_acquire
 from amohook.store.models import Account, Lease
 from amohook.tokens import refresh_tokens
 from tests.conftest import ROOT, cli_env, run_cli
-
-
-def make_due(account_id: int) -> None:
-    """Move the pair's issue time back past half of its life."""
-    issued = time.time() - 13 * 3600
-    Account.update(issued_at=issued, expires_at=issued + 86400).where(Account.id == account_id).execute()
-
-
-def start_cli(args, db_url):
-    return subprocess.Popen(
-        [sys.executable, "-m", "amohook", *args],
-        env=cli_env(db_url),
-        cwd=str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from tests.helpers.refresh import make_due, start_cli
 
 
 def test_not_due_exits_zero_with_a_short_line_and_sends_nothing(store, fake, account):

@@ -13,7 +13,7 @@ from amohook.store.lease import try_acquire
 from amohook.store.models import Account, Lease
 from amohook.tokens import refresh_tokens
 from tests.conftest import run_cli
-from tests.test_refresh import make_due, start_cli
+from tests.helpers.refresh import make_due, start_cli
 
 DAY = 86400
 

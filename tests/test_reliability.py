@@ -27,7 +27,7 @@ import pytest
 
 from amohook.webhooks.parse import parse_webhook
 from tests.conftest import MYSQL_URL, POSTGRES_URL, ROOT, _mysql_admin, _pg_admin, cli_env
-from tests.test_inbox import FIXTURES, FORM, fixture_body
+from tests.helpers.deliveries import FIXTURES, FORM, fixture_body
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +205,7 @@ def all_done(db_url: str) -> bool:
 
 def queue_events(db_url: str, count_: int, items: int = 1) -> None:
     from amohook import inbox
-    from tests.test_inbox import incoming, lead_body
+    from tests.helpers.deliveries import incoming, lead_body
 
     store = open_db(db_url)
     inbox.store_deliveries(

@@ -132,7 +132,7 @@ def test_prune_by_hand(store):
 
 @pytest.mark.slow
 def test_pruning_while_the_listener_takes_webhooks_loses_nothing(store, tmp_path):
-    from tests.test_rules_e2e import SECRET, Serve
+    from tests.helpers.e2e import SECRET, Serve
 
     stored(store, 3000, start=10_000, age=40 * DAY)
     serve = Serve(store.url, "--workers", "0", "--keep", "off")

@@ -10,14 +10,11 @@ import time
 import pytest
 
 from amohook.amocrm.client import client_for
-from amohook.inbox import Incoming, store_deliveries
 from amohook.store.models import Action, CustomField
 from amohook.sync import sync_entities
-from amohook.webhooks.parse import parse_webhook
 from tests.conftest import cli_env, run_cli
 from tests.helpers.actions import Receiver
-
-FORM = "application/x-www-form-urlencoded"
+from tests.helpers.reconcile import deliver_entity
 
 CALL_DONE = """
 [[rule]]
@@ -83,11 +80,6 @@ def rules_file(crm, text: str) -> str:
     return str(path)
 
 
-def deliver(store, fake, entity: str, action: str, items: list[dict]) -> None:
-    body = fake.webhook_body(action, items, entity=entity)
-    store_deliveries(store, [Incoming(body=body, parsed=parse_webhook(body, FORM), content_type=FORM)])
-
-
 def work(store, rules: str, **env: str):
     result = run_cli(
         ["worker", "--rules", rules, "--once", "--reconcile", "off"], store.url, env=cli_env(store.url, **env)
@@ -121,7 +113,7 @@ def test_a_completed_call_moves_the_lead_and_sets_its_source_once(store, fake, c
     lead, task = lead_with_task(fake, crm, "Qualified")
     fake.leads[lead]["_embedded"]["tags"] = [{"id": 3, "name": "vip", "color": None}]
     item = fake.complete_task(task, result="Agreed")
-    deliver(store, fake, "task", "update", [item])
+    deliver_entity(store, fake, "task", "update", [item])
     work(store, rules)
     assert fake.leads[lead]["status_id"] == crm["Proposal"]
     assert {t["name"] for t in fake.leads[lead]["_embedded"]["tags"]} == {"vip", "called"}
@@ -131,8 +123,10 @@ def test_a_completed_call_moves_the_lead_and_sets_its_source_once(store, fake, c
     assert len(fake.requests_to(f"/api/v4/leads/{lead}", "GET")) == 1  # where the lead was: read once
     # amoCRM's retry of the hook, and the second update completing from the task list sends (the
     # result, without action_close): nothing more happens.
-    deliver(store, fake, "task", "update", [item])
-    deliver(store, fake, "task", "update", [{**item, "action_close": "0", "last_modified": str(int(time.time()) + 1)}])
+    deliver_entity(store, fake, "task", "update", [item])
+    deliver_entity(
+        store, fake, "task", "update", [{**item, "action_close": "0", "last_modified": str(int(time.time()) + 1)}]
+    )
     work(store, rules)
     assert Action.select().count() == 2
     assert len(fake.requests_to("/api/v4/leads", "PATCH")) == 2
@@ -142,7 +136,7 @@ def test_a_task_of_another_type_or_on_a_lead_elsewhere_does_nothing(store, fake,
     rules = rules_file(crm, CALL_DONE)
     _, meeting = lead_with_task(fake, crm, "Qualified", task_type="meeting", lead_id=7001)
     new_lead, call = lead_with_task(fake, crm, "New", lead_id=7002)
-    deliver(store, fake, "task", "update", [fake.complete_task(meeting), fake.complete_task(call)])
+    deliver_entity(store, fake, "task", "update", [fake.complete_task(meeting), fake.complete_task(call)])
     work(store, rules)
     assert Action.select().count() == 0
     assert fake.leads[new_lead]["status_id"] == crm["New"]
@@ -155,11 +149,11 @@ def test_a_rule_made_move_comes_back_and_feeds_the_next_rule_once(store, fake, c
     try:
         rules = rules_file(crm, CALL_DONE + PROPOSAL_CHAT)
         lead, task = lead_with_task(fake, crm, "Qualified")
-        deliver(store, fake, "task", "update", [fake.complete_task(task)])
+        deliver_entity(store, fake, "task", "update", [fake.complete_task(task)])
         work(store, rules, SALES_CHAT_URL=receiver.url)
         [(action, moved)] = [h for h in fake.patched_hooks if h[0] == "status"]
-        deliver(store, fake, "leads", action, [moved])  # amoCRM tells amohook of its own move
-        deliver(store, fake, "leads", action, [moved])  # twice
+        deliver_entity(store, fake, "leads", action, [moved])  # amoCRM tells amohook of its own move
+        deliver_entity(store, fake, "leads", action, [moved])  # twice
         result = work(store, rules, SALES_CHAT_URL=receiver.url)
         assert "s3cr3t" not in result.stdout + result.stderr
     finally:
@@ -176,7 +170,9 @@ def test_a_chain_of_rule_made_moves_of_one_lead_stops_and_says_so(store, fake, c
     fake.add_lead("Acme", crm["pipeline"], crm["New"], crm["anna"], lead_id=7001)
     start = int(time.time()) - 300
     for i in range(6):  # someone (or another integration) keeps moving it back to Qualified
-        deliver(store, fake, "leads", "status", [fake.move_lead(7001, crm["Qualified"], crm["pipeline"], at=start + i)])
+        deliver_entity(
+            store, fake, "leads", "status", [fake.move_lead(7001, crm["Qualified"], crm["pipeline"], at=start + i)]
+        )
         result = work(store, rules)
     moves = list(Action.select().order_by(Action.id))
     assert [a.status for a in moves] == ["done"] * 5 + ["skipped"]

@@ -6,11 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlencode
-
-import pytest
-import requests
 
 from amohook.amocrm.client import client_for
 from amohook.errors import ExitCode
@@ -18,84 +14,7 @@ from amohook.store import open_store
 from amohook.store.models import Action, Event
 from amohook.sync import sync_entities
 from tests.conftest import ROOT, cli_env, run_cli
-
-SECRET = "e2e-secret-0123456789abcdef"
-RULES = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-
-
-@pytest.fixture
-def crm(store, fake, account, tmp_path):
-    """The fake account with a Sales pipeline, a Call task type and Anna, synced into the store."""
-    pipeline = fake.add_pipeline("Sales", ["New", "Qualified"])
-    stages = {s["name"]: s["id"] for s in pipeline["_embedded"]["statuses"]}
-    call = fake.add_task_type("Call")
-    anna = fake.add_user("Anna", "anna@example.com")
-    sync_entities(store, client_for(store, "example"))
-    rules = tmp_path / "rules.toml"
-    rules.write_text(RULES)
-    fake.clear_requests()
-    return dict(
-        pipeline=pipeline["id"],
-        new=stages["New"],
-        qualified=stages["Qualified"],
-        call=call["id"],
-        anna=anna["id"],
-        rules=str(rules),
-    )
-
-
-def stage_body(crm, lead_id=5001, *, block="status", name="Acme", stamp=1_750_000_000, **extra) -> bytes:
-    p = f"leads[{block}][0]"
-    fields = {
-        "account[subdomain]": "example",
-        "account[id]": "1231414",
-        f"{p}[id]": str(lead_id),
-        f"{p}[name]": name,
-        f"{p}[status_id]": str(crm["qualified"]),
-        f"{p}[old_status_id]": str(crm["new"]),
-        f"{p}[pipeline_id]": str(crm["pipeline"]),
-        f"{p}[responsible_user_id]": str(crm["anna"]),
-        f"{p}[last_modified]": str(stamp),
-    }
-    fields.update(extra)
-    return urlencode(fields).encode()
-
-
-class Serve:
-    def __init__(self, db_url, *args):
-        env = cli_env(db_url, AMOHOOK_WEBHOOK_SECRET=SECRET)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "amohook", "serve", "--port", "0", "--log-level", "warning", *args],
-            env=env,
-            cwd=str(ROOT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, line + self.proc.stderr.read()
-        self.url = line.split("listening on ", 1)[1].strip()
-
-    def post(self, body: bytes) -> int:
-        return requests.post(f"{self.url}/webhook/{SECRET}", data=body, headers=FORM, timeout=5).status_code
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(15)
-
-
-def settle(fake, expected_tasks: int, timeout: float = 30.0) -> None:
-    """Wait until the queue is empty, no action is unsettled, and the fake holds the tasks."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        busy = Event.select().where(Event.status.in_(["pending", "running"])).count()
-        unsent = Action.select().where(Action.status.in_(["pending", "sending"])).count()
-        if not busy and not unsent and len(fake.tasks) >= expected_tasks:
-            time.sleep(0.3)  # anything late would be a duplicate
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not settled: {len(fake.tasks)} tasks, events/actions still busy")
+from tests.helpers.e2e import RULES, SECRET, Serve, settle, stage_body
 
 
 def test_the_readme_example_end_to_end(store, fake, crm):

@@ -11,7 +11,6 @@ import time
 
 from amohook.store.models import Action, ChangeSeen, Delivery, Event, ReconcileState
 from tests.conftest import run_cli
-from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
 
 RULES = """
 [[rule]]
@@ -184,7 +183,7 @@ def explain(store, tmp_path, lead: int, *extra: str):
 
 
 def test_explain_names_the_failing_condition_with_the_value_seen_and_what_fired(store, fake, crm, tmp_path):
-    from tests.test_reconcile import deliver
+    from tests.helpers.reconcile import deliver
 
     budget = with_budget(store, fake)
     lead = fake.add_lead("Acme", crm["pipeline"], crm["new"], crm["anna"], lead_id=7101)
@@ -217,7 +216,7 @@ def test_explain_names_the_failing_condition_with_the_value_seen_and_what_fired(
     assert verdicts["after the call"]["reason"] == "the rule is for task.completed; this change is lead.stage_changed"
 
     # The call is completed: a task hook names the lead as its element; the worker adds the note.
-    from tests.test_rules_actions_e2e import deliver as deliver_entity
+    from tests.helpers.reconcile import deliver_entity
 
     deliver_entity(store, fake, "task", "update", [fake.complete_task(task_id)])
     worker = run_cli(["worker", "--rules", str(path), "--once", "--reconcile", "off"], store.url)
@@ -235,7 +234,7 @@ def test_explain_names_the_failing_condition_with_the_value_seen_and_what_fired(
 
 
 def test_explain_shows_a_change_only_the_events_log_holds_and_one_still_queued(store, fake, crm, tmp_path):
-    from tests.test_reconcile import deliver
+    from tests.helpers.reconcile import deliver
 
     with_budget(store, fake)
     lead = fake.add_lead("Acme", crm["pipeline"], crm["new"], crm["anna"], lead_id=7102)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import socket
@@ -17,17 +16,9 @@ import pytest
 from amohook import inbox
 from amohook.store.models import Account, Delivery, Event
 from amohook.webhooks import server as server_module
-from amohook.webhooks.server import ServerConfig, WebhookService, check_secret
-from tests.test_inbox import FORM, fixture_body, lead_body
-
-SECRET = "test-secret-0123456789"
-HOOK = f"/webhook/{SECRET}"
-
-
-def start(store, **config) -> WebhookService:
-    config.setdefault("socket_timeout", 2.0)
-    config.setdefault("read_deadline", 4.0)
-    return WebhookService(store, ServerConfig(secret=SECRET, port=0, **config)).start()
+from amohook.webhooks.server import ServerConfig, check_secret
+from tests.helpers.deliveries import FORM, fixture_body, lead_body
+from tests.helpers.listener import HOOK, SECRET, post, raw, request, start, status_of
 
 
 @pytest.fixture
@@ -55,44 +46,6 @@ def sqlite_service(sqlite_url):
     svc = start(open_store(sqlite_url), commit_timeout=0.4, socket_timeout=1.0, read_deadline=2.0)
     yield svc
     svc.stop(5)
-
-
-def request(svc, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    conn = http.client.HTTPConnection(*svc.address, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read().decode()
-    finally:
-        conn.close()
-
-
-def post(svc, body: bytes, path: str = HOOK, content_type: str | None = FORM):
-    return request(svc, "POST", path, body, {"Content-Type": content_type} if content_type else {})
-
-
-def raw(svc, data: bytes, *, pause: float = 0.0, rest: bytes = b"", timeout: float = 10.0) -> bytes:
-    """Send bytes as they are; read the whole answer."""
-    with socket.create_connection(svc.address, timeout=timeout) as sock:
-        sock.sendall(data)
-        if pause:
-            time.sleep(pause)
-        if rest:
-            sock.sendall(rest)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def status_of(answer: bytes) -> int:
-    return int(answer.split(b" ", 2)[1])
 
 
 # -- the webhook route -------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from amohook.rules.spec import RulesError
 from amohook.rules.stale import StaleCheck
 from amohook.store.models import Action, Event, StaleEntry
 from tests.conftest import run_cli
-from tests.test_reconcile import amohook_process, deliver, tasks_per_lead, work
-from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales (New, Qualified), Call, Anna)
+from tests.helpers.reconcile import amohook_process, deliver, tasks_per_lead, work
 
 STALE_RULES = """
 [[rule]]
@@ -40,7 +39,7 @@ due = "+1d"
 
 
 @pytest.fixture
-def stale(crm, tmp_path):  # noqa: F811  (crm: the fixture imported above)
+def stale(crm, tmp_path):
     rules = tmp_path / "stale.toml"
     rules.write_text(STALE_RULES)
     return {**crm, "rules": str(rules)}

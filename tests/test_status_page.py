@@ -20,8 +20,8 @@ from amohook.store.models import Action, Event
 from amohook.webhooks.server import ServerConfig, WebhookService
 from amohook.worker import Registry, Worker
 from tests.conftest import ROOT, cli_env, run_cli
-from tests.test_inbox import lead_body
-from tests.test_server import HOOK, SECRET, post, request
+from tests.helpers.deliveries import lead_body
+from tests.helpers.listener import HOOK, SECRET, post, request
 
 PASSWORD = "correct-horse-battery-staple"
 HOSTILE = "<script>alert(1)</script>"
@@ -449,7 +449,7 @@ def test_chromium_without_credentials_gets_no_page(svc, tmp_path):
 def test_serve_with_the_password_serves_both_and_never_logs_it(sqlite_url):
     import requests
 
-    from tests.test_log_secrets import serve_until
+    from tests.helpers.e2e import serve_until
 
     env = cli_env(
         sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET, AMOHOOK_STATUS_PASSWORD=PASSWORD, AMOHOOK_LOG_LEVEL="debug"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from amohook.times import human_time, iso_time
 from tests.conftest import run_cli
-from tests.test_rules_e2e import crm  # noqa: F401  (the fixture: Sales, Call, Anna, the README's rule)
 
 ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(Z|[+-]\d{2}:\d{2})$")
 TIME_KEY = re.compile(r"(_at|_from|_to|_until)$")

@@ -21,7 +21,7 @@ from amohook.worker import (
     load_handler,
 )
 from tests.conftest import cli_env, run_cli
-from tests.test_inbox import NOW, incoming, lead_body
+from tests.helpers.deliveries import NOW, incoming, lead_body
 
 POLICY = RetryPolicy(max_attempts=5, base=10.0, factor=2.0, cap=100.0, jitter=0.5)
 

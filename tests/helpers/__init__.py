@@ -1,1 +1,1 @@
-"""Helpers shared by test modules (a test module never imports another)."""
+"""Helpers shared by test modules (a test module never imports another: tests/test_layout.py)."""
