@@ -330,13 +330,16 @@ class CreateKind(ActionKind):
                 for item in found:
                     if item.get("id") in taken:
                         continue
-                    if self.same(item, payloads[a.id], a.created_at):
-                        note = f"{self.noun} {item['id']} was already in amoCRM (an earlier attempt made it)"
-                    elif changed_at is not None and self.same_effect(item, payloads[a.id], changed_at):
+                    # A change from before this store's connection: the broader match first, so
+                    # another store's task made moments before this action was planned is named
+                    # for what it is (its note covers an earlier attempt of ours too).
+                    if changed_at is not None and self.same_effect(item, payloads[a.id], changed_at):
                         note = (
                             f"{self.noun} {item['id']} was already in amoCRM for this change "
                             "(made by another store or an earlier run); not made again"
                         )
+                    elif self.same(item, payloads[a.id], a.created_at):
+                        note = f"{self.noun} {item['id']} was already in amoCRM (an earlier attempt made it)"
                     else:
                         continue
                     taken.add(item["id"])
