@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from amohook.errors import first_line
 from amohook.recovery.identity import Sighting, connected_at, describe, is_known
 from amohook.rules import lead_changes
+from amohook.rules.changes import webhook_custom_fields
 from amohook.runtime.loop import Periodic
 from amohook.store import lease as leases
 from amohook.store.models import Account, Delivery, Event, ReconcileState
@@ -158,12 +159,7 @@ def webhook_item(event: dict, lead: dict | None) -> tuple[str, dict] | None:
         item.update(responsible_user_id=_s(after.get("id")), old_responsible_user_id=_s(before.get("id")))
         if item["responsible_user_id"] is None:
             return None
-    fields = []
-    for cf in lead.get("custom_fields_values") or []:
-        if isinstance(cf, dict):
-            values = [{"value": _s(v.get("value"))} for v in cf.get("values") or [] if isinstance(v, dict)]
-            fields.append({"id": _s(cf.get("field_id")), "name": _s(cf.get("field_name")), "values": values})
-    if fields:
+    if fields := webhook_custom_fields(lead):
         item["custom_fields"] = fields
     return action, {k: v for k, v in item.items() if v is not None}
 

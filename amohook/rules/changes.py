@@ -65,6 +65,22 @@ def _custom_fields(data: dict) -> tuple:
     return tuple(out)
 
 
+def webhook_custom_fields(lead: dict) -> list[dict]:
+    """A lead's ``custom_fields_values`` (API v4, as GET /api/v4/leads gives them) in the shape a
+    webhook carries them (API v2: ``id``, ``name``, ``values`` of strings), for an item made from a
+    lead read rather than received: reconciliation's and the stale check's."""
+
+    def text(value: Any) -> str | None:
+        return None if value is None or value == "" else str(value)
+
+    fields = []
+    for cf in lead.get("custom_fields_values") or []:
+        if isinstance(cf, dict):
+            values = [{"value": text(v.get("value"))} for v in cf.get("values") or [] if isinstance(v, dict)]
+            fields.append({"id": text(cf.get("field_id")), "name": text(cf.get("field_name")), "values": values})
+    return fields
+
+
 def lead_changes(entity: str, action: str, data: dict) -> list[LeadChange]:
     """The lead changes one event item describes; pure, by structure."""
     if entity != "leads" or not isinstance(data, dict):

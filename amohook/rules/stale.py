@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from amohook.rules.changes import STALE_ACTION, as_int
+from amohook.rules.changes import STALE_ACTION, as_int, webhook_custom_fields
 from amohook.store import lease as leases
 from amohook.store.models import ChangeSeen, Delivery, Event, StaleEntry
 
@@ -401,12 +401,7 @@ def stale_item(lead: dict, pipeline_id: int, status_id: int, entered_at: int, af
         "stale_after": str(after),
         "account_id": _s(lead.get("account_id")),
     }
-    fields = []
-    for cf in lead.get("custom_fields_values") or []:
-        if isinstance(cf, dict):
-            values = [{"value": _s(v.get("value"))} for v in cf.get("values") or [] if isinstance(v, dict)]
-            fields.append({"id": _s(cf.get("field_id")), "name": _s(cf.get("field_name")), "values": values})
-    if fields:
+    if fields := webhook_custom_fields(lead):
         item["custom_fields"] = fields
     return {k: v for k, v in item.items() if v is not None}
 
