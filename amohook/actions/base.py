@@ -10,7 +10,7 @@ already have happened before it is sent again (``recognise``). While it sends, t
 (``done``, ``skip``, ``fail``, ``later``, ``reschedule``), the lease check before a request (``hold``),
 the store (outcomes grouped in one ``store.write()``), the clock, counters, and what notify
 needs to post (environment, HTTP session and deadline, which receivers rest). Every kind must pass
-the contract suite (tests/test_action_contract.py).
+the contract suite (tests/actions/test_action_contract.py).
 
 ``CreateKind``: something amoCRM creates (a task, a note) — POSTed in batches with a
 ``request_id`` per item; recognised by looking it up and adopting what an earlier attempt made.

@@ -64,7 +64,7 @@ def test_the_two_formats():
 
 def test_one_time_formatter_per_job():
     """Issue 16 #4: amohook/times.py is the only module that turns a time into text."""
-    package = Path(__file__).resolve().parent.parent / "amohook"
+    package = Path(__file__).resolve().parents[2] / "amohook"
     offenders = [
         f"{path.relative_to(package)}:{number}: {line.strip()}"
         for path in package.rglob("*.py")

@@ -31,7 +31,7 @@ from tests.helpers.reconcile import connected_ago, deliver, new_leads, reconcile
 
 @pytest.fixture(autouse=True)
 def store_in_service(request):
-    """Store A has been in service for two hours (connected then), as in tests/test_reconcile.py."""
+    """Store A has been in service for two hours (connected then), as in tests/recovery/test_reconcile.py."""
     if "crm" in request.fixturenames:
         request.getfixturevalue("crm")
         connected_ago(request.getfixturevalue("store"), 7200)
@@ -414,7 +414,7 @@ def test_a_pass_with_a_client_that_knows_the_clock_needs_no_probe(store, fake, c
 
 
 def test_the_readme_says_what_happens_when_a_store_is_moved_or_wiped():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "### Moving or wiping a store" in readme
 
 

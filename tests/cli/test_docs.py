@@ -8,7 +8,7 @@ from pathlib import Path
 from amohook.errors import ExitCode
 from tests.helpers.commands import all_commands
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 

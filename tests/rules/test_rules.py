@@ -23,7 +23,7 @@ from amohook.rules import (
 )
 from amohook.webhooks.parse import parse_webhook
 
-EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "rules.toml").read_text(encoding="utf-8")
+EXAMPLE = (Path(__file__).resolve().parents[2] / "examples" / "rules.toml").read_text(encoding="utf-8")
 
 
 def compiled(spec=None, *, task_type_id=1, responsible_user_id=None, **over) -> CompiledRule:
@@ -240,7 +240,7 @@ def test_digital_pipeline_hook_with_only_ids():
 def test_real_2016_status_capture_is_a_stage_change():
     from pathlib import Path
 
-    text = (Path(__file__).parent / "fixtures" / "webhooks" / "01_lead_status_2016.txt").read_text()
+    text = (Path(__file__).parents[1] / "fixtures" / "webhooks" / "01_lead_status_2016.txt").read_text()
     body = text.split("\n\n", 1)[1].strip().encode()
     [change] = changes_of(body)
     assert (change.lead_id, change.pipeline_id, change.status_id, change.old_status_id) == (
@@ -389,7 +389,7 @@ def test_the_note_is_planned_with_its_own_key():
 
 # -- the task.completed trigger ------------------------------------------------------------------
 def fixture_body(name: str) -> bytes:
-    text = (Path(__file__).resolve().parent / "fixtures" / "webhooks" / name).read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / "fixtures" / "webhooks" / name).read_text(encoding="utf-8")
     return "".join(line for line in text.splitlines() if line and not line.startswith("#")).encode()
 
 
@@ -489,7 +489,7 @@ def test_rules_that_move_leads_in_a_circle_are_found():
 
 
 def test_the_readme_actions_example_parses():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     block = readme.split("Completing a call moves the lead on", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
     call, chat = parse_rules(block)
     assert (call.when, call.task_type, call.stage) == ("task.completed", "Call", "Qualified")

@@ -171,7 +171,7 @@ def contract(request, fake, account, receiver) -> Contract:
     """Every registered kind's contract; a kind added without one fails here."""
     cls = CONTRACTS.get(request.param)
     if cls is None:
-        pytest.fail(f"action kind {request.param!r} has no Contract in tests/test_action_contract.py")
+        pytest.fail(f"action kind {request.param!r} has no Contract in tests/actions/test_action_contract.py")
     c = cls()
     c.setup(fake, receiver)
     return c

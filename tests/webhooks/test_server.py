@@ -508,7 +508,7 @@ def test_stop_answers_the_request_already_read_then_refuses_connections(sqlite_u
 
 # -- `amohook serve` refuses to start without what it needs ------------------------------------
 def test_serve_refuses_to_start_with_a_short_secret(sqlite_url):
-    """Without any secret `serve` keeps one in the store instead (tests/test_webhook_url.py)."""
+    """Without any secret `serve` keeps one in the store instead (tests/webhooks/test_webhook_url.py)."""
     from tests.conftest import cli_env, run_cli
 
     short = run_cli(["serve", "--port", "0"], sqlite_url, env=cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET="short"))

@@ -13,7 +13,7 @@ import requests
 
 from tests.fakes import FakeAmo
 
-FIXTURES = Path(__file__).parent / "fixtures" / "api"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "api"
 TIMEOUT = 5
 
 
@@ -586,7 +586,7 @@ def test_lead_changes_return_the_webhook_items_amocrm_would_send(fake, clock):
 def test_webhook_body_reproduces_a_real_capture_byte_for_byte():
     from urllib.parse import parse_qsl
 
-    capture = Path(__file__).parent / "fixtures" / "webhooks" / "05_lead_add_2025.txt"
+    capture = Path(__file__).parents[1] / "fixtures" / "webhooks" / "05_lead_add_2025.txt"
     raw = capture.read_text().strip().splitlines()[-1]
     pairs = parse_qsl(raw)
     prefix = "leads[add][0]["

@@ -141,7 +141,7 @@ def test_one_duration_formatter_and_one_parser():
     does its own arithmetic on days and hours for people, nor reads units from text."""
     from pathlib import Path
 
-    package = Path(__file__).resolve().parent.parent / "amohook"
+    package = Path(__file__).resolve().parents[2] / "amohook"
     own = re.compile(r"// 86400|% 86400|// 3600\b|% 3600\b|\"w\": 7 \* 86400|units\s*=\s*\{")
     offenders = [
         f"{path.relative_to(package)}:{number}: {line.strip()}"

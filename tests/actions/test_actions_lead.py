@@ -1,6 +1,6 @@
 """The lead-changing actions (move_lead, set_field) and notify, exactly once, on every backend.
 
-The same trials as tasks (tests/test_actions.py): duplicates, a lost answer, a crash between
+The same trials as tasks (tests/actions/test_actions.py): duplicates, a lost answer, a crash between
 sending and recording, a batch with one bad item — against the fake amoCRM's PATCH /api/v4/leads
 and a real local HTTP receiver for notify.
 """

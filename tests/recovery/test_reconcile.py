@@ -25,7 +25,7 @@ from tests.helpers.reconcile import amohook_process, connected_ago, deliver, new
 @pytest.fixture(autouse=True)
 def store_in_service(request):
     """These tests model a store in service for a while (connected two hours ago): reconciliation
-    reads nothing from before the connection (tests/test_reconcile_stores.py: fresh stores)."""
+    reads nothing from before the connection (tests/recovery/test_reconcile_stores.py: fresh stores)."""
     if "crm" in request.fixturenames:
         request.getfixturevalue("crm")
         connected_ago(request.getfixturevalue("store"), 7200)

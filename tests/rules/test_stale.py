@@ -238,7 +238,7 @@ def test_a_stale_rule_needs_its_stage_and_after():
 def test_the_readme_stale_example_parses():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     block = readme.split("A lead that sits in a stage too long", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
     [rule] = parse_rules(block)
     assert (rule.when, rule.pipeline, rule.stage, rule.after) == ("lead.stale", "Sales", "Proposal", 3 * 86400)

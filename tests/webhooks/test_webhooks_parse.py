@@ -25,7 +25,7 @@ from amohook.webhooks.parse import (
     to_lists,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "webhooks"
 FORM = "application/x-www-form-urlencoded"
 
 
