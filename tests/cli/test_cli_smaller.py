@@ -78,11 +78,9 @@ def test_every_option_of_every_command_is_in_the_readme():
         }
     )
     assert not missing, f"options missing from README.md: {missing}"
-    import typer.main
+    from amohook.cli.app import command
 
-    from amohook.cli.app import app
-
-    root = typer.main.get_command(app)
+    root = command()
     assert all(opt in README for param in root.params for opt in param.opts if opt.startswith("--"))
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 
 def all_commands():
-    import typer.main
+    from amohook.cli import app
 
-    from amohook.cli.app import app
-
-    group = typer.main.get_command(app)
+    group = app.command()
     for name, command in group.commands.items():
         if hasattr(command, "commands"):
             for sub, subcommand in command.commands.items():
