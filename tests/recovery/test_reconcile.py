@@ -377,7 +377,12 @@ def test_healthz_shows_reconciliation_per_account(store, fake, crm):
     work(store, crm)
     serve = Serve(store.url, "--workers", "0", "--reconcile", "off")
     try:
-        health = requests.get(f"{serve.url}/healthz", timeout=5).json()
+        # /healthz answers from its last read of the store; the first read may still be under way
+        # on a busy machine (its reconciliation is then empty).
+        end = time.monotonic() + 10
+        while not (health := requests.get(f"{serve.url}/healthz", timeout=5).json())["reconciliation"]:
+            assert time.monotonic() < end, health
+            time.sleep(0.1)
     finally:
         serve.stop()
     [row] = health["reconciliation"]
