@@ -230,23 +230,32 @@ def cli_env(db_url: str, **extra: str) -> dict:
     return env
 
 
-# Commands whose tests learn nothing more from a process of their own: they run in this process
-# (about 0.3 s less each). Commands that own signals, logging, threads, prompts or a lease across
-# processes (serve, worker, refresh-token, init-auth, sync-entities) always get a real process:
-# run in the test's process, `worker --once` met state an earlier test left there (a second
-# store's test then saw no task), and `refresh-token` the test's own open store.
-IN_PROCESS = {
-    "status",
-    "events",
-    "webhooks",
-    "doctor",
-    "rules",
-    "reconcile",
-    "prune",
-    "pipelines",
-    "users",
-    "task-types",
-}
+# Every command that ``run_cli`` waits for runs in the test's own process (about 0.4 s of CPU less
+# than a process of its own; ~200 such starts were most of the inner loop's cost). The command gets
+# a store of its own, opened afresh (a read-only or missing store fails as it would under cron), and
+# the test's store is bound again afterwards. What needs a process of its own gets one: long-running
+# `serve` and `worker` (tests start them with ``subprocess.Popen``), signals, kill -9, a prompt
+# answered on stdin (``input``), a handler module on an import path of the test's own.
+def in_process(args: list[str], env: dict | None) -> bool:
+    """Whether ``args`` can run in this process: a command ``run_cli`` waits for ends by itself
+    (`serve` and `worker` too: a refusal, or `--once`), unless its environment adds to the import
+    path (a handler module of the test's own would stay in ``sys.modules``)."""
+    if os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
+        return False
+    if env is not None and env.get("PYTHONPATH", str(ROOT)) != str(ROOT):
+        return False
+    return bool(args)
+
+
+def _as_a_new_process() -> None:
+    """Forget what a command keeps for the rest of its process: the consoles (rich reads the
+    terminal's settings when one is made) and the warnings said once per process."""
+    common = sys.modules.get("amohook.cli.common")
+    if common is not None:
+        common._console = common._err_console = None
+    watchdog = sys.modules.get("amohook.recovery.watchdog")
+    if watchdog is not None:
+        watchdog._said_no_admin.clear()
 
 
 def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -260,6 +269,8 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
 
     from amohook.cli.app import run
     from amohook.cli.logs import LIBRARIES
+    from amohook.store import models
+    from amohook.store import open as store_open
 
     class Captured(io.StringIO):
         encoding = "utf-8"  # as a pipe from a UTF-8 locale: the output may hold ✓ and Cyrillic
@@ -271,6 +282,16 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
     levels = [(logger, logger.level) for logger in loggers]
     handlers = logging.getLogger().handlers[:]
     signals = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # The models are bound process-wide to one store (``open_store``): the command opens its own,
+    # as its process would, and the test's store is bound again after it (peewee reconnects it).
+    # Its connection is closed first: the command's open reads the SQLite file's header with a
+    # plain open()/close(), and a close() drops every POSIX lock this process holds on the file,
+    # so another process could checkpoint the WAL under the test's live connection.
+    tests_store = store_open._current
+    if tests_store is not None:
+        tests_store.close()
+    store_open._current = None
+    _as_a_new_process()
     try:
         os.environ.clear()
         os.environ.update(env if env is not None else cli_env(db_url))
@@ -284,13 +305,20 @@ def run_cli_here(args: list[str], db_url: str, env: dict | None = None) -> subpr
             logger.setLevel(level)
         for sig, handler in signals.items():
             signal.signal(sig, handler)
+        commands_store = store_open._current
+        if commands_store is not None and commands_store is not tests_store:
+            commands_store.close()
+        store_open._current = tests_store
+        _as_a_new_process()
+        if tests_store is not None:
+            models.database.initialize(tests_store.db)
     return subprocess.CompletedProcess(["amohook", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_cli(args: list[str], db_url: str, *, env: dict | None = None, input: str | None = None, timeout: float = 60):
-    """Run the real `amohook`, as cron or an admin would: in a subprocess, or in this process for
-    the commands in ``IN_PROCESS`` (same entry point, same exit codes and output)."""
-    if input is None and args and args[0] in IN_PROCESS and not os.environ.get("AMOHOOK_TEST_SUBPROCESS"):
+    """Run the real `amohook` as cron or an admin would, through its entry point: in this process
+    where ``in_process`` allows (same exit codes and output), else in a process of its own."""
+    if input is None and in_process(args, env):
         return run_cli_here(args, db_url, env)
     return subprocess.run(
         [sys.executable, "-m", "amohook", *args],
