@@ -51,14 +51,14 @@ class SharedRateLimiter:
         self,
         store: Store,
         *,
-        rate: int = RATE,
+        rate: int | None = None,
         per: float = PER,
         margin: float = MARGIN,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.store = store
-        self.rate = rate
+        self.rate = RATE if rate is None else rate  # read now, not when this module was imported
         self.window = per + margin
         self.clock = clock
         self.sleep = sleep

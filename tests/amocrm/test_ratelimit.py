@@ -14,6 +14,8 @@ from amohook.amocrm.ratelimit import MARGIN, PER, RATE, SharedRateLimiter, decid
 from amohook.store.models import RateWindow
 from tests.conftest import ROOT, cli_env
 
+pytestmark = pytest.mark.amocrm_rate  # amoCRM's real 7 a second, not the suite's faster TEST_RATE
+
 
 class Clock:
     """A clock whose sleep moves it forward: the limiter's waits cost no real time."""
