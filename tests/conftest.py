@@ -16,6 +16,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+# Compiled modules are cached (__pycache__/, ignored by git) even where PYTHONDONTWRITEBYTECODE is
+# set, as on the test machine: the suite imports amohook and its test modules in every pytest-xdist
+# worker and every amohook process it starts, and compiling them afresh each time (the test
+# modules through pytest's assertion rewriting) was a quarter of the inner loop's CPU.
+sys.dont_write_bytecode = False
+
 ROOT = Path(__file__).resolve().parent.parent
 MYSQL_URL = os.environ.get("AMOHOOK_TEST_MYSQL_URL")
 POSTGRES_URL = os.environ.get("AMOHOOK_TEST_POSTGRES_URL")
@@ -243,7 +249,7 @@ def account(store, fake):
 
 
 def cli_env(db_url: str, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMOHOOK_") and k != "PYTHONDONTWRITEBYTECODE"}
     env["AMOHOOK_DB_URL"] = db_url
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
