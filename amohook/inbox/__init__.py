@@ -10,7 +10,7 @@ Times are Unix seconds (float), as everywhere in the store. The names below are 
 amohook uses; everything else stays inside the modules.
 """
 
-from amohook.inbox.group_commit import GroupCommitter
+from amohook.inbox.group_commit import GroupCommitter, ticket_outcome
 from amohook.inbox.queries import QueueStats, event_detail, list_events, queue_stats
 from amohook.inbox.queue import InboxEvent, claim, complete, fail, release, renew, replay
 from amohook.inbox.receive import (
@@ -40,5 +40,6 @@ __all__ = [
     "renew",
     "replay",
     "store_deliveries",
+    "ticket_outcome",
     "useful_headers",
 ]

@@ -47,10 +47,11 @@ _QUEUED, _TAKEN, _ABANDONED = "queued", "taken", "abandoned"
 
 
 class _Ticket:
-    __slots__ = ("item", "size", "state", "done", "result", "error")
+    __slots__ = ("item", "size", "state", "done", "result", "error", "on_done")
 
-    def __init__(self, item: Incoming):
+    def __init__(self, item: Incoming, on_done: Callable[[_Ticket], None] | None = None):
         self.item = item
+        self.on_done = on_done  # ``submit_later``: called by the writer instead of a waiting thread
         self.size = len(item.body)
         self.state = _QUEUED
         # A bare lock as a one-shot signal, held until the writer releases it: the cheapest
@@ -59,6 +60,14 @@ class _Ticket:
         self.done.acquire()
         self.result: Stored | None = None
         self.error: BaseException | None = None
+
+
+def ticket_outcome(ticket: _Ticket) -> Stored:
+    """What a finished ticket came to: its ``Stored``, or ``StoreUnavailable`` raised."""
+    if ticket.error is not None:
+        raise StoreUnavailable(f"cannot store the delivery: {describe(ticket.error)}") from None
+    assert ticket.result is not None
+    return ticket.result
 
 
 class GroupCommitter:
@@ -149,23 +158,49 @@ class GroupCommitter:
     def submit(self, item: Incoming, timeout: float) -> Stored:
         """Store ``item`` durably or raise ``StoreUnavailable``; waits at most ``timeout`` seconds."""
         ticket = _Ticket(item)
+        self._enqueue(ticket)
+        if not ticket.done.acquire(timeout=timeout):
+            failure = self.give_up(ticket, timeout)
+            if failure is not None:
+                raise failure
+        return ticket_outcome(ticket)
+
+    def submit_later(self, item: Incoming, on_done: Callable[[_Ticket], None]) -> _Ticket:
+        """Queue ``item`` without waiting: the writer calls ``on_done(ticket)`` once it is committed
+        or has failed (read it with ``ticket_outcome``); ``give_up`` withdraws it. The listener's event
+        loop stores a whole request this way without a thread of its own waiting for it."""
+        ticket = _Ticket(item, on_done)
+        self._enqueue(ticket)
+        return ticket
+
+    def _enqueue(self, ticket: _Ticket) -> None:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise StoreUnavailable("the listener is shutting down")
             self._waiting += 1
         self._queue.put(ticket)
-        if not ticket.done.acquire(timeout=timeout):
-            with self._lock:
-                if ticket.state == _QUEUED:
-                    ticket.state = _ABANDONED
-                    self._waiting -= 1
-                    raise StoreUnavailable(f"no commit within {timeout:.1f} s (withdrawn)", committed=False)
-            if not ticket.done.acquire(timeout=0):
-                raise StoreUnavailable(f"no commit within {timeout:.1f} s (commit in flight)", committed=None)
-        if ticket.error is not None:
-            raise StoreUnavailable(f"cannot store the delivery: {describe(ticket.error)}") from None
-        assert ticket.result is not None
-        return ticket.result
+
+    def give_up(self, ticket: _Ticket, timeout: float) -> StoreUnavailable | None:
+        """The waiter stops waiting after ``timeout`` seconds: withdraw ``ticket`` if the writer has
+        not taken it; the failure to answer with, or None when it was finished after all."""
+        with self._lock:
+            if ticket.state == _QUEUED:
+                ticket.state = _ABANDONED
+                self._waiting -= 1
+                return StoreUnavailable(f"no commit within {timeout:.1f} s (withdrawn)", committed=False)
+        if ticket.on_done is None and ticket.done.acquire(timeout=0):
+            return None
+        return StoreUnavailable(f"no commit within {timeout:.1f} s (commit in flight)", committed=None)
+
+    def _finish(self, ticket: _Ticket) -> None:
+        """Wake the ticket's waiter, or call its ``on_done``."""
+        if ticket.on_done is None:
+            ticket.done.release()
+            return
+        try:
+            ticket.on_done(ticket)
+        except Exception:  # the listener's hook must never break the write path
+            self.log.exception("on_done hook failed")
 
     def queued(self) -> int:
         """Requests handed over and not yet taken into a batch."""
@@ -260,7 +295,7 @@ class GroupCommitter:
                 self._waiting -= 1
         for ticket in left:
             ticket.error = StoreUnavailable("the listener stopped before this delivery was stored")
-            ticket.done.release()
+            self._finish(ticket)
 
     def _take(self) -> list[_Ticket] | None:
         """The next batch: everything queued now; None: stop."""
@@ -359,7 +394,7 @@ class GroupCommitter:
             self._record_failure(error, len(batch))
             for ticket in batch:
                 ticket.error = error
-                ticket.done.release()
+                self._finish(ticket)
             return
         if self._failing_since is not None or self._last_ok_at is None or time.time() - self._last_ok_at > 1.0:
             self._record_success()
@@ -373,7 +408,7 @@ class GroupCommitter:
                 self.log.exception("on_batch hook failed")
         for ticket, result in zip(batch, results, strict=True):
             ticket.result = result
-            ticket.done.release()
+            self._finish(ticket)
         if self.on_commit is not None and any(r.events for r in results):
             try:
                 self.on_commit(sum(r.events for r in results))

@@ -17,12 +17,14 @@ import errno
 import io
 import logging
 import queue
+import re
 import resource
 import selectors
 import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -321,6 +323,24 @@ def request_line(buf: bytes) -> tuple[str, str] | None:
     return method, target
 
 
+# A header field as ``http.client.parse_headers`` reads it exactly so: a token name, a colon, and a
+# value of printable ASCII and tabs (the value starts after the spaces and tabs following the
+# colon; trailing ones are kept, as the email parser keeps them).
+_PLAIN_FIELD = rb"([!-9;-~]+):[\t ]*([\t -~]*)\r?\n"
+_PLAIN_FIELDS = re.compile(rb"(?:[!-9;-~]+:[\t -~]*\r?\n){0,90}\r?\n")
+_FIELD_LINE = re.compile(_PLAIN_FIELD)
+
+
+def plain_headers(head: bytes) -> list[tuple[str, str]] | None:
+    """The header fields of a complete head, as ``http.server`` would read them (its
+    ``headers.items()``), when every line is a plain ``Name: value`` of printable ASCII; None for
+    anything else (folded lines, other bytes, more than 90 fields), which a thread then parses."""
+    start = head.find(b"\n") + 1
+    if _PLAIN_FIELDS.fullmatch(head, start) is None:
+        return None
+    return [(name.decode("ascii"), value.decode("ascii")) for name, value in _FIELD_LINE.findall(head, start)]
+
+
 def nofile_limit() -> int:
     """The soft limit of open files of this process."""
     try:
@@ -373,7 +393,10 @@ class HardenedHTTPServer(HTTPServer):
         self._waiting: collections.deque[Conn] = collections.deque()  # UNTRUSTED, waiting for that share
         self._cond = threading.Condition()
         self._returned: collections.deque[Conn] = collections.deque()  # threads done: the loop lingers
-        self._looping = False  # the loop takes returned connections (under _cond)
+        self._looping = False  # the loop takes returned connections and calls (under _cond)
+        self._held = 0  # connections a subclass took in the loop (``take``) and has not answered yet
+        self._calls: list[tuple[Callable[..., None], tuple]] = []  # for the loop to run (``in_loop``)
+        self._woken = False  # the loop was woken for ``_calls`` and has not taken them yet
         self._halt = False
         self._loop_done = threading.Event()
         self._loop_done.set()
@@ -414,6 +437,8 @@ class HardenedHTTPServer(HTTPServer):
                             pass
                     else:
                         self._readable(key.data)
+                if self._calls:
+                    self._run_calls()
                 now = time.monotonic()
                 while self._returned:
                     self._linger_returned(self._returned.popleft(), now)
@@ -426,6 +451,7 @@ class HardenedHTTPServer(HTTPServer):
         finally:
             with self._cond:
                 self._looping = False
+            self._run_calls()  # from now on ``in_loop`` runs them in the calling thread
             for conn in [*self._conns.values(), *self._returned]:
                 self._close(conn)  # no complete request from these, or already answered
             self._returned.clear()
@@ -672,24 +698,86 @@ class HardenedHTTPServer(HTTPServer):
         never block, and never raise. Here: every request takes any thread."""
         return TRUSTED
 
-    def _decide(self, conn: Conn) -> tuple[Answer | str, str]:
-        """(``route_head``'s decision, the method)."""
+    def _decide(self, conn: Conn) -> tuple[Answer | str, str, str]:
+        """(``route_head``'s decision, the method, the target)."""
         line = request_line(conn.buf)
         if line is None:
-            return UNTRUSTED, ""  # for http.server's parser to refuse, in a thread
+            return UNTRUSTED, "", ""  # for http.server's parser to refuse, in a thread
         try:
-            return self.route_head(line[0], line[1], conn.addr[0] if conn.addr else "?"), line[0]
+            return self.route_head(line[0], line[1], conn.addr[0] if conn.addr else "?"), line[0], line[1]
         except Exception:
             self.handle_error(conn, conn.addr)
-            return UNTRUSTED, line[0]
+            return UNTRUSTED, line[0], line[1]
+
+    def take(self, conn: Conn, method: str, target: str) -> bool:
+        """A ``TRUSTED`` request, head in ``conn.buf`` (often with the whole body): True if the
+        subclass handles it in the loop, without a thread (``hold``, then ``release`` from any
+        thread). Runs in the event loop: quick, never blocking, never raising. Here: never."""
+        return False
+
+    def hold(self, conn: Conn) -> bool:
+        """Take ``conn`` out of the loop's care until ``release``; False: too many are held or
+        handed to threads already (the thread hand-off then refuses it, as for any request)."""
+        if self._held + self._busy >= self.config.max_workers + self.config.max_queued:
+            return False
+        self._unwatch(conn)
+        self._forget(conn)
+        with self._cond:
+            self._held += 1
+        return True
+
+    def release(self, conn: Conn, answer: bytes) -> None:
+        """Send the whole answer to a held connection and close it, as a thread's answer to a
+        request whose body it read would (any thread)."""
+        try:
+            conn.sock.send(answer)  # a few hundred bytes into an empty send buffer
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.sock.close()
+        with self._cond:
+            self._held -= 1
+            self._cond.notify_all()
+
+    def in_loop(self, call: Callable[..., None], *args) -> None:
+        """Run ``call(*args)`` in the event loop (soon), or here and now when the loop has ended.
+
+        One wake-up of the loop however many calls arrive before it runs them (a batch of commits)."""
+        with self._cond:
+            queued = self._looping
+            if queued:
+                self._calls.append((call, args))
+                wake, self._woken = not self._woken, True
+        if not queued:
+            call(*args)
+        elif wake:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass  # the wake-up pipe is full: the loop is awake already
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls, self._woken = self._calls, [], False
+        for call, args in calls:
+            try:
+                call(*args)
+            except Exception:
+                self.handle_error(None, None)
+
+    def held_deadlines(self, now: float) -> None:
+        """Held connections whose time is up (the subclass answers them): run by the loop's sweep,
+        and while ``wait_idle`` waits after the loop has ended."""
 
     def _dispatch(self, conn: Conn) -> None:
         """The head is complete: answer it here, or hand the connection to a thread (one more if
         all are busy)."""
-        decision, method = self._decide(conn)
+        decision, method, target = self._decide(conn)
         if isinstance(decision, Answer):
             answer = quick_answer(decision.status, decision.text, decision.headers, head_only=method == "HEAD")
             self._answer(conn, answer)
+            return
+        if decision == TRUSTED and self.take(conn, method, target):
             return
         self._unwatch(conn)
         self._forget(conn)
@@ -783,16 +871,19 @@ class HardenedHTTPServer(HTTPServer):
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every request handed to a thread has been answered."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._busy > 0:
-                left = deadline - time.monotonic()
+        while True:
+            now = time.monotonic()
+            self.held_deadlines(now)
+            with self._cond:
+                if self._busy <= 0 and self._held <= 0:
+                    return True
+                left = deadline - now
                 if left <= 0:
                     return False
-                self._cond.wait(left)
-        return True
+                self._cond.wait(min(left, 0.25))
 
     def open_connections(self) -> int:
-        return len(self._conns) + self._busy + len(self._returned)
+        return len(self._conns) + self._busy + self._held + len(self._returned)
 
     def handle_error(self, request, client_address) -> None:
         log.error(

@@ -29,11 +29,21 @@ from urllib.parse import parse_qs
 
 from amohook import inbox
 from amohook.errors import AmohookError, ConfigError, describe
-from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable
+from amohook.inbox import GroupCommitter, Incoming, StoreUnavailable, ticket_outcome
 from amohook.ops import health, metrics, status_page
 from amohook.redact import MIN_SECRET_LENGTH, hold_secret, redact_target
 from amohook.runtime.loop import STOP_SECONDS, remaining
-from amohook.webhooks.http_server import TRUSTED, UNTRUSTED, Answer, HardenedHTTPServer, HardenedRequestHandler
+from amohook.webhooks.http_server import (
+    TRUSTED,
+    UNTRUSTED,
+    Answer,
+    Conn,
+    HardenedHTTPServer,
+    HardenedRequestHandler,
+    head_end,
+    plain_headers,
+    quick_answer,
+)
 from amohook.webhooks.parse import BodyRejected, parse_webhook
 
 if TYPE_CHECKING:
@@ -114,6 +124,7 @@ def log_answer(client_ip: str, command: str, target: str, code: object, secret: 
 
 
 _NOT_FOUND = Answer(404, "not found\n")
+_UNAVAILABLE = "cannot store the webhook now; retry later\n"
 _USE_POST = Answer(405, "use POST\n", (("Allow", "POST"),))
 _USE_GET = Answer(405, "use GET\n", (("Allow", "GET, HEAD"),))
 
@@ -215,7 +226,7 @@ class _Handler(HardenedRequestHandler):
             stored = self.server.committer.submit(item, self.server.config.commit_timeout)
         except StoreUnavailable as exc:
             log.warning("answered 503: %s", exc.message)
-            return self.reply(503, "cannot store the webhook now; retry later\n")
+            return self.reply(503, _UNAVAILABLE)
         self.reply(200, "ok\n" if stored.new else "ok (already stored)\n")
 
     def _content_length(self) -> int | None:
@@ -349,6 +360,8 @@ class WebhookHTTPServer(HardenedHTTPServer):
         self.metrics = metrics.ListenerMetrics()
         committer.on_batch = self.metrics.observe_commit
         self.admin = status_page.AdminPages(config.status_password, store, self, self.metrics, runtime=runtime)
+        # Webhooks taken whole in the event loop, until their commit: deadline, target, ticket.
+        self._pending: dict[Conn, tuple[float, str, object]] = {}
         super().__init__(config, _Handler)
         self.queue_watch.start()
 
@@ -389,8 +402,103 @@ class WebhookHTTPServer(HardenedHTTPServer):
             log_answer(client_ip, method, target, decision.status, self.config.secret)
         return decision
 
+    def take(self, conn: Conn, method: str, target: str) -> bool:
+        """A webhook whose head and whole body have arrived together (amoCRM's always do) and
+        whose head is plain (``plain_headers``) is parsed here and handed to the writer, and the
+        loop answers once it is committed: no thread, no hand-offs between threads. It gets the
+        answers ``_Handler._webhook`` would give; anything else (no or odd Content-Length, a body
+        still coming, Expect, Transfer-Encoding) takes a thread as before."""
+        submit_later = getattr(self.committer, "submit_later", None)  # bench/ack.py --with-naive: none
+        if method != "POST" or submit_later is None:
+            return False
+        buf = conn.buf
+        end = head_end(buf, 0)
+        headers = plain_headers(buf[:end])
+        if headers is None:
+            return False
+        length = content_type = None
+        for name, value in headers:
+            key = name.lower()
+            if key == "content-length":
+                if length is not None:
+                    return False
+                length = value.strip()
+            elif key == "content-type":
+                if content_type is None:
+                    content_type = value
+            elif key in ("transfer-encoding", "expect"):
+                return False
+        if length is None or not length.isascii() or not length.isdigit() or len(length) > 15:
+            return False
+        if int(length) > self.config.max_body or len(buf) - end != int(length) or not self.hold(conn):
+            return False
+        body = buf[end:]
+        client_ip = conn.addr[0] if conn.addr else "?"
+        try:
+            parsed = parse_webhook(body, content_type)
+            inbox.check_storable(body, parsed)
+            item = Incoming(
+                body=body,
+                parsed=parsed,
+                content_type=content_type,
+                headers=inbox.useful_headers(headers),
+                remote_addr=client_ip,
+            )
+        except BodyRejected as exc:
+            self._answer_webhook(conn, target, exc.status, exc.reason + "\n")
+            return True
+        except Exception:  # a bug: as _Handler.do_GET, the stack to the log, never into the answer
+            secret = self.config.secret
+            log.exception(
+                "unexpected error answering %s %s",
+                redact_target(method, secret, limit=24),
+                redact_target(target, secret),
+            )
+            self._answer_webhook(conn, target, 500, "internal error\n", counted=False)
+            return True
+        self._pending[conn] = (time.monotonic() + self.config.commit_timeout, target, None)
+        try:
+            ticket = submit_later(item, lambda ticket: self.in_loop(self._committed, conn, ticket))
+        except StoreUnavailable as exc:
+            del self._pending[conn]
+            log.warning("answered 503: %s", exc.message)
+            self._answer_webhook(conn, target, 503, _UNAVAILABLE)
+            return True
+        if conn in self._pending:  # not yet answered (the writer may be quicker than this line)
+            self._pending[conn] = (self._pending[conn][0], target, ticket)
+        return True
+
+    def _committed(self, conn: Conn, ticket) -> None:
+        """The writer is done with a webhook taken whole: answer it, unless its time ran out."""
+        entry = self._pending.pop(conn, None)
+        if entry is None:
+            return  # answered 503 at its deadline (held_deadlines)
+        try:
+            stored = ticket_outcome(ticket)
+        except StoreUnavailable as exc:
+            log.warning("answered 503: %s", exc.message)
+            return self._answer_webhook(conn, entry[1], 503, _UNAVAILABLE)
+        self._answer_webhook(conn, entry[1], 200, "ok\n" if stored.new else "ok (already stored)\n")
+
+    def held_deadlines(self, now: float) -> None:
+        """Webhooks taken whole and not committed within ``commit_timeout``: withdrawn if the writer
+        has not taken them yet, and answered 503 either way (as ``GroupCommitter.submit`` does)."""
+        for conn, (deadline, target, ticket) in list(self._pending.items()):
+            if deadline <= now and ticket is not None and self._pending.pop(conn, None) is not None:
+                failure = self.committer.give_up(ticket, self.config.commit_timeout)  # type: ignore[arg-type]
+                log.warning("answered 503: %s", failure.message if failure is not None else "no commit in time")
+                self._answer_webhook(conn, target, 503, _UNAVAILABLE)
+
+    def _answer_webhook(self, conn: Conn, target: str, status: int, text: str, counted: bool = True) -> None:
+        """Log, count and send the answer to a webhook taken whole, as ``_Handler.reply`` and
+        ``_route`` would (a bug is counted as no answer, as there)."""
+        log_answer(conn.addr[0] if conn.addr else "?", "POST", target, status, self.config.secret)
+        self.metrics.webhook_answered(status if counted else None)
+        self.release(conn, quick_answer(status, text))
+
     def _sweep(self, now: float) -> None:
         super()._sweep(now)
+        self.held_deadlines(now)
         self.admin.throttle.tick()
 
     def server_close(self) -> None:
