@@ -116,6 +116,7 @@ def wait_for(condition, timeout: float) -> bool:
     return condition()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["run", "drain"])
 def test_a_trickling_receiver_holds_up_no_task_and_ends_at_the_deadline(store, fake, account, receivers, how):
     slow = receivers(trickle)
@@ -171,6 +172,7 @@ def test_a_huge_refusal_is_read_only_far_enough_to_say_why(store, account, recei
     assert big.sent < 64 << 20
 
 
+@pytest.mark.slow
 def test_a_receiver_that_timed_out_rests_so_others_messages_go_first(store, account, receivers):
     """Three messages to a trickling receiver, then one to another: the other's is not queued
     behind three deadlines — after one, the slow receiver's messages wait their turn."""
@@ -201,6 +203,7 @@ def test_a_receiver_that_timed_out_rests_so_others_messages_go_first(store, acco
         good.close()
 
 
+@pytest.mark.slow
 def test_the_deadline_holds_over_tls_too(store, account, receivers, tmp_path):
     """TLS takes the connection's socket over (the one first made is detached): the deadline
     must still end a trickling https receiver."""

@@ -3,6 +3,8 @@ went dead, an events-log delivery says where it came from, the README and the ex
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -20,6 +22,7 @@ def test_rules_check_shows_the_task_types_name_even_when_the_rule_gives_its_id(s
     assert '"task_type": "Call"' in as_json.stdout and f'"task_type_id": {crm["call"]}' in as_json.stdout
 
 
+@pytest.mark.slow
 def test_worker_once_exits_6_when_events_went_dead_in_its_run(store, tmp_path):
     """Cron's `worker --once` must not report success while events it ran went dead: exit 6
     (UNHEALTHY, a person must look), one line naming them; a later run with nothing dead is 0."""

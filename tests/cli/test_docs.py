@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from amohook.errors import ExitCode
 from tests.helpers.commands import all_commands
 
@@ -37,6 +39,7 @@ def test_the_readme_rules_example_is_the_tested_file():
     assert body in README
 
 
+@pytest.mark.slow
 def test_the_readme_listener_lines_give_the_first_task(tmp_path, fake):
     """The quick start's listener lines, as written (the port moved to a free one), after its
     steps 2-4 (connect, sync, rules.toml in the working directory): `serve` with no secret

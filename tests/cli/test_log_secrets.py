@@ -124,6 +124,7 @@ json = { text = "New lead {lead.id}" }
 """
 
 
+@pytest.mark.slow
 def test_library_debug_logs_hold_no_secret_of_the_oauth_callback_nor_the_notify_url(db_url, fake, tmp_path):
     """--library-log-level debug opens peewee's statements with their parameters and urllib3's
     request lines: the client secret stored by /oauth/callback, the state, the code, the tokens,

@@ -163,6 +163,7 @@ def test_a_weak_password_stops_serve_with_exit_2(sqlite_url, password, says):
         assert password not in line
 
 
+@pytest.mark.slow
 def test_failed_passwords_are_slowed_down_per_address_and_summed_up_in_the_log(svc, caplog):
     """After ten failures an address gets 429 with Retry-After from the event loop (no thread, no
     password check: the right password is barred too), and the log has one line, not one per guess."""
@@ -446,6 +447,7 @@ def test_chromium_without_credentials_gets_no_page(svc, tmp_path):
     assert "amohook status" not in dom  # headless Chromium gets the 401 and shows no page
 
 
+@pytest.mark.slow
 def test_serve_with_the_password_serves_both_and_never_logs_it(sqlite_url):
     import requests
 

@@ -346,6 +346,7 @@ def test_status_shows_reconciliation_per_account(store, fake, crm):
     assert "1 change(s) recovered in 24 h" in text
 
 
+@pytest.mark.slow
 def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, fake, crm):
     """Two workers take the webhook and the log entry of one change at the same moment."""
     leads = new_leads(fake, crm, 20)
@@ -366,6 +367,7 @@ def test_a_concurrent_webhook_and_log_event_for_one_change_make_one_task(store, 
     assert tasks_per_lead(fake) == {lead: 1 for lead in leads}
 
 
+@pytest.mark.slow
 def test_healthz_shows_reconciliation_per_account(store, fake, crm):
     import requests
 
@@ -405,6 +407,7 @@ def test_odd_log_entries_are_passed_over_not_fatal(store, fake, crm):
     assert ReconcileState.get(ReconcileState.account == "example").cursor == summary["window_to"]
 
 
+@pytest.mark.slow
 def test_a_failing_subscription_check_does_not_hold_the_cursor_back(store, fake, crm):
     from amohook.recovery.watchdog import remember
 

@@ -77,6 +77,7 @@ def moved_before(fake, crm, n: int, ago: int = 1800) -> list[int]:
     return leads
 
 
+@pytest.mark.slow
 def test_a_second_store_creates_nothing_for_changes_from_before_it_existed(store, fake, crm, second_store):
     leads = moved_before(fake, crm, 5)
     assert reconcile(store)["queued"] == 5
@@ -99,6 +100,7 @@ def test_a_second_store_creates_nothing_for_changes_from_before_it_existed(store
     assert tasks_per_lead(fake) == {**{lead: 1 for lead in leads}, later: 1}
 
 
+@pytest.mark.slow
 def test_a_catch_up_finds_the_tasks_another_store_made(store, fake, crm, second_store):
     leads = moved_before(fake, crm, 5)
     reconcile(store)
@@ -290,6 +292,7 @@ def _connect(url: str, fake) -> None:
 
 
 # -- amoCRM's clock bounds the window --------------------------------------------------------------
+@pytest.mark.slow
 def test_a_host_clock_20_minutes_fast_still_reads_every_change(store, fake, crm):
     fake.set_clock_behind(1200)  # amoCRM's clock (Date header, event times) 20 minutes behind ours
     [first, second] = new_leads(fake, crm, 2)
@@ -381,6 +384,7 @@ def test_recoveries_are_info_in_worker_only_mode_and_a_warning_where_webhooks_we
     assert record.levelno == logging.WARNING
 
 
+@pytest.mark.slow
 def test_every_action_carried_out_is_one_info_line_and_nothing_routine_is_louder(store, fake, crm):
     leads = new_leads(fake, crm, 3)
     for lead in leads:

@@ -26,6 +26,7 @@ def run_in(cwd: Path, launcher: list[str], args: list[str], db_url: str):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_stdlib_named_file_in_the_working_directory_is_never_imported(tmp_path, sqlite_url, launcher):
     work = tmp_path / "work"
@@ -40,6 +41,7 @@ def test_a_stdlib_named_file_in_the_working_directory_is_never_imported(tmp_path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_handler_beside_the_config_is_still_found(tmp_path, sqlite_url, launcher):
     (tmp_path / "myhooks.py").write_text("def handle(event, ctx):\n    pass\n")
@@ -48,6 +50,7 @@ def test_a_handler_beside_the_config_is_still_found(tmp_path, sqlite_url, launch
     assert "processed 0 event(s)" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "body, shown",
     [

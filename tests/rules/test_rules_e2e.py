@@ -8,6 +8,8 @@ import sys
 import time
 from urllib.parse import urlencode
 
+import pytest
+
 from amohook.amocrm.client import client_for
 from amohook.errors import ExitCode
 from amohook.store import open_store
@@ -17,6 +19,7 @@ from tests.conftest import ROOT, cli_env, run_cli
 from tests.helpers.e2e import RULES, SECRET, Serve, settle, stage_body
 
 
+@pytest.mark.slow
 def test_the_readme_example_end_to_end(store, fake, crm):
     serve = Serve(store.url, "--workers", "1", "--rules", crm["rules"])
     try:
@@ -48,6 +51,7 @@ def test_the_readme_example_end_to_end(store, fake, crm):
     ]
 
 
+@pytest.mark.slow
 def test_duplicates_resends_and_replays_create_one_task(store, fake, crm):
     serve = Serve(store.url, "--workers", "1", "--rules", crm["rules"])
     try:
@@ -67,6 +71,7 @@ def test_duplicates_resends_and_replays_create_one_task(store, fake, crm):
     assert Action.select().count() == 1
 
 
+@pytest.mark.slow
 def test_a_later_move_into_the_same_stage_is_a_new_task(store, fake, crm):
     serve = Serve(store.url, "--workers", "1", "--rules", crm["rules"])
     try:
@@ -78,6 +83,7 @@ def test_a_later_move_into_the_same_stage_is_a_new_task(store, fake, crm):
     assert len(fake.tasks) == 2
 
 
+@pytest.mark.slow
 def test_stored_events_are_processed_by_a_separate_worker_in_batches(store, fake, crm):
     serve = Serve(store.url, "--workers", "0")
     try:
@@ -107,6 +113,7 @@ def test_stored_events_are_processed_by_a_separate_worker_in_batches(store, fake
     assert len({t["entity_id"] for t in fake.tasks.values()}) == 120
 
 
+@pytest.mark.slow
 def test_digital_pipeline_hook_with_only_ids_fetches_the_lead(sqlite_url, tmp_path):
     from tests.fakes.amocrm import FakeAmo
 
@@ -192,6 +199,7 @@ def test_unknown_task_type_and_user_are_reported_with_suggestions(sqlite_url, fa
     assert "did you mean 'Anna Karenina'" in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_and_worker_refuse_to_start_with_invalid_rules(store, crm, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(RULES.replace("{lead.name}", "{lead.nmae}"))
@@ -212,6 +220,7 @@ def test_serve_and_worker_refuse_to_start_with_invalid_rules(store, crm, tmp_pat
     assert missing.returncode == ExitCode.USAGE and "cannot read the rules file" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_task_and_a_note_each_once(store, fake, crm, tmp_path):
     rules = tmp_path / "with-note.toml"
     rules.write_text(RULES + '[rule.add_note]\ntext = "Qualified by the rules; task for {responsible.name}"\n')

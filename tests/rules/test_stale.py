@@ -167,6 +167,7 @@ def test_a_replayed_stale_event_and_a_second_worker_make_no_second_task(store, f
     assert listed.returncode == 0 and "stale" in listed.stdout, listed.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_while_serving_makes_no_second_task(store, fake, stale):
     """A real worker with the check every second, killed with SIGKILL and started again."""
     now = int(time.time())

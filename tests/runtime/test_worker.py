@@ -343,6 +343,7 @@ def handler_env(tmp_path, sqlite_url):
     return env
 
 
+@pytest.mark.slow
 def test_worker_once_processes_what_is_due_and_exits(sqlite_url, handler_env, tmp_path):
     from amohook.store import open_store
 
@@ -356,6 +357,7 @@ def test_worker_once_processes_what_is_due_and_exits(sqlite_url, handler_env, tm
     assert {e.status for e in Event.select()} == {"done"}
 
 
+@pytest.mark.slow
 def test_worker_once_leaves_failures_scheduled_for_later(sqlite_url, handler_env):
     from amohook.store import open_store
 
@@ -370,6 +372,7 @@ def test_worker_once_leaves_failures_scheduled_for_later(sqlite_url, handler_env
     assert "Traceback" in result.stderr  # a handler bug is logged with its stack, for the operator
 
 
+@pytest.mark.slow
 def test_worker_needs_a_handler_that_imports(sqlite_url, handler_env):
     none = run_cli(["worker", "--once"], sqlite_url, env=handler_env)
     assert none.returncode == 2 and "--handler" in none.stderr

@@ -155,6 +155,7 @@ def test_a_host_whose_clock_runs_ahead_cannot_take_a_live_lease(store, fake, acc
     assert fake.refresh_calls == 0
 
 
+@pytest.mark.slow
 def test_revoked_is_never_reported_for_a_pair_another_process_has_replaced(store, fake, account):
     from amohook.amocrm.http import new_session
     from amohook.amocrm.oauth import Client, refresh_pair

@@ -25,6 +25,7 @@ PRIORITY = re.compile(r"^<[0-7]>")
 
 BODY = fixture_body("01_lead_status_2016.txt")
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+pytestmark = pytest.mark.slow  # each test starts `serve` in a process of its own
 
 
 def journal_env(db_url: str, stderr_file, **extra: str) -> dict:

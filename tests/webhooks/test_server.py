@@ -321,6 +321,7 @@ def test_healthz_says_503_when_the_database_fails(service, monkeypatch):
     assert "db.internal" not in text and "10.0.0.7" not in text and "5432" not in text
 
 
+@pytest.mark.slow
 def test_a_full_disk_makes_healthz_degraded_and_the_log_names_it(sqlite_url, caplog):
     """A real SQLITE_FULL: the store may not grow past a few pages (max_page_count, given to every
     connection the writer opens), then it may again."""

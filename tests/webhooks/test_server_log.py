@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from amohook.store import open_store
 from amohook.webhooks.server import ServerConfig, WebhookService
 from tests.conftest import ROOT, cli_env
@@ -96,6 +98,7 @@ def test_near_misses_are_logged_without_the_secret(sqlite_url, caplog):
     assert all("\n" not in line and "\r" not in line for line in lines)
 
 
+@pytest.mark.slow
 def test_a_real_serve_logs_no_near_miss_secret_at_the_default_level(sqlite_url):
     env = cli_env(sqlite_url, AMOHOOK_WEBHOOK_SECRET=SECRET)
     proc = subprocess.Popen(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from amohook.errors import ExitCode
@@ -53,6 +54,7 @@ def printed_secret(db_url: str, **env: str) -> str:
     return line.rsplit("/", 1)[1]
 
 
+@pytest.mark.slow
 def test_serve_keeps_the_secret_it_makes_and_webhooks_url_prints_the_url_that_works(db_url):
     serve = Serve(db_url)
     try:
@@ -75,6 +77,7 @@ def test_serve_keeps_the_secret_it_makes_and_webhooks_url_prints_the_url_that_wo
     assert secret not in status.stdout + status.stderr
 
 
+@pytest.mark.slow
 def test_an_explicit_secret_wins_over_the_stored_one(db_url):
     from amohook.store import open_store
 
