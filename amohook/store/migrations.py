@@ -24,7 +24,15 @@ from amohook.store import models
 if TYPE_CHECKING:
     from amohook.store.db import Store
 
-LOCK_NAME = "amohook_schema"
+
+def schema_lock_name() -> str:
+    """MySQL: the SQL naming the schema lock of the connection's database. GET_LOCK's names are
+    server-wide, so the name carries the database (hashed: names are capped at 64 characters) and
+    a store never waits for an upgrade of another database on the same server. PostgreSQL's
+    advisory locks are per database already."""
+    return "CONCAT('amohook_schema.', MD5(DATABASE()))"
+
+
 PG_LOCK_KEY = 0x616D6F68  # "amoh"
 
 
@@ -268,7 +276,7 @@ def _schema_lock(store: Store):
     if store.is_mysql:
         # Wait less than the connection's read timeout, and do not migrate without the lock.
         wait = max(1, int(store.timeout * 0.8))
-        got = store.db.execute_sql("SELECT GET_LOCK(%s, %s)", (LOCK_NAME, wait)).fetchone()[0]
+        got = store.db.execute_sql(f"SELECT GET_LOCK({schema_lock_name()}, %s)", (wait,)).fetchone()[0]
         if got != 1:
             from amohook.errors import StoreError
 
@@ -276,7 +284,7 @@ def _schema_lock(store: Store):
         try:
             yield
         finally:
-            store.db.execute_sql("SELECT RELEASE_LOCK(%s)", (LOCK_NAME,))
+            store.db.execute_sql(f"SELECT RELEASE_LOCK({schema_lock_name()})")
     elif store.is_postgres:
         store.db.execute_sql("SELECT pg_advisory_lock(%s)", (PG_LOCK_KEY,))
         try:

@@ -326,3 +326,33 @@ def test_a_version_3_store_gets_the_watchdogs_removal_mark(db_url):
     assert result.returncode == 0, result.stderr
     versions, tables, _ = holds(db_url)
     assert 5 in versions and "removed_at" in tables["subscription"]
+
+
+def test_an_upgrade_in_one_mysql_database_does_not_hold_up_a_store_in_another(tmp_path):
+    """MySQL's GET_LOCK names are server-wide: the schema lock is named per database, so stores in
+    other databases of the same server (another install, a test beside it) never wait for it."""
+    if not MYSQL_URL:
+        pytest.skip("AMOHOOK_TEST_MYSQL_URL is not set")
+    from amohook.errors import StoreError
+    from amohook.store import open_store
+    from amohook.store.db import connect_url
+    from amohook.store.migrations import schema_lock_name
+    from tests.conftest import make_database
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    url_a, drop_a = make_database("mysql", tmp_path / "a")
+    url_b, drop_b = make_database("mysql", tmp_path / "b")
+    upgrading = connect_url(url_a)
+    try:
+        # Another process is upgrading store A and holds its schema lock.
+        [(name,)] = upgrading.execute_sql(f"SELECT {schema_lock_name()}").fetchall()
+        assert upgrading.execute_sql("SELECT GET_LOCK(%s, 0)", (name,)).fetchone()[0] == 1
+        open_store(url_b, timeout=2).close()  # made and migrated, no wait
+        # Store A itself waits for the upgrade under way, and says so.
+        with pytest.raises(StoreError, match="upgrading the database schema"):
+            open_store(url_a, timeout=2)
+    finally:
+        upgrading.close()
+        drop_a()
+        drop_b()
