@@ -219,6 +219,7 @@ def test_429_that_never_ends_raises_rate_limited_after_max_attempts(store, accou
 
 @pytest.mark.slow
 @pytest.mark.alone
+@pytest.mark.amocrm_rate
 def test_real_429s_from_too_fast_a_caller_are_absorbed(store, account, fake):
     client = AmoClient(store, "example")  # no limiter, real sleeps: the fake enforces 7/s
     for _ in range(10):

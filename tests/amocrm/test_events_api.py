@@ -188,6 +188,7 @@ def test_a_429_mid_window_is_waited_out_and_the_window_completed(client, fake, s
 
 @pytest.mark.slow
 @pytest.mark.alone
+@pytest.mark.amocrm_rate
 def test_paging_through_the_shared_limiter_makes_no_429_against_7_per_second(store, account, fake):
     wanted = status_events(fake, 1000)
     fake.rate_limit = 7
