@@ -458,7 +458,7 @@ class WebhookHTTPServer(HardenedHTTPServer):
             return True
         self._pending[conn] = (time.monotonic() + self.config.commit_timeout, target, None)
         try:
-            ticket = submit_later(item, lambda ticket: self.in_loop(self._committed, conn, ticket))
+            ticket = submit_later(item, lambda ticket: self.in_loop(self._committed, conn, ticket, time.monotonic()))
         except StoreUnavailable as exc:
             del self._pending[conn]
             log.warning("answered 503: %s", exc.message)
@@ -468,11 +468,16 @@ class WebhookHTTPServer(HardenedHTTPServer):
             self._pending[conn] = (self._pending[conn][0], target, ticket)
         return True
 
-    def _committed(self, conn: Conn, ticket) -> None:
-        """The writer is done with a webhook taken whole: answer it, unless its time ran out."""
+    def _committed(self, conn: Conn, ticket, done_at: float) -> None:
+        """The writer is done with a webhook taken whole (at ``done_at``): answer it, unless its
+        time ran out. A commit confirmed after ``commit_timeout`` is answered 503, as a thread's
+        ``GroupCommitter.submit`` answers it, even when the loop's sweep has not come round yet."""
         entry = self._pending.pop(conn, None)
         if entry is None:
             return  # answered 503 at its deadline (held_deadlines)
+        if done_at > entry[0]:
+            log.warning("answered 503: no commit within %.1f s (commit in flight)", self.config.commit_timeout)
+            return self._answer_webhook(conn, entry[1], 503, _UNAVAILABLE)
         try:
             stored = ticket_outcome(ticket)
         except StoreUnavailable as exc:
